@@ -1,0 +1,229 @@
+"""Base classes of the stage backends, one per stage.
+
+A backend is a small object with a user-facing ``name``, an ``Options`` attrs class (every
+option has a default and a ``help`` in its metadata), an optional :meth:`Backend.check`
+that raises :class:`~oasis_core.errors.BackendUnavailable` when it cannot run here, and one
+stage method that takes objects and returns new objects. Backends never touch the target
+tree: they get a private ``workdir`` for scratch files and the core persists what they
+return.
+
+Stage methods (all options keyword-only, after the data)::
+
+    MaskBackend.mask(frame, *, options, workdir) -> Frame            # new weight map
+    PsfBackend.psf(frame, *, options, workdir) -> Frame              # fwhm, snr, psf...
+    AlignBackend.align(frame, reference, *, options, workdir) -> Frame
+    CombineBackend.combine(frames, *, options, workdir) -> Template
+    SubtractBackend.subtract(science, template, *, options, workdir) -> Residual
+    MrBackend.master(residuals, *, options, workdir) -> Residual
+    ExtractBackend.extract(residual, *, options, workdir) -> astropy Table
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+
+from oasis_core.model import Frame, Residual, Template
+
+__all__ = [
+    "STAGES",
+    "AlignBackend",
+    "Backend",
+    "CombineBackend",
+    "ExtractBackend",
+    "MaskBackend",
+    "MrBackend",
+    "NoOptions",
+    "PsfBackend",
+    "Simulator",
+    "SubtractBackend",
+    "option",
+]
+
+#: The pipeline's stages, in the order they run.
+STAGES: tuple[str, ...] = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the attrs metadata key
+    """Declare one backend option: a default and a one-line help (shown by ``oasis init``).
+
+    Examples
+    --------
+    >>> @attrs.frozen(kw_only=True)
+    ... class MyOptions:
+    ...     threshold: float = option(5.0, "detection threshold in sigmas")
+    """
+    return attrs.field(default=default, metadata={"help": help}, **kwargs)
+
+
+@attrs.frozen(kw_only=True)
+class NoOptions:
+    """Options of a backend that has none."""
+
+
+class Backend:
+    """What every backend has.
+
+    Attributes
+    ----------
+    name : str
+        User-facing name, lower case, ``[a-z0-9-]+``; unique within a stage across every
+        installed plugin.
+    stage : str
+        One of :data:`STAGES` (set by the per-stage base class).
+    Options : type
+        An ``attrs`` class whose fields (declared with :func:`option`) are the backend's
+        options; they are read from ``[<stage>.<name>]`` in ``oasis.toml``.
+    description : str
+        One line shown by ``oasis plugins``.
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    description: ClassVar[str] = ""
+
+    def check(self, options: Any) -> None:
+        """Raise :class:`~oasis_core.errors.BackendUnavailable` if this backend cannot run.
+
+        The message says what is missing and how to get it. The default accepts.
+        """
+
+    def __repr__(self) -> str:
+        return f"<{self.stage} backend {self.name!r}>"
+
+
+class MaskBackend(Backend):
+    """Builds a frame's weight map (cosmic rays, saturation, bad pixels...)."""
+
+    stage = "mask"
+
+    def mask(self, frame: Frame, *, options: Any, workdir: Path) -> Frame:
+        """Return ``frame`` with a new ``weight`` (0 on pixels not to use).
+
+        The incoming weight (non-finite pixels and the file's own bad-pixel mask already
+        at 0) must be respected: a pixel it excludes stays excluded.
+        """
+        raise NotImplementedError
+
+
+class PsfBackend(Backend):
+    """Measures the PSF, seeing and signal-to-noise of a frame."""
+
+    stage = "psf"
+
+    def psf(self, frame: Frame, *, options: Any, workdir: Path) -> Frame:
+        """Return ``frame`` with ``psf``, ``fwhm``, ``snr``, ``background`` and ``noise`` set."""
+        raise NotImplementedError
+
+
+class AlignBackend(Backend):
+    """Registers a frame onto the reference frame's pixel grid."""
+
+    stage = "align"
+
+    def align(self, frame: Frame, reference: Frame, *, options: Any, workdir: Path) -> Frame:
+        """Return ``frame`` resampled onto ``reference``'s grid.
+
+        Pixels with no data after warping get weight 0; the data are linearly rescaled to
+        the reference's photometric level; ``meta`` records the transform and the scale.
+        The result has the reference's shape.
+        """
+        raise NotImplementedError
+
+
+class CombineBackend(Backend):
+    """Stacks aligned frames into a template."""
+
+    stage = "combine"
+
+    def combine(self, frames: Sequence[Frame], *, options: Any, workdir: Path) -> Template:
+        """Return the template built from ``frames`` (already chosen and aligned)."""
+        raise NotImplementedError
+
+
+class SubtractBackend(Backend):
+    """Subtracts a PSF-matched template from a science frame."""
+
+    stage = "subtract"
+
+    def subtract(
+        self, science: Frame, template: Template, *, options: Any, workdir: Path
+    ) -> Residual:
+        """Return the residual science - K*template in the science frame's flux scale.
+
+        The residual carries its noise image, weight map, kernel solution and Q.
+        """
+        raise NotImplementedError
+
+
+class MrBackend(Backend):
+    """Combines residuals into a master residual."""
+
+    stage = "mr"
+
+    def master(self, residuals: Sequence[Residual], *, options: Any, workdir: Path) -> Residual:
+        """Return the master residual of ``residuals`` (usually of normalised residuals).
+
+        Its ``noise`` is the 1-sigma level of each pixel of the master residual.
+        """
+        raise NotImplementedError
+
+
+class ExtractBackend(Backend):
+    """Detects sources on a residual or the master residual."""
+
+    stage = "extract"
+
+    #: Columns every extract backend returns (more are allowed, e.g. ``spread_model``).
+    COLUMNS: ClassVar[tuple[str, ...]] = ("x", "y", "flux", "flux_err", "peak", "snr", "a", "b")
+
+    def extract(self, residual: Residual, *, options: Any, workdir: Path) -> Any:
+        """Return an :class:`astropy.table.Table` of detections with :attr:`COLUMNS`.
+
+        ``x``, ``y`` are 0-based pixel positions, ``flux`` in ADU (negative for negative
+        sources when the backend detects them), ``snr`` the detection significance, ``a``
+        and ``b`` the semi-axes in pixels. Filtering (majority, dipoles) is the core's job.
+        """
+        raise NotImplementedError
+
+
+class Simulator:
+    """Makes simulated series of frames with a truth table (``oasis demo`` uses one).
+
+    Attributes
+    ----------
+    name : str
+        User-facing name, ``[a-z0-9-]+``.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int],
+                 seed: int) -> Any:
+        """Write ``n_frames`` FITS frames into ``directory``; return the truth table.
+
+        The truth is an astropy Table with one row per (transient, frame where it shows):
+        ``frame`` (file name without suffix), ``x``, ``y`` (0-based pixels in that frame),
+        ``ra``, ``dec`` (degrees, when the frames have a WCS), ``flux`` (ADU),
+        ``peak_snr`` and ``id``.
+        """
+        raise NotImplementedError
+
+
+BASES: dict[str, type[Backend]] = {
+    "mask": MaskBackend,
+    "psf": PsfBackend,
+    "align": AlignBackend,
+    "combine": CombineBackend,
+    "subtract": SubtractBackend,
+    "mr": MrBackend,
+    "extract": ExtractBackend,
+}

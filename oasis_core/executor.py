@@ -1,0 +1,95 @@
+"""The one interface through which per-frame work runs.
+
+The pipeline turns per-frame work into *tasks*: picklable, pure functions of their
+arguments (a task reads its inputs from the target tree and writes its output atomically),
+so running one twice writes the same file. An :class:`Executor` runs a batch of tasks and
+yields each outcome as it completes; a failure of one task is an outcome, not an
+exception, so the other frames go on. :class:`LocalExecutor` uses a process pool;
+a distributed engine (Dask) only has to implement :meth:`Executor.run`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+import attrs
+
+__all__ = ["Executor", "LocalExecutor", "Outcome", "make_executor"]
+
+
+@attrs.frozen
+class Outcome:
+    """The result of one task: ``value`` on success, ``error`` (the exception) otherwise."""
+
+    key: str
+    value: Any = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Executor(Protocol):
+    """Runs tasks ``fn(arg)`` and yields an :class:`Outcome` per task as each finishes."""
+
+    def run(self, fn: Callable[[Any], Any], args: Sequence[tuple[str, Any]]) -> Iterator[Outcome]:
+        """Run ``fn(arg)`` for every ``(key, arg)``; yield outcomes in completion order."""
+        ...
+
+
+def _call(fn: Callable[[Any], Any], arg: Any) -> Any:
+    return fn(arg)
+
+
+@attrs.define
+class LocalExecutor:
+    """Run tasks in this process (``jobs == 1``) or in a pool of worker processes.
+
+    Parameters
+    ----------
+    jobs : int
+        Worker processes; 0 means one per core.
+    """
+
+    jobs: int = 0
+
+    @property
+    def workers(self) -> int:
+        return self.jobs if self.jobs > 0 else (os.cpu_count() or 1)
+
+    def run(self, fn: Callable[[Any], Any], args: Sequence[tuple[str, Any]]) -> Iterator[Outcome]:
+        args = list(args)
+        if not args:
+            return
+        if self.workers == 1 or len(args) == 1:
+            for key, arg in args:
+                try:
+                    yield Outcome(key, fn(arg))
+                except Exception as err:  # reported per task; the others go on
+                    yield Outcome(key, error=err)
+            return
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # fork keeps plugins registered in this process (tests, notebooks) visible
+        ctx = mp.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(args)), mp_context=ctx) as pool:
+            futures = {pool.submit(_call, fn, arg): key for key, arg in args}
+            for future in as_completed(futures):
+                key = futures[future]
+                try:
+                    yield Outcome(key, future.result())
+                except Exception as err:
+                    yield Outcome(key, error=err)
+
+
+def make_executor(name: str, *, jobs: int = 0) -> Executor:
+    """The executor called ``name`` (``"local"``)."""
+    if name == "local":
+        return LocalExecutor(jobs)
+    from oasis_core.errors import ConfigError
+
+    raise ConfigError(f"[run] executor {name!r} is not available; available: local")

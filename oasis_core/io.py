@@ -1,0 +1,574 @@
+"""Reading frames and writing every output atomically.
+
+Only the core touches files. Frames are read once (data, header, weight from a ``WEIGHT``
+or bad-pixel-mask extension, gain / read noise / saturation from the header) and outputs
+are written through :func:`atomic_write` (a temporary file in the same directory, then
+:func:`os.replace`), so a crash never leaves a half-written file under a final name.
+
+Header defaults
+---------------
+``GAIN`` (or the mean of per-amplifier ``GAINA``/``GAINB``/...), ``RDNOISE``/``READNOIS``/
+``RON`` (or per-amplifier ``RDNOISEA``/``B``), ``SATURATE``/``SATLEVEL`` (or the minimum
+of per-amplifier ``SATURATA``/``B``). When the header has no saturation level and the file
+stores integers, the largest value the integer type holds is used (e.g. 65535 for BITPIX
+16 with BZERO 32768). A missing key falls back with a warning naming the file.
+
+Mask conventions (OasisPy's)
+----------------------------
+An extension whose header has ``WEIGHT = 'Y'`` is a weight map (0 = bad); ``WEIGHT = 'N'``
+marks a binary mask (non-zero = bad). An extension named ``BPM``, ``MASK`` or ``DQ`` is a
+bad-pixel mask (non-zero = bad). Either seeds the frame's weight map; non-finite pixels
+always get weight 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oasis_core.errors import InputError
+from oasis_core.model import Frame, PsfModel, Residual, Template
+
+__all__ = [
+    "FITS_SUFFIXES",
+    "apply_cards",
+    "read_output_frame",
+    "atomic_write",
+    "frame_name",
+    "header_value",
+    "header_wcs",
+    "is_fits_name",
+    "read_frame",
+    "read_psf",
+    "read_residual",
+    "read_shape",
+    "sha256",
+    "write_frame",
+    "write_psf",
+    "write_residual",
+    "write_table",
+    "write_text",
+]
+
+log = logging.getLogger("oasis")
+
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fit.fz", ".fz", ".fits.gz", ".fit.gz")
+BPM_NAMES = ("BPM", "MASK", "DQ", "BADPIX")
+
+GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
+RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE", "RDNOISE1")
+SATURATE_KEYS = ("SATURATE", "SATLEVEL", "SATURATION", "MAXLIN")
+
+# Keys under which the core stores what the stages measured.
+MEASURED_KEYS = {
+    "background": ("OASBKG", "median sky level [ADU]"),
+    "noise": ("OASNOISE", "robust sky noise [ADU]"),
+    "fwhm": ("FWHM", "PSF full width at half maximum [pix]"),
+    "snr": ("OASSNR", "frame S/N figure (median PSF-star peak S/N)"),
+}
+
+
+def is_fits_name(path: Path) -> bool:
+    """True when ``path``'s name ends with a FITS suffix (``.fits``, ``.fit``, ``.fz``...)."""
+    name = path.name.lower()
+    return any(name.endswith(s) for s in FITS_SUFFIXES)
+
+
+def frame_name(path: Path) -> str:
+    """The frame's short name: the file name without its FITS suffixes."""
+    name = path.name
+    for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it to ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_table(table: Any, path: Path, *, fmt: str | None = None) -> None:
+    """Write an astropy Table atomically (ECSV by default, by suffix otherwise)."""
+    path = Path(path)
+    if fmt is None:
+        fmt = "ascii.ecsv" if path.suffix == ".ecsv" else "ascii.fixed_width_two_line"
+    with atomic_write(path) as tmp:
+        table.write(tmp, format=fmt, overwrite=True)
+
+
+def _open(path: Path) -> Any:
+    from astropy.io import fits
+
+    try:
+        return fits.open(path, memmap=False)
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: no such file") from err
+    except (OSError, ValueError, TypeError, IndexError) as err:
+        raise InputError(f"{path}: not a readable FITS file ({err})") from err
+
+
+def _image_hdu_index(hdul: Any, path: Path) -> int:
+    """Index of the HDU holding the frame: ``SCI`` if present, else the first 2-D image."""
+    candidates = []
+    for i, hdu in enumerate(hdul):
+        if hdu.header.get("NAXIS", 0) == 2 or (
+            getattr(hdu, "is_image", False) and hdu.header.get("ZNAXIS", 0) == 2
+        ):
+            candidates.append(i)
+    if not candidates:
+        raise InputError(f"{path}: no 2-D image in any HDU")
+    for i in candidates:
+        if str(hdul[i].header.get("EXTNAME", "")).upper() == "SCI":
+            return i
+    for i in candidates:
+        extname = str(hdul[i].header.get("EXTNAME", "")).upper()
+        if extname not in BPM_NAMES and extname not in ("WEIGHT", "NOISE", "ERR", "KERNEL"):
+            return i
+    return candidates[0]
+
+
+def _quiet_fits_warnings() -> None:
+    """Silence what astropy says about files it can read all the same (missing final
+    padding, non-standard cards); call inside ``warnings.catch_warnings()``."""
+    from astropy.io.fits.verify import VerifyWarning
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    warnings.simplefilter("ignore", VerifyWarning)
+    warnings.filterwarnings("ignore", message="File may have been truncated",
+                            category=AstropyUserWarning)
+
+
+def read_shape(path: Path) -> tuple[int, int]:
+    """Shape (ny, nx) of the frame stored in ``path``, reading headers only."""
+    with warnings.catch_warnings():
+        _quiet_fits_warnings()
+        with _open(path) as hdul:
+            hdr = hdul[_image_hdu_index(hdul, path)].header
+            nx = hdr.get("ZNAXIS1", hdr.get("NAXIS1"))
+            ny = hdr.get("ZNAXIS2", hdr.get("NAXIS2"))
+    return int(ny), int(nx)
+
+
+def header_wcs(header: Any) -> Any:
+    """The celestial WCS of ``header``, or None when it has none (bare headers)."""
+    if not header or "CTYPE1" not in header or "CTYPE2" not in header:
+        return None
+    from astropy.wcs import WCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            wcs = WCS(header, naxis=2)
+        except Exception as err:  # astropy raises many types on broken WCS keys
+            log.warning("invalid WCS in header ignored: %s", err)
+            return None
+    return wcs if wcs.has_celestial else None
+
+
+def header_value(header: Any, keys: tuple[str, ...], *, combine: str = "mean") -> float | None:
+    """First of ``keys`` present in ``header``; else per-amplifier ``KEY{A,B,...}`` combined.
+
+    ``combine`` is ``"mean"`` or ``"min"``. Per-amplifier keys are tried with the key
+    itself and its 7-character stem (FITS keys have at most 8: ``SATURATA`` for SATURATE).
+    """
+    for key in keys:
+        if key in header:
+            try:
+                value = float(header[key])
+            except (TypeError, ValueError):
+                continue
+            if np.isfinite(value):
+                return value
+    for key in keys:
+        values = []
+        for stem in {key, key[:7]}:
+            for amp in "ABCD":
+                card = stem + amp
+                if len(card) <= 8 and card in header:
+                    with contextlib.suppress(TypeError, ValueError):
+                        values.append(float(header[card]))
+        values = [v for v in values if np.isfinite(v)]
+        if values:
+            return float(min(values) if combine == "min" else np.mean(values))
+    return None
+
+
+def _integer_saturation(hdu: Any) -> float | None:
+    bitpix = hdu.header.get("ZBITPIX", hdu.header.get("BITPIX"))
+    if bitpix not in (8, 16, 32):
+        return None
+    bzero = float(hdu.header.get("BZERO", 0.0))
+    bscale = float(hdu.header.get("BSCALE", 1.0))
+    top = {8: 255, 16: 32767, 32: 2147483647}[bitpix]
+    return top * bscale + bzero
+
+
+def _weight_from_extensions(hdul: Any, index: int, shape: tuple[int, int], path: Path) -> Any:
+    weight = np.ones(shape, dtype=np.float32)
+    for i, hdu in enumerate(hdul):
+        if i == index or hdu.data is None or getattr(hdu.data, "ndim", 0) != 2:
+            continue
+        flag = str(hdu.header.get("WEIGHT", "")).strip().upper()
+        extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
+        if not flag and extname not in BPM_NAMES:
+            continue
+        if hdu.data.shape != shape:
+            raise InputError(
+                f"{path}: extension {extname or i} has shape {hdu.data.shape}, "
+                f"the image has {shape}"
+            )
+        values = np.asarray(hdu.data)
+        if flag == "Y":
+            weight = np.minimum(weight, np.clip(np.nan_to_num(values, nan=0.0), 0, 1))
+        else:  # 'N' or a bad-pixel mask: non-zero = bad
+            weight[values != 0] = 0.0
+    return weight
+
+
+def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None = None) -> Frame:
+    """Read a frame from a FITS (or fpack ``.fz``) file.
+
+    Parameters
+    ----------
+    path : Path
+        The image file. The data are taken from the ``SCI`` extension when there is one,
+        else from the first 2-D image HDU.
+    weight_path : Path, optional
+        A weight-map file (as the mask stage writes) that replaces the weight derived from
+        the file's own extensions (the two are combined with a minimum).
+    name : str, optional
+        The frame's name; defaults to the file name without suffixes.
+
+    Returns
+    -------
+    Frame
+        With ``gain``, ``readnoise``, ``saturation`` from the header and, when the file was
+        written by OASIS, the measured ``background``, ``noise``, ``fwhm``, ``snr``.
+
+    Raises
+    ------
+    InputError
+        When the file is not FITS, holds no 2-D image, or has no finite pixel.
+    """
+    from astropy.io import fits
+
+    path = Path(path)
+    with warnings.catch_warnings():
+        _quiet_fits_warnings()
+        with _open(path) as hdul:
+            index = _image_hdu_index(hdul, path)
+            hdu = hdul[index]
+            try:
+                raw = hdu.data
+            except (OSError, ValueError, TypeError) as err:
+                raise InputError(f"{path}: cannot read the image data ({err})") from err
+            if raw is None or raw.size == 0:
+                raise InputError(f"{path}: the image is empty")
+            data = np.array(raw, dtype=np.float32)  # native byte order, a private copy
+            header = hdu.header.copy()
+            if index > 0:
+                # keys such as GAIN often live in the primary header only
+                for card in hdul[0].header.cards:
+                    if card.keyword and card.keyword not in header and card.keyword not in (
+                        "SIMPLE", "EXTEND", "NEXTEND", "BITPIX", "NAXIS", "COMMENT", "HISTORY"
+                    ):
+                        header[card.keyword] = (card.value, card.comment)
+            weight = _weight_from_extensions(hdul, index, data.shape, path)
+            int_sat = _integer_saturation(hdu)
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise InputError(f"{path}: every pixel is NaN or infinite")
+    weight[~finite] = 0.0
+    if weight_path is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=fits.verify.VerifyWarning)
+            extra = np.asarray(fits.getdata(weight_path), dtype=np.float32)
+        if extra.shape != data.shape:
+            raise InputError(f"{weight_path}: weight map shape {extra.shape} != {data.shape}")
+        weight = np.minimum(weight, extra)
+    if not (weight > 0).any():
+        raise InputError(f"{path}: every pixel is masked")
+
+    gain = header_value(header, GAIN_KEYS)
+    readnoise = header_value(header, RDNOISE_KEYS)
+    saturation = header_value(header, SATURATE_KEYS, combine="min")
+    missing = []
+    if gain is None:
+        missing.append("GAIN (using 1.0 e-/ADU)")
+        gain = 1.0
+    if readnoise is None:
+        missing.append("RDNOISE (noise measured from the sky instead)")
+    if saturation is None:
+        if int_sat is not None:
+            saturation = int_sat
+        else:
+            missing.append("SATURATE (no saturation masking beyond the data's own plateau)")
+    if missing and "OASSTAGE" not in header:
+        log.warning("%s: header has no %s", path, "; no ".join(missing))
+    measured = {
+        attr: float(header[key]) for attr, (key, _) in MEASURED_KEYS.items() if key in header
+    }
+    return Frame(
+        data=data,
+        weight=weight,
+        header=header,
+        path=path,
+        name=name or frame_name(path),
+        gain=gain,
+        readnoise=readnoise,
+        saturation=saturation,
+        **measured,
+    )
+
+
+def _clean_header(header: Any) -> Any:
+    """A copy of ``header`` without the structural keys of its original HDU."""
+    from astropy.io import fits
+
+    out = fits.Header()
+    skip = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "BZERO", "BSCALE",
+            "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "CHECKSUM", "DATASUM", "BLANK",
+            "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZCMPTYPE", "ZTILE1",
+            "ZTILE2", "ZQUANTIZ", "ZDITHER0", "TFIELDS", "INHERIT"}
+    for card in header.cards if hasattr(header, "cards") else []:
+        if card.keyword in skip or card.keyword.startswith(("ZNAME", "ZVAL", "TTYPE", "TFORM")):
+            continue
+        with contextlib.suppress(ValueError, KeyError):
+            out.append(card, end=True)
+    return out
+
+
+def _frame_header(frame: Frame, extra: Mapping[str, Any] | None) -> Any:
+    header = _clean_header(frame.header)
+    for attr, (key, comment) in MEASURED_KEYS.items():
+        value = getattr(frame, attr)
+        if value is not None and np.isfinite(value):
+            header[key] = (float(value), comment)
+    if frame.gain is not None:
+        header["GAIN"] = (float(frame.gain), "e-/ADU")
+    if frame.readnoise is not None:
+        header["RDNOISE"] = (float(frame.readnoise), "read noise [e-]")
+    if frame.saturation is not None and np.isfinite(frame.saturation):
+        header["SATURATE"] = (float(frame.saturation), "saturation level [ADU]")
+    _put_meta(header, frame.meta)
+    apply_cards(header, extra)
+    return header
+
+
+def apply_cards(header: Any, cards: Mapping[str, Any] | None) -> Any:
+    """Set ``cards`` in ``header``; a ``HISTORY`` entry may be a list of lines."""
+    for key, value in (cards or {}).items():
+        if key == "HISTORY":
+            for line in value if isinstance(value, (list, tuple)) else [value]:
+                header.add_history(str(line))
+        else:
+            header[key] = value
+    return header
+
+
+def _put_meta(header: Any, meta: Mapping[str, Any]) -> None:
+    """Record ``meta`` as HIERARCH OAS <key> cards (long names allowed)."""
+    import warnings as _w
+
+    from astropy.io.fits.verify import VerifyWarning
+
+    for key, value in meta.items():
+        if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
+            v = value.item() if isinstance(value, np.generic) else value
+            if isinstance(v, float) and not np.isfinite(v):
+                v = str(v)
+            with _w.catch_warnings():
+                _w.simplefilter("ignore", VerifyWarning)
+                header[f"HIERARCH OAS {key.upper()}"] = v
+
+
+def write_frame(path: Path, frame: Frame, *, header_extra: Mapping[str, Any] | None = None,
+                weight_only: bool = False) -> None:
+    """Write ``frame`` atomically: data in the primary HDU, a ``WEIGHT`` ('Y') extension.
+
+    With ``weight_only`` the primary HDU holds the weight map itself (``WEIGHT = 'Y'``),
+    which is what the mask stage stores.
+    """
+    from astropy.io import fits
+
+    header = _frame_header(frame, header_extra)
+    if weight_only:
+        header["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
+        hdul = fits.HDUList([fits.PrimaryHDU(np.asarray(frame.weight, np.float32), header)])
+    else:
+        whdr = fits.Header()
+        whdr["EXTNAME"] = "WEIGHT"
+        whdr["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
+        hdul = fits.HDUList([
+            fits.PrimaryHDU(np.asarray(frame.data, np.float32), header),
+            fits.ImageHDU(np.asarray(frame.weight, np.float32), whdr),
+        ])
+    with atomic_write(path) as tmp:
+        hdul.writeto(tmp, overwrite=True)
+
+
+def read_output_frame(path: Path, *, cls: type[Frame] = Frame, **fields: Any) -> Frame:
+    """Read a frame the core wrote with :func:`write_frame` (data + ``WEIGHT``)."""
+    frame = read_frame(path)
+    if cls is Template:
+        inputs = tuple(
+            str(v) for k, v in frame.header.items() if k.startswith("OASTIN")
+        )
+        return Template(**{**_frame_fields(frame), "inputs": inputs, **fields})
+    return attrs_evolve(frame, **fields) if fields else frame
+
+
+def _frame_fields(frame: Frame) -> dict[str, Any]:
+    import attrs
+
+    return {f.name: getattr(frame, f.name) for f in attrs.fields(Frame)}
+
+
+def attrs_evolve(obj: Any, **changes: Any) -> Any:
+    """``attrs.evolve`` (kept here so callers need not import attrs)."""
+    import attrs
+
+    return attrs.evolve(obj, **changes)
+
+
+def write_psf(path: Path, psf: PsfModel, *, header_extra: Mapping[str, Any] | None = None) -> None:
+    """Write a PSF model atomically: the stamp, with FWHM, model and parameters in the header."""
+    from astropy.io import fits
+
+    header = fits.Header()
+    header["FWHM"] = (float(psf.fwhm), "PSF FWHM [pix]")
+    header["PSFMODEL"] = (psf.model, "PSF model")
+    header["NSTARS"] = (int(psf.nstars), "stars used")
+    _put_meta(header, {f"P_{k}": v for k, v in psf.params.items()})
+    apply_cards(header, header_extra)
+    with atomic_write(path) as tmp:
+        fits.PrimaryHDU(np.asarray(psf.image, np.float32), header).writeto(tmp, overwrite=True)
+
+
+def read_psf(path: Path) -> PsfModel:
+    """Read a PSF model written by :func:`write_psf`."""
+    from astropy.io import fits
+
+    with fits.open(path, memmap=False) as hdul:
+        hdr = hdul[0].header
+        params = {
+            k[len("OAS P_"):].lower(): v for k, v in hdr.items() if k.startswith("OAS P_")
+        }
+        return PsfModel(
+            image=np.array(hdul[0].data, dtype=np.float32),
+            fwhm=float(hdr["FWHM"]),
+            model=str(hdr.get("PSFMODEL", "empirical")),
+            params=params,
+            nstars=int(hdr.get("NSTARS", 0)),
+        )
+
+
+def write_residual(path: Path, residual: Residual, *,
+                   header_extra: Mapping[str, Any] | None = None) -> None:
+    """Write a residual atomically: data, ``NOISE``, ``WEIGHT``, ``KERNEL`` and extra images."""
+    from astropy.io import fits
+
+    header = _clean_header(residual.header)
+    header["OASQ"] = (float(residual.q) if np.isfinite(residual.q) else "nan",
+                      "quality Q = 1/(1+chi2/Npix)")
+    header["OASSCI"] = (residual.science, "science frame")
+    header["OASTMPL"] = (residual.template, "template")
+    _put_meta(header, residual.meta)
+    _put_meta(header, {f"PAR_{k}": v for k, v in residual.params.items()})
+    if residual.kernel is not None:
+        header["OASCONV"] = (residual.kernel.direction, "image convolved")
+        _put_meta(header, {f"K_{k}": v for k, v in residual.kernel.meta.items()})
+    apply_cards(header, header_extra)
+
+    def ext(data: Any, name: str, **cards: Any) -> Any:
+        h = fits.Header()
+        h["EXTNAME"] = name
+        for k, v in cards.items():
+            h[k] = v
+        return fits.ImageHDU(np.asarray(data, np.float32), h)
+
+    hdus = [
+        fits.PrimaryHDU(np.asarray(residual.data, np.float32), header),
+        ext(residual.noise, "NOISE"),
+        ext(residual.weight, "WEIGHT", WEIGHT="Y"),
+    ]
+    if residual.kernel is not None and residual.kernel.image is not None:
+        hdus.append(ext(residual.kernel.image, "KERNEL"))
+    for key, image in residual.extra.items():
+        hdus.append(ext(image, key.upper()[:8]))
+    with atomic_write(path) as tmp:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+
+
+def read_residual(path: Path) -> Residual:
+    """Read a residual written by :func:`write_residual`."""
+    from astropy.io import fits
+
+    from oasis_core.model import KernelSolution
+
+    with fits.open(path, memmap=False) as hdul:
+        header = hdul[0].header.copy()
+        images = {h.header.get("EXTNAME", ""): np.array(h.data, np.float32) for h in hdul[1:]}
+        data = np.array(hdul[0].data, np.float32)
+    meta: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    kmeta: dict[str, Any] = {}
+    for key, value in header.items():
+        if key.startswith("OAS PAR_"):
+            params[key[8:].lower()] = value
+        elif key.startswith("OAS K_"):
+            kmeta[key[6:].lower()] = value
+        elif key.startswith("OAS "):
+            meta[key[4:].lower()] = value
+    kernel = None
+    if "OASCONV" in header or "KERNEL" in images:
+        kernel = KernelSolution(image=images.get("KERNEL"),
+                                direction=str(header.get("OASCONV", "template")), meta=kmeta)
+    q = header.get("OASQ", "nan")
+    extra = {k.lower(): v for k, v in images.items() if k not in ("NOISE", "WEIGHT", "KERNEL")}
+    return Residual(
+        data=data, noise=images["NOISE"], weight=images["WEIGHT"], header=header,
+        name=frame_name(Path(path)), science=str(header.get("OASSCI", "")),
+        template=str(header.get("OASTMPL", "")), q=float(q), kernel=kernel,
+        params=params, extra=extra, meta=meta,
+    )

@@ -1,0 +1,266 @@
+"""Finding plugins and choosing backends.
+
+:func:`make_plugin_manager` returns a fresh :class:`pluggy.PluginManager` every time (there
+is no import-time global). It loads every entry point of the ``oasis.plugins`` group
+(built-in plugins included) unless ``OASIS_DISABLE_PLUGIN_AUTOLOAD`` is set, in which case
+only plugins registered explicitly are used. A plugin that fails to import is recorded and
+shown by ``oasis plugins``; it is an error only if one of its backends is selected.
+
+:class:`Registry` collects the backends every plugin yields, per stage, and resolves a
+name to a backend: an unknown name lists the installed choices, a duplicate name names both
+providers, and :meth:`Registry.select` runs the backend's :meth:`~Backend.check`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import pluggy
+
+from oasis_core import hookspecs
+from oasis_core.backends import BASES, NAME_RE, STAGES, Backend
+from oasis_core.errors import BackendUnavailable, OasisError, UnknownBackend
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "BackendRecord",
+    "BrokenPlugin",
+    "Registry",
+    "make_plugin_manager",
+]
+
+ENTRY_POINT_GROUP = "oasis.plugins"
+log = logging.getLogger("oasis")
+
+
+@attrs.frozen
+class BrokenPlugin:
+    """An entry point that could not be loaded."""
+
+    name: str
+    dist: str
+    version: str
+    error: str
+
+
+@attrs.frozen
+class BackendRecord:
+    """One backend and where it comes from."""
+
+    backend: Backend
+    plugin: str
+    dist: str
+    version: str
+
+    @property
+    def stage(self) -> str:
+        return self.backend.stage
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+
+def make_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager:
+    """Return a new plugin manager with the OASIS hook specifications.
+
+    Parameters
+    ----------
+    autoload : bool, optional
+        Load the ``oasis.plugins`` entry points. Defaults to True unless the environment
+        variable ``OASIS_DISABLE_PLUGIN_AUTOLOAD`` is set to a non-empty value.
+
+    Returns
+    -------
+    pluggy.PluginManager
+        ``pm.oasis_broken`` lists the :class:`BrokenPlugin` entries that failed to load and
+        ``pm.oasis_dists`` maps each registered plugin name to ``(dist, version)``.
+    """
+    pm = pluggy.PluginManager("oasis")
+    pm.add_hookspecs(hookspecs)
+    pm.oasis_broken = []  # type: ignore[attr-defined]
+    pm.oasis_dists = {}  # type: ignore[attr-defined]
+    if autoload is None:
+        autoload = not os.environ.get("OASIS_DISABLE_PLUGIN_AUTOLOAD")
+    if autoload:
+        _load_entry_points(pm)
+    return pm
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        version = ep.dist.version if ep.dist is not None else "?"
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as err:  # a broken third-party plugin must not stop OASIS
+            pm.oasis_broken.append(  # type: ignore[attr-defined]
+                BrokenPlugin(ep.name, dist, version, f"{type(err).__name__}: {err}")
+            )
+            log.debug("plugin %s failed to load", ep.name, exc_info=True)
+            continue
+        pm.oasis_dists[ep.name] = (dist, version)  # type: ignore[attr-defined]
+
+
+class Registry:
+    """The backends of every registered plugin, by stage and name.
+
+    Parameters
+    ----------
+    pm : pluggy.PluginManager, optional
+        Defaults to :func:`make_plugin_manager`.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
+        self.pm = pm if pm is not None else make_plugin_manager()
+        self.records: dict[str, dict[str, BackendRecord]] = {s: {} for s in STAGES}
+        self.duplicates: dict[tuple[str, str], list[BackendRecord]] = {}
+        self.errors: list[str] = []
+        self.simulators: dict[str, BackendRecord] = {}
+        for stage in STAGES:
+            self._collect(stage)
+        self._collect_simulators()
+
+    def _collect_simulators(self) -> None:
+        from oasis_core.backends import Simulator
+
+        for impl in self.pm.hook.oasis_simulators.get_hookimpls():
+            plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+            dist, version = getattr(self.pm, "oasis_dists", {}).get(
+                plugin_name, (_module_dist(impl.plugin), "")
+            )
+            try:
+                produced = list(impl.function() or [])
+            except Exception as err:  # a plugin's hook raising must name the plugin
+                self.errors.append(f"plugin {plugin_name!r} ({dist}): oasis_simulators failed: "
+                                   f"{type(err).__name__}: {err}")
+                continue
+            for sim in produced:
+                if isinstance(sim, Simulator) and NAME_RE.match(sim.name or ""):
+                    self.simulators.setdefault(
+                        sim.name, BackendRecord(sim, plugin_name, dist, version)  # type: ignore[arg-type]
+                    )
+
+    def simulator(self, name: str) -> Any:
+        """The simulator called ``name``."""
+        if name not in self.simulators:
+            raise UnknownBackend(
+                f"simulator {name!r} is not installed; installed: "
+                f"{', '.join(sorted(self.simulators)) or 'none'}"
+            )
+        return self.simulators[name].backend
+
+    def _collect(self, stage: str) -> None:
+        hook = getattr(self.pm.hook, f"oasis_{stage}_backends")
+        for impl in hook.get_hookimpls():
+            plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+            dist, version = getattr(self.pm, "oasis_dists", {}).get(
+                plugin_name, (_module_dist(impl.plugin), "")
+            )
+            try:
+                produced = impl.function()
+                backends: Iterable[Any] = list(produced) if produced is not None else []
+            except Exception as err:  # a plugin's hook raising must name the plugin
+                self.errors.append(
+                    f"plugin {plugin_name!r} ({dist}): oasis_{stage}_backends failed: "
+                    f"{type(err).__name__}: {err}"
+                )
+                continue
+            for backend in backends:
+                self._add(stage, backend, plugin_name, dist, version)
+
+    def _add(self, stage: str, backend: Any, plugin: str, dist: str, version: str) -> None:
+        base = BASES[stage]
+        if not isinstance(backend, base):
+            self.errors.append(
+                f"plugin {plugin!r} ({dist}): oasis_{stage}_backends yielded {backend!r}, "
+                f"not a {base.__name__}"
+            )
+            return
+        if not NAME_RE.match(backend.name or ""):
+            self.errors.append(
+                f"plugin {plugin!r} ({dist}): {stage} backend name {backend.name!r} must "
+                "match [a-z0-9-]+"
+            )
+            return
+        record = BackendRecord(backend, plugin, dist, version)
+        existing = self.records[stage].get(backend.name)
+        if existing is not None:
+            self.duplicates.setdefault((stage, backend.name), [existing]).append(record)
+            return
+        self.records[stage][backend.name] = record
+
+    def names(self, stage: str) -> list[str]:
+        """Installed backend names for ``stage``, sorted."""
+        return sorted(self.records[stage])
+
+    def get(self, stage: str, name: str) -> BackendRecord:
+        """The record of backend ``name`` of ``stage``.
+
+        Raises
+        ------
+        UnknownBackend
+            When no plugin provides it (the message lists the installed ones).
+        OasisError
+            When two plugins provide the same name.
+        """
+        if stage not in self.records:
+            raise UnknownBackend(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        dup = self.duplicates.get((stage, name))
+        if dup:
+            who = " and ".join(f"{r.plugin} ({r.dist})" for r in dup)
+            raise OasisError(
+                f"{stage} backend {name!r} is provided twice: by {who}; uninstall one"
+            )
+        record = self.records[stage].get(name)
+        if record is None:
+            broken = [b for b in getattr(self.pm, "oasis_broken", [])]
+            hint = ""
+            if broken:
+                hint = "; plugins that failed to load: " + ", ".join(
+                    f"{b.name} ({b.error})" for b in broken
+                )
+            installed = ", ".join(self.names(stage)) or "none"
+            raise UnknownBackend(
+                f"{stage} backend {name!r} is not installed; installed: {installed}{hint}"
+            )
+        return record
+
+    def select(self, stage: str, name: str, options: Any) -> Backend:
+        """Return backend ``name`` of ``stage`` after checking that it can run."""
+        record = self.get(stage, name)
+        try:
+            record.backend.check(options)
+        except BackendUnavailable:
+            raise
+        except OasisError as err:
+            raise BackendUnavailable(f"{stage} backend {name!r}: {err}") from err
+        return record.backend
+
+    def status(self, record: BackendRecord) -> str:
+        """``"available"`` or why the backend cannot run with its default options."""
+        try:
+            record.backend.check(record.backend.Options())
+        except OasisError as err:
+            return f"unavailable: {err}"
+        except Exception as err:  # a plugin's own check() bug is shown, not raised
+            return f"unavailable: {type(err).__name__}: {err}"
+        return "available"
+
+    def all_records(self) -> list[BackendRecord]:
+        """Every backend, in stage order then by name."""
+        return [self.records[s][n] for s in STAGES for n in self.names(s)]
+
+
+def _module_dist(plugin: Any) -> str:
+    module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", "")
+    return str(module).split(".")[0] or "?"

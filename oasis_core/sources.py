@@ -1,0 +1,117 @@
+"""Source filtering, the same for every extract backend.
+
+The extract backend detects; the core decides. Each detection gets a ``reason``:
+
+* ``""`` — kept;
+* ``"negative"`` — a negative (fading) source, unless ``[extract] keep_negative``;
+* ``"dipole"`` — a positive lobe next to a negative one of at least ``dipole_ratio`` of its
+  peak (a misalignment or PSF-matching artefact);
+* ``"majority"`` — found in more than ``majority`` of the residuals (a variable or badly
+  subtracted static object, not a transient);
+* ``"point"`` — ``spread_model`` measured and outside [0, 0.1] (not point-like).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_lobe_columns", "count_matches", "filter_detections", "match_catalogs"]
+
+
+def add_lobe_columns(table: Any, norm: np.ndarray, *, radius: float) -> Any:
+    """Add ``peak_norm`` and ``lobe_min``: the extreme normalised pixel at each source and
+    the opposite extreme within ``radius`` pixels (vectorised over sources)."""
+    n = len(table)
+    table["peak_norm"] = np.zeros(n, dtype=np.float32)
+    table["lobe_min"] = np.zeros(n, dtype=np.float32)
+    if n == 0:
+        return table
+    r = int(np.ceil(radius))
+    ny, nx = norm.shape
+    padded = np.pad(norm, r, mode="constant")
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    inside = (dx**2 + dy**2) <= radius**2
+    xs = np.rint(np.asarray(table["x"], float)).astype(int).clip(0, nx - 1) + r
+    ys = np.rint(np.asarray(table["y"], float)).astype(int).clip(0, ny - 1) + r
+    stamps = padded[ys[:, None, None] + dy[None], xs[:, None, None] + dx[None]]
+    sign = np.asarray(table["sign"], float) if "sign" in table.colnames else np.ones(n)
+    oriented = stamps * sign[:, None, None]
+    peak = np.where(inside, oriented, -np.inf).max(axis=(1, 2))
+    lobe = np.where(inside, oriented, np.inf).min(axis=(1, 2))
+    table["peak_norm"] = peak.astype(np.float32)
+    table["lobe_min"] = lobe.astype(np.float32)
+    return table
+
+
+def match_catalogs(a: Any, b: Any, radius: float) -> np.ndarray:
+    """For each row of ``a``, the index of the nearest row of ``b`` within ``radius``
+    pixels, or -1."""
+    from scipy.spatial import cKDTree
+
+    out = np.full(len(a), -1, dtype=int)
+    if len(a) == 0 or len(b) == 0:
+        return out
+    tree = cKDTree(np.column_stack([b["x"], b["y"]]))
+    dist, idx = tree.query(np.column_stack([a["x"], a["y"]]), distance_upper_bound=radius)
+    ok = np.isfinite(dist)
+    out[ok] = idx[ok]
+    return out
+
+
+def count_matches(points: Any, catalogs: Sequence[Any], radius: float) -> np.ndarray:
+    """Number of catalogs in ``catalogs`` with a source within ``radius`` of each point."""
+    counts = np.zeros(len(points), dtype=int)
+    for cat in catalogs:
+        counts += match_catalogs(points, cat, radius) >= 0
+    return counts
+
+
+def filter_detections(
+    table: Any,
+    *,
+    catalogs: Sequence[Any],
+    n_residuals: int,
+    majority: float,
+    match_radius: float,
+    dipole_ratio: float,
+    keep_negative: bool,
+) -> Any:
+    """Return ``table`` with ``n_frames`` (residuals where the source is found) and
+    ``reason`` columns.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Detections with ``x``, ``y``, ``sign``, ``peak_norm``, ``lobe_min`` (see
+        :func:`add_lobe_columns`) and optionally ``spread_model``.
+    catalogs : sequence of Table
+        The positive detections of every individual residual (for the majority test).
+    n_residuals : int
+        Number of residuals searched.
+    """
+    n = len(table)
+    reason = np.full(n, "", dtype="U10")
+    sign = np.asarray(table["sign"]) if "sign" in table.colnames else np.ones(n)
+    counts = count_matches(table, catalogs, match_radius) if n else np.zeros(0, int)
+    table["n_frames"] = counts
+    if n:
+        peak = np.asarray(table["peak_norm"], float)
+        lobe = np.asarray(table["lobe_min"], float)
+        dipole = lobe < -dipole_ratio * np.maximum(peak, 0)
+        too_common = counts > majority * max(n_residuals, 1)
+        if n_residuals < 3:
+            too_common[:] = False  # a majority of one or two frames means nothing
+        point = np.zeros(n, bool)
+        if "spread_model" in table.colnames:
+            sm = np.asarray(table["spread_model"], float)
+            point = np.isfinite(sm) & ((sm < 0) | (sm > 0.1))
+        reason[point] = "point"
+        reason[too_common] = "majority"
+        reason[dipole] = "dipole"
+        if not keep_negative:
+            reason[sign < 0] = "negative"
+    table["reason"] = reason
+    return table

@@ -1,0 +1,1 @@
+"""OASIS built-in plugin package oasis_hotpants."""

@@ -1,0 +1,266 @@
+"""The ``native`` mask backend: cosmic rays (astroscrappy), saturated stars and bleed trails.
+
+The weight the core hands in already holds 0 on non-finite pixels and on the file's own
+bad-pixel mask; those stay 0. On top of it this backend zeroes
+
+* saturated pixels (``>= frame.saturation``), grown by a few pixels, and their bleed
+  trails: the vertical runs of pixels above the noise that touch a saturated pixel;
+* cosmic rays found by L.A.Cosmic (:func:`astroscrappy.detect_cosmics`).
+
+Frames may be sky-subtracted (background near 0, negative pixels valid), so the noise
+model given to astroscrappy is not taken from the pixel values: it is the measured sky
+variance (a sep background mesh) plus the Poisson variance of the sources above the sky.
+This works the same whether or not the sky is still in the pixels, and whether or not the
+frame's gain is known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from oasis_core.backends import MaskBackend, option
+from oasis_core.model import Frame
+
+__all__ = ["NativeMask", "NativeMaskOptions", "saturation_level"]
+
+
+@attrs.frozen(kw_only=True)
+class NativeMaskOptions:
+    """Options of the ``native`` mask backend (``[mask.native]``)."""
+
+    cosmics: bool = option(True, "detect cosmic rays with astroscrappy (L.A.Cosmic)")
+    sigclip: float = option(4.5, "L.A.Cosmic Laplacian-to-noise detection limit (sigmas)")
+    sigfrac: float = option(0.3, "fraction of sigclip used for pixels next to a cosmic ray")
+    objlim: float = option(
+        5.0,
+        "L.A.Cosmic contrast limit vs the fine-structure image; raise it if star cores are flagged",
+    )
+    niter: int = option(4, "L.A.Cosmic iterations")
+    cosmic_grow: int = option(0, "grow every cosmic-ray pixel by this many pixels")
+    saturation_grow: int = option(2, "grow saturated regions by this radius (pixels)")
+    bleed: bool = option(
+        True, "also mask bleed trails (vertical runs above the noise that touch a saturated pixel)"
+    )
+    bleed_nsigma: float = option(5.0, "a bleed-trail pixel is this many sigmas above the sky")
+    saturation_fraction: float = option(
+        0.98,
+        "saturation unknown: when the data maximum is a clipping plateau, pixels above "
+        "this fraction of it are saturated",
+    )
+    plateau_pixels: int = option(
+        4, "saturation unknown: pixels at the data maximum that make it a clipping plateau"
+    )
+    default_gain: float = option(1.0, "gain (e-/ADU) used when the frame has none")
+    back_size: int = option(64, "mesh size (pixels) of the sep background and noise maps")
+    max_cosmic_fraction: float = option(
+        0.05, "fail the frame when cosmic rays would mask more than this fraction of it"
+    )
+
+
+def saturation_level(
+    data: np.ndarray,
+    good: np.ndarray,
+    saturation: float | None,
+    *,
+    fraction: float = 0.98,
+    plateau_pixels: int = 4,
+) -> float | None:
+    """The level at and above which pixels count as saturated, or None.
+
+    Parameters
+    ----------
+    data : ndarray
+        The pixels.
+    good : ndarray of bool
+        Pixels to consider (finite, not already masked).
+    saturation : float or None
+        The frame's saturation level when known; it is returned as is.
+    fraction : float
+        When ``saturation`` is None and the data maximum is a clipping plateau (at least
+        ``plateau_pixels`` pixels equal to it), ``fraction * max`` is returned.
+    plateau_pixels : int
+        See ``fraction``.
+
+    Returns
+    -------
+    float or None
+        None when the saturation is unknown and the data show no clipping plateau.
+    """
+    if saturation is not None:
+        return float(saturation)
+    if not good.any():
+        return None
+    top = float(data[good].max())
+    n_top = int(np.count_nonzero(good & (data >= top)))
+    if n_top >= plateau_pixels and top > float(np.median(data[good])):
+        return fraction * top
+    return None
+
+
+def _require(stage: str, *modules: str) -> None:
+    import importlib.util
+
+    from oasis_core.errors import BackendUnavailable
+
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            msg = (
+                f"{stage} backend 'native': Python package {module!r} is not installed; "
+                f"install it with 'pip install {module}'"
+            )
+            raise BackendUnavailable(msg)
+
+
+def _disk(radius: int) -> np.ndarray:
+    r = np.arange(-radius, radius + 1)
+    return (r[:, None] ** 2 + r[None, :] ** 2) <= radius * radius
+
+
+class NativeMask(MaskBackend):
+    """Masks cosmic rays, saturated stars and bleed trails, keeping the incoming weight."""
+
+    name = "native"
+    Options = NativeMaskOptions
+    description = "cosmic rays (astroscrappy L.A.Cosmic), saturated stars and bleed trails"
+
+    def check(self, options: NativeMaskOptions) -> None:
+        """Raise :class:`~oasis_core.errors.BackendUnavailable` without sep/astroscrappy."""
+        modules = ("sep", "astroscrappy") if options.cosmics else ("sep",)
+        _require("mask", *modules)
+
+    def mask(self, frame: Frame, *, options: NativeMaskOptions, workdir: Path) -> Frame:
+        """Return ``frame`` with a new weight: 0 on cosmic rays, saturation and bleeds.
+
+        Parameters
+        ----------
+        frame : Frame
+            ``gain`` and ``saturation`` are used when set (see
+            :func:`saturation_level` for the fallback); ``readnoise`` is not needed, the
+            sky noise is measured.
+        options : NativeMaskOptions
+        workdir : Path
+            Unused (nothing is written).
+
+        Returns
+        -------
+        Frame
+            With the new ``weight`` and ``meta`` entries ``n_cosmic`` (cosmic-ray pixels),
+            ``n_saturated`` (pixels masked for saturation and bleeding), ``saturation``
+            (level used, nan if none) and ``masked_fraction`` (weight 0 overall).
+
+        Raises
+        ------
+        StageError
+            When cosmic rays would mask more than ``max_cosmic_fraction`` of the frame.
+        """
+        import sep
+        from scipy import ndimage
+
+        from oasis_core.errors import StageError
+
+        data = np.array(frame.data, dtype=np.float32, order="C")  # native-endian copy
+        weight = np.asarray(frame.weight, dtype=np.float32)
+        finite = np.isfinite(data)
+        bad = ~finite | (weight <= 0)
+        good = ~bad
+        if not good.any():
+            return attrs.evolve(
+                frame,
+                weight=np.zeros(data.shape, np.float32),
+                meta={
+                    **frame.meta,
+                    "n_cosmic": 0,
+                    "n_saturated": 0,
+                    "saturation": float("nan"),
+                    "masked_fraction": 1.0,
+                },
+            )
+
+        # saturation and bleed trails
+        level = saturation_level(
+            data,
+            good,
+            frame.saturation,
+            fraction=options.saturation_fraction,
+            plateau_pixels=options.plateau_pixels,
+        )
+        saturated = np.zeros(data.shape, dtype=bool)
+        if level is not None:
+            saturated = finite & (data >= level)
+        # background and noise maps; saturated cores kept out of them
+        fill = float(np.median(data[good]))
+        data[bad] = fill
+        size = int(max(8, min(options.back_size, *data.shape)))
+        bkg = sep.Background(data, mask=bad | saturated, bw=size, bh=size, fw=3, fh=3)
+        back = bkg.back()
+        rms = bkg.rms()
+        rms = np.where(rms > 0, rms, max(float(bkg.globalrms), 1e-6)).astype(np.float32)
+        above = data - back
+        if saturated.any():
+            if options.bleed:
+                high = saturated | (finite & (above >= options.bleed_nsigma * rms))
+                column = np.array([[0, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=bool)
+                runs, nruns = ndimage.label(high, structure=column)
+                touched = np.zeros(nruns + 1, dtype=bool)
+                touched[runs[saturated]] = True
+                touched[0] = False
+                saturated = touched[runs]
+            if options.saturation_grow > 0:
+                saturated = ndimage.binary_dilation(
+                    saturated, structure=_disk(options.saturation_grow)
+                )
+
+        # cosmic rays
+        cosmic = np.zeros(data.shape, dtype=bool)
+        if options.cosmics:
+            import astroscrappy
+
+            gain = float(frame.gain) if frame.gain else options.default_gain
+            # sky variance as measured + Poisson variance of what is above the sky (ADU^2)
+            var = (rms * rms + np.clip(above, 0.0, None) / gain).astype(np.float32)
+            inmask = (bad | saturated).astype(np.uint8)
+            indat = np.ascontiguousarray(np.where(bad, 0.0, above), dtype=np.float32)
+            crmask, _ = astroscrappy.detect_cosmics(
+                indat,
+                inmask=inmask,
+                invar=np.ascontiguousarray(var),
+                sigclip=options.sigclip,
+                sigfrac=options.sigfrac,
+                objlim=options.objlim,
+                gain=gain,
+                readnoise=0.0,
+                satlevel=np.inf,
+                niter=options.niter,
+                sepmed=True,
+                cleantype="meanmask",
+                fsmode="median",
+            )
+            cosmic = np.asarray(crmask, dtype=bool) & ~bad & ~saturated
+            if options.cosmic_grow > 0:
+                cosmic = (
+                    ndimage.binary_dilation(cosmic, structure=_disk(options.cosmic_grow))
+                    & ~bad
+                    & ~saturated
+                )
+            fraction = cosmic.mean()
+            if fraction > options.max_cosmic_fraction:
+                msg = (
+                    f"mask backend 'native': frame {frame.name!r}: cosmic rays would mask "
+                    f"{fraction:.2%} of the pixels (limit {100 * options.max_cosmic_fraction:g}%); "
+                    "check the frame's gain or raise mask.native.sigclip / objlim"
+                )
+                raise StageError(msg, metadata={"cosmic_fraction": float(fraction)})
+
+        new_weight = np.where(bad | saturated | cosmic, 0.0, weight).astype(np.float32)
+        meta: dict[str, Any] = {
+            **frame.meta,
+            "n_cosmic": int(cosmic.sum()),
+            "n_saturated": int((saturated & ~bad).sum()),
+            "saturation": float("nan") if level is None else float(level),
+            "masked_fraction": float(np.mean(new_weight == 0)),
+        }
+        return attrs.evolve(frame, weight=new_weight, meta=meta)

@@ -1,0 +1,136 @@
+"""The ``ois`` subtract backend: Alard's Optimal Image Subtraction with ISIS's parameters.
+
+The numerics live in :mod:`oasis_ois.ois`; this module turns their result into the
+:class:`~oasis_core.model.Residual` the pipeline expects (Q, header cards, kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from oasis_core.backends import SubtractBackend
+from oasis_core.model import Frame, KernelSolution, Residual, Template
+from oasis_ois.ois import OisOptions, OisSolution, solve
+
+__all__ = ["OisOptions", "OisSubtract"]
+
+
+def _clean(value: Any) -> float | int | str | bool:
+    """A meta value as a plain Python scalar (numpy scalars become float/int)."""
+    if isinstance(value, bool | str | int):
+        return value
+    return float(value)
+
+
+class OisSubtract(SubtractBackend):
+    """Optimal Image Subtraction (Alard & Lupton 1998, Alard 2000), ISIS kernel basis.
+
+    Residual cards written to the header (a copy of the science header): ``Q``,
+    ``NNOISE`` (robust std of the normalised residual away from sources), ``NSTAMPS``,
+    ``NSTREJ`` (stamps rejected), ``KSUM`` (kernel sum), ``FSCALE`` (science / template
+    flux ratio), ``DEGSPAT``, ``KHALF`` (kernel half size), ``CONVOLVE`` (the image
+    convolved) and ``OISFLAG`` when the result is flagged.
+    """
+
+    name = "ois"
+    Options = OisOptions
+    description = "Alard's Optimal Image Subtraction with ISIS's kernel basis (numpy/scipy)"
+
+    def subtract(
+        self, science: Frame, template: Template, *, options: OisOptions, workdir: Path
+    ) -> Residual:
+        """Return science - K * template (or the science-convolved equivalent).
+
+        Parameters
+        ----------
+        science, template : Frame
+            Registered frames of the same shape (``data``, ``weight``, ``name``;
+            ``gain``, ``saturation``, ``fwhm``, ``background`` and ``noise`` when known).
+        options : OisOptions
+        workdir : Path
+            Unused: the backend writes no file.
+
+        Returns
+        -------
+        Residual
+            In the science frame's photometric system, with noise, weight, Q and kernel.
+            ``meta["flag"]`` is set (``"few stamps: N"``) when too few stamp stars
+            survived for the requested spatial degrees, which were then lowered.
+
+        Raises
+        ------
+        oasis_core.errors.StageError
+            If the frames differ in shape or no usable stamp star is found.
+        """
+        from astropy.io import fits
+
+        from oasis_core.quality import normalized_noise, q_value
+
+        sol: OisSolution = solve(science, template, options)
+        q = q_value(sol.residual, sol.noise, sol.weight)
+        nnoise = normalized_noise(sol.residual, sol.noise, sol.weight, exclude=sol.sources)
+        fscale = sol.ksum if sol.direction == "template" else 1.0 / sol.ksum
+        meta = {k: _clean(v) for k, v in sol.meta.items()}
+        meta.update(fscale=float(fscale), nnoise=float(nnoise), q=float(q))
+
+        header = fits.Header()
+        if isinstance(science.header, fits.Header):
+            header = science.header.copy()
+        else:
+            header.update(dict(science.header))
+        cards: list[tuple[str, Any, str]] = [
+            ("Q", q, "OasisPy quality figure of the residual"),
+            ("NNOISE", nnoise, "robust std of the normalised residual"),
+            ("NSTAMPS", sol.meta["nstamps"], "OIS stamps used in the kernel fit"),
+            ("NSTREJ", sol.meta["nrejected"], "OIS stamp candidates rejected"),
+            ("KSUM", sol.ksum, "OIS kernel sum at the image centre"),
+            ("FSCALE", fscale, "science / template flux ratio"),
+            ("DEGSPAT", sol.meta["deg_spatial"], "OIS kernel spatial degree used"),
+            ("KHALF", sol.meta["half_mesh"], "OIS kernel half size (px)"),
+            ("CONVOLVE", sol.direction, "image convolved by the OIS kernel"),
+        ]
+        if "flag" in sol.meta:
+            cards.append(("OISFLAG", sol.meta["flag"], "OIS subtraction not to be trusted"))
+        for key, value, comment in cards:
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None  # FITS has no NaN; an undefined value says "not computed"
+            header[key] = (_clean(value) if value is not None else None, comment)
+
+        kernel = KernelSolution(
+            image=np.asarray(sol.kernel, dtype=np.float32),
+            coefficients=sol.coefficients,
+            direction=sol.direction,
+            meta={
+                k: meta[k]
+                for k in (
+                    "nstamps",
+                    "nrejected",
+                    "ksum",
+                    "fscale",
+                    "deg_spatial",
+                    "deg_bg",
+                    "half_mesh",
+                    "half_stamp",
+                    "sigmas",
+                    "bg",
+                )
+            },
+        )
+        return Residual(
+            data=sol.residual,
+            noise=sol.noise,
+            weight=sol.weight,
+            header=header,
+            name=science.name,
+            science=science.name,
+            template=template.name,
+            q=float(q),
+            kernel=kernel,
+            params=attrs.asdict(options),
+            meta=meta,
+        )

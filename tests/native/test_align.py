@@ -1,0 +1,271 @@
+"""Tests of the native align backend (sep + astroalign + scipy.ndimage + linmatch)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from oasis_native.align import NativeAlign, NativeAlignOptions
+
+from oasis_core.errors import StageError
+from oasis_core.model import Frame, readonly
+
+SIGMA = 1.5  # Gaussian PSF sigma, px (FWHM 3.5)
+SHAPE = (256, 256)
+CENTRE = np.array([127.5, 127.5])
+
+
+def render(shape, xy, flux, sigma=SIGMA):
+    """Sum of pixel-sampled Gaussian stars (vectorised over stars)."""
+    ny, nx = shape
+    r = int(np.ceil(5 * sigma))
+    off = np.arange(-r, r + 1)
+    ix = np.round(xy[:, 0]).astype(int)[:, None, None] + off[None, None, :]
+    iy = np.round(xy[:, 1]).astype(int)[:, None, None] + off[None, :, None]
+    ix, iy = np.broadcast_arrays(ix, iy)
+    val = (
+        np.asarray(flux)[:, None, None]
+        / (2 * np.pi * sigma**2)
+        * np.exp(
+            -((ix - xy[:, 0, None, None]) ** 2 + (iy - xy[:, 1, None, None]) ** 2) / (2 * sigma**2)
+        )
+    )
+    inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+    img = np.zeros(shape)
+    np.add.at(img, (iy[inside], ix[inside]), val[inside])
+    return img
+
+
+def rotation(deg):
+    a = np.radians(deg)
+    return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+
+
+def make_pair(
+    shift=(3.3, -2.7),
+    angle=0.2,
+    scale=1.7,
+    sky_ref=100.0,
+    sky_frm=30.0,
+    nstars=150,
+    seed=1,
+    header=None,
+):
+    """Reference and frame: frame pixel p maps to R(p - c) + c + shift on the reference.
+
+    The frame's stars are ``scale`` times fainter, so flux_ref = scale * flux_frame.
+    """
+    rng = np.random.default_rng(seed)
+    ref_xy = rng.uniform(8, SHAPE[0] - 8, (nstars, 2))
+    flux = 10 ** rng.uniform(3, 5, nstars)
+    frm_xy = (ref_xy - CENTRE - np.asarray(shift)) @ rotation(angle) + CENTRE
+    ref = render(SHAPE, ref_xy, flux) + sky_ref + rng.normal(0, 5, SHAPE)
+    frm = render(SHAPE, frm_xy, flux / scale) + sky_frm + rng.normal(0, 5 / scale, SHAPE)
+    reference = Frame(data=ref, name="ref", header=header)
+    frame = Frame(
+        data=frm, name="frm", gain=2.0, saturation=60000.0, noise=5 / scale, background=sky_frm
+    )
+    for f in (reference, frame):
+        readonly(f.data)
+        readonly(f.weight)
+    return frame, reference, ref_xy, flux
+
+
+def centroid_offsets(image, weight, xy, flux, sky, min_flux=3e3):
+    """Windowed centroids on ``image`` minus the true positions ``xy`` (bright stars)."""
+    import sep
+
+    img = np.array(image, dtype=np.float32) - sky
+    x, y, flag = sep.winpos(img, xy[:, 0], xy[:, 1], SIGMA, mask=np.asarray(weight) == 0)
+    ix, iy = np.round(xy[:, 0]).astype(int), np.round(xy[:, 1]).astype(int)
+    ok = (flag == 0) & (flux > min_flux)
+    ok &= (ix > 8) & (ix < SHAPE[1] - 8) & (iy > 8) & (iy < SHAPE[0] - 8)
+    ok &= np.asarray(weight)[iy.clip(0, SHAPE[0] - 1), ix.clip(0, SHAPE[1] - 1)] > 0
+    return x[ok] - xy[ok, 0], y[ok] - xy[ok, 1]
+
+
+def align(frame, reference, **opts):
+    return NativeAlign().align(
+        frame, reference, options=NativeAlignOptions(**opts), workdir=Path(".")
+    )
+
+
+def test_shift_rotation_subpixel(tmp_path):
+    frame, reference, ref_xy, flux = make_pair()
+    data_before = frame.data.copy()
+    out = NativeAlign().align(frame, reference, options=NativeAlignOptions(), workdir=tmp_path)
+    assert out.shape == reference.shape
+    assert out.data.dtype == np.float32
+    assert out.weight.dtype == np.float32
+    m = out.meta
+    assert m["centre_shift_x"] == pytest.approx(3.3, abs=0.02)
+    assert m["centre_shift_y"] == pytest.approx(-2.7, abs=0.02)
+    assert m["rotation"] == pytest.approx(0.2, abs=0.01)
+    assert m["align_scale"] == pytest.approx(1.0, abs=1e-3)
+    assert m["n_matched"] >= 50
+    dx, dy = centroid_offsets(out.data, out.weight, ref_xy, flux, sky=100.0)
+    assert len(dx) > 40
+    assert abs(np.median(dx)) < 0.02
+    assert abs(np.median(dy)) < 0.02
+    assert np.median(np.hypot(dx, dy)) < 0.05
+    np.testing.assert_array_equal(frame.data, data_before)  # input untouched
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_photometric_scale_and_offset():
+    frame, reference, _, _ = make_pair(scale=1.7, sky_ref=100.0, sky_frm=30.0)
+    out = align(frame, reference)
+    expected_offset = 100.0 - 1.7 * 30.0
+    assert out.meta["phot_scale"] == pytest.approx(1.7, rel=0.01)
+    assert out.meta["phot_offset"] == pytest.approx(expected_offset, rel=0.02)
+    assert out.meta["phot_nstars"] >= 20
+    # the data are now on the reference's level: same sky, same noise
+    good = out.weight > 0
+    assert np.median(out.data[good]) == pytest.approx(np.median(reference.data), abs=0.5)
+    s = out.meta["phot_scale"]
+    assert out.gain == pytest.approx(2.0 / s)
+    assert out.saturation == pytest.approx(s * 60000.0 + out.meta["phot_offset"])
+    assert out.background == pytest.approx(100.0, abs=0.5)
+    assert out.noise == pytest.approx(5.0, rel=0.02)
+
+
+def test_photometric_off_keeps_levels():
+    frame, reference, _, _ = make_pair(scale=1.7)
+    out = align(frame, reference, photometric=False)
+    assert out.meta["phot_scale"] == 1.0
+    assert out.meta["phot_offset"] == 0.0
+    assert np.median(out.data[out.weight > 0]) == pytest.approx(np.median(frame.data), abs=0.1)
+    assert out.gain == 2.0
+    assert out.saturation == 60000.0
+
+
+def test_outside_and_masked_pixels_get_weight_zero():
+    frame, reference, _, _ = make_pair(angle=0.0, shift=(4.4, -3.6))
+    weight = np.ones(SHAPE, np.float32)
+    data = frame.data.copy()
+    weight[100:103, 150:152] = 0.0  # a "cosmic ray"
+    data[100:103, 150:152] = 1e6
+    clean = align(frame, reference, photometric=False)
+    frame = Frame(data=data, weight=weight, name="frm", gain=2.0)
+    out = align(frame, reference, photometric=False)
+    sx, sy = out.meta["shift_x"], out.meta["shift_y"]
+    assert (sx, sy) == (pytest.approx(4.4, abs=0.02), pytest.approx(-3.6, abs=0.02))
+    # output pixel (x, y) comes from frame pixel (x - 4.4, y + 3.6)
+    assert (out.weight[:, :5] == 0).all()  # x - 4.4 < 0.6: touches or leaves the edge
+    assert (out.weight[-4:, :] == 0).all()  # y + 3.6 > 254.6
+    assert (out.weight[8:240, 8:240] > 0).sum() > 0.99 * 232**2 - 30
+    # the masked pixels land on x = 154.4..155.4, y = 96.4..98.4 (+ spline footprint)
+    assert (out.weight[96:99, 154:157] == 0).all()
+    # and their value does not ring into the neighbours (noise is 5 ADU)
+    near = (slice(90, 106), slice(148, 164))
+    good = out.weight[near] > 0
+    assert good.sum() > 150
+    assert np.abs(out.data[near][good] - clean.data[near][good]).max() < 1.0
+
+
+def test_wcs_from_reference_and_header_copied():
+    from astropy.io import fits
+
+    hdr = fits.Header()
+    hdr["CTYPE1"], hdr["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    hdr["CRVAL1"], hdr["CRVAL2"] = 150.0, 2.0
+    hdr["CRPIX1"], hdr["CRPIX2"] = 128.0, 128.0
+    hdr["CD1_1"], hdr["CD2_2"] = -7e-5, 7e-5
+    frame, reference, _, _ = make_pair(header=hdr)
+    fhdr = fits.Header()
+    fhdr["OBJECT"] = "field"
+    fhdr["CRPIX1"], fhdr["PC1_1"] = 17.0, 1.0
+    frame = Frame(data=frame.data, name="frm", header=fhdr)
+    out = align(frame, reference)
+    assert out.header["OBJECT"] == "field"
+    assert out.header["CRVAL1"] == 150.0
+    assert out.header["CRPIX1"] == 128.0
+    assert out.header["CD2_2"] == 7e-5
+    assert "PC1_1" not in out.header
+    assert frame.header["CRPIX1"] == 17.0  # the frame's own header is untouched
+
+
+def test_same_frame_returned_unchanged():
+    _frame, reference, _, _ = make_pair()
+    out = align(reference, reference)
+    assert out.data is reference.data
+    assert out.weight is reference.weight
+    assert out.meta["phot_scale"] == 1.0
+    assert out.meta["shift_x"] == 0.0
+
+
+def test_phase_correlation_initial_transform():
+    frame, reference, ref_xy, flux = make_pair(angle=0.0, shift=(-5.6, 6.2))
+    out = align(frame, reference, initial="phasecorr", transform="shift")
+    assert out.meta["align_method"] == "phasecorr"
+    assert out.meta["shift_x"] == pytest.approx(-5.6, abs=0.02)
+    assert out.meta["shift_y"] == pytest.approx(6.2, abs=0.02)
+    dx, dy = centroid_offsets(out.data, out.weight, ref_xy, flux, sky=100.0)
+    assert np.median(np.hypot(dx, dy)) < 0.05
+
+
+def test_blank_frame_fails_naming_it():
+    _, reference, _, _ = make_pair()
+    noise = np.random.default_rng(5).normal(0, 5, SHAPE)
+    blank = Frame(data=noise, name="blank-frame")
+    with pytest.raises(StageError, match="blank-frame"):
+        align(blank, reference)
+
+
+def test_options_validated():
+    with pytest.raises(ValueError, match="transform"):
+        NativeAlignOptions(transform="projective")
+    with pytest.raises(ValueError, match="order"):
+        NativeAlignOptions(order=7)
+
+
+def read_isis(shared_data, i):
+    from astropy.io import fits
+
+    with warnings.catch_warnings():
+        # the files lack their final FITS padding (see INVENTORY.md)
+        warnings.filterwarnings("ignore", "File may have been truncated")
+        path = shared_data / "isis_example" / f"infile{i}.fits"
+        with fits.open(path, memmap=False) as hdul:
+            data = np.array(hdul[0].data)
+    frame = Frame(data=data, name=f"infile{i}")  # bare header: no gain, saturation...
+    readonly(frame.data)
+    readonly(frame.weight)
+    return frame
+
+
+@pytest.mark.parametrize("initial", ["auto", "phasecorr"])
+def test_isis_crowded_unregistered_pair(shared_data, initial):
+    from oasis_native.align import _detect, _match
+
+    reference, frame = read_isis(shared_data, 0), read_isis(shared_data, 1)
+    out = align(frame, reference, initial=initial)
+    assert out.meta["n_matched"] > 100
+    # infile1 is offset by about (-3.1, +2.2) px from infile0 (pure translation)
+    assert out.meta["shift_x"] == pytest.approx(-3.08, abs=0.1)
+    assert out.meta["shift_y"] == pytest.approx(2.18, abs=0.1)
+    assert abs(out.meta["rotation"]) < 0.01
+    assert out.meta["phot_scale"] == pytest.approx(1.0, abs=0.03)
+    opts = NativeAlignOptions()
+    ref_stars, out_stars = _detect(reference, opts), _detect(out, opts)
+    i, j = _match(out_stars.xy, ref_stars.xy, np.eye(3), 1.0)
+    assert len(i) > 100
+    d = out_stars.xy[i] - ref_stars.xy[j]
+    assert np.all(np.abs(np.median(d, axis=0)) < 0.02)
+    assert np.all(np.median(np.abs(d), axis=0) < 0.1)
+
+
+def test_auto_falls_back_to_phase_correlation(monkeypatch):
+    import astroalign
+
+    def fail(*args, **kwargs):
+        raise astroalign.MaxIterError("List of matching triangles exhausted")
+
+    monkeypatch.setattr(astroalign, "find_transform", fail)
+    frame, reference, _, _ = make_pair(angle=0.0, shift=(2.2, 1.4))
+    out = align(frame, reference)
+    assert out.meta["align_method"] == "phasecorr"
+    assert out.meta["centre_shift_x"] == pytest.approx(2.2, abs=0.02)
+    assert out.meta["centre_shift_y"] == pytest.approx(1.4, abs=0.02)

@@ -1,0 +1,205 @@
+"""Tests of the ``native`` PSF backend, :mod:`oasis_native.psf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+from astropy.io import fits
+from oasis_native.mask import NativeMask, NativeMaskOptions
+from oasis_native.psf import NativePsf, NativePsfOptions
+from oasis_native.sim import SimSeries, simulate_pair, simulate_series
+
+from oasis_core.errors import StageError
+from oasis_core.model import Frame, readonly
+
+SHAPE = (256, 256)
+BACKEND = NativePsf()
+
+
+def _masked(frame: Frame, tmp_path: Path) -> Frame:
+    """The frame as the pipeline hands it to the psf stage: after the mask stage."""
+    return NativeMask().mask(frame, options=NativeMaskOptions(), workdir=tmp_path)
+
+
+def _psf(frame: Frame, tmp_path: Path, **options: object) -> Frame:
+    return BACKEND.psf(frame, options=NativePsfOptions(**options), workdir=tmp_path)
+
+
+def _sim_frame(data: np.ndarray, header: fits.Header, name: str, tmp_path: Path) -> Frame:
+    frame = Frame(
+        data=readonly(np.array(data)),
+        header=header,
+        name=name,
+        gain=header["GAIN"],
+        readnoise=header["RDNOISE"],
+        saturation=header["SATURATE"],
+    )
+    return _masked(frame, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def series() -> SimSeries:
+    return simulate_series(4, SHAPE, seed=31, n_transients=2)
+
+
+@pytest.mark.parametrize("model", ["moffat", "gaussian"])
+def test_fwhm_recovered_on_simulations(series: SimSeries, model: str, tmp_path: Path) -> None:
+    for name, (data, header) in zip(series.names, series.frames, strict=True):
+        frame = _sim_frame(data, header, name, tmp_path)
+        out = _psf(frame, tmp_path, model=model)
+        assert out.fwhm == pytest.approx(header["SIMFWHM"], rel=0.1)
+        assert out.psf.fwhm == out.fwhm
+        assert out.psf.model == model
+        assert out.psf.nstars >= 5
+        if model == "moffat":
+            assert out.psf.params["beta"] == pytest.approx(header["SIMBETA"], abs=0.75)
+        # background and noise: the sky and its Poisson + read noise, plus a little
+        # confusion noise from the many faint undetected stars
+        gain = header["GAIN"]
+        sigma = np.sqrt(header["SIMSKY"] / gain + (header["RDNOISE"] / gain) ** 2)
+        assert 0.97 * sigma < out.noise < 1.25 * sigma
+        assert out.background == pytest.approx(header["SIMSKY"], abs=3 * sigma)
+        assert out.snr > 10  # median peak S/N of the PSF stars (min_snr 10)
+        # the PSF image: odd, unit sum, peaked at the centre, symmetric
+        image = out.psf.image
+        assert image.shape[0] == image.shape[1]
+        assert image.shape[0] % 2 == 1
+        assert image.sum() == pytest.approx(1.0, rel=1e-5)
+        centre = image.shape[0] // 2
+        assert np.unravel_index(np.argmax(image), image.shape) == (centre, centre)
+        np.testing.assert_allclose(image, image[::-1, ::-1], atol=1e-7)
+        # input untouched, other fields kept
+        np.testing.assert_array_equal(frame.data, data)
+        assert out.meta == frame.meta
+        assert out.name == name
+
+
+def test_frame_snr_ranks_seeing_and_sky(tmp_path: Path) -> None:
+    from scipy.stats import spearmanr
+
+    series = simulate_series(8, (384, 384), seed=7, n_transients=0)
+    snr, expected = [], []
+    for name, (data, header) in zip(series.names, series.frames, strict=True):
+        snr.append(_psf(_sim_frame(data, header, name, tmp_path), tmp_path).snr)
+        # background-limited peak S/N of a given star ~ 1 / (FWHM^2 sigma_sky)
+        sigma = np.sqrt(
+            header["SIMSKY"] / header["GAIN"] + (header["RDNOISE"] / header["GAIN"]) ** 2
+        )
+        expected.append(1.0 / (header["SIMFWHM"] ** 2 * sigma))
+    assert spearmanr(snr, expected).statistic > 0.75
+    assert max(snr) / min(snr) > 2
+
+
+def test_empirical_image(series: SimSeries, tmp_path: Path) -> None:
+    data, header = series.frames[0]
+    frame = _sim_frame(data, header, "sim_000", tmp_path)
+    model = _psf(frame, tmp_path)
+    empirical = _psf(frame, tmp_path, image="empirical")
+    assert empirical.psf.image.sum() == pytest.approx(1.0, rel=1e-5)
+    assert empirical.psf.image.shape[0] % 2 == 1
+    # the median stack and the fitted profile agree in the core
+    c, m = empirical.psf.image.shape[0] // 2, model.psf.image.shape[0] // 2
+    assert empirical.psf.image[c, c] == pytest.approx(model.psf.image[m, m], rel=0.1)
+
+
+def test_sky_subtracted_and_big_endian(series: SimSeries, tmp_path: Path) -> None:
+    sub = simulate_series(4, SHAPE, seed=31, n_transients=2, sky_subtracted=True)
+    for (data, header), (data_sub, header_sub) in zip(series.frames, sub.frames, strict=True):
+        with_sky = _psf(_sim_frame(data, header, "a", tmp_path), tmp_path)
+        big_endian = data_sub.astype(">f8")  # as DECam files come
+        without = _psf(_sim_frame(big_endian, header_sub, "b", tmp_path), tmp_path)
+        assert without.fwhm == pytest.approx(with_sky.fwhm, rel=0.02)
+        assert without.noise == pytest.approx(with_sky.noise, rel=0.02)
+        assert abs(without.background) < 0.2 * without.noise
+        assert with_sky.background > 100
+
+
+def test_pair_psfs_and_gradient(tmp_path: Path) -> None:
+    (sci, sh), (tpl, th), _ = simulate_pair(seed=3, fwhm_science=4.0, fwhm_template=3.0)
+    assert _psf(_sim_frame(sci, sh, "sci", tmp_path), tmp_path).fwhm == pytest.approx(4.0, rel=0.05)
+    assert _psf(_sim_frame(tpl, th, "tpl", tmp_path), tmp_path).fwhm == pytest.approx(3.0, rel=0.05)
+    # a spatially varying PSF: +-15 % across the chip along x
+    (sci, sh), _, _ = simulate_pair((256, 512), seed=3, n_stars=500, psf_gradient=0.3)
+    left = _psf(_sim_frame(sci[:, :256], sh, "left", tmp_path), tmp_path)
+    right = _psf(_sim_frame(sci[:, 256:], sh, "right", tmp_path), tmp_path)
+    # halves centred at x = -0.25 and +0.25 chip widths: FWHM 4 * (1 -+ 0.075)
+    assert left.fwhm == pytest.approx(3.7, rel=0.05)
+    assert right.fwhm == pytest.approx(4.3, rel=0.05)
+
+
+def test_masked_pixels_and_saturated_stars_not_used(series: SimSeries, tmp_path: Path) -> None:
+    data, header = series.frames[1]
+    frame = _sim_frame(data, header, "sim_001", tmp_path)
+    reference = _psf(frame, tmp_path)
+    # mask a third of the frame: still a PSF from the other stars, same width
+    weight = np.array(frame.weight)
+    weight[:, : SHAPE[1] // 3] = 0.0
+    partial = _psf(attrs.evolve(frame, weight=readonly(weight)), tmp_path)
+    assert partial.psf.nstars < reference.psf.nstars
+    assert partial.fwhm == pytest.approx(reference.fwhm, rel=0.05)
+    # without the mask stage, the saturated star is still left out (peak >= 0.8 SATURATE)
+    raw = Frame(data=readonly(np.array(data)), name="raw", saturation=header["SATURATE"])
+    assert _psf(raw, tmp_path).fwhm == pytest.approx(reference.fwhm, rel=0.05)
+
+
+def test_too_few_stars_is_an_error(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.normal(100.0, 10.0, SHAPE).astype(np.float32)
+    with pytest.raises(StageError, match=r"'blank'.*usable PSF stars.*need 3.*threshold 5 sigma"):
+        _psf(Frame(data=noise, name="blank"), tmp_path)
+    (sci, _), _, _ = simulate_pair(seed=1)
+    frame = Frame(data=sci, name="few", weight=np.zeros(sci.shape, np.float32))
+    with pytest.raises(StageError, match=r"'few'.*masked"):
+        _psf(frame, tmp_path)
+    with pytest.raises(StageError, match=r"'few'.*need 1000"):
+        _psf(attrs.evolve(frame, weight=np.ones(sci.shape, np.float32)), tmp_path, min_stars=1000)
+
+
+def test_options_validated() -> None:
+    with pytest.raises(ValueError, match="model"):
+        NativePsfOptions(model="airy")
+    for field in attrs.fields(NativePsfOptions):
+        assert field.metadata["help"]
+
+
+@pytest.mark.parametrize("name", ["DEC-OBS04a", "DEC-OBS18c"])
+def test_decam(name: str, tmp_path: Path, shared_data: Path) -> None:
+    path = shared_data / "decam_n6" / f"{name}.mini.fits"
+    header = fits.getheader(path)
+    frame = Frame(
+        data=readonly(fits.getdata(path).astype("float32")),
+        header=header,
+        name=name,
+        gain=(header["GAINA"] + header["GAINB"]) / 2,
+        readnoise=(header["RDNOISEA"] + header["RDNOISEB"]) / 2,
+        saturation=(header["SATURATA"] + header["SATURATB"]) / 2,
+    )
+    moffat = _psf(_masked(frame, tmp_path), tmp_path)
+    gaussian = _psf(_masked(frame, tmp_path), tmp_path, model="gaussian")
+    assert 2.5 < moffat.fwhm < 7.0  # ~1 arcsec seeing at 0.263"/px
+    assert gaussian.fwhm == pytest.approx(moffat.fwhm, rel=0.1)
+    assert moffat.psf.nstars >= 3
+    assert abs(moffat.background) < moffat.noise  # sky-subtracted
+
+
+def test_isis_crowded_no_header(tmp_path: Path, shared_data: Path) -> None:
+    frame = Frame(
+        data=readonly(
+            fits.getdata(shared_data / "isis_example" / "infile0.fits").astype("float32")
+        ),
+        name="infile0",
+    )
+    out = _psf(_masked(frame, tmp_path), tmp_path)
+    assert out.fwhm == pytest.approx(4.5, rel=0.1)  # the inventory's 4.5 px for infile0
+    assert out.psf.nstars >= 10
+
+
+def test_properimage(tmp_path: Path, shared_data: Path) -> None:
+    data = fits.getdata(shared_data / "properimage_null" / "aligned_eso085-030-004.fit")
+    frame = Frame(data=readonly(data.astype("float32")), name="eso-4")
+    out = _psf(_masked(frame, tmp_path), tmp_path)
+    assert 2.4 < out.fwhm < 3.4  # ~3 px
+    assert out.background == pytest.approx(8140, rel=0.01)  # sky with preflash pedestal

@@ -1,0 +1,140 @@
+"""Reading real frames of every kind in ../shared/data, and atomic writes."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from oasis_core import io
+from oasis_core.errors import InputError
+
+
+def test_decam_per_amplifier_keys(shared_data):
+    path = shared_data / "decam_n6" / "DEC-OBS04a.mini.fits"
+    hdr = fits.getheader(path)
+    frame = io.read_frame(path)
+    assert frame.gain == pytest.approx(hdr["GAIN"])
+    assert frame.saturation == pytest.approx(hdr["SATURATE"])
+    # the same header without the plain keys falls back to the amplifiers' keys
+    for key in ("GAIN", "RDNOISE", "SATURATE"):
+        del hdr[key]
+    assert io.header_value(hdr, io.GAIN_KEYS) == pytest.approx((hdr["GAINA"] + hdr["GAINB"]) / 2)
+    assert io.header_value(hdr, io.RDNOISE_KEYS) == pytest.approx(
+        (hdr["RDNOISEA"] + hdr["RDNOISEB"]) / 2)
+    assert io.header_value(hdr, io.SATURATE_KEYS, combine="min") == pytest.approx(
+        min(hdr["SATURATA"], hdr["SATURATB"]))
+    assert frame.data.dtype == np.float32 and frame.data.dtype.isnative
+    assert frame.wcs is not None
+    assert (frame.data < 0).mean() > 0.2  # sky-subtracted: negative pixels are data
+
+
+def test_nircam_data_in_extension(shared_data):
+    path = next((shared_data / "jwst_nircam").glob("jw01324*_stamp.fits"))
+    frame = io.read_frame(path)
+    assert frame.shape == (900, 900)
+    with fits.open(path) as hdul:
+        sci = hdul["SCI"].data
+    good = np.isfinite(sci)
+    np.testing.assert_allclose(frame.data[good], sci[good].astype(np.float32))
+    assert (frame.weight[~good] == 0).all()
+    assert frame.wcs is not None
+
+
+def test_isis_bare_header_and_truncated_file(shared_data, caplog):
+    path = shared_data / "isis_example" / "infile3.fits"
+    with caplog.at_level(logging.WARNING, logger="oasis"):
+        frame = io.read_frame(path)
+    assert frame.shape == (256, 256)
+    assert frame.wcs is None  # CRVAL 0, CDELT 1, no CTYPE: not a sky WCS
+    assert frame.gain == 1.0 and frame.readnoise is None and frame.saturation is None
+    [message] = [r.getMessage() for r in caplog.records]
+    assert str(path) in message and "GAIN" in message and "\n" not in message
+
+
+def test_properimage_uint16_saturation_from_bzero(shared_data):
+    frame = io.read_frame(shared_data / "properimage_null" / "aligned_eso085-030-004.fit")
+    assert frame.shape == (682, 1024)
+    assert frame.saturation == 65535.0
+    assert frame.data.max() == 65535.0
+
+
+def test_weight_and_mask_extensions(tmp_path):
+    data = np.arange(16, dtype=np.float32).reshape(4, 4)
+    data[0, 0] = np.nan
+    weight = np.ones((4, 4), np.float32)
+    weight[1, 1] = 0.0
+    bpm = np.zeros((4, 4), np.int16)
+    bpm[2, 2] = 4
+    hdul = fits.HDUList([fits.PrimaryHDU(data),
+                         fits.ImageHDU(weight, fits.Header([("WEIGHT", "Y")])),
+                         fits.ImageHDU(bpm, name="BPM")])
+    path = tmp_path / "f.fits"
+    hdul.writeto(path)
+    frame = io.read_frame(path)
+    assert frame.weight[0, 0] == 0 and frame.weight[1, 1] == 0 and frame.weight[2, 2] == 0
+    assert frame.weight.sum() == 13
+    # WEIGHT = 'N': a binary mask, non-zero = bad
+    mask = np.zeros((4, 4), np.uint8)
+    mask[3, 3] = 1
+    fits.HDUList([fits.PrimaryHDU(np.ones((4, 4))),
+                  fits.ImageHDU(mask, fits.Header([("WEIGHT", "N")]))]).writeto(tmp_path / "g.fits")
+    frame = io.read_frame(tmp_path / "g.fits")
+    assert frame.weight[3, 3] == 0 and frame.weight.sum() == 15
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"this is not a FITS file" * 200, "not a readable FITS file"),
+    (None, "every pixel is NaN"),
+    ("empty", "no 2-D image"),
+])
+def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.fits"
+    if content is None:
+        fits.PrimaryHDU(np.full((8, 8), np.nan, np.float32)).writeto(path)
+    elif content == "empty":
+        fits.PrimaryHDU().writeto(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=message) as info:
+        io.read_frame(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), io.atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_fpack_compressed_frame(tmp_path):
+    data = np.random.default_rng(1).normal(100, 5, (64, 64)).astype(np.float32)
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, fits.Header([("GAIN", 2.0)]))])
+    path = tmp_path / "frame.fits.fz"
+    hdul.writeto(path)
+    frame = io.read_frame(path)
+    assert frame.name == "frame" and frame.shape == (64, 64) and frame.gain == 2.0
+    assert np.abs(frame.data - data).max() < 1.0  # lossy quantisation, but close
+
+
+def test_residual_round_trip(tmp_path):
+    from oasis_core.model import KernelSolution, Residual
+
+    rng = np.random.default_rng(0)
+    res = Residual(data=rng.normal(size=(16, 16)), noise=np.ones((16, 16)),
+                   weight=np.ones((16, 16)), name="r", science="s", template="t", q=0.9,
+                   kernel=KernelSolution(image=np.ones((3, 3)) / 9, meta={"nstamps": 12}),
+                   params={"deg_spatial": 2}, extra={"score": np.zeros((16, 16))},
+                   meta={"flag": ""})
+    io.write_residual(tmp_path / "r_residual.fits", res)
+    back = io.read_residual(tmp_path / "r_residual.fits")
+    np.testing.assert_array_equal(back.data, res.data.astype(np.float32))
+    assert back.q == pytest.approx(0.9)
+    assert back.params["deg_spatial"] == 2 and back.kernel.meta["nstamps"] == 12
+    assert "score" in back.extra

@@ -1,0 +1,222 @@
+"""Plugin discovery, selection and errors; the third-party path, twice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import attrs
+import pytest
+
+from oasis_core.backends import MrBackend, option
+from oasis_core.errors import BackendUnavailable, OasisError, UnknownBackend
+from oasis_core.hookspecs import hookimpl
+from oasis_core.plugins import Registry, make_plugin_manager
+
+BUILTIN_STAGES = {"mask": "native", "psf": "native", "align": "native", "combine": "native",
+                  "subtract": "ois", "mr": "native", "extract": "native"}
+
+
+def test_every_builtin_backend_is_found_through_entry_points(plugin_manager):
+    registry = Registry(plugin_manager)
+    assert registry.errors == []
+    assert plugin_manager.oasis_broken == []
+    for stage, name in BUILTIN_STAGES.items():
+        record = registry.get(stage, name)
+        assert record.dist == "oasis-dia"
+        assert registry.status(record) == "available"
+
+
+def test_autoload_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("OASIS_DISABLE_PLUGIN_AUTOLOAD", "1")
+    registry = Registry(make_plugin_manager())
+    assert all(not registry.names(stage) for stage in BUILTIN_STAGES)
+
+
+def test_unknown_backend_lists_installed(plugin_manager):
+    registry = Registry(plugin_manager)
+    with pytest.raises(UnknownBackend, match=r"subtract backend 'hotpant' is not installed; "
+                                             r"installed: .*ois"):
+        registry.get("subtract", "hotpant")
+
+
+class Unavailable(MrBackend):
+    name = "needs-program"
+
+    def check(self, options):
+        raise BackendUnavailable("mr backend 'needs-program': program 'xyz' not on PATH; "
+                                 "install it with apt-get install xyz")
+
+
+class Dup(MrBackend):
+    name = "native"
+
+
+class DupPlugin:
+    @hookimpl
+    def oasis_mr_backends(self):
+        yield Dup()
+
+
+class UnavailablePlugin:
+    @hookimpl
+    def oasis_mr_backends(self):
+        yield Unavailable()
+
+
+def test_unavailable_backend_says_what_is_missing(plugin_manager):
+    plugin_manager.register(UnavailablePlugin(), name="unavail")
+    registry = Registry(plugin_manager)
+    assert "program 'xyz' not on PATH" in registry.status(registry.get("mr", "needs-program"))
+    with pytest.raises(BackendUnavailable, match="apt-get install xyz"):
+        registry.select("mr", "needs-program", None)
+
+
+def test_duplicate_name_names_both_providers(plugin_manager):
+    plugin_manager.register(DupPlugin(), name="dupper")
+    registry = Registry(plugin_manager)
+    with pytest.raises(OasisError, match=r"provided twice: by native \(oasis-dia\) and dupper"):
+        registry.get("mr", "native")
+
+
+def test_wrong_object_from_hook_is_reported(plugin_manager):
+    class Bad:
+        @hookimpl
+        def oasis_mr_backends(self):
+            yield object()
+
+    plugin_manager.register(Bad(), name="bad")
+    registry = Registry(plugin_manager)
+    assert any("not a MrBackend" in e for e in registry.errors)
+
+
+def test_broken_entry_point_is_recorded_not_raised(tmp_path, monkeypatch):
+    dist = tmp_path / "oasis_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: oasis-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[oasis.plugins]\nbroken = no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = make_plugin_manager()
+    assert [b.name for b in pm.oasis_broken] == ["broken"]
+    assert "No module named" in pm.oasis_broken[0].error
+
+
+def test_oasis_plugins_lists_all_builtin_backends():
+    out = subprocess.run([sys.executable, "-m", "oasis_core.cli", "plugins"],
+                         capture_output=True, text=True, check=True).stdout
+    for stage, name in BUILTIN_STAGES.items():
+        assert any(line.split("│")[1:3] == [f" {stage} ".ljust(len(line.split("│")[1])),
+                                             f" {name} ".ljust(len(line.split("│")[2]))]
+                   for line in out.splitlines() if line.count("│") > 3), (stage, name)
+    assert "oasis-dia" in out and "available" in out
+
+
+# ----------------------------------------------------------- the third-party path
+
+@attrs.frozen(kw_only=True)
+class ScaledMeanOptions:
+    scale: float = option(1.0, "multiply the master residual by this")
+
+
+class ScaledMean(MrBackend):
+    """A stranger's master-residual backend: plain mean of normalised residuals."""
+
+    name = "scaled-mean"
+    Options = ScaledMeanOptions
+    calls = 0
+
+    def master(self, residuals, *, options, workdir):
+        import numpy as np
+
+        ScaledMean.calls += 1
+        stack = np.stack([r.normalized for r in residuals])
+        return attrs.evolve(residuals[0], data=options.scale * stack.mean(axis=0),
+                            noise=np.full(stack.shape[1:], 1 / np.sqrt(len(residuals))),
+                            weight=np.ones(stack.shape[1:]), meta={"made_by": "thirdparty"})
+
+
+class ThirdParty:
+    @hookimpl
+    def oasis_mr_backends(self):
+        yield ScaledMean()
+
+
+@pytest.mark.slow
+def test_registered_third_party_plugin_runs_in_the_pipeline(sim_target_done):
+    from astropy.io import fits
+
+    from oasis_core.pipeline import pipeline
+
+    pm = make_plugin_manager()
+    pm.register(ThirdParty(), name="thirdparty")
+    registry = Registry(pm)
+    result = pipeline(sim_target_done.path, backends={"mr": "scaled-mean"},
+                      options={"mr.scaled-mean.scale": 2.0}, registry=registry, jobs=1)
+    header = fits.getheader(sim_target_done.path / "residuals" / "MR.fits")
+    assert header["OASBACK"] == "scaled-mean"
+    assert header["OAS MADE_BY"] == "thirdparty"
+    assert any("scale = 2.0" in h for h in header["HISTORY"])
+    assert "extract" in result
+    # put the default master residual back for the other tests
+    pipeline(sim_target_done.path, jobs=1)
+    assert fits.getheader(sim_target_done.path / "residuals" / "MR.fits")["OASBACK"] == "native"
+
+
+PLUGIN_SOURCE = textwrap.dedent('''
+    """A throw-away third-party plugin installed as a distribution."""
+    import attrs
+    import numpy as np
+    from oasis_core.backends import ExtractBackend, option
+    from oasis_core.hookspecs import hookimpl
+
+    @attrs.frozen(kw_only=True)
+    class PeakOptions:
+        thresh: float = option(6.0, "peak threshold in sigmas")
+
+    class PeakExtract(ExtractBackend):
+        name = "peaks"
+        Options = PeakOptions
+
+        def extract(self, residual, *, options, workdir):
+            from astropy.table import Table
+            from scipy import ndimage
+            z = residual.normalized
+            peaks = (z == ndimage.maximum_filter(z, size=5)) & (z > options.thresh)
+            y, x = np.nonzero(peaks)
+            flux = residual.data[y, x]
+            return Table({"x": x.astype(float), "y": y.astype(float), "flux": flux,
+                          "flux_err": residual.noise[y, x], "peak": flux, "snr": z[y, x],
+                          "a": np.ones(len(x)), "b": np.ones(len(x))})
+
+    @hookimpl
+    def oasis_extract_backends():
+        yield PeakExtract()
+''')
+
+
+@pytest.mark.slow
+def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
+        sim_target_done, tmp_path, monkeypatch):
+    from astropy.table import Table
+
+    from oasis_core.pipeline import pipeline
+
+    (tmp_path / "oasis_peaks.py").write_text(PLUGIN_SOURCE)
+    dist = tmp_path / "oasis_peaks-0.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: oasis-peaks\nVersion: 0.3\n")
+    (dist / "entry_points.txt").write_text("[oasis.plugins]\npeaks = oasis_peaks\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry = Registry(make_plugin_manager())
+    assert registry.get("extract", "peaks").dist == "oasis-peaks"
+    assert registry.get("extract", "peaks").version == "0.3"
+    out = subprocess.run([sys.executable, "-m", "oasis_core.cli", "plugins"],
+                         capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}).stdout
+    assert "peaks" in out and "oasis-peaks" in out
+    pipeline(sim_target_done.path, backends={"extract": "peaks"}, registry=registry, jobs=1)
+    det = Table.read(sim_target_done.path / "sources" / "detections" / "MR.ecsv")
+    assert det.meta["OASBACK"] == "peaks"
+    assert det.meta["OASPLUG"] == "oasis-peaks==0.3"
+    pipeline(sim_target_done.path, jobs=1)  # restore the default catalogs
