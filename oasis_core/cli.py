@@ -76,15 +76,23 @@ class _Formatter(logging.Formatter):
         return msg
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except ValueError:  # a closed stream: nowhere to report
+            pass
+
+
 def _setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("oasis")
-    if not any(getattr(h, "_oasis", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(_Formatter())
-        handler._oasis = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
 
 
 def _cli_overrides(options: list[str] | None) -> dict[str, Any]:

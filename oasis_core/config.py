@@ -82,7 +82,7 @@ class CombineSettings:
 
     backend: str = option("native", "combine backend; see `oasis plugins`")
     fraction: float = option(0.34, "fraction of the best-seeing frames stacked into the template")
-    min_frames: int = option(3, "stack at least this many frames (when there are that many)")
+    min_frames: int = option(5, "stack at least this many frames (when there are that many)")
 
 
 @attrs.frozen(kw_only=True)
@@ -117,6 +117,10 @@ class ExtractSettings:
         0.5, "reject as dipole when the negative lobe reaches this fraction of the peak"
     )
     keep_negative: bool = option(False, "keep negative (fading) sources in filtered catalogs")
+    masked_max: float = option(
+        0.05, "reject sources with more than this fraction of masked pixels within 1.5 FWHM"
+    )
+    snr_min: float = option(5.0, "reject sources whose aperture S/N is below this")
 
 
 #: The core's settings class for ``[run]`` and each stage table.

@@ -74,8 +74,11 @@ class LocalExecutor:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        # fork keeps plugins registered in this process (tests, notebooks) visible
-        ctx = mp.get_context("fork")
+        # not "fork": a parent that already ran OpenMP code (astroscrappy) or holds
+        # threads' locks would hand its children a deadlock. Workers start from a clean
+        # fork server and import what a task needs (backends are pickled by reference,
+        # so a plugin registered by hand must live in an importable module).
+        ctx = mp.get_context("forkserver")
         with ProcessPoolExecutor(max_workers=min(self.workers, len(args)), mp_context=ctx) as pool:
             futures = {pool.submit(_call, fn, arg): key for key, arg in args}
             for future in as_completed(futures):

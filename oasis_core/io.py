@@ -362,7 +362,8 @@ def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None 
 
 
 def _clean_header(header: Any) -> Any:
-    """A copy of ``header`` without the structural keys of its original HDU."""
+    """A copy of ``header`` without the structural keys of its original HDU and without
+    the provenance cards of the stage that wrote it (the new stage writes its own)."""
     from astropy.io import fits
 
     out = fits.Header()
@@ -371,7 +372,10 @@ def _clean_header(header: Any) -> Any:
             "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZCMPTYPE", "ZTILE1",
             "ZTILE2", "ZQUANTIZ", "ZDITHER0", "TFIELDS", "INHERIT"}
     for card in header.cards if hasattr(header, "cards") else []:
-        if card.keyword in skip or card.keyword.startswith(("ZNAME", "ZVAL", "TTYPE", "TFORM")):
+        if card.keyword in skip or card.keyword.startswith(
+            ("ZNAME", "ZVAL", "TTYPE", "TFORM", "OASIN", "OASSTAGE", "OASBACK", "OASPLUG",
+             "OASOPTH", "OASVER")
+        ):
             continue
         with contextlib.suppress(ValueError, KeyError):
             out.append(card, end=True)

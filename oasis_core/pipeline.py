@@ -89,6 +89,7 @@ class Context:
 
     def backend(self, stage: str) -> Any:
         name = self.config.backend(stage)
+        self.registry.get(stage, name)  # an unknown name lists the installed ones
         return self.registry.select(stage, name, self.config.backend_options(stage, name))
 
     def provenance(self, stage: str, inputs: Mapping[str, Path],
@@ -321,7 +322,8 @@ def _task_extract(task: Task) -> dict[str, Any]:
     if "sign" not in table.colnames:
         table["sign"] = np.where(np.asarray(table["flux"], float) < 0, -1, 1)
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
-    add_lobe_columns(table, residual.normalized, radius=max(3.0, 1.5 * fwhm))
+    add_lobe_columns(table, residual.normalized, radius=max(3.0, 1.5 * fwhm),
+                     weight=residual.weight)
     table.meta.update({k: str(v[0] if isinstance(v, tuple) else v)
                        for k, v in task.provenance.cards().items()})
     io.write_table(table, task.output)
@@ -821,7 +823,8 @@ def _extract(ctx: Context) -> dict[str, Any]:
     positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n != "MR"]
     common = dict(catalogs=positives, n_residuals=len(indiv_names), majority=settings.majority,
                   match_radius=settings.match_radius, dipole_ratio=settings.dipole_ratio,
-                  keep_negative=settings.keep_negative)
+                  keep_negative=settings.keep_negative, masked_max=settings.masked_max,
+                  snr_min=settings.snr_min)
     wcs = _template_wcs(ctx)
     indiv = []
     for name in indiv_names:
@@ -833,19 +836,19 @@ def _extract(ctx: Context) -> dict[str, Any]:
     written = []
     if sources is not None:
         _add_radec(sources, wcs)
-        filtered = sources[sources["reason"] == ""]
+        filtered = sources[sources["reason"] == "kept"]
         written += _write_catalog(out_dir, "sources", sources)
         written += _write_catalog(out_dir, "filtered_sources", filtered)
         summary.update(found=len(sources), filtered=len(filtered))
     if "MR" in tables:
         mr_t = _cleaned(filter_detections(tables["MR"], **common))
         _add_radec(mr_t, wcs)
-        mr_f = mr_t[mr_t["reason"] == ""]
+        mr_f = mr_t[mr_t["reason"] == "kept"]
         written += _write_catalog(out_dir, "MR_sources", mr_t)
         written += _write_catalog(out_dir, "MR_filtered_sources", mr_f)
         summary.update(mr_found=len(mr_t), mr_filtered=len(mr_f))
         if sources is not None:
-            kept = sources[sources["reason"] == ""]
+            kept = sources[sources["reason"] == "kept"]
             confirmed = mr_f[match_catalogs(mr_f, kept, settings.match_radius) >= 0]
             summary["confirmed"] = len(confirmed)
     qs = []

@@ -2,13 +2,17 @@
 
 The extract backend detects; the core decides. Each detection gets a ``reason``:
 
-* ``""`` — kept;
+* ``"kept"`` — kept;
 * ``"negative"`` — a negative (fading) source, unless ``[extract] keep_negative``;
 * ``"dipole"`` — a positive lobe next to a negative one of at least ``dipole_ratio`` of its
   peak (a misalignment or PSF-matching artefact);
 * ``"majority"`` — found in more than ``majority`` of the residuals (a variable or badly
   subtracted static object, not a transient);
-* ``"point"`` — ``spread_model`` measured and outside [0, 0.1] (not point-like).
+* ``"point"`` — ``spread_model`` measured and outside [0, 0.1] (not point-like);
+* ``"masked"`` — more than ``masked_max`` of the pixels within 1.5 FWHM are masked (the
+  wings of saturated stars and bleed trails, frame edges, cosmic-ray holes);
+* ``"faint"`` — aperture S/N below ``snr_min`` (a sharp spike that passed the per-pixel
+  threshold, not a PSF-like source).
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import numpy as np
 __all__ = ["add_lobe_columns", "count_matches", "filter_detections", "match_catalogs"]
 
 
-def add_lobe_columns(table: Any, norm: np.ndarray, *, radius: float) -> Any:
+def add_lobe_columns(table: Any, norm: np.ndarray, *, radius: float,
+                     weight: np.ndarray | None = None) -> Any:
     """Add ``peak_norm`` and ``lobe_min``: the extreme normalised pixel at each source and
-    the opposite extreme within ``radius`` pixels (vectorised over sources)."""
+    the opposite extreme within ``radius`` pixels, and ``masked_frac``: the fraction of
+    pixels within ``radius`` whose ``weight`` is 0 (vectorised over sources)."""
     n = len(table)
     table["peak_norm"] = np.zeros(n, dtype=np.float32)
     table["lobe_min"] = np.zeros(n, dtype=np.float32)
+    table["masked_frac"] = np.zeros(n, dtype=np.float32)
     if n == 0:
         return table
     r = int(np.ceil(radius))
@@ -43,6 +50,11 @@ def add_lobe_columns(table: Any, norm: np.ndarray, *, radius: float) -> Any:
     lobe = np.where(inside, oriented, np.inf).min(axis=(1, 2))
     table["peak_norm"] = peak.astype(np.float32)
     table["lobe_min"] = lobe.astype(np.float32)
+    if weight is not None:
+        bad = np.pad(weight <= 0, r, mode="constant", constant_values=True)
+        stamps_bad = bad[ys[:, None, None] + dy[None], xs[:, None, None] + dx[None]]
+        frac = (stamps_bad & inside).sum(axis=(1, 2)) / inside.sum()
+        table["masked_frac"] = frac.astype(np.float32)
     return table
 
 
@@ -78,6 +90,8 @@ def filter_detections(
     match_radius: float,
     dipole_ratio: float,
     keep_negative: bool,
+    masked_max: float = 1.0,
+    snr_min: float = 0.0,
 ) -> Any:
     """Return ``table`` with ``n_frames`` (residuals where the source is found) and
     ``reason`` columns.
@@ -93,7 +107,7 @@ def filter_detections(
         Number of residuals searched.
     """
     n = len(table)
-    reason = np.full(n, "", dtype="U10")
+    reason = np.full(n, "kept", dtype="U10")
     sign = np.asarray(table["sign"]) if "sign" in table.colnames else np.ones(n)
     counts = count_matches(table, catalogs, match_radius) if n else np.zeros(0, int)
     table["n_frames"] = counts
@@ -109,6 +123,10 @@ def filter_detections(
             sm = np.asarray(table["spread_model"], float)
             point = np.isfinite(sm) & ((sm < 0) | (sm > 0.1))
         reason[point] = "point"
+        if "snr" in table.colnames:
+            reason[np.asarray(table["snr"], float) < snr_min] = "faint"
+        if "masked_frac" in table.colnames:
+            reason[np.asarray(table["masked_frac"], float) > masked_max] = "masked"
         reason[too_common] = "majority"
         reason[dipole] = "dipole"
         if not keep_negative:

@@ -641,7 +641,7 @@ def simulate_series(
     n_stars : int, optional
         Static stars (plus a few saturated ones); default ``200 + 1300 * area / 1024**2``.
     n_transients : int
-        Transients; each is present in 1-3 consecutive frames, never in a majority of
+        Transients; each is present in 1-2 consecutive frames, never in a majority of
         the frames, with peak S/N between 5 and 100 (spread from faint to obvious).
     fwhm_range : tuple of float
         Range of the per-frame FWHM (pixels, at the chip centre); it also varies by a few
@@ -736,7 +736,8 @@ def simulate_series(
     )
     ref = _make_wcs(_wcs_header(shape, field.ra0, field.dec0, (0.0, 0.0), 0.0))
     t_ra, t_dec = ref.wcs_pix2world(tx0, ty0, 0) if n_transients else (np.zeros(0),) * 2
-    max_present = max(1, min(3, (n_frames - 1) // 2))
+    # at most 2 frames: a median template of >= 5 frames can never contain a transient
+    max_present = max(1, min(2, (n_frames - 1) // 3))
     t_len = frng.integers(1, max_present + 1, n_transients)
     t_start = frng.integers(0, n_frames - t_len + 1)
     t_snr = frng.permutation(np.geomspace(6.0, 85.0, n_transients)) if n_transients else np.zeros(0)

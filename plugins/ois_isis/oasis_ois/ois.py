@@ -12,10 +12,11 @@ background polynomial of degree ``deg_bg`` is fitted with it.
 
 Steps (:func:`solve`):
 
-1. Each image: median sky and robust sky noise (``Frame.background`` / ``Frame.noise``
-   when set), bad pixels (weight 0, non-finite, at or above the saturation level, below
-   ``pix_min``), per-pixel variance ``noise**2 + max(data - sky, 0) / gain``, FWHM
-   (``Frame.fwhm`` or a quick half-maximum-area measurement).
+1. Each image: median sky (``Frame.background`` when set) and robust sky noise of the
+   pixels given (or ``Frame.noise`` when that is smaller), bad pixels (weight 0,
+   non-finite, at or above the saturation level, below ``pix_min``), per-pixel variance
+   ``noise**2 + max(data - sky, 0) / gain``, FWHM (``Frame.fwhm`` or a quick
+   half-maximum-area measurement).
 2. Direction: ``convolve="auto"`` convolves the image with the narrower PSF.
 3. Stamps: the image is cut into ``nstamps_x x nstamps_y`` cells; in each cell the
    brightest unsaturated, unmasked stars (isolated ones first) are candidates, best first.
@@ -492,7 +493,10 @@ def _prepare(frame: Frame, options: OisOptions, what: str) -> _Image:
     if frame.background is not None:
         sky = float(frame.background)
     if frame.noise is not None and frame.noise > 0:
-        noise = float(frame.noise)
+        # Frame.noise may predate a resampling (align), which lowers the per-pixel noise,
+        # and the measurement here is inflated by starlight in crowded fields: the
+        # smaller of the two is the less biased
+        noise = min(float(frame.noise), noise) if noise > 0 else float(frame.noise)
     if not noise > 0:
         msg = (
             f"subtract backend 'ois': {what} {frame.name!r} has no measurable sky noise "
@@ -802,8 +806,10 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     ----------
     science, template : Frame
         Registered frames of the same shape. Used fields: ``data``, ``weight``, ``name``,
-        ``gain`` (1 when None), ``saturation``, ``fwhm``, ``background`` and ``noise``
-        (measured when None).
+        ``gain`` (see below), ``saturation``, ``fwhm``, ``background`` (measured when
+        None) and ``noise`` (an upper bound of the noise measured on the pixels given).
+        Without a gain, a frame that keeps its sky gets sky / noise**2 and a
+        sky-subtracted one no source Poisson term.
     options : OisOptions
 
     Returns
@@ -948,6 +954,16 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
         var_conv_img *= (np.asarray(ksum_img) / ksum) ** 2
     noise2 = ref.variance() + np.maximum(var_conv_img, 0)
     del var_conv_img
+    inputs = tuple(getattr(template, "inputs", ()) or ())
+    if sci.name in inputs:
+        # The science frame is one of the N frames stacked into the template, so its noise
+        # is partly in the template too: Cov(S(x), T(x)) = var_S(x) / N (exact for the
+        # mean, and for the median of Gaussian samples, by Basu's theorem). Through the
+        # kernel that is K(0) var_S / N, counted twice in var(S - K*T).
+        sci_img = ref if direction == "template" else conv
+        k0 = float(kernel_center[kernel_center.shape[0] // 2, kernel_center.shape[1] // 2])
+        cov = (2.0 * max(k0, 0.0) / len(inputs)) * sci_img.variance()
+        noise2 = np.maximum(noise2 - cov, 0.25 * noise2)
     if direction == "template":
         residual = ref.data - model_img  # science - K*template (skies removed, refit by bg)
         noise = np.sqrt(noise2)
