@@ -334,8 +334,7 @@ def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None 
     saturation = header_value(header, SATURATE_KEYS, combine="min")
     missing = []
     if gain is None:
-        missing.append("GAIN (using 1.0 e-/ADU)")
-        gain = 1.0
+        missing.append("GAIN (backends estimate the noise from the sky)")
     if readnoise is None:
         missing.append("RDNOISE (noise measured from the sky instead)")
     if saturation is None:

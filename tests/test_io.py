@@ -49,7 +49,7 @@ def test_isis_bare_header_and_truncated_file(shared_data, caplog):
         frame = io.read_frame(path)
     assert frame.shape == (256, 256)
     assert frame.wcs is None  # CRVAL 0, CDELT 1, no CTYPE: not a sky WCS
-    assert frame.gain == 1.0 and frame.readnoise is None and frame.saturation is None
+    assert frame.gain is None and frame.readnoise is None and frame.saturation is None
     [message] = [r.getMessage() for r in caplog.records]
     assert str(path) in message and "GAIN" in message and "\n" not in message
 
