@@ -121,6 +121,9 @@ class ExtractSettings:
         0.05, "reject sources with more than this fraction of masked pixels within 1.5 FWHM"
     )
     snr_min: float = option(5.0, "reject sources whose aperture S/N is below this")
+    sharp_max: float = option(
+        2.5, "reject sources whose peak-to-flux ratio exceeds this multiple of the PSF's (0 = off)"
+    )
 
 
 #: The core's settings class for ``[run]`` and each stage table.

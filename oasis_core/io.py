@@ -133,7 +133,11 @@ def write_table(table: Any, path: Path, *, fmt: str | None = None) -> None:
     if fmt is None:
         fmt = "ascii.ecsv" if path.suffix == ".ecsv" else "ascii.fixed_width_two_line"
     with atomic_write(path) as tmp:
-        table.write(tmp, format=fmt, overwrite=True)
+        if len(table) == 0 and fmt.startswith("ascii.fixed_width"):
+            # astropy cannot size the columns of an empty fixed-width table
+            tmp.write_text(" ".join(table.colnames) + "\n")
+        else:
+            table.write(tmp, format=fmt, overwrite=True)
 
 
 def _open(path: Path) -> Any:
@@ -265,7 +269,8 @@ def _weight_from_extensions(hdul: Any, index: int, shape: tuple[int, int], path:
     return weight
 
 
-def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None = None) -> Frame:
+def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None = None,
+               warn: bool = True) -> Frame:
     """Read a frame from a FITS (or fpack ``.fz``) file.
 
     Parameters
@@ -278,6 +283,9 @@ def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None 
         the file's own extensions (the two are combined with a minimum).
     name : str, optional
         The frame's name; defaults to the file name without suffixes.
+    warn : bool
+        Log a warning naming the file when a header key is missing (once per frame and
+        run is enough: the pipeline warns when it first reads a frame).
 
     Returns
     -------
@@ -342,7 +350,7 @@ def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None 
             saturation = int_sat
         else:
             missing.append("SATURATE (no saturation masking beyond the data's own plateau)")
-    if missing and "OASSTAGE" not in header:
+    if missing and warn and "OASSTAGE" not in header:
         log.warning("%s: header has no %s", path, "; no ".join(missing))
     measured = {
         attr: float(header[key]) for attr, (key, _) in MEASURED_KEYS.items() if key in header

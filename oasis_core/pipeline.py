@@ -176,7 +176,8 @@ def _ro(obj: Any) -> Any:
 
 def _load_frame(inputs: Mapping[str, Path], prefix: str = "") -> Frame:
     """A frame from ``data`` (+ ``mask`` weight, + ``psf`` model) inputs."""
-    frame = io.read_frame(inputs[prefix + "data"], weight_path=inputs.get(prefix + "mask"))
+    frame = io.read_frame(inputs[prefix + "data"], weight_path=inputs.get(prefix + "mask"),
+                          warn=False)
     psf_path = inputs.get(prefix + "psf")
     if psf_path is not None:
         frame = _with_psf(frame, psf_path)
@@ -274,7 +275,12 @@ def _task_subtract(task: Task) -> dict[str, Any]:
                             template=template.name, meta=meta)
     cards = task.provenance.header_cards()
     if science.fwhm:
-        cards["FWHM"] = (float(science.fwhm), "science PSF FWHM [pix]")
+        cards["SFWHM"] = (float(science.fwhm), "science PSF FWHM [pix]")
+    matched = residual.meta.get("fwhm")
+    if not (isinstance(matched, (int, float)) and np.isfinite(matched) and matched > 0):
+        matched = max(science.fwhm or 0.0, template.fwhm or 0.0) or None
+    if matched:
+        cards["FWHM"] = (float(matched), "PSF FWHM of the residual [pix]")
     if template.fwhm:
         cards["TFWHM"] = (float(template.fwhm), "template PSF FWHM [pix]")
     io.write_residual(task.output, residual, header_extra=cards)
@@ -324,6 +330,7 @@ def _task_extract(task: Task) -> dict[str, Any]:
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
     add_lobe_columns(table, residual.normalized, radius=max(3.0, 1.5 * fwhm),
                      weight=residual.weight)
+    table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
     table.meta.update({k: str(v[0] if isinstance(v, tuple) else v)
                        for k, v in task.provenance.cards().items()})
     io.write_table(table, task.output)
@@ -824,7 +831,7 @@ def _extract(ctx: Context) -> dict[str, Any]:
     common = dict(catalogs=positives, n_residuals=len(indiv_names), majority=settings.majority,
                   match_radius=settings.match_radius, dipole_ratio=settings.dipole_ratio,
                   keep_negative=settings.keep_negative, masked_max=settings.masked_max,
-                  snr_min=settings.snr_min)
+                  snr_min=settings.snr_min, sharp_max=settings.sharp_max)
     wcs = _template_wcs(ctx)
     indiv = []
     for name in indiv_names:

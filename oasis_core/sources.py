@@ -11,8 +11,11 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
 * ``"point"`` — ``spread_model`` measured and outside [0, 0.1] (not point-like);
 * ``"masked"`` — more than ``masked_max`` of the pixels within 1.5 FWHM are masked (the
   wings of saturated stars and bleed trails, frame edges, cosmic-ray holes);
-* ``"faint"`` — aperture S/N below ``snr_min`` (a sharp spike that passed the per-pixel
-  threshold, not a PSF-like source).
+* ``"faint"`` — aperture S/N below ``snr_min`` (a spike that passed the per-pixel
+  threshold, not a PSF-like source);
+* ``"sharp"`` — the peak pixel holds more than ``sharp_max`` times the fraction of the flux
+  that the PSF puts in its peak, 1 / (2 pi sigma^2) for the residual's FWHM (cosmic rays
+  and hot pixels that escaped the mask; the point-source test of the native backends).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def filter_detections(
     keep_negative: bool,
     masked_max: float = 1.0,
     snr_min: float = 0.0,
+    sharp_max: float = 0.0,
 ) -> Any:
     """Return ``table`` with ``n_frames`` (residuals where the source is found) and
     ``reason`` columns.
@@ -125,6 +129,12 @@ def filter_detections(
         reason[point] = "point"
         if "snr" in table.colnames:
             reason[np.asarray(table["snr"], float) < snr_min] = "faint"
+        if sharp_max > 0 and {"peak", "flux", "fwhm"} <= set(table.colnames):
+            sigma = np.asarray(table["fwhm"], float) / 2.3548
+            psf_peak = 1.0 / (2.0 * np.pi * sigma**2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                frac = np.asarray(table["peak"], float) / np.asarray(table["flux"], float)
+            reason[np.isfinite(frac) & (frac > sharp_max * psf_peak)] = "sharp"
         if "masked_frac" in table.colnames:
             reason[np.asarray(table["masked_frac"], float) > masked_max] = "masked"
         reason[too_common] = "majority"

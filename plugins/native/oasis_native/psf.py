@@ -302,6 +302,12 @@ class NativePsf(PsfBackend):
         size = int(max(8, min(options.back_size, ny, nx)))
         bkg = sep.Background(data, mask=bad, bw=size, bh=size, fw=3, fh=3)
         background, noise = float(bkg.globalback), float(bkg.globalrms)
+        # crowding inflates sep's RMS: keep the pixel-difference estimate when lower
+        from oasis_core.stats import sky_noise
+
+        diff_noise = sky_noise(frame.data, ~bad)
+        if math.isfinite(diff_noise) and 0 < diff_noise < noise:
+            noise = diff_noise
         if not (math.isfinite(noise) and noise > 0):
             raise StageError(f"{where}: the sky noise is {noise} (blank or constant frame?)")
         sub = data - bkg.back()

@@ -436,6 +436,13 @@ def _sky_stats(data: np.ndarray, good: np.ndarray, mesh: int = 32) -> tuple[floa
     level = ndimage.median_filter(level.reshape(my, mx), size=3, mode="nearest")
     back = _interp_matrix(ny, mesh, my) @ level @ _interp_matrix(nx, mesh, mx).T
     _, noise = _clipped_stats((data - back.astype(np.float32))[good])
+    # in crowded fields the scatter about the background is mostly stars: take the
+    # pixel-difference estimate when it is lower
+    from oasis_core.stats import sky_noise
+
+    diff_noise = sky_noise(data, good)
+    if np.isfinite(diff_noise) and 0 < diff_noise < noise:
+        noise = diff_noise
     return med, noise
 
 

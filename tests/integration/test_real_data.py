@@ -1,0 +1,163 @@
+"""The pipeline and the subtraction on every folder of real frames in ../shared/data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+
+from oasis_core import io
+from oasis_core.config import load_config
+from oasis_core.errors import InputError
+from oasis_core.get import unpack
+from oasis_core.model import Template
+from oasis_core.pipeline import pipeline
+from oasis_core.plugins import Registry
+from oasis_core.quality import normalized_noise
+from oasis_core.sources import add_lobe_columns, filter_detections
+from oasis_core.tree import Target
+from tests.conftest import checksums
+
+pytestmark = pytest.mark.slow
+
+
+def _source_pixels(template_path: Path) -> np.ndarray:
+    """Pixels on and around the template's sources (to measure noise away from them)."""
+    from scipy import ndimage
+
+    data = fits.getdata(template_path).astype(float)
+    med = np.median(data)
+    sigma = 1.4826 * np.median(np.abs(data - med))
+    smooth = ndimage.gaussian_filter(data, 1.5)
+    return ndimage.maximum_filter(smooth > med + 3 * sigma / 2.5, size=9)
+
+
+@pytest.fixture(scope="module")
+def decam_target(tmp_path_factory, shared_data):
+    target = Target(tmp_path_factory.mktemp("decam") / "OASIS" / "targets" / "decam").create()
+    originals = sorted((shared_data / "decam_n6").glob("*.fits"))
+    before = checksums(originals)
+    unpack(originals, target)
+    result = pipeline(target.path, jobs=2)
+    assert checksums(originals) == before
+    return target, result
+
+
+def test_decam_residuals_are_noise_limited(decam_target):
+    """Sky-subtracted frames, per-amplifier keys: every residual's R_norm has unit scatter."""
+    target, result = decam_target
+    residuals = sorted((target.path / "residuals").glob("*_residual.fits"))
+    assert len(residuals) == 10
+    sources = _source_pixels(target.path / "templates" / "template.fits")
+    for path in residuals:
+        res = io.read_residual(path)
+        nn = normalized_noise(res.data, res.noise, res.weight, exclude=sources)
+        assert 0.8 <= nn <= 1.3, f"{path.name}: normalised noise {nn:.3f}"
+        assert res.q > 0.75, f"{path.name}: Q {res.q:.3f}"
+    assert result["extract"]["not_subtracted"] == []
+
+
+def test_decam_few_stamps_are_reported_not_hidden(decam_target):
+    """256x256 cutouts with a handful of stars: the fit is flagged in header and log."""
+    target, _ = decam_target
+    log = (target.path / "residuals" / "log.txt").read_text()
+    for path in sorted((target.path / "residuals").glob("*_residual.fits")):
+        flag = fits.getheader(path).get("OAS FLAG", "")
+        if flag:
+            assert "few stamps" in flag
+            assert flag in log
+
+
+def test_decam_catalogs_have_sky_coordinates(decam_target):
+    target, _ = decam_target
+    table = Table.read(target.path / "sources" / "sources.ecsv")
+    assert {"ra", "dec", "reason", "n_frames"} <= set(table.colnames)
+    assert np.all(np.abs(table["dec"]) <= 90)
+
+
+def test_isis_unregistered_bare_headers_end_to_end(tmp_path, shared_data):
+    """No WCS, gain or saturation; translations up to 5 x 6.7 px: alignment from pixels."""
+    target = Target(tmp_path / "isis").create()
+    unpack(sorted((shared_data / "isis_example").glob("*.fits")), target)
+    pipeline(target.path, jobs=2)
+    reference = (target.path / "aligned" / "reference.txt").read_text().strip()
+    shifts = []
+    for path in sorted((target.path / "aligned").glob("*.fits")):
+        hdr = fits.getheader(path)
+        shifts.append(np.hypot(hdr.get("OAS CENTRE_SHIFT_X", 0), hdr.get("OAS CENTRE_SHIFT_Y", 0)))
+    assert len(shifts) == 10 and reference.startswith("infile")
+    assert max(shifts) > 2.0  # the frames really were moved
+    psf = Table.read(target.path / "psf" / "psf.ecsv")
+    assert np.all((psf["fwhm"] > 3.5) & (psf["fwhm"] < 6.0))
+    qs = [fits.getheader(p)["OASQ"] for p in (target.path / "residuals").glob("*_residual.fits")]
+    assert len(qs) == 10 and min(qs) > 0.5
+
+
+def _prepared(path: Path, registry, cfg, workdir):
+    frame = io.read_frame(path)
+    for stage in ("mask", "psf"):
+        name = cfg.backend(stage)
+        backend = registry.select(stage, name, cfg.backend_options(stage, name))
+        method = getattr(backend, stage)
+        frame = method(frame, options=cfg.backend_options(stage, name), workdir=workdir)
+    return frame
+
+
+def _subtract_pair(science: Path, template: Path, tmp_path):
+    registry = Registry()
+    cfg = load_config(None, registry)
+    sci = _prepared(science, registry, cfg, tmp_path)
+    ref = _prepared(template, registry, cfg, tmp_path)
+    tmpl = Template(**{f.name: getattr(ref, f.name) for f in attrs.fields(type(ref))})
+    sub = registry.select("subtract", "ois", cfg.backend_options("subtract", "ois"))
+    residual = sub.subtract(sci, tmpl, options=cfg.backend_options("subtract", "ois"),
+                            workdir=tmp_path)
+    ext = registry.select("extract", "native", cfg.backend_options("extract", "native"))
+    table = ext.extract(residual, options=cfg.backend_options("extract", "native"),
+                        workdir=tmp_path)
+    add_lobe_columns(table, residual.normalized, radius=max(3.0, 1.5 * sci.fwhm),
+                     weight=residual.weight)
+    table["fwhm"] = sci.fwhm
+    s = cfg.settings["extract"]
+    filtered = filter_detections(
+        table, catalogs=[table[table["sign"] > 0]], n_residuals=1, majority=s.majority,
+        match_radius=s.match_radius, dipole_ratio=s.dipole_ratio,
+        keep_negative=s.keep_negative, masked_max=s.masked_max, snr_min=s.snr_min,
+        sharp_max=s.sharp_max)
+    return residual, filtered
+
+
+def test_properimage_null_pair_has_almost_no_false_detections(tmp_path, shared_data):
+    """Same field, same seeing, 74 s apart: every kept detection is false."""
+    folder = shared_data / "properimage_null"
+    residual, table = _subtract_pair(folder / "aligned_eso085-030-004.fit",
+                                     folder / "aligned_eso085-030-005.fit", tmp_path)
+    assert residual.q > 0.9
+    assert 0.8 <= residual.meta["nnoise"] <= 1.2
+    kept = table[table["reason"] == "kept"]
+    assert len(kept) <= 3, kept
+    # saturated stars (65535) are masked, never fitted nor detected
+    data = fits.getdata(folder / "aligned_eso085-030-004.fit")
+    assert np.all(residual.weight[data >= 65535] == 0)
+
+
+def test_properimage_pair_alone_is_too_few_frames(tmp_path, shared_data):
+    target = Target(tmp_path / "pi").create()
+    unpack([shared_data / "properimage_null"], target)
+    with pytest.raises(InputError, match=r"only 2 usable frame\(s\)"):
+        pipeline(target.path, jobs=1)
+
+
+def test_nircam_pair_in_extensions(tmp_path, shared_data):
+    """JWST i2d stamps: data in the SCI extension, no gain: the noise comes from the sky."""
+    a, b = sorted((shared_data / "jwst_nircam").glob("*_stamp.fits"))
+    residual, _ = _subtract_pair(a, b, tmp_path)
+    assert residual.data.shape == (900, 900)
+    # two programmes, drizzled, a year apart: real changes and correlated noise keep Q
+    # a little below a null pair's
+    assert residual.q > 0.7
+    assert 0.8 <= residual.meta["nnoise"] <= 1.3
