@@ -1,4 +1,3 @@
 """OASIS core: contracts, data model, config, target tree, pipeline and CLI."""
 
 __version__ = "0.1.0"
-

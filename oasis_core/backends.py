@@ -206,8 +206,7 @@ class Simulator:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int],
-                 seed: int) -> Any:
+    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int], seed: int) -> Any:
         """Write ``n_frames`` FITS frames into ``directory``; return the truth table.
 
         The truth is an astropy Table with one row per (transient, frame where it shows):

@@ -1,7 +1,6 @@
 """The ``oasis`` command line (typer). Commands are thin: parse, call the Python API,
 render the result. Progress bars and tables (rich) live here only."""
 
-
 import contextlib
 import logging
 import sys
@@ -25,13 +24,20 @@ app = typer.Typer(
 
 log = logging.getLogger("oasis")
 
-TargetArg = Annotated[str, typer.Argument(help="Target directory, or a name under ./OASIS/targets.")]
+TargetArg = Annotated[
+    str, typer.Argument(help="Target directory, or a name under ./OASIS/targets.")
+]
 OptionOpt = Annotated[
     list[str] | None,
-    typer.Option("--option", "-o", help="Override a config key: section.key=value "
-                 "or stage.backend.key=value (repeatable)."),
+    typer.Option(
+        "--option",
+        "-o",
+        help="Override a config key: section.key=value or stage.backend.key=value (repeatable).",
+    ),
 ]
-JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", help="Worker processes (0 = all cores).")]
+JobsOpt = Annotated[
+    int | None, typer.Option("--jobs", "-j", help="Worker processes (0 = all cores).")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work whose outputs exist.")]
 NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore configs/oasis.toml.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -55,11 +61,22 @@ class _RichReporter:
         if self.quiet or total == 0:
             yield lambda: None
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        with Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=self.console, transient=False) as bar:
+        with Progress(
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        ) as bar:
             task = bar.add_task(label, total=total)
             yield lambda: bar.advance(task)
 
@@ -80,10 +97,8 @@ class _StderrHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is at the time (tests swap it)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # a closed stream: nowhere to report
             sys.stderr.write(self.format(record) + "\n")
-        except ValueError:  # a closed stream: nowhere to report
-            pass
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -101,24 +116,34 @@ def _cli_overrides(options: list[str] | None) -> dict[str, Any]:
     return dict(parse_assignment(o) for o in options or [])
 
 
-def _context_kwargs(backends: dict[str, str | None], options: list[str] | None,
-                    jobs: int | None, force: bool, no_config: bool, quiet: bool
-                    ) -> dict[str, Any]:
+def _context_kwargs(
+    backends: dict[str, str | None],
+    options: list[str] | None,
+    jobs: int | None,
+    force: bool,
+    no_config: bool,
+    quiet: bool,
+) -> dict[str, Any]:
     cli = _cli_overrides(options)
     for stage, name in backends.items():
         if name:
             cli[f"{stage}.backend"] = name
     if jobs is not None:
         cli["run.jobs"] = jobs
-    return {"cli": cli, "force": force, "use_config_file": not no_config,
-            "reporter": _RichReporter(quiet)}
+    return {
+        "cli": cli,
+        "force": force,
+        "use_config_file": not no_config,
+        "reporter": _RichReporter(quiet),
+    }
 
 
 def _make_stage_command(stage: str) -> None:
     def command(
         target: TargetArg,
-        backend: Annotated[str | None, typer.Option("--backend", "-b",
-                                                    help=f"{stage} backend name.")] = None,
+        backend: Annotated[
+            str | None, typer.Option("--backend", "-b", help=f"{stage} backend name.")
+        ] = None,
         option: OptionOpt = None,
         jobs: JobsOpt = None,
         force: ForceOpt = False,
@@ -164,8 +189,9 @@ def _write_default_config(target: Any) -> None:
 def get(
     sources: Annotated[list[Path], typer.Argument(help="Files or directories of frames.")],
     target: Annotated[str, typer.Option("--target", "-t", help="Target name (or path).")],
-    unpack: Annotated[bool, typer.Option("--unpack", help="Copy local frames (the only mode "
-                                         "for now).")] = False,
+    unpack: Annotated[
+        bool, typer.Option("--unpack", help="Copy local frames (the only mode for now).")
+    ] = False,
     root: Annotated[Path, typer.Option(help="Directory holding OASIS/.")] = Path("."),
 ) -> None:
     """Copy FITS / .fz frames into TARGET's data/ (never moving them)."""
@@ -173,16 +199,20 @@ def get(
     from oasis_core.tree import Target, init_root
 
     if not unpack:
-        raise OasisError("oasis get: give --unpack to copy local frames (downloading from "
-                         "an archive is not available yet)")
+        raise OasisError(
+            "oasis get: give --unpack to copy local frames (downloading from "
+            "an archive is not available yet)"
+        )
     path = Path(target)
     if not (path.is_dir() or len(path.parts) > 1):
         path = init_root(root) / "targets" / target
     t = Target(path).create()
     _write_default_config(t)
     report = do_unpack(sources, t)
-    typer.echo(f"{t.data}: {len(report.copied)} copied, {len(report.present)} already there, "
-               f"{len(report.refused)} refused")
+    typer.echo(
+        f"{t.data}: {len(report.copied)} copied, {len(report.present)} already there, "
+        f"{len(report.refused)} refused"
+    )
 
 
 @app.command()
@@ -196,13 +226,13 @@ def plugins() -> None:
     registry = Registry()
     table = Table("stage", "name", "plugin", "distribution", "version", "status")
     for rec in registry.all_records():
-        table.add_row(rec.stage, rec.name, rec.plugin, rec.dist, rec.version,
-                      registry.status(rec))
+        table.add_row(rec.stage, rec.name, rec.plugin, rec.dist, rec.version, registry.status(rec))
     for name, rec in sorted(registry.simulators.items()):
         table.add_row("simulator", name, rec.plugin, rec.dist, rec.version, "available")
     for broken in registry.pm.oasis_broken:  # type: ignore[attr-defined]
-        table.add_row("?", "?", broken.name, broken.dist, broken.version,
-                      f"failed to load: {broken.error}")
+        table.add_row(
+            "?", "?", broken.name, broken.dist, broken.version, f"failed to load: {broken.error}"
+        )
     for error in registry.errors:
         table.add_row("?", "?", "", "", "", error)
     Console(width=200).print(table)
@@ -210,8 +240,12 @@ def plugins() -> None:
 
 @app.command()
 def config(
-    target: Annotated[str | None, typer.Argument(help="Target whose effective configuration "
-                                                 "to print; without it, the defaults.")] = None,
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="Target whose effective configuration to print; without it, the defaults."
+        ),
+    ] = None,
     option: OptionOpt = None,
 ) -> None:
     """Print the configuration (every key, its value and its meaning) as TOML."""
@@ -227,19 +261,36 @@ def config(
 
 def _pipeline_command(
     target: str,
-    mask: str | None, psf: str | None, align: str | None, combine: str | None,
-    subtract: str | None, mr: str | None, extract: str | None,
-    option: list[str] | None, jobs: int | None, force: bool, no_config: bool, quiet: bool,
+    mask: str | None,
+    psf: str | None,
+    align: str | None,
+    combine: str | None,
+    subtract: str | None,
+    mr: str | None,
+    extract: str | None,
+    option: list[str] | None,
+    jobs: int | None,
+    force: bool,
+    no_config: bool,
+    quiet: bool,
 ) -> dict[str, Any]:
     from oasis_core import pipeline as pl
 
-    backends = {"mask": mask, "psf": psf, "align": align, "combine": combine,
-                "subtract": subtract, "mr": mr, "extract": extract}
+    backends = {
+        "mask": mask,
+        "psf": psf,
+        "align": align,
+        "combine": combine,
+        "subtract": subtract,
+        "mr": mr,
+        "extract": extract,
+    }
     kwargs = _context_kwargs(backends, option, jobs, force, no_config, quiet)
     ctx = pl.make_context(target, **kwargs)
     result = pl.run_stages(ctx)
-    typer.echo(f"outputs in {ctx.target.path}: residuals/, sources/ "
-               f"(see sources/total_sources.txt)")
+    typer.echo(
+        f"outputs in {ctx.target.path}: residuals/, sources/ (see sources/total_sources.txt)"
+    )
     return result
 
 
@@ -260,14 +311,28 @@ def pipeline(
     quiet: QuietOpt = False,
 ) -> None:
     """Run every stage on TARGET (mask, psf, align, combine, subtract, mr, extract)."""
-    _pipeline_command(target, mask, psf, align, combine, subtract, mr, extract, option, jobs,
-                      force, no_config, quiet)
+    _pipeline_command(
+        target,
+        mask,
+        psf,
+        align,
+        combine,
+        subtract,
+        mr,
+        extract,
+        option,
+        jobs,
+        force,
+        no_config,
+        quiet,
+    )
 
 
 @app.command()
 def run(
-    target: Annotated[str | None, typer.Argument(help="Target; without it, an interactive "
-                                                 "menu.")] = None,
+    target: Annotated[
+        str | None, typer.Argument(help="Target; without it, an interactive menu.")
+    ] = None,
     mask: _backend_opt("mask") = None,
     psf: _backend_opt("psf") = None,
     align: _backend_opt("align") = None,
@@ -283,8 +348,21 @@ def run(
 ) -> None:
     """Run the pipeline on TARGET, or (with no argument) choose a method from a menu."""
     if target is not None:
-        _pipeline_command(target, mask, psf, align, combine, subtract, mr, extract, option,
-                          jobs, force, no_config, quiet)
+        _pipeline_command(
+            target,
+            mask,
+            psf,
+            align,
+            combine,
+            subtract,
+            mr,
+            extract,
+            option,
+            jobs,
+            force,
+            no_config,
+            quiet,
+        )
         return
     _menu()
 
@@ -323,8 +401,9 @@ def _menu() -> None:
     else:
         target = typer.prompt("target (path or name)")
         if choice == "pipeline":
-            _pipeline_command(target, None, None, None, None, None, None, None, None, None,
-                              False, False, False)
+            _pipeline_command(
+                target, None, None, None, None, None, None, None, None, None, False, False, False
+            )
         else:
             from oasis_core import pipeline as pl
 
@@ -334,7 +413,8 @@ def _menu() -> None:
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where to create OASIS/ for the demo.")] = Path(
-        "oasis-demo"),
+        "oasis-demo"
+    ),
     frames: Annotated[int, typer.Option(help="Frames to simulate.")] = 12,
     size: Annotated[int, typer.Option(help="Frame side in pixels.")] = 1024,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
@@ -348,8 +428,10 @@ def demo(
     if jobs is not None:
         kwargs["jobs"] = jobs
     result = run_demo(directory, n_frames=frames, shape=(size, size), seed=seed, **kwargs)
-    typer.echo(f"outputs in {result.target}: residuals/, sources/filtered_sources.txt, "
-               "sources/total_sources.txt")
+    typer.echo(
+        f"outputs in {result.target}: residuals/, sources/filtered_sources.txt, "
+        "sources/total_sources.txt"
+    )
     typer.echo(f"result: {result.line()}")
 
 
@@ -359,29 +441,22 @@ for _stage in STAGES:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app; an :class:`OasisError` becomes ``error: ...``, exit 1."""
-    import click
-
     _setup_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="oasis")
     except OasisError as err:
         typer.echo(f"error: {err}", err=True)
         return 1
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code)
+    except SystemExit as exc:  # typer's standalone mode ends every run with one
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def entry() -> None:
     """Console-script entry point (``oasis``)."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

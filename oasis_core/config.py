@@ -178,8 +178,14 @@ class Config:
 
 
 def _type_name(default: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", tuple: "a list"}.get(type(default), type(default).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        tuple: "a list",
+    }.get(type(default), type(default).__name__)
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -250,9 +256,7 @@ def _nest(flat: Mapping[str, Any], where: str) -> dict[str, Any]:
     for dotted, value in flat.items():
         parts = dotted.split(".")
         if len(parts) not in (2, 3):
-            raise ConfigError(
-                f"{where}: key {dotted!r} must be section.key or stage.backend.key"
-            )
+            raise ConfigError(f"{where}: key {dotted!r} must be section.key or stage.backend.key")
         node = tree
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -333,8 +337,11 @@ def load_config(
             options[(stage, name)] = _build(
                 record.backend.Options, values, where_file, f"{stage}.{name}"
             )
-    return Config(settings=settings, options=options,
-                  source=Path(path) if (use_config_file and path) else None)
+    return Config(
+        settings=settings,
+        options=options,
+        source=Path(path) if (use_config_file and path) else None,
+    )
 
 
 def _validate(layer: Mapping[str, Any], registry: Any, where: str) -> None:
@@ -353,7 +360,9 @@ def _validate(layer: Mapping[str, Any], registry: Any, where: str) -> None:
                 if key not in registry.names(section):
                     logging.getLogger("oasis").warning(
                         "%s: [%s.%s] is for a backend that is not installed; ignored",
-                        where, section, key,
+                        where,
+                        section,
+                        key,
                     )
                     continue
                 cls = registry.records[section][key].backend.Options
@@ -384,8 +393,9 @@ def _render_table(lines: list[str], title: str, obj: Any, doc: str | None = None
         lines.append(f"# {doc}")
     lines.append(f"[{title}]")
     fields = attrs.fields(type(obj))
-    width = max((len(f.name) + 3 + len(_toml_value(getattr(obj, f.name))) for f in fields),
-                default=0)
+    width = max(
+        (len(f.name) + 3 + len(_toml_value(getattr(obj, f.name))) for f in fields), default=0
+    )
     for f in fields:
         text = f"{f.name} = {_toml_value(getattr(obj, f.name))}"
         lines.append(f"{text.ljust(width)}  # {f.metadata.get('help', '')}".rstrip())
@@ -398,8 +408,10 @@ def render_config(registry: Any, config: Config | None = None) -> str:
     never from a hand-kept copy. With ``config`` the current values are written, else the
     defaults.
     """
-    lines = ["# OASIS configuration. Every key is shown with its default.",
-             "# Precedence: command line > function argument > this file > default."]
+    lines = [
+        "# OASIS configuration. Every key is shown with its default.",
+        "# Precedence: command line > function argument > this file > default.",
+    ]
     for section, cls in SETTINGS.items():
         obj = config.settings[section] if config else cls()
         _render_table(lines, section, obj, (cls.__doc__ or "").strip().splitlines()[0])

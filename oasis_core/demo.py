@@ -50,8 +50,16 @@ class DemoResult:
         )
 
 
-def simulate_target(root: Path, name: str, *, n_frames: int, shape: tuple[int, int],
-                    seed: int, simulator: str = "native", registry: Any = None) -> Target:
+def simulate_target(
+    root: Path,
+    name: str,
+    *,
+    n_frames: int,
+    shape: tuple[int, int],
+    seed: int,
+    simulator: str = "native",
+    registry: Any = None,
+) -> Target:
     """Simulate a series into ``root/OASIS/simulations/name`` and unpack it into a target.
 
     The truth table is saved as ``OASIS/simulations/<name>/truth.ecsv``.
@@ -81,8 +89,9 @@ def _ensure_config(target: Target, registry: Any) -> None:
         io.write_text(target.config_file, render_config(registry))
 
 
-def evaluate(target: Target, truth: Any, *, radius: float = 2.0, min_snr: float = 10.0
-             ) -> DemoResult:
+def evaluate(
+    target: Target, truth: Any, *, radius: float = 2.0, min_snr: float = 10.0
+) -> DemoResult:
     """Score a finished run of ``target`` against the simulation's ``truth`` table."""
     from astropy.io import fits
     from astropy.table import Table
@@ -94,8 +103,11 @@ def evaluate(target: Target, truth: Any, *, radius: float = 2.0, min_snr: float 
     template = ctx.target.stage_dir("combine") / "template.fits"
     wcs = io.header_wcs(fits.getheader(template))
     src_path = ctx.target.stage_dir("extract") / "filtered_sources.ecsv"
-    kept = Table.read(src_path, format="ascii.ecsv") if src_path.exists() else Table(
-        names=("frame", "x", "y"))
+    kept = (
+        Table.read(src_path, format="ascii.ecsv")
+        if src_path.exists()
+        else Table(names=("frame", "x", "y"))
+    )
     truth = truth[[str(f) in set(good) for f in truth["frame"]]]
     if len(truth) and wcs is not None:
         tx, ty = wcs.all_world2pix(np.asarray(truth["ra"]), np.asarray(truth["dec"]), 0)
@@ -104,8 +116,14 @@ def evaluate(target: Target, truth: Any, *, radius: float = 2.0, min_snr: float 
     recovered = 0
     recoverable = 0
     false_per_frame: dict[str, int] = {}
-    qs = [float(fits.getheader(ctx.target.stage_dir("subtract") / f"{n}_residual.fits")
-                .get("OASQ", np.nan)) for n in good]
+    qs = [
+        float(
+            fits.getheader(ctx.target.stage_dir("subtract") / f"{n}_residual.fits").get(
+                "OASQ", np.nan
+            )
+        )
+        for n in good
+    ]
     for name in good:
         rows = np.flatnonzero(np.asarray(truth["frame"]).astype(str) == name)
         det = kept[np.asarray(kept["frame"]).astype(str) == name] if len(kept) else kept
@@ -116,14 +134,25 @@ def evaluate(target: Target, truth: Any, *, radius: float = 2.0, min_snr: float 
         recoverable += int(bright.sum())
         recovered += int((close.any(axis=1) & bright).sum())
         false_per_frame[name] = int((~close.any(axis=0)).sum()) if len(det) else 0
-    return DemoResult(target=target.path, frames_used=len(good),
-                      mean_q=float(np.nanmean(qs)) if qs else float("nan"),
-                      detections=len(kept), recovered=recovered, recoverable=recoverable,
-                      false_per_frame=false_per_frame)
+    return DemoResult(
+        target=target.path,
+        frames_used=len(good),
+        mean_q=float(np.nanmean(qs)) if qs else float("nan"),
+        detections=len(kept),
+        recovered=recovered,
+        recoverable=recoverable,
+        false_per_frame=false_per_frame,
+    )
 
 
-def run_demo(directory: Path, *, n_frames: int = 12, shape: tuple[int, int] = (1024, 1024),
-             seed: int = 1, **pipeline_kwargs: Any) -> DemoResult:
+def run_demo(
+    directory: Path,
+    *,
+    n_frames: int = 12,
+    shape: tuple[int, int] = (1024, 1024),
+    seed: int = 1,
+    **pipeline_kwargs: Any,
+) -> DemoResult:
     """Simulate ``n_frames`` frames, run the pipeline on them and score the result."""
     from astropy.table import Table
 
@@ -131,6 +160,7 @@ def run_demo(directory: Path, *, n_frames: int = 12, shape: tuple[int, int] = (1
 
     target = simulate_target(Path(directory), "demo", n_frames=n_frames, shape=shape, seed=seed)
     pipeline(target.path, **pipeline_kwargs)
-    truth = Table.read(target.path.parent.parent / "simulations" / "demo" / "truth.ecsv",
-                       format="ascii.ecsv")
+    truth = Table.read(
+        target.path.parent.parent / "simulations" / "demo" / "truth.ecsv", format="ascii.ecsv"
+    )
     return evaluate(target, truth)

@@ -81,9 +81,11 @@ def unpack(sources: Iterable[Path], target: Target) -> UnpackReport:
 
     target.create()
     manifest_path = target.configs / "data_manifest.ecsv"
-    manifest = (Table.read(manifest_path, format="ascii.ecsv") if manifest_path.exists()
-                else Table(names=("file", "original", "sha256", "copied"),
-                           dtype=(str, str, str, str)))
+    manifest = (
+        Table.read(manifest_path, format="ascii.ecsv")
+        if manifest_path.exists()
+        else Table(names=("file", "original", "sha256", "copied"), dtype=(str, str, str, str))
+    )
     known = {str(r["file"]): str(r["sha256"]) for r in manifest}
     copied, present, refused = [], [], []
     for path in _candidates(sources):
@@ -101,8 +103,9 @@ def unpack(sources: Iterable[Path], target: Target) -> UnpackReport:
             raise InputError(f"{path}: {dest} already exists with different content")
         with io.atomic_write(dest) as tmp:
             shutil.copyfile(path, tmp)
-        manifest.add_row((dest.name, str(path.resolve()), digest,
-                          time.strftime("%Y-%m-%dT%H:%M:%S")))
+        manifest.add_row(
+            (dest.name, str(path.resolve()), digest, time.strftime("%Y-%m-%dT%H:%M:%S"))
+        )
         copied.append(dest)
     if copied:
         io.write_table(manifest, manifest_path)

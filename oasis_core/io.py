@@ -41,13 +41,13 @@ from oasis_core.model import Frame, PsfModel, Residual, Template
 __all__ = [
     "FITS_SUFFIXES",
     "apply_cards",
-    "read_output_frame",
     "atomic_write",
     "frame_name",
     "header_value",
     "header_wcs",
     "is_fits_name",
     "read_frame",
+    "read_output_frame",
     "read_psf",
     "read_residual",
     "read_shape",
@@ -178,8 +178,9 @@ def _quiet_fits_warnings() -> None:
     from astropy.utils.exceptions import AstropyUserWarning
 
     warnings.simplefilter("ignore", VerifyWarning)
-    warnings.filterwarnings("ignore", message="File may have been truncated",
-                            category=AstropyUserWarning)
+    warnings.filterwarnings(
+        "ignore", message="File may have been truncated", category=AstropyUserWarning
+    )
 
 
 def read_shape(path: Path) -> tuple[int, int]:
@@ -269,8 +270,9 @@ def _weight_from_extensions(hdul: Any, index: int, shape: tuple[int, int], path:
     return weight
 
 
-def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None = None,
-               warn: bool = True) -> Frame:
+def read_frame(
+    path: Path, *, weight_path: Path | None = None, name: str | None = None, warn: bool = True
+) -> Frame:
     """Read a frame from a FITS (or fpack ``.fz``) file.
 
     Parameters
@@ -317,8 +319,19 @@ def read_frame(path: Path, *, weight_path: Path | None = None, name: str | None 
             if index > 0:
                 # keys such as GAIN often live in the primary header only
                 for card in hdul[0].header.cards:
-                    if card.keyword and card.keyword not in header and card.keyword not in (
-                        "SIMPLE", "EXTEND", "NEXTEND", "BITPIX", "NAXIS", "COMMENT", "HISTORY"
+                    if (
+                        card.keyword
+                        and card.keyword not in header
+                        and card.keyword
+                        not in (
+                            "SIMPLE",
+                            "EXTEND",
+                            "NEXTEND",
+                            "BITPIX",
+                            "NAXIS",
+                            "COMMENT",
+                            "HISTORY",
+                        )
                     ):
                         header[card.keyword] = (card.value, card.comment)
             weight = _weight_from_extensions(hdul, index, data.shape, path)
@@ -374,14 +387,49 @@ def _clean_header(header: Any) -> Any:
     from astropy.io import fits
 
     out = fits.Header()
-    skip = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "BZERO", "BSCALE",
-            "PCOUNT", "GCOUNT", "XTENSION", "EXTNAME", "CHECKSUM", "DATASUM", "BLANK",
-            "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2", "ZCMPTYPE", "ZTILE1",
-            "ZTILE2", "ZQUANTIZ", "ZDITHER0", "TFIELDS", "INHERIT"}
+    skip = {
+        "SIMPLE",
+        "BITPIX",
+        "NAXIS",
+        "NAXIS1",
+        "NAXIS2",
+        "EXTEND",
+        "BZERO",
+        "BSCALE",
+        "PCOUNT",
+        "GCOUNT",
+        "XTENSION",
+        "EXTNAME",
+        "CHECKSUM",
+        "DATASUM",
+        "BLANK",
+        "ZIMAGE",
+        "ZBITPIX",
+        "ZNAXIS",
+        "ZNAXIS1",
+        "ZNAXIS2",
+        "ZCMPTYPE",
+        "ZTILE1",
+        "ZTILE2",
+        "ZQUANTIZ",
+        "ZDITHER0",
+        "TFIELDS",
+        "INHERIT",
+    }
     for card in header.cards if hasattr(header, "cards") else []:
         if card.keyword in skip or card.keyword.startswith(
-            ("ZNAME", "ZVAL", "TTYPE", "TFORM", "OASIN", "OASSTAGE", "OASBACK", "OASPLUG",
-             "OASOPTH", "OASVER")
+            (
+                "ZNAME",
+                "ZVAL",
+                "TTYPE",
+                "TFORM",
+                "OASIN",
+                "OASSTAGE",
+                "OASBACK",
+                "OASPLUG",
+                "OASOPTH",
+                "OASVER",
+            )
         ):
             continue
         with contextlib.suppress(ValueError, KeyError):
@@ -433,8 +481,13 @@ def _put_meta(header: Any, meta: Mapping[str, Any]) -> None:
                 header[f"HIERARCH OAS {key.upper()}"] = v
 
 
-def write_frame(path: Path, frame: Frame, *, header_extra: Mapping[str, Any] | None = None,
-                weight_only: bool = False) -> None:
+def write_frame(
+    path: Path,
+    frame: Frame,
+    *,
+    header_extra: Mapping[str, Any] | None = None,
+    weight_only: bool = False,
+) -> None:
     """Write ``frame`` atomically: data in the primary HDU, a ``WEIGHT`` ('Y') extension.
 
     With ``weight_only`` the primary HDU holds the weight map itself (``WEIGHT = 'Y'``),
@@ -450,10 +503,12 @@ def write_frame(path: Path, frame: Frame, *, header_extra: Mapping[str, Any] | N
         whdr = fits.Header()
         whdr["EXTNAME"] = "WEIGHT"
         whdr["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
-        hdul = fits.HDUList([
-            fits.PrimaryHDU(np.asarray(frame.data, np.float32), header),
-            fits.ImageHDU(np.asarray(frame.weight, np.float32), whdr),
-        ])
+        hdul = fits.HDUList(
+            [
+                fits.PrimaryHDU(np.asarray(frame.data, np.float32), header),
+                fits.ImageHDU(np.asarray(frame.weight, np.float32), whdr),
+            ]
+        )
     with atomic_write(path) as tmp:
         hdul.writeto(tmp, overwrite=True)
 
@@ -462,9 +517,7 @@ def read_output_frame(path: Path, *, cls: type[Frame] = Frame, **fields: Any) ->
     """Read a frame the core wrote with :func:`write_frame` (data + ``WEIGHT``)."""
     frame = read_frame(path)
     if cls is Template:
-        inputs = tuple(
-            str(v) for k, v in frame.header.items() if k.startswith("OASTIN")
-        )
+        inputs = tuple(str(v) for k, v in frame.header.items() if k.startswith("OASTIN"))
         return Template(**{**_frame_fields(frame), "inputs": inputs, **fields})
     return attrs_evolve(frame, **fields) if fields else frame
 
@@ -502,9 +555,7 @@ def read_psf(path: Path) -> PsfModel:
 
     with fits.open(path, memmap=False) as hdul:
         hdr = hdul[0].header
-        params = {
-            k[len("OAS P_"):].lower(): v for k, v in hdr.items() if k.startswith("OAS P_")
-        }
+        params = {k[len("OAS P_") :].lower(): v for k, v in hdr.items() if k.startswith("OAS P_")}
         return PsfModel(
             image=np.array(hdul[0].data, dtype=np.float32),
             fwhm=float(hdr["FWHM"]),
@@ -514,14 +565,17 @@ def read_psf(path: Path) -> PsfModel:
         )
 
 
-def write_residual(path: Path, residual: Residual, *,
-                   header_extra: Mapping[str, Any] | None = None) -> None:
+def write_residual(
+    path: Path, residual: Residual, *, header_extra: Mapping[str, Any] | None = None
+) -> None:
     """Write a residual atomically: data, ``NOISE``, ``WEIGHT``, ``KERNEL`` and extra images."""
     from astropy.io import fits
 
     header = _clean_header(residual.header)
-    header["OASQ"] = (float(residual.q) if np.isfinite(residual.q) else "nan",
-                      "quality Q = 1/(1+chi2/Npix)")
+    header["OASQ"] = (
+        float(residual.q) if np.isfinite(residual.q) else "nan",
+        "quality Q = 1/(1+chi2/Npix)",
+    )
     header["OASSCI"] = (residual.science, "science frame")
     header["OASTMPL"] = (residual.template, "template")
     _put_meta(header, residual.meta)
@@ -573,13 +627,22 @@ def read_residual(path: Path) -> Residual:
             meta[key[4:].lower()] = value
     kernel = None
     if "OASCONV" in header or "KERNEL" in images:
-        kernel = KernelSolution(image=images.get("KERNEL"),
-                                direction=str(header.get("OASCONV", "template")), meta=kmeta)
+        kernel = KernelSolution(
+            image=images.get("KERNEL"), direction=str(header.get("OASCONV", "template")), meta=kmeta
+        )
     q = header.get("OASQ", "nan")
     extra = {k.lower(): v for k, v in images.items() if k not in ("NOISE", "WEIGHT", "KERNEL")}
     return Residual(
-        data=data, noise=images["NOISE"], weight=images["WEIGHT"], header=header,
-        name=frame_name(Path(path)), science=str(header.get("OASSCI", "")),
-        template=str(header.get("OASTMPL", "")), q=float(q), kernel=kernel,
-        params=params, extra=extra, meta=meta,
+        data=data,
+        noise=images["NOISE"],
+        weight=images["WEIGHT"],
+        header=header,
+        name=frame_name(Path(path)),
+        science=str(header.get("OASSCI", "")),
+        template=str(header.get("OASTMPL", "")),
+        q=float(q),
+        kernel=kernel,
+        params=params,
+        extra=extra,
+        meta=meta,
     )

@@ -149,9 +149,7 @@ class Frame:
 
     def __attrs_post_init__(self) -> None:
         if self.weight is None:
-            object.__setattr__(
-                self, "weight", np.isfinite(self.data).astype(np.float32)
-            )
+            object.__setattr__(self, "weight", np.isfinite(self.data).astype(np.float32))
         _same_shape(self, attrs.fields(type(self)).weight, self.weight)
 
     @property
@@ -234,9 +232,7 @@ class Residual:
     """
 
     data: np.ndarray = attrs.field(eq=False, repr=False, converter=_float32, validator=_image)
-    noise: np.ndarray = attrs.field(
-        eq=False, repr=False, converter=_float32, validator=_same_shape
-    )
+    noise: np.ndarray = attrs.field(eq=False, repr=False, converter=_float32, validator=_same_shape)
     weight: np.ndarray = attrs.field(
         eq=False, repr=False, converter=_float32, validator=_same_shape
     )

@@ -92,13 +92,19 @@ class Context:
         self.registry.get(stage, name)  # an unknown name lists the installed ones
         return self.registry.select(stage, name, self.config.backend_options(stage, name))
 
-    def provenance(self, stage: str, inputs: Mapping[str, Path],
-                   settings: Any = None) -> Provenance:
+    def provenance(
+        self, stage: str, inputs: Mapping[str, Path], settings: Any = None
+    ) -> Provenance:
         name = self.config.backend(stage)
         record = self.registry.get(stage, name)
-        return Provenance(stage=stage, backend=name, plugin=f"{record.dist}=={record.version}",
-                          inputs=dict(inputs), options=self.config.backend_options(stage, name),
-                          settings=settings)
+        return Provenance(
+            stage=stage,
+            backend=name,
+            plugin=f"{record.dist}=={record.version}",
+            inputs=dict(inputs),
+            options=self.config.backend_options(stage, name),
+            settings=settings,
+        )
 
 
 def make_context(
@@ -140,12 +146,19 @@ def make_context(
             arguments[f"{stage}.backend"] = name
     if jobs is not None:
         arguments["run.jobs"] = jobs
-    config = load_config(target.config_file, registry, use_config_file=use_config_file,
-                         arguments=arguments, cli=cli)
+    config = load_config(
+        target.config_file, registry, use_config_file=use_config_file, arguments=arguments, cli=cli
+    )
     if executor is None:
         executor = make_executor(config.run.executor, jobs=config.run.jobs)
-    return Context(target=target, config=config, registry=registry, executor=executor,
-                   reporter=reporter or Reporter(), force=force)
+    return Context(
+        target=target,
+        config=config,
+        registry=registry,
+        executor=executor,
+        reporter=reporter or Reporter(),
+        force=force,
+    )
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -176,8 +189,9 @@ def _ro(obj: Any) -> Any:
 
 def _load_frame(inputs: Mapping[str, Path], prefix: str = "") -> Frame:
     """A frame from ``data`` (+ ``mask`` weight, + ``psf`` model) inputs."""
-    frame = io.read_frame(inputs[prefix + "data"], weight_path=inputs.get(prefix + "mask"),
-                          warn=False)
+    frame = io.read_frame(
+        inputs[prefix + "data"], weight_path=inputs.get(prefix + "mask"), warn=False
+    )
     psf_path = inputs.get(prefix + "psf")
     if psf_path is not None:
         frame = _with_psf(frame, psf_path)
@@ -237,10 +251,14 @@ def _task_psf(task: Task) -> dict[str, Any]:
             shutil.copyfile(f, tmp)
         kept.append(dest.name)
     io.write_psf(task.output, out.psf, header_extra=cards)
-    return {"fwhm": float(out.fwhm), "snr": float(out.snr or np.nan),
-            "background": float(out.background if out.background is not None else np.nan),
-            "noise": float(out.noise if out.noise is not None else np.nan),
-            "nstars": int(out.psf.nstars), "files": kept}
+    return {
+        "fwhm": float(out.fwhm),
+        "snr": float(out.snr or np.nan),
+        "background": float(out.background if out.background is not None else np.nan),
+        "noise": float(out.noise if out.noise is not None else np.nan),
+        "nstars": int(out.psf.nstars),
+        "files": kept,
+    }
 
 
 def _task_align(task: Task) -> dict[str, Any]:
@@ -260,19 +278,27 @@ def _task_align(task: Task) -> dict[str, Any]:
 
 def _task_subtract(task: Task) -> dict[str, Any]:
     science = _ro(_load_output(task.inputs["science"], task.inputs.get("psf")))
-    template = _ro(_load_output(task.inputs["template"], task.inputs.get("template_psf"),
-                                cls=Template))
+    template = _ro(
+        _load_output(task.inputs["template"], task.inputs.get("template_psf"), cls=Template)
+    )
     start = time.perf_counter()
-    residual = task.backend.subtract(science, template, options=task.options,
-                                     workdir=task.workdir)
+    residual = task.backend.subtract(science, template, options=task.options, workdir=task.workdir)
     seconds = time.perf_counter() - start
     if residual.data.shape != science.shape:
         raise StageError(f"{science.name}: subtract backend returned the wrong shape")
     residual = _judge_residual(residual, science.name, task.extra)
-    meta = {**residual.meta, "seconds": round(seconds, 3),
-            "good_fraction": round(float((residual.weight > 0).mean()), 4)}
-    residual = attrs.evolve(residual, name=f"{science.name}_residual", science=science.name,
-                            template=template.name, meta=meta)
+    meta = {
+        **residual.meta,
+        "seconds": round(seconds, 3),
+        "good_fraction": round(float((residual.weight > 0).mean()), 4),
+    }
+    residual = attrs.evolve(
+        residual,
+        name=f"{science.name}_residual",
+        science=science.name,
+        template=template.name,
+        meta=meta,
+    )
     cards = task.provenance.header_cards()
     if science.fwhm:
         cards["SFWHM"] = (float(science.fwhm), "science PSF FWHM [pix]")
@@ -284,9 +310,12 @@ def _task_subtract(task: Task) -> dict[str, Any]:
     if template.fwhm:
         cards["TFWHM"] = (float(template.fwhm), "template PSF FWHM [pix]")
     io.write_residual(task.output, residual, header_extra=cards)
-    return {"q": float(residual.q), "flag": str(residual.meta.get("flag", "")),
-            "seconds": round(seconds, 3),
-            "good_fraction": float((residual.weight > 0).mean())}
+    return {
+        "q": float(residual.q),
+        "flag": str(residual.meta.get("flag", "")),
+        "seconds": round(seconds, 3),
+        "good_fraction": float((residual.weight > 0).mean()),
+    }
 
 
 def _judge_residual(residual: Residual, name: str, settings: Mapping[str, Any]) -> Residual:
@@ -328,11 +357,13 @@ def _task_extract(task: Task) -> dict[str, Any]:
     if "sign" not in table.colnames:
         table["sign"] = np.where(np.asarray(table["flux"], float) < 0, -1, 1)
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
-    add_lobe_columns(table, residual.normalized, radius=max(3.0, 1.5 * fwhm),
-                     weight=residual.weight)
+    add_lobe_columns(
+        table, residual.normalized, radius=max(3.0, 1.5 * fwhm), weight=residual.weight
+    )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
-    table.meta.update({k: str(v[0] if isinstance(v, tuple) else v)
-                       for k, v in task.provenance.cards().items()})
+    table.meta.update(
+        {k: str(v[0] if isinstance(v, tuple) else v) for k, v in task.provenance.cards().items()}
+    )
     io.write_table(table, task.output)
     return {"n": len(table)}
 
@@ -372,8 +403,7 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
                 if isinstance(err, OasisError):
                     log.warning("%s: %s", label, err)
                 else:
-                    log.error("%s: %s failed: %s: %s", label, outcome.key,
-                              type(err).__name__, err)
+                    log.error("%s: %s failed: %s: %s", label, outcome.key, type(err).__name__, err)
                     log.debug("%s: %s traceback", label, outcome.key, exc_info=err)
     done = sum(1 for v in results.values() if not isinstance(v, BaseException))
     skipped = sum(1 for v in results.values() if v == "skipped")
@@ -391,8 +421,9 @@ def _output_current(task: Task) -> bool:
             meta = Table.read(task.output, format="ascii.ecsv").meta
         except (OSError, ValueError):
             return False
-        expected = {k: str(v[0] if isinstance(v, tuple) else v)
-                    for k, v in task.provenance.cards().items()}
+        expected = {
+            k: str(v[0] if isinstance(v, tuple) else v) for k, v in task.provenance.cards().items()
+        }
         return all(meta.get(k) == v for k, v in expected.items())
     return is_current(task.output, task.provenance)
 
@@ -432,6 +463,29 @@ def _workdir(ctx: Context, stage: str, name: str) -> Path:
     return ctx.target.work / stage / name
 
 
+def _task(
+    ctx: Context,
+    stage: str,
+    name: str,
+    inputs: Mapping[str, Path],
+    output: Path,
+    *,
+    settings: Any = None,
+) -> Task:
+    """The task running ``stage``'s chosen backend on one unit (frame or residual)."""
+    return Task(
+        stage=stage,
+        name=name,
+        backend=ctx.backend(stage),
+        options=ctx.config.backend_options(stage),
+        inputs=dict(inputs),
+        output=output,
+        provenance=ctx.provenance(stage, inputs, settings=settings),
+        workdir=_workdir(ctx, stage, name),
+        extra=options_dict(settings) if settings is not None else {},
+    )
+
+
 def _save_config(ctx: Context) -> None:
     text = dump_config(ctx.config, ctx.registry)
     io.write_text(ctx.target.configs / "last_run.toml", text)
@@ -449,11 +503,14 @@ def _check_shapes(frames: Sequence[tuple[str, Path]]) -> list[tuple[str, Path]]:
     if shapes:
         values = list(shapes.values())
         common = max(set(values), key=values.count)
-        for (name, path) in kept:
+        for name, path in kept:
             if shapes[name] != common:
                 log.warning(
                     "%s: shape %s differs from the other frames' %s; it is resampled onto "
-                    "the reference grid by the align stage", path, shapes[name], common
+                    "the reference grid by the align stage",
+                    path,
+                    shapes[name],
+                    common,
                 )
     return kept
 
@@ -463,14 +520,9 @@ def _check_shapes(frames: Sequence[tuple[str, Path]]) -> list[tuple[str, Path]]:
 
 def _mask(ctx: Context) -> list[str]:
     frames = _check_shapes(input_frames(ctx.target))
-    backend = ctx.backend("mask")
     out_dir = ctx.target.stage_dir("mask")
     tasks = [
-        Task(stage="mask", name=name, backend=backend,
-             options=ctx.config.backend_options("mask"), inputs={"data": path},
-             output=out_dir / f"{name}.weight.fits",
-             provenance=ctx.provenance("mask", {"data": path}),
-             workdir=_workdir(ctx, "mask", name))
+        _task(ctx, "mask", name, {"data": path}, out_dir / f"{name}.weight.fits")
         for name, path in frames
     ]
     results = _execute(ctx, "mask", tasks)
@@ -487,8 +539,9 @@ def _psf_path(ctx: Context, name: str) -> Path:
     return ctx.target.stage_dir("psf") / f"{name}.psf.fits"
 
 
-def _frames_with(ctx: Context, stage_paths: Callable[[str], list[Path]], what: str
-                 ) -> list[tuple[str, Path]]:
+def _frames_with(
+    ctx: Context, stage_paths: Callable[[str], list[Path]], what: str
+) -> list[tuple[str, Path]]:
     out = []
     for name, path in input_frames(ctx.target):
         missing = [p for p in stage_paths(name) if not p.exists()]
@@ -501,15 +554,10 @@ def _frames_with(ctx: Context, stage_paths: Callable[[str], list[Path]], what: s
 
 def _psf(ctx: Context) -> list[str]:
     frames = _frames_with(ctx, lambda n: [_mask_path(ctx, n)], "weight map: run `oasis mask`")
-    backend = ctx.backend("psf")
     tasks = []
     for name, path in frames:
         inputs = {"data": path, "mask": _mask_path(ctx, name)}
-        tasks.append(Task(stage="psf", name=name, backend=backend,
-                          options=ctx.config.backend_options("psf"), inputs=inputs,
-                          output=_psf_path(ctx, name),
-                          provenance=ctx.provenance("psf", inputs),
-                          workdir=_workdir(ctx, "psf", name)))
+        tasks.append(_task(ctx, "psf", name, inputs, _psf_path(ctx, name)))
     results = _execute(ctx, "psf", tasks)
     stats = _psf_table(ctx, [n for n, _ in frames if n not in _failures(results)])
     _archive_outliers(ctx, stats, dict(frames))
@@ -525,12 +573,21 @@ def _psf_table(ctx: Context, names: Sequence[str]) -> Any:
     rows = []
     for name in names:
         hdr = fits.getheader(_psf_path(ctx, name))
-        rows.append((name, float(hdr["FWHM"]), float(hdr.get("OASSNR", np.nan)),
-                     float(hdr.get("OASBKG", np.nan)), float(hdr.get("OASNOISE", np.nan)),
-                     int(hdr.get("NSTARS", 0))))
-    table = Table(rows=rows or None, names=("frame", "fwhm", "snr", "background", "noise",
-                                            "nstars"),
-                  dtype=(str, float, float, float, float, int))
+        rows.append(
+            (
+                name,
+                float(hdr["FWHM"]),
+                float(hdr.get("OASSNR", np.nan)),
+                float(hdr.get("OASBKG", np.nan)),
+                float(hdr.get("OASNOISE", np.nan)),
+                int(hdr.get("NSTARS", 0)),
+            )
+        )
+    table = Table(
+        rows=rows or None,
+        names=("frame", "fwhm", "snr", "background", "noise", "nstars"),
+        dtype=(str, float, float, float, float, int),
+    )
     settings = ctx.config.settings["psf"]
     reason = np.full(len(table), "", dtype="U60")
     if len(table):
@@ -562,8 +619,10 @@ def _archive_outliers(ctx: Context, table: Any, paths: Mapping[str, Path]) -> No
         dest = ctx.target.archive / src.name
         ctx.target.archive.mkdir(parents=True, exist_ok=True)
         shutil.move(src, dest)
-        line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {src.name}: {row['archive_reason']} "
-                f"(FWHM {row['fwhm']:.2f} px, S/N {row['snr']:.1f}); moved to archive/")
+        line = (
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {src.name}: {row['archive_reason']} "
+            f"(FWHM {row['fwhm']:.2f} px, S/N {row['snr']:.1f}); moved to archive/"
+        )
         log.warning("%s", line)
         lines.append(line)
     if lines:
@@ -580,8 +639,13 @@ def _read_psf_stats(ctx: Context) -> Any:
         raise InputError(f"{path}: missing; run `oasis psf` first")
     table = Table.read(path, format="ascii.ecsv")
     present = {n for n, _ in input_frames(ctx.target)}
-    keep = np.array([bool(u) and str(f) in present
-                     for f, u in zip(table["frame"], table["usable"], strict=True)], bool)
+    keep = np.array(
+        [
+            bool(u) and str(f) in present
+            for f, u in zip(table["frame"], table["usable"], strict=True)
+        ],
+        bool,
+    )
     return table[keep] if len(table) else table
 
 
@@ -598,22 +662,23 @@ def _align(ctx: Context) -> list[str]:
     _need(ctx, len(stats), "with a PSF")
     reference = choose_reference(stats, ctx.config.settings["align"].reference)
     paths = dict(input_frames(ctx.target))
-    backend = ctx.backend("align")
     out_dir = ctx.target.stage_dir("align")
-    ref_inputs = {"ref_data": paths[reference], "ref_mask": _mask_path(ctx, reference),
-                  "ref_psf": _psf_path(ctx, reference)}
+    ref_inputs = {
+        "ref_data": paths[reference],
+        "ref_mask": _mask_path(ctx, reference),
+        "ref_psf": _psf_path(ctx, reference),
+    }
     tasks = []
     for name in stats["frame"]:
         name = str(name)
-        inputs = {"data": paths[name], "mask": _mask_path(ctx, name),
-                  "psf": _psf_path(ctx, name), **ref_inputs}
-        tasks.append(Task(stage="align", name=name, backend=backend,
-                          options=ctx.config.backend_options("align"), inputs=inputs,
-                          output=out_dir / f"{name}.fits",
-                          provenance=ctx.provenance("align", inputs),
-                          workdir=_workdir(ctx, "align", name)))
-    log.info("align: reference frame %s (by %s)", reference,
-             ctx.config.settings["align"].reference)
+        inputs = {
+            "data": paths[name],
+            "mask": _mask_path(ctx, name),
+            "psf": _psf_path(ctx, name),
+            **ref_inputs,
+        }
+        tasks.append(_task(ctx, "align", name, inputs, out_dir / f"{name}.fits"))
+    log.info("align: reference frame %s (by %s)", reference, ctx.config.settings["align"].reference)
     results = _execute(ctx, "align", tasks)
     io.write_text(out_dir / "reference.txt", reference + "\n")
     usable = [str(n) for n in stats["frame"] if str(n) not in _failures(results)]
@@ -631,8 +696,9 @@ def _aligned(ctx: Context) -> list[str]:
     return names
 
 
-def template_frames(stats: Any, names: Sequence[str], fraction: float, min_frames: int
-                    ) -> list[str]:
+def template_frames(
+    stats: Any, names: Sequence[str], fraction: float, min_frames: int
+) -> list[str]:
     """The best-seeing ``fraction`` of ``names`` (at least ``min_frames`` when possible)."""
     table = stats[[str(f) in set(names) for f in stats["frame"]]]
     order = np.argsort(np.asarray(table["fwhm"], float), kind="stable")
@@ -664,20 +730,28 @@ def _combine(ctx: Context) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with ctx.reporter.progress("combine", 2) as advance:
-        template = backend.combine(frames, options=ctx.config.backend_options("combine"),
-                                   workdir=workdir)
+        template = backend.combine(
+            frames, options=ctx.config.backend_options("combine"), workdir=workdir
+        )
         advance()
         if not isinstance(template, Template):
-            raise StageError(f"combine backend {backend.name!r} returned {type(template)}, "
-                             "not a Template")
+            raise StageError(
+                f"combine backend {backend.name!r} returned {type(template)}, not a Template"
+            )
         template = attrs.evolve(template, inputs=tuple(chosen), name="template")
         # measure the template's PSF with the psf stage's backend
         psf_backend = ctx.backend("psf")
-        measured = psf_backend.psf(_ro(template), options=ctx.config.backend_options("psf"),
-                                   workdir=workdir)
-        template = attrs.evolve(template, psf=measured.psf, fwhm=measured.fwhm,
-                                snr=measured.snr, background=measured.background,
-                                noise=measured.noise)
+        measured = psf_backend.psf(
+            _ro(template), options=ctx.config.backend_options("psf"), workdir=workdir
+        )
+        template = attrs.evolve(
+            template,
+            psf=measured.psf,
+            fwhm=measured.fwhm,
+            snr=measured.snr,
+            background=measured.background,
+            noise=measured.noise,
+        )
         advance()
     shutil.rmtree(workdir, ignore_errors=True)
     cards = prov.header_cards()
@@ -686,9 +760,11 @@ def _combine(ctx: Context) -> Path:
         cards[f"OASTIN{i}"] = name
     io.write_psf(psf_out, template.psf, header_extra={"OASSTAGE": "combine"})
     io.write_frame(out, template, header_extra=cards)
-    line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S')} template from {len(chosen)} frames "
-            f"({', '.join(chosen)}) by {backend.name}; FWHM {template.fwhm:.2f} px; "
-            f"{time.perf_counter() - start:.1f} s")
+    line = (
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} template from {len(chosen)} frames "
+        f"({', '.join(chosen)}) by {backend.name}; FWHM {template.fwhm:.2f} px; "
+        f"{time.perf_counter() - start:.1f} s"
+    )
     logfile = out.parent / "log.txt"
     old = logfile.read_text() if logfile.exists() else ""
     io.write_text(logfile, old + line + "\n")
@@ -705,20 +781,19 @@ def _subtract(ctx: Context) -> list[str]:
     template = _template_path(ctx)
     if not template.exists():
         raise InputError(f"{template}: missing; run `oasis combine` first")
-    backend = ctx.backend("subtract")
     settings = ctx.config.settings["subtract"]
     align_dir = ctx.target.stage_dir("align")
     tasks = []
     for name in names:
-        inputs = {"science": align_dir / f"{name}.fits", "template": template,
-                  "psf": _psf_path(ctx, name),
-                  "template_psf": template.with_name("template.psf.fits")}
-        tasks.append(Task(stage="subtract", name=name, backend=backend,
-                          options=ctx.config.backend_options("subtract"), inputs=inputs,
-                          output=_residual_path(ctx, name),
-                          provenance=ctx.provenance("subtract", inputs, settings=settings),
-                          workdir=_workdir(ctx, "subtract", name),
-                          extra=options_dict(settings)))
+        inputs = {
+            "science": align_dir / f"{name}.fits",
+            "template": template,
+            "psf": _psf_path(ctx, name),
+            "template_psf": template.with_name("template.psf.fits"),
+        }
+        tasks.append(
+            _task(ctx, "subtract", name, inputs, _residual_path(ctx, name), settings=settings)
+        )
     results = _execute(ctx, "subtract", tasks)
     _write_subtract_log(ctx, names)
     return [n for n in names if n not in _failures(results)]
@@ -781,18 +856,22 @@ def _mr(ctx: Context) -> Path:
     workdir = _workdir(ctx, "mr", "MR")
     workdir.mkdir(parents=True, exist_ok=True)
     with ctx.reporter.progress("mr", 1) as advance:
-        master = backend.master(residuals, options=ctx.config.backend_options("mr"),
-                                workdir=workdir)
+        master = backend.master(
+            residuals, options=ctx.config.backend_options("mr"), workdir=workdir
+        )
         advance()
     shutil.rmtree(workdir, ignore_errors=True)
     header = residuals[0].header.copy()
-    master = attrs.evolve(master, header=header, name="MR", science="MR",
-                          template=residuals[0].template)
+    master = attrs.evolve(
+        master, header=header, name="MR", science="MR", template=residuals[0].template
+    )
     cards = prov.header_cards()
     cards["NCOMBINE"] = (len(good), "residuals combined")
     io.write_residual(out, master, header_extra=cards)
-    ctx.reporter.result(f"mr: master residual of {len(good)} residuals"
-                        + (f" ({len(bad)} left out: {', '.join(bad)})" if bad else ""))
+    ctx.reporter.result(
+        f"mr: master residual of {len(good)} residuals"
+        + (f" ({len(bad)} left out: {', '.join(bad)})" if bad else "")
+    )
     return out
 
 
@@ -813,25 +892,29 @@ def _extract(ctx: Context) -> dict[str, Any]:
         units.append(("MR", _mr_path(ctx)))
     if not units:
         raise InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`")
-    backend = ctx.backend("extract")
     out_dir = ctx.target.stage_dir("extract")
     det_dir = out_dir / "detections"
-    tasks = [Task(stage="extract", name=n, backend=backend,
-                  options=ctx.config.backend_options("extract"), inputs={"residual": p},
-                  output=det_dir / f"{n}.ecsv",
-                  provenance=ctx.provenance("extract", {"residual": p}),
-                  workdir=_workdir(ctx, "extract", n))
-             for n, p in units]
+    tasks = [_task(ctx, "extract", n, {"residual": p}, det_dir / f"{n}.ecsv") for n, p in units]
     results = _execute(ctx, "extract", tasks)
     failed = _failures(results)
-    tables = {n: Table.read(det_dir / f"{n}.ecsv", format="ascii.ecsv")
-              for n, _ in units if n not in failed}
+    tables = {
+        n: Table.read(det_dir / f"{n}.ecsv", format="ascii.ecsv")
+        for n, _ in units
+        if n not in failed
+    }
     indiv_names = [n for n in tables if n != "MR"]
     positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n != "MR"]
-    common = dict(catalogs=positives, n_residuals=len(indiv_names), majority=settings.majority,
-                  match_radius=settings.match_radius, dipole_ratio=settings.dipole_ratio,
-                  keep_negative=settings.keep_negative, masked_max=settings.masked_max,
-                  snr_min=settings.snr_min, sharp_max=settings.sharp_max)
+    common: dict[str, Any] = {
+        "catalogs": positives,
+        "n_residuals": len(indiv_names),
+        "majority": settings.majority,
+        "match_radius": settings.match_radius,
+        "dipole_ratio": settings.dipole_ratio,
+        "keep_negative": settings.keep_negative,
+        "masked_max": settings.masked_max,
+        "snr_min": settings.snr_min,
+        "sharp_max": settings.sharp_max,
+    }
     wcs = _template_wcs(ctx)
     indiv = []
     for name in indiv_names:
@@ -913,8 +996,8 @@ def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> Non
         f"sources found in the master residual: {summary.get('mr_found', 0)}",
         f"master-residual sources after filtering: {summary.get('mr_filtered', 0)}",
         f"confirmed (master residual and a residual): {summary.get('confirmed', 0)}",
-        f"frames that could not be subtracted: {len(bad)}" + (f" ({', '.join(bad)})" if bad
-                                                              else ""),
+        f"frames that could not be subtracted: {len(bad)}"
+        + (f" ({', '.join(bad)})" if bad else ""),
         f"mean Q: {summary.get('mean_q', float('nan')):.3f}",
     ]
     io.write_text(out_dir / "total_sources.txt", "\n".join(lines) + "\n")

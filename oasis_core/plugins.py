@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -130,10 +130,10 @@ class Registry:
             self._collect(stage)
         self._collect_simulators()
 
-    def _collect_simulators(self) -> None:
-        from oasis_core.backends import Simulator
-
-        for impl in self.pm.hook.oasis_simulators.get_hookimpls():
+    def _produce(self, hook_name: str) -> Iterator[tuple[Any, str, str, str]]:
+        """Call every implementation of ``hook_name``; yield (object, plugin, dist,
+        version) for each object yielded. A hook that raises is recorded, not raised."""
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
             dist, version = getattr(self.pm, "oasis_dists", {}).get(
                 plugin_name, (_module_dist(impl.plugin), "")
@@ -141,14 +141,21 @@ class Registry:
             try:
                 produced = list(impl.function() or [])
             except Exception as err:  # a plugin's hook raising must name the plugin
-                self.errors.append(f"plugin {plugin_name!r} ({dist}): oasis_simulators failed: "
-                                   f"{type(err).__name__}: {err}")
+                self.errors.append(
+                    f"plugin {plugin_name!r} ({dist}): {hook_name} failed: "
+                    f"{type(err).__name__}: {err}"
+                )
                 continue
-            for sim in produced:
-                if isinstance(sim, Simulator) and NAME_RE.match(sim.name or ""):
-                    self.simulators.setdefault(
-                        sim.name, BackendRecord(sim, plugin_name, dist, version)  # type: ignore[arg-type]
-                    )
+            for item in produced:
+                yield item, plugin_name, dist, version
+
+    def _collect_simulators(self) -> None:
+        from oasis_core.backends import Simulator
+
+        for sim, plugin, dist, version in self._produce("oasis_simulators"):
+            if isinstance(sim, Simulator) and NAME_RE.match(sim.name or ""):
+                record = BackendRecord(sim, plugin, dist, version)  # type: ignore[arg-type]
+                self.simulators.setdefault(sim.name, record)
 
     def simulator(self, name: str) -> Any:
         """The simulator called ``name``."""
@@ -160,23 +167,8 @@ class Registry:
         return self.simulators[name].backend
 
     def _collect(self, stage: str) -> None:
-        hook = getattr(self.pm.hook, f"oasis_{stage}_backends")
-        for impl in hook.get_hookimpls():
-            plugin_name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
-            dist, version = getattr(self.pm, "oasis_dists", {}).get(
-                plugin_name, (_module_dist(impl.plugin), "")
-            )
-            try:
-                produced = impl.function()
-                backends: Iterable[Any] = list(produced) if produced is not None else []
-            except Exception as err:  # a plugin's hook raising must name the plugin
-                self.errors.append(
-                    f"plugin {plugin_name!r} ({dist}): oasis_{stage}_backends failed: "
-                    f"{type(err).__name__}: {err}"
-                )
-                continue
-            for backend in backends:
-                self._add(stage, backend, plugin_name, dist, version)
+        for backend, plugin, dist, version in self._produce(f"oasis_{stage}_backends"):
+            self._add(stage, backend, plugin, dist, version)
 
     def _add(self, stage: str, backend: Any, plugin: str, dist: str, version: str) -> None:
         base = BASES[stage]
@@ -218,12 +210,10 @@ class Registry:
         dup = self.duplicates.get((stage, name))
         if dup:
             who = " and ".join(f"{r.plugin} ({r.dist})" for r in dup)
-            raise OasisError(
-                f"{stage} backend {name!r} is provided twice: by {who}; uninstall one"
-            )
+            raise OasisError(f"{stage} backend {name!r} is provided twice: by {who}; uninstall one")
         record = self.records[stage].get(name)
         if record is None:
-            broken = [b for b in getattr(self.pm, "oasis_broken", [])]
+            broken = list(getattr(self.pm, "oasis_broken", []))
             hint = ""
             if broken:
                 hint = "; plugins that failed to load: " + ", ".join(

@@ -71,7 +71,9 @@ class Provenance:
         return options_hash(self.options, self.settings)
 
     def input_cards(self) -> list[str]:
-        return [f"{name[:32]}:{_file_hash(Path(p))[:32]}" for name, p in sorted(self.inputs.items())]
+        return [
+            f"{name[:32]}:{_file_hash(Path(p))[:32]}" for name, p in sorted(self.inputs.items())
+        ]
 
     def cards(self) -> dict[str, Any]:
         """Header cards to add to the output."""

@@ -28,8 +28,9 @@ import numpy as np
 __all__ = ["add_lobe_columns", "count_matches", "filter_detections", "match_catalogs"]
 
 
-def add_lobe_columns(table: Any, norm: np.ndarray, *, radius: float,
-                     weight: np.ndarray | None = None) -> Any:
+def add_lobe_columns(
+    table: Any, norm: np.ndarray, *, radius: float, weight: np.ndarray | None = None
+) -> Any:
     """Add ``peak_norm`` and ``lobe_min``: the extreme normalised pixel at each source and
     the opposite extreme within ``radius`` pixels, and ``masked_frac``: the fraction of
     pixels within ``radius`` whose ``weight`` is 0 (vectorised over sources)."""

@@ -14,8 +14,14 @@ import numpy as np
 __all__ = ["sky_noise"]
 
 
-def sky_noise(data: np.ndarray, good: np.ndarray | None = None, *, lag: int = 2,
-              faint_fraction: float = 0.3, box: int = 7) -> float:
+def sky_noise(
+    data: np.ndarray,
+    good: np.ndarray | None = None,
+    *,
+    lag: int = 2,
+    faint_fraction: float = 0.3,
+    box: int = 7,
+) -> float:
     """Robust per-pixel sky noise of ``data`` (same units), or nan when it cannot be told.
 
     Parameters

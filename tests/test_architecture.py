@@ -46,8 +46,15 @@ def test_readme_documents_every_hook():
             assert f"{name}()" in readme, f"README does not document hook {name}"
             sig = inspect.signature(getattr(hookspecs, name))
             assert not sig.parameters, "hooks take no arguments; README says so"
-    for method in ("mask(frame", "psf(frame", "align(frame, reference", "combine(frames",
-                   "subtract(science, template", "master(residuals", "extract(residual"):
+    for method in (
+        "mask(frame",
+        "psf(frame",
+        "align(frame, reference",
+        "combine(frames",
+        "subtract(science, template",
+        "master(residuals",
+        "extract(residual",
+    ):
         assert method in readme, f"README does not document the stage method {method}"
 
 

@@ -39,8 +39,9 @@ def test_precedence_cli_over_argument_over_file_over_default(tmp_path, registry)
     cfg = load_config(path, registry, arguments={"subtract.q_floor": 0.4})
     assert cfg.settings["subtract"].q_floor == 0.4
     assert cfg.settings["subtract"].q_ceiling == 0.8
-    cfg = load_config(path, registry, arguments={"subtract.q_floor": 0.4},
-                      cli={"subtract.q_floor": 0.45})
+    cfg = load_config(
+        path, registry, arguments={"subtract.q_floor": 0.4}, cli={"subtract.q_floor": 0.45}
+    )
     assert cfg.settings["subtract"].q_floor == 0.45
     cfg = load_config(path, registry, use_config_file=False)
     assert cfg.settings["subtract"].q_floor == 0.5
@@ -54,19 +55,34 @@ def test_backend_options_from_file(tmp_path, registry):
     assert cfg.backend_options("subtract").deg_spatial == 1
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("[subtract]\nq_flor = 0.3\n", r"oasis.toml: \[subtract\] unknown key 'q_flor' "
-                                   r"\(did you mean 'q_floor'\?\)"),
-    ("[subtract.ois]\ndeg_spatal = 1\n", r"oasis.toml: \[subtract.ois\] unknown key "
-                                         r"'deg_spatal' \(did you mean 'deg_spatial'\?\)"),
-    ("[subtract]\nq_floor = 'high'\n", r"oasis.toml: \[subtract\] q_floor must be a number, "
-                                       r"got 'high'"),
-    ("[run]\njobs = 1.5\n", r"oasis.toml: \[run\] jobs must be an integer"),
-    ("[substract]\nbackend = 'ois'\n", r"oasis.toml: unknown key 'substract' \(did you mean "
-                                       r"'subtract'\?\)"),
-    ("[align]\nreference = 'best'\n", r"reference must be one of snr, seeing"),
-    ("[subtract\n", r"oasis.toml: invalid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[subtract]\nq_flor = 0.3\n",
+            r"oasis.toml: \[subtract\] unknown key 'q_flor' "
+            r"\(did you mean 'q_floor'\?\)",
+        ),
+        (
+            "[subtract.ois]\ndeg_spatal = 1\n",
+            r"oasis.toml: \[subtract.ois\] unknown key "
+            r"'deg_spatal' \(did you mean 'deg_spatial'\?\)",
+        ),
+        (
+            "[subtract]\nq_floor = 'high'\n",
+            r"oasis.toml: \[subtract\] q_floor must be a number, "
+            r"got 'high'",
+        ),
+        ("[run]\njobs = 1.5\n", r"oasis.toml: \[run\] jobs must be an integer"),
+        (
+            "[substract]\nbackend = 'ois'\n",
+            r"oasis.toml: unknown key 'substract' \(did you mean "
+            r"'subtract'\?\)",
+        ),
+        ("[align]\nreference = 'best'\n", r"reference must be one of snr, seeing"),
+        ("[subtract\n", r"oasis.toml: invalid TOML"),
+    ],
+)
 def test_errors_name_key_and_file(tmp_path, registry, text, message):
     path = tmp_path / "oasis.toml"
     path.write_text(text)

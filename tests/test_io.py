@@ -23,9 +23,11 @@ def test_decam_per_amplifier_keys(shared_data):
         del hdr[key]
     assert io.header_value(hdr, io.GAIN_KEYS) == pytest.approx((hdr["GAINA"] + hdr["GAINB"]) / 2)
     assert io.header_value(hdr, io.RDNOISE_KEYS) == pytest.approx(
-        (hdr["RDNOISEA"] + hdr["RDNOISEB"]) / 2)
+        (hdr["RDNOISEA"] + hdr["RDNOISEB"]) / 2
+    )
     assert io.header_value(hdr, io.SATURATE_KEYS, combine="min") == pytest.approx(
-        min(hdr["SATURATA"], hdr["SATURATB"]))
+        min(hdr["SATURATA"], hdr["SATURATB"])
+    )
     assert frame.data.dtype == np.float32 and frame.data.dtype.isnative
     assert frame.wcs is not None
     assert (frame.data < 0).mean() > 0.2  # sky-subtracted: negative pixels are data
@@ -68,9 +70,13 @@ def test_weight_and_mask_extensions(tmp_path):
     weight[1, 1] = 0.0
     bpm = np.zeros((4, 4), np.int16)
     bpm[2, 2] = 4
-    hdul = fits.HDUList([fits.PrimaryHDU(data),
-                         fits.ImageHDU(weight, fits.Header([("WEIGHT", "Y")])),
-                         fits.ImageHDU(bpm, name="BPM")])
+    hdul = fits.HDUList(
+        [
+            fits.PrimaryHDU(data),
+            fits.ImageHDU(weight, fits.Header([("WEIGHT", "Y")])),
+            fits.ImageHDU(bpm, name="BPM"),
+        ]
+    )
     path = tmp_path / "f.fits"
     hdul.writeto(path)
     frame = io.read_frame(path)
@@ -79,17 +85,21 @@ def test_weight_and_mask_extensions(tmp_path):
     # WEIGHT = 'N': a binary mask, non-zero = bad
     mask = np.zeros((4, 4), np.uint8)
     mask[3, 3] = 1
-    fits.HDUList([fits.PrimaryHDU(np.ones((4, 4))),
-                  fits.ImageHDU(mask, fits.Header([("WEIGHT", "N")]))]).writeto(tmp_path / "g.fits")
+    fits.HDUList(
+        [fits.PrimaryHDU(np.ones((4, 4))), fits.ImageHDU(mask, fits.Header([("WEIGHT", "N")]))]
+    ).writeto(tmp_path / "g.fits")
     frame = io.read_frame(tmp_path / "g.fits")
     assert frame.weight[3, 3] == 0 and frame.weight.sum() == 15
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"this is not a FITS file" * 200, "not a readable FITS file"),
-    (None, "every pixel is NaN"),
-    ("empty", "no 2-D image"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not a FITS file" * 200, "not a readable FITS file"),
+        (None, "every pixel is NaN"),
+        ("empty", "no 2-D image"),
+    ],
+)
 def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.fits"
     if content is None:
@@ -106,9 +116,14 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path, content, messa
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(RuntimeError), io.atomic_write(target) as tmp:
-        tmp.write_text("half")
-        raise RuntimeError("crash")
+
+    def crash_while_writing():
+        with io.atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        crash_while_writing()
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
 
@@ -127,11 +142,19 @@ def test_residual_round_trip(tmp_path):
     from oasis_core.model import KernelSolution, Residual
 
     rng = np.random.default_rng(0)
-    res = Residual(data=rng.normal(size=(16, 16)), noise=np.ones((16, 16)),
-                   weight=np.ones((16, 16)), name="r", science="s", template="t", q=0.9,
-                   kernel=KernelSolution(image=np.ones((3, 3)) / 9, meta={"nstamps": 12}),
-                   params={"deg_spatial": 2}, extra={"score": np.zeros((16, 16))},
-                   meta={"flag": ""})
+    res = Residual(
+        data=rng.normal(size=(16, 16)),
+        noise=np.ones((16, 16)),
+        weight=np.ones((16, 16)),
+        name="r",
+        science="s",
+        template="t",
+        q=0.9,
+        kernel=KernelSolution(image=np.ones((3, 3)) / 9, meta={"nstamps": 12}),
+        params={"deg_spatial": 2},
+        extra={"score": np.zeros((16, 16))},
+        meta={"flag": ""},
+    )
     io.write_residual(tmp_path / "r_residual.fits", res)
     back = io.read_residual(tmp_path / "r_residual.fits")
     np.testing.assert_array_equal(back.data, res.data.astype(np.float32))

@@ -14,8 +14,15 @@ from oasis_core.errors import BackendUnavailable, OasisError, UnknownBackend
 from oasis_core.hookspecs import hookimpl
 from oasis_core.plugins import Registry, make_plugin_manager
 
-BUILTIN_STAGES = {"mask": "native", "psf": "native", "align": "native", "combine": "native",
-                  "subtract": "ois", "mr": "native", "extract": "native"}
+BUILTIN_STAGES = {
+    "mask": "native",
+    "psf": "native",
+    "align": "native",
+    "combine": "native",
+    "subtract": "ois",
+    "mr": "native",
+    "extract": "native",
+}
 
 
 def test_every_builtin_backend_is_found_through_entry_points(plugin_manager):
@@ -36,8 +43,11 @@ def test_autoload_can_be_disabled(monkeypatch):
 
 def test_unknown_backend_lists_installed(plugin_manager):
     registry = Registry(plugin_manager)
-    with pytest.raises(UnknownBackend, match=r"subtract backend 'hotpant' is not installed; "
-                                             r"installed: .*ois"):
+    with pytest.raises(
+        UnknownBackend,
+        match=r"subtract backend 'hotpant' is not installed; "
+        r"installed: .*ois",
+    ):
         registry.get("subtract", "hotpant")
 
 
@@ -45,8 +55,10 @@ class Unavailable(MrBackend):
     name = "needs-program"
 
     def check(self, options):
-        raise BackendUnavailable("mr backend 'needs-program': program 'xyz' not on PATH; "
-                                 "install it with apt-get install xyz")
+        raise BackendUnavailable(
+            "mr backend 'needs-program': program 'xyz' not on PATH; "
+            "install it with apt-get install xyz"
+        )
 
 
 class Dup(MrBackend):
@@ -103,16 +115,27 @@ def test_broken_entry_point_is_recorded_not_raised(tmp_path, monkeypatch):
 
 
 def test_oasis_plugins_lists_all_builtin_backends():
-    out = subprocess.run([sys.executable, "-m", "oasis_core.cli", "plugins"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "oasis_core.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     for stage, name in BUILTIN_STAGES.items():
-        assert any(line.split("│")[1:3] == [f" {stage} ".ljust(len(line.split("│")[1])),
-                                             f" {name} ".ljust(len(line.split("│")[2]))]
-                   for line in out.splitlines() if line.count("│") > 3), (stage, name)
+        assert any(
+            line.split("│")[1:3]
+            == [
+                f" {stage} ".ljust(len(line.split("│")[1])),
+                f" {name} ".ljust(len(line.split("│")[2])),
+            ]
+            for line in out.splitlines()
+            if line.count("│") > 3
+        ), (stage, name)
     assert "oasis-dia" in out and "available" in out
 
 
 # ----------------------------------------------------------- the third-party path
+
 
 @attrs.frozen(kw_only=True)
 class ScaledMeanOptions:
@@ -131,9 +154,13 @@ class ScaledMean(MrBackend):
 
         ScaledMean.calls += 1
         stack = np.stack([r.normalized for r in residuals])
-        return attrs.evolve(residuals[0], data=options.scale * stack.mean(axis=0),
-                            noise=np.full(stack.shape[1:], 1 / np.sqrt(len(residuals))),
-                            weight=np.ones(stack.shape[1:]), meta={"made_by": "thirdparty"})
+        return attrs.evolve(
+            residuals[0],
+            data=options.scale * stack.mean(axis=0),
+            noise=np.full(stack.shape[1:], 1 / np.sqrt(len(residuals))),
+            weight=np.ones(stack.shape[1:]),
+            meta={"made_by": "thirdparty"},
+        )
 
 
 class ThirdParty:
@@ -151,8 +178,13 @@ def test_registered_third_party_plugin_runs_in_the_pipeline(sim_target_done):
     pm = make_plugin_manager()
     pm.register(ThirdParty(), name="thirdparty")
     registry = Registry(pm)
-    result = pipeline(sim_target_done.path, backends={"mr": "scaled-mean"},
-                      options={"mr.scaled-mean.scale": 2.0}, registry=registry, jobs=1)
+    result = pipeline(
+        sim_target_done.path,
+        backends={"mr": "scaled-mean"},
+        options={"mr.scaled-mean.scale": 2.0},
+        registry=registry,
+        jobs=1,
+    )
     header = fits.getheader(sim_target_done.path / "residuals" / "MR.fits")
     assert header["OASBACK"] == "scaled-mean"
     assert header["OAS MADE_BY"] == "thirdparty"
@@ -197,7 +229,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
-        sim_target_done, tmp_path, monkeypatch):
+    sim_target_done, tmp_path, monkeypatch
+):
     from astropy.table import Table
 
     from oasis_core.pipeline import pipeline
@@ -211,9 +244,13 @@ def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
     registry = Registry(make_plugin_manager())
     assert registry.get("extract", "peaks").dist == "oasis-peaks"
     assert registry.get("extract", "peaks").version == "0.3"
-    out = subprocess.run([sys.executable, "-m", "oasis_core.cli", "plugins"],
-                         capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)}).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "oasis_core.cli", "plugins"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    ).stdout
     assert "peaks" in out and "oasis-peaks" in out
     pipeline(sim_target_done.path, backends={"extract": "peaks"}, registry=registry, jobs=1)
     det = Table.read(sim_target_done.path / "sources" / "detections" / "MR.ecsv")

@@ -32,7 +32,8 @@ def test_unpack_copies_records_and_refuses(tmp_path, shared_data, capsys):
     (src / "table.fits").write_bytes(b"")
     fits.HDUList([fits.PrimaryHDU(np.ones((8, 8), np.float32))]).writeto(src / "ok.fits")
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(np.ones((8, 8), np.float32))]).writeto(
-        src / "packed.fits.fz")
+        src / "packed.fits.fz"
+    )
     real = shared_data / "isis_example" / "infile1.fits"
     before = hashlib.sha256(real.read_bytes()).hexdigest()
     target = Target(tmp_path / "OASIS" / "targets" / "t")
@@ -52,10 +53,23 @@ def test_unpack_copies_records_and_refuses(tmp_path, shared_data, capsys):
 
 
 def test_get_cli_requires_unpack_and_reports(tmp_path, shared_data, capsys):
-    assert main(["get", str(shared_data / "decam_n6"), "--target", "x", "--root",
-                 str(tmp_path)]) == 1
+    assert (
+        main(["get", str(shared_data / "decam_n6"), "--target", "x", "--root", str(tmp_path)]) == 1
+    )
     assert "give --unpack" in capsys.readouterr().err
-    assert main(["get", "--unpack", str(shared_data / "decam_n6"), "--target", "decam",
-                 "--root", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "get",
+                "--unpack",
+                str(shared_data / "decam_n6"),
+                "--target",
+                "decam",
+                "--root",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert "10 copied" in capsys.readouterr().out
     assert len(list((tmp_path / "OASIS/targets/decam/data").glob("*.fits"))) == 10

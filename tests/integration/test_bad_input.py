@@ -40,11 +40,13 @@ def test_bad_files_are_named_and_left_unchanged(target, caplog):
     with caplog.at_level(logging.WARNING, logger="oasis"):
         mask(target.path, jobs=2)
     messages = _warnings(caplog)
-    for name, why in [("notes.txt", "not a FITS file name"),
-                      ("garbage.fits", "not a readable FITS file"),
-                      ("nan.fits", "every pixel is NaN"),
-                      ("empty.fits", "no 2-D image"),
-                      ("small.fits", "shape (200, 180) differs")]:
+    for name, why in [
+        ("notes.txt", "not a FITS file name"),
+        ("garbage.fits", "not a readable FITS file"),
+        ("nan.fits", "every pixel is NaN"),
+        ("empty.fits", "no 2-D image"),
+        ("small.fits", "shape (200, 180) differs"),
+    ]:
         hits = [m for m in messages if str(target.data / name) in m and why in m]
         assert hits, f"no warning naming {name} ({why}) in {messages}"
         assert all("\n" not in m for m in hits)

@@ -28,8 +28,14 @@ def test_transients_recovered_with_few_false_detections(sim_target_done):
 
 def test_outputs_exist_with_provenance(sim_target_done):
     path = sim_target_done.path
-    for name in ("sources.txt", "filtered_sources.txt", "MR_sources.txt",
-                 "MR_filtered_sources.txt", "total_sources.txt", "filtered_sources.ecsv"):
+    for name in (
+        "sources.txt",
+        "filtered_sources.txt",
+        "MR_sources.txt",
+        "MR_filtered_sources.txt",
+        "total_sources.txt",
+        "filtered_sources.ecsv",
+    ):
         assert (path / "sources" / name).exists(), name
     totals = (path / "sources" / "total_sources.txt").read_text()
     assert "mean Q" in totals and "frames that could not be subtracted: 0" in totals

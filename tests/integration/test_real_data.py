@@ -114,28 +114,39 @@ def _subtract_pair(science: Path, template: Path, tmp_path):
     ref = _prepared(template, registry, cfg, tmp_path)
     tmpl = Template(**{f.name: getattr(ref, f.name) for f in attrs.fields(type(ref))})
     sub = registry.select("subtract", "ois", cfg.backend_options("subtract", "ois"))
-    residual = sub.subtract(sci, tmpl, options=cfg.backend_options("subtract", "ois"),
-                            workdir=tmp_path)
+    residual = sub.subtract(
+        sci, tmpl, options=cfg.backend_options("subtract", "ois"), workdir=tmp_path
+    )
     ext = registry.select("extract", "native", cfg.backend_options("extract", "native"))
-    table = ext.extract(residual, options=cfg.backend_options("extract", "native"),
-                        workdir=tmp_path)
-    add_lobe_columns(table, residual.normalized, radius=max(3.0, 1.5 * sci.fwhm),
-                     weight=residual.weight)
+    table = ext.extract(
+        residual, options=cfg.backend_options("extract", "native"), workdir=tmp_path
+    )
+    add_lobe_columns(
+        table, residual.normalized, radius=max(3.0, 1.5 * sci.fwhm), weight=residual.weight
+    )
     table["fwhm"] = sci.fwhm
     s = cfg.settings["extract"]
     filtered = filter_detections(
-        table, catalogs=[table[table["sign"] > 0]], n_residuals=1, majority=s.majority,
-        match_radius=s.match_radius, dipole_ratio=s.dipole_ratio,
-        keep_negative=s.keep_negative, masked_max=s.masked_max, snr_min=s.snr_min,
-        sharp_max=s.sharp_max)
+        table,
+        catalogs=[table[table["sign"] > 0]],
+        n_residuals=1,
+        majority=s.majority,
+        match_radius=s.match_radius,
+        dipole_ratio=s.dipole_ratio,
+        keep_negative=s.keep_negative,
+        masked_max=s.masked_max,
+        snr_min=s.snr_min,
+        sharp_max=s.sharp_max,
+    )
     return residual, filtered
 
 
 def test_properimage_null_pair_has_almost_no_false_detections(tmp_path, shared_data):
     """Same field, same seeing, 74 s apart: every kept detection is false."""
     folder = shared_data / "properimage_null"
-    residual, table = _subtract_pair(folder / "aligned_eso085-030-004.fit",
-                                     folder / "aligned_eso085-030-005.fit", tmp_path)
+    residual, table = _subtract_pair(
+        folder / "aligned_eso085-030-004.fit", folder / "aligned_eso085-030-005.fit", tmp_path
+    )
     assert residual.q > 0.9
     assert 0.8 <= residual.meta["nnoise"] <= 1.2
     kept = table[table["reason"] == "kept"]

@@ -20,7 +20,10 @@ def test_killed_run_resumes(tmp_path):
     target = simulate_target(tmp_path, "resume", n_frames=6, shape=(256, 256), seed=11)
     proc = subprocess.Popen(
         [sys.executable, "-m", "oasis_core.cli", "pipeline", str(target.path), "-j", "1", "-q"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     aligned = target.path / "aligned"
     while time.monotonic() < deadline and proc.poll() is None:

@@ -61,14 +61,14 @@ _WCS_KEY = re.compile(
 
 def _check_transform(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value not in _TRANSFORMS:
-        raise ValueError(f"align.native.{attribute.name} must be one of {_TRANSFORMS}, "
-                         f"not {value!r}")
+        raise ValueError(
+            f"align.native.{attribute.name} must be one of {_TRANSFORMS}, not {value!r}"
+        )
 
 
 def _check_initial(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value not in _INITIAL:
-        raise ValueError(f"align.native.{attribute.name} must be one of {_INITIAL}, "
-                         f"not {value!r}")
+        raise ValueError(f"align.native.{attribute.name} must be one of {_INITIAL}, not {value!r}")
 
 
 def _check_order(instance: Any, attribute: attrs.Attribute, value: int) -> None:
@@ -83,25 +83,33 @@ class NativeAlignOptions:
     thresh: float = option(5.0, "star detection threshold, in sigmas of the sky noise")
     minarea: int = option(5, "minimum number of connected pixels of a detected star")
     back_size: int = option(64, "mesh size (px) of the sep background used for detection")
-    max_control_points: int = option(
-        50, "brightest stars given to astroalign's triangle matching")
+    max_control_points: int = option(50, "brightest stars given to astroalign's triangle matching")
     max_stars: int = option(1000, "brightest stars kept for matching and refinement")
     transform: str = option(
-        "similarity", "transform fitted to the matched stars: shift, similarity or affine",
-        validator=_check_transform)
+        "similarity",
+        "transform fitted to the matched stars: shift, similarity or affine",
+        validator=_check_transform,
+    )
     initial: str = option(
-        "auto", "initial transform: auto (astroalign, phase correlation when it fails), "
-        "astroalign or phasecorr (pure translation)", validator=_check_initial)
+        "auto",
+        "initial transform: auto (astroalign, phase correlation when it fails), "
+        "astroalign or phasecorr (pure translation)",
+        validator=_check_initial,
+    )
     match_radius: float = option(
-        3.0, "radius (px) to pair stars once the initial transform is known")
+        3.0, "radius (px) to pair stars once the initial transform is known"
+    )
     min_matched: int = option(3, "fewest matched stars accepted (else the frame fails)")
     clip: float = option(3.0, "sigma clipping of the position residuals in the refinement")
-    order: int = option(3, "spline order for resampling the data (0-5; weight uses 1)",
-                        validator=_check_order)
+    order: int = option(
+        3, "spline order for resampling the data (0-5; weight uses 1)", validator=_check_order
+    )
     photometric: bool = option(
-        True, "rescale the data to the reference's flux scale and sky level (linmatch)")
+        True, "rescale the data to the reference's flux scale and sky level (linmatch)"
+    )
     phot_radius: float = option(
-        2.0, "aperture radius for the photometric scale, in units of the larger FWHM")
+        2.0, "aperture radius for the photometric scale, in units of the larger FWHM"
+    )
     phot_snr: float = option(10.0, "minimum aperture S/N of a star used for the scale")
     min_phot_stars: int = option(3, "fewest stars accepted for the photometric scale")
 
@@ -153,10 +161,20 @@ class NativeAlign(AlignBackend):
 
 def _identity_meta() -> dict[str, Any]:
     meta: dict[str, Any] = {f"align_m{i}{j}": float(i == j) for i in range(2) for j in range(3)}
-    meta.update(shift_x=0.0, shift_y=0.0, centre_shift_x=0.0, centre_shift_y=0.0,
-                rotation=0.0, align_scale=1.0,
-                align_method="identity", align_rms=0.0, n_matched=0,
-                phot_scale=1.0, phot_offset=0.0, phot_nstars=0)
+    meta.update(
+        shift_x=0.0,
+        shift_y=0.0,
+        centre_shift_x=0.0,
+        centre_shift_y=0.0,
+        rotation=0.0,
+        align_scale=1.0,
+        align_method="identity",
+        align_rms=0.0,
+        n_matched=0,
+        phot_scale=1.0,
+        phot_offset=0.0,
+        phot_nstars=0,
+    )
     return meta
 
 
@@ -200,18 +218,17 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     try:
         objs = sep.extract(sub, options.thresh, err=rms, mask=bad, minarea=options.minarea)
     except Exception as err:  # sep raises a bare Exception on buffer overflows
-        raise _err(frame, f"sep star detection failed ({err}); raise align.native.thresh")\
-            from err
+        raise _err(frame, f"sep star detection failed ({err}); raise align.native.thresh") from err
     # truncated (2) or singular (8) objects, and non-positive fluxes, are unusable
     keep = ((objs["flag"] & 10) == 0) & (objs["flux"] > 0) & (objs["a"] > 0)
     objs = objs[keep]
     if len(objs) == 0:
-        return _Stars(np.zeros((0, 2)), np.zeros(0), np.zeros(0, bool), frame.fwhm or 3.0,
-                      sub, back, rms, bad)
+        return _Stars(
+            np.zeros((0, 2)), np.zeros(0), np.zeros(0, bool), frame.fwhm or 3.0, sub, back, rms, bad
+        )
     x, y = objs["x"].astype(float), objs["y"].astype(float)
     rmax = np.clip(6.0 * objs["a"], 3.0, 30.0)
-    rhalf, rflag = sep.flux_radius(sub, x, y, rmax, 0.5, normflux=objs["flux"], mask=bad,
-                                   subpix=5)
+    rhalf, rflag = sep.flux_radius(sub, x, y, rmax, 0.5, normflux=objs["flux"], mask=bad, subpix=5)
     good_r = (rflag == 0) & np.isfinite(rhalf) & (rhalf > 0)
     if frame.fwhm is not None and np.isfinite(frame.fwhm) and frame.fwhm > 0:
         fwhm = float(frame.fwhm)
@@ -232,21 +249,24 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     y = np.where(ok, yw, y)
     saturated = np.zeros(len(objs), bool)
     if frame.saturation is not None and np.isfinite(frame.saturation):
-        level = back[np.clip(np.round(y).astype(int), 0, ny - 1),
-                     np.clip(np.round(x).astype(int), 0, nx - 1)]
+        level = back[
+            np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)
+        ]
         saturated = objs["peak"] + level >= 0.9 * frame.saturation
     order = np.argsort(-objs["flux"], kind="stable")[: options.max_stars]
     xy = np.column_stack([x, y])[order]
-    return _Stars(xy, objs["flux"][order].astype(float), saturated[order], fwhm, sub, back,
-                  rms, bad)
+    return _Stars(
+        xy, objs["flux"][order].astype(float), saturated[order], fwhm, sub, back, rms, bad
+    )
 
 
 def _apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
 
-def _match(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray, radius: float
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _match(
+    src: np.ndarray, dst: np.ndarray, matrix: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (i_src, i_dst) of mutual nearest neighbours within ``radius``."""
     from scipy.spatial import cKDTree
 
@@ -289,8 +309,9 @@ def _fit(src: np.ndarray, dst: np.ndarray, kind: str) -> np.ndarray:
     return matrix
 
 
-def _refine(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray,
-            options: NativeAlignOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _refine(
+    src: np.ndarray, dst: np.ndarray, matrix: np.ndarray, options: NativeAlignOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Pair the stars and fit the transform with clipping; return (matrix, i, j, rms)."""
     radius = options.match_radius
     i = j = np.zeros(0, int)
@@ -326,8 +347,7 @@ def _refine(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray,
     return matrix, i, j, rms
 
 
-def _phase_correlation(a: np.ndarray, b: np.ndarray, rms_a: float, rms_b: float
-                       ) -> np.ndarray:
+def _phase_correlation(a: np.ndarray, b: np.ndarray, rms_a: float, rms_b: float) -> np.ndarray:
     """Translation t (x, y) such that image ``b`` ~ image ``a`` shifted by t."""
     from scipy import fft
 
@@ -358,8 +378,9 @@ def _phase_correlation(a: np.ndarray, b: np.ndarray, rms_a: float, rms_b: float
     return np.array([tx, ty])
 
 
-def _initial_transform(frame: Frame, fs: _Stars, rs: _Stars, options: NativeAlignOptions
-                       ) -> tuple[np.ndarray, str]:
+def _initial_transform(
+    frame: Frame, fs: _Stars, rs: _Stars, options: NativeAlignOptions
+) -> tuple[np.ndarray, str]:
     import astroalign
 
     candidates: list[tuple[int, np.ndarray, str]] = []
@@ -369,11 +390,11 @@ def _initial_transform(frame: Frame, fs: _Stars, rs: _Stars, options: NativeAlig
         reason = "align.native.initial = phasecorr"
     elif len(fs.xy) >= 3 and len(rs.xy) >= 3:
         try:
-            tform, _ = astroalign.find_transform(fs.xy[:ncp], rs.xy[:ncp],
-                                                 max_control_points=ncp)
+            tform, _ = astroalign.find_transform(fs.xy[:ncp], rs.xy[:ncp], max_control_points=ncp)
             matrix = np.asarray(tform.params, dtype=float)
-            candidates.append((len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]),
-                               matrix, "astroalign"))
+            candidates.append(
+                (len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]), matrix, "astroalign")
+            )
         except (ValueError, astroalign.MaxIterError) as err:
             reason = f"astroalign: {err}"
     else:
@@ -383,14 +404,19 @@ def _initial_transform(frame: Frame, fs: _Stars, rs: _Stars, options: NativeAlig
     if options.initial != "astroalign" and best < wanted:
         matrix = np.eye(3)
         matrix[:2, 2] = _phase_correlation(fs.sub, rs.sub, fs.rms, rs.rms)
-        candidates.append((len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]),
-                           matrix, "phasecorr"))
+        candidates.append(
+            (len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]), matrix, "phasecorr")
+        )
     n, matrix, method = max(candidates, key=lambda c: c[0])
     if n < max(options.min_matched, 1):
-        raise _err(frame, f"only {n} stars matched the reference "
-                   f"({len(fs.xy)} on the frame, {len(rs.xy)} on the reference"
-                   f"{'; ' + reason if reason else ''}); lower align.native.thresh or "
-                   "check that the frames overlap", n_matched=n)
+        raise _err(
+            frame,
+            f"only {n} stars matched the reference "
+            f"({len(fs.xy)} on the frame, {len(rs.xy)} on the reference"
+            f"{'; ' + reason if reason else ''}); lower align.native.thresh or "
+            "check that the frames overlap",
+            n_matched=n,
+        )
     return matrix, method
 
 
@@ -410,8 +436,9 @@ def _copy_header(frame: Frame, reference: Frame) -> Any:
     return out
 
 
-def _warp(frame: Frame, fs: _Stars, matrix: np.ndarray, shape: tuple[int, int], order: int
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _warp(
+    frame: Frame, fs: _Stars, matrix: np.ndarray, shape: tuple[int, int], order: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Resample data (spline ``order``) and weight (linear) onto the reference grid."""
     from scipy import ndimage
 
@@ -420,16 +447,26 @@ def _warp(frame: Frame, fs: _Stars, matrix: np.ndarray, shape: tuple[int, int], 
     mat = np.array([[inv[1, 1], inv[1, 0]], [inv[0, 1], inv[0, 0]]])
     off = np.array([inv[1, 2], inv[0, 2]])
     filled = fs.sub + fs.back  # bad pixels replaced by the sky background
-    data = ndimage.affine_transform(filled, mat, off, output_shape=shape, order=order,
-                                    mode="nearest", output=np.float32)
+    data = ndimage.affine_transform(
+        filled, mat, off, output_shape=shape, order=order, mode="nearest", output=np.float32
+    )
     bad = fs.bad
     if order >= 2:  # the spline footprint reaches one (two) pixels beyond the linear one
         bad = ndimage.binary_dilation(bad, iterations=order // 2, border_value=1)
     weight = np.where(fs.bad, 0.0, np.asarray(frame.weight, np.float32)).astype(np.float32)
-    weight = ndimage.affine_transform(weight, mat, off, output_shape=shape, order=1,
-                                      mode="constant", cval=0.0, output=np.float32)
-    touched = ndimage.affine_transform(bad.astype(np.float32), mat, off, output_shape=shape,
-                                       order=1, mode="constant", cval=1.0, output=np.float32)
+    weight = ndimage.affine_transform(
+        weight, mat, off, output_shape=shape, order=1, mode="constant", cval=0.0, output=np.float32
+    )
+    touched = ndimage.affine_transform(
+        bad.astype(np.float32),
+        mat,
+        off,
+        output_shape=shape,
+        order=1,
+        mode="constant",
+        cval=1.0,
+        output=np.float32,
+    )
     weight[touched > 1e-3] = 0.0
     np.clip(weight, 0.0, 1.0, out=weight)
     # outside the frame: sky level rather than the edge pixels smeared by mode="nearest"
@@ -443,10 +480,18 @@ def _warp(frame: Frame, fs: _Stars, matrix: np.ndarray, shape: tuple[int, int], 
     return data, weight
 
 
-def _photometry(frame: Frame, reference: Frame, rs: _Stars, fs: _Stars, data: np.ndarray,
-                weight: np.ndarray, ref_xy: np.ndarray, ref_sat: np.ndarray,
-                frm_sat: np.ndarray, options: NativeAlignOptions
-                ) -> tuple[float, float, int, float, float]:
+def _photometry(
+    frame: Frame,
+    reference: Frame,
+    rs: _Stars,
+    fs: _Stars,
+    data: np.ndarray,
+    weight: np.ndarray,
+    ref_xy: np.ndarray,
+    ref_sat: np.ndarray,
+    frm_sat: np.ndarray,
+    options: NativeAlignOptions,
+) -> tuple[float, float, int, float, float]:
     """(scale, offset, nstars, sky_frame, noise_frame) of the warped frame."""
     import sep
 
@@ -469,16 +514,20 @@ def _photometry(frame: Frame, reference: Frame, rs: _Stars, fs: _Stars, data: np
     use = ~ref_sat & ~frm_sat
     x, y = ref_xy[use, 0], ref_xy[use, 1]
     radius = options.phot_radius * max(fs.fwhm, rs.fwhm)
-    f_r, e_r, g_r = sep.sum_circle(rs.sub, x, y, radius, err=rs.rms, mask=rs.bad,
-                                   gain=reference.gain)
+    f_r, e_r, g_r = sep.sum_circle(
+        rs.sub, x, y, radius, err=rs.rms, mask=rs.bad, gain=reference.gain
+    )
     f_f, e_f, g_f = sep.sum_circle(sub, x, y, radius, err=rms_f, mask=bad, gain=frame.gain)
-    ok = ((g_r == 0) & (g_f == 0) & (f_r > options.phot_snr * e_r)
-          & (f_f > options.phot_snr * e_f))
+    ok = (g_r == 0) & (g_f == 0) & (f_r > options.phot_snr * e_r) & (f_f > options.phot_snr * e_f)
     n = int(ok.sum())
     if n < options.min_phot_stars:
-        raise _err(frame, f"only {n} unsaturated stars with S/N > {options.phot_snr:g} for "
-                   "the photometric scale; lower align.native.phot_snr or set "
-                   "align.native.photometric = false", phot_nstars=n)
+        raise _err(
+            frame,
+            f"only {n} unsaturated stars with S/N > {options.phot_snr:g} for "
+            "the photometric scale; lower align.native.phot_snr or set "
+            "align.native.photometric = false",
+            phot_nstars=n,
+        )
     ratio = f_r[ok] / f_f[ok]
     var = ratio**2 * ((e_r[ok] / f_r[ok]) ** 2 + (e_f[ok] / f_f[ok]) ** 2)
     keep = np.ones(n, bool)
@@ -501,23 +550,27 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
     matrix, method = _initial_transform(frame, fs, rs, options)
     matrix, i, j, rms = _refine(fs.xy, rs.xy, matrix, options)
     if len(i) < options.min_matched:
-        raise _err(frame, f"only {len(i)} stars matched after refinement "
-                   f"(minimum align.native.min_matched = {options.min_matched})",
-                   n_matched=len(i))
+        raise _err(
+            frame,
+            f"only {len(i)} stars matched after refinement "
+            f"(minimum align.native.min_matched = {options.min_matched})",
+            n_matched=len(i),
+        )
     data, weight = _warp(frame, fs, matrix, reference.shape, options.order)
     if not (weight > 0).any():
         raise _err(frame, "no pixel of the frame lands on the reference grid")
     scale, offset, nphot, sky_f, rms_f = _photometry(
-        frame, reference, rs, fs, data, weight, rs.xy[j], rs.saturated[j],
-        fs.saturated[i], options)
+        frame, reference, rs, fs, data, weight, rs.xy[j], rs.saturated[j], fs.saturated[i], options
+    )
     if options.photometric:
         data = (data * np.float32(scale) + np.float32(offset)).astype(np.float32)
 
     lin = matrix[:2, :2]
     det = float(np.linalg.det(lin))
     centre = np.array([(frame.shape[1] - 1) / 2.0, (frame.shape[0] - 1) / 2.0])
-    meta: dict[str, Any] = {f"align_m{r}{c}": float(matrix[r, c])
-                            for r in range(2) for c in range(3)}
+    meta: dict[str, Any] = {
+        f"align_m{r}{c}": float(matrix[r, c]) for r in range(2) for c in range(3)
+    }
     meta.update(
         shift_x=float(matrix[0, 2]),
         shift_y=float(matrix[1, 2]),

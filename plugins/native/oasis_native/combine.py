@@ -50,21 +50,27 @@ _CHUNK = 1 << 22  # values per block (frames x pixels) processed at once
 
 def _check_method(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value not in _METHODS:
-        raise ValueError(f"combine.native.{attribute.name} must be one of {_METHODS}, "
-                         f"not {value!r}")
+        raise ValueError(
+            f"combine.native.{attribute.name} must be one of {_METHODS}, not {value!r}"
+        )
 
 
 @attrs.frozen(kw_only=True)
 class NativeCombineOptions:
     """Options of the native combine backend."""
 
-    method: str = option("median", "median (weighted median) or mean (sigma-clipped "
-                         "weighted mean)", validator=_check_method)
+    method: str = option(
+        "median",
+        "median (weighted median) or mean (sigma-clipped weighted mean)",
+        validator=_check_method,
+    )
     clip: float = option(3.0, "rejection threshold in sigmas (method = mean)")
     clip_iters: int = option(3, "clipping iterations (method = mean)")
     clip_ampfrac: float = option(
-        0.3, "fraction of the source amplitude added to sigma so that seeing differences "
-        "are not clipped (SWarp's CLIP_AMPFRAC; method = mean)")
+        0.3,
+        "fraction of the source amplitude added to sigma so that seeing differences "
+        "are not clipped (SWarp's CLIP_AMPFRAC; method = mean)",
+    )
 
 
 class NativeCombine(CombineBackend):
@@ -103,8 +109,9 @@ class NativeCombine(CombineBackend):
         return _combine(list(frames), options)
 
 
-def weighted_median(values: np.ndarray, weights: np.ndarray, axis: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def weighted_median(
+    values: np.ndarray, weights: np.ndarray, axis: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Weighted median along ``axis`` and the total weight.
 
     Parameters
@@ -190,15 +197,18 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
     shape = frames[0].shape
     for f in frames[1:]:
         if f.shape != shape:
-            raise StageError(f"combine: frame {f.name!r} has shape {f.shape}, "
-                             f"frame {frames[0].name!r} has {shape}; align the frames first")
+            raise StageError(
+                f"combine: frame {f.name!r} has shape {f.shape}, "
+                f"frame {frames[0].name!r} has {shape}; align the frames first"
+            )
     n = len(frames)
     ny, nx = shape
     mean = options.method == "mean"
     noise = np.array([_frame_noise(f) for f in frames], np.float64)[:, None, None]
     backs = np.array([_frame_background(f) for f in frames], np.float64)[:, None, None]
-    inv_gain = np.array([1.0 / f.gain if f.gain else 0.0 for f in frames],
-                        np.float64)[:, None, None]
+    inv_gain = np.array([1.0 / f.gain if f.gain else 0.0 for f in frames], np.float64)[
+        :, None, None
+    ]
     background = _median_or_none([f.background for f in frames])
     fill = background if background is not None else 0.0
 
@@ -214,15 +224,19 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
         centre, total = weighted_median(d, w)
         if mean:
             signal = centre[None] - backs
-            sigma = np.sqrt(noise**2 + np.clip(signal, 0.0, None) * inv_gain
-                            + (options.clip_ampfrac * signal) ** 2)
+            sigma = np.sqrt(
+                noise**2
+                + np.clip(signal, 0.0, None) * inv_gain
+                + (options.clip_ampfrac * signal) ** 2
+            )
             use = w
             for _ in range(max(1, options.clip_iters)):
                 use = w * (np.abs(d - centre[None]) <= options.clip * sigma)
                 wv = use / noise**2  # weight map x inverse variance of the frame
                 wsum = np.sum(wv, axis=0)
-                centre = np.where(wsum > 0, np.sum(wv * d, axis=0) / np.where(
-                    wsum > 0, wsum, 1.0), centre)
+                centre = np.where(
+                    wsum > 0, np.sum(wv * d, axis=0) / np.where(wsum > 0, wsum, 1.0), centre
+                )
             total = np.sum(use, axis=0)
         out[sl] = np.where(total > 0, centre, fill)
         wout[sl] = total / n
@@ -260,6 +274,9 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
         gain=gain,
         readnoise=readnoise,
         saturation=float(min(saturations)) if saturations else None,
-        meta={"ncombine": n, "combine_method": options.method,
-              "frac_no_data": float(1.0 - good.mean())},
+        meta={
+            "ncombine": n,
+            "combine_method": options.method,
+            "frac_no_data": float(1.0 - good.mean()),
+        },
     )

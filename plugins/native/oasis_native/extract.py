@@ -41,8 +41,10 @@ class NativeExtractOptions:
     thresh: float = option(5.0, "detection threshold in sigmas of the matched-filtered residual")
     minarea: int = option(5, "minimum number of connected pixels above the threshold")
     fwhm: float = option(
-        0.0, "PSF FWHM (px) for the filter kernel and the aperture; 0 = the residual's "
-        "meta['fwhm'] or header FWHM, else 3")
+        0.0,
+        "PSF FWHM (px) for the filter kernel and the aperture; 0 = the residual's "
+        "meta['fwhm'] or header FWHM, else 3",
+    )
     radius: float = option(0.0, "aperture radius (px); 0 = 1.5 x FWHM")
     negative: bool = option(True, "also detect negative sources (on -R), with sign = -1")
     deblend_nthresh: int = option(32, "sep deblending thresholds")
@@ -60,8 +62,7 @@ class NativeExtract(ExtractBackend):
     def check(self, options: Any) -> None:
         """Accept: sep is a requirement of OASIS itself."""
 
-    def extract(self, residual: Residual, *, options: NativeExtractOptions, workdir: Path
-                ) -> Any:
+    def extract(self, residual: Residual, *, options: NativeExtractOptions, workdir: Path) -> Any:
         """Return an astropy Table of the sources on ``residual``.
 
         Parameters
@@ -123,8 +124,9 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
 
     data = np.array(residual.data, dtype=np.float32, order="C")  # private, native order
     noise = np.array(residual.noise, dtype=np.float32, order="C")
-    bad = ~((np.asarray(residual.weight) > 0) & (noise > 0) & np.isfinite(data)
-            & np.isfinite(noise))
+    bad = ~(
+        (np.asarray(residual.weight) > 0) & (noise > 0) & np.isfinite(data) & np.isfinite(noise)
+    )
     if bad.all():
         raise StageError(f"extract {residual.name!r}: every pixel has weight 0")
     data -= np.median(data[~bad])
@@ -140,13 +142,22 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     for sign in (1, -1) if options.negative else (1,):
         image = data if sign > 0 else -data
         try:
-            objs = sep.extract(image, options.thresh, err=noise, mask=bad,
-                               minarea=options.minarea, filter_kernel=kernel,
-                               filter_type="matched", deblend_nthresh=options.deblend_nthresh,
-                               deblend_cont=options.deblend_cont, clean=options.clean)
+            objs = sep.extract(
+                image,
+                options.thresh,
+                err=noise,
+                mask=bad,
+                minarea=options.minarea,
+                filter_kernel=kernel,
+                filter_type="matched",
+                deblend_nthresh=options.deblend_nthresh,
+                deblend_cont=options.deblend_cont,
+                clean=options.clean,
+            )
         except Exception as err:  # sep raises a bare Exception on buffer overflows
-            raise StageError(f"extract {residual.name!r}: sep failed ({err}); raise "
-                             "extract.native.thresh") from err
+            raise StageError(
+                f"extract {residual.name!r}: sep failed ({err}); raise extract.native.thresh"
+            ) from err
         if len(objs) == 0:
             continue
         x, y = objs["x"].astype(np.float64), objs["y"].astype(np.float64)
@@ -155,20 +166,24 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
         x, y = np.where(ok, xw, x), np.where(ok, yw, y)
         flux, flux_err, aflag = sep.sum_circle(data, x, y, radius, err=noise, mask=bad)
         err = np.where(flux_err > 0, flux_err, np.nan)
-        tables.append(Table({
-            "x": x,
-            "y": y,
-            "flux": flux.astype(np.float64),
-            "flux_err": flux_err.astype(np.float64),
-            "peak": sign * objs["peak"].astype(np.float64),
-            "snr": np.abs(flux) / err,
-            "a": objs["a"].astype(np.float64),
-            "b": objs["b"].astype(np.float64),
-            "theta": objs["theta"].astype(np.float64),
-            "npix": objs["npix"].astype(np.int32),
-            "sign": np.full(len(objs), sign, np.int32),
-            "flag": (objs["flag"].astype(np.int32) | aflag.astype(np.int32)),
-        }))
+        tables.append(
+            Table(
+                {
+                    "x": x,
+                    "y": y,
+                    "flux": flux.astype(np.float64),
+                    "flux_err": flux_err.astype(np.float64),
+                    "peak": sign * objs["peak"].astype(np.float64),
+                    "snr": np.abs(flux) / err,
+                    "a": objs["a"].astype(np.float64),
+                    "b": objs["b"].astype(np.float64),
+                    "theta": objs["theta"].astype(np.float64),
+                    "npix": objs["npix"].astype(np.int32),
+                    "sign": np.full(len(objs), sign, np.int32),
+                    "flag": (objs["flag"].astype(np.int32) | aflag.astype(np.int32)),
+                }
+            )
+        )
     if not tables:
         return _empty()
     table = vstack(tables) if len(tables) > 1 else tables[0]

@@ -40,7 +40,8 @@ class NativeMrOptions:
     """Options of the native master-residual backend."""
 
     normalize: bool = option(
-        True, "average the residuals normalised by their noise (sigma units); false: in ADU")
+        True, "average the residuals normalised by their noise (sigma units); false: in ADU"
+    )
 
 
 class NativeMr(MrBackend):
@@ -88,8 +89,10 @@ def _master(residuals: list[Residual], options: NativeMrOptions) -> Residual:
     shape = residuals[0].data.shape
     for r in residuals[1:]:
         if r.data.shape != shape:
-            raise StageError(f"mr: residual {r.name!r} has shape {r.data.shape}, residual "
-                             f"{residuals[0].name!r} has {shape}")
+            raise StageError(
+                f"mr: residual {r.name!r} has shape {r.data.shape}, residual "
+                f"{residuals[0].name!r} has {shape}"
+            )
     sum_w = np.zeros(shape, np.float64)
     sum_wr = np.zeros(shape, np.float64)
     sum_w2 = np.zeros(shape, np.float64)
@@ -129,6 +132,9 @@ def _master(residuals: list[Residual], options: NativeMrOptions) -> Residual:
         science="",
         template=templates.pop() if len(templates) == 1 else "",
         params={"normalize": bool(options.normalize)},
-        meta={"n_residuals": len(residuals), "inputs": ",".join(names),
-              "frac_no_data": float(1.0 - has.mean())},
+        meta={
+            "n_residuals": len(residuals),
+            "inputs": ",".join(names),
+            "frac_no_data": float(1.0 - has.mean()),
+        },
     )

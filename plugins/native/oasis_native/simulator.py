@@ -16,8 +16,7 @@ class NativeSimulator(Simulator):
     name = "native"
     description = "numpy simulator of a series of frames with injected transients"
 
-    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int],
-                 seed: int) -> Any:
+    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int], seed: int) -> Any:
         from oasis_native.sim import simulate_series, write_series
 
         series = simulate_series(n_frames=n_frames, shape=shape, seed=seed)
