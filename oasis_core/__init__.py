@@ -1,3 +1,40 @@
-"""OASIS core: contracts, data model, config, target tree, pipeline and CLI."""
+"""OASIS core: contracts, data model, config, target tree, pipeline and CLI.
+
+The pipeline and its stages are reachable from the package, as OasisPy's users expect::
+
+    import oasis_core
+    oasis_core.pipeline("OASIS/targets/m31", backends={"subtract": "ois"})
+    oasis_core.mask("OASIS/targets/m31")
+
+``oasis_core.pipeline`` is the :mod:`oasis_core.pipeline` module, callable as the
+:func:`oasis_core.pipeline.pipeline` function. Imports are lazy, so ``oasis --help`` stays
+fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = [
+    "__version__",
+    "align",
+    "combine",
+    "extract",
+    "mask",
+    "mr",
+    "pipeline",
+    "psf",
+    "subtract",
+]
+
+_STAGE_FUNCTIONS = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "pipeline":
+        return importlib.import_module("oasis_core.pipeline")
+    if name in _STAGE_FUNCTIONS:
+        return getattr(importlib.import_module("oasis_core.pipeline"), name)
+    raise AttributeError(f"module 'oasis_core' has no attribute {name!r}")

@@ -24,7 +24,9 @@ import contextlib
 import logging
 import math
 import shutil
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -916,6 +918,10 @@ def _extract(ctx: Context) -> dict[str, Any]:
         "sharp_max": settings.sharp_max,
     }
     wcs = _template_wcs(ctx)
+    prov = {
+        k: str(v[0] if isinstance(v, tuple) else v)
+        for k, v in ctx.provenance("extract", dict(units), settings=settings).cards().items()
+    }
     indiv = []
     for name in indiv_names:
         t = filter_detections(tables[name], **common)
@@ -927,15 +933,15 @@ def _extract(ctx: Context) -> dict[str, Any]:
     if sources is not None:
         _add_radec(sources, wcs)
         filtered = sources[sources["reason"] == "kept"]
-        written += _write_catalog(out_dir, "sources", sources)
-        written += _write_catalog(out_dir, "filtered_sources", filtered)
+        written += _write_catalog(out_dir, "sources", sources, prov)
+        written += _write_catalog(out_dir, "filtered_sources", filtered, prov)
         summary.update(found=len(sources), filtered=len(filtered))
     if "MR" in tables:
         mr_t = _cleaned(filter_detections(tables["MR"], **common))
         _add_radec(mr_t, wcs)
         mr_f = mr_t[mr_t["reason"] == "kept"]
-        written += _write_catalog(out_dir, "MR_sources", mr_t)
-        written += _write_catalog(out_dir, "MR_filtered_sources", mr_f)
+        written += _write_catalog(out_dir, "MR_sources", mr_t, prov)
+        written += _write_catalog(out_dir, "MR_filtered_sources", mr_f, prov)
         summary.update(mr_found=len(mr_t), mr_filtered=len(mr_f))
         if sources is not None:
             kept = sources[sources["reason"] == "kept"]
@@ -979,9 +985,12 @@ def _add_radec(table: Any, wcs: Any) -> None:
     table["dec"].info.format = ".6f"
 
 
-def _write_catalog(out_dir: Path, stem: str, table: Any) -> list[Path]:
+def _write_catalog(
+    out_dir: Path, stem: str, table: Any, provenance: Mapping[str, str]
+) -> list[Path]:
     txt, ecsv = out_dir / f"{stem}.txt", out_dir / f"{stem}.ecsv"
     io.write_table(table, txt)
+    table.meta.update(provenance)
     io.write_table(table, ecsv)
     return [txt, ecsv]
 
@@ -1080,3 +1089,14 @@ def pipeline(path: str | Path, **kwargs: Any) -> dict[str, Any]:
         ``result["extract"]`` is the summary of the detections (counts, mean Q).
     """
     return run_stages(make_context(path, **kwargs))
+
+
+class _CallablePipelineModule(types.ModuleType):
+    """Lets ``oasis_core.pipeline(path, **options)`` run the pipeline (OasisPy's habit)
+    while ``oasis_core.pipeline`` stays this module."""
+
+    def __call__(self, path: str | Path, **kwargs: Any) -> dict[str, Any]:
+        return pipeline(path, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePipelineModule

@@ -11,14 +11,34 @@ from oasis_core.cli import main
 
 
 def oasis(*args, input=None, cwd=None):  # noqa: A002 - mirrors subprocess.run
-    return subprocess.run([sys.executable, "-m", "oasis_core.cli", *args], input=input,
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "oasis_core.cli", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 def test_help_lists_every_command():
     out = oasis("--help").stdout
-    for command in ("init", "get", "plugins", "config", "pipeline", "run", "demo", "mask",
-                    "psf", "align", "combine", "subtract", "mr", "extract"):
+    for command in (
+        "init",
+        "get",
+        "plugins",
+        "config",
+        "pipeline",
+        "run",
+        "demo",
+        "mask",
+        "psf",
+        "align",
+        "combine",
+        "subtract",
+        "mr",
+        "extract",
+    ):
         assert command in out
 
 
@@ -48,5 +68,6 @@ def test_demo_command_prints_where_and_the_result(tmp_path):
     assert f"outputs in {tmp_path / 'd'}" in proc.stdout
     [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("result: ")]
     assert "frames used, mean Q" in line and "injected transients" in line
-    assert (tmp_path / "d" / "OASIS" / "targets" / "demo" / "sources"
-            / "total_sources.txt").exists()
+    assert (
+        tmp_path / "d" / "OASIS" / "targets" / "demo" / "sources" / "total_sources.txt"
+    ).exists()
