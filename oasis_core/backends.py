@@ -162,6 +162,15 @@ class SubtractBackend(Backend):
         """
         raise NotImplementedError
 
+    def candidates(self, science: Frame, template: Template, *, options: Any) -> list[Any]:
+        """Option sets to try on this pair, cheapest first; the first is ``options``.
+
+        When ``[subtract] optimize`` is on, the core runs :meth:`subtract` with each in
+        turn, stops at the first whose Q reaches ``[subtract] q_ceiling`` and keeps the
+        best. The default offers only ``options``.
+        """
+        return [options]
+
 
 class MrBackend(Backend):
     """Combines residuals into a master residual."""
