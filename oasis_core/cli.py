@@ -410,6 +410,27 @@ def _menu() -> None:
             pl.run_stages(pl.make_context(target, reporter=_RichReporter()), [choice])
 
 
+@app.command("subtract-pair")
+def subtract_pair(
+    science: Annotated[Path, typer.Argument(help="Science frame (FITS).")],
+    template: Annotated[Path, typer.Argument(help="Template frame, aligned with SCIENCE.")],
+    output: Annotated[Path, typer.Argument(help="Residual to write (FITS).")],
+    method: Annotated[str, typer.Option(help="Subtract backend (ois, zogy, hotpants...).")] = "ois",
+    noise: Annotated[Path | None, typer.Option(help="Also write the noise image here.")] = None,
+    option: OptionOpt = None,
+) -> None:
+    """Subtract one already aligned pair outside any target tree (as hotpants users do)."""
+    from oasis_core.subtraction import subtract_pair as run_pair
+
+    options = _cli_overrides(option)
+    residual = run_pair(science, template, output, method=method, noise=noise, options=options)
+    flag = residual.meta.get("flag") or "none"
+    typer.echo(
+        f"{output}: Q {residual.q:.3f}, configuration {residual.meta.get('choice', 1)}"
+        f"/{residual.meta.get('tries', 1)}, flag: {flag}"
+    )
+
+
 @app.command()
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where to create OASIS/ for the demo.")] = Path(

@@ -93,7 +93,13 @@ class SubtractSettings:
     q_floor: float = option(
         0.5, "residuals with Q below this are fully masked and logged (0 = keep all)"
     )
-    q_ceiling: float = option(0.75, "Q above which a subtraction is considered good")
+    q_ceiling: float = option(
+        0.75, "Q at which the optimisation stops: the subtraction is good enough"
+    )
+    optimize: bool = option(
+        True, "try the backend's further configurations until Q reaches q_ceiling"
+    )
+    max_tries: int = option(9, "at most this many configurations per frame")
 
 
 @attrs.frozen(kw_only=True)

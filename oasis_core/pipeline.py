@@ -39,7 +39,7 @@ from oasis_core.backends import STAGES
 from oasis_core.config import Config, dump_config, load_config
 from oasis_core.errors import InputError, OasisError, StageError
 from oasis_core.executor import Executor, make_executor
-from oasis_core.model import Frame, Residual, Template, readonly
+from oasis_core.model import Frame, Template, readonly
 from oasis_core.plugins import Registry
 from oasis_core.provenance import Provenance, is_current, options_dict
 from oasis_core.tree import Target, find_target
@@ -279,62 +279,31 @@ def _task_align(task: Task) -> dict[str, Any]:
 
 
 def _task_subtract(task: Task) -> dict[str, Any]:
+    from oasis_core.subtraction import residual_cards, run_subtraction
+
     science = _ro(_load_output(task.inputs["science"], task.inputs.get("psf")))
     template = _ro(
         _load_output(task.inputs["template"], task.inputs.get("template_psf"), cls=Template)
     )
-    start = time.perf_counter()
-    residual = task.backend.subtract(science, template, options=task.options, workdir=task.workdir)
-    seconds = time.perf_counter() - start
-    if residual.data.shape != science.shape:
-        raise StageError(f"{science.name}: subtract backend returned the wrong shape")
-    residual = _judge_residual(residual, science.name, task.extra)
-    meta = {
-        **residual.meta,
-        "seconds": round(seconds, 3),
-        "good_fraction": round(float((residual.weight > 0).mean()), 4),
-    }
-    residual = attrs.evolve(
-        residual,
-        name=f"{science.name}_residual",
-        science=science.name,
-        template=template.name,
-        meta=meta,
+    residual = run_subtraction(
+        task.backend,
+        science,
+        template,
+        options=task.options,
+        workdir=task.workdir,
+        settings=task.extra,
     )
-    cards = task.provenance.header_cards()
-    if science.fwhm:
-        cards["SFWHM"] = (float(science.fwhm), "science PSF FWHM [pix]")
-    matched = residual.meta.get("fwhm")
-    if not (isinstance(matched, (int, float)) and np.isfinite(matched) and matched > 0):
-        matched = max(science.fwhm or 0.0, template.fwhm or 0.0) or None
-    if matched:
-        cards["FWHM"] = (float(matched), "PSF FWHM of the residual [pix]")
-    if template.fwhm:
-        cards["TFWHM"] = (float(template.fwhm), "template PSF FWHM [pix]")
+    residual = attrs.evolve(
+        residual, name=f"{science.name}_residual", science=science.name, template=template.name
+    )
+    cards = {**task.provenance.header_cards(), **residual_cards(residual, science, template)}
     io.write_residual(task.output, residual, header_extra=cards)
     return {
         "q": float(residual.q),
         "flag": str(residual.meta.get("flag", "")),
-        "seconds": round(seconds, 3),
-        "good_fraction": float((residual.weight > 0).mean()),
+        "seconds": residual.meta["seconds"],
+        "good_fraction": residual.meta["good_fraction"],
     }
-
-
-def _judge_residual(residual: Residual, name: str, settings: Mapping[str, Any]) -> Residual:
-    """Apply the core's quality rules: never ship a bad residual quietly."""
-    flags = [str(residual.meta.get("flag", ""))] if residual.meta.get("flag") else []
-    good = float((residual.weight > 0).mean())
-    q_floor = float(settings.get("q_floor", 0.0))
-    weight = residual.weight
-    if good < 0.5:
-        flags.append(f"mostly masked ({100 * (1 - good):.0f}% of pixels)")
-    if not np.isfinite(residual.q) or residual.q < q_floor:
-        flags.append(f"Q {residual.q:.3f} below the floor {q_floor}")
-        weight = np.zeros_like(residual.weight)
-    flag = "; ".join(flags)
-    if flag:
-        log.warning("%s: %s", name, flag)
-    return attrs.evolve(residual, weight=weight, meta={**residual.meta, "flag": flag})
 
 
 def _load_output(path: Path, psf_path: Path | None, *, cls: type[Frame] = Frame) -> Frame:
@@ -802,19 +771,30 @@ def _subtract(ctx: Context) -> list[str]:
 
 
 def _write_subtract_log(ctx: Context, names: Sequence[str]) -> None:
+    """``residuals/log.txt``: per frame the backend, Q, the configuration chosen by the
+    optimisation (choice / tries and the backend's description), run time and flag."""
     from astropy.io import fits
 
-    lines = [f"# {'frame':<24} {'backend':<10} {'Q':>6} {'seconds':>8} {'good':>6}  flag"]
+    head = (
+        f"# {'frame':<24} {'backend':<10} {'Q':>6} {'choice':>6} {'seconds':>8} "
+        f"{'good':>5}  configuration | flag"
+    )
+    lines = [head]
     for name in names:
         path = _residual_path(ctx, name)
         if not path.exists():
-            lines.append(f"  {name:<24} {'-':<10} {'-':>6} {'-':>8} {'-':>6}  not subtracted")
+            lines.append(
+                f"  {name:<24} {'-':<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  not subtracted"
+            )
             continue
         hdr = fits.getheader(path)
+        choice = f"{hdr.get('OAS CHOICE', 1)}/{hdr.get('OAS TRIES', 1)}"
         lines.append(
-            f"  {name:<24} {hdr.get('OASBACK', '?'):<10} {float(hdr.get('OASQ', 'nan')):6.3f} "
+            f"  {name:<24} {hdr.get('OASBACK', '?'):<10} "
+            f"{float(hdr.get('OASQ', 'nan')):6.3f} {choice:>6} "
             f"{float(hdr.get('OAS SECONDS', np.nan)):8.2f} "
-            f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):6.2f}  {hdr.get('OAS FLAG', '')}"
+            f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f}  "
+            f"{hdr.get('OAS CONFIG', '')} | {hdr.get('OAS FLAG', '')}"
         )
     io.write_text(ctx.target.stage_dir("subtract") / "log.txt", "\n".join(lines) + "\n")
 

@@ -112,3 +112,27 @@ def test_inputs_are_not_modified_and_shape_mismatch_is_an_error(rng):
         q_value(r, noise[:10], weight)
     with pytest.raises(ValueError, match="bins"):
         q_value(r, noise, weight, bins=2)
+
+
+def test_star_aperture_rms_is_one_for_pure_noise_and_grows_with_leftovers():
+    from oasis_core.quality import star_aperture_rms
+
+    rng = np.random.default_rng(5)
+    noise = np.full((256, 256), 2.0)
+    res = rng.normal(0, 2.0, noise.shape)
+    ys, xs = np.mgrid[30:230:40, 30:230:40]
+    xs, ys = xs.ravel().astype(float), ys.ravel().astype(float)
+    weight = np.ones(noise.shape)
+    clean = star_aperture_rms(res, noise, weight, xs, ys, 4.0)
+    assert 0.85 < clean < 1.15
+    # a PSF-mismatch leftover (ring) at every star raises the figure
+    yy, xx = np.mgrid[:256, :256]
+    ring = np.zeros(noise.shape)
+    for x, y in zip(xs, ys, strict=True):
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        ring += 20.0 * (np.exp(-d2 / 2.0) - 0.5 * np.exp(-d2 / 8.0))
+    assert star_aperture_rms(res + ring, noise, weight, xs, ys, 4.0) > 1.3 * clean
+    # masked apertures and edges are skipped
+    weight[:, :128] = 0
+    assert np.isfinite(star_aperture_rms(res, noise, weight, xs, ys, 4.0))
+    assert np.isnan(star_aperture_rms(res, noise, weight, np.array([2.0]), np.array([2.0]), 4.0))
