@@ -32,8 +32,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        target = simulate_target(Path(tmp), "demo", n_frames=args.frames,
-                                 shape=(args.size, args.size), seed=args.seed)
+        target = simulate_target(
+            Path(tmp), "demo", n_frames=args.frames, shape=(args.size, args.size), seed=args.seed
+        )
         simulated = time.perf_counter() - start
         ctx = make_context(target.path, jobs=args.jobs)
         rows = [("simulate", simulated)]
@@ -44,8 +45,10 @@ def main() -> None:
         truth = Table.read(Path(tmp) / "OASIS" / "simulations" / "demo" / "truth.ecsv")
         result = evaluate(target, truth)
     total = sum(t for _, t in rows)
-    print(f"demo pipeline: {args.frames} frames of {args.size}x{args.size}, "
-          f"jobs={ctx.config.run.jobs or 'all cores'}")
+    print(
+        f"demo pipeline: {args.frames} frames of {args.size}x{args.size}, "
+        f"jobs={ctx.config.run.jobs or 'all cores'}"
+    )
     print(f"{'stage':<10} {'seconds':>8}")
     for name, seconds in rows:
         print(f"{name:<10} {seconds:8.2f}")

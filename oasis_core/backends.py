@@ -149,9 +149,14 @@ class CombineBackend(Backend):
 
 
 class SubtractBackend(Backend):
-    """Subtracts a PSF-matched template from a science frame."""
+    """Subtracts a PSF-matched template from a science frame.
+
+    Set ``needs_psf = True`` when :meth:`subtract` needs the frames' ``psf`` models
+    (``oasis subtract-pair`` then measures them with the psf backend first).
+    """
 
     stage = "subtract"
+    needs_psf: ClassVar[bool] = False
 
     def subtract(
         self, science: Frame, template: Template, *, options: Any, workdir: Path

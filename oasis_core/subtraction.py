@@ -146,8 +146,8 @@ def subtract_pair(
     """Subtract one already aligned pair, outside any target tree (``oasis subtract-pair``).
 
     Gain, read noise and saturation come from the headers; the PSF of each frame is
-    measured with the configured psf backend when the subtract backend needs one (every
-    frame gets its FWHM). ``options`` are dotted keys as on the command line, e.g.
+    measured with the configured psf backend when the subtract backend says it needs one
+    (``needs_psf``). ``options`` are dotted keys as on the command line, e.g.
     ``{"subtract.ois.deg_spatial": 1}`` or ``{"deg_spatial": 1}`` (taken as the chosen
     backend's). The residual (with ``NOISE`` and ``WEIGHT`` extensions) is written to
     ``output``; with ``noise`` the noise image is also written there on its own.
@@ -181,20 +181,19 @@ def subtract_pair(
         )
     workdir = Path(tempfile.mkdtemp(prefix="oasis-pair-"))
     try:
-        measured = []
-        psf_name = config.backend("psf")
-        psf_backend = registry.select("psf", psf_name, config.backend_options("psf"))
-        for frame in (sci, tpl):
-            try:
-                frame = psf_backend.psf(
-                    frame, options=config.backend_options("psf"), workdir=workdir
-                )
-            except StageError as err:
-                log.warning(
-                    "%s: no PSF measured (%s); the backend measures what it needs", frame.path, err
-                )
-            measured.append(frame)
-        sci, tpl = measured
+        if getattr(backend, "needs_psf", False):
+            psf_name = config.backend("psf")
+            psf_backend = registry.select("psf", psf_name, config.backend_options("psf"))
+            measured = []
+            for frame in (sci, tpl):
+                try:
+                    frame = psf_backend.psf(
+                        frame, options=config.backend_options("psf"), workdir=workdir
+                    )
+                except StageError as err:
+                    log.warning("%s: no PSF measured (%s)", frame.path, err)
+                measured.append(frame)
+            sci, tpl = measured
         template_obj = Template(
             **{f.name: getattr(tpl, f.name) for f in attrs.fields(Frame)}, inputs=()
         )

@@ -1,0 +1,227 @@
+"""Subtraction benchmark: every available subtract backend on the same simulated pairs.
+
+Run: ``python benchmarks/subtract.py [--sizes 1024 2048 4096] [--ratios 1.4]
+[--ratio-size 2048 --extra-ratios 1.1 1.8] [--seed 3]``.
+
+Each pair comes from the project's simulator (``oasis_native.sim.simulate_pair``): a star
+field and a galaxy through Moffat PSFs whose FWHM varies by 10 % across the chip, the
+science seeing ``ratio`` times the template's (3 px), transients in the science frame.
+Every backend is run the way a user runs it, as a whole process (imports included):
+``oasis subtract-pair SCI TPL OUT --method NAME``; when the ``hotpants`` program is on
+PATH it is also run bare, on the same pair, in the same table. Columns:
+
+* ``wall s``: wall time of the process; ``peak MiB``: its peak resident memory
+  (``os.wait4``; for ``--method hotpants`` the program is a grandchild, not counted);
+* ``bg noise``: robust std of residual / noise away from sources (1.0 = the noise image
+  is right);
+* ``star rms``: normalised RMS inside 1-FWHM apertures on bright unsaturated stars, the
+  standard figure of subtraction quality (1.0 = noise-limited; lower is better), each
+  backend's residual divided by its own noise image;
+* ``star/bg``: ``star rms`` / ``bg noise``: the same figure against the scatter the
+  backend actually left in the background, so that a noise image that is too high (which
+  lowers ``star rms``) does not flatter a backend;
+* ``flux``: recovered / injected flux of the transients with peak S/N >= 20 (aperture
+  of 4 FWHM, local background);
+* ``Q``: OasisPy's quality figure.
+
+Nothing here is asserted by the tests; the numbers are for this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_pair(size: int, ratio: float, seed: int, directory: Path):  # type: ignore[no-untyped-def]
+    from astropy.io import fits
+    from oasis_native.sim import simulate_pair
+
+    (sci, sh), (tpl, th), truth = simulate_pair(
+        (size, size),
+        seed=seed,
+        fwhm_science=3.0 * ratio,
+        fwhm_template=3.0,
+        transients=max(6, size // 128),
+        psf_gradient=0.1,
+        template_depth=4.0,
+        sky_subtracted=False,
+    )
+    paths = directory / f"sci_{size}_{ratio}.fits", directory / f"tpl_{size}_{ratio}.fits"
+    fits.PrimaryHDU(sci, sh).writeto(paths[0], overwrite=True)
+    fits.PrimaryHDU(tpl, th).writeto(paths[1], overwrite=True)
+    return paths, truth, 3.0 * ratio
+
+
+def timed(cmd: list[str]) -> tuple[float, float, int, str]:
+    """Run ``cmd``; return wall seconds, peak RSS (MiB), exit code and stderr's tail."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = proc.stderr.read() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), err.strip()[-200:]
+
+
+def hotpants_bare(sci: Path, tpl: Path, out: Path, noise: Path) -> list[str]:
+    """The hotpants command line a user would type for this pair (valid levels from the
+    data, so that hotpants does not mask the sky; noise image out)."""
+    from astropy.io import fits
+
+    args = [
+        "hotpants",
+        "-inim",
+        str(sci),
+        "-tmplim",
+        str(tpl),
+        "-outim",
+        str(out),
+        "-oni",
+        str(noise),
+        "-n",
+        "i",
+        "-c",
+        "t",
+    ]
+    for flag_u, flag_l, path in (("-iu", "-il", sci), ("-tu", "-tl", tpl)):
+        data = fits.getdata(path)
+        med = float(np.median(data))
+        mad = float(1.4826 * np.median(np.abs(data - med)))
+        args += [flag_u, f"{float(data.max()) + 1:.1f}", flag_l, f"{med - 10 * mad:.1f}"]
+    return args
+
+
+def measure(out: Path, noise_path: Path | None, truth, fwhm: float, tpl: Path):  # type: ignore[no-untyped-def]
+    import sep
+    from astropy.io import fits
+
+    from oasis_core.quality import normalized_noise, q_value, star_aperture_rms
+
+    with fits.open(out) as hdul:
+        res = np.array(hdul[0].data, np.float64)
+        names = [h.name for h in hdul]
+        noise = np.array(hdul["NOISE"].data, np.float64) if "NOISE" in names else None
+        weight = np.array(hdul["WEIGHT"].data, np.float64) if "WEIGHT" in names else None
+    if noise is None and noise_path is not None:
+        noise = np.array(fits.getdata(noise_path), np.float64)
+    if weight is None:
+        weight = (np.isfinite(res) & (np.abs(res) < 1e20)).astype(float)
+        if noise is not None:
+            weight[~np.isfinite(noise) | (noise <= 0)] = 0
+    res = np.where(weight > 0, res, 0.0)
+    template = np.array(fits.getdata(tpl), np.float64)
+    bkg = sep.Background(template)
+    sub = template - bkg.back()
+    objs = sep.extract(sub, 50.0, err=bkg.globalrms)
+    bright = objs[(objs["peak"] < 30000) & (objs["flag"] == 0)]
+    from scipy import ndimage
+
+    sources = ndimage.maximum_filter(
+        ndimage.gaussian_filter(sub, 1.0) > 3 * bkg.globalrms / 2.5, size=int(2 * fwhm) | 1
+    )
+    out_row = {
+        "bg": normalized_noise(res, noise, weight, exclude=sources),
+        "star": star_aperture_rms(res, noise, weight, bright["x"], bright["y"], fwhm),
+        "q": q_value(res, noise, weight, exclude=sources),
+    }
+    sel = truth[np.asarray(truth["peak_snr"]) >= 20]
+    if len(sel):
+        r_ap, r_in, r_out = 4 * fwhm, 5 * fwhm, 7 * fwhm
+        flux, _, _ = sep.sum_circle(
+            np.ascontiguousarray(res),
+            np.asarray(sel["x"], float),
+            np.asarray(sel["y"], float),
+            r_ap,
+            bkgann=(r_in, r_out),
+        )
+        out_row["flux"] = float(np.sum(flux) / np.sum(sel["flux"]))
+    else:
+        out_row["flux"] = float("nan")
+    return out_row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.4])
+    parser.add_argument("--ratio-size", type=int, default=2048)
+    parser.add_argument("--extra-ratios", type=float, nargs="*", default=[1.1, 1.8])
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=None,
+        help="subtract backends to run (default: every available one)",
+    )
+    parser.add_argument("--seed", type=int, default=3)
+    args = parser.parse_args()
+
+    from oasis_core.plugins import Registry
+
+    registry = Registry()
+    names = args.backends or [
+        r.name
+        for r in registry.all_records()
+        if r.stage == "subtract" and registry.status(r) == "available"
+    ]
+    cases = [(s, r) for s in args.sizes for r in args.ratios]
+    cases += [(args.ratio_size, r) for r in args.extra_ratios if (args.ratio_size, r) not in cases]
+    header = (
+        f"{'size':>5} {'ratio':>5} {'backend':<14} {'wall s':>7} {'peak MiB':>8} "
+        f"{'bg noise':>8} {'star rms':>8} {'flux':>6} {'Q':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        for size, ratio in cases:
+            (sci, tpl), truth, fwhm = make_pair(size, ratio, args.seed, tmpdir)
+            runs = [
+                (
+                    n,
+                    [
+                        sys.executable,
+                        "-m",
+                        "oasis_core.cli",
+                        "subtract-pair",
+                        str(sci),
+                        str(tpl),
+                        "{out}",
+                        "--method",
+                        n,
+                    ],
+                )
+                for n in names
+            ]
+            if shutil.which("hotpants"):
+                runs.append(("hotpants (bare)", None))
+            for label, cmd in runs:
+                out = tmpdir / f"out_{size}_{ratio}_{label.split()[0]}.fits"
+                noise = out.with_suffix(".noise.fits")
+                if cmd is None:
+                    cmd = hotpants_bare(sci, tpl, out, noise)
+                else:
+                    cmd = [c.replace("{out}", str(out)) for c in cmd]
+                wall, peak, code, err = timed(cmd)
+                if code != 0 or not out.exists():
+                    print(f"{size:>5} {ratio:>5} {label:<14} failed ({code}): {err}")
+                    continue
+                m = measure(out, noise if noise.exists() else None, truth, fwhm, tpl)
+                print(
+                    f"{size:>5} {ratio:>5} {label:<14} {wall:7.2f} {peak:8.0f} "
+                    f"{m['bg']:8.3f} {m['star']:8.3f} {m['flux']:6.3f} {m['q']:6.3f}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
