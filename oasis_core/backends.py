@@ -21,7 +21,7 @@ Stage methods (all options keyword-only, after the data)::
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -167,8 +167,11 @@ class SubtractBackend(Backend):
         """
         raise NotImplementedError
 
-    def candidates(self, science: Frame, template: Template, *, options: Any) -> list[Any]:
+    def candidates(self, science: Frame, template: Template, *, options: Any) -> Iterable[Any]:
         """Option sets to try on this pair, cheapest first; the first is ``options``.
+
+        May be a generator: the core asks for the next one only when the previous
+        configuration fell short, so work needed only by later ones can wait.
 
         When ``[subtract] optimize`` is on, the core runs :meth:`subtract` with each in
         turn, stops at the first whose Q reaches ``[subtract] q_ceiling`` and keeps the

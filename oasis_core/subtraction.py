@@ -15,6 +15,7 @@ residual (and optionally its noise image) out, outside any target tree.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Mapping
@@ -57,10 +58,13 @@ def run_subtraction(
         ``optimize``, ``max_tries``, ``q_ceiling``, ``q_floor``.
     """
     get = settings.get if isinstance(settings, Mapping) else lambda k, d: getattr(settings, k, d)
-    candidates = [options]
+    candidates: Any = [options]
     if get("optimize", True):
-        candidates = list(backend.candidates(science, template, options=options)) or [options]
-        candidates = candidates[: max(1, int(get("max_tries", 9)))]
+        # lazily: a backend may measure what later configurations need only if asked
+        candidates = itertools.islice(
+            backend.candidates(science, template, options=options),
+            max(1, int(get("max_tries", 9))),
+        )
     ceiling = float(get("q_ceiling", 0.75))
     best: tuple[Residual, int, Any] | None = None
     errors: list[OasisError] = []
@@ -71,7 +75,7 @@ def run_subtraction(
         try:
             residual = backend.subtract(science, template, options=opts, workdir=workdir)
         except OasisError as err:
-            if len(candidates) == 1:
+            if not get("optimize", True):
                 raise
             errors.append(err)
             log.debug("%s: configuration %d failed: %s", science.name, index, err)

@@ -8,6 +8,14 @@ defaults (5 sigma, ``minarea`` 5) pure Gaussian noise gives well under one false
 per 1024 x 1024 pixels and sign. Negative sources (a source fainter than in the template)
 are found the same way on ``-R`` and get ``sign = -1``.
 
+With ``detect_on = "score"`` (or ``"auto"``, the default, when the residual carries a
+score image ``extra["score"]``, such as ZOGY's S_corr), detection thresholds the score
+instead: it is already a matched-filter significance in sigmas, so it is searched
+unfiltered with an error of 1 (``thresh`` sigmas of S_corr) and the positions are the
+windowed centroids on the score; ``flux`` and ``flux_err`` are still the aperture sums on
+the residual and its noise image (catalogs keep their meaning), ``snr`` is the |S_corr|
+peak of the detection and ``peak`` the signed residual pixel at the position.
+
 Columns: ``x``, ``y`` (0-based, windowed centroids), ``flux``, ``flux_err`` (circular
 aperture sum and its error from the noise image; negative flux for negative sources),
 ``peak`` (signed peak pixel), ``snr`` (``|flux| / flux_err``), ``a``, ``b``, ``theta``
@@ -50,6 +58,12 @@ class NativeExtractOptions:
     deblend_nthresh: int = option(32, "sep deblending thresholds")
     deblend_cont: float = option(0.005, "sep deblending contrast (1 = no deblending)")
     clean: bool = option(True, "sep cleaning of spurious detections near bright sources")
+    detect_on: str = option(
+        "auto",
+        "image searched: 'residual', 'score' (the residual's extra['score'], e.g. ZOGY's "
+        "S_corr, thresholded at thresh sigmas) or 'auto' (the score when there is one)",
+        validator=attrs.validators.in_(("auto", "residual", "score")),
+    )
 
 
 class NativeExtract(ExtractBackend):
@@ -82,7 +96,8 @@ class NativeExtract(ExtractBackend):
         Raises
         ------
         StageError
-            When every pixel is masked or sep fails.
+            When every pixel is masked, sep fails, or ``detect_on = "score"`` and the
+            residual has no score image.
         """
         return _extract(residual, options)
 
@@ -118,6 +133,27 @@ def _empty() -> Any:
     return Table(cols)
 
 
+def _score(residual: Residual, options: NativeExtractOptions) -> np.ndarray | None:
+    """The score image to detect on, or None to detect on the residual itself."""
+    if options.detect_on == "residual":
+        return None
+    score = residual.extra.get("score") if residual.extra else None
+    if score is None:
+        if options.detect_on == "score":
+            raise StageError(
+                f"extract {residual.name!r}: detect_on = 'score' but the residual has no "
+                "score image; use extract.native.detect_on = 'auto' or 'residual'"
+            )
+        return None
+    score = np.array(score, dtype=np.float32, order="C")
+    if score.shape != residual.data.shape:
+        raise StageError(
+            f"extract {residual.name!r}: its score image has shape {score.shape}, the "
+            f"residual {residual.data.shape}"
+        )
+    return score
+
+
 def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     import sep
     from astropy.table import Table, vstack
@@ -127,6 +163,9 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     bad = ~(
         (np.asarray(residual.weight) > 0) & (noise > 0) & np.isfinite(data) & np.isfinite(noise)
     )
+    score = _score(residual, options)
+    if score is not None:
+        bad |= ~np.isfinite(score)
     if bad.all():
         raise StageError(f"extract {residual.name!r}: every pixel has weight 0")
     data -= np.median(data[~bad])
@@ -135,20 +174,23 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     fwhm = _fwhm(residual, options)
     radius = options.radius if options.radius > 0 else 1.5 * fwhm
     kernel = _kernel(fwhm)
+    if score is not None:
+        score[bad] = 0.0
     sep.set_extract_pixstack(max(sep.get_extract_pixstack(), data.size))
     sep.set_sub_object_limit(max(sep.get_sub_object_limit(), 4096))
 
     tables = []
     for sign in (1, -1) if options.negative else (1,):
         image = data if sign > 0 else -data
+        search = image if score is None else (score if sign > 0 else -score)
         try:
             objs = sep.extract(
-                image,
+                search,
                 options.thresh,
-                err=noise,
+                err=noise if score is None else None,
                 mask=bad,
                 minarea=options.minarea,
-                filter_kernel=kernel,
+                filter_kernel=kernel if score is None else None,
                 filter_type="matched",
                 deblend_nthresh=options.deblend_nthresh,
                 deblend_cont=options.deblend_cont,
@@ -161,11 +203,19 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
         if len(objs) == 0:
             continue
         x, y = objs["x"].astype(np.float64), objs["y"].astype(np.float64)
-        xw, yw, wflag = sep.winpos(image, x, y, fwhm / 2.3548, mask=bad)
+        xw, yw, wflag = sep.winpos(search, x, y, fwhm / 2.3548, mask=bad)
         ok = (wflag == 0) & (np.hypot(xw - x, yw - y) < 0.5 * fwhm)
         x, y = np.where(ok, xw, x), np.where(ok, yw, y)
         flux, flux_err, aflag = sep.sum_circle(data, x, y, radius, err=noise, mask=bad)
         err = np.where(flux_err > 0, flux_err, np.nan)
+        if score is None:
+            snr = np.abs(flux) / err
+            peak = sign * objs["peak"].astype(np.float64)
+        else:  # sep's peak on the unfiltered score: the S_corr maximum of the detection
+            snr = objs["peak"].astype(np.float64)
+            iy = np.clip(np.rint(y).astype(np.int64), 0, data.shape[0] - 1)
+            ix = np.clip(np.rint(x).astype(np.int64), 0, data.shape[1] - 1)
+            peak = data[iy, ix].astype(np.float64)
         tables.append(
             Table(
                 {
@@ -173,8 +223,8 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
                     "y": y,
                     "flux": flux.astype(np.float64),
                     "flux_err": flux_err.astype(np.float64),
-                    "peak": sign * objs["peak"].astype(np.float64),
-                    "snr": np.abs(flux) / err,
+                    "peak": peak,
+                    "snr": snr,
                     "a": objs["a"].astype(np.float64),
                     "b": objs["b"].astype(np.float64),
                     "theta": objs["theta"].astype(np.float64),
@@ -189,5 +239,12 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     table = vstack(tables) if len(tables) > 1 else tables[0]
     order = np.argsort(-np.nan_to_num(np.asarray(table["snr"]), nan=-1.0), kind="stable")
     table = table[order]
-    table.meta.update({"fwhm": fwhm, "radius": radius, "thresh": options.thresh})
+    table.meta.update(
+        {
+            "fwhm": fwhm,
+            "radius": radius,
+            "thresh": options.thresh,
+            "detect_on": "residual" if score is None else "score",
+        }
+    )
     return table

@@ -1,5 +1,5 @@
 """Entry point of the built-in ``native`` plugin (numpy/scipy/astropy, astroscrappy,
-astroalign, sep): a backend for every stage but subtract.
+astroalign, sep): a backend for every stage, ``zogy`` for subtract.
 
 Registered through the ``oasis.plugins`` entry-point group like any third-party plugin.
 The backend modules import their heavy dependencies inside their methods, so listing the
@@ -18,6 +18,7 @@ __all__ = [
     "oasis_mr_backends",
     "oasis_psf_backends",
     "oasis_simulators",
+    "oasis_subtract_backends",
 ]
 
 
@@ -47,6 +48,13 @@ def oasis_combine_backends():  # type: ignore[no-untyped-def]
     from oasis_native.combine import NativeCombine
 
     yield NativeCombine()
+
+
+@hookimpl
+def oasis_subtract_backends():  # type: ignore[no-untyped-def]
+    from oasis_native.zogy import NativeZogy
+
+    yield NativeZogy()
 
 
 @hookimpl

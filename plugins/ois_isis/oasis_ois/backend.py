@@ -1,7 +1,9 @@
 """The ``ois`` subtract backend: Alard's Optimal Image Subtraction with ISIS's parameters.
 
-The numerics live in :mod:`oasis_ois.ois`; this module turns their result into the
-:class:`~oasis_core.model.Residual` the pipeline expects (Q, header cards, kernel).
+The numerics live in :mod:`oasis_ois.ois` (or ISIS's own ``mrj_phot``, see
+:mod:`oasis_ois.isis`); this module turns their result into the
+:class:`~oasis_core.model.Residual` the pipeline expects (Q, header cards, kernel) and
+offers the optimisation candidates of :mod:`oasis_ois.optimise`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import attrs
 import numpy as np
 
 from oasis_core.backends import SubtractBackend
+from oasis_core.errors import BackendUnavailable
 from oasis_core.model import Frame, KernelSolution, Residual, Template
 from oasis_ois.ois import OisOptions, OisSolution, solve
+from oasis_ois.optimise import candidate_options, describe_configuration
 
 __all__ = ["OisOptions", "OisSubtract"]
 
@@ -41,6 +45,34 @@ class OisSubtract(SubtractBackend):
     Options = OisOptions
     description = "Alard's Optimal Image Subtraction with ISIS's kernel basis (numpy/scipy)"
 
+    def check(self, options: OisOptions) -> None:
+        """Raise BackendUnavailable when ``isis_binary`` is set and cannot be found.
+
+        Without ``isis_binary`` (the default) the backend needs nothing beyond numpy and
+        scipy.
+        """
+        from oasis_ois.isis import find_mrj_phot, unavailable_message
+
+        if options.isis_binary and find_mrj_phot(options.isis_binary) is None:
+            raise BackendUnavailable(unavailable_message(options.isis_binary))
+
+    def candidates(
+        self, science: Frame, template: Template, *, options: OisOptions
+    ) -> list[OisOptions]:
+        """Configurations to try on this pair, ``options`` first, then by increasing cost.
+
+        Up to 9: lower spatial degrees, kernel and stamp sizes and Gaussian widths
+        matched to the two frames' seeing (narrower with lower degrees for undersampled
+        PSFs, wider for oversampled ones), sparser and denser stamp grids. The ladder and
+        the cost are documented in :mod:`oasis_ois.optimise`.
+
+        Raises
+        ------
+        oasis_core.errors.ConfigError
+            If ``options.isis_config`` names a file that cannot be read.
+        """
+        return candidate_options(science, template, options)
+
     def subtract(
         self, science: Frame, template: Template, *, options: OisOptions, workdir: Path
     ) -> Residual:
@@ -52,31 +84,57 @@ class OisSubtract(SubtractBackend):
             Registered frames of the same shape (``data``, ``weight``, ``name``;
             ``gain``, ``saturation``, ``fwhm``, ``background`` and ``noise`` when known).
         options : OisOptions
+            Its ``isis_config`` file, when set, is read first and replaces the values of
+            the options it names.
         workdir : Path
-            Unused: the backend writes no file.
+            Unused by the numpy fit; with ``isis_binary`` the files for and from
+            ``mrj_phot`` go there.
 
         Returns
         -------
         Residual
             In the science frame's photometric system, with noise, weight, Q and kernel.
             ``meta["flag"]`` is set (``"few stamps: N"``) when too few stamp stars
-            survived for the requested spatial degrees, which were then lowered.
+            survived for the requested spatial degrees, which were then lowered;
+            ``meta["config"]`` describes the configuration used (after seeing scaling),
+            e.g. ``"ns=10x10 hs=15 hm=9 sig=0.7,1.5,2.0 deg=6,4,2 ds=2"``.
 
         Raises
         ------
         oasis_core.errors.StageError
-            If the frames differ in shape or no usable stamp star is found.
+            If the frames differ in shape or no usable stamp star is found, or
+            ``mrj_phot`` fails.
+        oasis_core.errors.ConfigError
+            If the ``isis_config`` file cannot be read.
+        oasis_core.errors.BackendUnavailable
+            If ``isis_binary`` cannot be found.
         """
         from astropy.io import fits
 
         from oasis_core.quality import normalized_noise, q_value
+        from oasis_ois.isis import apply_isis_config, subtract_with_mrj_phot
 
-        sol: OisSolution = solve(science, template, options)
+        options = apply_isis_config(options)
+        sol: OisSolution
+        if options.isis_binary:
+            sol = subtract_with_mrj_phot(science, template, options, workdir)
+        else:
+            sol = solve(science, template, options)
         q = q_value(sol.residual, sol.noise, sol.weight)
         nnoise = normalized_noise(sol.residual, sol.noise, sol.weight, exclude=sol.sources)
         fscale = sol.ksum if sol.direction == "template" else 1.0 / sol.ksum
         meta = {k: _clean(v) for k, v in sol.meta.items()}
         meta.update(fscale=float(fscale), nnoise=float(nnoise), q=float(q))
+        config = describe_configuration(
+            options,
+            sigmas=sol.meta["sigmas"],
+            half_mesh=sol.meta["half_mesh"],
+            half_stamp=sol.meta["half_stamp"],
+            deg_spatial=sol.meta["deg_spatial"],
+        )
+        if "program" in sol.meta:
+            config += f" ({sol.meta['program']})"
+        meta["config"] = config
 
         header = fits.Header()
         if isinstance(science.header, fits.Header):
@@ -86,14 +144,21 @@ class OisSubtract(SubtractBackend):
         cards: list[tuple[str, Any, str]] = [
             ("Q", q, "OasisPy quality figure of the residual"),
             ("NNOISE", nnoise, "robust std of the normalised residual"),
-            ("NSTAMPS", sol.meta["nstamps"], "OIS stamps used in the kernel fit"),
-            ("NSTREJ", sol.meta["nrejected"], "OIS stamp candidates rejected"),
+        ]
+        if "nstamps" in sol.meta:  # mrj_phot does not report its stamps
+            cards += [
+                ("NSTAMPS", sol.meta["nstamps"], "OIS stamps used in the kernel fit"),
+                ("NSTREJ", sol.meta["nrejected"], "OIS stamp candidates rejected"),
+            ]
+        cards += [
             ("KSUM", sol.ksum, "OIS kernel sum at the image centre"),
             ("FSCALE", fscale, "science / template flux ratio"),
             ("DEGSPAT", sol.meta["deg_spatial"], "OIS kernel spatial degree used"),
             ("KHALF", sol.meta["half_mesh"], "OIS kernel half size (px)"),
             ("CONVOLVE", sol.direction, "image convolved by the OIS kernel"),
         ]
+        if "program" in sol.meta:
+            cards.append(("OISPROG", sol.meta["program"], "program that fitted the kernel"))
         if "flag" in sol.meta:
             cards.append(("OISFLAG", sol.meta["flag"], "OIS subtraction not to be trusted"))
         for key, value, comment in cards:
@@ -102,7 +167,7 @@ class OisSubtract(SubtractBackend):
             header[key] = (_clean(value) if value is not None else None, comment)
 
         kernel = KernelSolution(
-            image=np.asarray(sol.kernel, dtype=np.float32),
+            image=None if sol.kernel is None else np.asarray(sol.kernel, dtype=np.float32),
             coefficients=sol.coefficients,
             direction=sol.direction,
             meta={
@@ -119,6 +184,7 @@ class OisSubtract(SubtractBackend):
                     "sigmas",
                     "bg",
                 )
+                if k in meta
             },
         )
         return Residual(

@@ -120,6 +120,10 @@ class OisOptions:
       seeing differs little; they widen for broader or more different PSFs.
     * ``convolve="auto"``, ``sigma_clip``, ``max_iter`` and ``const_ksum`` have no ISIS
       counterpart (ISIS always convolves the reference).
+    * ``isis_config`` names an ISIS ``default_config`` file: its values replace those of
+      the options of the same names when the backend runs, with the meanings above
+      (see :func:`oasis_ois.isis.apply_isis_config`). ``isis_binary`` runs ISIS's own
+      ``mrj_phot`` instead of the numpy fit (see :mod:`oasis_ois.isis`).
     """
 
     nstamps_x: int = option(10, "stamp cells along x (ISIS nstamps_x)", validator=_positive)
@@ -176,6 +180,19 @@ class OisOptions:
     const_ksum: bool = option(
         True, "keep the kernel sum (photometric scale) constant over the image (Alard 2000)"
     )
+    isis_config: str = option(
+        "",
+        "ISIS default_config file whose values replace the options above (read when the "
+        "backend runs); '' = none",
+    )
+    isis_binary: str = option(
+        "",
+        "ISIS mrj_phot program (name on PATH or path) to fit the kernel instead of numpy; "
+        "'' = numpy",
+    )
+    isis_timeout: float = option(
+        600.0, "seconds after which a mrj_phot run is stopped", validator=_positive
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -187,9 +204,9 @@ class OisSolution:
     residual, noise, weight : ndarray
         science - template in the science frame's photometric system (float32), its
         1-sigma noise (float32) and weight (float32 in [0, 1]).
-    kernel : ndarray
+    kernel : ndarray or None
         The kernel at the image centre, ``(2 * half_mesh + 1)**2``, for
-        ``scipy.signal.convolve(image, kernel)``.
+        ``scipy.signal.convolve(image, kernel)``; None when ISIS's ``mrj_phot`` fitted it.
     coefficients : ndarray
         Kernel coefficients, shape ``(n_basis, n_spatial)``: coefficient of basis function
         ``k`` is ``sum_s coefficients[k, s] * P_s(x, y)``, ``P_s`` the monomials
@@ -211,7 +228,7 @@ class OisSolution:
     residual: np.ndarray = attrs.field(eq=False, repr=False)
     noise: np.ndarray = attrs.field(eq=False, repr=False)
     weight: np.ndarray = attrs.field(eq=False, repr=False)
-    kernel: np.ndarray = attrs.field(eq=False, repr=False)
+    kernel: np.ndarray | None = attrs.field(eq=False, repr=False)
     coefficients: np.ndarray = attrs.field(eq=False, repr=False)
     bg_coefficients: np.ndarray = attrs.field(eq=False, repr=False)
     direction: str
@@ -410,13 +427,17 @@ def _interp_matrix(n: int, mesh: int, m: int) -> np.ndarray:
     return np.stack([np.interp(np.arange(n), centres, eye[j]) for j in range(m)], axis=1)
 
 
-def _sky_stats(data: np.ndarray, good: np.ndarray, mesh: int = 32) -> tuple[float, float]:
+def _sky_stats(
+    data: np.ndarray, good: np.ndarray, mesh: int = 32, *, differences: bool = True
+) -> tuple[float, float]:
     """Sky level and robust sky noise of an image.
 
     The level is the sigma-clipped median of the good pixels. The noise is the clipped
     1.4826 MAD of the image minus a mesh background (clipped medians in ``mesh``-pixel
     boxes, 3x3 median-filtered, interpolated bilinearly), so that sky gradients do not
-    inflate it.
+    inflate it. With ``differences`` the pixel-difference estimate replaces it when
+    lower (crowded fields); pass False for images whose noise is correlated between
+    neighbouring pixels (a convolved image), where differences underestimate it.
     """
     from scipy import ndimage
 
@@ -436,6 +457,8 @@ def _sky_stats(data: np.ndarray, good: np.ndarray, mesh: int = 32) -> tuple[floa
     level = ndimage.median_filter(level.reshape(my, mx), size=3, mode="nearest")
     back = _interp_matrix(ny, mesh, my) @ level @ _interp_matrix(nx, mesh, mx).T
     _, noise = _clipped_stats((data - back.astype(np.float32))[good])
+    if not differences:
+        return med, noise
     # in crowded fields the scatter about the background is mostly stars: take the
     # pixel-difference estimate when it is lower
     from oasis_core.stats import sky_noise
@@ -806,6 +829,24 @@ def _effective_geometry(
     return sigmas, degrees, hm, hs, sigma_match
 
 
+def _direction(options: OisOptions, sci: _Image, tpl: _Image) -> str:
+    """The image to convolve: ``options.convolve``, or for "auto" the narrower PSF's."""
+    if options.convolve != "auto":
+        return options.convolve
+    if sci.fwhm and tpl.fwhm and sci.fwhm < 0.97 * tpl.fwhm:
+        return "science"
+    return "template"
+
+
+def _check_shapes(science: Frame, template: Frame) -> None:
+    if science.shape != template.shape:
+        msg = (
+            f"subtract backend 'ois': science {science.name!r} has shape {science.shape}, "
+            f"template {template.name!r} has {template.shape}; align them first"
+        )
+        raise StageError(msg)
+
+
 def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     """Fit the ISIS kernel between two registered frames and subtract them.
 
@@ -828,20 +869,11 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     StageError
         If the frames differ in shape, an image has no usable pixel or no stamp star.
     """
-    if science.shape != template.shape:
-        msg = (
-            f"subtract backend 'ois': science {science.name!r} has shape {science.shape}, "
-            f"template {template.name!r} has {template.shape}; align them first"
-        )
-        raise StageError(msg)
+    _check_shapes(science, template)
     sci = _prepare(science, options, "science")
     tpl = _prepare(template, options, "template")
 
-    direction = options.convolve
-    if direction == "auto":
-        direction = "template"
-        if sci.fwhm and tpl.fwhm and sci.fwhm < 0.97 * tpl.fwhm:
-            direction = "science"
+    direction = _direction(options, sci, tpl)
     conv, ref = (tpl, sci) if direction == "template" else (sci, tpl)
     sigmas, degrees, hm, hs, sigma_match = _effective_geometry(options, ref.fwhm, conv.fwhm)
     ny, nx = ref.data.shape
