@@ -56,7 +56,8 @@ def test_decam_residuals_are_noise_limited(decam_target):
     for path in residuals:
         res = io.read_residual(path)
         nn = normalized_noise(res.data, res.noise, res.weight, exclude=sources)
-        assert 0.8 <= nn <= 1.3, f"{path.name}: normalised noise {nn:.3f}"
+        # issue 2 asks 0.8-1.3; the ois backend of issue 3 must reach 0.8-1.2
+        assert 0.8 <= nn <= 1.2, f"{path.name}: normalised noise {nn:.3f}"
         assert res.q > 0.75, f"{path.name}: Q {res.q:.3f}"
     assert result["extract"]["not_subtracted"] == []
 
