@@ -127,8 +127,9 @@ def test_every_configuration_failing_is_one_error(pair, tmp_path):
 
 
 def test_subtract_pair_cli(tmp_path, capsys):
-    from oasis_core.cli import main
     from oasis_native.sim import simulate_pair
+
+    from oasis_core.cli import main
 
     (sci, sh), (tpl, th), truth = simulate_pair((256, 256), seed=4, transients=2)
     fits.PrimaryHDU(sci, sh).writeto(tmp_path / "sci.fits")
@@ -154,7 +155,7 @@ def test_subtract_pair_cli(tmp_path, capsys):
     np.testing.assert_array_equal(fits.getdata(noise), fits.getdata(out, "NOISE"))
     # the brightest transient is in the residual, in the science frame's flux scale
     row = truth[np.argmax(truth["flux"])]
-    x, y = int(round(row["x"])), int(round(row["y"]))
+    x, y = round(float(row["x"])), round(float(row["y"]))
     assert fits.getdata(out)[y - 1 : y + 2, x - 1 : x + 2].sum() > 0
     # frames of different shapes are refused with one line naming the template
     fits.PrimaryHDU(tpl[:200]).writeto(tmp_path / "small.fits")
