@@ -383,7 +383,8 @@ def read_frame(
 
 def _clean_header(header: Any) -> Any:
     """A copy of ``header`` without the structural keys of its original HDU and without
-    the provenance cards of the stage that wrote it (the new stage writes its own)."""
+    the provenance and measurement cards of the stage that wrote it (the new stage writes
+    its own)."""
     from astropy.io import fits
 
     out = fits.Header()
@@ -429,6 +430,7 @@ def _clean_header(header: Any) -> Any:
                 "OASPLUG",
                 "OASOPTH",
                 "OASVER",
+                "OAS ",  # measurements of the previous stage (HIERARCH); the new one adds its own
             )
         ):
             continue

@@ -1,47 +1,60 @@
 """The ``zogy`` subtract backend: Zackay, Ofek & Gal-Yam (2016) proper image subtraction.
 
 Whole-array FFTs (:mod:`scipy.fft`, real transforms, single precision) of the aligned
-science image ``N`` and reference ``R`` (sky removed, masked pixels set to the sky), with
-their PSF models ``P_n``, ``P_r`` (the frames' unit-sum stamps, padded to the FFT size
-and centred on the origin), their sky noise ``sigma_n``, ``sigma_r`` and the flux
-zero points ``F_r = 1`` and ``F_n = beta``, the science / reference flux ratio. Hats are
-Fourier transforms; ``den2 = sigma_n**2 |P_r|**2 + beta**2 sigma_r**2 |P_n|**2``:
+science image ``N`` and reference ``R`` (sky removed, pixels masked in either frame set
+to the sky in both), with their PSF models ``P_n``, ``P_r`` (the frames' unit-sum stamps,
+padded to the FFT size and centred on the origin), their sky noise ``sigma_n``,
+``sigma_r`` and the flux zero points ``F_r = 1`` and ``F_n = beta``, the science /
+reference flux ratio. Products below are of Fourier transforms;
+``den2 = sigma_n**2 |P_r|**2 + beta**2 sigma_r**2 |P_n|**2``:
 
-* the proper difference (ZOGY eq. 13) ``D = (P_r N - beta P_n R) / sqrt(den2)``, white
-  noise of unit variance when the sky noise dominates;
-* its flux normalisation (eq. 15) ``F_D = beta / sqrt(sigma_n**2 + beta**2 sigma_r**2)``
-  and PSF (eq. 14) ``P_D = beta P_r P_n / (F_D sqrt(den2))`` (unit sum);
-* the score (eq. 17) ``S = F_D D (x) P_D-bar = k_n N - k_r R``, with
-  ``k_n = beta conj(P_n) |P_r|**2 / den2`` and ``k_r = beta**2 conj(P_r) |P_n|**2 / den2``
-  (eq. 28-29);
-* the corrected score (eq. 25-27) ``S_corr = S / sqrt(V(S_N) + V(S_R) + V_ast)`` with
-  ``V(S_N) = V(N) (x) k_n**2``, ``V(S_R) = V(R) (x) k_r**2``, ``V(N)`` the per-pixel
-  variance (sky noise plus the sources' Poisson noise) and, when ``astrometric_sigma``
-  is set, ``V_ast = sigma_ast**2 (|grad S_N|**2 + |grad S_R|**2)`` (eq. 30-33).
-  ``S_corr`` is in sigmas: a point source at 5 sigma has a peak near 5.
+* the proper difference ``D = (P_r N - beta P_n R) / sqrt(den2)``, white noise of unit
+  variance when the sky noise dominates;
+* its flux normalisation ``F_D = beta / sqrt(sigma_n**2 + beta**2 sigma_r**2)`` and PSF
+  ``P_D = beta P_r P_n / (F_D sqrt(den2))`` (unit sum);
+* the score ``S = F_D D (x) P_D-bar = k_n N - k_r R``, with
+  ``k_n = beta conj(P_n) |P_r|**2 / den2`` and ``k_r = beta**2 conj(P_r) |P_n|**2 / den2``;
+* the corrected score (the paper's eq. 25-27) ``S_corr = S / sqrt(V(S_N) + V(S_R) +
+  V_ast)`` with ``V(S_N) = V(N) (x) k_n**2``, ``V(S_R) = V(R) (x) k_r**2``, ``V(N)`` the
+  per-pixel variance (sky noise plus the sources' Poisson noise) and, when
+  ``astrometric_sigma`` is set, ``V_ast = sigma_ast**2 (|grad S_N|**2 + |grad S_R|**2)``.
+  ``S_corr`` is in sigmas: a point source of significance 5 peaks near 5.
 
 **Scaling to science ADU.** A point source of total flux ``A`` (science ADU) in ``N``
 appears in ``D`` with total flux ``A F_D / beta`` and profile ``P_D`` (at zero frequency
 ``P_n = P_r = 1`` and ``D(0) = A / sqrt(sigma_n**2 + beta**2 sigma_r**2)``). The
 residual's ``data`` is therefore ``D * beta / F_D = D * sqrt(sigma_n**2 + beta**2
 sigma_r**2)``: a transient keeps its science flux, so aperture photometry on it with a
-large aperture recovers its flux in the science frame's photometric system, and its
-per-pixel noise is that factor (the noise of science minus the flux-scaled reference),
-times ``sqrt(V(D))`` where sources add Poisson noise. This holds whatever the PSF
-models' truncation: the flux lives at zero frequency, where both PSFs are 1.
+large aperture recovers its flux in the science frame's photometric system (whatever
+``beta`` and the PSF models' truncation: the flux lives at zero frequency, where both
+PSFs are 1), and the per-pixel noise is that factor (the sky noise of the science minus
+the flux-scaled reference), times ``sqrt(V(D))`` where sources add Poisson noise.
 
-**Flux ratio.** Unless ``flux_ratio`` fixes it, ``beta`` is measured on the frames
-themselves: each is convolved with the other's PSF (``N (x) P_r`` and ``R (x) P_n``
-have the same PSF, so an aperture of any size holds the same fraction of a star's flux in
-both), stars detected on the reference's are measured in a 1.5 x FWHM aperture with a
-local background annulus, and ``beta`` is the inverse-variance weighted, sigma-clipped
-mean of the flux ratios of the unmasked, unsaturated stars above ``ratio_snr`` in both.
+**Flux ratio and residual offset.** Each frame is convolved with the other's PSF
+(``N (x) P_r`` and ``R (x) P_n`` have the same PSF, so an aperture of any size holds the
+same fraction of a star's flux in both, and centroids compare without bias). Stars found
+on the reference's are measured in a 1.5 x FWHM aperture with a local background
+annulus; unless ``flux_ratio`` fixes it, ``beta`` is the inverse-variance weighted,
+clipped mean of the flux ratios of the unmasked, unsaturated stars above ``ratio_snr``
+in both. This is the ratio as the PSF models see it, the one that subtracts the stars
+best; with imperfect models it can differ from the total-flux ratio by a few percent.
+The same stars give the mean science - template offset the alignment left, removed
+(``fit_shift``) by a Fourier phase shift of the template when significant, and the
+scatter of their offsets beyond the centroid errors, the registration noise used for
+``V_ast`` when ``astrometric_sigma`` is negative.
+
+**Sky.** ``S_corr`` is a matched filter: a sky mismatch of 0.1 sigma between the frames
+moves it by about 1 sigma, hence the default ``background = "map"`` (sep background
+meshes, which follow gradients) over a constant level.
 
 Masked pixels (weight 0, non-finite, or at saturation) are set to the sky before the
 FFTs; the output weight is the smaller of the two inputs' weights and 0 within
 ``mask_grow`` FWHM (of the broader PSF) of a masked pixel or of the frame edge. The FFT
 arrays are zero-padded (sky) by the PSF sizes so that nothing wraps around the edges.
-The PSF is taken constant over the frame.
+The PSF is taken constant over the frame, and the noise white: resampled (aligned)
+frames have less high-frequency noise, which leaves the per-pixel scatter of ``data``
+below its ``noise`` image (``meta["nnoise"]`` < 1) while ``S_corr`` and aperture errors,
+dominated by low frequencies, stay close to calibrated.
 """
 
 from __future__ import annotations
@@ -84,15 +97,16 @@ class ZogyOptions:
     )
     astrometric_sigma: float = option(
         0.0,
-        "registration noise per axis (px) added to the S_corr variance (ZOGY eq. 30-33); "
+        "registration noise per axis (px) added to the S_corr variance (ZOGY's astrometric "
+        "term); "
         "0 = no astrometric term; -1 (any negative) = measured: the scatter of the star "
         "offsets beyond their centroid errors",
-        validator=attrs.validators.ge(-1.0),
     )
     background: str = option(
-        "constant",
-        "sky removed before the FFTs: 'constant' (the frame's background, else measured) "
-        "or 'map' (a sep background mesh)",
+        "map",
+        "sky removed before the FFTs: 'map' (a sep background mesh: S_corr, a matched "
+        "filter, turns a sky mismatch of 0.1 sigma into ~1 sigma) or 'constant' (the "
+        "frame's background, else measured)",
         validator=attrs.validators.in_(_BACKGROUNDS),
     )
     back_size: int = option(64, "sep background mesh size (px) when background = 'map'")
@@ -138,10 +152,13 @@ class NativeZogy(SubtractBackend):
     (science / template flux ratio), ``ZOGYNSTR`` (stars that measured it, 0 when given
     or defaulted), ``ZOGYFD`` (F_D, with F_R = 1), ``ZOGYSIGN``/``ZOGYSIGR`` (sky noise of
     each frame, ADU), ``ZOGYFWHM`` (FWHM of P_D, px), ``ZOGYNN`` (robust std of the
-    normalised residual away from sources) and ``ZOGYSSD`` (robust std of S_corr there).
+    normalised residual away from sources), ``ZOGYSSD`` (robust std of S_corr there),
+    ``ZOGYDX``/``ZOGYDY`` (template shift applied, px) and ``ZOGYAST`` (registration
+    noise in the S_corr variance, px).
     """
 
     name = "zogy"
+    needs_psf = True  # subtract-pair measures both PSFs first
     Options = ZogyOptions
     description = "ZOGY proper image subtraction (Zackay+ 2016) with S_corr, numpy/scipy FFTs"
 
@@ -498,9 +515,10 @@ def _solve(sci: _Input, ref: _Input, options: ZogyOptions) -> dict[str, Any]:
     s_hat = kn_hat * n_hat - kr_hat * r_hat
     score = inv(s_hat).astype(np.float32)
     del s_hat
-    kn = inv(kn_hat, crop=False)
-    kr = inv(kr_hat, crop=False)
-    kn2, kr2 = kn * kn, kr * kr
+    kn2 = inv(kn_hat, crop=False)
+    kn2 *= kn2  # k_n**2, in place
+    kr2 = inv(kr_hat, crop=False)
+    kr2 *= kr2
     var_s = np.float32(sci.sigma**2 * float(kn2.sum()) + ref.sigma**2 * float(kr2.sum()))
     var_d: np.ndarray | np.float32 = np.float32(1.0)
     if options.source_noise and (math.isfinite(sci.gain) or math.isfinite(ref.gain)):
@@ -510,12 +528,21 @@ def _solve(sci: _Input, ref: _Input, options: ZogyOptions) -> dict[str, Any]:
         if ramp is not None:
             vr_hat *= ramp
         del vn, vr
-        var_s = var_s + inv(vn_hat * fwd(kn2) + vr_hat * fwd(kr2))
-        kdn = inv(pr / den, crop=False)
-        kdr = inv(b32 * pn / den, crop=False)
-        var_d = var_d + inv(vn_hat * fwd(kdn * kdn) + vr_hat * fwd(kdr * kdr))
-        del kdn, kdr, vn_hat, vr_hat
-    del kn, kr, kn2, kr2
+        acc = vn_hat * fwd(kn2)
+        del kn2
+        acc += vr_hat * fwd(kr2)
+        del kr2
+        var_s = var_s + inv(acc)
+        kd2 = inv(pr / den, crop=False)
+        kd2 *= kd2
+        acc = vn_hat * fwd(kd2)
+        kd2 = inv(b32 * pn / den, crop=False)
+        kd2 *= kd2
+        acc += vr_hat * fwd(kd2)
+        var_d = var_d + inv(acc)
+        del kd2, acc, vn_hat, vr_hat
+    else:
+        del kn2, kr2
     if ast_sigma > 0:
         fy = sfft.fftfreq(shape[0]).astype(np.float32)[:, None]
         fx = sfft.rfftfreq(shape[1]).astype(np.float32)[None, :]
