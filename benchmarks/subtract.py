@@ -11,7 +11,7 @@ Every backend is run the way a user runs it, as a whole process (imports include
 PATH it is also run bare, on the same pair, in the same table. Columns:
 
 * ``wall s``: wall time of the process; ``peak MiB``: its peak resident memory
-  (``os.wait4``; for ``--method hotpants`` the program is a grandchild, not counted);
+  (GNU ``time``; for ``--method hotpants`` the program is a grandchild, not counted);
 * ``bg noise``: robust std of residual / noise away from sources (1.0 = the noise image
   is right);
 * ``star rms``: normalised RMS inside 1-FWHM apertures on bright unsaturated stars, the
@@ -64,13 +64,26 @@ def make_pair(size: int, ratio: float, seed: int, directory: Path):  # type: ign
 
 
 def timed(cmd: list[str]) -> tuple[float, float, int, str]:
-    """Run ``cmd``; return wall seconds, peak RSS (MiB), exit code and stderr's tail."""
+    """Run ``cmd``; return wall seconds, peak RSS (MiB), exit code and stderr's tail.
+
+    The peak comes from GNU time when it is installed (``/usr/bin/time -f %M``): a forked
+    child's own ``ru_maxrss`` would include this script's memory at the fork.
+    """
+    gnu_time = shutil.which("time") if Path("/usr/bin/time").exists() else None
+    report = Path(tempfile.mktemp(suffix=".rss"))
+    full = [gnu_time, "-q", "-f", "%M", "-o", str(report), *cmd] if gnu_time else cmd
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     err = proc.stderr.read() if proc.stderr else ""
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    return wall, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), err.strip()[-200:]
+    peak = usage.ru_maxrss / 1024
+    if gnu_time and report.exists():
+        text = report.read_text().strip().splitlines()
+        if text and text[-1].isdigit():
+            peak = int(text[-1]) / 1024
+        report.unlink()
+    return wall, peak, os.waitstatus_to_exitcode(status), err.strip()[-200:]
 
 
 def hotpants_bare(sci: Path, tpl: Path, out: Path, noise: Path) -> list[str]:

@@ -337,9 +337,11 @@ def read_frame(
             weight = _weight_from_extensions(hdul, index, data.shape, path)
             int_sat = _integer_saturation(hdu)
     finite = np.isfinite(data)
-    if not finite.any():
-        raise InputError(f"{path}: every pixel is NaN or infinite")
-    weight[~finite] = 0.0
+    if not finite.all():
+        if not finite.any():
+            raise InputError(f"{path}: every pixel is NaN or infinite")
+        weight[~finite] = 0.0
+    del finite
     if weight_path is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=fits.verify.VerifyWarning)

@@ -41,6 +41,29 @@ Q_RANGE = 5.0
 MIN_EXPECTED = 5.0
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D array of finite values, exactly, at a fraction of the cost
+    for large arrays: the middle values are selected within a bracket taken from a
+    sorted sample (a few whole-array comparisons instead of a copy and a partition)."""
+    n = values.size
+    if n < 1 << 16:
+        return float(np.median(values.astype(np.float64, copy=False)))
+    k_lo, k_hi = (n - 1) // 2, n // 2
+    sample = np.sort(values[:: max(1, n // 16384)])
+    m = sample.size
+    # the sample median's rank scatters by sqrt(m) / 2 about the population's: +-5 of it
+    reach = int(2.5 * math.sqrt(m)) + 2
+    lo = sample[max(m // 2 - reach, 0)]
+    hi = sample[min(m // 2 + reach, m - 1)]
+    below = int(np.count_nonzero(values < lo))
+    inside = values[(values >= lo) & (values <= hi)]
+    if not below <= k_lo or not below + inside.size > k_hi:  # the bracket missed
+        return float(np.median(values.astype(np.float64, copy=False)))
+    kth = [k_lo - below, k_hi - below]
+    part = np.partition(inside, kth)
+    return float(np.mean(part[kth], dtype=np.float64))
+
+
 def _normalised_pixels(
     residual: np.ndarray,
     noise: np.ndarray,
@@ -64,10 +87,12 @@ def _normalised_pixels(
             msg = f"quality: exclude has shape {exclude.shape}, residual has {residual.shape}"
             raise ValueError(msg)
         good &= ~exclude
-    r = residual[good].astype(np.float64)
+    r = residual[good]
     if r.size < MIN_PIXELS:
-        return r[:0]
-    return (r - np.median(r)) / noise[good].astype(np.float64)
+        return r[:0].astype(np.float64)
+    z = np.subtract(r, _median(r), dtype=np.float64)
+    z /= noise[good]
+    return z
 
 
 def q_value(
@@ -130,8 +155,6 @@ def q_value(
     >>> q_value(1.5 * r, sigma, w) < 0.6
     True
     """
-    from scipy.special import ndtr
-
     z = _normalised_pixels(residual, noise, weight, exclude)
     n = z.size
     if n < MIN_PIXELS:
@@ -142,8 +165,11 @@ def q_value(
         msg = f"q_value: bins={bins} is too small; use at least 3"
         raise ValueError(msg)
     edges = np.linspace(-Q_RANGE, Q_RANGE, bins + 1)
-    observed = np.histogram(np.clip(z, -Q_RANGE, Q_RANGE), bins=edges)[0].astype(np.float64)
-    cdf = ndtr(edges)
+    # equal bins given as a count and a range take numpy's fast path (same counts)
+    np.clip(z, -Q_RANGE, Q_RANGE, out=z)
+    observed = np.histogram(z, bins=bins, range=(-Q_RANGE, Q_RANGE))[0].astype(np.float64)
+    # the unit Gaussian's CDF at the edges (scipy.special.ndtr, without importing scipy)
+    cdf = np.array([0.5 * math.erfc(-e / math.sqrt(2.0)) for e in edges])
     cdf[0], cdf[-1] = 0.0, 1.0
     expected = n * np.diff(cdf)
     # The expected counts rise monotonically from each end towards the centre, so the
@@ -203,7 +229,9 @@ def normalized_noise(
     z = _normalised_pixels(residual, noise, weight, exclude)
     if z.size < MIN_PIXELS:
         return float("nan")
-    return float(1.4826 * np.median(np.abs(z - np.median(z))))
+    z -= _median(z)
+    np.abs(z, out=z)
+    return float(1.4826 * _median(z))
 
 
 def star_aperture_rms(

@@ -249,7 +249,7 @@ def test_subtract_and_candidates_use_the_isis_config(tmp_path, pair_factory):
     assert res.meta["config"].endswith(" ds=1")
     assert res.params["pix_min"] == 5.0 and res.params["isis_config"] == ""
     assert res.q > 0.75
-    candidates = OisSubtract().candidates(science, template, options=options)
+    candidates = list(OisSubtract().candidates(science, template, options=options))
     assert candidates[0] is options
     assert all(c.isis_config == "" for c in candidates[1:])
     assert {c.nstamps_x for c in candidates[1:]} >= {4, 8}  # sparse grid of the file's 8

@@ -34,7 +34,7 @@ def optimise(
         frame.data.flags.writeable = False
         frame.weight.flags.writeable = False
     backend = OisSubtract()
-    candidates = backend.candidates(science, template, options=options)
+    candidates = list(backend.candidates(science, template, options=options))
     tried: list[Residual] = []
     best = 0
     for opts in candidates:
@@ -109,7 +109,7 @@ def test_candidates_are_valid_distinct_and_ordered_by_cost(fwhm_t, fwhm_s):
     science = Frame(data=data, name="sci", fwhm=fwhm_s)
     template = Template(data=data, name="tpl", fwhm=fwhm_t)
     options = OisOptions(deg_spatial=2)
-    candidates = OisSubtract().candidates(science, template, options=options)
+    candidates = list(OisSubtract().candidates(science, template, options=options))
     assert candidates[0] is options
     assert 1 < len(candidates) <= MAX_CANDIDATES
     assert len(set(candidates)) == len(candidates)
@@ -126,8 +126,12 @@ def test_candidates_are_valid_distinct_and_ordered_by_cost(fwhm_t, fwhm_s):
 def test_ladder_follows_the_sampling():
     def ladder(fwhm_t: float, fwhm_s: float) -> list[OisOptions]:
         data = np.zeros((64, 64), np.float32)
-        return OisSubtract().candidates(
-            Frame(data=data, fwhm=fwhm_s), Template(data=data, fwhm=fwhm_t), options=OisOptions()
+        return list(
+            OisSubtract().candidates(
+                Frame(data=data, fwhm=fwhm_s),
+                Template(data=data, fwhm=fwhm_t),
+                options=OisOptions(),
+            )
         )
 
     default = OisOptions()
@@ -170,3 +174,31 @@ def test_describe_configuration_uses_the_values_really_used():
         options, sigmas="1.91,3.82", half_mesh=15, half_stamp=30, deg_spatial=0
     )
     assert text == "ns=10x10 hs=30 hm=15 sig=1.91,3.82 deg=6,4 ds=0"
+
+
+def test_candidates_are_lazy_and_reuse_the_fits_fwhm(pair_factory, monkeypatch):
+    import oasis_ois.ois as ois_module
+    from oasis_ois.optimise import candidate_options
+
+    science, template = pair_factory(1)  # no Frame.fwhm: the FWHMs must be measured
+    assert science.fwhm is None and template.fwhm is None
+    prepared: list[str] = []
+    prepare = ois_module._prepare
+
+    def counting(frame, options, what):
+        prepared.append(what)
+        return prepare(frame, options, what)
+
+    monkeypatch.setattr(ois_module, "_prepare", counting)
+    options = OisOptions()
+    backend = OisSubtract()
+    ladder = backend.candidates(science, template, options=options)
+    assert next(ladder) is options
+    assert prepared == []  # the first configuration needs nothing measured
+    backend.subtract(science, template, options=options, workdir=WORKDIR)
+    assert sorted(prepared) == ["science", "template"]  # side by side: in either order
+    rest = list(ladder)
+    assert len(prepared) == 2  # the fit's FWHMs were reused
+    assert 1 <= len(rest) <= MAX_CANDIDATES - 1
+    assert [options, *rest] == candidate_options(science, template, options)
+    assert len(prepared) == 2

@@ -9,6 +9,7 @@ offers the optimisation candidates of :mod:`oasis_ois.optimise`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ import numpy as np
 from oasis_core.backends import SubtractBackend
 from oasis_core.errors import BackendUnavailable
 from oasis_core.model import Frame, KernelSolution, Residual, Template
-from oasis_ois.ois import OisOptions, OisSolution, solve
-from oasis_ois.optimise import candidate_options, describe_configuration
+from oasis_ois.ois import OisOptions, OisSolution, _side_thread, solve
+from oasis_ois.optimise import describe_configuration, iter_candidates
 
 __all__ = ["OisOptions", "OisSubtract"]
 
@@ -58,7 +59,7 @@ class OisSubtract(SubtractBackend):
 
     def candidates(
         self, science: Frame, template: Template, *, options: OisOptions
-    ) -> list[OisOptions]:
+    ) -> Iterator[OisOptions]:
         """Configurations to try on this pair, ``options`` first, then by increasing cost.
 
         Up to 9: lower spatial degrees, kernel and stamp sizes and Gaussian widths
@@ -66,12 +67,16 @@ class OisSubtract(SubtractBackend):
         PSFs, wider for oversampled ones), sparser and denser stamp grids. The ladder and
         the cost are documented in :mod:`oasis_ois.optimise`.
 
+        A generator: ``options`` comes first, before anything is measured; the frames'
+        FWHMs, which the others need, are measured only when the core asks for a second
+        configuration (the fit of the first already measured them and they are reused).
+
         Raises
         ------
         oasis_core.errors.ConfigError
-            If ``options.isis_config`` names a file that cannot be read.
+            If ``options.isis_config`` names a file that cannot be read (at the call).
         """
-        return candidate_options(science, template, options)
+        return iter_candidates(science, template, options)
 
     def subtract(
         self, science: Frame, template: Template, *, options: OisOptions, workdir: Path
@@ -120,8 +125,10 @@ class OisSubtract(SubtractBackend):
             sol = subtract_with_mrj_phot(science, template, options, workdir)
         else:
             sol = solve(science, template, options)
-        q = q_value(sol.residual, sol.noise, sol.weight)
-        nnoise = normalized_noise(sol.residual, sol.noise, sol.weight, exclude=sol.sources)
+        # the two figures side by side (numpy releases the GIL on whole arrays)
+        with _side_thread(q_value, sol.residual, sol.noise, sol.weight) as q_result:
+            nnoise = normalized_noise(sol.residual, sol.noise, sol.weight, exclude=sol.sources)
+        q = q_result()
         fscale = sol.ksum if sol.direction == "template" else 1.0 / sol.ksum
         meta = {k: _clean(v) for k, v in sol.meta.items()}
         meta.update(fscale=float(fscale), nnoise=float(nnoise), q=float(q))

@@ -1,4 +1,4 @@
-"""Optimal Image Subtraction (Alard & Lupton 1998; Alard 2000) in numpy/scipy.
+"""Optimal Image Subtraction (Alard & Lupton 1998; Alard 2000) in numpy.
 
 The PSF-matching kernel is the ISIS basis: Gaussians of widths ``sigma_gauss1..3`` times
 the monomials ``u**p * v**q`` (``p + q <= deg_gauss_i``, ``u`` along x), on a
@@ -16,13 +16,17 @@ Steps (:func:`solve`):
    pixels given (or ``Frame.noise`` when that is smaller), bad pixels (weight 0,
    non-finite, at or above the saturation level, below ``pix_min``), per-pixel variance
    ``noise**2 + max(data - sky, 0) / gain``, FWHM (``Frame.fwhm`` or a quick
-   half-maximum-area measurement).
+   half-maximum-area measurement, on the image smoothed by a unit Gaussian through its
+   Fourier transform, which is kept for step 7). The sky statistics of images larger
+   than :data:`STATS_PIXELS` use a regular subsample of that many pixels. The two
+   images are prepared side by side in two threads.
 2. Direction: ``convolve="auto"`` convolves the image with the narrower PSF.
 3. Stamps: the image is cut into ``nstamps_x x nstamps_y`` cells; in each cell the
    brightest unsaturated, unmasked stars (isolated ones first) are candidates, best first.
-4. For every candidate, the image to convolve is convolved with every basis function
-   *on the stamp only*, using the separability of the basis (1-D passes along x then y),
-   and the stamp's normal equations (inverse-variance weighted) are accumulated.
+4. For every candidate, the image to convolve is convolved with every raw (separable)
+   basis function *on the stamp only* (1-D passes along y then x, by matrix products),
+   and the stamp's normal equations (inverse-variance weighted) are accumulated, then
+   carried to the normalised basis (``T' M T``).
 5. Each candidate's own kernel is fitted; candidates whose chi2 or kernel sum are
    ``sigma_clip`` robust sigmas off are rejected (variable stars, cosmic rays, blends).
    The best surviving candidate of each cell is used.
@@ -33,8 +37,13 @@ Steps (:func:`solve`):
    degrees are lowered (never below 0) and the result is flagged.
 7. The kernel is applied to the whole image exactly as a spatially varying convolution,
    ``conv(x) = sum_s P_s(x) (I * K_s)(x) + bg(x)`` with ``K_s`` the kernel's spatial
-   components, by FFT (one transform of the image, one product per spatial term), so the
-   memory stays a few image-sized arrays whatever the number of basis functions.
+   components, by FFT (:func:`_spatial_convolution`: the image's transform from step 1,
+   the kernels' by DFT matrices, one inverse transform along y per spatial term and one
+   along x per power of x), so the memory stays a few image-sized arrays whatever the
+   number of basis functions; the noise image's convolution runs beside it.
+
+OpenBLAS is held to one thread during :func:`solve` (its idle workers spin and take
+the second core from the fit's own threads).
 
 The residual is always ``science - template`` in the science frame's photometric
 system: when the science image is the one convolved, the difference is divided by the
@@ -43,8 +52,11 @@ kernel sum.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -61,6 +73,9 @@ __all__ = [
     "solve",
 ]
 
+#: Stamps convolved together (one matrix product per chunk and basis Gaussian).
+STAMP_CHUNK = 64
+
 #: Candidate stars kept per cell (the best one is used, the others replace it if rejected).
 CANDIDATES_PER_CELL = 3
 
@@ -68,6 +83,13 @@ CANDIDATES_PER_CELL = 3
 STAMPS_PER_TERM = 3
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+#: Sky statistics use about this many pixels (a regular subsample of larger images).
+STATS_PIXELS = 1 << 20
+
+#: Zero padding (px) of each image's Fourier transform, computed once in the preparation:
+#: kernels up to this half size are applied with it (larger ones transform again).
+FFT_PAD = 32
 
 
 def _nonneg(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -328,6 +350,56 @@ def _toeplitz(profiles: np.ndarray, n_out: int, hm: int) -> np.ndarray:
     return t.reshape(nf * n_out, n_out + 2 * hm).astype(np.float32)
 
 
+def _raw_stamps(
+    image: np.ndarray,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    hs: int,
+    hm: int,
+    sigmas: Sequence[float],
+    degrees: Sequence[int],
+) -> np.ndarray:
+    """Image convolved with every *raw* basis function, on the stamps only.
+
+    Returns float32 ``(n, n_basis, (2 hs + 1)**2)``: stamp ``i``, function ``u**p g(u) *
+    v**q g(v)`` (the order of :func:`_terms`), stamp pixels row by row. The raw basis is
+    separable, so each stamp's patch (stamp plus the kernel half size) is convolved by
+    one matrix product along y with all the ``v**q g`` profiles of a Gaussian, then, for
+    each ``q``, one along x with the ``u**p g`` profiles that ``p + q <= degree`` needs
+    (BLAS, all the stamps of a chunk at once).
+    """
+    terms = _terms(degrees)
+    column = {term: k for k, term in enumerate(terms)}
+    h = hs + hm
+    ns, rows = 2 * hs + 1, 2 * h + 1
+    off = np.arange(-h, h + 1)
+    mats = [_toeplitz(pr, ns, hm) for pr in _profiles(sigmas, degrees, hm)]
+    n = len(cy)
+    out = np.empty((n, len(terms), ns, ns), dtype=np.float32)
+
+    def convolve(start: int, stop: int) -> None:
+        for lo in range(start, stop, STAMP_CHUNK):
+            hi = min(stop, lo + STAMP_CHUNK)
+            m = hi - lo
+            patches = image[
+                (cy[lo:hi, None] + off)[:, :, None], (cx[lo:hi, None] + off)[:, None, :]
+            ].astype(np.float32)  # (m, rows, rows): rows y, columns x
+            by_y = np.ascontiguousarray(patches.transpose(1, 0, 2)).reshape(rows, m * rows)
+            for i, mat in enumerate(mats):
+                d = degrees[i]
+                ypass = (mat @ by_y).reshape(d + 1, ns, m, rows)  # [q, y] x [stamp, x_in]
+                for q in range(d + 1):
+                    npq = d - q + 1  # p = 0 .. d - q
+                    lines = np.ascontiguousarray(ypass[q].transpose(1, 0, 2))
+                    both = lines.reshape(m * ns, rows) @ mat[: npq * ns].T
+                    both = both.reshape(m, ns, npq, ns)  # [stamp, y, p, x]
+                    for p in range(npq):
+                        out[lo:hi, column[(i, p, q)]] = both[:, :, p, :]
+
+    _in_two_threads(convolve, n, STAMP_CHUNK)
+    return out.reshape(n, len(terms), ns * ns)
+
+
 def _convolved_stamps(
     image: np.ndarray,
     cy: np.ndarray,
@@ -339,43 +411,13 @@ def _convolved_stamps(
 ) -> np.ndarray:
     """Image convolved with every normalised basis function, on the stamps only.
 
-    Returns float32 ``(n, (2 hs + 1)**2, n_basis)``. The raw basis is separable
-    (``u**p g(u) * v**q g(v)``), so each stamp's patch (stamp plus the kernel half size)
-    is convolved by one matrix product along x with all the ``u**p g`` profiles of a
-    Gaussian, then one along y with all its ``v**q g`` profiles (BLAS, all stamps of a
-    chunk at once); the normalisation matrix is applied last.
+    Returns float32 ``(n, (2 hs + 1)**2, n_basis)``: :func:`_raw_stamps` with the
+    normalisation matrix of :func:`_basis_transform` applied (the fit itself applies it
+    to the normal equations instead).
     """
-    terms, _, t = _basis_transform(sigmas, degrees, hm)
-    t32 = t.astype(np.float32)
-    h = hs + hm
-    ns = 2 * hs + 1
-    off = np.arange(-h, h + 1)
-    prof = _profiles(sigmas, degrees, hm)
-    mats = [_toeplitz(pr, ns, hm) for pr in prof]
-    n = len(cy)
-    out = np.empty((n, ns * ns, len(terms)), dtype=np.float32)
-    chunk = 64
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        patches = image[
-            (cy[lo:hi, None] + off)[:, :, None], (cx[lo:hi, None] + off)[:, None, :]
-        ].astype(np.float32)  # (m, 2h+1, 2h+1): rows y, columns x
-        m, rows = hi - lo, 2 * h + 1
-        raw = np.empty((m, ns, ns, len(terms)), dtype=np.float32)
-        col = 0
-        # one large matrix product per pass (many small ones thrash threaded BLAS)
-        for i, mat in enumerate(mats):
-            d = degrees[i]
-            ax = patches.reshape(m * rows, rows) @ mat.T  # x pass: (m * rows, [p, x])
-            ax = ax.reshape(m, rows, -1).transpose(1, 0, 2).reshape(rows, -1)
-            both = mat @ ax  # y pass: ([q, y], m * [p, x])
-            both = both.reshape(d + 1, ns, m, d + 1, ns)
-            for total in range(d + 1):
-                for q in range(total + 1):
-                    raw[..., col] = both[q, :, :, total - q, :].transpose(1, 0, 2)
-                    col += 1
-        out[lo:hi] = (raw.reshape(m * ns * ns, len(terms)) @ t32).reshape(m, ns * ns, -1)
-    return out
+    _, _, t = _basis_transform(sigmas, degrees, hm)
+    raw = _raw_stamps(image, cy, cx, hs, hm, sigmas, degrees)
+    return np.einsum("nkp,kj->npj", raw, t.astype(np.float32))
 
 
 # --------------------------------------------------------------------- preparation
@@ -403,20 +445,73 @@ def _scaled_coords(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
+def _median_sorted(v: np.ndarray, lo: int, hi: int) -> float:
+    """np.median of the sorted slice v[lo:hi] (not empty)."""
+    n = hi - lo
+    mid = lo + n // 2
+    if n % 2:
+        return float(v[mid])
+    return (float(v[mid - 1]) + float(v[mid])) / 2.0
+
+
+def _kth_deviation(v: np.ndarray, lo: int, hi: int, centre: float, k: int) -> float:
+    """k-th smallest (0-based) of |v[lo:hi] - centre|, v sorted: the deviations below and
+    above ``centre`` are two sorted sequences; bisect on how many come from each."""
+    split = int(np.searchsorted(v[lo:hi], centre, side="left")) + lo
+    na, nb = split - lo, hi - split  # below: centre - v[split - 1 - t]; above: v[split + t]
+
+    def below(t: int) -> float:
+        return centre - float(v[split - 1 - t])
+
+    def above(t: int) -> float:
+        return float(v[split + t]) - centre
+
+    first, last = max(0, k + 1 - nb), min(k + 1, na)  # how many of the k+1 from below
+    while True:
+        i = (first + last) // 2
+        j = k + 1 - i
+        if i < na and j > 0 and above(j - 1) > below(i):
+            first = i + 1
+        elif i > 0 and j < nb and below(i - 1) > above(j):
+            last = i - 1
+        else:
+            return max(below(i - 1) if i > 0 else -math.inf, above(j - 1) if j > 0 else -math.inf)
+
+
+def _mad_sorted(v: np.ndarray, lo: int, hi: int, centre: float) -> float:
+    """np.median(np.abs(v[lo:hi] - centre)) for a sorted v."""
+    n = hi - lo
+    if n % 2:
+        return _kth_deviation(v, lo, hi, centre, n // 2)
+    return (
+        _kth_deviation(v, lo, hi, centre, n // 2 - 1) + _kth_deviation(v, lo, hi, centre, n // 2)
+    ) / 2.0
+
+
 def _clipped_stats(vals: np.ndarray) -> tuple[float, float]:
-    """3-sigma clipped median and 1.4826 MAD of a 1-D sample (at most 400 000 values)."""
+    """3-sigma clipped median and 1.4826 MAD of a 1-D sample (at most 400 000 values).
+
+    Three clipping rounds (fewer when the kept set stops changing). The sample is sorted
+    once: every kept set is then a slice, whose median and MAD take O(log n) each.
+    """
     if vals.size == 0:
         return 0.0, float("nan")
     step = max(1, vals.size // 400_000)
-    vals = vals[::step].astype(np.float64)
-    med = float(np.median(vals))
-    sig = 1.4826 * float(np.median(np.abs(vals - med)))
+    v = np.sort(vals[::step])
+    lo, hi = 0, v.size
+    med = _median_sorted(v, lo, hi)
+    sig = 1.4826 * _mad_sorted(v, lo, hi, med)
     for _ in range(3):
         if not sig > 0:
             break
-        keep = np.abs(vals - med) < 3.0 * sig
-        med = float(np.median(vals[keep]))
-        sig = 1.4826 * float(np.median(np.abs(vals[keep] - med)))
+        # |v - med| < 3 sig, as a slice of the sorted sample
+        new_lo = int(np.searchsorted(v, med - 3.0 * sig, side="right"))
+        new_hi = int(np.searchsorted(v, med + 3.0 * sig, side="left"))
+        if (new_lo, new_hi) == (lo, hi) or new_hi <= new_lo:
+            break  # converged: the same pixels give the same figures
+        lo, hi = new_lo, new_hi
+        med = _median_sorted(v, lo, hi)
+        sig = 1.4826 * _mad_sorted(v, lo, hi, med)
     return med, sig
 
 
@@ -427,46 +522,256 @@ def _interp_matrix(n: int, mesh: int, m: int) -> np.ndarray:
     return np.stack([np.interp(np.arange(n), centres, eye[j]) for j in range(m)], axis=1)
 
 
+def _median3x3(a: np.ndarray) -> np.ndarray:
+    """3 x 3 median filter, edges repeated (``ndimage.median_filter(a, 3, mode="nearest")``)."""
+    ny, nx = a.shape
+    p = np.pad(a, 1, mode="edge")
+    return np.median(
+        np.stack([p[i : i + ny, j : j + nx] for i in range(3) for j in range(3)]), axis=0
+    )
+
+
+def _stats_step(size: int) -> int:
+    """Stride along both axes that leaves about :data:`STATS_PIXELS` pixels."""
+    return max(1, int(math.sqrt(size / STATS_PIXELS)))
+
+
 def _sky_stats(
     data: np.ndarray, good: np.ndarray, mesh: int = 32, *, differences: bool = True
 ) -> tuple[float, float]:
     """Sky level and robust sky noise of an image.
 
     The level is the sigma-clipped median of the good pixels. The noise is the clipped
-    1.4826 MAD of the image minus a mesh background (clipped medians in ``mesh``-pixel
+    1.4826 MAD of the image minus a mesh background (clipped means in ``mesh``-pixel
     boxes, 3x3 median-filtered, interpolated bilinearly), so that sky gradients do not
     inflate it. With ``differences`` the pixel-difference estimate replaces it when
     lower (crowded fields); pass False for images whose noise is correlated between
     neighbouring pixels (a convolved image), where differences underestimate it.
-    """
-    from scipy import ndimage
 
-    med, sig = _clipped_stats(data[good])
-    ny, nx = data.shape
+    Images of more than :data:`STATS_PIXELS` pixels are measured on a regular subsample
+    of about that many (every ``s``-th pixel along both axes, and bands of full rows for
+    the pixel differences): the same statistics, at a cost that does not grow with the
+    image.
+    """
+    from oasis_core.stats import sky_noise
+
+    step = _stats_step(data.size)
+    sub = np.asarray(data[::step, ::step], dtype=np.float32)
+    good_sub = good[::step, ::step]
+    med, sig = _clipped_stats(sub[good_sub])
+    mesh = max(2, mesh // step)  # in subsampled pixels
+    ny, nx = sub.shape
     my, mx = ny // mesh, nx // mesh
     if my < 2 or mx < 2 or not sig > 0:
         return med, sig
-    crop = np.where(good, data, np.nan)[: my * mesh, : mx * mesh].astype(np.float32)
-    crop[np.abs(crop - med) > 3.0 * sig] = np.nan  # NaN comparisons are False: kept NaN
+    crop = np.where(good_sub, sub, np.float32(np.nan))[: my * mesh, : mx * mesh]
+    crop[np.abs(crop - np.float32(med)) > 3.0 * sig] = np.nan  # NaN compares False: kept
     boxes = crop.reshape(my, mesh, mx, mesh).transpose(0, 2, 1, 3).reshape(my * mx, -1)
     finite = np.isfinite(boxes)
     count = finite.sum(axis=1)
     total = np.where(finite, boxes, 0.0).sum(axis=1, dtype=np.float64)
     # mean of the clipped box (the 3-sigma clip already removed the stars)
     level = np.where(count > boxes.shape[1] // 4, total / np.maximum(count, 1), med)
-    level = ndimage.median_filter(level.reshape(my, mx), size=3, mode="nearest")
+    level = _median3x3(level.reshape(my, mx))
     back = _interp_matrix(ny, mesh, my) @ level @ _interp_matrix(nx, mesh, mx).T
-    _, noise = _clipped_stats((data - back.astype(np.float32))[good])
+    _, noise = _clipped_stats((sub - back.astype(np.float32))[good_sub])
     if not differences:
         return med, noise
     # in crowded fields the scatter about the background is mostly stars: take the
     # pixel-difference estimate when it is lower
-    from oasis_core.stats import sky_noise
-
-    diff_noise = sky_noise(data, good)
+    diff_noise = sky_noise(data, good, max_pixels=STATS_PIXELS, fill=med)
     if np.isfinite(diff_noise) and 0 < diff_noise < noise:
         noise = diff_noise
     return med, noise
+
+
+# ------------------------------------------------------------ Fourier transforms
+
+
+def _fast_len(n: int) -> int:
+    """Smallest 2**a 3**b 5**c >= n: a size numpy's FFT (pocketfft) transforms fast."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _fft_shape(shape: tuple[int, int], pad: int) -> tuple[int, int]:
+    """Transform size for linear convolutions with kernels of half size <= ``pad``.
+
+    A kernel centred on the origin (wrapped) reaches ``pad`` pixels either side: with at
+    least ``pad`` zeros after the image along each axis, the circular convolution is the
+    linear one with zeros outside the image on the image's pixels.
+    """
+    return _fast_len(shape[0] + pad), _fast_len(shape[1] + pad)
+
+
+def _rfft2(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Zero-padded real transform of ``image`` on the grid ``shape``, divided by its size
+    (``norm="forward"``: numpy's single-precision transforms take their fast path when
+    they scale), complex64. :func:`_irfft2` inverts it up to that factor."""
+    n, m = shape
+    ny = image.shape[0]
+    spec = np.empty((n, m // 2 + 1), dtype=np.complex64)
+    np.fft.rfft(np.asarray(image, dtype=np.float32), n=m, axis=1, norm="forward", out=spec[:ny])
+    spec[ny:] = 0
+    np.fft.fft(spec, axis=0, norm="forward", out=spec)
+    return spec
+
+
+def _irfft2(spec: np.ndarray, shape: tuple[int, int], out_shape: tuple[int, int]) -> np.ndarray:
+    """Inverse transform (float32) cropped to ``out_shape``; ``spec`` is overwritten."""
+    ny, nx = out_shape
+    np.fft.ifft(spec, axis=0, out=spec)
+    return np.fft.irfft(spec[:ny], n=shape[1], axis=1)[:, :nx]
+
+
+def _dft_matrices(shape: tuple[int, int], half: int) -> tuple[np.ndarray, np.ndarray]:
+    """DFT matrices of offsets -half..half: ``(N, 2h+1)`` along y and ``(2h+1, M//2+1)``
+    along x (complex64), so that ``ey @ kernel @ ex`` is the transform of a (2h+1)^2
+    kernel centred on the origin, as :func:`_rfft2` would give it, at a fraction of the
+    cost (the kernel has (2h+1)^2 non-zero pixels)."""
+    n, m = shape
+    u = np.arange(-half, half + 1)
+    ey = np.exp((-2j * np.pi / n) * np.outer(np.arange(n), u)).astype(np.complex64)
+    ex = np.exp((-2j * np.pi / m) * np.outer(u, np.arange(m // 2 + 1))).astype(np.complex64)
+    return ey, ex
+
+
+def _gaussian_smooth(
+    spec: np.ndarray, shape: tuple[int, int], out_shape: tuple[int, int]
+) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(image, 1.0, mode="constant")`` (a unit Gaussian
+    truncated at 4 sigma, unit sum) from the image's :func:`_rfft2` on ``shape`` (zero
+    padding >= 4): its transfer function is real and separable. float32."""
+    u = np.arange(-4, 5)
+    w = np.exp(-0.5 * u**2)
+    w /= w.sum()
+    n, m = shape
+    ty = (w[None, :] * np.cos((2 * np.pi / n) * np.outer(np.arange(n), u))).sum(axis=1)
+    tx = (w[None, :] * np.cos((2 * np.pi / m) * np.outer(np.arange(m // 2 + 1), u))).sum(axis=1)
+    work = spec * (ty * (n * m)).astype(np.float32)[:, None]  # n * m: _rfft2's scale
+    work *= tx.astype(np.float32)[None, :]
+    return _irfft2(work, shape, out_shape)
+
+
+# ------------------------------------------------------------------------- threads
+
+
+@functools.cache
+def _openblas_threads() -> tuple[Any, Any] | None:
+    """(get, set) of the number of threads of the OpenBLAS numpy loaded, or None (another
+    BLAS, or not Linux)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "")):
+            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes, put.restype = ctypes.c_int, [ctypes.c_int], None
+                return get, put
+    return None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Run the block with OpenBLAS on one thread (restored after).
+
+    The fit's matrix products are small to medium: a second BLAS thread gains little on
+    them, while OpenBLAS's idle workers spin for a while after every call, taking a core
+    from everything else (about 1 CPU-second per 2048 x 2048 pair). Best effort: nothing
+    is changed when the BLAS is not an OpenBLAS that can be found.
+    """
+    controls = _openblas_threads()
+    before = controls[0]() if controls is not None else 1
+    if before <= 1:
+        yield
+        return
+    controls[1](1)
+    try:
+        yield
+    finally:
+        controls[1](before)
+
+
+@contextlib.contextmanager
+def _side_thread(function: Any, *args: Any) -> Iterator[Any]:
+    """Run ``function(*args)`` in a second thread while the block runs; yields a callable
+    that returns its result (or raises its exception) once the block is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="oasis-ois") as pool:
+        future = pool.submit(function, *args)
+        yield future.result
+    # leaving the pool waits for the thread: an error in the block comes first
+
+
+def _in_two_threads(work: Any, n: int, chunk: int) -> None:
+    """``work(start, stop)`` over ``range(n)`` split in two at a multiple of ``chunk``, the
+    halves side by side (one piece when there are too few chunks)."""
+    half = (n // (2 * chunk)) * chunk
+    if half == 0:
+        work(0, n)
+        return
+    with _side_thread(work, half, n) as second:
+        work(0, half)
+    second()
+
+
+# ------------------------------------------------------------------- local maxima
+
+
+def _sliding_max(a: np.ndarray, radius: int) -> np.ndarray:
+    """Maximum over the ``(2 radius + 1)**2`` square around each pixel, clipped to the
+    image: ``scipy.ndimage.maximum_filter(a, 2 radius + 1)`` (and, for booleans, with
+    ``mode="constant"`` too), by doubling windows (a few whole-array maxima per axis).
+    """
+    if radius <= 0:
+        return a.copy()
+    w = 2 * radius + 1
+    fill = False if a.dtype == bool else -np.inf
+    for axis in (0, 1):
+        n = a.shape[axis]
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        m = np.pad(a, pad, constant_values=fill)
+        k = 1  # m[i] is the maximum over [i, i + k)
+        while 2 * k <= w:
+            length = m.shape[axis] - k
+            lo = (slice(0, length), slice(None)) if axis == 0 else (slice(None), slice(0, length))
+            hi = (
+                (slice(k, length + k), slice(None))
+                if axis == 0
+                else (slice(None), slice(k, length + k))
+            )
+            m = np.maximum(m[lo], m[hi])
+            k *= 2
+        first = (slice(0, n), slice(None)) if axis == 0 else (slice(None), slice(0, n))
+        last = (
+            (slice(w - k, w - k + n), slice(None))
+            if axis == 0
+            else (slice(None), slice(w - k, w - k + n))
+        )
+        a = np.maximum(m[first], m[last])
+    return a
 
 
 @attrs.frozen(kw_only=True)
@@ -475,13 +780,16 @@ class _Image:
 
     name: str
     data: np.ndarray = attrs.field(eq=False, repr=False)  # float32, sky removed, bad -> 0
-    smooth: np.ndarray = attrs.field(eq=False, repr=False)  # data * unit Gaussian
+    smooth: np.ndarray | None = attrs.field(eq=False, repr=False)  # data * unit Gaussian
     bad: np.ndarray = attrs.field(eq=False, repr=False)  # bool
     weight: np.ndarray = attrs.field(eq=False, repr=False)  # the frame's (read-only)
     sky: float
     noise: float
     gain: float
     fwhm: float | None
+    # rfft2 of data on the grid fft_shape (zero padding >= FFT_PAD)
+    spectrum: np.ndarray | None = attrs.field(default=None, eq=False, repr=False)
+    fft_shape: tuple[int, int] = (0, 0)
 
     def variance(self, index: Any = ...) -> np.ndarray:
         """Per-pixel variance noise**2 + max(data, 0) / gain (of data[index]), float32."""
@@ -505,17 +813,17 @@ def _effective_gain(frame: Frame, sky: float, noise: float) -> float:
 
 
 def _prepare(frame: Frame, options: OisOptions, what: str) -> _Image:
-    from scipy import ndimage
-
-    data = np.asarray(frame.data)
+    data = np.asarray(frame.data, dtype=np.float32)
     weight = np.asarray(frame.weight)
     finite = np.isfinite(data)
-    bad = ~finite | ~(weight > 0)
+    bad = ~(weight > 0)
+    bad |= ~finite
     sat = options.saturation if options.saturation > 0 else frame.saturation
     if sat is not None:
         bad |= finite & (data >= sat)
     if options.pix_min > -math.inf:
         bad |= finite & (data < options.pix_min)
+    del finite
     if bad.all():
         msg = f"subtract backend 'ois': {what} {frame.name!r} has no usable pixel (weight 0)"
         raise StageError(msg)
@@ -534,10 +842,16 @@ def _prepare(frame: Frame, options: OisOptions, what: str) -> _Image:
         )
         raise StageError(msg)
     gain = _effective_gain(frame, sky, noise)
-    clean = data - np.float32(sky)
+    clean = np.subtract(data, np.float32(sky), dtype=np.float32)
     clean[bad] = 0.0
-    smooth = ndimage.gaussian_filter(clean, 1.0, mode="constant")
-    fwhm = float(frame.fwhm) if frame.fwhm else _measure_fwhm(clean, smooth, bad, noise)
+    # one transform serves the smoothing here and, for the image convolved, the kernel
+    shape = _fft_shape(clean.shape, FFT_PAD)
+    spectrum = _rfft2(clean, shape)
+    smooth = _gaussian_smooth(spectrum, shape, clean.shape)
+    fwhm = _cached_fwhm(frame, options)
+    if fwhm is None:
+        fwhm = float(frame.fwhm) if frame.fwhm else _measure_fwhm(clean, smooth, bad, noise)
+        _remember_fwhm(frame, options, fwhm)
     return _Image(
         name=frame.name,
         data=clean,
@@ -548,7 +862,69 @@ def _prepare(frame: Frame, options: OisOptions, what: str) -> _Image:
         noise=noise,
         gain=gain,
         fwhm=fwhm,
+        spectrum=spectrum,
+        fft_shape=shape,
     )
+
+
+# FWHMs measured by _prepare, for the optimisation candidates of the same frames:
+# id(frame) -> (weak reference to the frame, the options the measurement depends on, FWHM)
+_FWHM_MEMO: dict[int, tuple[Any, tuple[Any, ...], float | None]] = {}
+_FWHM_MEMO_SIZE = 8
+_FWHM_MEMO_LOCK = threading.Lock()
+
+
+def _fwhm_key(frame: Frame, options: OisOptions) -> tuple[Any, ...]:
+    return (
+        options.saturation,
+        options.pix_min,
+        frame.saturation,
+        frame.background,
+        frame.noise,
+        frame.fwhm,
+        id(frame.data),
+        id(frame.weight),
+    )
+
+
+def _cached_fwhm(frame: Frame, options: OisOptions) -> float | None:
+    """The FWHM :func:`_prepare` measured on this very frame with these options, or None."""
+    if frame.fwhm:
+        return None
+    with _FWHM_MEMO_LOCK:
+        entry = _FWHM_MEMO.get(id(frame))
+    if entry is None or entry[0]() is not frame or entry[1] != _fwhm_key(frame, options):
+        return None
+    return entry[2]
+
+
+def _remember_fwhm(frame: Frame, options: OisOptions, fwhm: float | None) -> None:
+    if frame.fwhm or fwhm is None:
+        return
+    import weakref
+
+    try:
+        ref = weakref.ref(frame)
+    except TypeError:  # a frame type without weak references: nothing to remember
+        return
+    with _FWHM_MEMO_LOCK:
+        while len(_FWHM_MEMO) >= _FWHM_MEMO_SIZE:
+            _FWHM_MEMO.pop(next(iter(_FWHM_MEMO)))
+        _FWHM_MEMO[id(frame)] = (ref, _fwhm_key(frame, options), fwhm)
+
+
+def measured_fwhm(frame: Frame, options: OisOptions, what: str) -> float | None:
+    """The frame's FWHM (px) as the fit uses it: ``Frame.fwhm``, else what the fit measured
+    on this frame (remembered), else measured now; None when it cannot be measured."""
+    if frame.fwhm:
+        return float(frame.fwhm)
+    fwhm = _cached_fwhm(frame, options)
+    if fwhm is not None:
+        return fwhm
+    try:
+        return _prepare(frame, options, what).fwhm
+    except StageError:
+        return None
 
 
 def _peaks(im: _Image, radius: int, nsigma: float) -> tuple[np.ndarray, np.ndarray]:
@@ -564,16 +940,37 @@ def _find_peaks(
     radius: int,
     nsigma: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    from scipy import ndimage
-
     # a smoothed peak of a point source is >= ~40 % of its raw peak for FWHM >= 2 px
-    is_max = (smooth == ndimage.maximum_filter(smooth, size=2 * radius + 1)) & (
-        smooth > 0.4 * nsigma * noise
-    )
-    is_max &= ~bad
-    y, x = np.nonzero(is_max)
+    above = smooth > 0.4 * nsigma * noise
+    above &= ~bad
+    y, x = np.nonzero(above)
+    y, x = _local_maxima(smooth, y, x, radius)
     keep = data[y, x] > nsigma * noise
     return y[keep], x[keep]
+
+
+def _local_maxima(
+    image: np.ndarray, y: np.ndarray, x: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels (y, x) that equal the maximum of the ``(2 radius + 1)**2`` square around
+    them, clipped to the image (``image == ndimage.maximum_filter(image, 2 radius + 1)``
+    at those pixels), comparing with the 8 neighbours first, then with the rest of the
+    square for the survivors."""
+    ny, nx = image.shape
+    value = image[y, x]
+    rings = [(1, lambda dy, dx: (dy, dx) != (0, 0))]
+    if radius > 1:
+        rings.append((radius, lambda dy, dx: max(abs(dy), abs(dx)) > 1))
+    for r, wanted in rings:
+        keep = np.ones(y.size, dtype=bool)
+        rows = {dy: np.clip(y + dy, 0, ny - 1) for dy in range(-r, r + 1)}
+        cols = {dx: np.clip(x + dx, 0, nx - 1) for dx in range(-r, r + 1)}
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                if wanted(dy, dx):
+                    keep &= image[rows[dy], cols[dx]] <= value
+        y, x, value = y[keep], x[keep], value[keep]
+    return y, x
 
 
 def _measure_fwhm(
@@ -605,12 +1002,40 @@ def _measure_fwhm(
 # ------------------------------------------------------------------------- stamps
 
 
+def _outshone(y: np.ndarray, x: np.ndarray, value: np.ndarray, r: int) -> np.ndarray:
+    """For each point, is another point within ``r`` px (Chebyshev) brighter? Of two
+    equal ones, the later is the fainter (``cKDTree.query_pairs(r, p=inf)`` pairs, the
+    fainter of each marked)."""
+    n = y.size
+    out = np.zeros(n, dtype=bool)
+    if n < 2:
+        return out
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    lo = np.searchsorted(xs, xs - r, side="left")
+    hi = np.searchsorted(xs, xs + r, side="right")
+    # neighbours in x of each point, in chunks of about a million pairs
+    start = 0
+    while start < n:
+        csum = np.cumsum(hi[start:] - lo[start:])
+        stop = start + max(1, int(np.searchsorted(csum, 1 << 20, side="right")))
+        counts = hi[start:stop] - lo[start:stop]
+        a = np.repeat(np.arange(start, stop), counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        b = lo[a] + (np.arange(a.size) - first)
+        i, j = order[a], order[b]
+        near = (i != j) & (np.abs(y[i] - y[j]) <= r)
+        i, j = i[near], j[near]
+        fainter = (value[i] < value[j]) | ((value[i] == value[j]) & (i > j))
+        out[i[fainter]] = True
+        start = stop
+    return out
+
+
 def _candidates(
     ref: _Image, conv: _Image, hs: int, hm: int, options: OisOptions
 ) -> dict[str, np.ndarray]:
     """Stamp candidates: up to CANDIDATES_PER_CELL per cell, best first."""
-    from scipy.spatial import cKDTree
-
     ny, nx = ref.data.shape
     radius = max(2, round(max(conv.fwhm or 3.0, ref.fwhm or 3.0)))
     if options.min_stamp_center <= 0:
@@ -620,14 +1045,7 @@ def _candidates(
         thr_r = options.min_stamp_center / ref.noise
     cy, cx = _peaks(conv, radius, thr_c)
     # isolated: no brighter peak of any kind inside the stamp box
-    isolated = np.ones(cy.size, dtype=bool)
-    if cy.size > 1:
-        tree = cKDTree(np.column_stack([cy, cx]))
-        pairs = tree.query_pairs(hs, p=np.inf, output_type="ndarray")
-        if pairs.size:
-            val = conv.data[cy, cx]
-            i, j = pairs[:, 0], pairs[:, 1]
-            isolated[np.where(val[i] < val[j], i, j)] = False
+    isolated = ~_outshone(cy, cx, conv.data[cy, cx], hs)
     h = hs + hm
     inside = (cy >= h) & (cy < ny - h) & (cx >= h) & (cx < nx - h)
     cy, cx, isolated = cy[inside], cx[inside], isolated[inside]
@@ -638,17 +1056,12 @@ def _candidates(
         ok = ref3.max(axis=(1, 2)) > thr_r * ref.noise
         cy, cx, isolated = cy[ok], cx[ok], isolated[ok]
     if cy.size:
-        # no bad pixel in the stamp (reference) or in the stamp + kernel (convolved)
-        offs, offh = np.arange(-hs, hs + 1), np.arange(-h, h + 1)
+        # no bad pixel in the stamp (reference) or in the stamp + kernel (convolved): the
+        # masks dilated by those half sizes, at the centres
         ok = np.ones(cy.size, dtype=bool)
-        for lo in range(0, cy.size, 256):
-            sl = slice(lo, lo + 256)
-            ok[sl] = ~ref.bad[
-                (cy[sl, None] + offs)[:, :, None], (cx[sl, None] + offs)[:, None, :]
-            ].any(axis=(1, 2))
-            ok[sl] &= ~conv.bad[
-                (cy[sl, None] + offh)[:, :, None], (cx[sl, None] + offh)[:, None, :]
-            ].any(axis=(1, 2))
+        for im, half in ((ref, hs), (conv, h)):
+            if im.bad.any():
+                ok &= ~_sliding_max(im.bad, half)[cy, cx]
         cy, cx, isolated = cy[ok], cx[ok], isolated[ok]
     if cy.size == 0:
         return {"cy": cy, "cx": cx, "cell": cy, "rank": cy}
@@ -685,26 +1098,39 @@ def _solve_sym(m: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _normal_equations(
-    feats: np.ndarray, y: np.ndarray, var: np.ndarray
+    feats: np.ndarray, y: np.ndarray, var: np.ndarray, transform: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-stamp normal matrix, right-hand side and y'Wy, features + constant, float64."""
-    n, npix, nb = feats.shape
+    """Per-stamp normal matrix, right-hand side and y'Wy, features + constant, float64.
+
+    ``feats`` is ``(n, nb, npix)``. With ``transform`` (``(nb, nb)``) the equations are
+    those of the features ``transform.T @ feats`` (the normalised basis from the raw one).
+    """
+    n, nb, npix = feats.shape
     m = np.empty((n, nb + 1, nb + 1))
     b = np.empty((n, nb + 1))
     yy = np.empty(n)
-    chunk = 32  # chunks keep the float64 copies small
-    for lo in range(0, n, chunk):
-        hi = min(n, lo + chunk)
-        sw = 1.0 / np.sqrt(var[lo:hi].astype(np.float64))  # sqrt of the weights
-        g = np.empty((hi - lo, npix, nb + 1))
-        g[..., :nb] = feats[lo:hi]
-        g[..., nb] = 1.0
-        g *= sw[..., None]
-        yw = y[lo:hi].astype(np.float64) * sw
-        gt = np.swapaxes(g, 1, 2)
-        m[lo:hi] = gt @ g
-        b[lo:hi] = (gt @ yw[..., None])[..., 0]
-        yy[lo:hi] = (yw * yw).sum(axis=1)
+    chunk = 32  # chunks keep the float64 copies small (one buffer per thread, reused)
+
+    def accumulate(start: int, stop: int) -> None:
+        buffer = np.empty((min(stop - start, chunk), nb + 1, npix))
+        for lo in range(start, stop, chunk):
+            hi = min(stop, lo + chunk)
+            sw = 1.0 / np.sqrt(var[lo:hi].astype(np.float64))  # sqrt of the weights
+            g = buffer[: hi - lo]
+            g[:, :nb] = feats[lo:hi]
+            g[:, nb] = 1.0
+            g *= sw[:, None, :]
+            yw = y[lo:hi].astype(np.float64) * sw
+            np.matmul(g, np.swapaxes(g, 1, 2), out=m[lo:hi])
+            b[lo:hi] = (g @ yw[..., None])[..., 0]
+            yy[lo:hi] = (yw * yw).sum(axis=1)
+
+    _in_two_threads(accumulate, n, chunk)
+    if transform is not None:
+        t = np.eye(nb + 1)
+        t[:nb, :nb] = transform
+        m = t.T @ m @ t
+        b = b @ t
     return m, b, yy
 
 
@@ -755,6 +1181,46 @@ class _Layout:
         e[:, self.nb, col:] = q
         return e
 
+    def groups(self, xn: np.ndarray, yn: np.ndarray) -> list[tuple[slice, np.ndarray]]:
+        """The local coefficients that share a spatial expansion, in the order of the
+        global unknowns: (slice of the local coefficients, the expansion's values at the
+        points, ``(n, d)``); local coefficient ``k`` of the group is ``values @
+        theta[block k]``. :meth:`expansion` is their block-diagonal matrix."""
+        nb = self.nb
+        p = _poly_at(self.deg_spatial, xn, yn)
+        q = _poly_at(self.deg_bg, xn, yn)
+        if self.const_ksum:
+            return [(slice(0, 1), np.ones((xn.size, 1))), (slice(1, nb), p), (slice(nb, nb + 1), q)]
+        return [(slice(0, nb), p), (slice(nb, nb + 1), q)]
+
+    def normal(
+        self, m: np.ndarray, b: np.ndarray, xn: np.ndarray, yn: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``sum_s E_s' M_s E_s`` and ``sum_s E_s' b_s`` (E: :meth:`expansion`) for the
+        stamps' normal equations ``m`` (n, L, L), ``b`` (n, L), without forming E."""
+        groups = self.groups(xn, yn)
+        rows, rhs = [], []
+        for sl_a, va in groups:
+            row = []
+            for sl_b, vb in groups:
+                w = va[:, :, None] * vb[:, None, :]  # (n, da, db)
+                blk = np.tensordot(m[:, sl_a, sl_b], w, axes=(0, 0))  # (La, Lb, da, db)
+                la, lb, da, db = blk.shape
+                row.append(blk.transpose(0, 2, 1, 3).reshape(la * da, lb * db))
+            rows.append(row)
+            rhs.append((b[:, sl_a].T @ va).reshape(-1))
+        return np.block(rows), np.concatenate(rhs)
+
+    def local(self, theta: np.ndarray, xn: np.ndarray, yn: np.ndarray) -> np.ndarray:
+        """Local coefficients ``E_s @ theta`` at the points, (n, L)."""
+        loc = np.empty((xn.size, self.nb + 1))
+        start = 0
+        for sl, v in self.groups(xn, yn):
+            count = (sl.stop - sl.start) * v.shape[1]
+            loc[:, sl] = v @ theta[start : start + count].reshape(-1, v.shape[1]).T
+            start += count
+        return loc
+
     def unpack(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(nb, nsp) kernel coefficients and (nbg,) background coefficients."""
         coef = np.zeros((self.nb, self.nsp))
@@ -793,21 +1259,88 @@ def _select(cand: dict[str, np.ndarray], rejected: np.ndarray) -> np.ndarray:
 # -------------------------------------------------------------------- application
 
 
-def _fft_convolver(image: np.ndarray, hm: int):  # type: ignore[no-untyped-def]
-    """Return conv(kernel) -> 'same'-size linear convolution of image, by FFT."""
-    from scipy import fft
+def _transform(im: _Image, half: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The image's :func:`_rfft2` and its grid for kernels of half size ``half``: the one
+    :func:`_prepare` made when its padding reaches the kernel."""
+    ny, nx = im.data.shape
+    shape, spec = im.fft_shape, im.spectrum
+    if spec is None or min(shape[0] - ny, shape[1] - nx) < half:
+        shape = _fft_shape((ny, nx), half)
+        spec = _rfft2(im.data, shape)
+    return spec, shape
 
-    ny, nx = image.shape
-    shape = (fft.next_fast_len(ny + 2 * hm, real=True), fft.next_fast_len(nx + 2 * hm, real=True))
-    spec = fft.rfft2(image.astype(np.float32, copy=False), s=shape)
 
-    def conv(kernel: np.ndarray) -> np.ndarray:
-        kspec = fft.rfft2(kernel.astype(np.float32), s=shape)
-        kspec *= spec
-        full = fft.irfft2(kspec, s=shape)
-        return full[hm : hm + ny, hm : hm + nx].astype(np.float32)
+def _spatial_convolution(
+    spec: np.ndarray,
+    shape: tuple[int, int],
+    kernels: np.ndarray,
+    monomials: Sequence[tuple[int, int]],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    powers: Sequence[int] | None = None,
+) -> np.ndarray:
+    """``sum_s xs**i_s ys**j_s (image * kernels[s])``, the linear ('same', zeros
+    outside) convolution of an image by a spatially varying kernel, float32, from the
+    image's :func:`_rfft2` ``spec`` on the grid ``shape`` (padding >= the kernels' half
+    size; see :func:`_transform`).
 
-    return conv
+    The kernels' transforms by DFT matrices, then for each spatial term the product and
+    an inverse transform along y; the terms that share a power of x are summed (times
+    their power of y) before one inverse transform along x: the polynomials multiply the
+    convolved image, and a function of y commutes with the transform along x. With
+    ``powers``, only the terms with these powers of x (two threads share the terms).
+    """
+    ny, nx = ys.size, xs.size
+    half = (kernels.shape[-1] - 1) // 2
+    ey, ex = _dft_matrices(shape, half)
+    scale = float(shape[0] * shape[1])  # _rfft2 divided the image's transform by it
+    work = np.empty(spec.shape, dtype=np.complex64)  # one kernel's product at a time
+    out: np.ndarray | None = None
+    for i in sorted({i for i, _ in monomials} if powers is None else powers):
+        acc: np.ndarray | None = None  # sum over j of ys**j times the y-inverse
+        for k, (i_k, j) in zip(kernels, monomials, strict=True):
+            if i_k != i or not np.any(k):
+                continue
+            np.matmul(ey, (scale * k).astype(np.complex64) @ ex, out=work)
+            work *= spec
+            np.fft.ifft(work, axis=0, out=work)
+            part = work[:ny]
+            if j:
+                part *= (ys**j).astype(np.float32)[:, None]
+            if acc is None:
+                acc = part.copy()
+            else:
+                acc += part
+        if acc is None:
+            continue
+        real = np.fft.irfft(acc, n=shape[1], axis=1)[:, :nx]
+        del acc
+        if i:
+            real *= (xs**i).astype(np.float32)[None, :]
+        if out is None:
+            out = real
+        else:
+            out += real
+    if out is None:
+        return np.zeros((ny, nx), dtype=np.float32)
+    return out
+
+
+def _share_powers(monomials: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The powers of x of the model's terms for this thread and for the side thread,
+    which also convolves the noise (about a forward transform and a term more): largest
+    first, each to the less loaded thread (cost: terms + half a term for the inverse
+    transform along x)."""
+    count: dict[int, int] = {}
+    for i, _ in monomials:
+        count[i] = count.get(i, 0) + 1
+    load = [0.0, 2.8]  # this thread, the side thread (the noise's transforms)
+    shares: list[list[int]] = [[], []]
+    for i in sorted(count, key=lambda p: -count[p]):
+        k = 0 if load[0] <= load[1] else 1
+        shares[k].append(i)
+        load[k] += count[i] + 0.5
+    return shares[0], shares[1]
 
 
 def _effective_geometry(
@@ -869,9 +1402,18 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     StageError
         If the frames differ in shape, an image has no usable pixel or no stamp star.
     """
+    with _single_threaded_blas():
+        return _solve(science, template, options)
+
+
+def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
+    """:func:`solve` (BLAS threads already set)."""
     _check_shapes(science, template)
-    sci = _prepare(science, options, "science")
-    tpl = _prepare(template, options, "template")
+    # the two images are prepared side by side (numpy releases the GIL on whole arrays)
+    with _side_thread(_prepare, template, options, "template") as template_result:
+        sci = _prepare(science, options, "science")
+    tpl = template_result()
+    del template_result  # its future holds the template's first _Image
 
     direction = _direction(options, sci, tpl)
     conv, ref = (tpl, sci) if direction == "template" else (sci, tpl)
@@ -881,6 +1423,12 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
         hs = max(2, (min(ny, nx) - 1) // 2 - hm - 1)
 
     cand = _candidates(ref, conv, hs, hm, options)
+    # what the rest needs of the smoothed images and of the reference's transform: the
+    # source mask; free the rest before the whole-image convolutions
+    sources = _source_mask(ref, conv)
+    ref = attrs.evolve(ref, smooth=None, spectrum=None)
+    conv = attrs.evolve(conv, smooth=None)
+    sci, tpl = (ref, conv) if direction == "template" else (conv, ref)
     ncand = cand["cy"].size
     if ncand == 0:
         msg = (
@@ -893,7 +1441,8 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
 
     # ---- stamp features and per-stamp normal equations
     cy, cx = cand["cy"], cand["cx"]
-    feats = _convolved_stamps(conv.data, cy, cx, hs, hm, sigmas, degrees)
+    feats = _raw_stamps(conv.data, cy, cx, hs, hm, sigmas, degrees)  # (n, nb, npix)
+    _, _, to_basis = _basis_transform(sigmas, degrees, hm)  # normalised = raw @ to_basis
     off = np.arange(-hs, hs + 1)
     iy = (cy[:, None] + off)[:, :, None]
     ix = (cx[:, None] + off)[:, None, :]
@@ -901,11 +1450,12 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     var_ref_floor = np.float32(ref.noise**2)
     var_conv = conv.variance((iy, ix)).reshape(ncand, -1)
     var = ref.variance((iy, ix)).reshape(ncand, -1) + var_conv
-    nb = feats.shape[2]
-    m, b, yy = _normal_equations(feats, y, var)
+    nb = feats.shape[1]
+    m, b, yy = _normal_equations(feats, y, var, to_basis)
     local = _solve_sym(m, b)
     # re-weight once with the model (data-based variances bias the fit low)
-    model = np.einsum("npk,nk->np", feats, local[:, :nb]) + local[:, nb : nb + 1]
+    raw_coef = (local[:, :nb] @ to_basis.T).astype(np.float32)
+    model = np.einsum("nkp,nk->np", feats, raw_coef) + local[:, nb : nb + 1].astype(np.float32)
     basis = basis_kernels(sigmas, degrees, hm)
     gram = np.einsum("kyx,jyx->kj", basis, basis)
     k2 = np.einsum("nk,kj,nj->n", local[:, :nb], gram, local[:, :nb])  # sum of K**2
@@ -914,7 +1464,7 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
         + np.maximum(model, 0) / np.float32(ref.gain)
         + k2[:, None].astype(np.float32) * var_conv
     ).astype(np.float32)
-    m, b, yy = _normal_equations(feats, y, var)
+    m, b, yy = _normal_equations(feats, y, var, to_basis)
     local = _solve_sym(m, b)
     npix = y.shape[1]
     chi2_local = (
@@ -930,17 +1480,13 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     ds, db = _degrees_for(_select(cand, rejected).size, options.deg_spatial, options.deg_bg)
     while True:
         layout = _Layout(nb=nb, deg_spatial=ds, deg_bg=db, const_ksum=options.const_ksum)
-        e_all = layout.expansion(xn, yn)
         for iteration in range(options.max_iter + 1):
             sel = _select(cand, rejected)
             if sel.size == 0:
                 break
-            e = e_all[sel]
-            flat_e = e.reshape(-1, e.shape[2])  # (n_sel * L, U)
-            big_m = flat_e.T @ (m[sel] @ e).reshape(flat_e.shape)  # sum_s E_s' M_s E_s
-            big_b = flat_e.T @ b[sel].reshape(-1)
+            big_m, big_b = layout.normal(m[sel], b[sel], xn[sel], yn[sel])
             theta = _solve_sym(big_m, big_b)
-            loc = e @ theta
+            loc = layout.local(theta, xn[sel], yn[sel])
             chi2 = (
                 yy[sel]
                 - 2 * np.einsum("nl,nl->n", loc, b[sel])
@@ -969,26 +1515,46 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     ksum = float(coef[0, 0])
 
     # ---- apply to the whole image
-    conv_fn = _fft_convolver(conv.data, hm)
-    model_img = np.zeros((ny, nx), dtype=np.float32)
-    ksum_img: np.ndarray | float = ksum
-    for s, (i, j) in enumerate(_monomials(ds)):
-        ks_s = np.einsum("k,kyx->yx", coef[:, s], basis)
-        if not np.any(ks_s):
-            continue
-        part = conv_fn(ks_s)
-        if s == 0:
-            model_img += part
-        else:
-            model_img += part * np.outer(ys**j, xs**i).astype(np.float32)
-        if not options.const_ksum and s > 0 and coef[0, s] != 0:
-            ksum_img = ksum_img + coef[0, s] * np.outer(ys**j, xs**i)
-    del conv_fn
-    for c, (i, j) in zip(bg_coef, _monomials(db), strict=True):
-        model_img += np.float32(c) * np.outer(ys**j, xs**i).astype(np.float32)
-
     del feats, var, var_conv, model
-    var_conv_img = _fft_convolver(conv.variance(), hm)(kernel_center**2)
+    monomials = _monomials(ds)
+    kernels = np.einsum("ks,kyx->syx", coef[:, : len(monomials)], basis)
+    # the model's terms and the noise (the convolved image's variance through the
+    # kernel squared at the centre) in two threads of about equal work
+    mine, theirs = _share_powers(monomials)
+    spec, shape = _transform(conv, hm)
+    noise_kernel = (kernel_center**2)[None]
+
+    def side(spec: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        var_spec = _rfft2(conv.variance(), shape)
+        var_conv = _spatial_convolution(var_spec, shape, noise_kernel, [(0, 0)], xs, ys)
+        del var_spec
+        part = None
+        if theirs:
+            part = _spatial_convolution(spec, shape, kernels, monomials, xs, ys, theirs)
+        return var_conv, part
+
+    with _side_thread(side, spec) as side_result:
+        model_img = _spatial_convolution(spec, shape, kernels, monomials, xs, ys, mine)
+    var_conv_img, part = side_result()
+    if part is not None:
+        model_img += part
+    del part, side_result, spec
+    ksum_img: np.ndarray | float = ksum
+    if not options.const_ksum:
+        for s, (i, j) in enumerate(monomials):
+            if s > 0 and coef[0, s] != 0:
+                ksum_img = ksum_img + coef[0, s] * np.outer(ys**j, xs**i)
+    # the background polynomial, one pass per power of x: sum_i xs**i (sum_j c_ij ys**j)
+    by_power: dict[int, np.ndarray] = {}
+    for c, (i, j) in zip(bg_coef, _monomials(db), strict=True):
+        by_power[i] = by_power.get(i, 0.0) + c * ys**j
+    for i, column in by_power.items():
+        column32 = np.asarray(column, dtype=np.float32)[:, None]
+        if i:
+            model_img += column32 * (xs**i).astype(np.float32)[None, :]
+        else:
+            model_img += column32
+
     if not np.isscalar(ksum_img):
         var_conv_img *= (np.asarray(ksum_img) / ksum) ** 2
     noise2 = ref.variance() + np.maximum(var_conv_img, 0)
@@ -1040,41 +1606,35 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     if flag:
         meta["flag"] = flag
     return OisSolution(
-        residual=residual.astype(np.float32),
-        noise=noise.astype(np.float32),
+        residual=residual.astype(np.float32, copy=False),
+        noise=noise.astype(np.float32, copy=False),
         weight=weight,
         kernel=kernel_center.astype(np.float32),
         coefficients=coef,
         bg_coefficients=np.asarray(bg_coef, dtype=np.float64),
         direction=direction,
         ksum=ksum,
-        sources=_source_mask(ref, conv),
+        sources=sources,
         meta=meta,
     )
 
 
 def _source_mask(ref: _Image, conv: _Image) -> np.ndarray:
     """Pixels within ~FWHM of a 3-sigma (after 1-px Gaussian smoothing) source."""
-    from scipy import ndimage
-
     # smoothing white noise with a unit Gaussian divides its std by 2 sqrt(pi)
     factor = 1.0 / (2.0 * math.sqrt(math.pi))
     src = np.zeros(ref.data.shape, dtype=bool)
     for im in (ref, conv):
         src |= im.smooth > 3.0 * factor * im.noise
-    size = 2 * round(max(ref.fwhm or 3.0, conv.fwhm or 3.0)) + 1
-    return ndimage.maximum_filter(src, size=size)
+    return _sliding_max(src, round(max(ref.fwhm or 3.0, conv.fwhm or 3.0)))
 
 
 def _residual_weight(ref: _Image, conv: _Image, hm: int) -> np.ndarray:
     """min of the two weights; 0 where the reference is bad, within hm of a bad pixel of
     the convolved image (the kernel reaches it) and within hm of the edges."""
-    from scipy import ndimage
-
     w = np.minimum(ref.weight, conv.weight)
     w[ref.bad] = 0.0
     if conv.bad.any():
-        reach = ndimage.maximum_filter(conv.bad, size=2 * hm + 1, mode="constant")
-        w[reach] = 0.0
+        w[_sliding_max(conv.bad, hm)] = 0.0
     w[:hm], w[-hm:], w[:, :hm], w[:, -hm:] = 0.0, 0.0, 0.0, 0.0
-    return np.clip(w, 0, 1).astype(np.float32)
+    return np.clip(w, 0, 1, out=w).astype(np.float32, copy=False)

@@ -53,13 +53,13 @@ with these configurations, mostly thanks to the lower spatial degree. Oversample
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
 
-from oasis_core.errors import StageError
 from oasis_core.model import Frame
-from oasis_ois.ois import FWHM_PER_SIGMA, OisOptions, _nterms, _prepare
+from oasis_ois.ois import FWHM_PER_SIGMA, OisOptions, _nterms, measured_fwhm
 
 __all__ = [
     "MAX_CANDIDATES",
@@ -68,6 +68,7 @@ __all__ = [
     "candidate_options",
     "configuration_cost",
     "describe_configuration",
+    "iter_candidates",
     "pair_fwhm",
 ]
 
@@ -159,20 +160,15 @@ def describe_configuration(
 def pair_fwhm(
     science: Frame, template: Frame, options: OisOptions
 ) -> tuple[float | None, float | None]:
-    """The FWHMs (px) of the two frames: ``Frame.fwhm``, else measured as the fit does.
+    """The FWHMs (px) of the two frames: ``Frame.fwhm``, else measured as the fit does
+    (a fit of these frames with these options already did: its measurement is reused).
 
     A frame whose FWHM cannot be measured (no usable star or pixel) gives None.
     """
-    out: list[float | None] = []
-    for frame, what in ((science, "science"), (template, "template")):
-        if frame.fwhm:
-            out.append(float(frame.fwhm))
-            continue
-        try:
-            out.append(_prepare(frame, options, what).fwhm)
-        except StageError:
-            out.append(None)
-    return out[0], out[1]
+    return (
+        measured_fwhm(science, options, "science"),
+        measured_fwhm(template, options, "template"),
+    )
 
 
 def _matched(
@@ -225,6 +221,8 @@ def _lower(options: OisOptions, by: int = 1) -> OisOptions:
 def candidate_options(science: Frame, template: Frame, options: OisOptions) -> list[OisOptions]:
     """The configurations to try on a pair, ``options`` first; see the module doc.
 
+    :func:`iter_candidates` gives the same lazily.
+
     Parameters
     ----------
     science, template : Frame
@@ -246,7 +244,35 @@ def candidate_options(science: Frame, template: Frame, options: OisOptions) -> l
     """
     from oasis_ois.isis import apply_isis_config
 
+    return [options, *_alternatives(science, template, options, apply_isis_config(options))]
+
+
+def iter_candidates(science: Frame, template: Frame, options: OisOptions) -> Iterator[OisOptions]:
+    """:func:`candidate_options` as a generator: ``options`` comes first, before anything
+    is measured; the FWHMs the others need are measured (or taken from the fit that
+    already measured them) only when the second configuration is asked for.
+
+    Raises
+    ------
+    oasis_core.errors.ConfigError
+        If the ``isis_config`` file cannot be read (at the call, not at the first item).
+    """
+    from oasis_ois.isis import apply_isis_config
+
     base = apply_isis_config(options)
+
+    def generate() -> Iterator[OisOptions]:
+        yield options
+        yield from _alternatives(science, template, options, base)
+
+    return generate()
+
+
+def _alternatives(
+    science: Frame, template: Frame, options: OisOptions, base: OisOptions
+) -> list[OisOptions]:
+    """The configurations after ``options`` (``base``: ``options`` after its
+    ``isis_config``), distinct and by increasing cost."""
     fwhm_s, fwhm_t = pair_fwhm(science, template, base)
     alts: list[OisOptions] = []
     if base.deg_spatial > 0:
@@ -279,10 +305,10 @@ def candidate_options(science: Frame, template: Frame, options: OisOptions) -> l
         alts.append(_sparse(base))
         alts.append(_dense(base))
     alts = sorted(alts, key=configuration_cost)  # stable: the ladder's order breaks ties
-    out = [options]
+    out: list[OisOptions] = []
     seen = {options, base}
     for alt in alts:
-        if alt not in seen and len(out) < MAX_CANDIDATES:
+        if alt not in seen and len(out) < MAX_CANDIDATES - 1:
             seen.add(alt)
             out.append(alt)
     return out

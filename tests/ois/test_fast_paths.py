@@ -1,0 +1,209 @@
+"""The ``ois`` backend's fast paths against the straightforward computations they replace.
+
+Each of these building blocks was rewritten for speed (whole-array numpy, no scipy on the
+``oasis subtract-pair`` path); each must give what the plain version gave: exactly where
+the result is a selection (medians, maxima, neighbours), to float32 rounding where it is
+arithmetic (smoothing, convolutions).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from oasis_ois import ois
+
+from oasis_core import quality, stats
+
+
+def _plain_clipped_stats(vals: np.ndarray) -> tuple[float, float]:
+    """The clipped median and MAD as first written (median / partition per round)."""
+    step = max(1, vals.size // 400_000)
+    vals = vals[::step].astype(np.float64)
+    med = float(np.median(vals))
+    sig = 1.4826 * float(np.median(np.abs(vals - med)))
+    for _ in range(3):
+        if not sig > 0:
+            break
+        keep = np.abs(vals - med) < 3.0 * sig
+        med = float(np.median(vals[keep]))
+        sig = 1.4826 * float(np.median(np.abs(vals[keep] - med)))
+    return med, sig
+
+
+def test_clipped_stats_equal_the_plain_computation():
+    rng = np.random.default_rng(0)
+    samples = [
+        rng.normal(100.0, 10.0, 5000),
+        rng.integers(0, 6, 999).astype(float),  # many ties
+        rng.poisson(3.0, 64).astype(float),
+        np.concatenate([rng.normal(0, 1, 3000), rng.exponential(300, 400)]),  # stars
+        np.full(50, 7.0),  # no scatter
+        np.array([1.0]),
+    ]
+    samples += [rng.standard_t(3, int(rng.integers(2, 80))) for _ in range(200)]
+    for vals in samples:
+        vals = vals.astype(np.float32)
+        assert ois._clipped_stats(vals) == pytest.approx(_plain_clipped_stats(vals), rel=1e-12)
+
+
+def test_sliding_max_and_local_maxima_equal_ndimage():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    image = ndimage.gaussian_filter(rng.normal(size=(70, 90)), 1.2).astype(np.float32)
+    image[30, 40:43] = 5.0  # a plateau: every pixel of it is a maximum
+    image[0, 0] = image[-1, -1] = image[0, 50] = 6.0  # maxima on the edges
+    for radius in (1, 2, 3, 4, 7):
+        size = 2 * radius + 1
+        np.testing.assert_array_equal(
+            ois._sliding_max(image, radius), ndimage.maximum_filter(image, size=size)
+        )
+        mask = image > 0.05
+        y, x = ois._local_maxima(image, *np.nonzero(mask), radius)
+        want = np.nonzero(mask & (image == ndimage.maximum_filter(image, size=size)))
+        np.testing.assert_array_equal(y, want[0])
+        np.testing.assert_array_equal(x, want[1])
+    flags = rng.random((70, 90)) > 0.995
+    for radius in (1, 4, 9):
+        want = ndimage.maximum_filter(flags, size=2 * radius + 1, mode="constant")
+        np.testing.assert_array_equal(ois._sliding_max(flags, radius), want)
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (37, 53), (5, 9)])
+def test_fourier_smoothing_equals_gaussian_filter(shape):
+    from scipy import ndimage
+
+    image = np.random.default_rng(2).normal(100.0, 30.0, shape).astype(np.float32)
+    grid = ois._fft_shape(shape, ois.FFT_PAD)
+    smooth = ois._gaussian_smooth(ois._rfft2(image, grid), grid, shape)
+    want = ndimage.gaussian_filter(image, 1.0, mode="constant")
+    np.testing.assert_allclose(smooth, want, atol=1e-5 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("deg", [0, 1, 2])
+def test_spatial_convolution_equals_direct_sum(deg):
+    """sum_s P_s(x, y) (image * K_s)(x, y), each term by scipy.signal.convolve2d."""
+    from scipy import signal
+
+    rng = np.random.default_rng(3)
+    ny, nx, half = 40, 52, 3
+    image = rng.normal(size=(ny, nx)).astype(np.float32)
+    monomials = ois._monomials(deg)
+    kernels = rng.normal(size=(len(monomials), 2 * half + 1, 2 * half + 1))
+    xs, ys = ois._scaled_coords((ny, nx))
+    want = sum(
+        np.outer(ys**j, xs**i) * signal.convolve2d(image, k, mode="same")
+        for k, (i, j) in zip(kernels, monomials, strict=True)
+    )
+    grid = ois._fft_shape((ny, nx), half)
+    spec = ois._rfft2(image, grid)
+    got = ois._spatial_convolution(spec, grid, kernels, monomials, xs, ys)
+    np.testing.assert_allclose(got, want, atol=2e-5 * float(np.abs(want).max()))
+    # two threads sharing the powers of x give the same sum
+    mine, theirs = ois._share_powers(monomials)
+    if theirs:
+        shared = ois._spatial_convolution(spec, grid, kernels, monomials, xs, ys, mine)
+        shared += ois._spatial_convolution(spec, grid, kernels, monomials, xs, ys, theirs)
+        np.testing.assert_allclose(shared, got, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("const_ksum", [True, False])
+@pytest.mark.parametrize(("deg_spatial", "deg_bg"), [(2, 1), (0, 0), (1, 2), (3, 1)])
+def test_global_normal_equations_equal_the_dense_expansion(const_ksum, deg_spatial, deg_bg):
+    rng = np.random.default_rng(4)
+    layout = ois._Layout(nb=12, deg_spatial=deg_spatial, deg_bg=deg_bg, const_ksum=const_ksum)
+    n = 23
+    xn, yn = rng.uniform(-1, 1, n), rng.uniform(-1, 1, n)
+    a = rng.normal(size=(n, 13, 13))
+    m, b = a @ a.transpose(0, 2, 1), rng.normal(size=(n, 13))
+    e = layout.expansion(xn, yn)
+    flat = e.reshape(-1, e.shape[2])
+    big_m, big_b = layout.normal(m, b, xn, yn)
+    np.testing.assert_allclose(big_m, flat.T @ (m @ e).reshape(flat.shape), rtol=1e-12)
+    np.testing.assert_allclose(big_b, flat.T @ b.reshape(-1), rtol=1e-12, atol=1e-12)
+    theta = rng.normal(size=big_b.size)
+    np.testing.assert_allclose(layout.local(theta, xn, yn), e @ theta, rtol=1e-12, atol=1e-12)
+
+
+def test_raw_stamps_carried_to_the_basis_give_the_same_normal_equations():
+    rng = np.random.default_rng(5)
+    sigmas, degrees, hm, hs = [0.7, 1.5, 2.0], [6, 4, 2], 9, 6
+    image = rng.normal(size=(200, 200)).astype(np.float32)
+    cy, cx = rng.integers(20, 180, 70), rng.integers(20, 180, 70)  # 2 chunks: 2 threads
+    raw = ois._raw_stamps(image, cy, cx, hs, hm, sigmas, degrees)
+    feats = ois._convolved_stamps(image, cy, cx, hs, hm, sigmas, degrees)
+    _, _, t = ois._basis_transform(sigmas, degrees, hm)
+    y = rng.normal(size=(70, (2 * hs + 1) ** 2)).astype(np.float32)
+    var = rng.uniform(1, 2, y.shape).astype(np.float32)
+    m, b, yy = ois._normal_equations(raw, y, var, t)
+    m2, b2, yy2 = ois._normal_equations(np.ascontiguousarray(feats.transpose(0, 2, 1)), y, var)
+    scale = np.abs(m2).max()
+    np.testing.assert_allclose(m, m2, atol=1e-4 * scale)
+    np.testing.assert_allclose(b, b2, atol=1e-4 * np.abs(b2).max())
+    np.testing.assert_allclose(yy, yy2, rtol=1e-12)
+
+
+def test_outshone_marks_the_fainter_of_each_close_pair_as_query_pairs_did():
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(6)
+    y, x = rng.integers(0, 300, 400), rng.integers(0, 300, 400)
+    keep = np.unique(y * 1000 + x, return_index=True)[1]  # distinct positions
+    y, x = y[keep], x[keep]
+    value = rng.integers(0, 50, y.size).astype(np.float32)  # ties on purpose
+    for r in (3, 15):
+        want = np.zeros(y.size, dtype=bool)
+        pairs = cKDTree(np.column_stack([y, x])).query_pairs(r, p=np.inf, output_type="ndarray")
+        i, j = pairs[:, 0], pairs[:, 1]
+        want[np.where(value[i] < value[j], i, j)] = True
+        np.testing.assert_array_equal(ois._outshone(y, x, value, r), want)
+
+
+def test_fast_len_is_scipys_next_fast_len():
+    from scipy import fft
+
+    for n in [1, 2, 7, 1000, 1031, 2057, 2080, 4105, 6001]:
+        assert ois._fast_len(n) == fft.next_fast_len(n, real=True), n
+
+
+def test_work_split_in_two_threads_covers_every_index_once():
+    seen: list[int] = []
+    for n, chunk in [(0, 32), (5, 32), (64, 32), (300, 64), (301, 64)]:
+        seen.clear()
+        ois._in_two_threads(lambda lo, hi: seen.extend(range(lo, hi)), n, chunk)
+        assert sorted(seen) == list(range(n))
+
+
+def test_blas_threads_are_restored():
+    controls = ois._openblas_threads()
+    if controls is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS that can be found")
+    before = controls[0]()
+    with ois._single_threaded_blas():
+        assert controls[0]() == 1
+    assert controls[0]() == before
+
+
+def test_quality_median_is_numpys():
+    rng = np.random.default_rng(7)
+    for n in [100, 65_535, 65_536, 100_001, 250_000]:
+        for values in (rng.normal(size=n), rng.integers(0, 9, n).astype(float)):
+            assert quality._median(values) == float(np.median(values))
+            v32 = values.astype(np.float32)
+            assert quality._median(v32) == float(np.median(v32.astype(np.float64)))
+
+
+def test_box_mean_and_banded_sky_noise():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(100.0, 10.0, (3, 32, 50)).astype(np.float32)
+    for box in (6, 7):
+        want = np.stack([ndimage.uniform_filter(x, box, mode="nearest") for x in a])
+        np.testing.assert_allclose(stats._box_mean(a, box), want, rtol=1e-6)
+    image = rng.normal(50.0, 4.0, (600, 500)).astype(np.float32)
+    full = stats.sky_noise(image)
+    banded = stats.sky_noise(image, max_pixels=100_000)
+    assert banded == pytest.approx(full, rel=0.03)
+    assert banded == pytest.approx(4.0, rel=0.03)
+    assert stats.sky_noise(image, fill=50.0) == full  # no bad pixel: the fill is unused
