@@ -190,7 +190,7 @@ def main() -> None:
     cases += [(args.ratio_size, r) for r in args.extra_ratios if (args.ratio_size, r) not in cases]
     header = (
         f"{'size':>5} {'ratio':>5} {'backend':<14} {'wall s':>7} {'peak MiB':>8} "
-        f"{'bg noise':>8} {'star rms':>8} {'flux':>6} {'Q':>6}"
+        f"{'bg noise':>8} {'star rms':>8} {'star/bg':>7} {'flux':>6} {'Q':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -231,7 +231,8 @@ def main() -> None:
                 m = measure(out, noise if noise.exists() else None, truth, fwhm, tpl)
                 print(
                     f"{size:>5} {ratio:>5} {label:<14} {wall:7.2f} {peak:8.0f} "
-                    f"{m['bg']:8.3f} {m['star']:8.3f} {m['flux']:6.3f} {m['q']:6.3f}",
+                    f"{m['bg']:8.3f} {m['star']:8.3f} {m['star'] / m['bg']:7.3f} "
+                    f"{m['flux']:6.3f} {m['q']:6.3f}",
                     flush=True,
                 )
 
