@@ -47,7 +47,7 @@ __all__ = [
 #: The pipeline's stages, in the order they run.
 STAGES: tuple[str, ...] = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the attrs metadata key
@@ -73,7 +73,7 @@ class Backend:
     Attributes
     ----------
     name : str
-        User-facing name, lower case, ``[a-z0-9-]+``; unique within a stage across every
+        User-facing name, lower case, ``[a-z0-9_-]+``; unique within a stage across every
         installed plugin.
     stage : str
         One of :data:`STAGES` (set by the per-stage base class).
@@ -82,12 +82,18 @@ class Backend:
         options; they are read from ``[<stage>.<name>]`` in ``oasis.toml``.
     description : str
         One line shown by ``oasis plugins``.
+    user_files : tuple of str
+        Names of configuration files a user may put in the target's ``configs/`` to
+        override the backend's own (e.g. ``("default.sex", "default.param")``). Before
+        calling the stage method, the core copies each one present into ``workdir``; the
+        backend uses ``workdir / name`` when it exists.
     """
 
     name: ClassVar[str] = ""
     stage: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     description: ClassVar[str] = ""
+    user_files: ClassVar[tuple[str, ...]] = ()
 
     def check(self, options: Any) -> None:
         """Raise :class:`~oasis_core.errors.BackendUnavailable` if this backend cannot run.

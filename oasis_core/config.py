@@ -106,7 +106,10 @@ class SubtractSettings:
 class MrSettings:
     """Core settings of the master-residual stage."""
 
-    backend: str = option("native", "master-residual backend; see `oasis plugins`")
+    backend: str = option(
+        "swarp, native",
+        "master-residual backend; see `oasis plugins` (a list: the first that can run here)",
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -163,15 +166,19 @@ class Config:
         ``(stage, backend)`` to the backend's options object, for every installed backend.
     source : Path or None
         The file that was read, if any.
+    chosen : mapping
+        Stage to the backend name chosen from a preference list (``backend = "a, b"``:
+        the first that can run here).
     """
 
     settings: Mapping[str, Any]
     options: Mapping[tuple[str, str], Any]
     source: Path | None = None
+    chosen: Mapping[str, str] = attrs.field(factory=dict)
 
     def backend(self, stage: str) -> str:
         """Name of the backend chosen for ``stage``."""
-        return str(self.settings[stage].backend)
+        return self.chosen.get(stage) or str(self.settings[stage].backend)
 
     def backend_options(self, stage: str, name: str | None = None) -> Any:
         """Options object of backend ``name`` (default: the chosen one) of ``stage``."""
@@ -343,11 +350,32 @@ def load_config(
             options[(stage, name)] = _build(
                 record.backend.Options, values, where_file, f"{stage}.{name}"
             )
+    chosen = {s: _first_available(settings[s].backend, s, registry, options) for s in STAGES}
     return Config(
         settings=settings,
         options=options,
         source=Path(path) if (use_config_file and path) else None,
+        chosen=chosen,
     )
+
+
+def _first_available(value: str, stage: str, registry: Any, options: Mapping) -> str:
+    """Resolve a preference list ``"a, b"``: the first installed backend that can run here
+    (else the first name, so that running the stage says why it cannot)."""
+    names = [n.strip() for n in str(value).split(",") if n.strip()]
+    if len(names) <= 1:
+        return names[0] if names else str(value)
+    from oasis_core.errors import OasisError
+
+    for name in names:
+        if name not in registry.names(stage):
+            continue
+        try:
+            registry.records[stage][name].backend.check(options[(stage, name)])
+        except OasisError:
+            continue
+        return name
+    return names[0]
 
 
 def _validate(layer: Mapping[str, Any], registry: Any, where: str) -> None:

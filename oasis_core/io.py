@@ -554,18 +554,25 @@ def write_psf(path: Path, psf: PsfModel, *, header_extra: Mapping[str, Any] | No
 
 
 def read_psf(path: Path) -> PsfModel:
-    """Read a PSF model written by :func:`write_psf`."""
+    """Read a PSF model written by :func:`write_psf`.
+
+    ``files`` are the files the psf backend produced and the core kept beside it (their
+    names are in the ``OASFILES`` card), those that still exist.
+    """
     from astropy.io import fits
 
     with fits.open(path, memmap=False) as hdul:
         hdr = hdul[0].header
         params = {k[len("OAS P_") :].lower(): v for k, v in hdr.items() if k.startswith("OAS P_")}
+        kept = [n for n in str(hdr.get("OASFILES", "")).split(",") if n]
+        files = tuple(p for p in (Path(path).parent / n for n in kept) if p.exists())
         return PsfModel(
             image=np.array(hdul[0].data, dtype=np.float32),
             fwhm=float(hdr["FWHM"]),
             model=str(hdr.get("PSFMODEL", "empirical")),
             params=params,
             nstars=int(hdr.get("NSTARS", 0)),
+            files=files,
         )
 
 

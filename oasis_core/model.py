@@ -229,6 +229,11 @@ class Residual:
     meta : mapping
         Numbers to record (stamps used, run time...). ``meta["flag"]`` is a non-empty
         string when the subtraction is not to be trusted (too few stamps, Q below floor).
+    psf : PsfModel or None
+        The PSF of the residual's sources: the core sets it for the extract stage to the
+        science frame's model (the template's for the master residual), with the files
+        the psf backend kept (e.g. a PSFEx ``.psf``) in ``psf.files``. Not stored with
+        the residual.
     """
 
     data: np.ndarray = attrs.field(eq=False, repr=False, converter=_float32, validator=_image)
@@ -245,6 +250,7 @@ class Residual:
     params: Mapping[str, MetaValue] = attrs.field(factory=dict)
     extra: Mapping[str, np.ndarray] = attrs.field(eq=False, repr=False, factory=dict)
     meta: Mapping[str, MetaValue] = attrs.field(factory=dict)
+    psf: PsfModel | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def normalized(self) -> np.ndarray:

@@ -39,7 +39,7 @@ from oasis_core.backends import STAGES
 from oasis_core.config import Config, dump_config, load_config
 from oasis_core.errors import InputError, OasisError, StageError
 from oasis_core.executor import Executor, make_executor
-from oasis_core.model import Frame, Template, readonly
+from oasis_core.model import Frame, PsfModel, Template, readonly
 from oasis_core.plugins import Registry
 from oasis_core.provenance import Provenance, is_current, options_dict
 from oasis_core.tree import Target, find_target
@@ -179,6 +179,7 @@ class Task:
     provenance: Provenance
     workdir: Path
     extra: Mapping[str, Any] = attrs.field(factory=dict)
+    user_files: tuple[Path, ...] = ()
 
 
 def _ro(obj: Any) -> Any:
@@ -209,9 +210,16 @@ def _with_psf(frame: Frame, psf_path: Path) -> Frame:
     return attrs.evolve(frame, psf=model, **values)
 
 
+def _prepare_workdir(workdir: Path, user_files: Sequence[Path]) -> None:
+    """Create ``workdir`` and copy the user's configuration files for the backend into it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for f in user_files:
+        shutil.copyfile(f, workdir / f.name)
+
+
 def _run_task(task: Task) -> dict[str, Any]:
     """Execute one task (in a worker process or in this one)."""
-    task.workdir.mkdir(parents=True, exist_ok=True)
+    _prepare_workdir(task.workdir, task.user_files)
     start = time.perf_counter()
     try:
         summary = _STAGE_TASKS[task.stage](task)
@@ -245,13 +253,7 @@ def _task_psf(task: Task) -> dict[str, Any]:
         value = getattr(out, attr)
         if value is not None and np.isfinite(value):
             cards[key] = (float(value), comment)
-    kept = []
-    psf_dir = task.output.parent
-    for f in out.psf.files:
-        dest = psf_dir / f"{frame.name}{Path(f).suffix}"
-        with io.atomic_write(dest) as tmp:
-            shutil.copyfile(f, tmp)
-        kept.append(dest.name)
+    kept = _keep_psf_files(out.psf, task.output.parent, frame.name, cards)
     io.write_psf(task.output, out.psf, header_extra=cards)
     return {
         "fwhm": float(out.fwhm),
@@ -261,6 +263,22 @@ def _task_psf(task: Task) -> dict[str, Any]:
         "nstars": int(out.psf.nstars),
         "files": kept,
     }
+
+
+def _keep_psf_files(
+    model: PsfModel, directory: Path, stem: str, cards: dict[str, Any]
+) -> list[str]:
+    """Copy the files a psf backend produced (``model.files``, in its workdir) to
+    ``directory/stem.<suffix>``; name them in ``cards["OASFILES"]``."""
+    kept = []
+    for f in model.files:
+        dest = directory / f"{stem}{Path(f).suffix}"
+        with io.atomic_write(dest) as tmp:
+            shutil.copyfile(f, tmp)
+        kept.append(dest.name)
+    if kept:
+        cards["OASFILES"] = (",".join(kept), "files of the psf backend kept beside this one")
+    return kept
 
 
 def _task_align(task: Task) -> dict[str, Any]:
@@ -318,6 +336,9 @@ def _task_extract(task: Task) -> dict[str, Any]:
     from oasis_core.sources import add_lobe_columns
 
     residual = _ro(io.read_residual(task.inputs["residual"]))
+    psf_path = task.inputs.get("psf")
+    if psf_path is not None and Path(psf_path).exists():
+        residual = attrs.evolve(residual, psf=io.read_psf(psf_path))
     table = task.backend.extract(residual, options=task.options, workdir=task.workdir)
     missing = [c for c in ("x", "y", "flux", "snr") if c not in table.colnames]
     if missing:
@@ -434,6 +455,12 @@ def _workdir(ctx: Context, stage: str, name: str) -> Path:
     return ctx.target.work / stage / name
 
 
+def _user_files(ctx: Context, backend: Any) -> tuple[Path, ...]:
+    """The target's ``configs/`` files that override ``backend``'s own (its ``user_files``)."""
+    files = (ctx.target.configs / n for n in getattr(backend, "user_files", ()))
+    return tuple(f for f in files if f.is_file())
+
+
 def _task(
     ctx: Context,
     stage: str,
@@ -444,16 +471,18 @@ def _task(
     settings: Any = None,
 ) -> Task:
     """The task running ``stage``'s chosen backend on one unit (frame or residual)."""
+    backend = ctx.backend(stage)
     return Task(
         stage=stage,
         name=name,
-        backend=ctx.backend(stage),
+        backend=backend,
         options=ctx.config.backend_options(stage),
         inputs=dict(inputs),
         output=output,
         provenance=ctx.provenance(stage, inputs, settings=settings),
         workdir=_workdir(ctx, stage, name),
         extra=options_dict(settings) if settings is not None else {},
+        user_files=_user_files(ctx, backend),
     )
 
 
@@ -697,8 +726,9 @@ def _combine(ctx: Context) -> Path:
         return out
     backend = ctx.backend("combine")
     frames = [_ro(_load_output(p, _psf_path(ctx, n))) for n, p in inputs.items()]
+    psf_backend = ctx.backend("psf")
     workdir = _workdir(ctx, "combine", "template")
-    workdir.mkdir(parents=True, exist_ok=True)
+    _prepare_workdir(workdir, _user_files(ctx, backend) + _user_files(ctx, psf_backend))
     start = time.perf_counter()
     with ctx.reporter.progress("combine", 2) as advance:
         template = backend.combine(
@@ -711,7 +741,6 @@ def _combine(ctx: Context) -> Path:
             )
         template = attrs.evolve(template, inputs=tuple(chosen), name="template")
         # measure the template's PSF with the psf stage's backend
-        psf_backend = ctx.backend("psf")
         measured = psf_backend.psf(
             _ro(template), options=ctx.config.backend_options("psf"), workdir=workdir
         )
@@ -724,12 +753,14 @@ def _combine(ctx: Context) -> Path:
             noise=measured.noise,
         )
         advance()
+    psf_cards: dict[str, Any] = {"OASSTAGE": "combine"}
+    _keep_psf_files(template.psf, out.parent, "template", psf_cards)
     shutil.rmtree(workdir, ignore_errors=True)
     cards = prov.header_cards()
     cards["NCOMBINE"] = (len(chosen), "frames stacked")
     for i, name in enumerate(chosen):
         cards[f"OASTIN{i}"] = name
-    io.write_psf(psf_out, template.psf, header_extra={"OASSTAGE": "combine"})
+    io.write_psf(psf_out, template.psf, header_extra=psf_cards)
     io.write_frame(out, template, header_extra=cards)
     line = (
         f"{time.strftime('%Y-%m-%dT%H:%M:%S')} template from {len(chosen)} frames "
@@ -836,7 +867,7 @@ def _mr(ctx: Context) -> Path:
     backend = ctx.backend("mr")
     residuals = [_ro(io.read_residual(p)) for p in inputs.values()]
     workdir = _workdir(ctx, "mr", "MR")
-    workdir.mkdir(parents=True, exist_ok=True)
+    _prepare_workdir(workdir, _user_files(ctx, backend))
     with ctx.reporter.progress("mr", 1) as advance:
         master = backend.master(
             residuals, options=ctx.config.backend_options("mr"), workdir=workdir
@@ -876,7 +907,14 @@ def _extract(ctx: Context) -> dict[str, Any]:
         raise InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`")
     out_dir = ctx.target.stage_dir("extract")
     det_dir = out_dir / "detections"
-    tasks = [_task(ctx, "extract", n, {"residual": p}, det_dir / f"{n}.ecsv") for n, p in units]
+    template_psf = _template_path(ctx).with_name("template.psf.fits")
+    tasks = []
+    for n, p in units:
+        inputs = {"residual": p}
+        psf = template_psf if n == "MR" else _psf_path(ctx, n)
+        if psf.exists():  # the PSF of the residual's sources, for backends that use it
+            inputs["psf"] = psf
+        tasks.append(_task(ctx, "extract", n, inputs, det_dir / f"{n}.ecsv"))
     results = _execute(ctx, "extract", tasks)
     failed = _failures(results)
     tables = {

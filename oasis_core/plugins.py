@@ -181,7 +181,7 @@ class Registry:
         if not NAME_RE.match(backend.name or ""):
             self.errors.append(
                 f"plugin {plugin!r} ({dist}): {stage} backend name {backend.name!r} must "
-                "match [a-z0-9-]+"
+                "match [a-z0-9_-]+"
             )
             return
         record = BackendRecord(backend, plugin, dist, version)

@@ -102,3 +102,40 @@ def test_cli_assignment_parsing():
 def test_cli_override_of_unknown_key_is_reported(registry):
     with pytest.raises(ConfigError, match=r"command line: \[subtract.ois\] unknown key 'nope'"):
         load_config(None, registry, cli={"subtract.ois.nope": 1})
+
+
+def test_backend_preference_list_takes_the_first_that_can_run(registry, plugin_manager):
+    from oasis_core.backends import MrBackend
+    from oasis_core.errors import BackendUnavailable
+    from oasis_core.hookspecs import hookimpl
+
+    class Missing(MrBackend):
+        name = "needs-a-program"
+
+        def check(self, options):
+            raise BackendUnavailable("the program is not installed")
+
+    class Plugin:
+        @hookimpl
+        def oasis_mr_backends(self):
+            yield Missing()
+
+    plugin_manager.register(Plugin(), name="missing")
+    reg = Registry(plugin_manager)
+    pick = load_config(None, reg, arguments={"mr.backend": "needs-a-program, sos"})
+    assert pick.backend("mr") == "sos"
+    # not installed at all: skipped the same way
+    assert load_config(None, reg, arguments={"mr.backend": "nope,native"}).backend("mr") == "native"
+    # none can run: the first, so that running the stage says why
+    none = load_config(None, reg, arguments={"mr.backend": "needs-a-program, nope"})
+    assert none.backend("mr") == "needs-a-program"
+    # a single name is taken as written
+    assert load_config(None, reg, arguments={"mr.backend": "sos_abs"}).backend("mr") == "sos_abs"
+
+
+def test_default_master_residual_is_swarp_where_it_runs(registry):
+    import shutil
+
+    chosen = load_config(None, registry).backend("mr")
+    has_swarp = "swarp" in registry.names("mr") and (shutil.which("SWarp") or shutil.which("swarp"))
+    assert chosen == ("swarp" if has_swarp else "native")

@@ -9,7 +9,8 @@ import textwrap
 import attrs
 import pytest
 
-from oasis_core.backends import MrBackend, option
+from oasis_core.backends import ExtractBackend, MrBackend, option
+from oasis_core.config import load_config
 from oasis_core.errors import BackendUnavailable, OasisError, UnknownBackend
 from oasis_core.hookspecs import hookimpl
 from oasis_core.plugins import Registry, make_plugin_manager
@@ -192,7 +193,8 @@ def test_registered_third_party_plugin_runs_in_the_pipeline(sim_target_done):
     assert "extract" in result
     # put the default master residual back for the other tests
     pipeline(sim_target_done.path, jobs=1)
-    assert fits.getheader(sim_target_done.path / "residuals" / "MR.fits")["OASBACK"] == "native"
+    default = load_config(None, Registry()).backend("mr")
+    assert fits.getheader(sim_target_done.path / "residuals" / "MR.fits")["OASBACK"] == default
 
 
 PLUGIN_SOURCE = textwrap.dedent('''
@@ -257,3 +259,68 @@ def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
     assert det.meta["OASBACK"] == "peaks"
     assert det.meta["OASPLUG"] == "oasis-peaks==0.3"
     pipeline(sim_target_done.path, jobs=1)  # restore the default catalogs
+
+
+class ConfigFileExtract(ExtractBackend):
+    """A backend that reads its own configuration file and the residual's PSF."""
+
+    name = "conf-peaks"
+    user_files = ("peaks.conf", "absent.conf")
+
+    def extract(self, residual, *, options, workdir):
+        import numpy as np
+        from astropy.table import Table
+
+        thresh = float((workdir / "peaks.conf").read_text().split("=")[1])
+        assert not (workdir / "absent.conf").exists()
+        z = residual.normalized
+        y, x = np.nonzero(z > thresh)
+        fwhm = residual.psf.fwhm if residual.psf is not None else np.nan
+        n = len(x)
+        return Table(
+            {
+                "x": x.astype(float),
+                "y": y.astype(float),
+                "flux": residual.data[y, x],
+                "snr": z[y, x],
+                "psf_fwhm": np.full(n, fwhm),
+                "thresh": np.full(n, thresh),
+            }
+        )
+
+
+class ConfigFilePlugin:
+    @hookimpl
+    def oasis_extract_backends(self):
+        yield ConfigFileExtract()
+
+
+@pytest.mark.slow
+def test_user_config_files_reach_the_backend_and_residuals_carry_their_psf(sim_target_done):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    from oasis_core.pipeline import extract, pipeline
+
+    target = sim_target_done.path
+    conf = target / "configs" / "peaks.conf"
+    conf.write_text("thresh = 3.5\n")
+    pm = make_plugin_manager()
+    pm.register(ConfigFilePlugin(), name="conffile")
+    try:
+        extract(target, backends={"extract": "conf-peaks"}, registry=Registry(pm), jobs=1)
+    finally:
+        conf.unlink()
+    det_dir = target / "sources" / "detections"
+    name = sorted(p.stem for p in det_dir.glob("*.ecsv") if p.stem != "MR")[0]
+    det = Table.read(det_dir / f"{name}.ecsv")
+    mr = Table.read(det_dir / "MR.ecsv")
+    assert len(det) > 0 and len(mr) > 0
+    assert set(det["thresh"]) == {3.5}
+    # each residual gets its science frame's PSF, the master residual the template's
+    science_fwhm = fits.getheader(target / "psf" / f"{name}.psf.fits")["FWHM"]
+    template_fwhm = fits.getheader(target / "templates" / "template.psf.fits")["FWHM"]
+    assert det["psf_fwhm"][0] == pytest.approx(science_fwhm, rel=1e-5)
+    assert mr["psf_fwhm"][0] == pytest.approx(template_fwhm, rel=1e-5)
+    assert science_fwhm != pytest.approx(template_fwhm, rel=1e-3)
+    pipeline(target, jobs=1)  # restore the default catalogs

@@ -110,3 +110,90 @@ def test_inputs_not_modified_and_errors():
     r3 = residual(np.zeros((3, 2)), np.ones((3, 2)), np.ones((3, 2)), "odd")
     with pytest.raises(StageError, match="'odd'"):
         run([r1, r3])
+
+
+# ------------------------------------------------------------ OasisPy's other mr methods
+
+
+def run_method(backend, residuals, **opts):
+    options = backend.Options(**opts)
+    return backend.master(residuals, options=options, workdir=Path("."))
+
+
+def test_sos_by_hand():
+    from oasis_native.mr import SosMr
+
+    r1, r2 = hand_residuals()  # Rn1 = [[-2, 0], [2, masked]], Rn2 = [[-2, 1], [2, -1]]
+    mr = run_method(SosMr(), [r1, r2])
+    np.testing.assert_allclose(mr.data, [[8, 1], [8, 1]], rtol=1e-6)
+    # chi-square spread sqrt(2 n): n = 2 everywhere but (1, 1) where only r2 has data
+    np.testing.assert_allclose(mr.noise, [[2, 2], [2, np.sqrt(2)]], rtol=1e-6)
+    np.testing.assert_allclose(mr.weight, [[1, 1], [1, 0.5]])
+    assert mr.header["MRMETHOD"] == "sos"
+    assert mr.header["NCOMBINE"] == 2
+
+
+def test_sos_abs_keeps_the_sign_by_hand():
+    from oasis_native.mr import SosAbsMr
+
+    r1, r2 = hand_residuals()
+    mr = run_method(SosAbsMr(), [r1, r2])
+    # (-2)|-2| + (-2)|-2| = -8; 0 + 1 = 1; 4 + 4 = 8; only r2: (-1)|-1| = -1
+    np.testing.assert_allclose(mr.data, [[-8, 1], [8, -1]], rtol=1e-6)
+    np.testing.assert_allclose(mr.noise, [[np.sqrt(6)] * 2, [np.sqrt(6), np.sqrt(3)]], rtol=1e-6)
+
+
+def clip_residuals():
+    # five residuals of one row; pixels 3..6 are 0 so every residual's median is 0 and
+    # Rn = data (noise 1): pixel 0 has a high outlier, pixel 1 none, pixel 2 a low one
+    columns = [
+        [0.1, -0.2, 0.3, 0.0, 10.0],
+        [1.0, 2.0, 3.0, 4.0, 5.0],
+        [-10.0, 0.1, 0.2, -0.1, 0.0],
+    ]
+    out = []
+    for i in range(5):
+        row = [c[i] for c in columns] + [0.0] * 4
+        out.append(residual([row], np.ones((1, 7)), np.ones((1, 7)), f"r{i}"))
+    return out, columns
+
+
+def test_sigma_clip_by_hand():
+    from oasis_native.mr import SigmaClipMr
+
+    residuals, columns = clip_residuals()
+    mr = run_method(SigmaClipMr(), residuals, sig_thresh=1.5)
+    # pixel 0: median 0.1, std 3.98: 10 >= 0.1 + 1.5 * 3.98 -> the outlier 10
+    # pixel 1: median 3, std sqrt(2): nothing 2.12 away -> the median 3
+    # pixel 2: median 0, std 4.0: -10 <= -6.0 -> the outlier -10
+    assert np.std(columns[0]) == pytest.approx(3.98, abs=0.01)
+    np.testing.assert_allclose(mr.data[0, :3], [10.0, 3.0, -10.0], rtol=1e-6)
+    np.testing.assert_allclose(mr.data[0, 3:], 0.0, atol=1e-7)
+    np.testing.assert_allclose(mr.noise, np.sqrt(np.pi / 2) / np.sqrt(5), rtol=1e-6)
+    # OasisPy's default threshold of 4 sigmas: five values can never lie that far out
+    mr4 = run_method(SigmaClipMr(), residuals)
+    np.testing.assert_allclose(mr4.data[0, :3], [0.1, 3.0, 0.0], rtol=1e-6, atol=1e-7)
+
+
+def test_sigma_clip_masked_pixels_and_gauss_filter():
+    from oasis_native.mr import SigmaClipMr
+
+    r1, r2 = hand_residuals()
+    mr = run_method(SigmaClipMr(), [r1, r2])
+    # two values: median = mean; one value (1, 1): itself
+    np.testing.assert_allclose(mr.data, [[-2, 0.5], [2, -1]], rtol=1e-6)
+    flat = [
+        residual(np.full((15, 15), v), np.ones((15, 15)), np.ones((15, 15)), f"f{v}")
+        for v in (0.0, 0.0, 0.0)
+    ]
+    smooth = run_method(SigmaClipMr(), flat, gauss_filt=True, gauss_sig=2.0)
+    # smoothing white noise of sigma s divides its spread by 2 sqrt(pi) s
+    expected = np.sqrt(np.pi / 2) / np.sqrt(3) / (2 * np.sqrt(np.pi) * 2.0)
+    assert smooth.noise[7, 7] == pytest.approx(expected, rel=1e-5)
+
+
+def test_every_mr_method_is_a_registered_backend():
+    from oasis_core.plugins import Registry
+
+    names = Registry().names("mr")
+    assert {"native", "sos", "sos_abs", "sigma_clip"} <= set(names)

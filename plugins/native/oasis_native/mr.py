@@ -17,6 +17,22 @@ With ``normalize = false`` the residuals are averaged in ADU instead
 makes sense when they share one photometric scale.
 
 Which residuals go in (flags, Q floor) is the core's choice: every residual given is used.
+
+OasisPy's other stacking methods are backends of their own, selected as ``--mr=NAME``. They
+combine the same normalised residuals ``Rn_i`` pixel by pixel over the ``n`` residuals that
+have data there (OasisPy stacked the raw residuals; in sigma units every frame counts alike
+and the noise image below is exact for unit Gaussian noise):
+
+* ``sos``: ``sum(Rn_i**2)``, noise ``sqrt(2 n)`` (the spread of a chi-square with ``n``
+  degrees of freedom; its mean ``n`` is the background);
+* ``sos_abs``: ``sum(Rn_i * |Rn_i|)``, which keeps the sign; noise ``sqrt(3 n)``;
+* ``sigma_clip``: the median of the ``Rn_i``, unless the largest (smallest) lies at least
+  ``sig_thresh`` standard deviations of the ``Rn_i`` above (below) that median: then that
+  value (the largest when both do); noise ``sqrt(pi / 2) / sqrt(n)``, the spread of a
+  median. With ``gauss_filt`` the result is smoothed with a Gaussian of ``gauss_sig``
+  pixels and the noise divided by ``2 sqrt(pi) gauss_sig`` (smoothed white noise).
+
+Where no residual has data the master, its noise and its weight are 0.
 """
 
 from __future__ import annotations
@@ -32,7 +48,14 @@ from oasis_core.backends import MrBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Residual
 
-__all__ = ["NativeMr", "NativeMrOptions"]
+__all__ = [
+    "NativeMr",
+    "NativeMrOptions",
+    "SigmaClipMr",
+    "SigmaClipOptions",
+    "SosAbsMr",
+    "SosMr",
+]
 
 
 @attrs.frozen(kw_only=True)
@@ -82,17 +105,8 @@ class NativeMr(MrBackend):
 
 
 def _master(residuals: list[Residual], options: NativeMrOptions) -> Residual:
-    from astropy.io import fits
-
-    if not residuals:
-        raise StageError("mr: no residual to combine")
+    _check_shapes(residuals)
     shape = residuals[0].data.shape
-    for r in residuals[1:]:
-        if r.data.shape != shape:
-            raise StageError(
-                f"mr: residual {r.name!r} has shape {r.data.shape}, residual "
-                f"{residuals[0].name!r} has {shape}"
-            )
     sum_w = np.zeros(shape, np.float64)
     sum_wr = np.zeros(shape, np.float64)
     sum_w2 = np.zeros(shape, np.float64)
@@ -114,27 +128,181 @@ def _master(residuals: list[Residual], options: NativeMrOptions) -> Residual:
     safe = np.where(has, sum_w, 1.0)
     data = np.where(has, sum_wr / safe, 0.0)
     noise = np.where(has, np.sqrt(sum_w2) / safe, 0.0)
+    return _finish(residuals, data, noise, count, {"normalize": bool(options.normalize)})
+
+
+# ------------------------------------------------------------------ OasisPy's other methods
+
+
+@attrs.frozen(kw_only=True)
+class SigmaClipOptions:
+    """Options of the ``sigma_clip`` master residual (OasisPy's names)."""
+
+    sig_thresh: float = option(
+        4.0, "a pixel at least this many sigmas from the median is taken as the stacked value"
+    )
+    gauss_filt: bool = option(False, "smooth the master residual with a Gaussian")
+    gauss_sig: float = option(3.0, "sigma of that Gaussian [pix]")
+
+
+class _StackMr(MrBackend):
+    """A pixel-wise combination of the normalised residuals (see the module docstring)."""
+
+    def check(self, options: Any) -> None:
+        """Accept: numpy only."""
+
+    def master(self, residuals: Sequence[Residual], *, options: Any, workdir: Path) -> Residual:
+        """Return the master residual ``MR`` of ``residuals`` (sigma units, with its noise).
+
+        Raises
+        ------
+        StageError
+            When no residual is given or the shapes differ.
+        """
+        residuals = list(residuals)
+        _check_shapes(residuals)
+        shape = residuals[0].data.shape
+        data = np.zeros(shape, np.float32)
+        count = np.zeros(shape, np.int32)
+        step = max(1, (1 << 22) // max(1, len(residuals) * shape[1]))  # ~16 MB per block
+        norms = [r.normalized for r in residuals]
+        goods = [
+            (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(r.data)
+            for r in residuals
+        ]
+        for y0 in range(0, shape[0], step):  # row blocks: whole-array work, bounded memory
+            rows = slice(y0, y0 + step)
+            stack = np.stack([n[rows] for n in norms])
+            good = np.stack([g[rows] for g in goods])
+            count[rows] = good.sum(axis=0)
+            data[rows] = self._combine(stack, good, options)
+        noise = np.where(count > 0, self._noise(count, options), 0.0).astype(np.float32)
+        data = np.where(count > 0, data, 0.0).astype(np.float32)
+        data, noise = self._smooth(data, noise, count, options)
+        return _finish(residuals, data, noise, count, {"method": self.name})
+
+    def _combine(self, stack: np.ndarray, good: np.ndarray, options: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _noise(self, count: np.ndarray, options: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _smooth(
+        self, data: np.ndarray, noise: np.ndarray, count: np.ndarray, options: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return data, noise
+
+
+class SosMr(_StackMr):
+    """OasisPy's ``sos``: pixel-wise sum of squares of the normalised residuals."""
+
+    name = "sos"
+    description = "pixel-wise sum of squares of the normalised residuals (OasisPy's sos)"
+
+    def _combine(self, stack: np.ndarray, good: np.ndarray, options: Any) -> np.ndarray:
+        return np.where(good, stack * stack, 0.0).sum(axis=0)
+
+    def _noise(self, count: np.ndarray, options: Any) -> np.ndarray:
+        return np.sqrt(2.0 * count)
+
+
+class SosAbsMr(_StackMr):
+    """OasisPy's ``sos_abs``: pixel-wise sum of p*|p|, which keeps the sign."""
+
+    name = "sos_abs"
+    description = "pixel-wise sum of p*|p| of the normalised residuals, sign kept (OasisPy's)"
+
+    def _combine(self, stack: np.ndarray, good: np.ndarray, options: Any) -> np.ndarray:
+        return np.where(good, stack * np.abs(stack), 0.0).sum(axis=0)
+
+    def _noise(self, count: np.ndarray, options: Any) -> np.ndarray:
+        return np.sqrt(3.0 * count)
+
+
+class SigmaClipMr(_StackMr):
+    """OasisPy's ``sigma_clip``: the median, or the outlying value when one stands out."""
+
+    name = "sigma_clip"
+    Options = SigmaClipOptions
+    description = "median of the normalised residuals unless one is sig_thresh sigmas out"
+
+    def _combine(self, stack: np.ndarray, good: np.ndarray, options: Any) -> np.ndarray:
+        import warnings
+
+        values = np.where(good, stack, np.nan)
+        with warnings.catch_warnings():  # all-NaN columns (no data) give NaN, set to 0 later
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nanmedian(values, axis=0)
+            std = np.nanstd(values, axis=0)
+            high = np.nanmax(values, axis=0)
+            low = np.nanmin(values, axis=0)
+        thresh = float(options.sig_thresh) * std
+        out = np.where(low <= median - thresh, low, median)
+        out = np.where(high >= median + thresh, high, out)
+        out = np.where(std > 0, out, median)  # one residual, or all equal: the median
+        return np.nan_to_num(out, nan=0.0)
+
+    def _noise(self, count: np.ndarray, options: Any) -> np.ndarray:
+        return np.sqrt(np.pi / 2.0) / np.sqrt(np.maximum(count, 1))
+
+    def _smooth(
+        self, data: np.ndarray, noise: np.ndarray, count: np.ndarray, options: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not options.gauss_filt or options.gauss_sig <= 0:
+            return data, noise
+        from scipy.ndimage import gaussian_filter
+
+        sigma = float(options.gauss_sig)
+        data = gaussian_filter(data, sigma, mode="constant").astype(np.float32)
+        noise = gaussian_filter(noise, sigma, mode="nearest") / (2.0 * np.sqrt(np.pi) * sigma)
+        return data, np.where(count > 0, noise, 0.0).astype(np.float32)
+
+
+def _check_shapes(residuals: list[Residual]) -> None:
+    if not residuals:
+        raise StageError("mr: no residual to combine")
+    shape = residuals[0].data.shape
+    for r in residuals[1:]:
+        if r.data.shape != shape:
+            raise StageError(
+                f"mr: residual {r.name!r} has shape {r.data.shape}, residual "
+                f"{residuals[0].name!r} has {shape}"
+            )
+
+
+def _finish(
+    residuals: list[Residual],
+    data: np.ndarray,
+    noise: np.ndarray,
+    count: np.ndarray,
+    params: dict[str, Any],
+) -> Residual:
+    """The master residual with the header, weight and meta every mr backend gives."""
+    from astropy.io import fits
 
     names = [r.name for r in residuals]
     first = residuals[0].header
     header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
     header["NCOMBINE"] = (len(residuals), "number of residuals in the master residual")
-    header["MRNORM"] = (bool(options.normalize), "residuals normalised by their noise")
+    if "method" in params:
+        header["MRMETHOD"] = (str(params["method"]), "master-residual method")
+    if "normalize" in params:
+        header["MRNORM"] = (bool(params["normalize"]), "residuals normalised by their noise")
     for name in names:
         header.add_history(f"oasis mr input: {name}")
     templates = {r.template for r in residuals}
     return Residual(
-        data=data.astype(np.float32),
-        noise=noise.astype(np.float32),
+        data=np.asarray(data, np.float32),
+        noise=np.asarray(noise, np.float32),
         weight=(count / len(residuals)).astype(np.float32),
         header=header,
         name="MR",
         science="",
         template=templates.pop() if len(templates) == 1 else "",
-        params={"normalize": bool(options.normalize)},
+        params=params,
         meta={
             "n_residuals": len(residuals),
             "inputs": ",".join(names),
-            "frac_no_data": float(1.0 - has.mean()),
+            "frac_no_data": float(1.0 - (count > 0).mean()),
         },
     )

@@ -59,9 +59,12 @@ def oasis_subtract_backends():  # type: ignore[no-untyped-def]
 
 @hookimpl
 def oasis_mr_backends():  # type: ignore[no-untyped-def]
-    from oasis_native.mr import NativeMr
+    from oasis_native.mr import NativeMr, SigmaClipMr, SosAbsMr, SosMr
 
     yield NativeMr()
+    yield SosMr()
+    yield SosAbsMr()
+    yield SigmaClipMr()
 
 
 @hookimpl
