@@ -20,6 +20,19 @@ PATH it is also run bare, on the same pair, in the same table. Columns:
 * ``star/bg``: ``star rms`` / ``bg noise``: the same figure against the scatter the
   backend actually left in the background, so that a noise image that is too high (which
   lowers ``star rms``) does not flatter a backend;
+* ``bg (common)`` and ``star rms (common)``: ``bg noise`` and ``star rms`` with every
+  backend's residual divided by ONE noise image, the same for all the backends on a
+  pair, so that no backend's own noise image (too high or too low) enters the figure.
+  It is the noise of the difference from the simulation's known noise model: each
+  frame's variance ``max(data, 0) / GAIN + (RDNOISE / GAIN)**2`` (the simulated frames
+  keep their sky; GAIN and RDNOISE from the simulator's headers, the template's
+  including its depth), the variance of the image with the narrower PSF (the template
+  for ratios >= 1) convolved with ``K**2``, plus the other image's. ``K`` is the exact
+  matching kernel between the two simulated PSFs at the chip centre (sampled Moffats
+  of the headers' ``SIMFWHM`` and ``SIMBETA``, by Fourier division). ``star rms
+  (common)`` is the column to compare backends by (1.0 = noise-limited, lower is
+  better); ``bg (common)`` near 1.0 says the model describes the background the backend
+  left (a kernel smoother than ``K`` leaves less template noise, a little below 1).
 * ``flux``: recovered / injected flux of the transients with peak S/N >= 20 (aperture
   of 4 FWHM, local background);
 * ``Q``: OasisPy's quality figure.
@@ -114,7 +127,50 @@ def hotpants_bare(sci: Path, tpl: Path, out: Path, noise: Path) -> list[str]:
     return args
 
 
-def measure(out: Path, noise_path: Path | None, truth, fwhm: float, tpl: Path):  # type: ignore[no-untyped-def]
+def matching_kernel(fwhm_from: float, fwhm_to: float, beta: float, half: int = 12) -> np.ndarray:
+    """The kernel K (unit sum, ``(2 half + 1)**2``) with ``P_to = K * P_from`` for the
+    simulator's sampled, unit-sum Moffat PSFs, by Fourier division on a large grid
+    (``fwhm_to >= fwhm_from``: the quotient of the transforms decays, no regularisation
+    needed)."""
+    n = 256
+    off = np.arange(n) - n // 2
+    r2 = off[None, :] ** 2 + off[:, None] ** 2
+
+    def moffat(fwhm: float) -> np.ndarray:
+        alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        p = (1.0 + r2 / alpha**2) ** (-beta)
+        return np.fft.ifftshift(p / p.sum())
+
+    k = np.fft.fftshift(
+        np.fft.irfft2(np.fft.rfft2(moffat(fwhm_to)) / np.fft.rfft2(moffat(fwhm_from)), s=(n, n))
+    )
+    k = k[n // 2 - half : n // 2 + half + 1, n // 2 - half : n // 2 + half + 1]
+    return k / k.sum()
+
+
+def common_noise(sci: Path, tpl: Path) -> np.ndarray:
+    """The one noise image every backend's residual on this pair is divided by for the
+    ``bg (common)`` and ``star rms (common)`` columns (see the module doc)."""
+    from astropy.io import fits
+    from scipy.signal import fftconvolve
+
+    variances, fwhms = [], []
+    for path in (sci, tpl):
+        data, header = fits.getdata(path, header=True)
+        gain, rdnoise = float(header["GAIN"]), float(header["RDNOISE"])
+        level = np.asarray(data, np.float64)
+        if header.get("SKYSUB", False):
+            level = level + float(header["SIMSKY"])
+        variances.append(np.maximum(level, 0.0) / gain + (rdnoise / gain) ** 2)
+        fwhms.append(float(header["SIMFWHM"]))
+        beta = float(header["SIMBETA"])
+    conv = 1 if fwhms[0] >= fwhms[1] else 0  # the sharper image is convolved
+    kernel = matching_kernel(fwhms[conv], fwhms[1 - conv], beta)
+    matched = fftconvolve(variances[conv], kernel**2, mode="same")
+    return np.sqrt(variances[1 - conv] + np.maximum(matched, 0.0))
+
+
+def measure(out: Path, noise_path: Path | None, truth, fwhm: float, tpl: Path, common: np.ndarray):  # type: ignore[no-untyped-def]
     import sep
     from astropy.io import fits
 
@@ -146,6 +202,8 @@ def measure(out: Path, noise_path: Path | None, truth, fwhm: float, tpl: Path): 
         "bg": normalized_noise(res, noise, weight, exclude=sources),
         "star": star_aperture_rms(res, noise, weight, bright["x"], bright["y"], fwhm),
         "q": q_value(res, noise, weight, exclude=sources),
+        "bg_common": normalized_noise(res, common, weight, exclude=sources),
+        "star_common": star_aperture_rms(res, common, weight, bright["x"], bright["y"], fwhm),
     }
     sel = truth[np.asarray(truth["peak_snr"]) >= 20]
     if len(sel):
@@ -190,7 +248,9 @@ def main() -> None:
     cases += [(args.ratio_size, r) for r in args.extra_ratios if (args.ratio_size, r) not in cases]
     header = (
         f"{'size':>5} {'ratio':>5} {'backend':<14} {'wall s':>7} {'peak MiB':>8} "
-        f"{'bg noise':>8} {'star rms':>8} {'star/bg':>7} {'flux':>6} {'Q':>6}"
+        f"{'bg noise':>8} {'star rms':>8} {'star/bg':>7} {'bg (common)':>11} "
+        f"{'star rms (common)':>17} "
+        f"{'flux':>6} {'Q':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -198,6 +258,7 @@ def main() -> None:
         tmpdir = Path(tmp)
         for size, ratio in cases:
             (sci, tpl), truth, fwhm = make_pair(size, ratio, args.seed, tmpdir)
+            common = common_noise(sci, tpl)
             runs = [
                 (
                     n,
@@ -228,10 +289,11 @@ def main() -> None:
                 if code != 0 or not out.exists():
                     print(f"{size:>5} {ratio:>5} {label:<14} failed ({code}): {err}")
                     continue
-                m = measure(out, noise if noise.exists() else None, truth, fwhm, tpl)
+                m = measure(out, noise if noise.exists() else None, truth, fwhm, tpl, common)
                 print(
                     f"{size:>5} {ratio:>5} {label:<14} {wall:7.2f} {peak:8.0f} "
                     f"{m['bg']:8.3f} {m['star']:8.3f} {m['star'] / m['bg']:7.3f} "
+                    f"{m['bg_common']:11.3f} {m['star_common']:17.3f} "
                     f"{m['flux']:6.3f} {m['q']:6.3f}",
                     flush=True,
                 )

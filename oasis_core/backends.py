@@ -229,8 +229,21 @@ class Simulator:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
-    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int], seed: int) -> Any:
+    def simulate(
+        self,
+        directory: Path,
+        *,
+        n_frames: int,
+        shape: tuple[int, int],
+        seed: int,
+        transients: int | None = None,
+    ) -> Any:
         """Write ``n_frames`` FITS frames into ``directory``; return the truth table.
+
+        ``transients`` is how many transients to inject (``None``: the simulator's own
+        choice; ``oasis test`` asks for 0 and injects its own). A simulator that cannot
+        honour it may leave the keyword out of its signature; the core then does not pass
+        it.
 
         The truth is an astropy Table with one row per (transient, frame where it shows):
         ``frame`` (file name without suffix), ``x``, ``y`` (0-based pixels in that frame),

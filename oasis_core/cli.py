@@ -41,6 +41,16 @@ JobsOpt = Annotated[
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work whose outputs exist.")]
 NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore configs/oasis.toml.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ExecutorOpt = Annotated[
+    str | None,
+    typer.Option("--executor", help="Executor for per-frame work: local or dask."),
+]
+SchedulerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler", help="Dask scheduler address (tcp://host:8786); default: a local cluster."
+    ),
+]
 
 
 def _backend_opt(stage: str) -> Any:
@@ -123,8 +133,14 @@ def _context_kwargs(
     force: bool,
     no_config: bool,
     quiet: bool,
+    executor: str | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     cli = _cli_overrides(options)
+    if executor is not None:
+        cli["run.executor"] = executor
+    if scheduler is not None:
+        cli["run.scheduler"] = scheduler
     for stage, name in backends.items():
         if name:
             cli[f"{stage}.backend"] = name
@@ -149,12 +165,17 @@ def _make_stage_command(stage: str) -> None:
         force: ForceOpt = False,
         no_config: NoConfigOpt = False,
         quiet: QuietOpt = False,
+        executor: ExecutorOpt = None,
+        scheduler: SchedulerOpt = None,
     ) -> None:
         from oasis_core import pipeline as pl
 
-        kwargs = _context_kwargs({stage: backend}, option, jobs, force, no_config, quiet)
+        kwargs = _context_kwargs(
+            {stage: backend}, option, jobs, force, no_config, quiet, executor, scheduler
+        )
         ctx = pl.make_context(target, **kwargs)
-        pl.run_stages(ctx, [stage])
+        with pl.closing_executor(ctx):
+            pl.run_stages(ctx, [stage])
 
     command.__doc__ = f"Run the {stage} stage on TARGET."
     app.command(name=stage)(command)
@@ -273,6 +294,8 @@ def _pipeline_command(
     force: bool,
     no_config: bool,
     quiet: bool,
+    executor: str | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     from oasis_core import pipeline as pl
 
@@ -285,9 +308,10 @@ def _pipeline_command(
         "mr": mr,
         "extract": extract,
     }
-    kwargs = _context_kwargs(backends, option, jobs, force, no_config, quiet)
+    kwargs = _context_kwargs(backends, option, jobs, force, no_config, quiet, executor, scheduler)
     ctx = pl.make_context(target, **kwargs)
-    result = pl.run_stages(ctx)
+    with pl.closing_executor(ctx):
+        result = pl.run_stages(ctx)
     typer.echo(
         f"outputs in {ctx.target.path}: residuals/, sources/ (see sources/total_sources.txt)"
     )
@@ -309,6 +333,8 @@ def pipeline(
     force: ForceOpt = False,
     no_config: NoConfigOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Run every stage on TARGET (mask, psf, align, combine, subtract, mr, extract)."""
     _pipeline_command(
@@ -325,6 +351,8 @@ def pipeline(
         force,
         no_config,
         quiet,
+        executor,
+        scheduler,
     )
 
 
@@ -345,6 +373,8 @@ def run(
     force: ForceOpt = False,
     no_config: NoConfigOpt = False,
     quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Run the pipeline on TARGET, or (with no argument) choose a method from a menu."""
     if target is not None:
@@ -362,6 +392,8 @@ def run(
             force,
             no_config,
             quiet,
+            executor,
+            scheduler,
         )
         return
     _menu()
@@ -373,6 +405,8 @@ MENU = [
     *[(s, f"run the {s} stage on a target") for s in STAGES],
     ("pipeline", "run every stage on a target"),
     ("demo", "simulate a series and run the whole pipeline on it"),
+    ("sim", "fake-source and same-field simulations"),
+    ("test", "installation self-test"),
     ("plugins", "list the installed backends"),
 ]
 
@@ -398,6 +432,11 @@ def _menu() -> None:
         plugins()
     elif choice == "demo":
         demo(Path(typer.prompt("directory for the demo", default="oasis-demo")))
+    elif choice == "sim":
+        _sim_menu()
+    elif choice == "test":
+        where = typer.prompt("directory for the test", default="oasis-selftest")
+        selftest(Path(where), None, False)
     else:
         target = typer.prompt("target (path or name)")
         if choice == "pipeline":
@@ -454,6 +493,113 @@ def demo(
         "sources/total_sources.txt"
     )
     typer.echo(f"result: {result.line()}")
+
+
+@app.command("test")
+def selftest(
+    directory: Annotated[
+        Path, typer.Argument(help="Where to simulate the test series (OASIS/ is made there).")
+    ] = Path("oasis-selftest"),
+    jobs: JobsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Installation self-test: 30 simulated frames, 3 controls in one; the pipeline must
+    find exactly them in the master residual."""
+    from oasis_core.selftest import run_selftest
+
+    result = run_selftest(directory, jobs=jobs, reporter=_RichReporter(quiet))
+    for line in result.lines():
+        typer.echo(line)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+sim_app = typer.Typer(
+    help="Simulations: fake-source completeness (fakes) and false detections (same-field).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(sim_app, name="sim")
+
+
+@sim_app.callback()
+def sim(ctx: typer.Context) -> None:
+    """Without a sub-command: choose a simulation and answer its prompts (OasisPy's SIM)."""
+    if ctx.invoked_subcommand is None:
+        _sim_menu()
+
+
+@sim_app.command("fakes")
+def sim_fakes(
+    target: TargetArg,
+    n_fakes: Annotated[int, typer.Option("--n-fakes", help="Fakes per iteration.")] = 20,
+    iterations: Annotated[int, typer.Option(help="Iterations (one frame each).")] = 50,
+    input_mode: Annotated[
+        str, typer.Option("--mode", help="'flux' (ADU) or 'mag' (with the zero point).")
+    ] = "flux",
+    psf: Annotated[str, typer.Option("--psf", help="Fake profile: moffat or gauss.")] = "moffat",
+    subtract: Annotated[str, typer.Option(help="Subtract backend.")] = "ois",
+    f_min: Annotated[float, typer.Option("--f-min", help="Faintest fake (ADU or mag).")] = 0,
+    f_max: Annotated[float, typer.Option("--f-max", help="Brightest fake (ADU or mag).")] = 40000,
+    scale: Annotated[
+        str, typer.Option(help="Flux distribution in flux mode: linear or log.")
+    ] = "linear",
+    zero_point: Annotated[
+        float, typer.Option(help="Zero point when the header has none.")
+    ] = 25.0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed: same fakes).")] = 0,
+    jobs: JobsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Inject fakes into TARGET's frames and measure the detection efficiency."""
+    from oasis_core.fakes import sim_fakes as run_fakes
+
+    result = run_fakes(
+        target,
+        n_fakes=n_fakes,
+        iterations=iterations,
+        input_mode=input_mode,
+        PSF=psf,
+        subtract_method=subtract,
+        f_min=f_min,
+        f_max=f_max,
+        flux_scale=scale,
+        zero_point=zero_point,
+        seed=seed,
+        jobs=jobs,
+        reporter=_RichReporter(quiet),
+    )
+    typer.echo(f"catalog: {result.directory / 'fakes.txt'}; plot: {result.plot}")
+    typer.echo(f"result: {result.line()}")
+
+
+def _sim_menu() -> None:
+    choice = typer.prompt("simulation (fakes / same-field)").strip()
+    if choice == "fakes":
+        target = typer.prompt("target (path or name)")
+        sim_fakes(
+            target,
+            n_fakes=typer.prompt("fakes per iteration", default=20, type=int),
+            iterations=typer.prompt("iterations", default=50, type=int),
+            input_mode=typer.prompt("input mode (flux/mag)", default="flux"),
+            psf=typer.prompt("PSF (moffat/gauss)", default="moffat"),
+            subtract=typer.prompt("subtract method", default="ois"),
+            f_min=typer.prompt("faintest fake", default=0.0, type=float),
+            f_max=typer.prompt("brightest fake", default=40000.0, type=float),
+            scale="linear",
+            zero_point=25.0,
+            seed=0,
+            jobs=None,
+            quiet=False,
+        )
+    elif choice in ("same-field", "samefield", "same_field"):
+        same = globals().get("sim_same_field")
+        if same is None:
+            raise OasisError("same-field simulation is not available")
+        same_field_menu = globals()["_same_field_menu"]
+        same_field_menu()
+    else:
+        raise OasisError(f"unknown simulation {choice!r}; choose fakes or same-field")
 
 
 for _stage in STAGES:

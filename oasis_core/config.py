@@ -43,7 +43,10 @@ class RunSettings:
     """How the pipeline runs."""
 
     jobs: int = option(0, "worker processes for per-frame work (0 = one per core)")
-    executor: str = option("local", "executor for per-frame work ('local')")
+    executor: str = option("local", "executor for per-frame work ('local' or 'dask')")
+    scheduler: str = option(
+        "", "dask scheduler address, e.g. tcp://host:8786 ('' = a local cluster of `jobs` workers)"
+    )
     min_frames: int = option(3, "fewest usable frames a target needs")
 
 
@@ -125,6 +128,9 @@ class ExtractSettings:
     dipole_ratio: float = option(
         0.5, "reject as dipole when the negative lobe reaches this fraction of the peak"
     )
+    dipole_min: float = option(
+        3.0, "...and is itself at least this many sigmas deep (PSF-smoothed residual)"
+    )
     keep_negative: bool = option(False, "keep negative (fading) sources in filtered catalogs")
     masked_max: float = option(
         0.05, "reject sources with more than this fraction of masked pixels within 1.5 FWHM"
@@ -150,7 +156,7 @@ SETTINGS: dict[str, type] = {
 CHOICES = {
     ("align", "reference"): ("snr", "seeing"),
     ("extract", "method"): ("both", "indiv", "MR"),
-    ("run", "executor"): ("local",),
+    ("run", "executor"): ("local", "dask"),
 }
 
 

@@ -89,10 +89,16 @@ class LocalExecutor:
                     yield Outcome(key, error=err)
 
 
-def make_executor(name: str, *, jobs: int = 0) -> Executor:
-    """The executor called ``name`` (``"local"``)."""
+def make_executor(name: str, *, jobs: int = 0, scheduler: str = "") -> Executor:
+    """The executor called ``name``: ``"local"`` (a process pool of ``jobs`` workers) or
+    ``"dask"`` (a ``dask.distributed`` cluster at ``scheduler``, else a local cluster of
+    ``jobs`` worker processes)."""
     if name == "local":
         return LocalExecutor(jobs)
+    if name == "dask":
+        from oasis_core.executor_dask import DaskExecutor
+
+        return DaskExecutor(scheduler=scheduler, workers=jobs)
     from oasis_core.errors import ConfigError
 
-    raise ConfigError(f"[run] executor {name!r} is not available; available: local")
+    raise ConfigError(f"[run] executor {name!r} is not available; available: dask, local")

@@ -39,7 +39,7 @@ from oasis_core.backends import STAGES
 from oasis_core.config import Config, dump_config, load_config
 from oasis_core.errors import InputError, OasisError, StageError
 from oasis_core.executor import Executor, make_executor
-from oasis_core.model import Frame, PsfModel, Template, readonly
+from oasis_core.model import Frame, PsfModel, Residual, Template, readonly
 from oasis_core.plugins import Registry
 from oasis_core.provenance import Provenance, is_current, options_dict
 from oasis_core.tree import Target, find_target
@@ -152,7 +152,9 @@ def make_context(
         target.config_file, registry, use_config_file=use_config_file, arguments=arguments, cli=cli
     )
     if executor is None:
-        executor = make_executor(config.run.executor, jobs=config.run.jobs)
+        executor = make_executor(
+            config.run.executor, jobs=config.run.jobs, scheduler=config.run.scheduler
+        )
     return Context(
         target=target,
         config=config,
@@ -277,7 +279,7 @@ def _keep_psf_files(
             shutil.copyfile(f, tmp)
         kept.append(dest.name)
     if kept:
-        cards["OASFILES"] = (",".join(kept), "files of the psf backend kept beside this one")
+        cards["OASFILES"] = (",".join(kept), "psf backend files")
     return kept
 
 
@@ -332,27 +334,38 @@ def _load_output(path: Path, psf_path: Path | None, *, cls: type[Frame] = Frame)
     return frame
 
 
-def _task_extract(task: Task) -> dict[str, Any]:
+def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> Any:
+    """Run an extract backend on ``residual`` and add the columns the core's filters use
+    (``sign``, ``peak_norm``, ``lobe_min``, ``masked_frac``, ``fwhm``)."""
     from oasis_core.sources import add_lobe_columns
 
-    residual = _ro(io.read_residual(task.inputs["residual"]))
-    psf_path = task.inputs.get("psf")
-    if psf_path is not None and Path(psf_path).exists():
-        residual = attrs.evolve(residual, psf=io.read_psf(psf_path))
-    table = task.backend.extract(residual, options=task.options, workdir=task.workdir)
+    table = backend.extract(residual, options=options, workdir=workdir)
     missing = [c for c in ("x", "y", "flux", "snr") if c not in table.colnames]
     if missing:
         raise StageError(
-            f"{residual.name}: extract backend {task.backend.name!r} returned no column "
+            f"{residual.name}: extract backend {backend.name!r} returned no column "
             f"{', '.join(missing)}"
         )
     if "sign" not in table.colnames:
         table["sign"] = np.where(np.asarray(table["flux"], float) < 0, -1, 1)
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
     add_lobe_columns(
-        table, residual.normalized, radius=max(3.0, 1.5 * fwhm), weight=residual.weight
+        table,
+        residual.normalized,
+        radius=max(3.0, 1.5 * fwhm),
+        weight=residual.weight,
+        smooth=fwhm / 2.3548,
     )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
+    return table
+
+
+def _task_extract(task: Task) -> dict[str, Any]:
+    residual = _ro(io.read_residual(task.inputs["residual"]))
+    psf_path = task.inputs.get("psf")
+    if psf_path is not None and Path(psf_path).exists():
+        residual = attrs.evolve(residual, psf=io.read_psf(psf_path))
+    table = detect(task.backend, residual, options=task.options, workdir=task.workdir)
     table.meta.update(
         {k: str(v[0] if isinstance(v, tuple) else v) for k, v in task.provenance.cards().items()}
     )
@@ -397,6 +410,9 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
                 else:
                     log.error("%s: %s failed: %s: %s", label, outcome.key, type(err).__name__, err)
                     log.debug("%s: %s traceback", label, outcome.key, exc_info=err)
+    for directory in {t.output.parent for t in todo}:  # temp files of a killed worker
+        for orphan in directory.glob(".*.part"):
+            orphan.unlink(missing_ok=True)
     done = sum(1 for v in results.values() if not isinstance(v, BaseException))
     skipped = sum(1 for v in results.values() if v == "skipped")
     ctx.reporter.result(f"{label}: {done}/{len(tasks)} done ({skipped} already up to date)")
@@ -455,6 +471,11 @@ def _workdir(ctx: Context, stage: str, name: str) -> Path:
     return ctx.target.work / stage / name
 
 
+def _named(user_files: Sequence[Path]) -> dict[str, Path]:
+    """User configuration files as provenance inputs: editing one redoes the work."""
+    return {f"cfg:{f.name}": f for f in user_files}
+
+
 def _user_files(ctx: Context, backend: Any) -> tuple[Path, ...]:
     """The target's ``configs/`` files that override ``backend``'s own (its ``user_files``)."""
     files = (ctx.target.configs / n for n in getattr(backend, "user_files", ()))
@@ -472,6 +493,7 @@ def _task(
 ) -> Task:
     """The task running ``stage``'s chosen backend on one unit (frame or residual)."""
     backend = ctx.backend(stage)
+    user_files = _user_files(ctx, backend)
     return Task(
         stage=stage,
         name=name,
@@ -479,10 +501,10 @@ def _task(
         options=ctx.config.backend_options(stage),
         inputs=dict(inputs),
         output=output,
-        provenance=ctx.provenance(stage, inputs, settings=settings),
+        provenance=ctx.provenance(stage, {**inputs, **_named(user_files)}, settings=settings),
         workdir=_workdir(ctx, stage, name),
         extra=options_dict(settings) if settings is not None else {},
-        user_files=_user_files(ctx, backend),
+        user_files=user_files,
     )
 
 
@@ -719,7 +741,8 @@ def _combine(ctx: Context) -> Path:
     out = _template_path(ctx)
     align_dir = ctx.target.stage_dir("align")
     inputs = {n: align_dir / f"{n}.fits" for n in chosen}
-    prov = ctx.provenance("combine", inputs, settings=settings)
+    configs = _user_files(ctx, ctx.backend("combine")) + _user_files(ctx, ctx.backend("psf"))
+    prov = ctx.provenance("combine", {**inputs, **_named(configs)}, settings=settings)
     psf_out = out.with_name("template.psf.fits")
     if not ctx.force and is_current(out, prov) and psf_out.exists():
         ctx.reporter.result("combine: template up to date")
@@ -859,7 +882,7 @@ def _mr(ctx: Context) -> Path:
     if not good:
         raise InputError(f"{ctx.target.path}: no usable residual; run `oasis subtract` first")
     inputs = {n: _residual_path(ctx, n) for n in good}
-    prov = ctx.provenance("mr", inputs)
+    prov = ctx.provenance("mr", {**inputs, **_named(_user_files(ctx, ctx.backend("mr")))})
     out = _mr_path(ctx)
     if not ctx.force and is_current(out, prov):
         ctx.reporter.result("mr: master residual up to date")
@@ -891,7 +914,7 @@ def _mr(ctx: Context) -> Path:
 def _extract(ctx: Context) -> dict[str, Any]:
     from astropy.table import Table, vstack
 
-    from oasis_core.sources import filter_detections, match_catalogs
+    from oasis_core.sources import filter_detections, filter_options, match_catalogs
 
     settings = ctx.config.settings["extract"]
     good, bad = _residuals(ctx)
@@ -927,13 +950,7 @@ def _extract(ctx: Context) -> dict[str, Any]:
     common: dict[str, Any] = {
         "catalogs": positives,
         "n_residuals": len(indiv_names),
-        "majority": settings.majority,
-        "match_radius": settings.match_radius,
-        "dipole_ratio": settings.dipole_ratio,
-        "keep_negative": settings.keep_negative,
-        "masked_max": settings.masked_max,
-        "snr_min": settings.snr_min,
-        "sharp_max": settings.sharp_max,
+        **filter_options(settings),
     }
     wcs = _template_wcs(ctx)
     prov = {
@@ -1069,7 +1086,8 @@ def _remove_partial_files(target: Target) -> None:
 def _stage_function(stage: str) -> Callable[..., Any]:
     def run(path: str | Path, **kwargs: Any) -> Any:
         ctx = make_context(path, **kwargs)
-        return run_stages(ctx, [stage])[stage]
+        with closing_executor(ctx, owned=kwargs.get("executor") is None):
+            return run_stages(ctx, [stage])[stage]
 
     run.__name__ = stage
     run.__doc__ = (
@@ -1106,7 +1124,21 @@ def pipeline(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     dict
         ``result["extract"]`` is the summary of the detections (counts, mean Q).
     """
-    return run_stages(make_context(path, **kwargs))
+    ctx = make_context(path, **kwargs)
+    with closing_executor(ctx, owned=kwargs.get("executor") is None):
+        return run_stages(ctx)
+
+
+@contextlib.contextmanager
+def closing_executor(ctx: Context, *, owned: bool = True) -> Iterator[Context]:
+    """Close the context's executor at the end (a Dask cluster it started) when this
+    call made it (``owned``)."""
+    try:
+        yield ctx
+    finally:
+        close = getattr(ctx.executor, "close", None)
+        if owned and callable(close):
+            close()
 
 
 class _CallablePipelineModule(types.ModuleType):

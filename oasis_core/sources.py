@@ -5,7 +5,10 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
 * ``"kept"`` — kept;
 * ``"negative"`` — a negative (fading) source, unless ``[extract] keep_negative``;
 * ``"dipole"`` — a positive lobe next to a negative one of at least ``dipole_ratio`` of its
-  peak (a misalignment or PSF-matching artefact);
+  peak and itself at least ``dipole_min`` sigmas deep (a misalignment or PSF-matching
+  artefact); both are measured on the residual smoothed with the PSF (a matched filter,
+  scaled to unit noise), so that pixel noise around a faint source is not taken for a
+  lobe;
 * ``"majority"`` — found in more than ``majority`` of the residuals (a variable or badly
   subtracted static object, not a transient);
 * ``"point"`` — ``spread_model`` measured and outside [0, 0.1] (not point-like);
@@ -25,21 +28,59 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_lobe_columns", "count_matches", "filter_detections", "match_catalogs"]
+__all__ = [
+    "FILTER_KEYS",
+    "add_lobe_columns",
+    "count_matches",
+    "filter_detections",
+    "filter_options",
+    "match_catalogs",
+]
+
+#: The ``[extract]`` settings that :func:`filter_detections` takes.
+FILTER_KEYS = (
+    "majority",
+    "match_radius",
+    "dipole_ratio",
+    "dipole_min",
+    "keep_negative",
+    "masked_max",
+    "snr_min",
+    "sharp_max",
+)
+
+
+def filter_options(settings: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`filter_detections` from the ``[extract]`` settings."""
+    return {k: getattr(settings, k) for k in FILTER_KEYS}
 
 
 def add_lobe_columns(
-    table: Any, norm: np.ndarray, *, radius: float, weight: np.ndarray | None = None
+    table: Any,
+    norm: np.ndarray,
+    *,
+    radius: float,
+    weight: np.ndarray | None = None,
+    smooth: float = 0.0,
 ) -> Any:
     """Add ``peak_norm`` and ``lobe_min``: the extreme normalised pixel at each source and
     the opposite extreme within ``radius`` pixels, and ``masked_frac``: the fraction of
-    pixels within ``radius`` whose ``weight`` is 0 (vectorised over sources)."""
+    pixels within ``radius`` whose ``weight`` is 0 (vectorised over sources).
+
+    With ``smooth`` > 0 the normalised residual is first smoothed with a Gaussian of that
+    sigma and rescaled to unit noise (white noise smoothed so loses a factor
+    ``2 sqrt(pi) smooth``), so the columns are matched-filter significances."""
     n = len(table)
     table["peak_norm"] = np.zeros(n, dtype=np.float32)
     table["lobe_min"] = np.zeros(n, dtype=np.float32)
     table["masked_frac"] = np.zeros(n, dtype=np.float32)
     if n == 0:
         return table
+    if smooth > 0:
+        from scipy.ndimage import gaussian_filter
+
+        norm = gaussian_filter(np.asarray(norm, np.float32), smooth, mode="constant")
+        norm *= np.float32(2.0 * np.sqrt(np.pi) * smooth)
     r = int(np.ceil(radius))
     ny, nx = norm.shape
     padded = np.pad(norm, r, mode="constant")
@@ -97,6 +138,7 @@ def filter_detections(
     masked_max: float = 1.0,
     snr_min: float = 0.0,
     sharp_max: float = 0.0,
+    dipole_min: float = 0.0,
 ) -> Any:
     """Return ``table`` with ``n_frames`` (residuals where the source is found) and
     ``reason`` columns.
@@ -119,7 +161,7 @@ def filter_detections(
     if n:
         peak = np.asarray(table["peak_norm"], float)
         lobe = np.asarray(table["lobe_min"], float)
-        dipole = lobe < -dipole_ratio * np.maximum(peak, 0)
+        dipole = (lobe < -dipole_ratio * np.maximum(peak, 0)) & (lobe < -dipole_min)
         too_common = counts > majority * max(n_residuals, 1)
         if n_residuals < 3:
             too_common[:] = False  # a majority of one or two frames means nothing

@@ -307,8 +307,11 @@ def test_user_config_files_reach_the_backend_and_residuals_carry_their_psf(sim_t
     conf.write_text("thresh = 3.5\n")
     pm = make_plugin_manager()
     pm.register(ConfigFilePlugin(), name="conffile")
+    registry = Registry(pm)
     try:
-        extract(target, backends={"extract": "conf-peaks"}, registry=Registry(pm), jobs=1)
+        extract(target, backends={"extract": "conf-peaks"}, registry=registry, jobs=1)
+        conf.write_text("thresh = 4.5\n")  # an edited file is an input: the work is redone
+        extract(target, backends={"extract": "conf-peaks"}, registry=registry, jobs=1)
     finally:
         conf.unlink()
     det_dir = target / "sources" / "detections"
@@ -316,7 +319,7 @@ def test_user_config_files_reach_the_backend_and_residuals_carry_their_psf(sim_t
     det = Table.read(det_dir / f"{name}.ecsv")
     mr = Table.read(det_dir / "MR.ecsv")
     assert len(det) > 0 and len(mr) > 0
-    assert set(det["thresh"]) == {3.5}
+    assert set(det["thresh"]) == {4.5}
     # each residual gets its science frame's PSF, the master residual the template's
     science_fwhm = fits.getheader(target / "psf" / f"{name}.psf.fits")["FWHM"]
     template_fwhm = fits.getheader(target / "templates" / "template.psf.fits")["FWHM"]

@@ -15,10 +15,11 @@ from oasis_core.config import load_config
 from oasis_core.errors import InputError
 from oasis_core.get import unpack
 from oasis_core.model import Template
-from oasis_core.pipeline import pipeline
+from oasis_core.pipeline import detect, pipeline
 from oasis_core.plugins import Registry
 from oasis_core.quality import normalized_noise
-from oasis_core.sources import add_lobe_columns, filter_detections
+from oasis_core.sources import filter_detections, filter_options
+from oasis_core.subtraction import residual_cards
 from oasis_core.tree import Target
 from tests.conftest import checksums
 
@@ -66,8 +67,10 @@ def test_decam_few_stamps_are_reported_not_hidden(decam_target):
     """256x256 cutouts with a handful of stars: the fit is flagged in header and log."""
     target, _ = decam_target
     log = (target.path / "residuals" / "log.txt").read_text()
-    flags = [fits.getheader(p).get("OAS FLAG", "")
-             for p in sorted((target.path / "residuals").glob("*_residual.fits"))]
+    flags = [
+        fits.getheader(p).get("OAS FLAG", "")
+        for p in sorted((target.path / "residuals").glob("*_residual.fits"))
+    ]
     assert any(flags), "2-5 usable stars per cutout must be reported"
     for flag in filter(None, flags):
         assert "few stamps" in flag
@@ -120,25 +123,18 @@ def _subtract_pair(science: Path, template: Path, tmp_path):
         sci, tmpl, options=cfg.backend_options("subtract", "ois"), workdir=tmp_path
     )
     ext = registry.select("extract", "native", cfg.backend_options("extract", "native"))
-    table = ext.extract(
-        residual, options=cfg.backend_options("extract", "native"), workdir=tmp_path
+    header = residual.header.copy()
+    for key, value in residual_cards(residual, sci, tmpl).items():
+        header[key] = value
+    residual = attrs.evolve(residual, header=header)
+    table = detect(
+        ext, residual, options=cfg.backend_options("extract", "native"), workdir=tmp_path
     )
-    add_lobe_columns(
-        table, residual.normalized, radius=max(3.0, 1.5 * sci.fwhm), weight=residual.weight
-    )
-    table["fwhm"] = sci.fwhm
-    s = cfg.settings["extract"]
     filtered = filter_detections(
         table,
         catalogs=[table[table["sign"] > 0]],
         n_residuals=1,
-        majority=s.majority,
-        match_radius=s.match_radius,
-        dipole_ratio=s.dipole_ratio,
-        keep_negative=s.keep_negative,
-        masked_max=s.masked_max,
-        snr_min=s.snr_min,
-        sharp_max=s.sharp_max,
+        **filter_options(cfg.settings["extract"]),
     )
     return residual, filtered
 

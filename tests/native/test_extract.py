@@ -113,7 +113,11 @@ def test_injected_sources_positions_fluxes_and_signs():
     expected_err = np.sqrt(np.pi * r**2) * noise[xy[:, 1].astype(int), xy[:, 0].astype(int)]
     np.testing.assert_allclose(found["flux_err"], expected_err, rtol=0.05)
     np.testing.assert_allclose(np.abs(found["flux"]), 0.998 * flux, atol=4 * expected_err.max())
-    np.testing.assert_allclose(found["snr"], np.abs(found["flux"]) / found["flux_err"])
+    # snr: the PSF-weighted significance, flux / (sigma sqrt(4 pi s^2)) for a Gaussian PSF
+    s = FWHM / 2.3548
+    optimal = flux / (noise[xy[:, 1].astype(int), xy[:, 0].astype(int)] * 2 * np.sqrt(np.pi) * s)
+    np.testing.assert_allclose(found["snr"], optimal, rtol=0.12)
+    assert np.all(found["snr"] > 1.5 * np.abs(found["flux"]) / found["flux_err"])
     assert np.all(found["a"] > 1.0)
     assert np.all(found["b"] > 1.0)
     assert np.all(found["npix"] >= 5)

@@ -17,8 +17,16 @@ the residual and its noise image (catalogs keep their meaning), ``snr`` is the |
 peak of the detection and ``peak`` the signed residual pixel at the position.
 
 Columns: ``x``, ``y`` (0-based, windowed centroids), ``flux``, ``flux_err`` (circular
-aperture sum and its error from the noise image; negative flux for negative sources),
-``peak`` (signed peak pixel), ``snr`` (``|flux| / flux_err``), ``a``, ``b``, ``theta``
+aperture sum and its error from the noise image, divided by the fraction of the PSF inside
+the aperture when the residual carries a PSF model (``Residual.psf``: a Moffat PSF puts
+~15 % of its light beyond 1.5 FWHM), so ``flux`` is a total flux; negative flux for
+negative sources),
+``peak`` (signed peak pixel), ``snr`` (the PSF-weighted, matched-filter significance at
+the position: the residual in sigmas smoothed with a Gaussian of the PSF's FWHM and scaled
+to unit noise; for a point source this is the optimal S/N, about 1.8 times the S/N of the
+1.5-FWHM aperture; divided by the measured spread of that map when the residual's noise
+is correlated, which also scales the detection threshold and ``flux_err``), ``a``, ``b``,
+``theta``
 (sep's isophotal ellipse, px and radians), ``npix`` (pixels above threshold), ``sign``
 and ``flag`` (sep's extraction flags OR'ed with the aperture flags).
 """
@@ -57,7 +65,11 @@ class NativeExtractOptions:
     negative: bool = option(True, "also detect negative sources (on -R), with sign = -1")
     deblend_nthresh: int = option(32, "sep deblending thresholds")
     deblend_cont: float = option(0.005, "sep deblending contrast (1 = no deblending)")
-    clean: bool = option(True, "sep cleaning of spurious detections near bright sources")
+    clean: bool = option(
+        False,
+        "sep cleaning of spurious detections near bright sources (off: on residuals it "
+        "drops real sources far from one bright residual)",
+    )
     detect_on: str = option(
         "auto",
         "image searched: 'residual', 'score' (the residual's extra['score'], e.g. ZOGY's "
@@ -154,6 +166,51 @@ def _score(residual: Residual, options: NativeExtractOptions) -> np.ndarray | No
     return score
 
 
+def _aperture_fraction(residual: Residual, radius: float, fwhm: float) -> float:
+    """Fraction of the residual's PSF model inside a circle of ``radius`` (the model's
+    radius scaled by its FWHM over the residual's); 1 without a model."""
+    import sep
+
+    psf = residual.psf
+    if psf is None or not (psf.fwhm and psf.fwhm > 0):
+        return 1.0
+    image = np.array(psf.image, dtype=np.float64, order="C")
+    total = image.sum()
+    if not np.isfinite(total) or total <= 0:
+        return 1.0
+    r = radius * float(psf.fwhm) / fwhm
+    cy, cx = (np.asarray(image.shape) - 1) / 2.0
+    inside, _, _ = sep.sum_circle(image, [cx], [cy], r, subpix=5)
+    frac = float(inside[0] / total)
+    return frac if 0.3 < frac <= 1.0 else 1.0
+
+
+def _matched_significance(
+    data: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm: float
+) -> tuple[np.ndarray, float]:
+    """The residual in sigmas, smoothed with the PSF (a Gaussian of ``fwhm``) and scaled
+    to unit noise: at a point source, its PSF-weighted (optimal) significance.
+
+    White noise smoothed so has unit spread; a residual whose noise is correlated (the
+    science frame was the one convolved) has more, which would turn noise into sources.
+    So the map is divided by its measured spread (robust, away from masked pixels) when
+    that exceeds 1, and that factor is returned: it also scales the detection threshold
+    and the aperture errors."""
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    sigma = fwhm / 2.3548
+    z = np.where(bad, np.float32(0.0), data / noise).astype(np.float32)
+    matched = gaussian_filter(z, sigma, mode="constant") * np.float32(2.0 * np.sqrt(np.pi) * sigma)
+    near_bad = binary_dilation(bad[::2, ::2], iterations=max(1, int(np.ceil(fwhm))))
+    sample = matched[::2, ::2][~near_bad]
+    if sample.size < 100:
+        return matched, 1.0
+    q25, q50, q75 = np.percentile(sample, [25, 50, 75])
+    spread = float((q75 - q25) / 1.349)  # robust sigma: sources barely move it
+    factor = spread if np.isfinite(spread) and spread > 1.0 else 1.0
+    return matched / np.float32(factor), factor
+
+
 def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     import sep
     from astropy.table import Table, vstack
@@ -176,6 +233,10 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     kernel = _kernel(fwhm)
     if score is not None:
         score[bad] = 0.0
+    matched, correlation = None, 1.0
+    if score is None:
+        matched, correlation = _matched_significance(data, noise, bad, fwhm)
+    apcorr = _aperture_fraction(residual, radius, fwhm)
     sep.set_extract_pixstack(max(sep.get_extract_pixstack(), data.size))
     sep.set_sub_object_limit(max(sep.get_sub_object_limit(), 4096))
 
@@ -186,7 +247,7 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
         try:
             objs = sep.extract(
                 search,
-                options.thresh,
+                options.thresh * correlation,
                 err=noise if score is None else None,
                 mask=bad,
                 minarea=options.minarea,
@@ -207,9 +268,12 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
         ok = (wflag == 0) & (np.hypot(xw - x, yw - y) < 0.5 * fwhm)
         x, y = np.where(ok, xw, x), np.where(ok, yw, y)
         flux, flux_err, aflag = sep.sum_circle(data, x, y, radius, err=noise, mask=bad)
+        flux, flux_err = flux / apcorr, flux_err * correlation / apcorr
         err = np.where(flux_err > 0, flux_err, np.nan)
         if score is None:
-            snr = np.abs(flux) / err
+            iy = np.clip(np.rint(y).astype(np.int64), 0, data.shape[0] - 1)
+            ix = np.clip(np.rint(x).astype(np.int64), 0, data.shape[1] - 1)
+            snr = np.where(np.isfinite(err), sign * matched[iy, ix].astype(np.float64), np.nan)
             peak = sign * objs["peak"].astype(np.float64)
         else:  # sep's peak on the unfiltered score: the S_corr maximum of the detection
             snr = objs["peak"].astype(np.float64)
@@ -244,6 +308,8 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
             "fwhm": fwhm,
             "radius": radius,
             "thresh": options.thresh,
+            "aperture_fraction": apcorr,
+            "noise_correlation": correlation,
             "detect_on": "residual" if score is None else "score",
         }
     )

@@ -16,9 +16,18 @@ class NativeSimulator(Simulator):
     name = "native"
     description = "numpy simulator of a series of frames with injected transients"
 
-    def simulate(self, directory: Path, *, n_frames: int, shape: tuple[int, int], seed: int) -> Any:
+    def simulate(
+        self,
+        directory: Path,
+        *,
+        n_frames: int,
+        shape: tuple[int, int],
+        seed: int,
+        transients: int | None = None,
+    ) -> Any:
         from oasis_native.sim import simulate_series, write_series
 
-        series = simulate_series(n_frames=n_frames, shape=shape, seed=seed)
+        extra = {} if transients is None else {"n_transients": int(transients)}
+        series = simulate_series(n_frames=n_frames, shape=shape, seed=seed, **extra)
         write_series(series, directory)
         return series.truth

@@ -22,19 +22,24 @@ Steps (:func:`solve`):
    images are prepared side by side in two threads.
 2. Direction: ``convolve="auto"`` convolves the image with the narrower PSF.
 3. Stamps: the image is cut into ``nstamps_x x nstamps_y`` cells; in each cell the
-   brightest unsaturated, unmasked stars (isolated ones first) are candidates, best first.
+   :data:`CANDIDATES_PER_CELL` brightest unsaturated, unmasked stars (isolated ones
+   first) are candidates.
 4. For every candidate, the image to convolve is convolved with every raw (separable)
    basis function *on the stamp only* (1-D passes along y then x, by matrix products),
-   and the stamp's normal equations (inverse-variance weighted) are accumulated, then
-   carried to the normalised basis (``T' M T``).
+   and the stamp's normal equations are accumulated, then carried to the normalised
+   basis (``T' M T``). As in ISIS (and hotpants), every stamp pixel weighs the same in
+   the fit; the per-pixel variance (photon noise of the sky and of the model, read noise,
+   the convolved image's variance through the kernel) only judges the stamps' chi2.
 5. Each candidate's own kernel is fitted; candidates whose chi2 or kernel sum are
    ``sigma_clip`` robust sigmas off are rejected (variable stars, cosmic rays, blends).
-   The best surviving candidate of each cell is used.
-6. The spatially varying solution is fitted globally by combining the stamp normal
-   equations with the spatial polynomials evaluated at the stamp centres (Alard 2000);
-   stamps whose chi2 under the global solution is an outlier are replaced by the next
-   candidate of their cell, up to ``max_iter`` times. With too few stamps the spatial
-   degrees are lowered (never below 0) and the result is flagged.
+6. The spatially varying solution is fitted globally by combining the normal equations
+   of the best surviving candidate of each cell and of every other surviving isolated
+   one (up to :data:`CANDIDATES_PER_CELL` per cell, like hotpants' substamps; ISIS keeps
+   one star per cell: more stars pin the kernel better) with the spatial polynomials
+   evaluated at the stamp centres (Alard 2000); stamps whose chi2 under the global
+   solution is an outlier are dropped and the fit redone, up to ``max_iter`` times. With
+   too few stamps the spatial degrees are lowered (never below 0) and the result is
+   flagged.
 7. The kernel is applied to the whole image exactly as a spatially varying convolution,
    ``conv(x) = sum_s P_s(x) (I * K_s)(x) + bg(x)`` with ``K_s`` the kernel's spatial
    components, by FFT (:func:`_spatial_convolution`: the image's transform from step 1,
@@ -76,7 +81,7 @@ __all__ = [
 #: Stamps convolved together (one matrix product per chunk and basis Gaussian).
 STAMP_CHUNK = 64
 
-#: Candidate stars kept per cell (the best one is used, the others replace it if rejected).
+#: Stamp stars kept per cell (the best and the isolated ones enter the fit unless rejected).
 CANDIDATES_PER_CELL = 3
 
 #: A spatial polynomial of n terms needs at least this many stamps per term.
@@ -1064,7 +1069,7 @@ def _candidates(
                 ok &= ~_sliding_max(im.bad, half)[cy, cx]
         cy, cx, isolated = cy[ok], cx[ok], isolated[ok]
     if cy.size == 0:
-        return {"cy": cy, "cx": cx, "cell": cy, "rank": cy}
+        return {"cy": cy, "cx": cx, "cell": cy, "rank": cy, "isolated": isolated}
     snr = np.minimum(conv.data[cy, cx] / conv.noise, ref.data[cy, cx] / ref.noise)
     cell = (cy * options.nstamps_y // ny) * options.nstamps_x + (cx * options.nstamps_x // nx)
     order = np.lexsort((-snr, ~isolated, cell))
@@ -1073,7 +1078,13 @@ def _candidates(
     rank = np.arange(order.size) - first
     keep = order[rank < CANDIDATES_PER_CELL]
     rank = rank[rank < CANDIDATES_PER_CELL]
-    return {"cy": cy[keep], "cx": cx[keep], "cell": cell[keep], "rank": rank}
+    return {
+        "cy": cy[keep],
+        "cx": cx[keep],
+        "cell": cell[keep],
+        "rank": rank,
+        "isolated": isolated[keep],
+    }
 
 
 # ---------------------------------------------------------------------- the fits
@@ -1098,12 +1109,17 @@ def _solve_sym(m: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _normal_equations(
-    feats: np.ndarray, y: np.ndarray, var: np.ndarray, transform: np.ndarray | None = None
+    feats: np.ndarray,
+    y: np.ndarray,
+    var: np.ndarray | None,
+    transform: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-stamp normal matrix, right-hand side and y'Wy, features + constant, float64.
 
-    ``feats`` is ``(n, nb, npix)``. With ``transform`` (``(nb, nb)``) the equations are
-    those of the features ``transform.T @ feats`` (the normalised basis from the raw one).
+    ``feats`` is ``(n, nb, npix)``, ``var`` the pixels' variances ``(n, npix)`` (weights
+    ``1 / var``) or None (unit weights, as ISIS fits). With ``transform`` (``(nb, nb)``)
+    the equations are those of the features ``transform.T @ feats`` (the normalised basis
+    from the raw one).
     """
     n, nb, npix = feats.shape
     m = np.empty((n, nb + 1, nb + 1))
@@ -1115,12 +1131,14 @@ def _normal_equations(
         buffer = np.empty((min(stop - start, chunk), nb + 1, npix))
         for lo in range(start, stop, chunk):
             hi = min(stop, lo + chunk)
-            sw = 1.0 / np.sqrt(var[lo:hi].astype(np.float64))  # sqrt of the weights
             g = buffer[: hi - lo]
             g[:, :nb] = feats[lo:hi]
             g[:, nb] = 1.0
-            g *= sw[:, None, :]
-            yw = y[lo:hi].astype(np.float64) * sw
+            yw = y[lo:hi].astype(np.float64)
+            if var is not None:
+                sw = 1.0 / np.sqrt(var[lo:hi].astype(np.float64))  # sqrt of the weights
+                g *= sw[:, None, :]
+                yw *= sw
             np.matmul(g, np.swapaxes(g, 1, 2), out=m[lo:hi])
             b[lo:hi] = (g @ yw[..., None])[..., 0]
             yy[lo:hi] = (yw * yw).sum(axis=1)
@@ -1132,6 +1150,18 @@ def _normal_equations(
         m = t.T @ m @ t
         b = b @ t
     return m, b, yy
+
+
+def _stamp_chi2(
+    feats: np.ndarray, y: np.ndarray, var: np.ndarray, coef: np.ndarray, transform: np.ndarray
+) -> np.ndarray:
+    """Mean of (y - model)**2 / var over each stamp's pixels; the model is the features
+    ``(n, nb, npix)`` (raw basis) times the normalised-basis coefficients ``coef[:, :nb]``
+    (carried to the raw basis by ``transform``) plus the background ``coef[:, nb]``."""
+    nb = feats.shape[1]
+    raw = (coef[:, :nb] @ transform.T).astype(np.float32)
+    model = np.einsum("nkp,nk->np", feats, raw) + coef[:, nb : nb + 1].astype(np.float32)
+    return np.mean((y - model) ** 2 / var, axis=1)
 
 
 def _robust_outliers(values: np.ndarray, nsigma: float, one_sided: bool) -> np.ndarray:
@@ -1247,13 +1277,16 @@ def _degrees_for(n: int, deg_spatial: int, deg_bg: int) -> tuple[int, int]:
 
 
 def _select(cand: dict[str, np.ndarray], rejected: np.ndarray) -> np.ndarray:
-    """Index of the best non-rejected candidate of each cell."""
+    """Index of the stamps to fit, by cell then rank: of the non-rejected candidates,
+    the best of each cell and every isolated one."""
     idx = np.flatnonzero(~rejected)
     if idx.size == 0:
         return idx
     order = idx[np.lexsort((cand["rank"][idx], cand["cell"][idx]))]
-    _, first = np.unique(cand["cell"][order], return_index=True)
-    return order[first]
+    cells = cand["cell"][order]
+    best = np.ones(order.size, dtype=bool)
+    best[1:] = cells[1:] != cells[:-1]
+    return order[best | cand["isolated"][order]]
 
 
 # -------------------------------------------------------------------- application
@@ -1447,29 +1480,26 @@ def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     iy = (cy[:, None] + off)[:, :, None]
     ix = (cx[:, None] + off)[:, None, :]
     y = ref.data[iy, ix].reshape(ncand, -1)
-    var_ref_floor = np.float32(ref.noise**2)
-    var_conv = conv.variance((iy, ix)).reshape(ncand, -1)
-    var = ref.variance((iy, ix)).reshape(ncand, -1) + var_conv
     nb = feats.shape[1]
-    m, b, yy = _normal_equations(feats, y, var, to_basis)
+    # The kernel is fitted as ISIS (and hotpants) fit it: every stamp pixel weighs the same
+    # (ISIS's build_matrix0 sums the products of the convolved basis images unweighted). The
+    # per-pixel variance, stars' photon noise included, only judges the stamps (chi2).
+    # Weighting the fit by it gives the stars' cores, where the kernel's shape shows, little
+    # say against the stamps' many sky pixels, on which the template's noise through the
+    # kernel (sum K**2 times its variance) rewards broad kernels: near-delta kernels (similar
+    # seeing) came out too broad, leaving a residual on every bright star.
+    m, b, _ = _normal_equations(feats, y, None, to_basis)
     local = _solve_sym(m, b)
-    # re-weight once with the model (data-based variances bias the fit low)
     raw_coef = (local[:, :nb] @ to_basis.T).astype(np.float32)
     model = np.einsum("nkp,nk->np", feats, raw_coef) + local[:, nb : nb + 1].astype(np.float32)
     basis = basis_kernels(sigmas, degrees, hm)
     gram = np.einsum("kyx,jyx->kj", basis, basis)
     k2 = np.einsum("nk,kj,nj->n", local[:, :nb], gram, local[:, :nb])  # sum of K**2
-    var = (
-        var_ref_floor
-        + np.maximum(model, 0) / np.float32(ref.gain)
-        + k2[:, None].astype(np.float32) * var_conv
-    ).astype(np.float32)
-    m, b, yy = _normal_equations(feats, y, var, to_basis)
-    local = _solve_sym(m, b)
-    npix = y.shape[1]
-    chi2_local = (
-        yy - 2 * np.einsum("nl,nl->n", local, b) + np.einsum("nl,nlm,nm->n", local, m, local)
-    ) / npix
+    # each stamp's variance from its model (data-based variances are biased low)
+    var_conv = conv.variance((iy, ix)).reshape(ncand, -1)
+    var = np.float32(ref.noise**2) + np.maximum(model, 0) / np.float32(ref.gain)
+    var += k2[:, None].astype(np.float32) * var_conv
+    chi2_local = np.mean((y - model) ** 2 / var, axis=1)
     rejected = _robust_outliers(chi2_local, options.sigma_clip, one_sided=True)
     rejected |= _robust_outliers(local[:, 0], options.sigma_clip, one_sided=False)
 
@@ -1487,17 +1517,13 @@ def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
             big_m, big_b = layout.normal(m[sel], b[sel], xn[sel], yn[sel])
             theta = _solve_sym(big_m, big_b)
             loc = layout.local(theta, xn[sel], yn[sel])
-            chi2 = (
-                yy[sel]
-                - 2 * np.einsum("nl,nl->n", loc, b[sel])
-                + np.einsum("nl,nlm,nm->n", loc, m[sel], loc)
-            ) / npix
+            chi2 = _stamp_chi2(feats[sel], y[sel], var[sel], loc, to_basis)
             if iteration == options.max_iter:
                 break
             out = _robust_outliers(chi2, options.sigma_clip, one_sided=True)
             if not out.any() or sel.size - out.sum() < 1:
                 break
-            rejected[sel[out]] = True  # the next candidate of the cell replaces it
+            rejected[sel[out]] = True
         nsel = sel.size
         if nsel == 0:
             msg = (

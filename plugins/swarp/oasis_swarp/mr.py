@@ -1,0 +1,189 @@
+"""The ``swarp`` master-residual backend: OasisPy's master residual, co-added by SWarp.
+
+OasisPy's default master residual is the weighted average of the noise-normalised
+residuals. Each residual's ``Residual.normalized`` image (``(R - median(R)) / sigma``, 0
+where its weight is 0) is written with a weight map that is 1 where the residual has data
+(``weight > 0``, ``noise > 0``, finite) and 0 elsewhere, and SWarp co-adds them with
+``COMBINE_TYPE WEIGHTED`` on their own grid (``RESAMPLING_TYPE NEAREST`` by default: the
+residuals are registered, see :mod:`oasis_swarp.combine`). SWarp's output weight is then
+the number ``n`` of residuals with data at each pixel, so, as the native ``mr`` backend::
+
+    master = sum(Rn_i over residuals with data) / n     (sigma units; 0 where n = 0)
+    noise  = 1 / sqrt(n)                                 (its 1-sigma level; 0 where n = 0)
+    weight = n / N
+
+The native backend weights each residual by its weight map instead; both give the same
+master residual when the weights are 0 or 1 (which is what the subtract backends write).
+
+The result is named ``MR``; its header is the first residual's plus ``NCOMBINE``,
+``MRNORM`` and one ``HISTORY`` line per input; ``meta`` holds ``n_residuals``,
+``inputs``, ``frac_no_data`` and SWarp's ``swarp_seconds``, ``command``, ``config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import numpy as np
+
+from oasis_core.backends import MrBackend, option
+from oasis_core.errors import StageError
+from oasis_core.model import Residual
+from oasis_swarp.swarp import (
+    RESAMPLING_TYPES,
+    USER_CONFIG,
+    SwarpImage,
+    find_program,
+    non_negative,
+    one_of,
+    run_swarp,
+    upper_case,
+)
+
+__all__ = ["SwarpMr", "SwarpMrOptions", "mr_settings"]
+
+
+@attrs.frozen(kw_only=True)
+class SwarpMrOptions:
+    """Options of the ``swarp`` master-residual backend (SWarp's keyword in brackets).
+
+    A ``default.swarp`` in the target's ``configs/`` replaces the generated configuration;
+    ``COMBINE_TYPE WEIGHTED``, the weights and the outputs are forced either way.
+    """
+
+    binary: str = option("", "the SWarp program; '': 'SWarp' or 'swarp' on PATH")
+    resampling_type: str = option(
+        "NEAREST",
+        "[RESAMPLING_TYPE] NEAREST is exact on registered residuals",
+        converter=upper_case,
+        validator=one_of("mr.swarp", RESAMPLING_TYPES),
+    )
+    nthreads: int = option(
+        0, "[NTHREADS] threads SWarp uses; 0: all cores", validator=non_negative("mr.swarp")
+    )
+    timeout: float = option(
+        900.0,
+        "seconds before SWarp is stopped (a StageError); 0: no limit",
+        validator=non_negative("mr.swarp"),
+    )
+
+
+def mr_settings(options: Any) -> dict[str, str]:
+    """The ``oasis.swarp`` settings from the options (not the forced ones)."""
+    return {
+        "RESAMPLE": "Y",
+        "RESAMPLING_TYPE": options.resampling_type,
+        "OVERSAMPLING": "1",
+        "INTERPOLATE": "N",
+        "SUBTRACT_BACK": "N",  # the normalised residuals are already centred
+        "BLANK_BADPIXELS": "N",
+        "CELESTIAL_TYPE": "NATIVE",
+        "SATLEV_KEYWORD": "OASNOSAT",
+        "SATLEV_DEFAULT": "1e30",
+        "NTHREADS": str(options.nthreads),
+    }
+
+
+class SwarpMr(MrBackend):
+    """Weighted mean of the noise-normalised residuals by SWarp (see the module docstring)."""
+
+    name = "swarp"
+    Options = SwarpMrOptions
+    description = "SWarp WEIGHTED co-add of the noise-normalised residuals (external)"
+    user_files: ClassVar[tuple[str, ...]] = (USER_CONFIG,)
+
+    def check(self, options: SwarpMrOptions) -> None:
+        """Raise :class:`~oasis_core.errors.BackendUnavailable` when SWarp is missing."""
+        find_program(options.binary, "mr.swarp")
+
+    def master(
+        self, residuals: Sequence[Residual], *, options: SwarpMrOptions, workdir: Path
+    ) -> Residual:
+        """Return the master residual ``MR`` of ``residuals``.
+
+        Parameters
+        ----------
+        residuals : sequence of Residual
+            Residuals on one pixel grid.
+        options : SwarpMrOptions
+        workdir : Path
+            Scratch directory: SWarp's inputs, configuration, outputs and ``swarp.log``.
+
+        Returns
+        -------
+        Residual
+            ``name = "MR"``, in sigma units, with its noise and weight (module docstring).
+
+        Raises
+        ------
+        oasis_core.errors.BackendUnavailable
+            When SWarp is missing.
+        oasis_core.errors.StageError
+            When no residual is given, the shapes differ or SWarp fails.
+        """
+        from astropy.io import fits
+
+        where = "mr backend 'swarp'"
+        residuals = list(residuals)
+        if not residuals:
+            raise StageError(f"{where}: no residual to combine")
+        program = find_program(options.binary, "mr.swarp")
+        images = []
+        for r in residuals:
+            data = np.asarray(r.data)
+            good = (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(data)
+            images.append(
+                SwarpImage(
+                    name=r.name,
+                    data=r.normalized,
+                    weight=good.astype(np.float32),
+                    header=r.header,
+                )
+            )
+        out = run_swarp(
+            program,
+            images,
+            settings=mr_settings(options),
+            combine_type="WEIGHTED",
+            workdir=workdir,
+            where=where,
+            timeout=options.timeout,
+        )
+
+        count = np.rint(np.where(np.isfinite(out.weight), out.weight, 0.0))
+        has = (count > 0) & np.isfinite(out.data)
+        safe = np.where(has, count, 1.0)
+        data = np.where(has, out.data, 0.0).astype(np.float32)
+        noise = np.where(has, 1.0 / np.sqrt(safe), 0.0).astype(np.float32)
+        weight = np.where(has, count / len(residuals), 0.0).astype(np.float32)
+
+        names = [r.name for r in residuals]
+        first = residuals[0].header
+        header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
+        header["NCOMBINE"] = (len(residuals), "number of residuals in the master residual")
+        header["MRNORM"] = (True, "residuals normalised by their noise")
+        for name in names:
+            header.add_history(f"oasis mr input: {name}")
+        templates = {r.template for r in residuals}
+        return Residual(
+            data=data,
+            noise=noise,
+            weight=weight,
+            header=header,
+            name="MR",
+            science="",
+            template=templates.pop() if len(templates) == 1 else "",
+            params={"normalize": True},
+            meta={
+                "n_residuals": len(residuals),
+                "inputs": ",".join(names),
+                "frac_no_data": float(1.0 - has.mean()),
+                "swarp_seconds": out.seconds,
+                "command": out.command[:1000],
+                "config": out.config,
+                "wcs": out.wcs,
+            },
+        )

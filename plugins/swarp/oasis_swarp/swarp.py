@@ -1,0 +1,543 @@
+"""Running SWarp on images that already share one pixel grid (shared by both backends).
+
+SWarp (Bertin et al. 2002, https://www.astromatic.net/software/swarp; Debian package
+``swarp``, program ``SWarp``) resamples images onto an output grid and co-adds them. The
+OASIS backends hand it images that are already registered, so this module
+
+* writes each image and its weight map (``WEIGHT_TYPE MAP_WEIGHT``) into the workdir as
+  ``in_NNN.fits`` / ``in_NNN.weight.fits``, all with one WCS (see :func:`grid_wcs_header`);
+* forces the output grid to that same grid with an output header file ``coadd.head``
+  (``NAXIS1``/``NAXIS2`` and the WCS), so the result has the inputs' shape and pixels;
+* writes the settings that come from the backend's options into a generated configuration
+  file ``oasis.swarp``, or, when the user put a ``default.swarp`` into the workdir (the core
+  copies ``TARGET/configs/default.swarp`` there), uses that file instead, and in both cases
+  forces on the command line what the backends depend on (:data:`FORCED`: output names,
+  weights, combine type, no flux rescaling, no weight rescaling);
+* runs the program in the workdir, logs the command and its output to ``swarp.log`` there,
+  and reads ``coadd.fits`` and ``coadd.weight.fits`` back as float32 arrays.
+
+A failure (non-zero exit, no output, an output of the wrong shape, a timeout) is a
+:class:`~oasis_core.errors.StageError` whose one-line message names the inputs and quotes
+SWarp's own error line (:func:`swarp_error`), with the workdir's ``in_NNN.fits`` names
+replaced by the frame or residual names.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from oasis_core.errors import BackendUnavailable, StageError
+
+__all__ = [
+    "CONFIG_NAME",
+    "FILES",
+    "FORCED",
+    "INSTALL_HINT",
+    "RESAMPLING_TYPES",
+    "USER_CONFIG",
+    "SwarpImage",
+    "SwarpResult",
+    "find_program",
+    "forced_settings",
+    "grid_wcs_header",
+    "non_negative",
+    "one_of",
+    "output_header_text",
+    "run_swarp",
+    "swarp_command",
+    "swarp_config",
+    "swarp_error",
+    "upper_case",
+]
+
+#: The user's configuration file (copied into the workdir by the core when present).
+USER_CONFIG = "default.swarp"
+#: The configuration file the backends generate from their options.
+CONFIG_NAME = "oasis.swarp"
+#: Fixed file names in the workdir (SWarp runs there, so commands hold only these names).
+FILES: Mapping[str, str] = {
+    "output": "coadd.fits",
+    "weight": "coadd.weight.fits",
+    "head": "coadd.head",
+    "log": "swarp.log",
+}
+#: SWarp's resampling kernels.
+RESAMPLING_TYPES = ("NEAREST", "BILINEAR", "LANCZOS2", "LANCZOS3", "LANCZOS4")
+
+#: Keys always given on the command line (after ``-c``), whatever the configuration file
+#: says: the backends read these outputs and rely on this arithmetic.
+FORCED: Mapping[str, str] = {
+    "IMAGEOUT_NAME": FILES["output"],
+    "WEIGHTOUT_NAME": FILES["weight"],
+    "HEADEROUT_NAME": FILES["head"],  # the output grid (shape and WCS)
+    "HEADER_SUFFIX": ".head",
+    "HEADER_ONLY": "N",
+    "COMBINE": "Y",
+    "WEIGHT_TYPE": "MAP_WEIGHT",
+    "RESCALE_WEIGHTS": "N",  # the weights are already what the backend means
+    "FSCALASTRO_TYPE": "NONE",  # frames are photometrically matched: no flux scaling
+    "FSCALE_KEYWORD": "OASNOFSC",  # a keyword no input has
+    "FSCALE_DEFAULT": "1.0",
+    "RESAMPLE_DIR": ".",
+    "VMEM_DIR": ".",
+    "DELETE_TMPFILES": "Y",
+    "WRITE_XML": "N",
+    "VERBOSE_TYPE": "QUIET",
+}
+
+INSTALL_HINT = "install it with `apt-get install swarp`"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_NOISE_LINES = ("default.swarp not found", "FITS header data read in")
+
+
+def upper_case(value: Any) -> Any:
+    """Option converter: SWarp keywords in capitals, whatever case the user wrote."""
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def one_of(table: str, allowed: Sequence[str]) -> Any:
+    """Option validator: the value is one of ``allowed`` (the message names ``table``)."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in allowed:
+            msg = f"{table}: {attribute.name} must be one of {', '.join(allowed)}, got {value!r}"
+            raise ValueError(msg)
+
+    return check
+
+
+def non_negative(table: str) -> Any:
+    """Option validator: the value is >= 0 (the message names ``table``)."""
+
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not value >= 0:
+            raise ValueError(f"{table}: {attribute.name} must be >= 0, got {value!r}")
+
+    return check
+
+
+def find_program(binary: str, where: str) -> str:
+    """The SWarp program to run: ``binary``, else ``SWarp`` or ``swarp`` on PATH.
+
+    Parameters
+    ----------
+    binary : str
+        A program name or path; ``""`` searches PATH for ``SWarp`` then ``swarp``.
+    where : str
+        The option table, e.g. ``"combine.swarp"`` (named in the message).
+
+    Returns
+    -------
+    str
+        The absolute path of the program.
+
+    Raises
+    ------
+    oasis_core.errors.BackendUnavailable
+        When the program is not found; the message says how to install it.
+    """
+    names = [binary] if binary else ["SWarp", "swarp"]
+    for name in names:
+        found = shutil.which(name)
+        if found is not None:
+            return str(Path(found).resolve())
+    stage, _, backend = where.partition(".")
+    if binary:
+        what = "not found" if "/" in binary else "not on PATH"
+        missing = f"program {binary!r} {what}"
+    else:
+        missing = "program 'SWarp' (or 'swarp') not on PATH"
+    msg = (
+        f"{stage} backend {backend!r}: {missing}; {INSTALL_HINT} or set "
+        f'[{where}] binary = "/path/to/SWarp"'
+    )
+    raise BackendUnavailable(msg)
+
+
+# ------------------------------------------------------------------ configuration
+
+
+def swarp_config(settings: Mapping[str, str], *, title: str = "") -> str:
+    """The text of a SWarp configuration file holding ``settings`` (``KEY value`` lines).
+
+    Examples
+    --------
+    >>> print(swarp_config({"SUBTRACT_BACK": "N", "NTHREADS": "0"}), end="")
+    # SWarp configuration generated by OASIS
+    SUBTRACT_BACK          N
+    NTHREADS               0
+    """
+    lines = [f"# SWarp configuration generated by OASIS{': ' + title if title else ''}"]
+    lines += [f"{key:<22} {value}" for key, value in settings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def forced_settings(combine_type: str, weight_files: Sequence[str]) -> dict[str, str]:
+    """:data:`FORCED` plus the combine type and the weight map list."""
+    return {
+        **FORCED,
+        "COMBINE_TYPE": combine_type,
+        "WEIGHT_IMAGE": ",".join(weight_files),
+    }
+
+
+def swarp_command(
+    program: str, inputs: Sequence[str], *, config: str, forced: Mapping[str, str]
+) -> list[str]:
+    """The command line: ``program inputs... -c config -KEY value...``.
+
+    Parameters
+    ----------
+    program : str
+        The program to run.
+    inputs : sequence of str
+        Input image names (relative to the workdir).
+    config : str
+        The configuration file (:data:`USER_CONFIG` or :data:`CONFIG_NAME`).
+    forced : mapping
+        Settings given on the command line, which take precedence over the file.
+
+    Examples
+    --------
+    >>> swarp_command("SWarp", ["in_000.fits"], config="oasis.swarp",
+    ...               forced={"COMBINE_TYPE": "MEDIAN"})
+    ['SWarp', 'in_000.fits', '-c', 'oasis.swarp', '-COMBINE_TYPE', 'MEDIAN']
+    """
+    command = [program, *inputs, "-c", config]
+    for key, value in forced.items():
+        command += [f"-{key}", str(value)]
+    return command
+
+
+# ------------------------------------------------------------------------ the grid
+
+
+def grid_wcs_header(headers: Sequence[Any], shape: tuple[int, int]) -> tuple[Any, str]:
+    """The WCS every input and the output get, and where it comes from.
+
+    The inputs are registered on one pixel grid, so they must all get one WCS: the first
+    header's celestial WCS when it has one and every other header either has none or one
+    that maps the grid's corners and centre to the same pixels within 0.01 px (the align
+    stage copies the reference's WCS into each frame); else a synthetic TAN WCS
+    (1 arcsec pixels centred on RA 180, Dec 0), since bare headers are common (ISIS).
+
+    Parameters
+    ----------
+    headers : sequence of astropy.io.fits.Header
+        The inputs' headers, first = the grid's.
+    shape : tuple of int
+        ``(ny, nx)`` of the grid.
+
+    Returns
+    -------
+    header : astropy.io.fits.Header
+        WCS cards only.
+    source : str
+        ``"own"`` or ``"synthetic"`` and, for a synthetic WCS chosen because the headers
+        disagree, the reason (``"synthetic: ..."``).
+    """
+    from astropy.wcs import WCS
+
+    from oasis_core.io import header_wcs
+
+    ny, nx = shape
+    ref = header_wcs(headers[0]) if headers else None
+    source = "own"
+    if ref is not None:
+        xs = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2.0])
+        ys = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2.0])
+        for i, header in enumerate(headers[1:], start=1):
+            wcs = header_wcs(header)
+            if wcs is None:
+                continue
+            try:
+                world = wcs.celestial.wcs_pix2world(xs, ys, 0)
+                px, py = ref.celestial.wcs_world2pix(world[0], world[1], 0)
+                off = float(np.nanmax(np.hypot(px - xs, py - ys)))
+            except Exception as err:  # wcslib raises many types on odd WCS; keep the cause
+                off, why = float("inf"), f"{type(err).__name__}: {err}"
+            else:
+                why = f"{off:.3g} px"
+            if not off <= 0.01:
+                source = f"synthetic: input {i}'s WCS differs from input 0's by {why}"
+                ref = None
+                break
+    if ref is None:
+        wcs = WCS(naxis=2)
+        wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        wcs.wcs.crval = [180.0, 0.0]
+        wcs.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]
+        wcs.wcs.cd = np.array([[-1.0 / 3600.0, 0.0], [0.0, 1.0 / 3600.0]])
+        return wcs.to_header(), source if source != "own" else "synthetic"
+    header = ref.celestial.to_header(relax=True)
+    for key in ("DATE-OBS", "MJD-OBS", "MJDREF", "DATEREF", "MJD-AVG", "DATE-AVG"):
+        header.remove(key, ignore_missing=True, remove_all=True)
+    return header, source
+
+
+def output_header_text(wcs_header: Any, shape: tuple[int, int]) -> str:
+    """The ``coadd.head`` text fixing SWarp's output grid: NAXIS1/2 and the WCS cards."""
+    ny, nx = shape
+    cards = [f"{'NAXIS':<8}= {2:>20}", f"{'NAXIS1':<8}= {nx:>20}", f"{'NAXIS2':<8}= {ny:>20}"]
+    cards += [str(card).rstrip() for card in wcs_header.cards]
+    return "\n".join([*cards, "END"]) + "\n"
+
+
+# ----------------------------------------------------------------------- errors
+
+
+def swarp_error(stderr: str, stdout: str = "") -> str:
+    """SWarp's own message from its output: the last line naming an error (with CFITSIO's
+    status line when there is one), else the last meaningful line (``> WARNING: ...``),
+    without the ``>`` prefix and colour codes.
+
+    Examples
+    --------
+    >>> swarp_error("> WARNING: x\\n\\nFITSIO status = 108\\n> *Error*: in_001.fits not found\\n")
+    '*Error*: in_001.fits not found (FITSIO status = 108)'
+    >>> swarp_error("\\n> COMBINE_TYPE set to an unknown keyword\\n\\n")
+    'COMBINE_TYPE set to an unknown keyword'
+    """
+    for text in (stderr, stdout):
+        lines = []
+        for raw in _ANSI.sub("", text or "").replace("\r", "\n").splitlines():
+            line = raw.strip().lstrip(">").strip()
+            if line and not any(n in line for n in _NOISE_LINES):
+                lines.append(line)
+        errors = [line for line in lines if "error" in line.lower()]
+        if errors:
+            fitsio = [line for line in lines if line.startswith("FITSIO status")]
+            said = errors[-1]
+            if fitsio and fitsio[-1] != said:
+                said = f"{said} ({fitsio[-1]})"
+            return said[:300]
+        if lines:
+            return lines[-1][:300]
+    return "(no output)"
+
+
+# -------------------------------------------------------------------------- running
+
+
+@attrs.frozen(kw_only=True)
+class SwarpImage:
+    """One input of a SWarp run.
+
+    Attributes
+    ----------
+    name : str
+        The frame's or residual's name (used in messages and the log).
+    data, weight : ndarray
+        Pixels and weight map (``MAP_WEIGHT``: 0 excludes a pixel).
+    header : astropy.io.fits.Header or None
+        The input's own header, for its WCS (see :func:`grid_wcs_header`).
+    cards : mapping
+        Cards SWarp may read from the input (e.g. ``GAIN``); None values are skipped.
+    """
+
+    name: str
+    data: np.ndarray = attrs.field(eq=False, repr=False)
+    weight: np.ndarray = attrs.field(eq=False, repr=False)
+    header: Any = attrs.field(eq=False, repr=False, default=None)
+    cards: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class SwarpResult:
+    """What one SWarp run produced.
+
+    Attributes
+    ----------
+    data, weight : ndarray
+        ``coadd.fits`` and ``coadd.weight.fits`` as float32.
+    header : astropy.io.fits.Header
+        SWarp's output header.
+    command : str
+        The command line as run (file names relative to the workdir).
+    config : str
+        The configuration file used (``default.swarp`` or ``oasis.swarp``).
+    wcs : str
+        Where the inputs' WCS came from (see :func:`grid_wcs_header`).
+    seconds : float
+        Run time of the program.
+    """
+
+    data: np.ndarray = attrs.field(eq=False, repr=False)
+    weight: np.ndarray = attrs.field(eq=False, repr=False)
+    header: Any = attrs.field(eq=False, repr=False)
+    command: str
+    config: str
+    wcs: str
+    seconds: float
+
+
+def _names(images: Sequence[SwarpImage], limit: int = 4) -> str:
+    shown = ", ".join(repr(im.name) for im in images[:limit])
+    return shown if len(images) <= limit else f"{shown}, ... ({len(images)} in all)"
+
+
+def _with_names(message: str, images: Sequence[SwarpImage]) -> str:
+    """Follow each ``in_NNN[.weight].fits`` of the workdir with its input's name."""
+
+    def name(match: re.Match[str]) -> str:
+        i = int(match.group(1))
+        label = images[i].name if i < len(images) else "?"
+        return f"{match.group(0)} ({label!r})"
+
+    return re.sub(r"in_(\d{3,})(?:\.weight)?\.fits", name, message)
+
+
+def run_swarp(
+    program: str,
+    images: Sequence[SwarpImage],
+    *,
+    settings: Mapping[str, str],
+    combine_type: str,
+    workdir: Path,
+    where: str,
+    timeout: float = 0.0,
+) -> SwarpResult:
+    """Co-add ``images`` (one shape, registered) with SWarp on their own grid.
+
+    Parameters
+    ----------
+    program : str
+        The SWarp program (see :func:`find_program`).
+    images : sequence of SwarpImage
+        The inputs; ``weight`` 0 excludes a pixel. Non-finite pixels get weight 0.
+    settings : mapping
+        Settings from the backend's options, written to ``oasis.swarp``; ignored (the
+        user's file holds its own) when ``workdir/default.swarp`` exists.
+    combine_type : str
+        SWarp's ``COMBINE_TYPE``, forced.
+    workdir : Path
+        Scratch directory; SWarp runs there.
+    where : str
+        Start of every error message, e.g. ``"combine backend 'swarp'"``.
+    timeout : float
+        Seconds before SWarp is stopped; 0 waits forever.
+
+    Returns
+    -------
+    SwarpResult
+
+    Raises
+    ------
+    oasis_core.errors.StageError
+        When SWarp cannot be started, fails, times out or writes no usable output.
+    """
+    from astropy.io import fits
+
+    if not images:
+        raise StageError(f"{where}: nothing to combine")
+    where = f"{where}: {_names(images)}"
+    shape = images[0].data.shape
+    for im in images[1:]:
+        if im.data.shape != shape:
+            msg = (
+                f"{where}: {im.name!r} has shape {im.data.shape}, {images[0].name!r} has "
+                f"{shape}; the inputs must be registered on one grid"
+            )
+            raise StageError(msg)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    wcs_header, wcs_source = grid_wcs_header([im.header for im in images], shape)
+    inputs, weights = [], []
+    for i, im in enumerate(images):
+        data = np.asarray(im.data, np.float32)
+        weight = np.asarray(im.weight, np.float32)
+        finite = np.isfinite(data) & np.isfinite(weight) & (weight > 0)
+        data = np.where(finite, data, np.float32(0))
+        weight = np.where(finite, weight, np.float32(0))
+        header = wcs_header.copy()
+        for key, value in im.cards.items():
+            if value is not None:
+                header[key] = value
+        name = f"in_{i:03d}.fits"
+        fits.PrimaryHDU(data, header).writeto(workdir / name, overwrite=True)
+        fits.PrimaryHDU(weight, wcs_header).writeto(
+            workdir / f"in_{i:03d}.weight.fits", overwrite=True
+        )
+        inputs.append(name)
+        weights.append(f"in_{i:03d}.weight.fits")
+    (workdir / FILES["head"]).write_text(output_header_text(wcs_header, shape))
+
+    user = (workdir / USER_CONFIG).is_file()
+    config = USER_CONFIG if user else CONFIG_NAME
+    if not user:
+        (workdir / CONFIG_NAME).write_text(swarp_config(settings, title=where))
+    forced = forced_settings(combine_type, weights)
+    command = swarp_command(program, inputs, config=config, forced=forced)
+    shown = shlex.join(["SWarp", *command[1:]])
+    for key in ("output", "weight"):
+        (workdir / FILES[key]).unlink(missing_ok=True)  # a stale output is no output
+
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            command,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            stdin=subprocess.DEVNULL,
+            timeout=timeout if timeout > 0 else None,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as err:
+        msg = f"{where}: SWarp did not finish within {timeout:g} s (option timeout)"
+        raise StageError(msg, metadata={"command": shown}) from err
+    except OSError as err:
+        raise StageError(f"{where}: cannot run {program!r}: {err}") from err
+    seconds = time.perf_counter() - start
+    (workdir / FILES["log"]).write_text(
+        f"# {shown}\n# config: {config}; inputs: "
+        + ", ".join(f"{n}={im.name}" for n, im in zip(inputs, images, strict=True))
+        + f"\n# exit code {proc.returncode} after {seconds:.2f} s\n"
+        + f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
+    )
+
+    said = _with_names(swarp_error(proc.stderr, proc.stdout), images)
+    if proc.returncode != 0:
+        msg = f"{where}: SWarp exited with code {proc.returncode}: {said!r}"
+        raise StageError(msg, metadata={"command": shown, "returncode": proc.returncode})
+    missing = [FILES[k] for k in ("output", "weight") if not (workdir / FILES[k]).is_file()]
+    if missing:
+        msg = f"{where}: SWarp exited 0 but wrote no {' or '.join(missing)}: {said!r}"
+        raise StageError(msg, metadata={"command": shown})
+    try:
+        with fits.open(workdir / FILES["output"], memmap=False) as hdul:
+            data, out_header = hdul[0].data, hdul[0].header
+        with fits.open(workdir / FILES["weight"], memmap=False) as hdul:
+            out_weight = hdul[0].data
+    except (OSError, ValueError, TypeError, IndexError) as err:
+        raise StageError(f"{where}: cannot read SWarp's output ({err})") from err
+    for label, array in (("image", data), ("weight map", out_weight)):
+        if array is None or array.shape != shape:
+            got = None if array is None else array.shape
+            msg = (
+                f"{where}: SWarp wrote a {got} {label} for {shape} inputs (does "
+                f"{config} set a grid the forced {FILES['head']} cannot override?)"
+            )
+            raise StageError(msg, metadata={"command": shown})
+    return SwarpResult(
+        data=np.asarray(data, np.float32),
+        weight=np.asarray(out_weight, np.float32),
+        header=out_header,
+        command=shown,
+        config=config,
+        wcs=wcs_source,
+        seconds=round(seconds, 3),
+    )
