@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "align",
     "combine",
+    "compare",
     "extract",
     "mask",
     "mr",
@@ -33,8 +34,8 @@ _STAGE_FUNCTIONS = ("mask", "psf", "align", "combine", "subtract", "mr", "extrac
 
 
 def __getattr__(name: str) -> Any:
-    if name == "pipeline":
-        return importlib.import_module("oasis_core.pipeline")
+    if name in ("pipeline", "compare"):
+        return importlib.import_module(f"oasis_core.{name}")
     if name in _STAGE_FUNCTIONS:
         return getattr(importlib.import_module("oasis_core.pipeline"), name)
     raise AttributeError(f"module 'oasis_core' has no attribute {name!r}")

@@ -158,11 +158,14 @@ class SubtractBackend(Backend):
     """Subtracts a PSF-matched template from a science frame.
 
     Set ``needs_psf = True`` when :meth:`subtract` needs the frames' ``psf`` models
-    (``oasis subtract-pair`` then measures them with the psf backend first).
+    (``oasis subtract-pair`` then measures them with the psf backend first), and
+    ``auto_priority`` to place the backend in the order ``backend = "auto"`` tries them.
     """
 
     stage = "subtract"
     needs_psf: ClassVar[bool] = False
+    #: Order in which the subtract backend ``auto`` tries the backends (lowest first).
+    auto_priority: ClassVar[int] = 100
 
     def subtract(
         self, science: Frame, template: Template, *, options: Any, workdir: Path

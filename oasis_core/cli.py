@@ -208,32 +208,88 @@ def _write_default_config(target: Any) -> None:
 
 @app.command()
 def get(
-    sources: Annotated[list[Path], typer.Argument(help="Files or directories of frames.")],
-    target: Annotated[str, typer.Option("--target", "-t", help="Target name (or path).")],
-    unpack: Annotated[
-        bool, typer.Option("--unpack", help="Copy local frames (the only mode for now).")
-    ] = False,
+    sources: Annotated[
+        list[Path] | None, typer.Argument(help="Files or directories of frames (unpack mode).")
+    ] = None,
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name (or path).")] = "",
+    unpack: Annotated[bool, typer.Option("--unpack", help="Same as --mode unpack.")] = False,
+    mode: Annotated[
+        str, typer.Option(help="unpack (copy local frames) or dl (download from the LCO archive).")
+    ] = "",
+    object_name: Annotated[
+        str | None, typer.Option("--object", help="dl: object name in the archive.")
+    ] = None,
+    filter_name: Annotated[
+        str | None, typer.Option("--filter", help="dl: filter, e.g. rp.")
+    ] = None,
+    proposal: Annotated[str | None, typer.Option(help="dl: proposal id.")] = None,
+    start: Annotated[str | None, typer.Option(help="dl: from date (YYYY-MM-DD).")] = None,
+    end: Annotated[str | None, typer.Option(help="dl: to date, inclusive.")] = None,
+    reduction: Annotated[
+        int, typer.Option(help="dl: reduction level (91 = BANZAI reduced, 0 = raw).")
+    ] = 91,
+    limit: Annotated[int | None, typer.Option(help="dl: at most this many frames.")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(envvar="LCO_TOKEN", help="dl: LCO API token (proprietary data)."),
+    ] = None,
+    api_url: Annotated[
+        str | None, typer.Option("--api-url", help="dl: archive API (default: LCO's).")
+    ] = None,
     root: Annotated[Path, typer.Option(help="Directory holding OASIS/.")] = Path("."),
+    quiet: QuietOpt = False,
 ) -> None:
-    """Copy FITS / .fz frames into TARGET's data/ (never moving them)."""
-    from oasis_core.get import unpack as do_unpack
+    """Bring frames into TARGET's data/: copy local FITS / .fz frames (never moving them),
+    or download them from the Las Cumbres Observatory archive (--mode dl)."""
     from oasis_core.tree import Target, init_root
 
-    if not unpack:
+    chosen = mode or ("unpack" if unpack or sources else "")
+    if chosen not in ("unpack", "dl"):
         raise OasisError(
-            "oasis get: give --unpack to copy local frames (downloading from "
-            "an archive is not available yet)"
+            "oasis get: give --mode unpack (or --unpack) with local frames, or --mode dl "
+            "with archive criteria (--object/--proposal ...)"
         )
+    if not target:
+        raise OasisError("oasis get: give the target with --target NAME")
     path = Path(target)
     if not (path.is_dir() or len(path.parts) > 1):
         path = init_root(root) / "targets" / target
     t = Target(path).create()
     _write_default_config(t)
-    report = do_unpack(sources, t)
-    typer.echo(
-        f"{t.data}: {len(report.copied)} copied, {len(report.present)} already there, "
-        f"{len(report.refused)} refused"
+    if chosen == "unpack":
+        from oasis_core.get import unpack as do_unpack
+
+        if not sources:
+            raise OasisError("oasis get --mode unpack: give the frames to copy")
+        report = do_unpack(sources, t)
+        typer.echo(
+            f"{t.data}: {len(report.copied)} copied, {len(report.present)} already there, "
+            f"{len(report.refused)} refused"
+        )
+        return
+    from oasis_core.lco import ARCHIVE_URL, download
+
+    result = download(
+        t,
+        object_name=object_name,
+        filter_name=filter_name,
+        proposal=proposal,
+        start=start,
+        end=end,
+        reduction=reduction,
+        limit=limit,
+        token=token,
+        api_url=api_url or ARCHIVE_URL,
+        progress=False if quiet else None,
     )
+    typer.echo(
+        f"{t.data}: {len(result.downloaded)} downloaded, {len(result.present)} already there, "
+        f"{len(result.failed)} failed"
+    )
+    for name, why in result.failed:
+        typer.echo(f"  {name}: {why}", err=True)
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -401,12 +457,14 @@ def run(
 
 MENU = [
     ("initialize", "create the OASIS directory tree"),
-    ("get", "copy local frames into a target"),
+    ("get", "copy local frames into a target (oasis get --mode dl downloads from LCO)"),
     *[(s, f"run the {s} stage on a target") for s in STAGES],
     ("pipeline", "run every stage on a target"),
+    ("compare", "compare backend combinations on a target"),
     ("demo", "simulate a series and run the whole pipeline on it"),
     ("sim", "fake-source and same-field simulations"),
     ("test", "installation self-test"),
+    ("mosaic", "mosaic frames or residuals (MontagePy)"),
     ("plugins", "list the installed backends"),
 ]
 
@@ -427,13 +485,32 @@ def _menu() -> None:
     elif choice == "get":
         src = Path(typer.prompt("frames to copy (file or directory)"))
         name = typer.prompt("target name")
-        get([src], name, True, Path(typer.prompt("directory holding OASIS/", default=".")))
+        where = Path(typer.prompt("directory holding OASIS/", default="."))
+        get([src], name, True, "unpack", root=where)
     elif choice == "plugins":
         plugins()
     elif choice == "demo":
         demo(Path(typer.prompt("directory for the demo", default="oasis-demo")))
     elif choice == "sim":
         _sim_menu()
+    elif choice == "compare":
+        compare(
+            typer.prompt("target (path or name)"),
+            subtract=typer.prompt("subtract backends (comma-separated)", default="ois,zogy"),
+            extract=None,
+            mr=None,
+            fakes=0,
+            seed=0,
+            option=None,
+            jobs=None,
+            force=False,
+            no_config=False,
+            quiet=False,
+            executor=None,
+            scheduler=None,
+        )
+    elif choice == "mosaic":
+        mosaic(None, None, "frames", True, None, "mean", None)
     elif choice == "test":
         where = typer.prompt("directory for the test", default="oasis-selftest")
         selftest(Path(where), None, False)
@@ -447,6 +524,60 @@ def _menu() -> None:
             from oasis_core import pipeline as pl
 
             pl.run_stages(pl.make_context(target, reporter=_RichReporter()), [choice])
+
+
+@app.command()
+def compare(
+    target: TargetArg,
+    subtract: Annotated[
+        str | None,
+        typer.Option(help="Subtract backends to compare, comma-separated (ois,zogy,auto...)."),
+    ] = None,
+    extract: Annotated[
+        str | None, typer.Option(help="Extract backends to compare (native,sextractor).")
+    ] = None,
+    mr: Annotated[str | None, typer.Option(help="Master-residual backends to compare.")] = None,
+    fakes: Annotated[
+        int, typer.Option(help="Fakes injected per frame; report completeness (0 = none).")
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the fakes.")] = 0,
+    option: OptionOpt = None,
+    jobs: JobsOpt = None,
+    force: ForceOpt = False,
+    no_config: NoConfigOpt = False,
+    quiet: QuietOpt = False,
+    executor: ExecutorOpt = None,
+    scheduler: SchedulerOpt = None,
+) -> None:
+    """Run several backend combinations on TARGET side by side (upstream stages shared)
+    and compare them: tables, agreement cutouts and compare/report.html."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from oasis_core.compare import compare as run_compare
+    from oasis_core.report import format_rows
+
+    kwargs = _context_kwargs({}, option, jobs, force, no_config, quiet, executor, scheduler)
+    result = run_compare(
+        target, subtract=subtract, extract=extract, mr=mr, fakes=fakes, seed=seed, **kwargs
+    )
+    console = Console(width=200)
+    for title, table in (
+        ("per frame", result.frames),
+        ("summary", result.summary),
+        ("fakes", result.fakes),
+    ):
+        if table is not None:
+            shown = Table(*table.colnames, title=title)
+            for cells in format_rows(table):
+                shown.add_row(*cells)
+            console.print(shown)
+    for c in result.skipped:
+        typer.echo(f"skipped {c.name}: {c.skipped}")
+    typer.echo(
+        f"{len(result.agreement)} disagreement(s); tables in {result.directory}; "
+        f"report: {result.report}"
+    )
 
 
 @app.command("subtract-pair")
@@ -493,6 +624,59 @@ def demo(
         "sources/total_sources.txt"
     )
     typer.echo(f"result: {result.line()}")
+
+
+@app.command()
+def mosaic(
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Frames or residuals (files, directories, patterns); prompted if none."
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-O", help="Mosaic FITS to write (a PNG goes beside)."),
+    ] = None,
+    kind: Annotated[
+        str, typer.Option(help="From a target: 'frames' (aligned/ or data/) or 'residuals'.")
+    ] = "frames",
+    background_match: Annotated[
+        bool,
+        typer.Option(
+            "--background-match/--no-background-match",
+            help="Match the inputs' backgrounds where they overlap (Montage mBgModel).",
+        ),
+    ] = True,
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="Mosaic this target's frames or residuals.")
+    ] = None,
+    combine: Annotated[str, typer.Option(help="Co-addition: mean or median.")] = "mean",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep Montage's intermediate files here.")
+    ] = None,
+) -> None:
+    """Mosaic frames or residuals with MontagePy (OasisPy's MOSAIC); prompts when run bare."""
+    from oasis_core import mosaic as mos
+
+    if not inputs and target is None:
+        params = mos.ask_parameters(
+            lambda question, default: typer.prompt(question, default=default or None)
+        )
+        if output is not None:
+            params["output"] = output
+    else:
+        if inputs and target is not None:
+            raise OasisError("oasis mosaic: give input files or --target, not both")
+        params = {
+            "inputs": target if target is not None else inputs,
+            "output": output or Path("mosaic.fits"),
+            "kind": kind,
+            "background_match": background_match,
+            "combine": combine,
+        }
+    result = mos.mosaic(**params, workdir=workdir)
+    typer.echo(result.line())
 
 
 @app.command("test")
@@ -544,9 +728,7 @@ def sim_fakes(
     scale: Annotated[
         str, typer.Option(help="Flux distribution in flux mode: linear or log.")
     ] = "linear",
-    zero_point: Annotated[
-        float, typer.Option(help="Zero point when the header has none.")
-    ] = 25.0,
+    zero_point: Annotated[float, typer.Option(help="Zero point when the header has none.")] = 25.0,
     seed: Annotated[int, typer.Option(help="Random seed (same seed: same fakes).")] = 0,
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
@@ -573,6 +755,97 @@ def sim_fakes(
     typer.echo(f"result: {result.line()}")
 
 
+# For oasis_core/cli.py: paste after the `sim_fakes` command (before `def _sim_menu`).
+# Uses the module's existing Annotated, typer, JobsOpt, QuietOpt and _RichReporter.
+# `_sim_menu` already looks up `sim_same_field` and `_same_field_menu` in globals().
+
+
+@sim_app.command("same-field")
+def sim_same_field(
+    location: Annotated[
+        str,
+        typer.Argument(help="Target (directory or name) or a FITS frame giving the sources."),
+    ],
+    num_ims: Annotated[int, typer.Option("--num-ims", "-n", help="Frames to render.")] = 100,
+    mode: Annotated[
+        str, typer.Option(help="PSF: moffat, gauss, real (the frame's own) or sky (GalSim).")
+    ] = "moffat",
+    bkg_mag: Annotated[
+        float, typer.Option("--bkg-mag", help="Mean sky, mag/px (each frame within ±1.5).")
+    ] = 22.5,
+    fwhm_min: Annotated[float, typer.Option("--fwhm-min", help="Smallest FWHM, px.")] = 3.0,
+    fwhm_max: Annotated[float, typer.Option("--fwhm-max", help="Largest FWHM, px.")] = 6.0,
+    rot_min: Annotated[float, typer.Option("--rot-min", help="Smallest rotation, deg.")] = -2.5,
+    rot_max: Annotated[float, typer.Option("--rot-max", help="Largest rotation, deg.")] = 2.5,
+    shift_min: Annotated[float, typer.Option("--shift-min", help="Smallest x/y shift, px.")] = -2.0,
+    shift_max: Annotated[float, typer.Option("--shift-max", help="Largest x/y shift, px.")] = 2.0,
+    scale_mult: Annotated[
+        tuple[float, float],
+        typer.Option("--scale-mult", help="Interval of the multiplicative rescale a (a*image+b)."),
+    ] = (0.0, 1.5),
+    scale_add: Annotated[
+        tuple[float, float],
+        typer.Option("--scale-add", help="Interval of the additive rescale b, ADU."),
+    ] = (-20.0, 50.0),
+    zero_point: Annotated[
+        float, typer.Option("--zero-point", help="Magnitude of 1 ADU (for the sky).")
+    ] = 25.0,
+    frame: Annotated[
+        str | None, typer.Option(help="The real frame (default: the target's first frame).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed: same frames).")] = 0,
+    jobs: JobsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Render frames of one real frame's sources (varied seeing, sky, pointing, scale), run
+    the pipeline, and count the false detections per frame."""
+    from oasis_core.samefield import sim_same_field as run_same_field
+
+    result = run_same_field(
+        location,
+        numIms=num_ims,
+        bkg_mag=bkg_mag,
+        fwhm_min=fwhm_min,
+        fwhm_max=fwhm_max,
+        rot_min=rot_min,
+        rot_max=rot_max,
+        shift_min=shift_min,
+        shift_max=shift_max,
+        scale_mult=scale_mult,
+        scale_add=scale_add,
+        zero_point=zero_point,
+        mode=mode,
+        frame=frame,
+        seed=seed,
+        jobs=jobs,
+        reporter=_RichReporter(quiet),
+    )
+    typer.echo(f"table: {result.directory / 'samefield.txt'}; plot: {result.plot}")
+    typer.echo(f"result: {result.line()}")
+
+
+def _same_field_menu() -> None:
+    sim_same_field(
+        typer.prompt("target or FITS frame"),
+        num_ims=typer.prompt("frames to render", default=100, type=int),
+        mode=typer.prompt("mode (moffat/gauss/real/sky)", default="moffat"),
+        bkg_mag=typer.prompt("mean sky (mag/px)", default=22.5, type=float),
+        fwhm_min=typer.prompt("FWHM lower bound", default=3.0, type=float),
+        fwhm_max=typer.prompt("FWHM upper bound", default=6.0, type=float),
+        rot_min=typer.prompt("minimum rotation (deg)", default=-2.5, type=float),
+        rot_max=typer.prompt("maximum rotation (deg)", default=2.5, type=float),
+        shift_min=typer.prompt("minimum x/y shift (px)", default=-2.0, type=float),
+        shift_max=typer.prompt("maximum x/y shift (px)", default=2.0, type=float),
+        scale_mult=(0.0, 1.5),
+        scale_add=(-20.0, 50.0),
+        zero_point=typer.prompt("zero point", default=25.0, type=float),
+        frame=None,
+        seed=0,
+        jobs=None,
+        quiet=False,
+    )
+
+
 def _sim_menu() -> None:
     choice = typer.prompt("simulation (fakes / same-field)").strip()
     if choice == "fakes":
@@ -593,11 +866,7 @@ def _sim_menu() -> None:
             quiet=False,
         )
     elif choice in ("same-field", "samefield", "same_field"):
-        same = globals().get("sim_same_field")
-        if same is None:
-            raise OasisError("same-field simulation is not available")
-        same_field_menu = globals()["_same_field_menu"]
-        same_field_menu()
+        _same_field_menu()
     else:
         raise OasisError(f"unknown simulation {choice!r}; choose fakes or same-field")
 

@@ -103,6 +103,11 @@ class SubtractSettings:
         True, "try the backend's further configurations until Q reaches q_ceiling"
     )
     max_tries: int = option(9, "at most this many configurations per frame")
+    auto_ceiling: float = option(
+        1.0,
+        "backend 'auto': stop trying further backends once one reaches this Q "
+        "(1 = try every backend that can run and keep the best)",
+    )
 
 
 @attrs.frozen(kw_only=True)

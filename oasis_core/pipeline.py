@@ -91,6 +91,10 @@ class Context:
 
     def backend(self, stage: str) -> Any:
         name = self.config.backend(stage)
+        if stage == "subtract" and name == "auto":
+            from oasis_core.subtraction import auto_subtract
+
+            return auto_subtract(self.registry, self.config)
         self.registry.get(stage, name)  # an unknown name lists the installed ones
         return self.registry.select(stage, name, self.config.backend_options(stage, name))
 
@@ -98,6 +102,17 @@ class Context:
         self, stage: str, inputs: Mapping[str, Path], settings: Any = None
     ) -> Provenance:
         name = self.config.backend(stage)
+        if stage == "subtract" and name == "auto":
+            from oasis_core import __version__
+
+            return Provenance(
+                stage=stage,
+                backend="auto",
+                plugin=f"oasis-dia=={__version__}",
+                inputs=dict(inputs),
+                options=self.backend(stage).options,
+                settings=settings,
+            )
         record = self.registry.get(stage, name)
         return Provenance(
             stage=stage,
@@ -299,24 +314,38 @@ def _task_align(task: Task) -> dict[str, Any]:
 
 
 def _task_subtract(task: Task) -> dict[str, Any]:
-    from oasis_core.subtraction import residual_cards, run_subtraction
+    from oasis_core.subtraction import auto_cards, residual_cards, run_auto, run_subtraction
 
     science = _ro(_load_output(task.inputs["science"], task.inputs.get("psf")))
     template = _ro(
         _load_output(task.inputs["template"], task.inputs.get("template_psf"), cls=Template)
     )
-    residual = run_subtraction(
-        task.backend,
-        science,
-        template,
-        options=task.options,
-        workdir=task.workdir,
-        settings=task.extra,
-    )
+    if _is_auto(task.backend):
+        residual = run_auto(
+            task.backend,
+            science,
+            template,
+            workdir=task.workdir,
+            settings=task.extra,
+            ceiling=float(task.extra.get("auto_ceiling", 1.0)),
+        )
+    else:
+        residual = run_subtraction(
+            task.backend,
+            science,
+            template,
+            options=task.options,
+            workdir=task.workdir,
+            settings=task.extra,
+        )
     residual = attrs.evolve(
         residual, name=f"{science.name}_residual", science=science.name, template=template.name
     )
-    cards = {**task.provenance.header_cards(), **residual_cards(residual, science, template)}
+    cards = {
+        **task.provenance.header_cards(),
+        **residual_cards(residual, science, template),
+        **auto_cards(residual),
+    }
     io.write_residual(task.output, residual, header_extra=cards)
     return {
         "q": float(residual.q),
@@ -471,6 +500,12 @@ def _workdir(ctx: Context, stage: str, name: str) -> Path:
     return ctx.target.work / stage / name
 
 
+def _is_auto(backend: Any) -> bool:
+    from oasis_core.subtraction import AutoSubtract
+
+    return isinstance(backend, AutoSubtract)
+
+
 def _named(user_files: Sequence[Path]) -> dict[str, Path]:
     """User configuration files as provenance inputs: editing one redoes the work."""
     return {f"cfg:{f.name}": f for f in user_files}
@@ -498,7 +533,7 @@ def _task(
         stage=stage,
         name=name,
         backend=backend,
-        options=ctx.config.backend_options(stage),
+        options=None if _is_auto(backend) else ctx.config.backend_options(stage),
         inputs=dict(inputs),
         output=output,
         provenance=ctx.provenance(stage, {**inputs, **_named(user_files)}, settings=settings),
@@ -843,8 +878,9 @@ def _write_subtract_log(ctx: Context, names: Sequence[str]) -> None:
             continue
         hdr = fits.getheader(path)
         choice = f"{hdr.get('OAS CHOICE', 1)}/{hdr.get('OAS TRIES', 1)}"
+        backend = f"auto:{hdr['OASAUTO']}" if "OASAUTO" in hdr else hdr.get("OASBACK", "?")
         lines.append(
-            f"  {name:<24} {hdr.get('OASBACK', '?'):<10} "
+            f"  {name:<24} {backend:<10} "
             f"{float(hdr.get('OASQ', 'nan')):6.3f} {choice:>6} "
             f"{float(hdr.get('OAS SECONDS', np.nan)):8.2f} "
             f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f}  "

@@ -131,9 +131,7 @@ def prepare(
         header = hdul[0].header
     gain = float(header.get("GAIN", 1.0) or 1.0)
     rdnoise = float(header.get("RDNOISE", 0.0) or 0.0)
-    fwhm = next(
-        (float(header[k]) for k in ("FWHM", "SEEING", "SIMFWHM") if k in header), 3.5
-    )
+    fwhm = next((float(header[k]) for k in ("FWHM", "SEEING", "SIMFWHM") if k in header), 3.5)
     sky = float(np.median(data))
     sigma_pix = np.sqrt(max(sky, 0.0) / gain + (rdnoise / gain) ** 2) or float(np.std(data))
     # PSF-weighted S/N = flux / (sigma sqrt(4 pi s^2)) for a Gaussian core of FWHM
@@ -151,7 +149,7 @@ def prepare(
     with io.atomic_write(injected_path) as tmp:
         fits.PrimaryHDU(out, hdr).writeto(tmp)
     wcs = WCS(header) if header.get("CTYPE1") else None
-    ra, dec = (wcs.all_pix2world(xs, ys, 0) if wcs is not None else (xs * np.nan, ys * np.nan))
+    ra, dec = wcs.all_pix2world(xs, ys, 0) if wcs is not None else (xs * np.nan, ys * np.nan)
     table = Table(
         {
             "id": np.arange(1, len(spots) + 1),

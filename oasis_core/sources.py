@@ -11,11 +11,15 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
   lobe;
 * ``"majority"`` — found in more than ``majority`` of the residuals (a variable or badly
   subtracted static object, not a transient);
-* ``"point"`` — ``spread_model`` measured and outside [0, 0.1] (not point-like);
+* ``"point"`` — ``spread_model`` measured and outside [0, 0.1] by more than
+  ``SPREAD_TOLERANCE`` plus twice its error ``spread_model_err`` (when given): not
+  point-like (sharper than the PSF, a cosmic ray; or extended). A point source scatters
+  around 0, so the bare interval would reject half of them; ``SPREAD_TOLERANCE`` (0.003)
+  is the margin DES uses to call a source stellar;
 * ``"masked"`` — more than ``masked_max`` of the pixels within 1.5 FWHM are masked (the
   wings of saturated stars and bleed trails, frame edges, cosmic-ray holes);
-* ``"faint"`` — aperture S/N below ``snr_min`` (a spike that passed the per-pixel
-  threshold, not a PSF-like source);
+* ``"faint"`` — PSF-weighted significance ``peak_norm`` below ``snr_min``, measured by the
+  core the same way for every backend (see :func:`add_lobe_columns`);
 * ``"sharp"`` — the peak pixel holds more than ``sharp_max`` times the fraction of the flux
   that the PSF puts in its peak, 1 / (2 pi sigma^2) for the residual's FWHM (cosmic rays
   and hot pixels that escaped the mask; the point-source test of the native backends).
@@ -36,6 +40,9 @@ __all__ = [
     "filter_options",
     "match_catalogs",
 ]
+
+#: Margin on the SPREAD_MODEL interval [0, 0.1] (the |SPREAD_MODEL| DES calls stellar).
+SPREAD_TOLERANCE = 0.003
 
 #: The ``[extract]`` settings that :func:`filter_detections` takes.
 FILTER_KEYS = (
@@ -69,7 +76,10 @@ def add_lobe_columns(
 
     With ``smooth`` > 0 the normalised residual is first smoothed with a Gaussian of that
     sigma and rescaled to unit noise (white noise smoothed so loses a factor
-    ``2 sqrt(pi) smooth``), so the columns are matched-filter significances."""
+    ``2 sqrt(pi) smooth``), so the columns are matched-filter significances. When the
+    residual's noise is correlated (the science frame was the image convolved) that map
+    spreads more than unit; it is then divided by its measured robust spread, recorded in
+    ``table.meta["noise_correlation"]``."""
     n = len(table)
     table["peak_norm"] = np.zeros(n, dtype=np.float32)
     table["lobe_min"] = np.zeros(n, dtype=np.float32)
@@ -81,6 +91,9 @@ def add_lobe_columns(
 
         norm = gaussian_filter(np.asarray(norm, np.float32), smooth, mode="constant")
         norm *= np.float32(2.0 * np.sqrt(np.pi) * smooth)
+        factor = _spread(norm, weight, smooth)
+        norm /= np.float32(factor)
+        table.meta["noise_correlation"] = round(factor, 4)
     r = int(np.ceil(radius))
     ny, nx = norm.shape
     padded = np.pad(norm, r, mode="constant")
@@ -101,6 +114,24 @@ def add_lobe_columns(
         frac = (stamps_bad & inside).sum(axis=(1, 2)) / inside.sum()
         table["masked_frac"] = frac.astype(np.float32)
     return table
+
+
+def _spread(image: np.ndarray, weight: np.ndarray | None, smooth: float) -> float:
+    """Robust spread (IQR / 1.349) of ``image`` on every other pixel away from masked
+    ones; 1 when it is not above 1 or cannot be measured."""
+    from scipy.ndimage import binary_dilation
+
+    sample = image[::2, ::2]
+    if weight is not None:
+        bad = binary_dilation(weight[::2, ::2] <= 0, iterations=max(1, int(np.ceil(smooth))))
+        sample = sample[~bad & (sample != 0)]
+    else:
+        sample = sample[sample != 0]
+    if sample.size < 100:
+        return 1.0
+    q25, q75 = np.percentile(sample, [25, 75])
+    spread = float((q75 - q25) / 1.349)
+    return spread if np.isfinite(spread) and spread > 1.0 else 1.0
 
 
 def match_catalogs(a: Any, b: Any, radius: float) -> np.ndarray:
@@ -168,10 +199,14 @@ def filter_detections(
         point = np.zeros(n, bool)
         if "spread_model" in table.colnames:
             sm = np.asarray(table["spread_model"], float)
-            point = np.isfinite(sm) & ((sm < 0) | (sm > 0.1))
+            err = np.zeros(n)
+            if "spread_model_err" in table.colnames:
+                raw = np.asarray(table["spread_model_err"], float)
+                err = np.clip(np.nan_to_num(raw, nan=0.0, posinf=1.0), 0.0, 1.0)
+            margin = SPREAD_TOLERANCE + 2 * err
+            point = np.isfinite(sm) & ((sm < -margin) | (sm > 0.1 + margin))
         reason[point] = "point"
-        if "snr" in table.colnames:
-            reason[np.asarray(table["snr"], float) < snr_min] = "faint"
+        reason[np.asarray(table["peak_norm"], float) < snr_min] = "faint"
         if sharp_max > 0 and {"peak", "flux", "fwhm"} <= set(table.colnames):
             sigma = np.asarray(table["fwhm"], float) / 2.3548
             psf_peak = 1.0 / (2.0 * np.pi * sigma**2)

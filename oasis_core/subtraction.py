@@ -11,6 +11,11 @@
 
 :func:`subtract_pair` is ``oasis subtract-pair``: two already aligned FITS files in, a
 residual (and optionally its noise image) out, outside any target tree.
+
+:func:`run_auto` is ``[subtract] backend = "auto"``: every subtract backend that can run
+here (:func:`auto_subtract`, ``ois`` first), each with its own optimisation loop, until one
+reaches the Q ceiling; the residual with the best Q is kept and the choice recorded
+(:func:`auto_cards`, and in ``meta["config"]``, which ``residuals/log.txt`` shows).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,16 @@ import numpy as np
 from oasis_core.errors import OasisError, StageError
 from oasis_core.model import Frame, Residual, Template
 
-__all__ = ["judge_residual", "residual_cards", "run_subtraction", "subtract_pair"]
+__all__ = [
+    "AutoSubtract",
+    "auto_cards",
+    "auto_subtract",
+    "judge_residual",
+    "residual_cards",
+    "run_auto",
+    "run_subtraction",
+    "subtract_pair",
+]
 
 log = logging.getLogger("oasis")
 
@@ -103,6 +117,145 @@ def run_subtraction(
     params = {k: v for k, v in options_dict(opts).items() if isinstance(v, (int, float, str, bool))}
     residual = attrs.evolve(residual, meta=meta, params=params or residual.params)
     return judge_residual(residual, science.name, float(get("q_floor", 0.0)))
+
+
+#: The order in which ``backend = "auto"`` tries the subtract backends; installed backends
+#: not named here follow, by name.
+
+
+@attrs.frozen(kw_only=True)
+class AutoSubtract:
+    """The subtract "backend" ``auto``: the backends it tries, in order.
+
+    Attributes
+    ----------
+    candidates : tuple of (name, backend, options)
+        The subtract backends that can run here, by ``auto_priority``.
+    skipped : mapping
+        Backend name to the reason it cannot run here.
+    """
+
+    name = "auto"
+    candidates: tuple[tuple[str, Any, Any], ...]
+    skipped: Mapping[str, str] = attrs.field(factory=dict)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Every candidate's options, by name (what the provenance hashes)."""
+        from oasis_core.provenance import options_dict
+
+        return {name: options_dict(opts) for name, _, opts in self.candidates}
+
+
+def auto_subtract(registry: Any, config: Any, names: Sequence[str] | None = None) -> AutoSubtract:
+    """The :class:`AutoSubtract` of the installed subtract backends that can run here.
+
+    Parameters
+    ----------
+    registry : oasis_core.plugins.Registry
+    config : oasis_core.config.Config
+        Gives each backend's options (``[subtract.<name>]``).
+    names : sequence of str, optional
+        The backends to consider (default: every installed one but ``auto``), tried in
+        the order of their ``auto_priority`` (the ``ois`` backend declares itself first).
+
+    Raises
+    ------
+    BackendUnavailable
+        When no subtract backend can run here (the message gives each one's reason).
+    """
+    from oasis_core.errors import BackendUnavailable
+
+    installed = [n for n in registry.names("subtract") if n != "auto"]
+    wanted = [n for n in (names if names is not None else installed) if n in installed]
+
+    def priority(name: str) -> tuple[int, str]:
+        backend = registry.records["subtract"][name].backend
+        return (int(getattr(backend, "auto_priority", 100)), name)
+
+    order = sorted(wanted, key=priority)
+    candidates = []
+    skipped: dict[str, str] = {}
+    for name in order:
+        options = config.backend_options("subtract", name)
+        try:
+            backend = registry.select("subtract", name, options)
+        except BackendUnavailable as err:
+            skipped[name] = str(err)
+            continue
+        candidates.append((name, backend, options))
+    if not candidates:
+        reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "none installed"
+        raise BackendUnavailable(
+            f"subtract backend 'auto': no subtract backend can run here ({reasons})"
+        )
+    return AutoSubtract(candidates=tuple(candidates), skipped=skipped)
+
+
+def run_auto(
+    auto: AutoSubtract,
+    science: Frame,
+    template: Template,
+    *,
+    workdir: Path,
+    settings: Any,
+    ceiling: float | None = None,
+) -> Residual:
+    """Subtract with each of ``auto``'s backends in turn; keep the residual of best Q.
+
+    Each backend runs with its own optimisation loop (:func:`run_subtraction`); the search
+    stops as soon as one reaches ``ceiling`` (default ``[subtract] q_ceiling``), so with
+    the default a later backend is tried only when the earlier ones are not good enough.
+    With ``ceiling=inf`` every backend runs and the kept Q is the best of them all.
+
+    ``meta`` of the result gains ``auto_choice`` (the backend kept), ``auto_tried``
+    (``"ois 0.963, zogy 0.970"``: every backend tried and its Q, or why it failed) and
+    ``config`` starts with ``auto: <choice>``, so that ``residuals/log.txt`` shows it.
+
+    Raises
+    ------
+    StageError
+        When every backend failed (the message gives each one's error).
+    """
+    get = settings.get if isinstance(settings, Mapping) else lambda k, d: getattr(settings, k, d)
+    ceiling = float(get("q_ceiling", 0.75)) if ceiling is None else float(ceiling)
+    best: tuple[Residual, str] | None = None
+    tried: list[str] = []
+    start = time.perf_counter()
+    for name, backend, options in auto.candidates:
+        try:
+            residual = run_subtraction(
+                backend, science, template, options=options, workdir=workdir, settings=settings
+            )
+        except OasisError as err:
+            tried.append(f"{name} failed ({err})")
+            log.debug("%s: auto: %s failed: %s", science.name, name, err)
+            continue
+        tried.append(f"{name} {residual.q:.3f}")
+        if best is None or _better(residual.q, best[0].q):
+            best = (residual, name)
+        if np.isfinite(residual.q) and residual.q >= ceiling:
+            break
+    if best is None:
+        raise StageError(f"{science.name}: subtract backend 'auto': {'; '.join(tried)}")
+    residual, choice = best
+    config = str(residual.meta.get("config", ""))
+    meta = {
+        **residual.meta,
+        "auto_choice": choice,
+        "auto_tried": ", ".join(tried),
+        "config": f"auto: {choice} ({', '.join(tried)})" + (f"; {config}" if config else ""),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return attrs.evolve(residual, meta=meta)
+
+
+def auto_cards(residual: Residual) -> dict[str, Any]:
+    """Header cards recording the choice of ``backend = "auto"`` (none for a plain run)."""
+    choice = residual.meta.get("auto_choice")
+    if not choice:
+        return {}
+    return {"OASAUTO": (str(choice), "backend chosen by subtract backend 'auto'")}
 
 
 def judge_residual(residual: Residual, name: str, q_floor: float) -> Residual:

@@ -161,3 +161,17 @@ def test_residual_round_trip(tmp_path):
     assert back.q == pytest.approx(0.9)
     assert back.params["deg_spatial"] == 2 and back.kernel.meta["nstamps"] == 12
     assert "score" in back.extra
+
+
+def test_atomic_outputs_are_readable_like_normal_files(tmp_path):
+    import os
+    import stat
+
+    from oasis_core.io import write_text
+
+    write_text(tmp_path / "a.txt", "x\n")
+    mode = stat.S_IMODE((tmp_path / "a.txt").stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*.part"))

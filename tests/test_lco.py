@@ -400,3 +400,24 @@ def test_rich_progress_bars_run(archive, target):
         target, object_name="M51", api_url=archive.api_url, backoff=0, progress=True
     )
     assert [p.name for p in report.downloaded] == ["r-e91.fits", "r2-e91.fits"]
+
+
+# ----------------------------------------------------------------------- the command line
+
+
+def test_oasis_get_mode_dl_downloads_into_the_target(archive, tmp_path, capsys):
+    from oasis_core.cli import main
+
+    archive.add("g1-e91.fits", fits_bytes(seed=11))
+    archive.add("g2-e91.fits.fz", fits_bytes(seed=12, compressed=True))
+    argv = ["get", "--mode", "dl", "--target", "ngc", "--object", "M51", "--root", str(tmp_path)]
+    argv += ["--api-url", archive.api_url, "--quiet"]
+    assert main(argv) == 0
+    data = tmp_path / "OASIS" / "targets" / "ngc" / "data"
+    assert frame_names_in(data) == ["g1-e91.fits", "g2-e91.fits"]
+    assert "2 downloaded, 0 already there, 0 failed" in capsys.readouterr().out
+    assert main(argv) == 0  # again: nothing to fetch
+    assert "0 downloaded, 2 already there" in capsys.readouterr().out
+    # neither mode nor frames: a one-line error
+    assert main(["get", "--target", "ngc", "--root", str(tmp_path)]) == 1
+    assert "--mode" in capsys.readouterr().err

@@ -882,6 +882,7 @@ class HotpantsSubtract(SubtractBackend):
     """
 
     name = "hotpants"
+    auto_priority = 20
     Options = HotpantsOptions
     description = "Becker's HOTPANTS program (external; github.com/acbecker/hotpants)"
     #: the frames' FWHMs choose the image to convolve, the kernel size and the basis

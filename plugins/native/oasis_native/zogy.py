@@ -158,6 +158,7 @@ class NativeZogy(SubtractBackend):
     """
 
     name = "zogy"
+    auto_priority = 10
     needs_psf = True  # subtract-pair measures both PSFs first
     Options = ZogyOptions
     description = "ZOGY proper image subtraction (Zackay+ 2016) with S_corr, numpy/scipy FFTs"

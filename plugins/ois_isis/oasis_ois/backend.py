@@ -43,6 +43,7 @@ class OisSubtract(SubtractBackend):
     """
 
     name = "ois"
+    auto_priority = 0  # subtract backend "auto" tries it first
     Options = OisOptions
     description = "Alard's Optimal Image Subtraction with ISIS's kernel basis (numpy/scipy)"
 
