@@ -52,11 +52,17 @@ def test_unpack_copies_records_and_refuses(tmp_path, shared_data, capsys):
     assert report.copied == [] and len(report.present) == 2
 
 
-def test_get_cli_requires_unpack_and_reports(tmp_path, shared_data, capsys):
-    assert (
-        main(["get", str(shared_data / "decam_n6"), "--target", "x", "--root", str(tmp_path)]) == 1
-    )
-    assert "give --unpack" in capsys.readouterr().err
+def test_get_cli_needs_a_mode_and_reports(tmp_path, shared_data, capsys):
+    # neither frames nor a mode: say what to give
+    assert main(["get", "--target", "x", "--root", str(tmp_path)]) == 1
+    assert "--mode unpack" in capsys.readouterr().err
+    # --mode unpack without frames
+    assert main(["get", "--mode", "unpack", "--target", "x", "--root", str(tmp_path)]) == 1
+    assert "give the frames" in capsys.readouterr().err
+    # frames given: they are copied (the unpack mode)
+    args = ["get", str(shared_data / "decam_n6"), "--target", "x", "--root", str(tmp_path)]
+    assert main(args) == 0
+    assert "10 copied" in capsys.readouterr().out
     assert (
         main(
             [
