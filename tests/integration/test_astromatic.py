@@ -68,7 +68,7 @@ def sim_pair(sim_target_done, tmp_path_factory):
 
 
 def test_astromatic_pipeline_on_the_simulation(sim_pair):
-    native, astro, result = sim_pair
+    _, astro, result = sim_pair
     for stage, name in ASTRO.items():
         path = {
             "psf": next((astro.path / "psf").glob("*.psf.fits")),
@@ -99,9 +99,7 @@ def test_astromatic_transients_agree_with_native(sim_pair):
     kept_n = Table.read(native.path / "sources" / "filtered_sources.ecsv")
     kept_a = Table.read(astro.path / "sources" / "filtered_sources.ecsv")
     bright = truth[truth["peak_snr"] >= 10]
-    truth_rows = Table(
-        {"frame": bright["frame"], "ra": bright["ra"], "dec": bright["dec"]}
-    )
+    truth_rows = Table({"frame": bright["frame"], "ra": bright["ra"], "dec": bright["dec"]})
     in_native = _matched(truth_rows, n_tpl, kept_n, n_tpl, radius=2.0)
     in_astro = _matched(truth_rows, n_tpl, kept_a, a_tpl, radius=2.0)
     assert in_native.sum() >= 0.8 * len(bright)

@@ -205,7 +205,7 @@ def _matched_significance(
     sample = matched[::2, ::2][~near_bad]
     if sample.size < 100:
         return matched, 1.0
-    q25, q50, q75 = np.percentile(sample, [25, 50, 75])
+    q25, q75 = np.percentile(sample, [25, 75])
     spread = float((q75 - q25) / 1.349)  # robust sigma: sources barely move it
     factor = spread if np.isfinite(spread) and spread > 1.0 else 1.0
     return matched / np.float32(factor), factor
