@@ -92,7 +92,6 @@ import math
 import re
 import shlex
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -104,6 +103,7 @@ import numpy as np
 from oasis_core.backends import SubtractBackend, option
 from oasis_core.errors import BackendUnavailable, ConfigError, StageError
 from oasis_core.model import Frame, KernelSolution, Residual, Template
+from oasis_core.programs import run_program
 
 __all__ = [
     "FILES",
@@ -830,23 +830,14 @@ def _run(
         (workdir / FILES[key]).unlink(missing_ok=True)  # a stale output is no output
     shown = _short(["hotpants", *plan.args])
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            [program, *plan.args],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            stdin=subprocess.DEVNULL,
-            timeout=timeout if timeout > 0 else None,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        msg = f"{where}: hotpants did not finish within {timeout:g} s (option timeout)"
-        raise StageError(msg, metadata={"command": shown}) from err
-    except OSError as err:
-        msg = f"{where}: cannot run {program!r}: {err}"
-        raise StageError(msg) from err
+    proc = run_program(
+        [program, *plan.args],
+        cwd=workdir,
+        where=where,
+        label="hotpants",
+        timeout=timeout,
+        shown=shown,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         msg = (

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from oasis_core.errors import BackendUnavailable, StageError
+from oasis_core.programs import run_program as run_process
 
 __all__ = [
     "CONV_NAME",
@@ -215,23 +216,7 @@ def run_program(
     for name in outputs:
         (cwd / name).unlink(missing_ok=True)
     shown = shlex.join([Path(args[0]).name, *args[1:]])
-    try:
-        proc = subprocess.run(
-            list(args),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            stdin=subprocess.DEVNULL,
-            timeout=timeout if timeout > 0 else None,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        msg = f"{where}: {label} did not finish within {timeout:g} s (option timeout)"
-        raise StageError(msg, metadata={"command": shown}) from err
-    except OSError as err:
-        msg = f"{where}: cannot run {label} ({args[0]!r}): {err}"
-        raise StageError(msg, metadata={"command": shown}) from err
+    proc = run_process(args, cwd=cwd, where=where, label=label, timeout=timeout, shown=shown)
     if proc.returncode != 0:
         msg = (
             f"{where}: {label} exited with code {proc.returncode}: "

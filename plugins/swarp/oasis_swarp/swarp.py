@@ -27,7 +27,6 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ import attrs
 import numpy as np
 
 from oasis_core.errors import BackendUnavailable, StageError
+from oasis_core.programs import run_program
 
 __all__ = [
     "CONFIG_NAME",
@@ -485,22 +485,9 @@ def run_swarp(
         (workdir / FILES[key]).unlink(missing_ok=True)  # a stale output is no output
 
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            command,
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            stdin=subprocess.DEVNULL,
-            timeout=timeout if timeout > 0 else None,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as err:
-        msg = f"{where}: SWarp did not finish within {timeout:g} s (option timeout)"
-        raise StageError(msg, metadata={"command": shown}) from err
-    except OSError as err:
-        raise StageError(f"{where}: cannot run {program!r}: {err}") from err
+    proc = run_program(
+        command, cwd=workdir, where=where, label="SWarp", timeout=timeout, shown=shown
+    )
     seconds = time.perf_counter() - start
     (workdir / FILES["log"]).write_text(
         f"# {shown}\n# config: {config}; inputs: "
