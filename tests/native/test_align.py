@@ -269,3 +269,36 @@ def test_auto_falls_back_to_phase_correlation(monkeypatch):
     assert out.meta["align_method"] == "phasecorr"
     assert out.meta["centre_shift_x"] == pytest.approx(2.2, abs=0.02)
     assert out.meta["centre_shift_y"] == pytest.approx(1.4, abs=0.02)
+
+
+def _tan_header(crpix, cd):
+    from astropy.io import fits
+
+    h = fits.Header()
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CRVAL1"], h["CRVAL2"] = 150.0, 2.0
+    h["CRPIX1"], h["CRPIX2"] = crpix[0] + 1, crpix[1] + 1  # FITS counts from 1
+    h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = cd[0, 0], cd[0, 1], cd[1, 0], cd[1, 1]
+    return h
+
+
+def test_sparse_rotated_field_is_aligned_from_the_headers():
+    """Too few stars for pattern matching and a rotation phase correlation cannot see:
+    the frames' WCSs give the transform (then refined on the stars)."""
+    shift, angle = np.array([3.2, -2.4]), 2.5
+    cd_ref = np.eye(2) * (0.27 / 3600)
+    rot = rotation(angle)
+    # frame pixel p -> reference R(p - c) + c + shift; so the frame's WCS is the
+    # reference's composed with that map
+    crpix_frm = np.linalg.solve(rot, CENTRE - CENTRE - shift) + CENTRE
+    frame, reference, ref_xy, flux = make_pair(
+        shift=shift, angle=angle, nstars=7, seed=4, header=_tan_header(CENTRE, cd_ref)
+    )
+    import attrs
+
+    frame = attrs.evolve(frame, header=_tan_header(crpix_frm, cd_ref @ rot))
+    out = align(frame, reference, initial="phasecorr", min_matched=4)
+    assert out.meta["align_method"] == "wcs"
+    dx, dy = centroid_offsets(out.data, out.weight, ref_xy, flux, sky=100.0, min_flux=2e3)
+    assert len(dx) >= 3
+    assert np.median(np.hypot(dx, dy)) < 0.1

@@ -378,8 +378,32 @@ def _phase_correlation(a: np.ndarray, b: np.ndarray, rms_a: float, rms_b: float)
     return np.array([tx, ty])
 
 
+def _wcs_transform(frame: Frame, reference: Frame) -> np.ndarray | None:
+    """The affine map of ``frame``'s pixels onto ``reference``'s given by their celestial
+    WCSs (a 5 x 5 grid of points fitted), or None without both."""
+    fw, rw = frame.wcs, reference.wcs
+    if fw is None or rw is None:
+        return None
+    ny, nx = frame.shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 5), np.linspace(0, ny - 1, 5))
+    try:
+        ra, dec = fw.all_pix2world(gx.ravel(), gy.ravel(), 0)
+        rx, ry = rw.all_world2pix(ra, dec, 0)
+    except Exception:  # a WCS astropy cannot invert: no candidate
+        return None
+    design = np.column_stack([gx.ravel(), gy.ravel(), np.ones(gx.size)])
+    coef, *_ = np.linalg.lstsq(design, np.column_stack([rx, ry]), rcond=None)
+    matrix = np.eye(3)
+    matrix[:2, :] = coef.T
+    return matrix if np.all(np.isfinite(matrix)) else None
+
+
 def _initial_transform(
-    frame: Frame, fs: _Stars, rs: _Stars, options: NativeAlignOptions
+    frame: Frame,
+    fs: _Stars,
+    rs: _Stars,
+    options: NativeAlignOptions,
+    reference: Frame | None = None,
 ) -> tuple[np.ndarray, str]:
     import astroalign
 
@@ -407,6 +431,10 @@ def _initial_transform(
         candidates.append(
             (len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]), matrix, "phasecorr")
         )
+        wcs_matrix = _wcs_transform(frame, reference) if reference is not None else None
+        if wcs_matrix is not None:  # sparse fields: the headers may know the rotation
+            n_wcs = len(_match(fs.xy, rs.xy, wcs_matrix, options.match_radius)[0])
+            candidates.append((n_wcs, wcs_matrix, "wcs"))
     n, matrix, method = max(candidates, key=lambda c: c[0])
     if n < max(options.min_matched, 1):
         raise _err(
@@ -547,7 +575,7 @@ def _photometry(
 def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame:
     rs = _detect(reference, options)
     fs = _detect(frame, options)
-    matrix, method = _initial_transform(frame, fs, rs, options)
+    matrix, method = _initial_transform(frame, fs, rs, options, reference)
     matrix, i, j, rms = _refine(fs.xy, rs.xy, matrix, options)
     if len(i) < options.min_matched:
         raise _err(
