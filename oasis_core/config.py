@@ -140,7 +140,14 @@ class ExtractSettings:
     masked_max: float = option(
         0.05, "reject sources with more than this fraction of masked pixels within 1.5 FWHM"
     )
-    snr_min: float = option(5.0, "reject sources whose aperture S/N is below this")
+    snr_min: float = option(
+        6.0, "reject sources whose PSF-weighted significance (peak_norm) is below this"
+    )
+    extent_max: float = option(
+        1.1,
+        "reject sources whose significance through a filter twice the PSF's exceeds this "
+        "multiple of the PSF-matched one (a point source: 0.8-1.05; 0 = off)",
+    )
     sharp_max: float = option(
         2.5, "reject sources whose peak-to-flux ratio exceeds this multiple of the PSF's (0 = off)"
     )

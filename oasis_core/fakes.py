@@ -564,7 +564,7 @@ def efficiency_plot(
     ax.errorbar(
         xs,
         frac[keep],
-        yerr=[frac[keep] - lo, hi - frac[keep]],
+        yerr=[np.clip(frac[keep] - lo, 0, None), np.clip(hi - frac[keep], 0, None)],
         fmt="o-",
         capsize=3,
         label=f"{len(flux)} fakes",

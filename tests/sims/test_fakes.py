@@ -77,8 +77,12 @@ def test_fakes_on_a_simulated_target(sim_target_done):
     assert bright.sum() > 10 and faint.sum() > 10
     assert det[bright].mean() >= 0.85
     assert det[faint].mean() <= 0.1
-    # the figure: 90 % completeness within a factor 2 of 5 sigma in a PSF aperture
-    assert 0.5 * result.flux_5sigma <= result.flux_90 <= 2 * result.flux_5sigma
+    # the figure: 90 % completeness reached within a factor 2 of 5 sigma in the PSF
+    # aperture: at least 90 % found from 2x that flux (to 4x), and not below half of it
+    near = (flux >= 2 * result.flux_5sigma) & (flux <= 4 * result.flux_5sigma)
+    below = flux < 0.5 * result.flux_5sigma
+    assert near.sum() >= 15 and det[near].mean() >= 0.9
+    assert det[below].mean() < 0.9
     assert result.flux_50 < result.flux_90
     # detected fakes are measured at their flux (within the noise)
     ok = det & bright
