@@ -336,35 +336,10 @@ def config(
     typer.echo(render_config(registry, cfg), nl=False)
 
 
-def _pipeline_command(
-    target: str,
-    mask: str | None,
-    psf: str | None,
-    align: str | None,
-    combine: str | None,
-    subtract: str | None,
-    mr: str | None,
-    extract: str | None,
-    option: list[str] | None,
-    jobs: int | None,
-    force: bool,
-    no_config: bool,
-    quiet: bool,
-    executor: str | None = None,
-    scheduler: str | None = None,
-) -> dict[str, Any]:
+def _run_pipeline(target: str, **kwargs: Any) -> dict[str, Any]:
+    """Run every stage on ``target`` with the context ``kwargs`` of :func:`_context_kwargs`."""
     from oasis_core import pipeline as pl
 
-    backends = {
-        "mask": mask,
-        "psf": psf,
-        "align": align,
-        "combine": combine,
-        "subtract": subtract,
-        "mr": mr,
-        "extract": extract,
-    }
-    kwargs = _context_kwargs(backends, option, jobs, force, no_config, quiet, executor, scheduler)
     ctx = pl.make_context(target, **kwargs)
     with pl.closing_executor(ctx):
         result = pl.run_stages(ctx)
@@ -374,48 +349,11 @@ def _pipeline_command(
     return result
 
 
-@app.command()
-def pipeline(
-    target: TargetArg,
-    mask: _backend_opt("mask") = None,
-    psf: _backend_opt("psf") = None,
-    align: _backend_opt("align") = None,
-    combine: _backend_opt("combine") = None,
-    subtract: _backend_opt("subtract") = None,
-    mr: _backend_opt("mr") = None,
-    extract: _backend_opt("extract") = None,
-    option: OptionOpt = None,
-    jobs: JobsOpt = None,
-    force: ForceOpt = False,
-    no_config: NoConfigOpt = False,
-    quiet: QuietOpt = False,
-    executor: ExecutorOpt = None,
-    scheduler: SchedulerOpt = None,
-) -> None:
-    """Run every stage on TARGET (mask, psf, align, combine, subtract, mr, extract)."""
-    _pipeline_command(
-        target,
-        mask,
-        psf,
-        align,
-        combine,
-        subtract,
-        mr,
-        extract,
-        option,
-        jobs,
-        force,
-        no_config,
-        quiet,
-        executor,
-        scheduler,
-    )
-
-
-@app.command()
 def run(
+    ctx: typer.Context,
     target: Annotated[
-        str | None, typer.Argument(help="Target; without it, an interactive menu.")
+        str | None,
+        typer.Argument(help="Target; without it, `oasis run` opens an interactive menu."),
     ] = None,
     mask: _backend_opt("mask") = None,
     psf: _backend_opt("psf") = None,
@@ -432,27 +370,29 @@ def run(
     executor: ExecutorOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
-    """Run the pipeline on TARGET, or (with no argument) choose a method from a menu."""
-    if target is not None:
-        _pipeline_command(
-            target,
-            mask,
-            psf,
-            align,
-            combine,
-            subtract,
-            mr,
-            extract,
-            option,
-            jobs,
-            force,
-            no_config,
-            quiet,
-            executor,
-            scheduler,
-        )
+    """Run every stage on TARGET (mask, psf, align, combine, subtract, mr, extract); `oasis
+    run` with no TARGET chooses a method from a menu."""
+    if target is None:
+        if ctx.info_name == "pipeline":
+            raise OasisError("oasis pipeline: give the TARGET (`oasis run` alone opens the menu)")
+        _menu()
         return
-    _menu()
+    backends = {
+        "mask": mask,
+        "psf": psf,
+        "align": align,
+        "combine": combine,
+        "subtract": subtract,
+        "mr": mr,
+        "extract": extract,
+    }
+    kwargs = _context_kwargs(backends, option, jobs, force, no_config, quiet, executor, scheduler)
+    _run_pipeline(target, **kwargs)
+
+
+# one command, two names: OasisPy's `oasis-run` habit and the explicit `pipeline`
+app.command("run")(run)
+app.command("pipeline")(run)
 
 
 MENU = [
@@ -517,9 +457,7 @@ def _menu() -> None:
     else:
         target = typer.prompt("target (path or name)")
         if choice == "pipeline":
-            _pipeline_command(
-                target, None, None, None, None, None, None, None, None, None, False, False, False
-            )
+            _run_pipeline(target, reporter=_RichReporter())
         else:
             from oasis_core import pipeline as pl
 

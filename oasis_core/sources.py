@@ -42,6 +42,7 @@ __all__ = [
     "filter_detections",
     "filter_options",
     "match_catalogs",
+    "matched_significance",
 ]
 
 #: Margin on the SPREAD_MODEL interval [0, 0.1] (the |SPREAD_MODEL| DES calls stellar).
@@ -99,17 +100,11 @@ def add_lobe_columns(
         return table
     wide = None
     if smooth > 0:
-        from scipy.ndimage import gaussian_filter
-
-        raw = np.asarray(norm, np.float32)
-        norm = gaussian_filter(raw, smooth, mode="constant")
-        norm *= np.float32(2.0 * np.sqrt(np.pi) * smooth)
-        factor = _spread(norm, weight, smooth)
-        norm /= np.float32(factor)
+        bad = None if weight is None else np.asarray(weight) <= 0
+        raw = norm
+        norm, factor = matched_significance(raw, bad, smooth)
         table.meta["noise_correlation"] = round(factor, 4)
-        wide = gaussian_filter(raw, 2 * smooth, mode="constant")
-        wide *= np.float32(4.0 * np.sqrt(np.pi) * smooth)
-        wide /= np.float32(_spread(wide, weight, 2 * smooth))
+        wide, _ = matched_significance(raw, bad, 2 * smooth)
     r = int(np.ceil(radius))
     ny, nx = norm.shape
     padded = np.pad(norm, r, mode="constant")
@@ -142,22 +137,34 @@ def add_lobe_columns(
     return table
 
 
-def _spread(image: np.ndarray, weight: np.ndarray | None, smooth: float) -> float:
-    """Robust spread (IQR / 1.349) of ``image`` on every other pixel away from masked
-    ones; 1 when it is not above 1 or cannot be measured."""
-    from scipy.ndimage import binary_dilation
+def matched_significance(
+    norm: np.ndarray, bad: np.ndarray | None, sigma: float
+) -> tuple[np.ndarray, float]:
+    """A residual in sigmas (``norm``, 0 on ``bad`` pixels) smoothed with a Gaussian of
+    ``sigma`` pixels and scaled to unit noise: at a point source of that width, its
+    PSF-weighted (optimal) significance.
 
-    sample = image[::2, ::2]
-    if weight is not None:
-        bad = binary_dilation(weight[::2, ::2] <= 0, iterations=max(1, int(np.ceil(smooth))))
-        sample = sample[~bad & (sample != 0)]
+    White noise smoothed so has unit spread; a residual whose noise is correlated (the
+    science frame was the image convolved) spreads more, which would turn noise into
+    sources. So the map is divided by its measured robust spread (IQR / 1.349, on every
+    other pixel away from ``bad`` ones) when that exceeds 1; that factor is returned too.
+    """
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    smoothed = gaussian_filter(np.asarray(norm, np.float32), sigma, mode="constant")
+    smoothed *= np.float32(2.0 * np.sqrt(np.pi) * sigma)
+    sample = smoothed[::2, ::2]
+    if bad is not None:
+        near = binary_dilation(bad[::2, ::2], iterations=max(1, int(np.ceil(2 * sigma))))
+        sample = sample[~near]
     else:
         sample = sample[sample != 0]
     if sample.size < 100:
-        return 1.0
+        return smoothed, 1.0
     q25, q75 = np.percentile(sample, [25, 75])
-    spread = float((q75 - q25) / 1.349)
-    return spread if np.isfinite(spread) and spread > 1.0 else 1.0
+    spread = float((q75 - q25) / 1.349)  # robust: sources barely move it
+    factor = spread if np.isfinite(spread) and spread > 1.0 else 1.0
+    return smoothed / np.float32(factor), factor
 
 
 def match_catalogs(a: Any, b: Any, radius: float) -> np.ndarray:

@@ -41,6 +41,7 @@ import numpy as np
 from oasis_core.backends import CombineBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame, Template
+from oasis_core.stacking import frame_noise, median_or_none, stack_template
 
 __all__ = ["NativeCombine", "NativeCombineOptions", "weighted_median"]
 
@@ -149,17 +150,6 @@ def weighted_median(
     return med, total
 
 
-def _frame_noise(frame: Frame) -> float:
-    if frame.noise is not None and np.isfinite(frame.noise) and frame.noise > 0:
-        return float(frame.noise)
-    good = (np.asarray(frame.weight) > 0) & np.isfinite(frame.data)
-    values = np.asarray(frame.data)[good]
-    if values.size == 0:
-        return 1.0
-    mad = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-    return mad if mad > 0 else 1.0
-
-
 def _frame_background(frame: Frame) -> float:
     if frame.background is not None and np.isfinite(frame.background):
         return float(frame.background)
@@ -167,30 +157,7 @@ def _frame_background(frame: Frame) -> float:
     return float(np.median(np.asarray(frame.data)[good])) if good.any() else 0.0
 
 
-def _robust_noise(data: np.ndarray, good: np.ndarray) -> float | None:
-    """Sky noise of the result: sep's background rms, or a MAD for tiny images."""
-    if not good.any():
-        return None
-    if min(data.shape) >= 32:
-        import sep
-
-        img = np.array(data, dtype=np.float32, order="C")
-        img[~good] = np.median(img[good])
-        size = int(max(8, min(64, data.shape[0] // 2, data.shape[1] // 2)))
-        rms = float(sep.Background(img, mask=~good, bw=size, bh=size).globalrms)
-        if np.isfinite(rms) and rms > 0:
-            return rms
-    values = data[good]
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
-
-
-def _median_or_none(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.median(known)) if known else None
-
-
 def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
-    from astropy.io import fits
 
     if not frames:
         raise StageError("combine: no frame to combine")
@@ -204,12 +171,12 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
     n = len(frames)
     ny, nx = shape
     mean = options.method == "mean"
-    noise = np.array([_frame_noise(f) for f in frames], np.float64)[:, None, None]
+    noise = np.array([frame_noise(f) for f in frames], np.float64)[:, None, None]
     backs = np.array([_frame_background(f) for f in frames], np.float64)[:, None, None]
     inv_gain = np.array([1.0 / f.gain if f.gain else 0.0 for f in frames], np.float64)[
         :, None, None
     ]
-    background = _median_or_none([f.background for f in frames])
+    background = median_or_none([f.background for f in frames])
     fill = background if background is not None else 0.0
 
     out = np.empty(shape, np.float32)
@@ -241,42 +208,11 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
         out[sl] = np.where(total > 0, centre, fill)
         wout[sl] = total / n
 
-    good = wout > 0
-    names = tuple(f.name for f in frames)
-    first = frames[0].header
-    header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
-    header["NCOMBINE"] = (n, "number of frames combined")
-    header["COMBTYPE"] = (options.method, "combination method (oasis native)")
-    for name in names:
-        header.add_history(f"oasis combine input: {name}")
-
-    # effective gain / read noise (see the module docstring)
-    factor = np.pi / 2.0 if not mean else 1.0
-    gain = readnoise = None
-    if all(f.gain for f in frames):
-        g = np.array([f.gain for f in frames], float)
-        gain = float(n**2 / np.sum(1.0 / g) / factor)
-        if all(f.readnoise is not None for f in frames):
-            rn = np.array([f.readnoise for f in frames], float)
-            readnoise = float(np.sqrt(factor * np.sum((rn / g) ** 2)) / n * gain)
-    saturations = [f.saturation for f in frames if f.saturation is not None]
-    if background is None and good.any():
-        background = float(np.median(out[good]))
-    return Template(
-        data=out,
-        weight=wout,
-        header=header,
-        name="template",
-        inputs=names,
-        background=background,
-        noise=_robust_noise(out, good),
-        fwhm=_median_or_none([f.fwhm for f in frames]),
-        gain=gain,
-        readnoise=readnoise,
-        saturation=float(min(saturations)) if saturations else None,
-        meta={
-            "ncombine": n,
-            "combine_method": options.method,
-            "frac_no_data": float(1.0 - good.mean()),
-        },
+    return stack_template(
+        frames,
+        out,
+        wout,
+        statistic="mean" if mean else "median",
+        cards={"COMBTYPE": (options.method, "combination method (oasis native)")},
+        meta={"combine_method": options.method},
     )

@@ -42,6 +42,7 @@ import numpy as np
 from oasis_core.backends import ExtractBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Residual
+from oasis_core.sources import matched_significance
 
 __all__ = ["NativeExtract", "NativeExtractOptions"]
 
@@ -185,32 +186,6 @@ def _aperture_fraction(residual: Residual, radius: float, fwhm: float) -> float:
     return frac if 0.3 < frac <= 1.0 else 1.0
 
 
-def _matched_significance(
-    data: np.ndarray, noise: np.ndarray, bad: np.ndarray, fwhm: float
-) -> tuple[np.ndarray, float]:
-    """The residual in sigmas, smoothed with the PSF (a Gaussian of ``fwhm``) and scaled
-    to unit noise: at a point source, its PSF-weighted (optimal) significance.
-
-    White noise smoothed so has unit spread; a residual whose noise is correlated (the
-    science frame was the one convolved) has more, which would turn noise into sources.
-    So the map is divided by its measured spread (robust, away from masked pixels) when
-    that exceeds 1, and that factor is returned: it also scales the detection threshold
-    and the aperture errors."""
-    from scipy.ndimage import binary_dilation, gaussian_filter
-
-    sigma = fwhm / 2.3548
-    z = np.where(bad, np.float32(0.0), data / noise).astype(np.float32)
-    matched = gaussian_filter(z, sigma, mode="constant") * np.float32(2.0 * np.sqrt(np.pi) * sigma)
-    near_bad = binary_dilation(bad[::2, ::2], iterations=max(1, int(np.ceil(fwhm))))
-    sample = matched[::2, ::2][~near_bad]
-    if sample.size < 100:
-        return matched, 1.0
-    q25, q75 = np.percentile(sample, [25, 75])
-    spread = float((q75 - q25) / 1.349)  # robust sigma: sources barely move it
-    factor = spread if np.isfinite(spread) and spread > 1.0 else 1.0
-    return matched / np.float32(factor), factor
-
-
 def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
     import sep
     from astropy.table import Table, vstack
@@ -235,7 +210,8 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
         score[bad] = 0.0
     matched, correlation = None, 1.0
     if score is None:
-        matched, correlation = _matched_significance(data, noise, bad, fwhm)
+        z = np.where(bad, np.float32(0.0), data / noise)
+        matched, correlation = matched_significance(z, bad, fwhm / 2.3548)
     apcorr = _aperture_fraction(residual, radius, fwhm)
     sep.set_extract_pixstack(max(sep.get_extract_pixstack(), data.size))
     sep.set_sub_object_limit(max(sep.get_sub_object_limit(), 4096))

@@ -46,11 +46,13 @@ import numpy as np
 from oasis_core.backends import CombineBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame, Template
+from oasis_core.stacking import frame_noise, median_or_none, stack_template
 from oasis_swarp.swarp import (
     RESAMPLING_TYPES,
     USER_CONFIG,
     SwarpImage,
     find_program,
+    grid_settings,
     non_negative,
     one_of,
     run_swarp,
@@ -108,19 +110,10 @@ def combine_settings(options: Any) -> dict[str, str]:
     'Y'
     """
     return {
-        "RESAMPLE": "Y",
-        "RESAMPLING_TYPE": options.resampling_type,
-        "OVERSAMPLING": "1",  # one grid: no sub-pixels
-        "INTERPOLATE": "N",
-        "SUBTRACT_BACK": "Y" if options.subtract_back else "N",
-        "BLANK_BADPIXELS": "N",
-        "CELESTIAL_TYPE": "NATIVE",
-        "SATLEV_KEYWORD": "OASNOSAT",  # saturated pixels are already weight 0
-        "SATLEV_DEFAULT": "1e30",
+        **grid_settings(options.resampling_type, options.nthreads, options.subtract_back),
         "GAIN_KEYWORD": "GAIN",
         "GAIN_DEFAULT": "0.0",
         "COPY_KEYWORDS": "OBJECT",
-        "NTHREADS": str(options.nthreads),
     }
 
 
@@ -161,14 +154,13 @@ class SwarpCombine(CombineBackend):
         oasis_core.errors.StageError
             When no frame is given, the shapes differ or SWarp fails.
         """
-        from astropy.io import fits
 
         where = "combine backend 'swarp'"
         frames = list(frames)
         if not frames:
             raise StageError(f"{where}: no frame to combine")
         program = find_program(options.binary, "combine.swarp")
-        noises = np.array([_frame_noise(f) for f in frames])
+        noises = np.array([frame_noise(f) for f in frames])
         images = [
             SwarpImage(
                 name=f.name,
@@ -192,41 +184,23 @@ class SwarpCombine(CombineBackend):
         wmax = float(out.weight.max()) if out.weight.size else 0.0
         has = out.weight > 0
         weight = np.where(has, out.weight / (wmax if wmax > 0 else 1.0), 0.0).astype(np.float32)
-        background = _median_or_none([f.background for f in frames])
+        background = median_or_none([f.background for f in frames])
         fill = np.float32(background if background is not None else 0.0)
         data = np.where(has & np.isfinite(out.data), out.data, fill).astype(np.float32)
         weight[~np.isfinite(out.data)] = 0.0
-        good = weight > 0
-
-        n = len(frames)
-        names = tuple(f.name for f in frames)
-        first = frames[0].header
-        header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
-        header["NCOMBINE"] = (n, "number of frames combined")
-        header["COMBTYPE"] = (options.combine_type, "SWarp COMBINE_TYPE (oasis swarp)")
-        for name in names:
-            header.add_history(f"oasis combine input: {name}")
-
-        gain, readnoise = _effective_gain(frames, options.combine_type)
-        saturations = [f.saturation for f in frames if f.saturation is not None]
-        if background is None and good.any():
-            background = float(np.median(data[good]))
-        return Template(
-            data=data,
-            weight=weight,
-            header=header,
-            name="template",
-            inputs=names,
-            background=background,
-            noise=_robust_noise(data, good),
-            fwhm=_median_or_none([f.fwhm for f in frames]),
-            gain=gain,
-            readnoise=readnoise,
-            saturation=float(min(saturations)) if saturations else None,
+        statistic = (
+            "median"
+            if options.combine_type == "MEDIAN"
+            else ("mean" if options.combine_type in _MEAN_LIKE else None)
+        )
+        return stack_template(
+            frames,
+            data,
+            weight,
+            statistic=statistic,
+            cards={"COMBTYPE": (options.combine_type, "SWarp COMBINE_TYPE (oasis swarp)")},
             meta={
-                "ncombine": n,
                 "combine_method": f"swarp {options.combine_type}",
-                "frac_no_data": float(1.0 - good.mean()),
                 "swarp_seconds": out.seconds,
                 "swarp_version": str(out.header.get("SOFTVERS", "")).strip(),
                 "command": out.command[:1000],
@@ -234,52 +208,3 @@ class SwarpCombine(CombineBackend):
                 "wcs": out.wcs,
             },
         )
-
-
-def _frame_noise(frame: Frame) -> float:
-    """The frame's sky noise: ``Frame.noise``, else a MAD of its good pixels, else 1."""
-    if frame.noise is not None and np.isfinite(frame.noise) and frame.noise > 0:
-        return float(frame.noise)
-    data = np.asarray(frame.data)
-    good = (np.asarray(frame.weight) > 0) & np.isfinite(data)
-    values = data[good][:: max(1, int(good.sum()) // 200_000)]  # a subsample is plenty
-    if values.size == 0:
-        return 1.0
-    mad = 1.4826 * float(np.median(np.abs(values - np.median(values))))
-    return mad if mad > 0 else 1.0
-
-
-def _median_or_none(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.median(known)) if known else None
-
-
-def _effective_gain(frames: list[Frame], combine_type: str) -> tuple[float | None, float | None]:
-    """Gain and read noise of the co-add (see the module docstring)."""
-    if combine_type not in ("MEDIAN", *_MEAN_LIKE) or not all(f.gain for f in frames):
-        return None, None
-    n = len(frames)
-    factor = np.pi / 2.0 if combine_type == "MEDIAN" else 1.0
-    g = np.array([f.gain for f in frames], float)
-    gain = float(n**2 / np.sum(1.0 / g) / factor)
-    readnoise = None
-    if all(f.readnoise is not None for f in frames):
-        rn = np.array([f.readnoise for f in frames], float)
-        readnoise = float(np.sqrt(factor * np.sum((rn / g) ** 2)) / n * gain)
-    return gain, readnoise
-
-
-def _robust_noise(data: np.ndarray, good: np.ndarray) -> float | None:
-    """Sky noise of the template: sep's global background rms, or a MAD on tiny images."""
-    if not good.any():
-        return None
-    if min(data.shape) >= 64:
-        import sep
-
-        image = np.ascontiguousarray(np.where(good, data, np.median(data[good])), np.float32)
-        box = int(min(64, data.shape[0] // 2, data.shape[1] // 2))
-        rms = float(sep.Background(image, mask=~good, bw=box, bh=box).globalrms)
-        if np.isfinite(rms) and rms > 0:
-            return rms
-    values = data[good]
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))

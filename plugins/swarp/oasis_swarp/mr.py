@@ -37,6 +37,7 @@ from oasis_swarp.swarp import (
     USER_CONFIG,
     SwarpImage,
     find_program,
+    grid_settings,
     non_negative,
     one_of,
     run_swarp,
@@ -73,18 +74,8 @@ class SwarpMrOptions:
 
 def mr_settings(options: Any) -> dict[str, str]:
     """The ``oasis.swarp`` settings from the options (not the forced ones)."""
-    return {
-        "RESAMPLE": "Y",
-        "RESAMPLING_TYPE": options.resampling_type,
-        "OVERSAMPLING": "1",
-        "INTERPOLATE": "N",
-        "SUBTRACT_BACK": "N",  # the normalised residuals are already centred
-        "BLANK_BADPIXELS": "N",
-        "CELESTIAL_TYPE": "NATIVE",
-        "SATLEV_KEYWORD": "OASNOSAT",
-        "SATLEV_DEFAULT": "1e30",
-        "NTHREADS": str(options.nthreads),
-    }
+    # the normalised residuals are already centred: no background subtraction
+    return grid_settings(options.resampling_type, options.nthreads, subtract_back=False)
 
 
 class SwarpMr(MrBackend):

@@ -49,6 +49,7 @@ __all__ = [
     "SwarpResult",
     "find_program",
     "forced_settings",
+    "grid_settings",
     "grid_wcs_header",
     "non_negative",
     "one_of",
@@ -125,6 +126,23 @@ def non_negative(table: str) -> Any:
             raise ValueError(f"{table}: {attribute.name} must be >= 0, got {value!r}")
 
     return check
+
+
+def grid_settings(resampling: str, nthreads: int, subtract_back: bool) -> dict[str, str]:
+    """The ``oasis.swarp`` settings both backends share: images already on one grid
+    (no sub-pixels, no interpolation), saturated pixels already weight 0."""
+    return {
+        "RESAMPLE": "Y",
+        "RESAMPLING_TYPE": resampling,
+        "OVERSAMPLING": "1",
+        "INTERPOLATE": "N",
+        "SUBTRACT_BACK": "Y" if subtract_back else "N",
+        "BLANK_BADPIXELS": "N",
+        "CELESTIAL_TYPE": "NATIVE",
+        "SATLEV_KEYWORD": "OASNOSAT",
+        "SATLEV_DEFAULT": "1e30",
+        "NTHREADS": str(nthreads),
+    }
 
 
 def find_program(binary: str, where: str) -> str:
