@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 import attrs
 
 from oasis_core.model import Frame, Residual, Template
+from oasis_core.validators import Check, InRange, one_of
 
 __all__ = [
     "STAGES",
@@ -42,6 +43,7 @@ __all__ = [
     "Simulator",
     "SubtractBackend",
     "option",
+    "option_check",
 ]
 
 #: The pipeline's stages, in the order they run.
@@ -50,16 +52,103 @@ STAGES: tuple[str, ...] = ("mask", "psf", "align", "combine", "subtract", "mr", 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the attrs metadata key
-    """Declare one backend option: a default and a one-line help (shown by ``oasis init``).
+def option(
+    default: Any,
+    help: str,  # noqa: A002 - the attrs metadata key
+    *,
+    range: tuple[float | None, float | None] | InRange | None = None,  # noqa: A002
+    choices: Sequence[Any] | None = None,
+    check: Check | None = None,
+    nan: bool = False,
+    path: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Declare one option: its default, a one-line help (shown by ``oasis init``) and what
+    values it takes, checked whenever the options object is made (from ``oasis.toml``, the
+    command line or Python).
+
+    Parameters
+    ----------
+    default : object
+        The default; its type is the option's type.
+    help : str
+        One line; ``oasis init`` writes it with the range after the key.
+    range : (lo, hi) or InRange, optional
+        Numbers only: the closed interval ``[lo, hi]`` (``None``: unbounded), or one of
+        the shared ranges of :mod:`oasis_core.validators` for open bounds
+        (``positive``, ``non_negative``, ``in_range(0, 1, lo_open=True)``...). Every
+        numeric option declares one. A float option refuses NaN and infinities unless
+        ``nan=True`` or the range has that infinity as a closed bound.
+    choices : sequence, optional
+        The allowed values (strings or numbers).
+    check : Check, optional
+        A specific check no range or choice expresses
+        (:func:`oasis_core.validators.satisfies`).
+    nan : bool
+        NaN is a valid value of this float option (it never is otherwise).
+    path : bool
+        The value names a file (``""``: none). The options hash covers the file's
+        contents (:mod:`oasis_core.provenance`), so editing the file redoes the work.
+    **kwargs
+        Passed to :func:`attrs.field` (``converter``, a further ``validator``...).
+
+    Raises
+    ------
+    ValueError
+        When more than one of ``range``, ``choices`` and ``check`` is given, or the
+        default is not allowed by them.
 
     Examples
     --------
+    >>> from oasis_core.validators import positive
     >>> @attrs.frozen(kw_only=True)
     ... class MyOptions:
-    ...     threshold: float = option(5.0, "detection threshold in sigmas")
+    ...     threshold: float = option(5.0, "detection threshold in sigmas", range=positive)
+    ...     fraction: float = option(0.5, "fraction of the frames", range=(0, 1))
+    >>> MyOptions(threshold=-1.0)
+    Traceback (most recent call last):
+    ...
+    oasis_core.validators.OptionValueError: MyOptions: threshold = -1.0: must be a finite number > 0
     """
-    return attrs.field(default=default, metadata={"help": help}, **kwargs)
+    given = [c for c in (range, choices, check) if c is not None]
+    if len(given) > 1:
+        raise ValueError("option(): give at most one of range, choices and check")
+    number = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if range is not None:
+        if not number:
+            raise ValueError(f"option(): range given for the non-numeric default {default!r}")
+        base = range if isinstance(range, InRange) else InRange(*range)
+        check = attrs.evolve(base, nan=base.nan or nan)
+        if isinstance(default, int):
+            check = _integer_range(check)
+    elif choices is not None:
+        check = one_of(*choices)
+    elif check is None and isinstance(default, float):
+        check = InRange(nan=nan)  # finite, whatever its range
+    if check is not None and not check.test(default):
+        raise ValueError(f"option(): the default {default!r} is not {check.words()}")
+    validators = [check] if check is not None else []
+    extra = kwargs.pop("validator", None)
+    if extra is not None:
+        validators += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    # "declared": the option states its values (a float without a range is only "finite")
+    metadata = {"help": help, "check": check, "path": path, "declared": bool(given)}
+    return attrs.field(default=default, metadata=metadata, validator=validators or None, **kwargs)
+
+
+def _integer_range(check: InRange) -> InRange:
+    """``check`` for integers: open integer bounds closed (``> 0`` is ``>= 1``)."""
+    lo, hi, lo_open, hi_open = check.lo, check.hi, check.lo_open, check.hi_open
+    if lo is not None and lo_open and float(lo).is_integer():
+        lo, lo_open = lo + 1, False
+    if hi is not None and hi_open and float(hi).is_integer():
+        hi, hi_open = hi - 1, False
+    return attrs.evolve(check, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, integer=True)
+
+
+def option_check(field: Any) -> Check | None:
+    """The check an option declared (its range or choices), or None."""
+    return field.metadata.get("check")
 
 
 @attrs.frozen(kw_only=True)

@@ -1,21 +1,47 @@
 """The ``oasis`` command line (typer). Commands are thin: parse, call the Python API,
-render the result. Progress bars and tables (rich) live here only."""
+render the result. Progress bars and tables (rich) live here only.
+
+Errors: :func:`main` catches every exception at the top. An
+:class:`~oasis_core.errors.OasisError` prints ``error: <message>`` and exits with its
+``exit_code`` (1; 2 when the target is busy); any other exception prints one line,
+``error: <file:line in function>: <Type>: <message>``, and exits 1; an interrupt (Ctrl-C)
+prints ``error: interrupted`` and exits 130. The Python traceback is printed only with
+``oasis --debug`` or ``OASIS_DEBUG=1``. Usage errors are click's (exit 2).
+"""
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from oasis_core.backends import STAGES
 from oasis_core.errors import OasisError
 
 __all__ = ["app", "main"]
 
+
+class _Group(TyperGroup):
+    """The root command group: an aborted prompt follows the one-line rule too."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except typer.Abort as err:  # click's prompt turns Ctrl-C and end of input into it
+            if isinstance(err.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt from err  # exit 130, "error: interrupted"
+            raise OasisError(
+                "no answer to a prompt (end of input); give the arguments on the command line"
+            ) from err
+
+
 app = typer.Typer(
+    cls=_Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -95,11 +121,23 @@ class _RichReporter:
             self.console.print(text, highlight=False, soft_wrap=True)
 
 
+class _Debug:
+    """Whether tracebacks are shown (``--debug`` or ``OASIS_DEBUG``); reset by :func:`main`."""
+
+    on = False
+
+
+def _env_debug() -> bool:
+    return os.environ.get("OASIS_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
         if record.levelno >= logging.WARNING:
-            return f"{record.levelname.lower()}: {msg}"
+            msg = f"{record.levelname.lower()}: {msg}"
+        if record.exc_info and _Debug.on:  # tracebacks of per-frame failures: --debug only
+            msg += "\n" + self.formatException(record.exc_info)
         return msg
 
 
@@ -118,6 +156,22 @@ def _setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(_Formatter())
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="On an error, also print the Python traceback (and debug messages); "
+            "same as OASIS_DEBUG=1.",
+        ),
+    ] = False,
+) -> None:
+    if debug:
+        _Debug.on = True
+        _setup_logging(verbose=True)
 
 
 def _cli_overrides(options: list[str] | None) -> dict[str, Any]:
@@ -264,8 +318,13 @@ def get(
         report = do_unpack(sources, t)
         typer.echo(
             f"{t.data}: {len(report.copied)} copied, {len(report.present)} already there, "
-            f"{len(report.refused)} refused"
+            f"{len(report.refused)} refused, {len(report.skipped)} skipped (not FITS names)"
         )
+        if report.refused:
+            raise OasisError(
+                f"oasis get: {len(report.refused)} file(s) refused (see above), not copied into "
+                f"{t.data}; fix or remove them and run again"
+            )
         return
     from oasis_core.lco import ARCHIVE_URL, download
 
@@ -286,10 +345,11 @@ def get(
         f"{t.data}: {len(result.downloaded)} downloaded, {len(result.present)} already there, "
         f"{len(result.failed)} failed"
     )
-    for name, why in result.failed:
-        typer.echo(f"  {name}: {why}", err=True)
-    if result.failed:
-        raise typer.Exit(1)
+    if result.failed:  # each named in one warning line above
+        raise OasisError(
+            f"oasis get: {len(result.failed)} frame(s) not downloaded into {t.data} "
+            "(the reasons are above)"
+        )
 
 
 @app.command()
@@ -668,6 +728,13 @@ def sim_fakes(
     ] = "linear",
     zero_point: Annotated[float, typer.Option(help="Zero point when the header has none.")] = 25.0,
     seed: Annotated[int, typer.Option(help="Random seed (same seed: same fakes).")] = 0,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            help="Place half the fakes around the measured 50%/90% points (beyond --f-min/"
+            "--f-max if needed); --no-adapt: all within the range."
+        ),
+    ] = True,
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -686,6 +753,7 @@ def sim_fakes(
         flux_scale=scale,
         zero_point=zero_point,
         seed=seed,
+        adapt=adapt,
         jobs=jobs,
         reporter=_RichReporter(quiet),
     )
@@ -813,17 +881,81 @@ for _stage in STAGES:
     _make_stage_command(_stage)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _where(err: BaseException) -> str:
+    """Where ``err`` was raised: ``module.py:line in function`` of the innermost frame of
+    OASIS's own code (a module named ``oasis*``), and the raising library's frame."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        spec = tb.tb_frame.f_globals.get("__spec__")  # `python -m oasis_core.cli`: __main__
+        module = str(getattr(spec, "name", None) or tb.tb_frame.f_globals.get("__name__", ""))
+        frames.append((module, code.co_filename, tb.tb_lineno, code.co_name))
+        tb = tb.tb_next
+    if not frames:
+        return "oasis"
+
+    def show(frame: tuple[str, str, int, str]) -> str:
+        module, filename, line, function = frame
+        name = module.replace(".", "/") + ".py" if module and module != "__main__" else filename
+        return f"{name}:{line} in {function}"
+
+    ours = [f for f in frames if f[0].split(".")[0].startswith("oasis")]
+    if not ours or ours[-1] is frames[-1]:
+        return show(frames[-1])
+    return f"{show(ours[-1])} (raised in {show(frames[-1])})"
+
+
+def _report(err: BaseException) -> int:
+    """Print ``err`` as one ``error: ...`` line (and its traceback under --debug)."""
+    if _Debug.on:
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)
+    if isinstance(err, OasisError):
+        typer.echo(f"error: {_one_line(str(err))}", err=True)
+        return int(err.exit_code)
+    hint = "" if _Debug.on else " (oasis --debug shows the traceback)"
+    text = _one_line(str(err))
+    fault = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    typer.echo(f"error: {_where(err)}: {fault}{hint}", err=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app; an :class:`OasisError` becomes ``error: ...``, exit 1."""
-    _setup_logging()
+    """Entry point: run the app and turn every exception into one ``error: ...`` line.
+
+    Returns
+    -------
+    int
+        The exit status: 0; an :class:`OasisError`'s ``exit_code`` (1, or 2 when the
+        target is busy); 1 for any other exception; 130 when interrupted; click's status
+        (2) for a usage error.
+    """
+    _Debug.on = _env_debug()
+    _setup_logging(verbose=_Debug.on)
     try:
         app(args=argv, prog_name="oasis")
-    except OasisError as err:
-        typer.echo(f"error: {err}", err=True)
-        return 1
     except SystemExit as exc:  # typer's standalone mode ends every run with one
         code = exc.code
+        if code == 130:  # typer turns Ctrl-C inside a command into Exit(130)
+            if _Debug.on and exc.__context__ is not None:
+                import traceback
+
+                traceback.print_exception(exc.__context__, file=sys.stderr)
+            typer.echo("error: interrupted", err=True)
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        return 130
+    except Exception as err:  # the one place every error becomes one line
+        return _report(err)
+    finally:
+        _Debug.on = False
     return 0
 
 

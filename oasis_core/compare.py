@@ -55,6 +55,7 @@ import numpy as np
 
 from oasis_core import io
 from oasis_core.errors import BackendUnavailable, InputError, OasisError
+from oasis_core.lock import hold, holds_targets
 
 __all__ = [
     "SHARED_STAGES",
@@ -287,7 +288,7 @@ def _subtract_task(ctx: Any, choice: str, name: str, inputs: dict[str, Path], ou
     from oasis_core import pipeline as pl
 
     settings = ctx.config.settings["subtract"]
-    workdir = ctx.target.work / "compare" / (ctx.target.variant or "") / name
+    workdir = ctx.target.scratch / "compare" / (ctx.target.variant or "") / name
     task = pl._task(ctx, "subtract", name, inputs, output, settings=settings)
     if task.backend.name != choice:
         from oasis_core.errors import StageError
@@ -349,6 +350,7 @@ def _subtract_all(
         else:
             units.append(_Unit(task=task, stars=stars))
     label = f"subtract {combo.name}"
+    failed: dict[str, BaseException] = {}
     with ctx.reporter.progress(label, len(names)) as advance:
         for name in done:
             key = (choice, name)
@@ -370,9 +372,11 @@ def _subtract_all(
                 measured[(choice, outcome.key)] = outcome.value
             else:
                 err = outcome.error
+                failed[outcome.key] = err
+                pl._invalidate(out_dir / f"{outcome.key}_residual.fits")  # not this run's
                 log.warning("%s: %s: %s: %s", label, outcome.key, type(err).__name__, err)
                 measured[(choice, outcome.key)] = {"flag": f"failed: {err}"}
-    pl._write_subtract_log(ctx, names)
+    pl._write_subtract_log(ctx, names, failed)
     return names
 
 
@@ -492,6 +496,7 @@ def _detections(ctx: Any, names: Sequence[str]) -> dict[str, tuple[int, int]]:
 # --------------------------------------------------------------------------- compare
 
 
+@holds_targets
 def compare(
     path: str | Path,
     *,
@@ -548,8 +553,16 @@ def compare(
     """
     from oasis_core import pipeline as pl
     from oasis_core.config import dump_config
+    from oasis_core.fakes import MAX_FAKES
     from oasis_core.plugins import Registry
+    from oasis_core.validators import integer
 
+    for name, value, check in (
+        ("fakes", fakes, integer(0, MAX_FAKES)),
+        ("seed", seed, integer(0)),
+        ("max_cutouts", max_cutouts, integer(0)),
+    ):
+        check.require(value, name, "oasis compare")  # before any work
     choices = {
         s: parse_choices(v)
         for s, v in (("subtract", subtract), ("mr", mr), ("extract", extract))
@@ -567,6 +580,7 @@ def compare(
         "registry": registry if registry is not None else Registry(),
     }
     base = pl.make_context(path, **common, executor=executor)
+    hold(base.target.path)  # one run per target: held until the comparison ends
     common.update(executor=base.executor, reporter=base.reporter)
     combos = _combinations(base, choices)
     runnable = [c for c in combos if not c.skipped]
@@ -848,7 +862,9 @@ def _inject_shared(base: Any, n: int, seed: int) -> tuple[Path, Any]:
     table_path = fake_dir / "fakes.ecsv"
     inputs = {n_: io.sha256(align_dir / f"{n_}.fits")[:16] for n_ in names}
     key = hashlib.sha256(
-        json.dumps({"n": n, "seed": seed, "inputs": inputs}, sort_keys=True).encode()
+        json.dumps(
+            {"n": n, "seed": seed, "inputs": inputs, "provenance": 1}, sort_keys=True
+        ).encode()
     ).hexdigest()[:16]
     if table_path.exists():
         old = Table.read(table_path, format="ascii.ecsv")
@@ -868,7 +884,11 @@ def _inject_shared(base: Any, n: int, seed: int) -> tuple[Path, Any]:
         f5 = 5.0 * sigma * np.sqrt(np.pi) * APERTURE_FWHM * fwhm
         flux = _draw_fluxes(rng, len(xs), "flux", 0.5 * f5, 20.0 * f5, "log", 25.0)
         data = inject(frame.data, xs, ys, flux, fwhm, "moffat")
-        cards = {"OASFAKES": (len(xs), "fakes injected by oasis compare")}
+        # the aligned frame's provenance (what it was made from) plus the fakes: the
+        # pipeline uses an aligned frame only when its recorded inputs are current
+        original = fits.getheader(align_dir / f"{name}.fits")
+        cards = {k: original[k] for k in original if k.startswith(("OASIN", "OASREF"))}
+        cards["OASFAKES"] = (len(xs), "fakes injected by oasis compare")
         io.write_frame(
             fake_dir / "aligned" / f"{name}.fits",
             attrs.evolve(frame, data=data),

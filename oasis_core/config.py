@@ -11,8 +11,13 @@ sub-table per backend, ``[<stage>.<backend>]``, validated against that backend's
     deg_spatial = 2        # degree of the kernel's spatial polynomial
 
 Precedence, highest first: command-line option > function argument > config file (unless
-``use_config_file=False``) > default. An unknown key or a value of the wrong type is a
-:class:`~oasis_core.errors.ConfigError` naming the key and the file.
+``use_config_file=False``) > default. Every layer is checked on its own, every value once,
+against what its option declares (:func:`oasis_core.backends.option`: a range, choices; a
+float is never NaN or infinite unless declared): an unknown key, a value of the wrong type
+or out of range is a one-line :class:`~oasis_core.errors.ConfigError` naming where (the
+file, ``argument`` or ``command line``), the table, the key, the value and the range::
+
+    configs/oasis.toml: [subtract] q_floor = nan: must be a finite number in [0, 1]
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import Any
 
 import attrs
 
-from oasis_core.backends import STAGES, option
+from oasis_core.backends import STAGES, option, option_check
 from oasis_core.errors import ConfigError
+from oasis_core.validators import OptionValueError, fraction, in_range, non_negative, positive, show
 
 __all__ = [
     "SETTINGS",
@@ -42,12 +48,16 @@ __all__ = [
 class RunSettings:
     """How the pipeline runs."""
 
-    jobs: int = option(0, "worker processes for per-frame work (0 = one per core)")
-    executor: str = option("local", "executor for per-frame work ('local' or 'dask')")
+    jobs: int = option(
+        0, "worker processes for per-frame work (0 = one per core)", range=non_negative
+    )
+    executor: str = option(
+        "local", "executor for per-frame work ('local' or 'dask')", choices=("local", "dask")
+    )
     scheduler: str = option(
         "", "dask scheduler address, e.g. tcp://host:8786 ('' = a local cluster of `jobs` workers)"
     )
-    min_frames: int = option(3, "fewest usable frames a target needs")
+    min_frames: int = option(3, "fewest usable frames a target needs", range=(1, None))
 
 
 @attrs.frozen(kw_only=True)
@@ -62,11 +72,17 @@ class PsfSettings:
     """Core settings of the psf stage (frame selection)."""
 
     backend: str = option("native", "psf backend; see `oasis plugins`")
-    fwhm_max: float = option(0.0, "archive frames whose FWHM exceeds this [pix] (0 = no limit)")
-    fwhm_max_ratio: float = option(
-        2.0, "archive frames whose FWHM exceeds this multiple of the median FWHM (0 = off)"
+    fwhm_max: float = option(
+        0.0, "archive frames whose FWHM exceeds this [pix] (0 = no limit)", range=non_negative
     )
-    snr_min: float = option(5.0, "archive frames whose S/N figure is below this (0 = off)")
+    fwhm_max_ratio: float = option(
+        2.0,
+        "archive frames whose FWHM exceeds this multiple of the median FWHM (0 = off)",
+        range=non_negative,
+    )
+    snr_min: float = option(
+        5.0, "archive frames whose S/N figure is below this (0 = off)", range=non_negative
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -75,7 +91,9 @@ class AlignSettings:
 
     backend: str = option("native", "align backend; see `oasis plugins`")
     reference: str = option(
-        "snr", "reference frame: 'snr' (highest S/N) or 'seeing' (smallest FWHM)"
+        "snr",
+        "reference frame: 'snr' (highest S/N) or 'seeing' (smallest FWHM)",
+        choices=("snr", "seeing"),
     )
 
 
@@ -84,8 +102,14 @@ class CombineSettings:
     """Core settings of the combine stage (which frames make the template)."""
 
     backend: str = option("native", "combine backend; see `oasis plugins`")
-    fraction: float = option(0.34, "fraction of the best-seeing frames stacked into the template")
-    min_frames: int = option(5, "stack at least this many frames (when there are that many)")
+    fraction: float = option(
+        0.34,
+        "fraction of the best-seeing frames stacked into the template",
+        range=in_range(0, 1, lo_open=True),
+    )
+    min_frames: int = option(
+        5, "stack at least this many frames (when there are that many)", range=(1, None)
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -94,19 +118,22 @@ class SubtractSettings:
 
     backend: str = option("ois", "subtract backend; see `oasis plugins`")
     q_floor: float = option(
-        0.5, "residuals with Q below this are fully masked and logged (0 = keep all)"
+        0.5,
+        "residuals with Q below this are fully masked and logged (0 = keep all)",
+        range=fraction,
     )
     q_ceiling: float = option(
-        0.75, "Q at which the optimisation stops: the subtraction is good enough"
+        0.75, "Q at which the optimisation stops: the subtraction is good enough", range=fraction
     )
     optimize: bool = option(
         True, "try the backend's further configurations until Q reaches q_ceiling"
     )
-    max_tries: int = option(9, "at most this many configurations per frame")
+    max_tries: int = option(9, "at most this many configurations per frame", range=(1, None))
     auto_ceiling: float = option(
         1.0,
         "backend 'auto': stop trying further backends once one reaches this Q "
         "(1 = try every backend that can run and keep the best)",
+        range=fraction,
     )
 
 
@@ -125,31 +152,48 @@ class ExtractSettings:
     """Core settings of the extract stage (the core's filtering, the same for every backend)."""
 
     backend: str = option("native", "extract backend; see `oasis plugins`")
-    method: str = option("both", "'both' (residuals and master residual), 'indiv' or 'MR'")
-    majority: float = option(
-        0.5, "reject sources found in more than this fraction of the residuals"
+    method: str = option(
+        "both",
+        "'both' (residuals and master residual), 'indiv' or 'MR'",
+        choices=("both", "indiv", "MR"),
     )
-    match_radius: float = option(1.5, "radius for matching detections across images [pix]")
+    majority: float = option(
+        0.5, "reject sources found in more than this fraction of the residuals", range=fraction
+    )
+    match_radius: float = option(
+        1.5, "radius for matching detections across images [pix]", range=positive
+    )
     dipole_ratio: float = option(
-        0.5, "reject as dipole when the negative lobe reaches this fraction of the peak"
+        0.5,
+        "reject as dipole when the negative lobe reaches this fraction of the peak",
+        range=non_negative,
     )
     dipole_min: float = option(
-        3.0, "...and is itself at least this many sigmas deep (PSF-smoothed residual)"
+        3.0,
+        "...and is itself at least this many sigmas deep (PSF-smoothed residual)",
+        range=non_negative,
     )
     keep_negative: bool = option(False, "keep negative (fading) sources in filtered catalogs")
     masked_max: float = option(
-        0.05, "reject sources with more than this fraction of masked pixels within 1.5 FWHM"
+        0.05,
+        "reject sources with more than this fraction of masked pixels within 1.5 FWHM",
+        range=fraction,
     )
     snr_min: float = option(
-        6.0, "reject sources whose PSF-weighted significance (peak_norm) is below this"
+        6.0,
+        "reject sources whose PSF-weighted significance (peak_norm) is below this",
+        range=non_negative,
     )
     extent_max: float = option(
         1.1,
         "reject sources whose significance through a filter twice the PSF's exceeds this "
         "multiple of the PSF-matched one (a point source: 0.8-1.05; 0 = off)",
+        range=non_negative,
     )
     sharp_max: float = option(
-        2.5, "reject sources whose peak-to-flux ratio exceeds this multiple of the PSF's (0 = off)"
+        2.5,
+        "reject sources whose peak-to-flux ratio exceeds this multiple of the PSF's (0 = off)",
+        range=non_negative,
     )
 
 
@@ -163,12 +207,6 @@ SETTINGS: dict[str, type] = {
     "subtract": SubtractSettings,
     "mr": MrSettings,
     "extract": ExtractSettings,
-}
-
-CHOICES = {
-    ("align", "reference"): ("snr", "seeing"),
-    ("extract", "method"): ("both", "indiv", "MR"),
-    ("run", "executor"): ("local", "dask"),
 }
 
 
@@ -219,7 +257,14 @@ def _type_name(default: Any) -> str:
     }.get(type(default), type(default).__name__)
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
+def _expected(field: attrs.Attribute) -> str:
+    """What a value of ``field`` must be, in words: its declared check, else its type."""
+    check = option_check(field)
+    return check.words() if check is not None else _type_name(field.default)
+
+
+def _coerce(value: Any, field: attrs.Attribute, where: str) -> Any:
+    default = field.default
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -237,7 +282,7 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             return type(default)(value)
     elif default is None:
         return value
-    raise ConfigError(f"{where} must be {_type_name(default)}, got {value!r}")
+    raise ConfigError(f"{where} {field.name} = {show(value)}: must be {_expected(field)}")
 
 
 def _unknown(key: str, choices: list[str], where: str) -> ConfigError:
@@ -247,19 +292,18 @@ def _unknown(key: str, choices: list[str], where: str) -> ConfigError:
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str, table: str) -> Any:
+    """``cls(**values)``; a bad value is a one-line :class:`ConfigError`
+    ``"<where>: [<table>] <key> = <value>: must be <range>"``."""
     fields = {f.name: f for f in attrs.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
             raise _unknown(key, sorted(fields), f"{where}: [{table}]")
-        kwargs[key] = _coerce(value, fields[key].default, f"{where}: [{table}] {key}")
-        choices = CHOICES.get((table, key))
-        if choices and kwargs[key] not in choices:
-            raise ConfigError(
-                f"{where}: [{table}] {key} must be one of {', '.join(choices)}, got {value!r}"
-            )
+        kwargs[key] = _coerce(value, fields[key], f"{where}: [{table}]")
     try:
         return cls(**kwargs)
+    except OptionValueError as err:
+        raise ConfigError(f"{where}: [{table}] {err.assignment()}") from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: [{table}] {err}") from err
 
@@ -332,7 +376,9 @@ def load_config(
     Raises
     ------
     ConfigError
-        Unknown key, wrong type, bad TOML; the message names the key and the file.
+        Unknown key, wrong type, value out of its declared range, bad TOML; one line
+        naming where (file, ``argument``, ``command line``), the key, the value and the
+        range.
     """
     data: dict[str, Any] = {}
     where_file = str(path) if path is not None else "config"
@@ -450,7 +496,10 @@ def _render_table(lines: list[str], title: str, obj: Any, doc: str | None = None
     )
     for f in fields:
         text = f"{f.name} = {_toml_value(getattr(obj, f.name))}"
-        lines.append(f"{text.ljust(width)}  # {f.metadata.get('help', '')}".rstrip())
+        check = option_check(f)
+        short = check.short() if check is not None else ""
+        comment = f.metadata.get("help", "") + (f" {short}" if short else "")
+        lines.append(f"{text.ljust(width)}  # {comment}".rstrip())
 
 
 def render_config(registry: Any, config: Config | None = None) -> str:

@@ -19,6 +19,21 @@ An extension whose header has ``WEIGHT = 'Y'`` is a weight map (0 = bad); ``WEIG
 marks a binary mask (non-zero = bad). An extension named ``BPM``, ``MASK`` or ``DQ`` is a
 bad-pixel mask (non-zero = bad). Either seeds the frame's weight map; non-finite pixels
 always get weight 0.
+
+Header cards
+------------
+A card whose value cannot be parsed (``CRVAL1 = NaN``) or is not finite (``1e999``) cannot
+be written back to a FITS file. :func:`read_frame` drops such cards when it reads the frame,
+with one warning naming the file and the cards, so that no output ever inherits them; when
+one of them is a WCS card, the whole WCS is dropped (a frame without a WCS, rather than a
+wrong one).
+
+Outputs
+-------
+:func:`check_outputs` is called by every command that writes to paths the user names,
+before any work: no output may be an input or another output (the same path after
+resolving links, or the same file through a hard link), and each output's folder must
+exist and be writable.
 """
 
 from __future__ import annotations
@@ -28,9 +43,10 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +57,10 @@ from oasis_core.model import Frame, PsfModel, Residual, Template
 
 __all__ = [
     "FITS_SUFFIXES",
+    "MIN_SIDE",
     "apply_cards",
     "atomic_write",
+    "check_outputs",
     "frame_name",
     "header_value",
     "header_wcs",
@@ -52,6 +70,7 @@ __all__ = [
     "read_psf",
     "read_residual",
     "read_shape",
+    "sanitize_header",
     "sha256",
     "write_frame",
     "write_psf",
@@ -64,6 +83,10 @@ log = logging.getLogger("oasis")
 
 FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fit.fz", ".fz", ".fits.gz", ".fit.gz")
 BPM_NAMES = ("BPM", "MASK", "DQ", "BADPIX")
+
+#: The fewest pixels a frame may have along an axis: thinner images are not frames, and the
+#: C code of some backends (astroscrappy's median filters) corrupts memory on them.
+MIN_SIDE = 4
 
 GAIN_KEYS = ("GAIN", "EGAIN", "CCDGAIN")
 RDNOISE_KEYS = ("RDNOISE", "READNOIS", "RON", "READNOISE", "RDNOISE1")
@@ -131,6 +154,93 @@ def atomic_write(path: Path) -> Iterator[Path]:
         raise
 
 
+def _identity(path: Path) -> tuple[str, tuple[int, int] | None]:
+    """``path`` resolved (links followed) and its ``(st_dev, st_ino)`` when it exists."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return real, None
+    return real, (st.st_dev, st.st_ino)
+
+
+def check_outputs(
+    *,
+    inputs: Iterable[Path | None],
+    outputs: Mapping[str, Path | None] | Iterable[Path | None],
+) -> None:
+    """Refuse, before any work, output paths that would destroy data or cannot be written.
+
+    Parameters
+    ----------
+    inputs : iterable of Path
+        The files the command reads (``None`` entries are ignored).
+    outputs : mapping or iterable of Path
+        The files the command writes, optionally by what the user calls them
+        (``{"output": p, "--noise": q}``); ``None`` entries are ignored.
+
+    Raises
+    ------
+    InputError
+        When an output is an input or another output (the same path once links are
+        resolved, or the same file through a hard link), is a folder, or its folder is
+        missing, not a folder or not writable. The message names the path.
+
+    Examples
+    --------
+    >>> check_outputs(inputs=[Path("sci.fits")], outputs={"output": Path("sci.fits")})
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    oasis_core.errors.InputError: sci.fits: the output is one of the inputs (sci.fits); ...
+    """
+    labelled = (
+        list(outputs.items()) if isinstance(outputs, Mapping) else [("output", p) for p in outputs]
+    )
+    seen: list[tuple[str, Path, str, tuple[int, int] | None]] = [
+        ("input", Path(p), *_identity(Path(p))) for p in inputs if p is not None
+    ]
+    for label, out in labelled:
+        if out is None:
+            continue
+        out = Path(out)
+        real, inode = _identity(out)
+        for kind, other, other_real, other_inode in seen:
+            same_file = inode is not None and inode == other_inode
+            if real == other_real or same_file:
+                how = " through a hard link" if real != other_real else ""
+                if kind == "input":
+                    raise InputError(
+                        f"{out}: the {label} is one of the inputs ({other}){how}; writing "
+                        "it would destroy that input: choose another path"
+                    )
+                raise InputError(
+                    f"{out}: the {label} is also the {kind} ({other}){how}; one would "
+                    "overwrite the other: choose another path"
+                )
+        if os.path.isdir(real):
+            raise InputError(f"{out}: the {label} is a folder; give a file name")
+        folder = Path(real).parent
+        if not folder.exists():
+            raise InputError(
+                f"{out}: the folder {folder} of the {label} does not exist; create it first"
+            )
+        if not folder.is_dir():
+            raise InputError(
+                f"{out}: {folder} is not a folder; choose another path for the {label}"
+            )
+        try:  # the only test that holds for root, read-only mounts and ACLs alike
+            fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".check", dir=folder)
+        except OSError as err:
+            raise InputError(
+                f"{out}: cannot write the {label} in {folder} ({err.strerror or err}); "
+                "choose a writable folder"
+            ) from err
+        os.close(fd)
+        os.unlink(probe)
+        seen.append((label, out, real, inode))
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_write(path) as tmp:
@@ -150,9 +260,51 @@ def write_table(table: Any, path: Path, *, fmt: str | None = None) -> None:
             table.write(tmp, format=fmt, overwrite=True)
 
 
+def _truncation(path: Path) -> str | None:
+    """Why ``path`` holds fewer data bytes than its headers declare, or None.
+
+    Only the data count: a file that lacks just the final block padding (the ISIS example
+    frames) holds every pixel and passes. Compressed streams (``.gz``) are not measured
+    here (their size on disk says nothing); a short stream fails when its data are read.
+    """
+    from astropy.io import fits
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4).startswith((b"\x1f\x8b", b"BZh", b"PK\x03\x04")):
+                return None  # gzip, bzip2, zip: whatever the file's name
+        size = path.stat().st_size
+        with warnings.catch_warnings():
+            _quiet_fits_warnings()
+            # the HDUs as stored: a tile-compressed image is the binary table it is on disk
+            with fits.open(path, memmap=False, disable_image_compression=True) as hdul:
+                for i, hdu in enumerate(hdul):
+                    hdr = hdu.header
+                    naxis = int(hdr.get("NAXIS", 0))
+                    first = 2 if hdr.get("GROUPS") and hdr.get("NAXIS1") == 0 else 1
+                    count = 1
+                    for k in range(first, naxis + 1):
+                        count *= int(hdr.get(f"NAXIS{k}", 0))
+                    items = int(hdr.get("PCOUNT", 0)) + (count if naxis else 0)
+                    nbytes = abs(int(hdr.get("BITPIX", 8))) // 8 * int(hdr.get("GCOUNT", 1)) * items
+                    short = hdul.fileinfo(i)["datLoc"] + nbytes - size
+                    if short > 0:
+                        return (
+                            f"truncated: HDU {i} declares {nbytes} bytes of data but the file "
+                            f"stops {short} bytes short of them (pixels missing, not just the "
+                            "final padding); copy or download it again"
+                        )
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return None  # not readable as FITS at all: the caller's own open says why
+    return None
+
+
 def _open(path: Path) -> Any:
     from astropy.io import fits
 
+    why = _truncation(Path(path))
+    if why is not None:
+        raise InputError(f"{path}: {why}")
     try:
         return fits.open(path, memmap=False)
     except FileNotFoundError as err:
@@ -204,6 +356,86 @@ def read_shape(path: Path) -> tuple[int, int]:
     return int(ny), int(nx)
 
 
+#: Keys of a FITS world coordinate system (celestial or not, with SIP distortions).
+WCS_KEY_RE = re.compile(
+    r"^(WCSAXES|CTYPE\d|CRVAL\d|CRPIX\d|CDELT\d|CUNIT\d|CROTA\d|CD\d_\d|PC\d_\d|"
+    r"PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYSa?|RADECSYS|EQUINOX|EPOCH|WCSNAME|"
+    r"[AB]P?_\d_\d|[AB]P?_ORDER|[AB]_DMAX)$"
+)
+
+
+def _card_fault(card: Any) -> str | None:
+    """Why ``card``'s value cannot be written back (unparsable, not finite), or None."""
+    try:
+        value = card.value
+    except Exception:  # astropy's VerifyError (and others) on an unparsable value
+        # the card as read (``card.image`` would first "fix" it into a string)
+        raw = str(getattr(card, "_image", "") or "").partition("=")[2].split("/")[0].strip()
+        return f"{card.keyword} = {raw or '?'}"
+    if isinstance(value, (float, complex, np.floating, np.complexfloating)) and not np.all(
+        np.isfinite(value)
+    ):
+        return f"{card.keyword} = {value}"
+    return None
+
+
+def _drop_unusable(header: Any) -> tuple[list[str], bool]:
+    """Drop ``header``'s unusable cards in place (and the WCS when one is a WCS card);
+    return what was wrong with each and whether the WCS was dropped."""
+    faults = [(c.keyword, why) for c in list(header.cards) if (why := _card_fault(c))]
+    if not faults:
+        return [], False
+    wcs_too = any(WCS_KEY_RE.match(key) for key, _ in faults)
+    doomed = {key for key, _ in faults}
+    if wcs_too:
+        doomed |= {c.keyword for c in header.cards if WCS_KEY_RE.match(c.keyword)}
+    for key in doomed:
+        while key in header:
+            del header[key]
+    return [why for _, why in faults], wcs_too
+
+
+def _warn_dropped(where: Any, faults: list[str], wcs_too: bool) -> None:
+    if faults:
+        log.warning(
+            "%s: header card%s %s cannot be used (unparsable or not a finite number); dropped%s",
+            where,
+            "s" if len(faults) > 1 else "",
+            ", ".join(faults),
+            ", and the WCS with it (the frame is read as having no WCS)" if wcs_too else "",
+        )
+
+
+def sanitize_header(header: Any, where: Any) -> Any:
+    """``header`` without the cards that could not be written back to a FITS file.
+
+    A card whose value does not parse (``CRVAL1 = NaN``) or is not finite (``1e999``) is
+    dropped; when one of them is a WCS card (:data:`WCS_KEY_RE`), every WCS card is
+    dropped with it, so the frame has no WCS rather than a wrong one. One warning names
+    ``where`` (the file) and the cards.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        Modified in place and returned.
+    where : str or Path
+        The file, for the warning.
+    """
+    _warn_dropped(where, *_drop_unusable(header))
+    return header
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a finite float, or None (strings, complex, NaN...)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return out if np.isfinite(out) else None
+
+
 def header_wcs(header: Any) -> Any:
     """The celestial WCS of ``header``, or None when it has none (bare headers)."""
     if not header or "CTYPE1" not in header or "CTYPE2" not in header:
@@ -228,11 +460,8 @@ def header_value(header: Any, keys: tuple[str, ...], *, combine: str = "mean") -
     """
     for key in keys:
         if key in header:
-            try:
-                value = float(header[key])
-            except (TypeError, ValueError):
-                continue
-            if np.isfinite(value):
+            value = _finite(header[key])
+            if value is not None:
                 return value
     for key in keys:
         values = []
@@ -240,9 +469,8 @@ def header_value(header: Any, keys: tuple[str, ...], *, combine: str = "mean") -
             for amp in "ABCD":
                 card = stem + amp
                 if len(card) <= 8 and card in header:
-                    with contextlib.suppress(TypeError, ValueError):
-                        values.append(float(header[card]))
-        values = [v for v in values if np.isfinite(v)]
+                    values.append(_finite(header[card]))
+        values = [v for v in values if v is not None]
         if values:
             return float(min(values) if combine == "min" else np.mean(values))
     return None
@@ -308,7 +536,8 @@ def read_frame(
     Raises
     ------
     InputError
-        When the file is not FITS, holds no 2-D image, or has no finite pixel.
+        When the file is not FITS, holds no 2-D image, an image thinner than
+        :data:`MIN_SIDE` pixels, or no finite pixel.
     """
     from astropy.io import fits
 
@@ -324,11 +553,21 @@ def read_frame(
                 raise InputError(f"{path}: cannot read the image data ({err})") from err
             if raw is None or raw.size == 0:
                 raise InputError(f"{path}: the image is empty")
+            if min(raw.shape) < MIN_SIDE:
+                raise InputError(
+                    f"{path}: the image is {raw.shape[0]}x{raw.shape[1]} pixels; a frame "
+                    f"needs at least {MIN_SIDE} along each axis"
+                )
             data = np.array(raw, dtype=np.float32)  # native byte order, a private copy
             header = hdu.header.copy()
+            faults, wcs_dropped = _drop_unusable(header)
             if index > 0:
                 # keys such as GAIN often live in the primary header only
-                for card in hdul[0].header.cards:
+                primary = hdul[0].header.copy()
+                more, more_wcs = _drop_unusable(primary)
+                faults += [f for f in more if f not in faults]
+                wcs_dropped = wcs_dropped or more_wcs
+                for card in primary.cards:
                     if (
                         card.keyword
                         and card.keyword not in header
@@ -346,6 +585,7 @@ def read_frame(
                         header[card.keyword] = (card.value, card.comment)
             weight = _weight_from_extensions(hdul, index, data.shape, path)
             int_sat = _integer_saturation(hdu)
+    _warn_dropped(path, faults, wcs_dropped)
     finite = np.isfinite(data)
     if not finite.all():
         if not finite.any():
@@ -365,6 +605,15 @@ def read_frame(
     gain = header_value(header, GAIN_KEYS)
     readnoise = header_value(header, RDNOISE_KEYS)
     saturation = header_value(header, SATURATE_KEYS, combine="min")
+    unusable = []
+    if gain is not None and not gain > 0:
+        unusable.append(f"gain {gain:g} (must be > 0)")
+        gain = None
+    if readnoise is not None and not readnoise >= 0:
+        unusable.append(f"read noise {readnoise:g} (must be >= 0)")
+        readnoise = None
+    if unusable and warn:
+        log.warning("%s: header %s: ignored", path, " and ".join(unusable))
     missing = []
     if gain is None:
         missing.append("GAIN (backends estimate the noise from the sky)")
@@ -378,7 +627,9 @@ def read_frame(
     if missing and warn and "OASSTAGE" not in header:
         log.warning("%s: header has no %s", path, "; no ".join(missing))
     measured = {
-        attr: float(header[key]) for attr, (key, _) in MEASURED_KEYS.items() if key in header
+        attr: value
+        for attr, (key, _) in MEASURED_KEYS.items()
+        if key in header and (value := _finite(header[key])) is not None
     }
     return Frame(
         data=data,

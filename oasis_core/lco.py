@@ -25,10 +25,17 @@ both spellings are read). :func:`query` follows ``next`` up to ``limit`` frames.
 A frame already in ``data/`` whose SHA-256 matches its manifest row is skipped. Server errors
 (HTTP 5xx, refused or broken connections, truncated bodies) are retried ``retries`` times
 with exponential back-off; a frame that still fails is reported in
-:attr:`DownloadReport.failed` and the others go on. A refused token (HTTP 401/403) stops the
-run. The token is sent (``Authorization: Token <token>``) only to the archive's own host, never
-to the storage host a download link may point to; messages never print a link's query string
-(the real archive's links are pre-signed).
+:attr:`DownloadReport.failed` and the others go on. So is an archive entry that cannot be
+brought in safely: a file name that is a path, ``..``, a hidden name, too long, or holds a
+control character (a NUL byte), or a link that is not http(s). A refused token (HTTP
+401/403) stops the run.
+
+The token is sent (``Authorization: Token <token>``) only to the archive's own origin (scheme,
+host and port), never to the storage host a download link may point to nor after a redirect
+that leaves that origin, and never over plain http: an ``http://`` ``api_url`` with a token
+is refused before any request, except on this machine's loopback (``127.0.0.1``, ``::1``,
+``localhost``: test servers). Messages never print a link's query string (the real archive's
+links are pre-signed).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import datetime as dt
 import errno
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -81,6 +89,7 @@ RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 COMPRESSED_SUFFIXES = (".fz", ".gz")
 MANIFEST_NAME = "data_manifest.ecsv"
 MANIFEST_COLUMNS = ("file", "original", "sha256", "copied")
+MAX_NAME_BYTES = 200  # longer archive file names are refused (a file system allows 255)
 
 
 # ---------------------------------------------------------------------------- records
@@ -161,8 +170,17 @@ class LcoFrame:
                 "/frames/ endpoint?)"
             )
         filename = str(filename)
-        if Path(filename).name != filename or filename.startswith(".") or "\\" in filename:
-            raise InputError(f"{where}: unsafe file name {filename!r}")
+        if (
+            Path(filename).name != filename
+            or filename.startswith(".")
+            or "\\" in filename
+            or not filename.isprintable()  # NUL, newlines, other control characters
+            or len(filename.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
+        ):
+            raise InputError(
+                f"{where}: unsafe file name {filename!r} (a path, '..', a hidden or too long "
+                "name, or a control character such as NUL); frame not downloaded"
+            )
         if urllib.parse.urlsplit(str(url)).scheme not in ("http", "https"):
             raise InputError(f"{where}: download link is not http(s): {_safe(str(url))}")
         size = pick("filesize", "size")
@@ -203,16 +221,37 @@ def _safe(url: str) -> str:
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urllib.parse.urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port
+    except ValueError:  # a malformed port: an origin nothing else has
+        port = -1
+    port = port or {"http": 80, "https": 443}.get(parts.scheme)
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
+def _loopback(host: str) -> bool:
+    """True for this machine's loopback: ``localhost``, 127.0.0.0/8, ``::1``."""
+    if host.rstrip(".").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _encrypted(url: str) -> bool:
+    """True when a token may travel to ``url``: https, or plain http to the loopback."""
+    scheme, host, _ = _origin(url)
+    return scheme == "https" or (scheme == "http" and _loopback(host))
+
+
 class _KeepAuthOnOrigin(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, dropping ``Authorization`` when the redirect leaves the origin."""
+    """Follow redirects, dropping ``Authorization`` when the redirect leaves the origin (or
+    goes to plain http)."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and _origin(newurl) != _origin(req.full_url):
+        if new is not None and (_origin(newurl) != _origin(req.full_url) or not _encrypted(newurl)):
             new.remove_header("Authorization")
         return new
 
@@ -248,9 +287,18 @@ class _Client:
     timeout: float
     opener: Any = attrs.field(factory=lambda: urllib.request.build_opener(_KeepAuthOnOrigin))
 
+    def __attrs_post_init__(self) -> None:
+        if self.token and not _encrypted(self.api_url):
+            raise InputError(
+                f"LCO archive: api_url {_safe(self.api_url)} is not https and a token is "
+                "given: the token would travel unencrypted; use an https:// api_url (plain "
+                "http is allowed without a token, or to this machine's loopback)"
+            )
+
     def headers(self, url: str) -> dict[str, str]:
+        """The request's headers: the token only to the archive's own (encrypted) origin."""
         out = {"User-Agent": "oasis-dia (LCO frames client)"}
-        if self.token and _origin(url) == _origin(self.api_url):
+        if self.token and _origin(url) == _origin(self.api_url) and _encrypted(url):
             out["Authorization"] = f"Token {self.token}"
         return out
 
@@ -386,8 +434,25 @@ def _query_url(
     return f"{api_url}?{query_string}"
 
 
-def _query(client: _Client, url: str, limit: int | None) -> list[LcoFrame]:
+def _printable(text: str) -> str:
+    """``text`` with control characters (NUL, newlines) escaped: safe on one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _entry_name(record: Mapping[str, Any]) -> str:
+    """What to call an archive entry that could not be read: its file name, else its id."""
+    name = record.get("filename") or record.get("basename")
+    if isinstance(name, str) and name:
+        return _printable(name)
+    return f"frame {_printable(repr(record.get('id')))}"
+
+
+def _query(
+    client: _Client, url: str, limit: int | None
+) -> tuple[list[LcoFrame], list[tuple[str, str]]]:
+    """The frames listed (up to ``limit``) and the entries refused: (name, one-line reason)."""
     frames: list[LcoFrame] = []
+    refused: list[tuple[str, str]] = []
     seen: set[str] = set()
     page_url: str | None = url
     count = None
@@ -396,7 +461,8 @@ def _query(client: _Client, url: str, limit: int | None) -> list[LcoFrame]:
             raise StageError(f"{_safe(page_url)}: the archive's pages loop back; query stopped")
         if _origin(page_url) != _origin(client.api_url):
             raise StageError(
-                f"{_safe(url)}: the next page points to another host ({_safe(page_url)})"
+                f"{_safe(url)}: the next page points to another origin ({_safe(page_url)}: "
+                "another scheme, host or port than api_url); query stopped"
             )
         seen.add(page_url)
         page = client.get_json(page_url)
@@ -410,13 +476,36 @@ def _query(client: _Client, url: str, limit: int | None) -> list[LcoFrame]:
         for record in page["results"]:
             if not isinstance(record, Mapping):
                 raise StageError(f"{_safe(page_url)}: a result is not a JSON object")
-            frames.append(LcoFrame.from_record(record, api_url=client.api_url, page=page_url))
+            try:
+                frames.append(LcoFrame.from_record(record, api_url=client.api_url, page=page_url))
+            except InputError as err:  # this entry only: the others go on
+                refused.append((_entry_name(record), _printable(str(err))))
         nxt = page.get("next")
-        page_url = urllib.parse.urljoin(page_url, nxt) if nxt else None
+        page_url = urllib.parse.urljoin(page_url, str(nxt)) if nxt else None
     if limit is not None:
         frames = frames[:limit]
     log.info("LCO archive: %s frame(s) match; %d listed", count, len(frames))
-    return frames
+    return frames, refused
+
+
+def _list(
+    *,
+    api_url: str,
+    token: str | None,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    **criteria: Any,
+) -> tuple[list[LcoFrame], list[tuple[str, str]]]:
+    """:func:`query`'s work: the frames listed and the entries refused (name, reason)."""
+    url = _query_url(api_url, **criteria)
+    client = _Client(
+        api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout
+    )
+    frames, refused = _query(client, url, criteria["limit"])
+    if not frames and not refused:
+        raise InputError(f"LCO archive: no frames match {_safe(api_url)}?{url.split('?', 1)[1]}")
+    return frames, refused
 
 
 def query(
@@ -461,16 +550,23 @@ def query(
     Returns
     -------
     list of LcoFrame
+        The entries that cannot be brought in safely (see :meth:`LcoFrame.from_record`)
+        are left out, with one warning line each.
 
     Raises
     ------
     InputError
-        Invalid criteria, no frame matching, or a refused token.
+        Invalid criteria, no frame matching, a refused token, or a token with a plain
+        http ``api_url`` (loopback excepted).
     StageError
         The archive keeps failing or answers something that is not a frame list.
     """
-    url = _query_url(
-        api_url,
+    frames, refused = _list(
+        api_url=api_url,
+        token=token,
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
         object_name=object_name,
         filter_name=filter_name,
         proposal=proposal,
@@ -479,12 +575,8 @@ def query(
         reduction=reduction,
         limit=limit,
     )
-    client = _Client(
-        api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout
-    )
-    frames = _query(client, url, limit)
-    if not frames:
-        raise InputError(f"LCO archive: no frames match {_safe(api_url)}?{url.split('?', 1)[1]}")
+    for _name, why in refused:
+        log.warning("%s", why)
     return frames
 
 
@@ -668,7 +760,8 @@ def _md5(path: Path) -> str:
 
 
 def _verify(frame: LcoFrame, part: Path) -> None:
-    """Check size, MD5 and that the bytes are a FITS image; remove ``part`` when not."""
+    """Check size, MD5 and that the bytes are a frame the pipeline can read (the core's
+    reader, data included: not truncated, some finite pixel); remove ``part`` when not."""
     where = f"{frame.filename} ({_safe(frame.url)})"
     size = part.stat().st_size
     if frame.filesize is not None and size != frame.filesize:
@@ -686,11 +779,11 @@ def _verify(frame: LcoFrame, part: Path) -> None:
                 "(partial file removed)"
             )
     try:
-        io.read_shape(part)
+        io.read_frame(part, warn=False)
     except InputError as err:
         part.unlink()
-        reason = str(err).split(": ", 1)[-1]
-        raise _FrameFailed(f"{where}: not a FITS image ({reason}); file removed") from err
+        reason = str(err).removeprefix(f"{part}: ")
+        raise _FrameFailed(f"{where}: not a usable FITS image ({reason}); file removed") from err
 
 
 def _funpack(src: Path, dest: Path) -> None:
@@ -780,17 +873,29 @@ def download(
     Returns
     -------
     DownloadReport
-        Frames written to ``data/``, frames already there, frames that failed and why.
+        Frames written to ``data/``, frames already there, frames that failed and why
+        (including the archive entries refused as unsafe: a file name with a path, ``..``
+        or a NUL byte, a link that is not http(s)).
 
     Raises
     ------
     InputError
-        Invalid criteria, no frame matching, or a refused token.
+        Invalid criteria, no frame matching, a refused token, or a token with a plain
+        http ``api_url`` (loopback excepted).
     StageError
         The archive's frame list cannot be read.
     """
+    client = _Client(
+        api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout
+    )
+    refused: list[tuple[str, str]] = []
     if frames is None:
-        frames = query(
+        frames, refused = _list(
+            api_url=api_url,
+            token=token,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
             object_name=object_name,
             filter_name=filter_name,
             proposal=proposal,
@@ -798,15 +903,7 @@ def download(
             end=end,
             reduction=reduction,
             limit=limit,
-            token=token,
-            api_url=api_url,
-            retries=retries,
-            backoff=backoff,
-            timeout=timeout,
         )
-    client = _Client(
-        api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout
-    )
     target.create()
     partial_dir = target.work / "download"
     partial_dir.mkdir(parents=True, exist_ok=True)
@@ -815,6 +912,9 @@ def download(
     downloaded: list[Path] = []
     present: list[Path] = []
     failed: list[tuple[str, str]] = []
+    for name, why in refused:
+        failed.append((name, why))
+        log.warning("%s", why)
 
     def fail(frame: LcoFrame, reason: str) -> None:
         failed.append((frame.filename, reason))

@@ -591,7 +591,8 @@ def mosaic(
     ------
     InputError
         A missing or unreadable input, an input without a celestial WCS, an unknown
-        ``kind`` or ``combine``, or ``output`` being one of the inputs.
+        ``kind`` or ``combine``; before any work, ``output`` or its PNG preview being an
+        input (or each other) or not writable (:func:`oasis_core.io.check_outputs`).
     BackendUnavailable
         When MontagePy cannot be imported.
     StageError
@@ -603,8 +604,9 @@ def mosaic(
         raise InputError(f"mosaic: combine {combine!r} is not one of {', '.join(COMBINE_MODES)}")
     paths = resolve_inputs(inputs, kind=kind)
     output = Path(output)
-    if output.resolve() in {p.resolve() for p in paths}:
-        raise InputError(f"{output}: the output is one of the inputs; choose another name")
+    io.check_outputs(
+        inputs=paths, outputs={"output": output, "PNG preview": default_preview(output)}
+    )
     start = time.perf_counter()
     with _workspace(Path(workdir) if workdir is not None else None) as work:
         (work / "raw").mkdir()

@@ -5,7 +5,23 @@ Each stage is a function of a target path (``mask(path)``, ``psf(path)``, ...,
 objects run by a :mod:`~oasis_core.executor`; a task reads its inputs, calls the backend
 and writes its output atomically with a provenance header. A task whose output is already
 there with the same provenance is skipped, so an interrupted run resumes; ``force=True``
-redoes everything.
+redoes everything. A run holds the target's lock (:mod:`oasis_core.lock`) throughout.
+
+What is used downstream is only what is current:
+
+* a unit of work that fails (its backend raised) loses its previous output, which is
+  removed at once, so no later stage can take the previous run's file for this run's;
+  the failure is logged (``residuals/log.txt`` says ``failed: <reason>`` for a frame)
+  and counted (``sources/total_sources.txt``);
+* a stage reads an upstream output only when it was made from its inputs as they are now
+  (their sha256 among its provenance cards): a changed raw frame, weight map, PSF,
+  aligned frame or template makes what was made from it unusable until it is redone;
+* a residual is used by ``mr`` and ``extract`` according to its own recorded verdict
+  (``OAS USABLE``: its Q against the ``q_floor`` of the run that made it);
+* a stage that ends with nothing usable (every subtraction failed, fewer frames than
+  ``[run] min_frames``...) stops the run with an error, and the summaries of the later
+  stages (template, master residual, catalogs) are removed rather than left describing an
+  earlier run.
 
 Stage order and outputs (see :mod:`oasis_core.tree`)::
 
@@ -39,6 +55,7 @@ from oasis_core.backends import STAGES
 from oasis_core.config import Config, dump_config, load_config
 from oasis_core.errors import InputError, OasisError, StageError
 from oasis_core.executor import Executor, make_executor
+from oasis_core.lock import target_lock
 from oasis_core.model import Frame, PsfModel, Residual, Template, readonly
 from oasis_core.plugins import Registry
 from oasis_core.provenance import Provenance, is_current, options_dict
@@ -56,6 +73,7 @@ __all__ = [
     "mr",
     "pipeline",
     "psf",
+    "residual_verdict",
     "subtract",
 ]
 
@@ -427,6 +445,7 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
     with ctx.reporter.progress(label, len(tasks)) as advance:
         for _ in range(len(tasks) - len(todo)):
             advance()
+        by_name = {t.name: t for t in todo}
         for outcome in ctx.executor.run(_run_task, [(t.name, t) for t in todo]):
             advance()
             if outcome.ok:
@@ -434,6 +453,7 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
             else:
                 err = outcome.error
                 results[outcome.key] = err
+                _invalidate(by_name[outcome.key].output)
                 if isinstance(err, OasisError):
                     log.warning("%s: %s", label, err)
                 else:
@@ -449,24 +469,122 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
 
 
 def _output_current(task: Task) -> bool:
-    if task.output.suffix == ".ecsv":
-        if not task.output.exists():
-            return False
-        from astropy.table import Table
-
-        try:
-            meta = Table.read(task.output, format="ascii.ecsv").meta
-        except (OSError, ValueError):
-            return False
-        expected = {
-            k: str(v[0] if isinstance(v, tuple) else v) for k, v in task.provenance.cards().items()
-        }
-        return all(meta.get(k) == v for k, v in expected.items())
-    return is_current(task.output, task.provenance)
+    return is_current(task.output, task.provenance)  # FITS header or ECSV metadata
 
 
 def _failures(results: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in results.items() if isinstance(v, BaseException))
+
+
+def _reason(err: BaseException) -> str:
+    """One line for a failure: an OasisError's message, else the type and message."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OasisError):
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _first_failure(results: Mapping[str, Any]) -> str:
+    failed = _failures(results)
+    if not failed:
+        return ""
+    name, reason = failed[0], _reason(results[failed[0]])
+    if not reason.startswith(f"{name}:"):
+        reason = f"{name}: {reason}"
+    return f"{len(failed)} failed; the first: {reason}"
+
+
+# ---------------------------------------------------------------------------- currency
+
+
+def _invalidate(output: Path) -> None:
+    """Remove a unit's previous output (and the files its header names, ``OASFILES``),
+    so that nothing downstream takes it for this run's. Each removal is atomic."""
+    output = Path(output)
+    extra: list[Path] = []
+    if output.suffix == ".fits" and output.is_file():
+        from astropy.io import fits
+
+        try:
+            named = str(fits.getheader(output).get("OASFILES", ""))
+        except (OSError, ValueError):
+            named = ""
+        extra = [output.parent / n for n in named.split(",") if n and Path(n).name == n]
+    for path in (output, *extra):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _summaries(ctx: Context, stage: str) -> list[Path]:
+    """The outputs of ``stage`` that sum up the whole target rather than one unit."""
+    directory = ctx.target.stage_dir(stage)
+    if stage == "align":
+        return [directory / "reference.txt"]
+    if stage == "combine":
+        template = _template_path(ctx)
+        return [template, template.with_name("template.psf.fits")]
+    if stage == "mr":
+        return [_mr_path(ctx)]
+    if stage == "extract":
+        stems = ("sources", "filtered_sources", "MR_sources", "MR_filtered_sources")
+        return [
+            *(directory / f"{stem}{suffix}" for stem in stems for suffix in (".txt", ".ecsv")),
+            directory / "total_sources.txt",
+            directory / "detections",
+        ]
+    return []
+
+
+def _drop_after(ctx: Context, stage: str) -> None:
+    """Remove the summaries of every stage after ``stage``: a run that stops at ``stage``
+    leaves no template, master residual or catalog of an earlier run looking like this
+    one's."""
+    for later in STAGES[STAGES.index(stage) + 1 :]:
+        for path in _summaries(ctx, later):
+            _invalidate(path)
+
+
+def _stopped(ctx: Context, stage: str, err: OasisError) -> OasisError:
+    """``err``, to raise, after :func:`_drop_after` (``stage``)."""
+    _drop_after(ctx, stage)
+    return err
+
+
+def _header(path: Path) -> Any:
+    """The primary header of a FITS output (None when unreadable)."""
+    from astropy.io import fits
+
+    try:
+        return fits.getheader(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _made_from(output: Path, inputs: Mapping[str, Path], header: Any = None) -> bool:
+    """Was ``output`` made from ``inputs`` as they are now? True when it exists and the
+    name and sha256 of every input are among its provenance cards (``OASINn``; the
+    backend's options are the stage's business, not its readers')."""
+    from oasis_core.provenance import Provenance
+
+    output = Path(output)
+    if not output.is_file() or not all(Path(p).is_file() for p in inputs.values()):
+        return False
+    if output.suffix == ".ecsv":
+        from astropy.table import Table
+
+        try:
+            recorded = dict(Table.read(output, format="ascii.ecsv").meta)
+        except (OSError, ValueError):
+            return False
+    else:
+        recorded = header if header is not None else _header(output)
+        if recorded is None:
+            return False
+    found = {str(recorded[k]) for k in recorded if k.startswith("OASIN") and k[5:].isdigit()}
+    expected = Provenance(stage="", backend="", plugin="", inputs=dict(inputs)).input_cards()
+    return set(expected) <= found
 
 
 # ---------------------------------------------------------------------------- frames
@@ -487,17 +605,25 @@ def input_frames(target: Target) -> list[tuple[str, Path]]:
     return frames
 
 
-def _need(ctx: Context, n: int, what: str) -> None:
+def _need(ctx: Context, stage: str, n: int, what: str, results: Mapping[str, Any]) -> None:
+    """Stop the run (see :func:`_stopped`) when fewer than ``[run] min_frames`` frames are
+    usable after ``stage``; the message gives the first failure of the stage, if any."""
     need = ctx.config.run.min_frames
     if n < need:
-        raise InputError(
-            f"{ctx.target.path}: only {n} usable frame(s) {what}; at least {need} are needed "
-            "([run] min_frames)"
+        failed = _first_failure(results)
+        raise _stopped(
+            ctx,
+            stage,
+            InputError(
+                f"{ctx.target.path}: only {n} usable frame(s) {what}; at least {need} are "
+                "needed ([run] min_frames)" + (f"; {stage}: {failed}" if failed else "")
+            ),
         )
 
 
 def _workdir(ctx: Context, stage: str, name: str) -> Path:
-    return ctx.target.work / stage / name
+    """Scratch for one unit, inside the run's own scratch folder (see :mod:`~oasis_core.lock`)."""
+    return ctx.target.scratch / stage / name
 
 
 def _is_auto(backend: Any) -> bool:
@@ -584,7 +710,7 @@ def _mask(ctx: Context) -> list[str]:
     ]
     results = _execute(ctx, "mask", tasks)
     usable = [n for n, _ in frames if n not in _failures(results)]
-    _need(ctx, len(usable), "after masking")
+    _need(ctx, "mask", len(usable), "after masking", results)
     return usable
 
 
@@ -596,30 +722,43 @@ def _psf_path(ctx: Context, name: str) -> Path:
     return ctx.target.stage_dir("psf") / f"{name}.psf.fits"
 
 
-def _frames_with(
-    ctx: Context, stage_paths: Callable[[str], list[Path]], what: str
-) -> list[tuple[str, Path]]:
+def _mask_inputs(path: Path) -> dict[str, Path]:
+    return {"data": path}
+
+
+def _psf_inputs(ctx: Context, name: str, path: Path) -> dict[str, Path]:
+    return {"data": path, "mask": _mask_path(ctx, name)}
+
+
+def _masked_frames(ctx: Context) -> list[tuple[str, Path]]:
+    """The frames of ``data/`` whose weight map was made from them as they are now."""
     out = []
     for name, path in input_frames(ctx.target):
-        missing = [p for p in stage_paths(name) if not p.exists()]
-        if missing:
-            log.warning("%s: no %s (%s); frame left out", name, what, missing[0])
-            continue
-        out.append((name, path))
+        mask = _mask_path(ctx, name)
+        if not mask.exists():
+            log.warning("%s: no weight map (%s; run `oasis mask`); frame left out", name, mask)
+        elif not _made_from(mask, _mask_inputs(path)):
+            log.warning(
+                "%s: its weight map %s was made from other data (run `oasis mask`); left out",
+                name,
+                mask,
+            )
+        else:
+            out.append((name, path))
     return out
 
 
 def _psf(ctx: Context) -> list[str]:
-    frames = _frames_with(ctx, lambda n: [_mask_path(ctx, n)], "weight map: run `oasis mask`")
-    tasks = []
-    for name, path in frames:
-        inputs = {"data": path, "mask": _mask_path(ctx, name)}
-        tasks.append(_task(ctx, "psf", name, inputs, _psf_path(ctx, name)))
+    frames = _masked_frames(ctx)
+    tasks = [
+        _task(ctx, "psf", name, _psf_inputs(ctx, name, path), _psf_path(ctx, name))
+        for name, path in frames
+    ]
     results = _execute(ctx, "psf", tasks)
     stats = _psf_table(ctx, [n for n, _ in frames if n not in _failures(results)])
     _archive_outliers(ctx, stats, dict(frames))
     usable = [str(n) for n, keep in zip(stats["frame"], stats["usable"], strict=True) if keep]
-    _need(ctx, len(usable), "after the PSF selection")
+    _need(ctx, "psf", len(usable), "after the PSF selection", results)
     return usable
 
 
@@ -675,10 +814,14 @@ def _archive_outliers(ctx: Context, table: Any, paths: Mapping[str, Path]) -> No
         src = paths[str(row["frame"])]
         dest = ctx.target.archive / src.name
         ctx.target.archive.mkdir(parents=True, exist_ok=True)
-        shutil.move(src, dest)
+        try:
+            shutil.move(src, dest)
+            where = "moved to archive/"
+        except OSError as err:  # a read-only data/: the frame stays, psf.ecsv leaves it out
+            where = f"left in data/ ({err.strerror or err}) and left out"
         line = (
             f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {src.name}: {row['archive_reason']} "
-            f"(FWHM {row['fwhm']:.2f} px, S/N {row['snr']:.1f}); moved to archive/"
+            f"(FWHM {row['fwhm']:.2f} px, S/N {row['snr']:.1f}); {where}"
         )
         log.warning("%s", line)
         lines.append(line)
@@ -695,15 +838,20 @@ def _read_psf_stats(ctx: Context) -> Any:
     if not path.exists():
         raise InputError(f"{path}: missing; run `oasis psf` first")
     table = Table.read(path, format="ascii.ecsv")
-    present = {n for n, _ in input_frames(ctx.target)}
-    keep = np.array(
-        [
-            bool(u) and str(f) in present
-            for f, u in zip(table["frame"], table["usable"], strict=True)
-        ],
-        bool,
-    )
-    return table[keep] if len(table) else table
+    present = dict(input_frames(ctx.target))
+    keep = []
+    for f, usable in zip(table["frame"], table["usable"], strict=True):
+        name = str(f)
+        ok = bool(usable) and name in present
+        if ok and not _made_from(_psf_path(ctx, name), _psf_inputs(ctx, name, present[name])):
+            log.warning(
+                "%s: its PSF was not measured from its current data and weight map (run "
+                "`oasis psf`); frame left out",
+                name,
+            )
+            ok = False
+        keep.append(ok)
+    return table[np.array(keep, bool)] if len(table) else table
 
 
 def choose_reference(stats: Any, by: str) -> str:
@@ -716,40 +864,65 @@ def choose_reference(stats: Any, by: str) -> str:
 
 def _align(ctx: Context) -> list[str]:
     stats = _read_psf_stats(ctx)
-    _need(ctx, len(stats), "with a PSF")
+    _need(ctx, "psf", len(stats), "with a PSF", {})
     reference = choose_reference(stats, ctx.config.settings["align"].reference)
     paths = dict(input_frames(ctx.target))
     out_dir = ctx.target.stage_dir("align")
-    ref_inputs = {
-        "ref_data": paths[reference],
-        "ref_mask": _mask_path(ctx, reference),
-        "ref_psf": _psf_path(ctx, reference),
-    }
     tasks = []
     for name in stats["frame"]:
         name = str(name)
-        inputs = {
-            "data": paths[name],
-            "mask": _mask_path(ctx, name),
-            "psf": _psf_path(ctx, name),
-            **ref_inputs,
-        }
+        inputs = _align_inputs(ctx, name, reference, paths)
         tasks.append(_task(ctx, "align", name, inputs, out_dir / f"{name}.fits"))
     log.info("align: reference frame %s (by %s)", reference, ctx.config.settings["align"].reference)
     results = _execute(ctx, "align", tasks)
     io.write_text(out_dir / "reference.txt", reference + "\n")
     usable = [str(n) for n in stats["frame"] if str(n) not in _failures(results)]
-    _need(ctx, len(usable), "after alignment")
+    _need(ctx, "align", len(usable), "after alignment", results)
     return usable
 
 
+def _align_inputs(
+    ctx: Context, name: str, reference: str, paths: Mapping[str, Path]
+) -> dict[str, Path]:
+    return {
+        "data": paths[name],
+        "mask": _mask_path(ctx, name),
+        "psf": _psf_path(ctx, name),
+        "ref_data": paths[reference],
+        "ref_mask": _mask_path(ctx, reference),
+        "ref_psf": _psf_path(ctx, reference),
+    }
+
+
 def _aligned(ctx: Context) -> list[str]:
+    """The frames whose aligned image was made from their current data, weight map and
+    PSF and from those of the reference it records (``OASREF``)."""
     stats = _read_psf_stats(ctx)
     out_dir = ctx.target.stage_dir("align")
-    names = [str(n) for n in stats["frame"] if (out_dir / f"{n}.fits").exists()]
-    missing = [str(n) for n in stats["frame"] if str(n) not in names]
+    paths = dict(input_frames(ctx.target))
+    names, missing, stale = [], [], []
+    for n in stats["frame"]:
+        name = str(n)
+        out = out_dir / f"{name}.fits"
+        header = _header(out) if out.exists() else None
+        if header is None:
+            missing.append(name)
+            continue
+        reference = str(header.get("OASREF", ""))
+        if reference not in paths or not _made_from(
+            out, _align_inputs(ctx, name, reference, paths), header
+        ):
+            stale.append(name)
+            continue
+        names.append(name)
     if missing:
         log.warning("no aligned frame for %s (run `oasis align`); left out", ", ".join(missing))
+    if stale:
+        log.warning(
+            "the aligned frames of %s were made from other inputs than the current ones (run "
+            "`oasis align`); left out",
+            ", ".join(stale),
+        )
     return names
 
 
@@ -767,10 +940,25 @@ def _template_path(ctx: Context) -> Path:
     return ctx.target.stage_dir("combine") / "template.fits"
 
 
+def _template_current(ctx: Context, aligned: Sequence[str]) -> bool:
+    """Was the template (and its PSF) made from aligned frames that are current now?"""
+    template = _template_path(ctx)
+    header = _header(template) if template.exists() else None
+    if header is None or not template.with_name("template.psf.fits").exists():
+        return False
+    used = [str(header[k]) for k in header if k.startswith("OASTIN") and k[6:].isdigit()]
+    align_dir = ctx.target.stage_dir("align")
+    return (
+        bool(used)
+        and set(used) <= set(aligned)
+        and _made_from(template, {n: align_dir / f"{n}.fits" for n in used}, header)
+    )
+
+
 def _combine(ctx: Context) -> Path:
     stats = _read_psf_stats(ctx)
     names = _aligned(ctx)
-    _need(ctx, len(names), "aligned")
+    _need(ctx, "align", len(names), "aligned", {})
     settings = ctx.config.settings["combine"]
     chosen = template_frames(stats, names, settings.fraction, settings.min_frames)
     out = _template_path(ctx)
@@ -782,6 +970,20 @@ def _combine(ctx: Context) -> Path:
     if not ctx.force and is_current(out, prov) and psf_out.exists():
         ctx.reporter.result("combine: template up to date")
         return out
+    try:
+        return _make_template(ctx, inputs, chosen, prov)
+    except Exception:  # the old template must not outlive a failed combine
+        for path in _summaries(ctx, "combine"):
+            _invalidate(path)
+        _drop_after(ctx, "combine")
+        raise
+
+
+def _make_template(
+    ctx: Context, inputs: Mapping[str, Path], chosen: Sequence[str], prov: Provenance
+) -> Path:
+    out = _template_path(ctx)
+    psf_out = out.with_name("template.psf.fits")
     backend = ctx.backend("combine")
     frames = [_ro(_load_output(p, _psf_path(ctx, n))) for n, p in inputs.items()]
     psf_backend = ctx.backend("psf")
@@ -836,32 +1038,63 @@ def _residual_path(ctx: Context, name: str) -> Path:
     return ctx.target.stage_dir("subtract") / f"{name}_residual.fits"
 
 
+def _subtract_inputs(ctx: Context, name: str) -> dict[str, Path]:
+    template = _template_path(ctx)
+    return {
+        "science": ctx.target.stage_dir("align") / f"{name}.fits",
+        "template": template,
+        "psf": _psf_path(ctx, name),
+        "template_psf": template.with_name("template.psf.fits"),
+    }
+
+
 def _subtract(ctx: Context) -> list[str]:
     names = _aligned(ctx)
     template = _template_path(ctx)
     if not template.exists():
-        raise InputError(f"{template}: missing; run `oasis combine` first")
-    settings = ctx.config.settings["subtract"]
-    align_dir = ctx.target.stage_dir("align")
-    tasks = []
-    for name in names:
-        inputs = {
-            "science": align_dir / f"{name}.fits",
-            "template": template,
-            "psf": _psf_path(ctx, name),
-            "template_psf": template.with_name("template.psf.fits"),
-        }
-        tasks.append(
-            _task(ctx, "subtract", name, inputs, _residual_path(ctx, name), settings=settings)
+        raise _stopped(ctx, "subtract", InputError(f"{template}: missing; run `oasis combine`"))
+    if not _template_current(ctx, names):
+        raise _stopped(
+            ctx,
+            "subtract",
+            InputError(
+                f"{template}: made from aligned frames that changed or are no longer usable; "
+                "run `oasis combine`"
+            ),
         )
+    settings = ctx.config.settings["subtract"]
+    tasks = [
+        _task(
+            ctx,
+            "subtract",
+            name,
+            _subtract_inputs(ctx, name),
+            _residual_path(ctx, name),
+            settings=settings,
+        )
+        for name in names
+    ]
     results = _execute(ctx, "subtract", tasks)
-    _write_subtract_log(ctx, names)
-    return [n for n in names if n not in _failures(results)]
+    log_path = _write_subtract_log(ctx, names, results)
+    usable = [n for n in names if n not in _failures(results)]
+    if names and not usable:
+        raise _stopped(
+            ctx,
+            "subtract",
+            StageError(
+                f"subtract: no frame could be subtracted ({_first_failure(results)}); see "
+                f"{log_path}"
+            ),
+        )
+    return usable
 
 
-def _write_subtract_log(ctx: Context, names: Sequence[str]) -> None:
+def _write_subtract_log(
+    ctx: Context, names: Sequence[str], results: Mapping[str, Any] | None = None
+) -> Path:
     """``residuals/log.txt``: per frame the backend, Q, the configuration chosen by the
-    optimisation (choice / tries and the backend's description), run time and flag."""
+    optimisation (choice / tries and the backend's description), run time and flag; a
+    frame whose subtraction failed in this run is listed as ``failed: <reason>``."""
     from astropy.io import fits
 
     head = (
@@ -869,8 +1102,17 @@ def _write_subtract_log(ctx: Context, names: Sequence[str]) -> None:
         f"{'good':>5}  configuration | flag"
     )
     lines = [head]
+    results = results or {}
+    chosen = ctx.config.backend("subtract")
     for name in names:
         path = _residual_path(ctx, name)
+        outcome = results.get(name)
+        if isinstance(outcome, BaseException):
+            lines.append(
+                f"  {name:<24} {chosen:<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  "
+                f"failed: {_reason(outcome)}"
+            )
+            continue
         if not path.exists():
             lines.append(
                 f"  {name:<24} {'-':<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  not subtracted"
@@ -886,26 +1128,48 @@ def _write_subtract_log(ctx: Context, names: Sequence[str]) -> None:
             f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f}  "
             f"{hdr.get('OAS CONFIG', '')} | {hdr.get('OAS FLAG', '')}"
         )
-    io.write_text(ctx.target.stage_dir("subtract") / "log.txt", "\n".join(lines) + "\n")
+    log_path = ctx.target.stage_dir("subtract") / "log.txt"
+    io.write_text(log_path, "\n".join(lines) + "\n")
+    return log_path
+
+
+def residual_verdict(header: Any) -> bool:
+    """A residual's own recorded verdict: usable (its Q reached the ``q_floor`` of the run
+    that made it), from its ``OAS USABLE`` card; a residual written before that card
+    existed is judged by its weights (a residual below the floor has none left)."""
+    if "OAS USABLE" in header:
+        return bool(header["OAS USABLE"])
+    try:
+        return float(header.get("OAS GOOD_FRACTION", 1.0)) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _residuals(ctx: Context) -> tuple[list[str], list[str]]:
-    """(usable residual names, names that could not be subtracted or are flagged out)."""
-    from astropy.io import fits
+    """(usable residual names, names that could not be subtracted or are flagged out).
 
-    good, bad = [], []
+    A residual is usable when it was made from the current aligned frame, template and
+    PSFs and its own recorded verdict says so (:func:`residual_verdict`); the ``q_floor``
+    of the current command plays no part."""
+    good, bad, stale = [], [], []
     for name in _aligned(ctx):
         path = _residual_path(ctx, name)
-        if not path.exists():
+        header = _header(path) if path.exists() else None
+        if header is None:
             bad.append(name)
-            continue
-        hdr = fits.getheader(path)
-        q = float(hdr.get("OASQ", "nan"))
-        floor = ctx.config.settings["subtract"].q_floor
-        if not np.isfinite(q) or q < floor:
+        elif not _made_from(path, _subtract_inputs(ctx, name), header):
+            stale.append(name)
             bad.append(name)
-        else:
+        elif residual_verdict(header):
             good.append(name)
+        else:
+            bad.append(name)
+    if stale:
+        log.warning(
+            "the residuals of %s were made from another template or aligned frame than the "
+            "current ones (run `oasis subtract`); left out",
+            ", ".join(stale),
+        )
     return good, bad
 
 
@@ -913,16 +1177,37 @@ def _mr_path(ctx: Context) -> Path:
     return ctx.target.stage_dir("mr") / "MR.fits"
 
 
+def _no_residual(ctx: Context, bad: Sequence[str]) -> InputError:
+    return InputError(
+        f"{ctx.target.path}: no usable residual ({len(bad)} frame(s) not subtracted or "
+        "below the Q floor; see residuals/log.txt); run `oasis subtract` first"
+    )
+
+
 def _mr(ctx: Context) -> Path:
     good, bad = _residuals(ctx)
     if not good:
-        raise InputError(f"{ctx.target.path}: no usable residual; run `oasis subtract` first")
+        _invalidate(_mr_path(ctx))
+        raise _stopped(ctx, "mr", _no_residual(ctx, bad))
     inputs = {n: _residual_path(ctx, n) for n in good}
     prov = ctx.provenance("mr", {**inputs, **_named(_user_files(ctx, ctx.backend("mr")))})
     out = _mr_path(ctx)
     if not ctx.force and is_current(out, prov):
         ctx.reporter.result("mr: master residual up to date")
         return out
+    try:
+        return _make_master(ctx, inputs, prov, bad)
+    except Exception:  # the old master residual must not outlive a failed mr
+        _invalidate(out)
+        _drop_after(ctx, "mr")
+        raise
+
+
+def _make_master(
+    ctx: Context, inputs: Mapping[str, Path], prov: Provenance, bad: Sequence[str]
+) -> Path:
+    out = _mr_path(ctx)
+    good = list(inputs)
     backend = ctx.backend("mr")
     residuals = [_ro(io.read_residual(p)) for p in inputs.values()]
     workdir = _workdir(ctx, "mr", "MR")
@@ -954,16 +1239,37 @@ def _extract(ctx: Context) -> dict[str, Any]:
 
     settings = ctx.config.settings["extract"]
     good, bad = _residuals(ctx)
+    if not good:
+        raise _stopped(ctx, "mr", _no_residual(ctx, bad))
     method = settings.method
     units: list[tuple[str, Path]] = []
     if method in ("both", "indiv"):
         units += [(n, _residual_path(ctx, n)) for n in good]
     if method in ("both", "MR"):
-        if not _mr_path(ctx).exists():
-            raise InputError(f"{_mr_path(ctx)}: missing; run `oasis mr` first")
-        units.append(("MR", _mr_path(ctx)))
+        mr_path = _mr_path(ctx)
+        if not mr_path.exists():
+            raise _stopped(ctx, "mr", InputError(f"{mr_path}: missing; run `oasis mr` first"))
+        header = _header(mr_path)
+        if (
+            header is None
+            or int(header.get("NCOMBINE", -1)) != len(good)
+            or not _made_from(mr_path, {n: _residual_path(ctx, n) for n in good}, header)
+        ):
+            raise _stopped(
+                ctx,
+                "mr",
+                InputError(
+                    f"{mr_path}: not made from the {len(good)} usable residuals as they are "
+                    "now; run `oasis mr`"
+                ),
+            )
+        units.append(("MR", mr_path))
     if not units:
-        raise InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`")
+        raise _stopped(
+            ctx,
+            "mr",
+            InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`"),
+        )
     out_dir = ctx.target.stage_dir("extract")
     det_dir = out_dir / "detections"
     template_psf = _template_path(ctx).with_name("template.psf.fits")
@@ -976,6 +1282,12 @@ def _extract(ctx: Context) -> dict[str, Any]:
         tasks.append(_task(ctx, "extract", n, inputs, det_dir / f"{n}.ecsv"))
     results = _execute(ctx, "extract", tasks)
     failed = _failures(results)
+    if len(failed) == len(units):
+        raise _stopped(
+            ctx,
+            "mr",
+            StageError(f"extract: nothing could be extracted ({_first_failure(results)})"),
+        )
     tables = {
         n: Table.read(det_dir / f"{n}.ecsv", format="ascii.ecsv")
         for n, _ in units
@@ -999,7 +1311,11 @@ def _extract(ctx: Context) -> dict[str, Any]:
         t.add_column(name, name="frame", index=0)
         indiv.append(_cleaned(t))
     sources = vstack(indiv) if indiv else None
-    summary: dict[str, Any] = {"frames": len(indiv_names), "not_subtracted": bad}
+    summary: dict[str, Any] = {
+        "frames": len(indiv_names),
+        "not_subtracted": bad,
+        "not_extracted": failed,
+    }
     written = []
     if sources is not None:
         _add_radec(sources, wcs)
@@ -1026,7 +1342,10 @@ def _extract(ctx: Context) -> dict[str, Any]:
     summary["mean_q"] = float(np.nanmean(qs)) if qs else float("nan")
     _write_totals(out_dir, summary, method)
     ctx.reporter.result(
-        "extract: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k != "not_subtracted")
+        "extract: "
+        + ", ".join(
+            f"{k} {v}" for k, v in summary.items() if k not in ("not_subtracted", "not_extracted")
+        )
     )
     return summary
 
@@ -1080,6 +1399,9 @@ def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> Non
         + (f" ({', '.join(bad)})" if bad else ""),
         f"mean Q: {summary.get('mean_q', float('nan')):.3f}",
     ]
+    failed = summary.get("not_extracted", [])
+    if failed:
+        lines.append(f"residuals whose extraction failed: {len(failed)} ({', '.join(failed)})")
     io.write_text(out_dir / "total_sources.txt", "\n".join(lines) + "\n")
 
 
@@ -1098,20 +1420,34 @@ _RUNNERS: dict[str, Callable[[Context], Any]] = {
 
 
 def run_stages(ctx: Context, stages: Sequence[str] = STAGES) -> dict[str, Any]:
-    """Run ``stages`` in pipeline order on a prepared context; return each stage's result."""
-    ctx.target.create()
-    _remove_partial_files(ctx.target)
-    _save_config(ctx)
-    # resolve every backend first: a bad name or a missing program fails before any work
-    for stage in stages:
-        ctx.backend(stage)
-    if "combine" in stages:
-        ctx.backend("psf")
-    return {stage: _RUNNERS[stage](ctx) for stage in STAGES if stage in stages}
+    """Run ``stages`` in pipeline order on a prepared context; return each stage's result.
+
+    The run holds the target's lock throughout (:func:`oasis_core.lock.target_lock`).
+
+    Raises
+    ------
+    TargetBusy
+        Another run holds the target (exit code 2 on the command line).
+    InputError
+        The target is not writable, or a stage has too few usable frames.
+    StageError
+        A stage produced nothing usable (every subtraction failed...).
+    """
+    with target_lock(ctx.target.path):
+        ctx.target.create()
+        _remove_partial_files(ctx.target)
+        _save_config(ctx)
+        # resolve every backend first: a bad name or a missing program fails before any work
+        for stage in stages:
+            ctx.backend(stage)
+        if "combine" in stages:
+            ctx.backend("psf")
+        return {stage: _RUNNERS[stage](ctx) for stage in STAGES if stage in stages}
 
 
 def _remove_partial_files(target: Target) -> None:
-    """Delete temporary files a killed run left behind (never a finished output)."""
+    """Delete temporary files a killed run left behind (never a finished output); only
+    under the target's lock, so never another run's."""
     for stage in STAGES:
         directory = target.stage_dir(stage)
         if directory.is_dir():

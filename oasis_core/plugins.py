@@ -9,13 +9,21 @@ shown by ``oasis plugins``; it is an error only if one of its backends is select
 :class:`Registry` collects the backends every plugin yields, per stage, and resolves a
 name to a backend: an unknown name lists the installed choices, a duplicate name names both
 providers, and :meth:`Registry.select` runs the backend's :meth:`~Backend.check`.
+
+:meth:`Registry.select` hands out a :class:`BackendHandle`: the backend itself for every
+attribute, but its stage methods turn a plain exception (a plugin's bug, a library's
+error) into one :class:`~oasis_core.errors.BackendError` naming the stage, the backend,
+its distribution and version, the unit of work and the fault, chained to the original.
+This is the one place where a backend's faults are named; the pipeline, ``subtract-pair``,
+``compare`` and every other caller get it by selecting backends here.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -23,10 +31,12 @@ import pluggy
 
 from oasis_core import hookspecs
 from oasis_core.backends import BASES, NAME_RE, STAGES, Backend
-from oasis_core.errors import BackendUnavailable, OasisError, UnknownBackend
+from oasis_core.errors import BackendError, BackendUnavailable, OasisError, UnknownBackend
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "STAGE_METHODS",
+    "BackendHandle",
     "BackendRecord",
     "BrokenPlugin",
     "Registry",
@@ -63,6 +73,140 @@ class BackendRecord:
     @property
     def name(self) -> str:
         return self.backend.name
+
+    @property
+    def provider(self) -> str:
+        """``dist==version`` (the distribution alone when it has no version)."""
+        return f"{self.dist}=={self.version}" if self.version else self.dist
+
+
+#: The stage methods of the backend contract (:mod:`oasis_core.backends`), which a
+#: :class:`BackendHandle` guards.
+STAGE_METHODS = frozenset(
+    ("mask", "psf", "align", "combine", "subtract", "candidates", "master", "extract")
+)
+
+
+def _unit(args: tuple[Any, ...]) -> str:
+    """The unit of work a stage method was given: its first argument, by name."""
+    if not args:
+        return "?"
+    first = args[0]
+    if isinstance(first, (list, tuple)):
+        names = [str(getattr(x, "name", "?")) for x in first]
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        kind = type(first[0]).__name__.lower() + "s" if first else "inputs"
+        return f"{len(names)} {kind} ({shown})"
+    kind = type(first).__name__.lower()
+    name = getattr(first, "name", None) or "?"
+    path = getattr(first, "path", None)
+    return f"{kind} {name}" + (f" ({path})" if path else "")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class BackendHandle:
+    """A selected backend as the core uses it.
+
+    Every attribute is the backend's own (``name``, ``Options``, ``needs_psf``,
+    ``user_files``...) and ``isinstance`` sees the backend's class; only the stage methods
+    (:data:`STAGE_METHODS`) are guarded: an exception that is not an
+    :class:`~oasis_core.errors.OasisError` becomes a
+    :class:`~oasis_core.errors.BackendError` whose one-line message names the stage, the
+    backend, its distribution, the unit of work (frame, residual or list of inputs) and the
+    fault, raised ``from`` the original. A handle pickles as its backend and provider, so
+    it crosses to worker processes like the backend itself.
+
+    Parameters
+    ----------
+    backend : Backend
+        The plugin's object.
+    provider : str
+        Its distribution, ``dist==version``.
+    """
+
+    __slots__ = ("_backend", "_provider")
+
+    def __init__(self, backend: Backend, provider: str) -> None:
+        object.__setattr__(self, "_backend", backend)
+        object.__setattr__(self, "_provider", provider)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # isinstance(handle, SubtractBackend) holds
+        return type(self._backend)
+
+    @property
+    def __wrapped__(self) -> Backend:
+        """The plugin's own backend object."""
+        return self._backend
+
+    @property
+    def provider(self) -> str:
+        """The backend's distribution, ``dist==version``."""
+        return self._provider
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._backend, name)
+        if name in STAGE_METHODS and callable(value):
+            return self._guard(name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._backend, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (BackendHandle, (self._backend, self._provider))
+
+    def __repr__(self) -> str:
+        return repr(self._backend)
+
+    def __eq__(self, other: object) -> bool:
+        return self._backend == getattr(other, "__wrapped__", other)
+
+    def __hash__(self) -> int:
+        return hash(self._backend)
+
+    def _fault(self, method: str, args: tuple[Any, ...], err: Exception) -> BackendError:
+        backend = self._backend
+        return BackendError(
+            f"{backend.stage} backend {backend.name!r} ({self._provider}) failed in "
+            f"{method}() on {_unit(args)}: {_one_line(err)}",
+            metadata={"backend": backend.name, "provider": self._provider, "method": method},
+        )
+
+    def _guard(self, method: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = function(*args, **kwargs)
+            except OasisError:
+                raise
+            except Exception as err:  # a plugin's plain exception: name the plugin
+                raise self._fault(method, args, err) from err
+            if method == "candidates":  # may be a generator: guard every step too
+                return self._guard_iter(method, args, result)
+            return result
+
+        return guarded
+
+    def _guard_iter(self, method: str, args: tuple[Any, ...], items: Any) -> Iterator[Any]:
+        try:
+            iterator = iter(items)
+        except TypeError as err:
+            raise self._fault(method, args, err) from err
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except OasisError:
+                raise
+            except Exception as err:
+                raise self._fault(method, args, err) from err
+            yield item
 
 
 def make_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager:
@@ -226,7 +370,14 @@ class Registry:
         return record
 
     def select(self, stage: str, name: str, options: Any) -> Backend:
-        """Return backend ``name`` of ``stage`` after checking that it can run."""
+        """Return backend ``name`` of ``stage`` after checking that it can run.
+
+        Returns
+        -------
+        BackendHandle
+            The backend, whose stage methods name it and its plugin when they fail
+            (see :class:`BackendHandle`).
+        """
         record = self.get(stage, name)
         try:
             record.backend.check(options)
@@ -234,7 +385,11 @@ class Registry:
             raise
         except OasisError as err:
             raise BackendUnavailable(f"{stage} backend {name!r}: {err}") from err
-        return record.backend
+        except Exception as err:  # a plugin's check() bug: name the plugin
+            raise BackendUnavailable(
+                f"{stage} backend {name!r} ({record.provider}): check() failed: {_one_line(err)}"
+            ) from err
+        return BackendHandle(record.backend, record.provider)  # type: ignore[return-value]
 
     def status(self, record: BackendRecord) -> str:
         """``"available"`` or why the backend cannot run with its default options."""

@@ -3,7 +3,8 @@
 Backends that wrap a program (hotpants, SExtractor, PSFEx, SWarp, a third party's) run it
 through :func:`run_program`, so a program that cannot start or does not finish becomes
 the same one-line :class:`~oasis_core.errors.StageError` everywhere; what its exit code
-and output mean stays the backend's business.
+and output mean stays the backend's business. A program dies with the process that started
+it (Linux's ``PR_SET_PDEATHSIG``), so a killed run leaves no SExtractor or hotpants behind.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def run_program(
         ``"<where>: cannot run <label> (<program>): <why>"`` when it cannot start, and
         ``"<where>: <label> did not finish within <timeout> s (option timeout)"``.
     """
+    import sys
+
+    from oasis_core.executor import die_with_parent
+
     metadata = {"command": shown or " ".join(command)}
     try:
         return subprocess.run(
@@ -65,6 +70,7 @@ def run_program(
             stdin=subprocess.DEVNULL,
             timeout=timeout if timeout > 0 else None,
             check=False,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
     except subprocess.TimeoutExpired as err:
         msg = f"{where}: {label} did not finish within {timeout:g} s (option timeout)"

@@ -71,6 +71,7 @@ import numpy as np
 
 from oasis_core import io
 from oasis_core.errors import BackendUnavailable, InputError
+from oasis_core.lock import LOCK_NAME, hold, holds_targets
 
 __all__ = [
     "MODES",
@@ -374,14 +375,25 @@ def _wcs_cards(
 # ----------------------------------------------------------------------------- draws
 
 
-def _interval(value: Any, name: str) -> tuple[float, float]:
+_WHERE = "oasis sim same-field"
+
+
+def _interval(value: Any, low: str, high: str) -> tuple[float, float]:
+    """``value`` as (low, high), two finite numbers in order (the shared checks: one line
+    naming the parameter, its value and its range)."""
+    from oasis_core.validators import finite, satisfies, show
+
     try:
-        lo, hi = (float(v) for v in value)
+        lo, hi = value
     except (TypeError, ValueError) as err:
-        raise InputError(f"{name} must be two numbers (low, high), got {value!r}") from err
-    if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
-        raise InputError(f"{name} must be a finite interval (low <= high), got {value!r}")
-    return lo, hi
+        msg = f"{_WHERE}: {low}, {high} = {value!r}: must be two numbers (low, high)"
+        raise InputError(msg) from err
+    finite.require(lo, low, _WHERE)
+    above = satisfies(
+        lambda v: finite.test(v) and v >= lo, f"a finite number >= {low} ({show(lo)})"
+    )
+    above.require(hi, high, _WHERE)
+    return float(lo), float(hi)
 
 
 def draw_frames(
@@ -802,7 +814,10 @@ def _prepare_target(
     from oasis_core.tree import Target
 
     marker = sim_dir / "configs" / "samefield.json"
-    if sim_dir.exists():
+    # the lock file and the run's scratch are this run's; anything else is a simulation's
+    held = (LOCK_NAME, ".work")
+    content = [p for p in sim_dir.iterdir() if p.name not in held] if sim_dir.exists() else []
+    if content:
         if not marker.is_file():
             raise InputError(
                 f"{sim_dir}: exists and is not a same-field simulation; remove it or move it"
@@ -810,7 +825,11 @@ def _prepare_target(
         done = json.loads(marker.read_text())
         if done.get("params") == json.loads(json.dumps(params)) and done.get("complete"):
             return Target(sim_dir), True
-        shutil.rmtree(sim_dir)  # other parameters, or an interrupted rendering
+        for path in content:  # other parameters, or an interrupted rendering
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     target = Target(sim_dir).create()
     _mark(target, params, complete=False)
     user_config = source_target.config_file if source_target is not None else None
@@ -826,6 +845,7 @@ def _mark(target: Any, params: Mapping[str, Any], *, complete: bool) -> None:
     io.write_text(target.configs / "samefield.json", text + "\n")
 
 
+@holds_targets
 def sim_same_field(
     location: str | Path,
     numIms: int = 100,
@@ -898,20 +918,21 @@ def sim_same_field(
 
     from oasis_core.pipeline import Reporter, _residuals, make_context, run_stages
     from oasis_core.plugins import Registry
+    from oasis_core.validators import finite, integer, non_negative, one_of, positive
 
-    if mode not in MODES:
-        raise InputError(f"mode {mode!r} is not known; use one of {', '.join(MODES)}")
-    if int(numIms) < 3:
-        raise InputError(f"numIms must be at least 3, got {numIms!r}")
-    fwhm = _interval((fwhm_min, fwhm_max), "fwhm_min, fwhm_max")
-    if fwhm[0] <= 0:
-        raise InputError(f"fwhm_min must be positive, got {fwhm_min!r}")
-    rotation = _interval((rot_min, rot_max), "rot_min, rot_max")
-    shift = _interval((shift_min, shift_max), "shift_min, shift_max")
-    mult = _interval(scale_mult, "scale_mult")
-    if mult[0] < 0 or mult[1] <= 0:
-        raise InputError(f"scale_mult must lie in [0, inf) with a positive top, got {scale_mult!r}")
-    add = _interval(scale_add, "scale_add")
+    one_of(*MODES).require(mode, "mode", _WHERE)  # every argument, before any work
+    integer(3).require(numIms, "numIms", _WHERE)
+    integer(0).require(seed, "seed", _WHERE)
+    finite.require(bkg_mag, "bkg_mag", _WHERE)
+    finite.require(zero_point, "zero_point", _WHERE)
+    positive.require(fwhm_min, "fwhm_min", _WHERE)
+    fwhm = _interval((fwhm_min, fwhm_max), "fwhm_min", "fwhm_max")
+    rotation = _interval((rot_min, rot_max), "rot_min", "rot_max")
+    shift = _interval((shift_min, shift_max), "shift_min", "shift_max")
+    mult = _interval(scale_mult, "scale_mult[0]", "scale_mult[1]")
+    non_negative.require(mult[0], "scale_mult[0]", _WHERE)
+    positive.require(mult[1], "scale_mult[1]", _WHERE)
+    add = _interval(scale_add, "scale_add[0]", "scale_add[1]")
     if mode == "sky":
         _galsim()  # fail before any work
     registry = registry if registry is not None else Registry()
@@ -938,6 +959,7 @@ def sim_same_field(
     }
     name = source_target.name if source_target is not None else io.frame_name(source_path)
     sim_dir = (_simulations_dir(source_target) / f"{name}_samefield_{mode}").resolve()
+    hold(sim_dir)  # one run per simulation, until the end
     target, current = _prepare_target(sim_dir, params, source_target, registry)
     out_dir = target.path / "samefield"
     catalog_path = out_dir / "catalog.ecsv"

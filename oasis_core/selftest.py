@@ -27,6 +27,7 @@ import attrs
 import numpy as np
 
 from oasis_core import io
+from oasis_core.lock import hold, holds_targets
 
 __all__ = ["SelfTestResult", "run_selftest"]
 
@@ -220,6 +221,7 @@ def check(target: Any, controls: Any, *, match_radius: float = 2.0) -> SelfTestR
     return SelfTestResult(not reasons, tuple(reasons), target.path, controls)
 
 
+@holds_targets
 def run_selftest(
     directory: str | Path | None = None,
     *,
@@ -237,8 +239,10 @@ def run_selftest(
     control sources are actually injected; leaving one out must fail the test.
     """
     from oasis_core.pipeline import make_context, run_stages
+    from oasis_core.tree import init_root
 
     directory = Path(directory or "oasis-selftest")
+    hold(init_root(directory) / "targets" / "selftest")  # the target prepare() makes
     target, table = prepare(
         directory, n_frames=n_frames, shape=shape, seed=seed, controls=controls, registry=registry
     )

@@ -104,7 +104,9 @@ def run_subtraction(
         if np.isfinite(residual.q) and residual.q >= ceiling:
             break
     if best is None:
-        raise StageError(f"{science.name}: every configuration failed; the first: {errors[0]}")
+        raise StageError(
+            f"{science.name}: every configuration failed; the first: {errors[0]}"
+        ) from errors[0]
     residual, choice, opts = best
     from oasis_core.provenance import options_dict
 
@@ -141,10 +143,9 @@ class AutoSubtract:
 
     @property
     def options(self) -> dict[str, Any]:
-        """Every candidate's options, by name (what the provenance hashes)."""
-        from oasis_core.provenance import options_dict
-
-        return {name: options_dict(opts) for name, _, opts in self.candidates}
+        """Every candidate's options object, by name (what the provenance hashes, with the
+        files they name)."""
+        return {name: opts for name, _, opts in self.candidates}
 
 
 def auto_subtract(registry: Any, config: Any, names: Sequence[str] | None = None) -> AutoSubtract:
@@ -265,13 +266,22 @@ def judge_residual(residual: Residual, name: str, q_floor: float) -> Residual:
     weight = residual.weight
     if good < 0.5:
         flags.append(f"mostly masked ({100 * (1 - good):.0f}% of pixels)")
-    if not np.isfinite(residual.q) or residual.q < q_floor:
+    usable = bool(np.isfinite(residual.q) and residual.q >= q_floor)
+    if not usable:
         flags.append(f"Q {residual.q:.3f} below the floor {q_floor}")
         weight = np.zeros_like(residual.weight)
     flag = "; ".join(flags)
     if flag:
         log.warning("%s: %s", name, flag)
-    meta = {**residual.meta, "flag": flag, "good_fraction": round(float((weight > 0).mean()), 4)}
+    meta = {
+        **residual.meta,
+        "flag": flag,
+        "good_fraction": round(float((weight > 0).mean()), 4),
+        # the verdict, recorded with the residual (OAS USABLE, OAS Q_FLOOR): what reads it
+        # later (mr, extract) follows it, whatever its own q_floor
+        "usable": usable,
+        "q_floor": float(q_floor),
+    }
     return attrs.evolve(residual, weight=weight, meta=meta)
 
 
@@ -311,8 +321,12 @@ def subtract_pair(
 
     Raises
     ------
+    UnknownBackend
+        ``method`` is not an installed subtract backend (the message lists them).
     InputError
-        Unreadable frames or frames of different shapes.
+        Before any work: ``output`` or ``noise`` is an input or the other output, or
+        cannot be written (see :func:`oasis_core.io.check_outputs`); unreadable frames or
+        frames of different shapes.
     """
     import shutil
     import tempfile
@@ -324,6 +338,11 @@ def subtract_pair(
     from oasis_core.provenance import Provenance
 
     registry = registry or Registry()
+    registry.get("subtract", method)  # an unknown name lists the installed ones
+    io.check_outputs(
+        inputs=[Path(science), Path(template)],
+        outputs={"output": Path(output), "--noise file": None if noise is None else Path(noise)},
+    )
     flat: dict[str, Any] = {"subtract.backend": method}
     for key, value in (options or {}).items():
         flat[key if "." in key else f"subtract.{method}.{key}"] = value

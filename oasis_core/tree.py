@@ -12,7 +12,10 @@
     residuals/  residuals, their noise, MR.fits and log.txt
     sources/    sources.txt, filtered_sources.txt, MR_*.txt, total_sources.txt (+ ECSV)
     archive/    frames set aside by the psf stage (moved, never deleted) and log.txt
+    .work/      scratch: run-<id>/ for the run holding the target (removed when it ends)
+    .oasis.lock the lock of the run working on the target (see :mod:`oasis_core.lock`)
 
+Nothing is written outside the target (scratch included; ``OASIS/temp`` is not used).
 Where stage outputs go is decided here only (:meth:`Target.stage_dir`). A
 :class:`Target` may carry a *variant*: then the stages from the first one whose backend
 choice varies onwards write under ``compare/<variant>/`` and the shared upstream outputs
@@ -27,7 +30,7 @@ import attrs
 
 from oasis_core.errors import InputError
 
-__all__ = ["ROOT_DIRS", "TARGET_DIRS", "Target", "find_target", "init_root"]
+__all__ = ["ROOT_DIRS", "TARGET_DIRS", "WRITTEN_DIRS", "Target", "find_target", "init_root"]
 
 ROOT_DIRS = ("targets", "simulations", "temp", "archive")
 TARGET_DIRS = ("configs", "data", "psf", "templates", "residuals", "sources", "archive")
@@ -40,6 +43,13 @@ STAGE_DIRS = {
     "mr": "residuals",
     "extract": "sources",
 }
+#: The folders of a target a run writes in (``data/`` is only read, except that the psf
+#: stage moves outliers out of it when it can).
+WRITTEN_DIRS = tuple(
+    dict.fromkeys(
+        [*(d for d in TARGET_DIRS if d != "data"), *STAGE_DIRS.values(), "compare", ".work"]
+    )
+)
 
 
 def init_root(root: Path) -> Path:
@@ -105,10 +115,23 @@ class Target:
 
     @property
     def work(self) -> Path:
-        """Scratch space for backends (``OASIS/temp`` when inside a root)."""
-        root_temp = self.path.parent.parent / "temp"
-        base = root_temp if root_temp.is_dir() else self.path / ".work"
-        return base / self.name
+        """The target's scratch area, ``.work/`` inside it (partial downloads wait there;
+        a run's own scratch is :attr:`scratch`)."""
+        return self.path / ".work"
+
+    @property
+    def scratch(self) -> Path:
+        """The scratch folder of the run holding this target's lock (``.work/run-<id>/``,
+        removed when the run ends); see :func:`oasis_core.lock.target_lock`.
+
+        Raises
+        ------
+        RuntimeError
+            When this process does not hold the target's lock.
+        """
+        from oasis_core.lock import scratch_dir
+
+        return scratch_dir(self.path)
 
 
 def find_target(spec: str | Path) -> Target:

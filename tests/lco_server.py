@@ -76,6 +76,7 @@ class Archive:
     token: str | None = None
     api_fail_first: int = 0
     base: str = ""
+    next_base: str | None = None  # the 'next' links point to this host instead (an origin)
     requests: list[dict[str, Any]] = attrs.field(factory=list)
     during_body: Callable[[str], None] | None = None
     lock: threading.Lock = attrs.field(factory=threading.Lock)
@@ -195,7 +196,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         offset = int(query.get("offset", 0))
 
         def link(new_offset: int) -> str:
-            return f"{archive.api_url}?{urllib.parse.urlencode({**query, 'offset': new_offset})}"
+            api = archive.api_url
+            if archive.next_base is not None:
+                api = api.replace(archive.base, archive.next_base)
+            return f"{api}?{urllib.parse.urlencode({**query, 'offset': new_offset})}"
 
         self._json(
             200,

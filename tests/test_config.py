@@ -70,16 +70,15 @@ def test_backend_options_from_file(tmp_path, registry):
         ),
         (
             "[subtract]\nq_floor = 'high'\n",
-            r"oasis.toml: \[subtract\] q_floor must be a number, "
-            r"got 'high'",
+            r"oasis.toml: \[subtract\] q_floor = 'high': must be a finite number in \[0, 1\]$",
         ),
-        ("[run]\njobs = 1.5\n", r"oasis.toml: \[run\] jobs must be an integer"),
+        ("[run]\njobs = 1.5\n", r"oasis.toml: \[run\] jobs = 1.5: must be an integer >= 0$"),
         (
             "[substract]\nbackend = 'ois'\n",
             r"oasis.toml: unknown key 'substract' \(did you mean "
             r"'subtract'\?\)",
         ),
-        ("[align]\nreference = 'best'\n", r"reference must be one of snr, seeing"),
+        ("[align]\nreference = 'best'\n", r"reference = 'best': must be one of snr, seeing$"),
         ("[subtract\n", r"oasis.toml: invalid TOML"),
     ],
 )
@@ -139,3 +138,193 @@ def test_default_master_residual_is_swarp_where_it_runs(registry):
     chosen = load_config(None, registry).backend("mr")
     has_swarp = "swarp" in registry.names("mr") and (shutil.which("SWarp") or shutil.which("swarp"))
     assert chosen == ("swarp" if has_swarp else "native")
+
+
+# ------------------------------------------------------------ every value has its range
+
+
+def _option_classes(registry):
+    """(table, class) of every settings class and every installed backend's Options."""
+    from oasis_core.config import SETTINGS
+
+    out = [(section, cls) for section, cls in SETTINGS.items()]
+    for stage, records in registry.records.items():
+        for name, record in records.items():
+            out.append((f"{stage}.{name}", record.backend.Options))
+    return out
+
+
+def _numeric_fields(registry):
+    import attrs
+
+    for table, cls in _option_classes(registry):
+        for field in attrs.fields(cls):
+            default = field.default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                yield table, cls, field
+
+
+def test_every_numeric_option_declares_its_range(registry):
+    """A new numeric option without ``range=`` (or ``choices=``) fails here."""
+    from oasis_core.backends import option_check
+
+    fields = list(_numeric_fields(registry))
+    assert len(fields) > 100, "the enumeration lost the backends' options"
+    tables = {t for t, _, _ in fields}
+    assert {"run", "subtract", "subtract.ois", "subtract.zogy", "mask.native"} <= tables
+    missing = [
+        f"[{t}] {f.name}"
+        for t, _, f in fields
+        if not (f.metadata.get("declared") and option_check(f) is not None)
+    ]
+    assert not missing, f"numeric options without a declared range: {', '.join(missing)}"
+
+
+def test_every_float_option_refuses_nan_and_every_option_its_out_of_range_values(registry):
+    """Built directly from Python, as from the file: NaN, +-inf and a value beyond each
+    declared bound are refused, naming the option; the default is accepted."""
+    import math
+
+    from oasis_core.backends import option_check
+    from oasis_core.validators import OptionValueError
+
+    checked = 0
+    for table, cls, field in _numeric_fields(registry):
+        check = option_check(field)
+        cls()  # the defaults pass their own checks
+        bad = []
+        if isinstance(field.default, float):
+            bad += [v for v in (math.nan, math.inf, -math.inf) if not check.test(v)]
+            assert math.nan in bad or check.nan, f"[{table}] {field.name} accepts NaN"
+        lo, hi = getattr(check, "lo", None), getattr(check, "hi", None)
+        step = 1 if isinstance(field.default, int) else 1e-9
+        if lo is not None and math.isfinite(lo):
+            bad.append(type(field.default)(lo - step) if check.lo_open is False else lo)
+        if hi is not None and math.isfinite(hi):
+            bad.append(type(field.default)(hi + step) if check.hi_open is False else hi)
+        for value in bad:
+            with pytest.raises(OptionValueError, match=rf"{field.name} = .*: must be"):
+                cls(**{field.name: value})
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.parametrize(
+    ("layer", "key", "value", "message"),
+    [
+        (
+            "file",
+            "subtract.q_floor",
+            "nan",
+            r"^\S*oasis.toml: \[subtract\] q_floor = nan: must be a finite number in \[0, 1\]$",
+        ),
+        (
+            "file",
+            "mask.native.sigclip",
+            "-4.5",
+            r"oasis.toml: \[mask.native\] sigclip = -4.5: must be a finite number > 0$",
+        ),
+        (
+            "cli",
+            "run.jobs",
+            -5,
+            r"^command line: \[run\] jobs = -5: must be an integer >= 0$",
+        ),
+        (
+            "arguments",
+            "combine.fraction",
+            0.0,
+            r"^argument: \[combine\] fraction = 0.0: must be a finite number in \(0, 1\]$",
+        ),
+        (
+            "cli",
+            "subtract.ois.pix_min",
+            float("inf"),
+            r"\[subtract.ois\] pix_min = inf: must be a finite number or -inf$",
+        ),
+        (
+            "cli",
+            "subtract.hotpants.max_masked",
+            1.5,
+            r"\[subtract.hotpants\] max_masked = 1.5: must be a finite number in \(0, 1\]$",
+        ),
+        (
+            "cli",
+            "run.executor",
+            "slurm",
+            r"^command line: \[run\] executor = 'slurm': must be one of local, dask$",
+        ),
+        (
+            "cli",
+            "extract.method",
+            "mr",
+            r"\[extract\] method = 'mr': must be one of both, indiv, MR$",
+        ),
+    ],
+)
+def test_a_value_out_of_range_is_one_line_naming_where_key_value_and_range(
+    tmp_path, registry, layer, key, value, message
+):
+    path = tmp_path / "oasis.toml"
+    kwargs = {}
+    if layer == "file":
+        *tables, name = key.split(".")
+        path.write_text(f"[{'.'.join(tables)}]\n{name} = {value}\n")
+    else:
+        kwargs[layer] = {key: value}
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path, registry, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_the_file_is_checked_even_when_the_command_line_overrides_the_key(tmp_path, registry):
+    """Every layer is checked on its own: a bad value in the file is reported, naming the
+    file, although the command line would replace it."""
+    path = tmp_path / "oasis.toml"
+    path.write_text("[subtract]\nq_floor = 1.5\n")
+    with pytest.raises(ConfigError, match=r"oasis.toml: \[subtract\] q_floor = 1.5"):
+        load_config(path, registry, cli={"subtract.q_floor": 0.3})
+    assert load_config(None, registry, cli={"subtract.q_floor": 0.3}).settings[
+        "subtract"
+    ].q_floor == pytest.approx(0.3)
+
+
+def test_settings_built_from_python_check_their_values_too():
+    import math
+
+    from oasis_core.config import RunSettings, SubtractSettings
+    from oasis_core.validators import OptionValueError
+
+    with pytest.raises(OptionValueError, match=r"q_floor = nan: must be a finite number"):
+        SubtractSettings(q_floor=math.nan)
+    with pytest.raises(OptionValueError, match=r"jobs = -5: must be an integer >= 0"):
+        RunSettings(jobs=-5)
+    assert SubtractSettings(q_floor=0.0).q_floor == 0.0
+
+
+def test_choices_are_declared_with_the_options():
+    import oasis_core.config as config
+
+    assert not hasattr(config, "CHOICES"), "choices live in the option declarations"
+
+
+def test_the_rendered_file_shows_each_range(registry):
+    text = render_config(registry)
+    lines = {ln.split("=")[0].strip(): ln for ln in text.splitlines() if "=" in ln}
+    assert lines["q_floor"].endswith("(0 = keep all) [0, 1]")
+    assert lines["jobs"].endswith("(0 = one per core) [0, inf)")
+    assert lines["executor"].endswith("{local, dask}")
+    assert "[-inf, inf)" in lines["pix_min"]
+    assert lines["fraction"].endswith("(0, 1]")
+
+
+def test_the_ranges_and_checks_docstrings_run():
+    import doctest
+
+    import oasis_core.backends
+    import oasis_core.provenance
+    import oasis_core.validators
+
+    for module in (oasis_core.validators, oasis_core.backends, oasis_core.provenance):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -175,3 +175,102 @@ def test_atomic_outputs_are_readable_like_normal_files(tmp_path):
     os.umask(umask)
     assert mode == 0o666 & ~umask
     assert not list(tmp_path.glob(".*.part"))
+
+
+# --------------------------------------------------------- outputs checked before work
+
+
+def test_check_outputs_refuses_inputs_links_duplicates_and_unwritable_folders(tmp_path):
+    import os
+
+    sci = tmp_path / "sci.fits"
+    sci.write_bytes(b"x")
+    (tmp_path / "link.fits").hardlink_to(sci)
+    (tmp_path / "soft.fits").symlink_to(sci)
+    (tmp_path / "a_file").write_text("")
+    refused = {
+        "sci.fits: the output is one of the inputs": {"output": sci},
+        "link.fits: the output is one of the inputs .* through a hard link": {
+            "output": tmp_path / "link.fits"
+        },
+        "soft.fits: the output is one of the inputs": {"output": tmp_path / "soft.fits"},
+        "n.fits: the --noise file is also the output": {
+            "output": tmp_path / "n.fits",
+            "--noise file": tmp_path / "." / "n.fits",
+        },
+        "the folder .*nowhere of the output does not exist": {
+            "output": tmp_path / "nowhere" / "o.fits"
+        },
+        "a_file is not a folder": {"output": tmp_path / "a_file" / "o.fits"},
+        "the output is a folder": {"output": tmp_path},
+    }
+    for message, outputs in refused.items():
+        with pytest.raises(InputError, match=message):
+            io.check_outputs(inputs=[sci, None], outputs=outputs)
+    io.check_outputs(inputs=[sci], outputs={"output": tmp_path / "o.fits", "--noise": None})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_file",
+        "link.fits",
+        "sci.fits",
+        "soft.fits",
+    ]  # the writability test leaves nothing behind
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(InputError, match=r"ro/o.fits: cannot write the output in .*ro"):
+            io.check_outputs(inputs=[], outputs=[tmp_path / "ro" / "o.fits"])
+
+
+# ---------------------------------------------------- header cards that cannot be written
+
+
+def _raw_card(path, key, text):
+    blob = bytearray(path.read_bytes())
+    at = blob.index(f"{key:<8}=".encode())
+    blob[at : at + 80] = f"{key:<8}= {text:>20}".ljust(80).encode()
+    path.write_bytes(bytes(blob))
+
+
+def test_unwritable_cards_are_dropped_at_read_with_one_warning(tmp_path, caplog):
+    path = tmp_path / "f.fits"
+    header = fits.Header()
+    for key, value in (
+        ("CTYPE1", "RA---TAN"),
+        ("CTYPE2", "DEC--TAN"),
+        ("CRVAL1", 1.0),
+        ("CRVAL2", 2.0),
+        ("CRPIX1", 4.0),
+        ("CRPIX2", 4.0),
+        ("CD1_1", -1e-4),
+        ("CD2_2", 1e-4),
+        ("GAIN", 1.0),
+        ("FWHM", 1.0),
+        ("OBJECT", "M31"),
+    ):
+        header[key] = value
+    fits.PrimaryHDU(np.ones((8, 8), np.float32), header).writeto(path)
+    _raw_card(path, "CRVAL1", "NaN")
+    _raw_card(path, "GAIN", "1E999")
+    _raw_card(path, "FWHM", "'fast'")  # a string where a number is expected
+    with caplog.at_level(logging.WARNING, logger="oasis"):
+        frame = io.read_frame(path)
+    dropped = [r.getMessage() for r in caplog.records if "cannot be used" in r.getMessage()]
+    assert dropped == [
+        f"{path}: header cards CRVAL1 = NaN, GAIN = inf cannot be used (unparsable or not "
+        "a finite number); dropped, and the WCS with it (the frame is read as having no WCS)"
+    ]
+    assert frame.wcs is None and frame.gain is None and frame.fwhm is None
+    assert frame.header["OBJECT"] == "M31" and "CTYPE1" not in frame.header
+    io.write_frame(tmp_path / "out.fits", frame)  # what failed after all the work before
+    with fits.open(tmp_path / "out.fits") as hdul:
+        hdul.verify("exception")
+
+
+def test_a_non_positive_gain_is_ignored_and_thin_images_refused(tmp_path, caplog):
+    path = tmp_path / "g.fits"
+    fits.PrimaryHDU(np.ones((8, 8), np.float32), fits.Header([("GAIN", -2.0)])).writeto(path)
+    with caplog.at_level(logging.WARNING, logger="oasis"):
+        assert io.read_frame(path).gain is None
+    assert f"{path}: header gain -2 (must be > 0): ignored" in caplog.text
+    fits.PrimaryHDU(np.ones((3, 128), np.float32)).writeto(tmp_path / "thin.fits")
+    with pytest.raises(InputError, match=r"thin.fits: the image is 3x128 pixels; a frame needs"):
+        io.read_frame(tmp_path / "thin.fits")

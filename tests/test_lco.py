@@ -39,6 +39,12 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _nan_block() -> bytes:
+    """The data block of a 40x48 float32 image whose every pixel is NaN (big-endian)."""
+    data = np.full(40 * 48, np.nan, dtype=">f4").tobytes()
+    return data + b"\0" * (-len(data) % 2880)
+
+
 def frame_names_in(directory):
     """Names in data/ that look like finished frames (not atomic-write temporaries)."""
     return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
@@ -256,6 +262,8 @@ def test_failures_are_per_frame_and_never_reach_data(archive, target):
         behaviour=Behaviour(filesize_extra=10),
     )
     archive.add("html-e91.fits", b"<html>" + b"x" * 3000, behaviour=Behaviour())
+    archive.add("nan-e91.fits", fits_bytes(header={"OBJECT": "M51"})[:2880] + _nan_block())
+    archive.add("cut-on-disk-e91.fits", fits_bytes(seed=6)[:4000])  # the archive's copy is short
 
     report = lco.download(target, object_name="M51", api_url=archive.api_url, retries=2, **FAST)
     assert [p.name for p in report.downloaded] == ["good-e91.fits"]
@@ -267,6 +275,8 @@ def test_failures_are_per_frame_and_never_reach_data(archive, target):
             "bad-e91.fits.fz",
             "short-e91.fits.fz",
             "html-e91.fits",
+            "nan-e91.fits",
+            "cut-on-disk-e91.fits",
         ]
     )
     for name, reason in reasons.items():
@@ -287,7 +297,12 @@ def test_failures_are_per_frame_and_never_reach_data(archive, target):
         f"size mismatch: the server has {len(archive.files[4].payload)} bytes"
         in reasons["short-e91.fits.fz"]
     )
-    assert "not a FITS image" in reasons["html-e91.fits"]
+    assert "not a usable FITS image (not a readable FITS file" in reasons["html-e91.fits"]
+    assert reasons["nan-e91.fits"].endswith(
+        "not a usable FITS image (every pixel is NaN or infinite); file removed"
+    )
+    cut_reason = reasons["cut-on-disk-e91.fits"]
+    assert "not a usable FITS image (truncated: HDU 0 declares 7680 bytes of data" in cut_reason
 
     # only the verified frame is in data/ and in the manifest
     assert frame_names_in(target.data) == ["good-e91.fits"]
@@ -368,6 +383,181 @@ def test_redirect_to_another_host_drops_the_token(archive, target):
     (final,) = archive.file_requests("rd-e91.fits.fz")
     assert hop["headers"]["Authorization"] == "Token tok"  # same host as the API
     assert "Authorization" not in final["headers"]
+
+
+# ------------------------------------------------------------------ the token never in clear
+
+
+@pytest.mark.parametrize(
+    "api_url",
+    [
+        "http://archive-api.lco.global/frames/",
+        "http://10.0.0.5:8000/frames/",
+        "http://[2001:db8::1]/frames/",
+        "http://localhost.example.org/frames/",
+        "HTTP://archive-api.lco.global/frames/",
+    ],
+)
+def test_token_over_plain_http_is_refused_before_any_request(api_url, target, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a request was made")
+
+    monkeypatch.setattr(lco.urllib.request.OpenerDirector, "open", no_network)
+    message = r"^LCO archive: api_url .* is not https and a token is given: the token would"
+    with pytest.raises(InputError, match=message) as err:
+        lco.query(object_name="M51", api_url=api_url, token="s3cret", backoff=0)
+    assert "\n" not in str(err.value) and "s3cret" not in str(err.value)
+    with pytest.raises(InputError, match=message):
+        lco.download(target, object_name="M51", api_url=api_url, token="s3cret", **FAST)
+    frame = lco.LcoFrame(id=1, filename="a.fits", url=api_url + "1/a.fits", record_url="")
+    with pytest.raises(InputError, match=message):  # frames listed earlier: the same rule
+        lco.download(target, frames=[frame], api_url=api_url, token="s3cret", **FAST)
+    assert not target.path.exists()
+
+
+def test_plain_http_is_allowed_without_a_token_or_on_the_loopback(archive, target):
+    # public data over http: nothing secret to protect
+    lco._Client(
+        api_url="http://archive.example.org/frames/", token=None, retries=0, backoff=0, timeout=1
+    )
+    for host in ("127.0.0.1", "127.8.9.10", "[::1]", "localhost", "LOCALHOST"):
+        lco._Client(
+            api_url=f"http://{host}:8000/frames/", token="t", retries=0, backoff=0, timeout=1
+        )
+    archive.token = "tok"  # the local test server (http on 127.0.0.1) takes the token
+    archive.add("lo-e91.fits.fz", fits_bytes(seed=1, compressed=True))
+    report = lco.download(target, object_name="M51", api_url=archive.api_url, token="tok", **FAST)
+    assert [p.name for p in report.downloaded] == ["lo-e91.fits"]
+
+
+def test_the_token_goes_only_to_the_archive_origin_over_https():
+    client = lco._Client(
+        api_url="https://archive-api.lco.global/frames/",
+        token="tok",
+        retries=0,
+        backoff=0,
+        timeout=1,
+    )
+    sent = {
+        "https://archive-api.lco.global/frames/?offset=2": True,
+        "https://ARCHIVE-API.lco.global:443/frames/1/": True,
+        "http://archive-api.lco.global/frames/?offset=2": False,  # same host, plain http
+        "https://archive-api.lco.global:8443/frames/": False,  # another port
+        "https://archive-lco-global.s3.amazonaws.com/x.fits.fz?sig=1": False,  # storage
+        "https://archive-api.lco.global.evil.org/frames/": False,
+    }
+    for url, with_token in sent.items():
+        assert ("Authorization" in client.headers(url)) is with_token, url
+
+
+@pytest.mark.parametrize(
+    ("to", "kept"),
+    [
+        ("https://archive-api.lco.global/frames/2/", True),
+        ("http://archive-api.lco.global/frames/2/", False),  # down to plain http
+        ("https://s3.example.org/bucket/x.fits.fz", False),  # to the storage host
+        ("http://127.0.0.1:8000/frames/", False),  # another origin, even the loopback
+    ],
+)
+def test_a_redirect_keeps_the_token_only_on_the_encrypted_origin(to, kept):
+    import email.message
+    import urllib.request
+
+    req = urllib.request.Request(
+        "https://archive-api.lco.global/frames/1/",
+        headers={"Authorization": "Token tok", "User-Agent": "x"},
+    )
+    new = lco._KeepAuthOnOrigin().redirect_request(
+        req, None, 302, "Found", email.message.Message(), to
+    )
+    assert new is not None and new.full_url == to
+    assert new.has_header("Authorization") is kept
+
+
+def test_a_next_link_to_another_origin_stops_the_query_without_the_token(archive):
+    for i in range(3):
+        archive.add(f"n{i}-e91.fits.fz", fits_bytes(seed=i, compressed=True))
+    archive.next_base = archive.base.replace("127.0.0.1", "localhost")  # another origin
+    with pytest.raises(StageError, match=r"the next page points to another origin") as err:
+        lco.query(object_name="M51", api_url=archive.api_url, token="tok", backoff=0)
+    assert "\n" not in str(err.value)
+    (only,) = archive.api_requests()  # the second page was never asked for
+    assert only["headers"]["Authorization"] == "Token tok"
+
+
+# ------------------------------------------------------------- unsafe archive file names
+
+
+def test_unsafe_file_names_fail_only_their_frame(archive, target, tmp_path):
+    good = fits_bytes(seed=1, compressed=True)
+    archive.page_size = 10
+    archive.add("ok-e91.fits.fz", good)
+    unsafe = [
+        "nul\x00byte-e91.fits.fz",
+        "../escape-e91.fits.fz",
+        "sub/dir-e91.fits.fz",
+        "..",
+        "line\nbreak-e91.fits.fz",
+        "para\u2029graph-e91.fits.fz",  # a line break to str.splitlines
+        "x" * 300 + ".fits.fz",
+    ]
+    for i, name in enumerate(unsafe):
+        archive.add(name, fits_bytes(seed=10 + i, compressed=True))
+    archive.add("ok2-e91.fits", fits_bytes(seed=2))
+    report = lco.download(target, object_name="M51", api_url=archive.api_url, **FAST)
+    assert [p.name for p in report.downloaded] == ["ok-e91.fits", "ok2-e91.fits"]
+    assert len(report.failed) == len(unsafe)
+    for (name, reason), bad in zip(report.failed, unsafe, strict=True):
+        assert name.isprintable() and "\x00" not in reason and "\n" not in reason
+        assert "unsafe file name" in reason and "frame not downloaded" in reason
+        assert name == "".join(c if c.isprintable() else repr(c)[1:-1] for c in bad)
+        assert len(f"{name}: {reason}".splitlines()) == 1
+    # nothing asked for, nothing written beside data/ (or anywhere else)
+    assert [r["path"] for r in archive.requests if r["path"] != "/frames/"] == [
+        "/files/ok-e91.fits.fz",
+        "/files/ok2-e91.fits",
+    ]
+    assert frame_names_in(target.data) == ["ok-e91.fits", "ok2-e91.fits"]
+    assert not (target.path / "escape-e91.fits").exists()
+    assert sorted(manifest_rows(target)) == ["ok-e91.fits", "ok2-e91.fits"]
+
+
+def test_oasis_get_dl_with_a_nul_byte_name_one_line_per_frame(archive, tmp_path, capfd):
+    import subprocess
+    import sys
+
+    archive.add("a\x00b-e91.fits.fz", fits_bytes(seed=1, compressed=True))
+    archive.add("good-e91.fits", fits_bytes(seed=2))
+    argv = [
+        "get",
+        "--mode",
+        "dl",
+        "--target",
+        "t",
+        "--object",
+        "M51",
+        "--root",
+        str(tmp_path),
+        "--api-url",
+        archive.api_url,
+        "-q",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "oasis_core.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "\x00" not in proc.stderr
+    assert "1 downloaded, 0 already there, 1 failed" in proc.stdout
+    lines = proc.stderr.splitlines()
+    (bad,) = [ln for ln in lines if "unsafe file name" in ln]  # one line for the frame
+    assert bad.startswith("warning: ") and "'a\\x00b-e91.fits.fz'" in bad
+    assert lines[-1].startswith("error: oasis get: 1 frame(s) not downloaded into ")
+    data = tmp_path / "OASIS" / "targets" / "t" / "data"
+    assert frame_names_in(data) == ["good-e91.fits"]
 
 
 def test_retries_back_off_exponentially(archive, monkeypatch):

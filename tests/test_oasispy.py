@@ -289,7 +289,7 @@ def test_EXTRACT_method_argument_wins_and_default_defers_to_file(target):
 
 
 def test_EXTRACT_unknown_method_names_the_key(target):
-    with pytest.raises(ConfigError, match="method must be one of both, indiv, MR"):
+    with pytest.raises(ConfigError, match=r"method = 'everything': must be one of both, indiv, MR"):
         EXTRACT(str(target), method="everything")
 
 

@@ -9,9 +9,9 @@ import textwrap
 import attrs
 import pytest
 
-from oasis_core.backends import ExtractBackend, MrBackend, option
+from oasis_core.backends import ExtractBackend, MrBackend, SubtractBackend, option
 from oasis_core.config import load_config
-from oasis_core.errors import BackendUnavailable, OasisError, UnknownBackend
+from oasis_core.errors import BackendUnavailable, OasisError, StageError, UnknownBackend
 from oasis_core.hookspecs import hookimpl
 from oasis_core.plugins import Registry, make_plugin_manager
 
@@ -327,3 +327,122 @@ def test_user_config_files_reach_the_backend_and_residuals_carry_their_psf(sim_t
     assert mr["psf_fwhm"][0] == pytest.approx(template_fwhm, rel=1e-5)
     assert science_fwhm != pytest.approx(template_fwhm, rel=1e-3)
     pipeline(target, jobs=1)  # restore the default catalogs
+
+
+# ------------------------------------------------- a backend's plain exception names it
+
+
+class Buggy(MrBackend):
+    """An mr backend with a plugin author's bugs."""
+
+    name = "buggy"
+
+    def master(self, residuals, *, options, workdir):
+        return residuals[99]  # IndexError
+
+    def extra(self):
+        return "not a stage method"
+
+
+class BuggySubtract(SubtractBackend):
+    name = "buggy"
+    needs_psf = True
+
+    def subtract(self, science, template, *, options, workdir):
+        raise StageError("a message of its own")
+
+    def candidates(self, science, template, *, options):
+        yield options
+        raise ValueError("the second configuration is broken")
+
+
+class BuggyCheck(MrBackend):
+    name = "buggy-check"
+
+    def check(self, options):
+        raise AttributeError("no attribute 'exe'")
+
+
+class BuggyPlugin:
+    @hookimpl
+    def oasis_mr_backends(self):
+        yield Buggy()
+        yield BuggyCheck()
+
+    @hookimpl
+    def oasis_subtract_backends(self):
+        yield BuggySubtract()
+
+
+def _frame(name):
+    import numpy as np
+
+    from oasis_core.model import Frame
+
+    return Frame(data=np.zeros((8, 8)), name=name)
+
+
+@pytest.fixture
+def buggy(plugin_manager):
+    plugin_manager.register(BuggyPlugin(), name="buggy")
+    registry = Registry(plugin_manager)
+    return (
+        registry,
+        registry.select("mr", "buggy", None),
+        registry.select("subtract", "buggy", None),
+    )
+
+
+def test_a_plain_exception_in_a_stage_method_names_stage_backend_plugin_and_unit(buggy):
+    from oasis_core.errors import BackendError
+
+    registry, mr, _ = buggy
+    frames = [_frame(f"f{i}") for i in range(3)]
+    with pytest.raises(BackendError) as caught:
+        mr.master(frames, options=None, workdir=None)
+    provider = registry.get("mr", "buggy").provider
+    assert str(caught.value) == (
+        f"mr backend 'buggy' ({provider}) failed in master() on 3 frames (f0, f1, f2): "
+        "IndexError: list index out of range"
+    )
+    assert isinstance(caught.value.__cause__, IndexError)
+    assert mr.extra() == "not a stage method"  # other attributes are the backend's own
+
+
+def test_oasis_errors_pass_and_lazy_candidates_are_guarded_too(buggy):
+    from oasis_core.errors import BackendError
+
+    _, _, sub = buggy
+    frame = _frame("sci")
+    with pytest.raises(StageError, match=r"^a message of its own$"):
+        sub.subtract(frame, frame, options=None, workdir=None)
+    tries = sub.candidates(frame, frame, options="first")
+    assert next(tries) == "first"
+    with pytest.raises(
+        BackendError, match=r"failed in candidates\(\) on frame sci: ValueError: the second"
+    ):
+        next(tries)
+
+
+def test_a_handle_is_its_backend_for_every_caller(buggy):
+    import pickle
+
+    from oasis_core.backends import SubtractBackend
+
+    registry, _, sub = buggy
+    assert isinstance(sub, SubtractBackend) and isinstance(sub, BuggySubtract)
+    assert sub.name == "buggy" and sub.needs_psf is True and sub.Options is BuggySubtract.Options
+    assert sub == registry.get("subtract", "buggy").backend
+    copy = pickle.loads(pickle.dumps(sub))  # as the forkserver workers get it
+    assert copy.provider == sub.provider and isinstance(copy, BuggySubtract)
+    with pytest.raises(StageError, match="a message of its own"):
+        copy.subtract(None, None, options=None, workdir=None)
+
+
+def test_a_check_that_raises_is_unavailable_naming_the_plugin(buggy):
+    registry = buggy[0]
+    with pytest.raises(
+        BackendUnavailable,
+        match=r"^mr backend 'buggy-check' \(.*\): check\(\) failed: AttributeError: no",
+    ):
+        registry.select("mr", "buggy-check", None)

@@ -136,3 +136,257 @@ def test_star_aperture_rms_is_one_for_pure_noise_and_grows_with_leftovers():
     weight[:, :128] = 0
     assert np.isfinite(star_aperture_rms(res, noise, weight, xs, ys, 4.0))
     assert np.isnan(star_aperture_rms(res, noise, weight, np.array([2.0]), np.array([2.0]), 4.0))
+
+
+# --------------------------------------------------- exact values and the tails
+
+
+def reference_q(residual, noise, weight, bins=None):
+    """Q computed the plain way: z against the median, edges [-inf, -5 + w, ..., 5 - w,
+    inf], unit-Gaussian expected counts from scipy, the tail bins with E < 5 folded into
+    the outermost bin with E >= 5 on their side."""
+    from scipy.stats import norm
+
+    good = (weight > 0) & np.isfinite(residual) & np.isfinite(noise) & (noise > 0)
+    z = (residual[good] - np.median(residual[good])) / noise[good]
+    n = z.size
+    bins = int(math.log2(n) + 1) if bins is None else bins
+    edges = np.linspace(-5.0, 5.0, bins + 1)
+    edges[0], edges[-1] = -np.inf, np.inf
+    observed = np.histogram(z, bins=edges)[0].astype(float)
+    expected = n * np.diff(norm.cdf(edges))
+    inner = np.flatnonzero(expected >= 5)
+    lo, hi = inner[0], inner[-1]
+
+    def merged(counts):
+        return np.concatenate([[counts[: lo + 1].sum()], counts[lo + 1 : hi], [counts[hi:].sum()]])
+
+    o, e = merged(observed), merged(expected)
+    return 1.0 / (1.0 + np.sum((o - e) ** 2 / e) / n)
+
+
+@pytest.mark.parametrize("bins", [None, 7, 40])
+def test_q_equals_the_plain_pearson_computation(rng, bins):
+    noise, weight = _noise_and_weight()
+    weight[:50, :50] = 0
+    for r in (
+        rng.normal(2.0, SIGMA, SHAPE),
+        rng.normal(0.0, 1.3 * SIGMA, SHAPE),
+        rng.standard_t(3, SHAPE) * SIGMA,  # heavy tails: the end bins matter
+        rng.uniform(-3 * SIGMA, 3 * SIGMA, SHAPE),
+    ):
+        assert q_value(r, noise, weight, bins=bins) == pytest.approx(
+            reference_q(r, noise, weight, bins), rel=1e-9
+        )
+
+
+def test_pixels_beyond_five_sigma_count_in_the_end_bins(rng):
+    # 1 % of the pixels are outliers (cosmic rays, unsubtracted stars): beyond the range
+    # they still count, in the end bin, exactly as if they were just inside it; and the
+    # median, unlike the mean, does not move with their amplitude
+    noise, weight = _noise_and_weight()
+    base = rng.normal(0.0, SIGMA, SHAPE)
+    idx = rng.choice(base.size, base.size // 100, replace=False)
+    qs = {}
+    for level in (4.9, 60.0, -4.9, -60.0):
+        r = base.copy()
+        r.flat[idx] = level * SIGMA
+        qs[level] = q_value(r, noise, weight)
+    assert qs[4.9] == qs[60.0]
+    assert qs[-4.9] == qs[-60.0]
+    # 400 pixels where a unit Gaussian puts about 35 (the merged end bins beyond 3.1
+    # sigma): chi2 ~ 400^2 / 35 ~ 4600, chi2 / N ~ 0.11
+    assert 0.85 < qs[60.0] < 0.93
+    assert q_value(base, noise, weight) > 0.99
+
+
+def test_q_is_centred_on_the_median(rng):
+    # an offset, or a few bright pixels far from the bulk, do not shift the normalisation
+    noise, weight = _noise_and_weight()
+    base = rng.normal(0.0, SIGMA, SHAPE)
+    bright = base.copy()
+    bright[:4, :] = 1e4 * SIGMA  # 800 pixels: the mean moves by 200 sigma
+    clean = base.copy()
+    clean[:4, :] = 5.0 * SIGMA
+    assert q_value(bright, noise, weight) == q_value(clean, noise, weight)
+    assert q_value(base + 100 * SIGMA, noise, weight) == pytest.approx(
+        q_value(base, noise, weight), abs=1e-12
+    )
+
+
+def test_too_many_bins_for_the_pixels_gives_nan(rng):
+    noise, _ = _noise_and_weight()
+    r = rng.normal(0.0, SIGMA, SHAPE)
+    w = np.zeros(SHAPE)
+    w.flat[:MIN_PIXELS] = 1  # exactly MIN_PIXELS pixels: enough
+    assert not math.isnan(q_value(r, noise, w))
+    assert not math.isnan(q_value(r, noise, w, bins=3))
+    assert math.isnan(q_value(r, noise, w, bins=1000))  # no bin expects 5 pixels
+    assert not math.isnan(normalized_noise(r, noise, w))
+
+
+def test_normalised_noise_is_the_mad_of_z_about_its_median(rng):
+    noise = rng.uniform(1.0, 3.0, SHAPE)
+    r = rng.normal(0.0, 1.0, SHAPE) * noise * 1.3 + 4.0
+    r[0, :20] += 50.0  # a few outliers barely move the MAD
+    w = np.ones(SHAPE)
+    z = (r - np.median(r)) / noise
+    expected = 1.4826 * np.median(np.abs(z - np.median(z)))
+    assert normalized_noise(r, noise, w) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(1.3, abs=0.03)
+
+
+def test_figures_depend_on_r_over_sigma_only(rng):
+    # the same residual in other units (ADU x 0.01: a noise image below 1); the noise
+    # image is float32, so its scaled copy is rounded there
+    noise, weight = _noise_and_weight()
+    r = rng.normal(0.0, SIGMA, SHAPE)
+    exclude = np.zeros(SHAPE, bool)
+    exclude[:20] = True
+    for f in (0.01, 100.0):
+        assert q_value(f * r, f * noise, weight) == pytest.approx(
+            q_value(r, noise, weight), rel=1e-6
+        )
+        assert normalized_noise(f * r, f * noise, weight, exclude=exclude) == pytest.approx(
+            normalized_noise(r, noise, weight, exclude=exclude), rel=1e-6
+        )
+
+
+def test_float32_and_float64_residuals_give_the_same_figures(rng):
+    # z is computed in float64 whatever the input (a large offset, as a frame that keeps
+    # its sky, loses nothing)
+    noise, weight = _noise_and_weight()
+    r32 = (1e5 + rng.normal(0.0, SIGMA, SHAPE)).astype(np.float32)
+    r64 = r32.astype(np.float64)
+    assert normalized_noise(r32, noise, weight) == normalized_noise(r64, noise, weight)
+    assert q_value(r32, noise, weight) == q_value(r64, noise, weight)
+
+
+def test_exclude_may_be_any_array_of_truth_values(rng):
+    noise, weight = _noise_and_weight()
+    r = rng.normal(0.0, SIGMA, SHAPE)
+    r[:30] += 10 * SIGMA  # sources, excluded
+    mask = np.zeros(SHAPE, bool)
+    mask[:30] = True
+    expected = q_value(r, noise, weight, exclude=mask)
+    assert expected > 0.99
+    assert q_value(r, noise, weight, exclude=mask.astype(np.uint8)) == expected
+    assert q_value(r, noise, weight, exclude=mask.astype(float)) == expected
+    assert normalized_noise(r, noise, weight, exclude=mask.astype(int)) == normalized_noise(
+        r, noise, weight, exclude=mask
+    )
+
+
+def test_pixels_with_zero_or_bad_noise_are_not_used(rng):
+    noise, weight = _noise_and_weight()
+    r = rng.normal(0.0, SIGMA, SHAPE)
+    spoiled_noise = noise.copy()
+    spoiled_noise[:, :20] = 0.0
+    spoiled_noise[:, 20:40] = np.nan
+    spoiled_noise[:, 40:60] = -SIGMA
+    keep = np.ones(SHAPE)
+    keep[:, :60] = 0
+    assert q_value(r, spoiled_noise, weight) == q_value(r, noise, keep)
+    assert normalized_noise(r, spoiled_noise, weight) == normalized_noise(r, noise, keep)
+    r_inf = r.copy()
+    r_inf[:, :60] = np.inf
+    assert q_value(r_inf, noise, weight) == q_value(r, noise, keep)
+
+
+def test_exclude_of_the_wrong_shape_is_an_error(rng):
+    noise, weight = _noise_and_weight()
+    r = rng.normal(0.0, SIGMA, SHAPE)
+    with pytest.raises(ValueError, match=r"exclude has shape \(3, 3\)"):
+        q_value(r, noise, weight, exclude=np.zeros((3, 3), bool))
+    with pytest.raises(ValueError, match="same shape"):
+        normalized_noise(r, noise, weight[:, :5])
+    with pytest.raises(ValueError, match="same shape"):
+        q_value(r[:5], noise[:5], weight)
+
+
+def test_star_aperture_rms_by_hand():
+    from oasis_core.quality import star_aperture_rms
+
+    res = np.zeros((20, 20))
+    noise = np.full(res.shape, 2.0)
+    weight = np.ones(res.shape)
+    # star 1 at (5, 5): the 5 pixels within radius 1 hold 2, 4, 0, 0, 0 -> z 1, 2
+    res[5, 5], res[5, 6] = 2.0, 4.0
+    res[5, 7] = 100.0  # outside the aperture
+    # star 2 at (14, 14): z = 3 on the centre
+    res[14, 14] = 6.0
+    rms1, rms2 = math.sqrt(5 / 5), math.sqrt(9 / 5)
+    xs, ys = np.array([5.0, 14.0]), np.array([5.0, 14.0])
+    got = star_aperture_rms(res, noise, weight, xs, ys, 1.0)
+    assert got == pytest.approx(np.median([rms1, rms2]), rel=1e-12)
+    # rounding of the positions, and one star only
+    assert star_aperture_rms(res, noise, weight, xs[:1] + 0.4, ys[:1] - 0.4, 1.0) == pytest.approx(
+        rms1
+    )
+    # a star whose aperture has one masked pixel is skipped
+    weight[14, 15] = 0
+    assert star_aperture_rms(res, noise, weight, xs, ys, 1.0) == pytest.approx(rms1)
+    # a masked pixel outside the aperture (its corner) does not matter
+    weight[14, 15], weight[15, 15] = 1, 0
+    assert star_aperture_rms(res, noise, weight, xs, ys, 1.0) == pytest.approx(
+        np.median([rms1, rms2])
+    )
+    # an aperture that touches the edge (r pixels from it) is skipped; just inside is used
+    assert math.isnan(star_aperture_rms(res, noise, weight, np.array([0.0]), ys[:1], 1.0))
+    assert star_aperture_rms(res, noise, weight, np.array([1.0]), np.array([1.0]), 1.0) == 0.0
+    assert math.isnan(star_aperture_rms(res, noise, weight, np.array([19.0]), ys[:1], 1.0))
+    assert math.isnan(star_aperture_rms(res, noise, weight, xs[:1], np.array([19.0]), 1.0))
+    assert star_aperture_rms(res, noise, weight, np.array([18.0]), np.array([18.0]), 1.0) == 0.0
+    # radius 2: 13 pixels (the 4 at distance 2 included)
+    res2 = np.zeros((20, 20))
+    res2[10, 12] = 2.0 * math.sqrt(13)  # z = sqrt(13) at distance 2: RMS 1
+    res2[12, 12] = 100.0  # at distance 2.83: outside
+    assert star_aperture_rms(
+        res2, noise, np.ones(res.shape), np.array([10.0]), np.array([10.0]), 2.0
+    ) == pytest.approx(1.0)
+    # every aperture masked: nan
+    assert math.isnan(star_aperture_rms(res, noise, np.zeros(res.shape), xs, ys, 1.0))
+    # a zero noise pixel in the aperture is unusable (no division warning either)
+    noise[5, 4] = 0.0
+    res[5, 4] = 1.0
+    assert star_aperture_rms(res, noise, np.ones(res.shape), xs, ys, 1.0) == pytest.approx(rms2)
+
+
+def test_exact_median_of_large_arrays_in_adversarial_orders():
+    from oasis_core.quality import _median
+
+    rng = np.random.default_rng(3)
+    n = 1 << 17
+    cases = {
+        "sorted": np.arange(n, dtype=float),
+        "sorted odd": np.arange(n + 1, dtype=float),
+        "reversed": np.arange(n, 0, -1, dtype=float),
+        "ties": np.repeat([1.0, 2.0, 3.0], n // 3 + 1),
+        # the regular subsample sees only huge values: the bracket misses the median
+        "strided": np.where(np.arange(n) % 8 == 0, 1e9, rng.normal(size=n)),
+        "strided low": np.where(np.arange(n + 1) % 8 == 0, -1e9, rng.normal(size=n + 1)),
+        "two values": np.where(np.arange(n) < n // 2 + 1, 0.0, 1.0),
+    }
+    for name, values in cases.items():
+        assert _median(values) == float(np.median(values)), name
+        assert _median(values[: 1 << 16]) == float(np.median(values[: 1 << 16])), name
+
+
+def test_docstring_examples_run():
+    # each public function's examples, found on the function itself (doctest.testmod
+    # skips functions whose globals are not the module's, e.g. wrapped ones)
+    import doctest
+
+    from oasis_core import quality
+
+    finder = doctest.DocTestFinder(recurse=False)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    attempted = 0
+    for name in quality.__all__:
+        obj = getattr(quality, name)
+        for test in finder.find(obj, name, globs=dict(vars(quality))):
+            result = runner.run(test)
+            assert result.failed == 0, name
+            attempted += result.attempted
+    # the examples of q_value, normalized_noise and star_aperture_rms
+    assert attempted >= 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 from astropy.io import fits
@@ -40,9 +41,10 @@ def test_unpack_copies_records_and_refuses(tmp_path, shared_data, capsys):
     report = unpack([src, real], target)
     assert sorted(p.name for p in report.copied) == ["infile1.fits", "ok.fits", "packed.fits.fz"]
     reasons = {p.name: r for p, r in report.refused}
-    assert set(reasons) == {"notes.txt", "fake.fits", "table.fits"}
-    assert "not a FITS file name" in reasons["notes.txt"]
+    assert set(reasons) == {"fake.fits", "table.fits"}
+    assert [p.name for p in report.skipped] == ["notes.txt"]  # found in a folder: not a frame
     assert "no SIMPLE card" in reasons["fake.fits"]
+    assert reasons["table.fits"] == "the file is empty"
     assert real.exists() and hashlib.sha256(real.read_bytes()).hexdigest() == before
     manifest = Table.read(target.configs / "data_manifest.ecsv")
     row = manifest[list(manifest["file"]).index("infile1.fits")]
@@ -50,6 +52,83 @@ def test_unpack_copies_records_and_refuses(tmp_path, shared_data, capsys):
     # again: nothing copied twice
     report = unpack([src], target)
     assert report.copied == [] and len(report.present) == 2
+
+
+def _image_bytes(data, *, weight=None) -> bytes:
+    import io as pyio
+
+    hdus = [fits.PrimaryHDU(np.asarray(data, np.float32))]
+    if weight is not None:
+        hdus.append(fits.ImageHDU(np.asarray(weight, np.float32), name="WEIGHT"))
+        hdus[-1].header["WEIGHT"] = "Y"
+    buf = pyio.BytesIO()
+    fits.HDUList(hdus).writeto(buf)
+    return buf.getvalue()
+
+
+def test_unpack_reads_the_data_and_refuses_bad_frames(tmp_path, shared_data, caplog):
+    """A truncated file and a frame without a finite pixel are refused in one line each;
+    a file lacking only its final block padding (the ISIS frames) holds every pixel and is
+    copied."""
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    good = _image_bytes(rng.normal(100, 5, (64, 64)))
+    data_end = 2880 + 64 * 64 * 4  # one header block, then the pixels; padding after
+    assert len(good) > data_end
+    (src / "nopad.fits").write_bytes(good[:data_end])  # every pixel, no final padding
+    (src / "short.fits").write_bytes(good[: data_end - 4])  # one pixel missing
+    (src / "header_only.fits").write_bytes(good[:2880])
+    two = _image_bytes(rng.normal(100, 5, (64, 64)), weight=np.ones((64, 64)))
+    (src / "short_weight.fits").write_bytes(two[: len(two) - 2880 - 100])  # in the WEIGHT HDU
+    nan = np.full((64, 64), np.nan)
+    nan[3, 3] = np.inf
+    (src / "nan.fits").write_bytes(_image_bytes(nan))
+    (src / "notes.fits").write_bytes(b"SIMPLE  = oops, an observing log")
+    isis = shared_data / "isis_example" / "infile2.fits"
+    assert isis.stat().st_size % 2880 != 0  # the shared frames lack their final padding
+    target = Target(tmp_path / "OASIS" / "targets" / "t")
+    with caplog.at_level(logging.WARNING, logger="oasis"):
+        report = unpack([src, isis], target)
+    assert sorted(p.name for p in report.copied) == ["infile2.fits", "nopad.fits"]
+    reasons = {p.name: r for p, r in report.refused}
+    assert sorted(reasons) == [
+        "header_only.fits",
+        "nan.fits",
+        "notes.fits",
+        "short.fits",
+        "short_weight.fits",
+    ]
+    assert reasons["short.fits"].startswith(
+        "truncated: HDU 0 declares 16384 bytes of data but the file stops 4 bytes short"
+    )
+    assert "pixels missing, not just the final padding" in reasons["short.fits"]
+    assert "stops 16384 bytes short" in reasons["header_only.fits"]
+    assert reasons["short_weight.fits"].startswith("truncated: HDU 1 declares 16384 bytes")
+    assert reasons["nan.fits"] == "every pixel is NaN or infinite"
+    # one warning line per refused file, naming it
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == len(reasons)
+    for path, reason in report.refused:
+        assert f"{path}: refused: {reason}" in lines
+    assert all("\n" not in line for line in lines)
+    assert sorted(p.name for p in target.data.iterdir()) == ["infile2.fits", "nopad.fits"]
+    copied = fits.getdata(target.data / "nopad.fits")
+    assert copied.shape == (64, 64) and np.isfinite(copied).all()
+
+
+def test_get_cli_exits_1_when_a_file_is_refused(tmp_path, shared_data, capsys):
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(_image_bytes(np.full((32, 32), np.nan)))
+    isis = shared_data / "isis_example" / "infile4.fits"
+    argv = ["get", "--unpack", str(bad), str(isis), "--target", "t", "--root", str(tmp_path)]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "1 copied, 0 already there, 1 refused" in out
+    lines = err.strip().splitlines()
+    assert lines[0] == f"warning: {bad}: refused: every pixel is NaN or infinite"
+    assert lines[-1].startswith("error: oasis get: 1 file(s) refused") and len(lines) == 2
+    assert [p.name for p in (tmp_path / "OASIS/targets/t/data").iterdir()] == ["infile4.fits"]
 
 
 def test_get_cli_needs_a_mode_and_reports(tmp_path, shared_data, capsys):

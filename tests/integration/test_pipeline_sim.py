@@ -9,6 +9,7 @@ from astropy.table import Table
 
 from oasis_core.demo import evaluate
 from oasis_core.pipeline import pipeline
+from oasis_core.quality import q_value
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +46,12 @@ def test_outputs_exist_with_provenance(sim_target_done):
     assert header["OASSTAGE"] == "subtract" and header["OASBACK"] == "ois"
     assert header["OASPLUG"].startswith("oasis-dia==")
     assert header["OASIN0"].count(":") == 1 and len(header["OASOPTH"]) == 16
-    assert 0 < header["OASQ"] <= 1
     with fits.open(residuals[0]) as hdul:
         assert {"NOISE", "WEIGHT"} <= {h.name for h in hdul}
+        # the recorded Q is that of the residual written with it, and a noise-limited one
+        q = q_value(hdul[0].data, hdul["NOISE"].data, hdul["WEIGHT"].data)
+    assert header["OASQ"] == pytest.approx(q, rel=1e-6)
+    assert header["OASQ"] > 0.9
     assert (path / "templates" / "log.txt").read_text().count("template from") >= 1
     assert "Q" in (path / "residuals" / "log.txt").read_text()
     assert (path / "configs" / "last_run.toml").exists()

@@ -81,7 +81,16 @@ def test_decam_catalogs_have_sky_coordinates(decam_target):
     target, _ = decam_target
     table = Table.read(target.path / "sources" / "sources.ecsv")
     assert {"ra", "dec", "reason", "n_frames"} <= set(table.colnames)
-    assert np.all(np.abs(table["dec"]) <= 90)
+    # the sky position of each source is the template's WCS at its (0-based) pixel, and
+    # it lies on the frame (ECSV keeps 1e-6 deg: 0.014 DECam pixel)
+    from astropy.wcs import WCS
+
+    header = fits.getheader(target.path / "templates" / "template.fits")
+    x, y = WCS(header).all_world2pix(table["ra"], table["dec"], 0)
+    np.testing.assert_allclose(x, table["x"], atol=0.05)
+    np.testing.assert_allclose(y, table["y"], atol=0.05)
+    assert np.all((x > -0.5) & (x < header["NAXIS1"] - 0.5))
+    assert np.all((y > -0.5) & (y < header["NAXIS2"] - 0.5))
 
 
 def test_isis_unregistered_bare_headers_end_to_end(tmp_path, shared_data):

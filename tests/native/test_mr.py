@@ -197,3 +197,152 @@ def test_every_mr_method_is_a_registered_backend():
 
     names = Registry().names("mr")
     assert {"native", "sos", "sos_abs", "sigma_clip"} <= set(names)
+
+
+def test_parameters_are_recorded_in_params_and_header():
+    r1, r2 = hand_residuals()
+    for normalize in (True, False):
+        mr = run([r1, r2], normalize=normalize)
+        assert mr.params == {"normalize": normalize}
+        assert mr.header["MRNORM"] is normalize
+        assert "MRMETHOD" not in mr.header
+    from oasis_native.mr import SigmaClipMr, SosAbsMr, SosMr
+
+    for backend in (SosMr(), SosAbsMr(), SigmaClipMr()):
+        mr = run_method(backend, [r1, r2])
+        assert mr.params == {"method": backend.name}
+        assert mr.header["MRMETHOD"] == backend.name
+        assert "MRNORM" not in mr.header
+
+
+def test_pixels_with_zero_noise_are_not_used():
+    # r2's pixel (0, 0) has weight 1 but noise 0: no usable value there
+    r1 = residual([[1, 3], [5, 7]], [[1, 1], [1, 1]], [[1, 1], [1, 1]], "r1")
+    r2 = residual([[0, 6], [8, 2]], [[0, 2], [2, 2]], [[1, 1], [1, 1]], "r2")
+    for normalize in (True, False):
+        mr = run([r1, r2], normalize=normalize)
+        assert mr.weight[0, 0] == 0.5
+        assert mr.noise[0, 0] == 1.0  # r1 alone, noise 1 in sigmas and in ADU
+    from oasis_native.mr import SosMr
+
+    assert run_method(SosMr(), [r1, r2]).weight[0, 0] == 0.5
+
+
+def test_sigma_clip_threshold_is_inclusive_and_per_pixel():
+    from oasis_native.mr import SigmaClipMr
+
+    # five residuals; pixel 0: 0, 0, 0, 0, 5 (median 0, std 2 exactly): 5 is 2.5 std out;
+    # pixel 1 the same, negative; pixel 2: 0, 0, 0, 0, 1.25 (std 0.5): 2.5 std out too
+    # (every value exact in binary, so "at least sig_thresh" is tested at its edge);
+    # pixel 3: a wide spread that must not widen the other pixels' thresholds
+    columns = [[0.0] * 4 + [5.0], [0.0] * 4 + [-5.0], [0.0] * 4 + [1.25], [-90, 90, 0, 50, -50]]
+    residuals = []
+    for i in range(5):
+        row = [c[i] for c in columns] + [0.0] * 6
+        residuals.append(residual([row], np.ones((1, 10)), np.ones((1, 10)), f"r{i}"))
+    mr = run_method(SigmaClipMr(), residuals, sig_thresh=2.5)
+    np.testing.assert_array_equal(mr.data[0, :4], [5.0, -5.0, 1.25, 0.0])
+    mr = run_method(SigmaClipMr(), residuals, sig_thresh=2.6)
+    np.testing.assert_array_equal(mr.data[0, :4], [0.0, 0.0, 0.0, 0.0])
+
+
+def test_master_header_meta_and_names():
+    from astropy.io import fits
+
+    r1, r2 = hand_residuals()
+    h1 = fits.Header({"FILTER": "r", "EXPTIME": 30.0})
+    h1["OBJECT"] = ("M31", "the field")
+    r1 = Residual(data=r1.data, noise=r1.noise, weight=r1.weight, header=h1, name="r1")
+    r2 = Residual(data=r2.data, noise=r2.noise, weight=r2.weight, header={"FILTER": "g"}, name="r2")
+    from oasis_native.mr import SosMr
+
+    for mr in (run([r1, r2]), run_method(SosMr(), [r1, r2])):
+        # the first residual's header, its comments kept
+        assert mr.header["FILTER"] == "r"
+        assert mr.header.comments["OBJECT"] == "the field"
+        assert mr.header["NCOMBINE"] == 2
+        assert (mr.name, mr.science) == ("MR", "")
+        assert mr.meta["inputs"] == "r1,r2"
+        # one pixel of four ((1, 1)) has only r2, none is empty
+        assert mr.meta["frac_no_data"] == 0.0
+    w = np.ones((2, 2))
+    w[0, 0] = 0
+    r3 = residual(np.ones((2, 2)), np.ones((2, 2)), w, "r3")
+    r4 = residual(np.ones((2, 2)), np.ones((2, 2)), w, "r4")
+    assert run([r3, r4]).meta["frac_no_data"] == 0.25
+    assert run_method(SosMr(), [r3, r4]).meta["frac_no_data"] == 0.25
+
+
+def test_error_messages_name_the_residuals():
+    r1, _ = hand_residuals()
+    with pytest.raises(StageError) as err:
+        run([])
+    assert str(err.value) == "mr: no residual to combine"
+    odd = residual(np.zeros((3, 2)), np.ones((3, 2)), np.ones((3, 2)), "odd")
+    with pytest.raises(StageError) as err:
+        run([r1, odd])
+    assert str(err.value) == "mr: residual 'odd' has shape (3, 2), residual 'r1' has (2, 2)"
+
+
+@pytest.mark.parametrize("method", ["sos", "sos_abs", "sigma_clip"])
+def test_stack_methods_leave_pixels_without_data_empty(method):
+    from oasis_native.mr import SigmaClipMr, SosAbsMr, SosMr
+
+    backend = {"sos": SosMr(), "sos_abs": SosAbsMr(), "sigma_clip": SigmaClipMr()}[method]
+    shape = (5, 6)
+    rng = np.random.default_rng(2)
+    w_all = np.ones(shape)
+    w_all[2, 3] = 0  # no residual has data here
+    w_one = w_all.copy()
+    w_one[0, :] = 0  # row 0: one residual only
+    residuals = [
+        residual(rng.normal(size=shape), np.ones(shape), w, f"r{i}")
+        for i, w in enumerate((w_all, w_all, w_one))
+    ]
+    mr = run_method(backend, residuals)
+    assert (mr.data[2, 3], mr.noise[2, 3], mr.weight[2, 3]) == (0.0, 0.0, 0.0)
+    np.testing.assert_allclose(mr.weight[0], 2 / 3)
+    n_noise = {"sos": np.sqrt(2 * 2), "sos_abs": np.sqrt(3 * 2), "sigma_clip": np.sqrt(np.pi / 4)}
+    np.testing.assert_allclose(mr.noise[0], n_noise[method], rtol=1e-6)
+    if method == "sigma_clip":
+        one = run_method(backend, residuals[:1])  # a single residual: the median of one
+        np.testing.assert_allclose(one.noise[w_all > 0], np.sqrt(np.pi / 2), rtol=1e-6)
+
+
+def test_stack_is_the_same_when_computed_in_row_blocks():
+    # the stack is combined in blocks of rows (bounded memory): a frame taller than one
+    # block (2 residuals x 1000 columns: 2097 rows) gives every row its value
+    from oasis_native.mr import SosMr
+
+    shape = (2200, 1000)
+    values = np.tile(np.arange(shape[0], dtype=np.float32)[:, None] % 7 - 3.0, (1, shape[1]))
+    weight = np.ones(shape, np.float32)
+    weight[:, 0] = 0  # keeps each residual's median at 0 despite the offsets
+    r = [residual(values, np.ones(shape), weight, f"r{i}") for i in range(2)]
+    mr = run_method(SosMr(), r)
+    median = np.median(values[:, 1:])
+    np.testing.assert_allclose(mr.data[:, 1], 2 * (values[:, 1] - median) ** 2, rtol=1e-6)
+
+
+def test_sigma_clip_smoothing_at_edges_and_small_widths():
+    from oasis_native.mr import SigmaClipMr
+    from scipy.ndimage import gaussian_filter
+
+    shape = (15, 15)
+    data = np.zeros(shape)
+    data[0, 7] = 9.0  # a bright pixel on the edge (every residual's median stays 0)
+    weight = np.ones(shape)
+    weight[:, 14] = 0  # the last column: no data
+    flat = [residual(data, np.ones(shape), weight, f"f{i}") for i in range(3)]
+    for sig in (0.5, 2.0):
+        mr = run_method(SigmaClipMr(), flat, gauss_filt=True, gauss_sig=sig)
+        # beyond the edge is no signal (not a mirror image of the frame)
+        expected = gaussian_filter(np.where(weight > 0, data, 0.0), sig, mode="constant")
+        np.testing.assert_allclose(mr.data, expected, rtol=1e-5, atol=1e-7)
+        white = np.sqrt(np.pi / 2) / np.sqrt(3) / (2 * np.sqrt(np.pi) * sig)
+        assert mr.noise[7, 3] == pytest.approx(white, rel=1e-5)  # far from the empty column
+        np.testing.assert_array_equal(mr.noise[:, 14], 0.0)
+        # the noise map (0 where no data) is smoothed as if continued by its edge pixels
+        raw_noise = np.where(weight > 0, np.sqrt(np.pi / 2) / np.sqrt(3), 0.0)
+        smoothed = gaussian_filter(raw_noise, sig, mode="nearest") / (2 * np.sqrt(np.pi) * sig)
+        np.testing.assert_allclose(mr.noise[:, :14], smoothed[:, :14], rtol=1e-5)

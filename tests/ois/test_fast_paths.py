@@ -119,10 +119,20 @@ def test_global_normal_equations_equal_the_dense_expansion(const_ksum, deg_spati
     e = layout.expansion(xn, yn)
     flat = e.reshape(-1, e.shape[2])
     big_m, big_b = layout.normal(m, b, xn, yn)
-    np.testing.assert_allclose(big_m, flat.T @ (m @ e).reshape(flat.shape), rtol=1e-12)
+    dense = flat.T @ (m @ e).reshape(flat.shape)
+    # summation order differs: round-off relative to the matrix's scale, not each element's
+    np.testing.assert_allclose(big_m, dense, rtol=1e-12, atol=1e-13 * np.abs(dense).max())
     np.testing.assert_allclose(big_b, flat.T @ b.reshape(-1), rtol=1e-12, atol=1e-12)
     theta = rng.normal(size=big_b.size)
     np.testing.assert_allclose(layout.local(theta, xn, yn), e @ theta, rtol=1e-12, atol=1e-12)
+    # the unpacked coefficients: kernel (nb, nsp) and background, the same local values
+    coef, bg = layout.unpack(theta)
+    assert coef.shape == (12, layout.nsp) and bg.shape == (layout.nbg,)
+    if const_ksum:
+        assert coef[0, 0] == theta[0] and not coef[0, 1:].any()
+    p, q = ois._poly_at(deg_spatial, xn, yn), ois._poly_at(deg_bg, xn, yn)
+    unpacked = np.concatenate([p @ coef.T, (q @ bg)[:, None]], axis=1)
+    np.testing.assert_allclose(unpacked, e @ theta, rtol=1e-12, atol=1e-12)
 
 
 def test_raw_stamps_carried_to_the_basis_give_the_same_normal_equations():
@@ -207,3 +217,82 @@ def test_box_mean_and_banded_sky_noise():
     assert banded == pytest.approx(full, rel=0.03)
     assert banded == pytest.approx(4.0, rel=0.03)
     assert stats.sky_noise(image, fill=50.0) == full  # no bad pixel: the fill is unused
+
+
+# ------------------------------------------- the batched solver and the pixel variance
+
+
+def test_solve_sym_solves_batches_and_single_systems():
+    rng = np.random.default_rng(11)
+    a = rng.normal(size=(4, 6, 6))
+    m = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(6)  # positive definite
+    x = rng.normal(size=(4, 6))
+    b = (m @ x[..., None])[..., 0]
+    np.testing.assert_allclose(ois._solve_sym(m, b), x, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(ois._solve_sym(m[0], b[0]), x[0], rtol=1e-7, atol=1e-9)
+    # Jacobi scaling: the tiny ridge is relative, so the units of the system do not matter
+    for scale in (1e-12, 1e12):
+        np.testing.assert_allclose(ois._solve_sym(scale * m, scale * b), x, rtol=1e-7)
+
+
+def test_solve_sym_unknowns_without_signal_get_zero():
+    # a basis function that touches no pixel of a stamp: a zero row and column
+    m = np.diag([4.0, 0.0, 9.0])
+    b = np.array([8.0, 0.0, 27.0])
+    sol = ois._solve_sym(m, b)
+    np.testing.assert_allclose(sol, [2.0, 0.0, 3.0], rtol=1e-8)
+    assert np.isfinite(ois._solve_sym(np.zeros((2, 3, 3)), np.zeros((2, 3))).all())
+
+
+def test_solve_sym_falls_back_to_least_squares_when_singular():
+    # a system that stays singular with the ridge (diagonal 1, off-diagonal 1 + 1e-10):
+    # the minimum-norm least-squares solution, one system or a batch
+    eps = 1e-10
+    m = np.array([[1.0, 1.0 + eps], [1.0 + eps, 1.0]])
+    b = np.array([2.0, 2.0])
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.solve(m + eps * np.eye(2), b)
+    expected = np.linalg.lstsq(m + eps * np.eye(2), b, rcond=1e-12)[0]
+    np.testing.assert_allclose(ois._solve_sym(m, b), expected, rtol=1e-9)
+    np.testing.assert_allclose(expected, [1.0, 1.0], rtol=1e-6)
+    batch = ois._solve_sym(np.stack([m, 2 * np.eye(2)]), np.stack([b, [2.0, 4.0]]))
+    np.testing.assert_allclose(batch, [[1.0, 1.0], [1.0, 2.0]], rtol=1e-6)
+
+
+def test_pixel_variance_is_sky_plus_the_positive_signal_over_gain():
+    im = ois._Image(
+        name="x",
+        data=np.array([[-5.0, 0.0], [0.5, 10.0]], np.float32),
+        smooth=None,
+        bad=np.zeros((2, 2), bool),
+        weight=np.ones((2, 2), np.float32),
+        sky=0.0,
+        noise=2.0,
+        gain=4.0,
+        fwhm=3.0,
+    )
+    np.testing.assert_allclose(im.variance(), [[4.0, 4.0], [4.125, 6.5]], rtol=1e-6)
+    np.testing.assert_allclose(im.variance((np.array([1]), np.array([1]))), [6.5], rtol=1e-6)
+    assert im.variance().dtype == np.float32
+
+
+def test_robust_outliers_one_and_two_sided():
+    values = np.array([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 9.0, -7.0])
+    np.testing.assert_array_equal(ois._robust_outliers(values, 3.0, one_sided=True), values == 9.0)
+    np.testing.assert_array_equal(
+        ois._robust_outliers(values, 3.0, one_sided=False), np.abs(values - 1) > 5
+    )
+    # no spread (most values equal): nothing can be called an outlier
+    flat = np.array([2.0, 2.0, 2.0, 2.0, 50.0])
+    out = ois._robust_outliers(flat, 3.0, one_sided=False)
+    assert out.dtype == bool and out.shape == (5,) and not out.any()
+
+
+def test_spatial_degrees_need_three_stamps_per_term():
+    # deg 2: 6 terms, 18 stamps; deg 1: 3 terms, 9 stamps; deg 0 whatever the number
+    assert ois._degrees_for(18, 2, 1) == (2, 1)
+    assert ois._degrees_for(17, 2, 1) == (1, 1)
+    assert ois._degrees_for(9, 2, 2) == (1, 1)
+    assert ois._degrees_for(8, 2, 2) == (0, 0)
+    assert ois._degrees_for(1, 3, 3) == (0, 0)
+    assert ois._degrees_for(100, 0, 0) == (0, 0)

@@ -185,7 +185,8 @@ def test_isis_config_replaces_the_options_it_names(tmp_path):
         ("nstamps_x ten", r"default_config:3: ISIS key 'nstamps_x' must be an integer, got 'ten'"),
         ("sigma_gauss1 wide", r"ISIS key 'sigma_gauss1' must be a number, got 'wide'"),
         ("deg_spatial", r"default_config:3: ISIS key 'deg_spatial' has no value"),
-        ("ngauss 4", r"default_config: subtract.ois: ngauss must be 1, 2 or 3, got 4"),
+        ("ngauss 4", r"default_config: ngauss = 4: must be an integer in \[1, 3\]"),
+        ("sigma_gauss1 -0.5", r"default_config: sigma_gauss1 = -0.5: must be a finite number > 0"),
     ],
 )
 def test_bad_isis_config_lines_are_one_line_config_errors(tmp_path, line, match):

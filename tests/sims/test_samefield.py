@@ -294,10 +294,10 @@ def test_draws_are_in_their_intervals_and_reproducible():
 
 def test_bad_parameters_are_one_line_errors_naming_them(tmp_path):
     for kwargs, match in (
-        ({"mode": "airy"}, "mode 'airy'"),
+        ({"mode": "airy"}, "mode = 'airy': must be one of moffat, gauss, real, sky"),
         ({"numIms": 2}, "numIms"),
         ({"fwhm_min": 0}, "fwhm_min"),
-        ({"fwhm_min": 6, "fwhm_max": 3}, "fwhm_min, fwhm_max"),
+        ({"fwhm_min": 6, "fwhm_max": 3}, r"fwhm_max = 3: must be a finite number >= fwhm_min"),
         ({"rot_min": 3, "rot_max": -3}, "rot_min"),
         ({"scale_mult": (-1, 1)}, "scale_mult"),
         ({"scale_add": (1,)}, "scale_add"),

@@ -104,6 +104,7 @@ from oasis_core.backends import SubtractBackend, option
 from oasis_core.errors import BackendUnavailable, ConfigError, StageError
 from oasis_core.model import Frame, KernelSolution, Residual, Template
 from oasis_core.programs import run_program
+from oasis_core.validators import in_range, non_negative, positive, satisfies
 
 __all__ = [
     "FILES",
@@ -164,51 +165,19 @@ def _parse_ng(text: str) -> tuple[tuple[int, float], ...]:
             f"(e.g. {DEFAULT_NG!r}), got {text!r}"
         )
         raise ValueError(msg) from None
-    if any(d < 0 or not s > 0 for d, s in pairs):
+    if any(d < 0 or not 0 < s < math.inf for d, s in pairs):
         msg = f"subtract.hotpants: ng degrees must be >= 0 and sigmas > 0, got {text!r}"
         raise ValueError(msg)
     return pairs
 
 
-def _ng(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value.strip():
-        _parse_ng(value)
+def _valid_ng(text: str) -> bool:
+    return not text.strip() or bool(_parse_ng(text))
 
 
-def _choice(*allowed: str) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in allowed:
-            choices = ", ".join(repr(a) for a in allowed)
-            msg = f"subtract.hotpants: {attribute.name} must be one of {choices}, got {value!r}"
-            raise ValueError(msg)
-
-    return check
-
-
-def _nonneg(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value >= 0:
-        msg = f"subtract.hotpants: {attribute.name} must be >= 0, got {value!r}"
-        raise ValueError(msg)
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value > 0:
-        msg = f"subtract.hotpants: {attribute.name} must be > 0, got {value!r}"
-        raise ValueError(msg)
-
-
-def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not 0 < value <= 1:
-        msg = f"subtract.hotpants: {attribute.name} must be in (0, 1], got {value!r}"
-        raise ValueError(msg)
-
-
-def _extra(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    try:
-        shlex.split(value)
-    except ValueError as err:
-        msg = f"subtract.hotpants: extra is not a valid argument string ({err}): {value!r}"
-        raise ValueError(msg) from None
+def _valid_extra(text: str) -> bool:
+    shlex.split(text)  # ValueError (an unclosed quote...) when not
+    return True
 
 
 @attrs.frozen(kw_only=True)
@@ -221,55 +190,59 @@ class HotpantsOptions:
 
     binary: str = option("hotpants", "the hotpants program: a name on PATH or a path")
     timeout: float = option(
-        900.0, "seconds before hotpants is stopped (a StageError); 0: no limit", validator=_nonneg
+        900.0, "seconds before hotpants is stopped (a StageError); 0: no limit", range=non_negative
     )
     convolve: str = option(
         "auto",
         "image to convolve [-c]: 't' template, 'i' science, 'b' hotpants decides, 'auto' "
         "the narrower PSF ('b' if a FWHM is unknown)",
-        validator=_choice("auto", "t", "i", "b"),
+        choices=("auto", "t", "i", "b"),
     )
     normalize: str = option(
         "i",
         "flux scale of the residual [-n]: 'i' the science frame's (the residual contract), "
         "'t' the template's, 'u' the unconvolved image's",
-        validator=_choice("i", "t", "u"),
+        choices=("i", "t", "u"),
     )
     ng: str = option(
         "",
         f"Gaussian basis 'N deg1 sigma1 ...' [-ng]; '': '{DEFAULT_NG}', widened for broad "
         "matching kernels",
-        validator=_ng,
+        check=satisfies(
+            _valid_ng,
+            "'' or 'N deg1 sigma1 ... degN sigmaN' (N >= 1 pairs, degrees >= 0, sigmas > 0)",
+        ),
     )
     r: int = option(
         0,
         "kernel half width in px [-r]; 0: 2.5 x the larger FWHM, >= 3 widest sigmas (10 "
         "if unknown)",
-        validator=_nonneg,
+        range=non_negative,
     )
     rss: int = option(
-        0, "stamp half width in px [-rss], >= r; 0: max(15, 1.5 r)", validator=_nonneg
+        0, "stamp half width in px [-rss], >= r; 0: max(15, 1.5 r)", range=non_negative
     )
-    ko: int = option(2, "spatial order of the kernel variation [-ko]", validator=_nonneg)
-    bgo: int = option(1, "spatial order of the differential background [-bgo]", validator=_nonneg)
+    ko: int = option(2, "spatial order of the kernel variation [-ko]", range=non_negative)
+    bgo: int = option(1, "spatial order of the differential background [-bgo]", range=non_negative)
     nsx: int = option(
-        10, "stamps along x [-nsx] (hotpants lowers it on small images)", validator=_positive
+        10, "stamps along x [-nsx] (hotpants lowers it on small images)", range=positive
     )
-    nsy: int = option(10, "stamps along y [-nsy]", validator=_positive)
-    nss: int = option(3, "substamp (star) candidates per stamp [-nss]", validator=_positive)
+    nsy: int = option(10, "stamps along y [-nsy]", range=positive)
+    nss: int = option(3, "substamp (star) candidates per stamp [-nss]", range=positive)
     ft: float = option(
         20.0,
         "stamp star threshold in sky sigmas [-ft] (hotpants halves it once if short)",
-        validator=_positive,
+        range=positive,
     )
     upper: float = option(
         0.0,
         "upper valid level (ADU) [-iu -tu]; 0: each frame's saturation (no cut if unknown)",
+        range=non_negative,
     )
     lower_nsigma: float = option(
         10.0,
         "lower valid level [-il -tl] = median - this x sky noise (not hotpants' 0)",
-        validator=_positive,
+        range=positive,
     )
     noise_images: bool = option(
         True,
@@ -284,7 +257,7 @@ class HotpantsOptions:
     min_stamps: int = option(
         0,
         "flag the residual when fewer stamps survive; 0: (ko+1)(ko+2)/2",
-        validator=_nonneg,
+        range=non_negative,
     )
     lower_ko: bool = option(
         True,
@@ -293,12 +266,12 @@ class HotpantsOptions:
     max_masked: float = option(
         0.5,
         "flag the residual when hotpants masks more than this fraction of it",
-        validator=_fraction,
+        range=in_range(0, 1, lo_open=True),
     )
     extra: str = option(
         "",
         "further hotpants arguments, appended verbatim (e.g. '-ks 3 -kfm 0.995')",
-        validator=_extra,
+        check=satisfies(_valid_extra, "a shell-style argument string (quotes closed)"),
     )
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from oasis_core.backends import AlignBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame
+from oasis_core.validators import non_negative, positive
 
 __all__ = ["NativeAlign", "NativeAlignOptions"]
 
@@ -59,59 +60,62 @@ _WCS_KEY = re.compile(
 )
 
 
-def _check_transform(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in _TRANSFORMS:
-        raise ValueError(
-            f"align.native.{attribute.name} must be one of {_TRANSFORMS}, not {value!r}"
-        )
-
-
-def _check_initial(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in _INITIAL:
-        raise ValueError(f"align.native.{attribute.name} must be one of {_INITIAL}, not {value!r}")
-
-
-def _check_order(instance: Any, attribute: attrs.Attribute, value: int) -> None:
-    if not 0 <= value <= 5:
-        raise ValueError(f"align.native.{attribute.name} must be in 0..5, not {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class NativeAlignOptions:
     """Options of the native align backend."""
 
-    thresh: float = option(5.0, "star detection threshold, in sigmas of the sky noise")
-    minarea: int = option(5, "minimum number of connected pixels of a detected star")
-    back_size: int = option(64, "mesh size (px) of the sep background used for detection")
-    max_control_points: int = option(50, "brightest stars given to astroalign's triangle matching")
-    max_stars: int = option(1000, "brightest stars kept for matching and refinement")
+    thresh: float = option(
+        5.0, "star detection threshold, in sigmas of the sky noise", range=positive
+    )
+    minarea: int = option(
+        5, "minimum number of connected pixels of a detected star", range=(1, None)
+    )
+    back_size: int = option(
+        64, "mesh size (px) of the sep background used for detection", range=(1, None)
+    )
+    max_control_points: int = option(
+        50, "brightest stars given to astroalign's triangle matching", range=(3, None)
+    )
+    max_stars: int = option(
+        1000, "brightest stars kept for matching and refinement", range=(3, None)
+    )
     transform: str = option(
         "similarity",
         "transform fitted to the matched stars: shift, similarity or affine",
-        validator=_check_transform,
+        choices=_TRANSFORMS,
     )
     initial: str = option(
         "auto",
         "initial transform: auto (astroalign, phase correlation when it fails), "
         "astroalign or phasecorr (pure translation)",
-        validator=_check_initial,
+        choices=_INITIAL,
     )
     match_radius: float = option(
-        3.0, "radius (px) to pair stars once the initial transform is known"
+        3.0, "radius (px) to pair stars once the initial transform is known", range=positive
     )
-    min_matched: int = option(3, "fewest matched stars accepted (else the frame fails)")
-    clip: float = option(3.0, "sigma clipping of the position residuals in the refinement")
+    min_matched: int = option(
+        3, "fewest matched stars accepted (else the frame fails)", range=(1, None)
+    )
+    clip: float = option(
+        3.0, "sigma clipping of the position residuals in the refinement", range=positive
+    )
     order: int = option(
-        3, "spline order for resampling the data (0-5; weight uses 1)", validator=_check_order
+        3, "spline order for resampling the data (0-5; weight uses 1)", range=(0, 5)
     )
     photometric: bool = option(
         True, "rescale the data to the reference's flux scale and sky level (linmatch)"
     )
     phot_radius: float = option(
-        2.0, "aperture radius for the photometric scale, in units of the larger FWHM"
+        2.0,
+        "aperture radius for the photometric scale, in units of the larger FWHM",
+        range=positive,
     )
-    phot_snr: float = option(10.0, "minimum aperture S/N of a star used for the scale")
-    min_phot_stars: int = option(3, "fewest stars accepted for the photometric scale")
+    phot_snr: float = option(
+        10.0, "minimum aperture S/N of a star used for the scale", range=non_negative
+    )
+    min_phot_stars: int = option(
+        3, "fewest stars accepted for the photometric scale", range=(1, None)
+    )
 
 
 class NativeAlign(AlignBackend):

@@ -42,6 +42,7 @@ from oasis_core.backends import CombineBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame, Template
 from oasis_core.stacking import frame_noise, median_or_none, stack_template
+from oasis_core.validators import non_negative, positive
 
 __all__ = ["NativeCombine", "NativeCombineOptions", "weighted_median"]
 
@@ -49,28 +50,20 @@ _METHODS = ("median", "mean")
 _CHUNK = 1 << 22  # values per block (frames x pixels) processed at once
 
 
-def _check_method(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in _METHODS:
-        raise ValueError(
-            f"combine.native.{attribute.name} must be one of {_METHODS}, not {value!r}"
-        )
-
-
 @attrs.frozen(kw_only=True)
 class NativeCombineOptions:
     """Options of the native combine backend."""
 
     method: str = option(
-        "median",
-        "median (weighted median) or mean (sigma-clipped weighted mean)",
-        validator=_check_method,
+        "median", "median (weighted median) or mean (sigma-clipped weighted mean)", choices=_METHODS
     )
-    clip: float = option(3.0, "rejection threshold in sigmas (method = mean)")
-    clip_iters: int = option(3, "clipping iterations (method = mean)")
+    clip: float = option(3.0, "rejection threshold in sigmas (method = mean)", range=positive)
+    clip_iters: int = option(3, "clipping iterations (method = mean)", range=(0, None))
     clip_ampfrac: float = option(
         0.3,
         "fraction of the source amplitude added to sigma so that seeing differences "
         "are not clipped (SWarp's CLIP_AMPFRAC; method = mean)",
+        range=non_negative,
     )
 
 

@@ -43,6 +43,7 @@ from oasis_core.backends import ExtractBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Residual
 from oasis_core.sources import matched_significance
+from oasis_core.validators import fraction, non_negative, positive
 
 __all__ = ["NativeExtract", "NativeExtractOptions"]
 
@@ -55,17 +56,24 @@ _INT_COLUMNS = ("npix", "sign", "flag")
 class NativeExtractOptions:
     """Options of the native extract backend."""
 
-    thresh: float = option(5.0, "detection threshold in sigmas of the matched-filtered residual")
-    minarea: int = option(5, "minimum number of connected pixels above the threshold")
+    thresh: float = option(
+        5.0, "detection threshold in sigmas of the matched-filtered residual", range=positive
+    )
+    minarea: int = option(
+        5, "minimum number of connected pixels above the threshold", range=(1, None)
+    )
     fwhm: float = option(
         0.0,
         "PSF FWHM (px) for the filter kernel and the aperture; 0 = the residual's "
         "meta['fwhm'] or header FWHM, else 3",
+        range=non_negative,
     )
-    radius: float = option(0.0, "aperture radius (px); 0 = 1.5 x FWHM")
+    radius: float = option(0.0, "aperture radius (px); 0 = 1.5 x FWHM", range=non_negative)
     negative: bool = option(True, "also detect negative sources (on -R), with sign = -1")
-    deblend_nthresh: int = option(32, "sep deblending thresholds")
-    deblend_cont: float = option(0.005, "sep deblending contrast (1 = no deblending)")
+    deblend_nthresh: int = option(32, "sep deblending thresholds", range=(1, None))
+    deblend_cont: float = option(
+        0.005, "sep deblending contrast (1 = no deblending)", range=fraction
+    )
     clean: bool = option(
         False,
         "sep cleaning of spurious detections near bright sources (off: on residuals it "
@@ -75,7 +83,7 @@ class NativeExtractOptions:
         "auto",
         "image searched: 'residual', 'score' (the residual's extra['score'], e.g. ZOGY's "
         "S_corr, thresholded at thresh sigmas) or 'auto' (the score when there is one)",
-        validator=attrs.validators.in_(("auto", "residual", "score")),
+        choices=("auto", "residual", "score"),
     )
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from oasis_core.backends import MaskBackend, option
 from oasis_core.model import Frame
+from oasis_core.validators import fraction, in_range, positive
 
 __all__ = ["NativeMask", "NativeMaskOptions", "saturation_level"]
 
@@ -33,31 +34,47 @@ class NativeMaskOptions:
     """Options of the ``native`` mask backend (``[mask.native]``)."""
 
     cosmics: bool = option(True, "detect cosmic rays with astroscrappy (L.A.Cosmic)")
-    sigclip: float = option(4.5, "L.A.Cosmic Laplacian-to-noise detection limit (sigmas)")
-    sigfrac: float = option(0.3, "fraction of sigclip used for pixels next to a cosmic ray")
+    sigclip: float = option(
+        4.5, "L.A.Cosmic Laplacian-to-noise detection limit (sigmas)", range=positive
+    )
+    sigfrac: float = option(
+        0.3, "fraction of sigclip used for pixels next to a cosmic ray", range=positive
+    )
     objlim: float = option(
         5.0,
         "L.A.Cosmic contrast limit vs the fine-structure image; raise it if star cores are flagged",
+        range=positive,
     )
-    niter: int = option(4, "L.A.Cosmic iterations")
-    cosmic_grow: int = option(0, "grow every cosmic-ray pixel by this many pixels")
-    saturation_grow: int = option(2, "grow saturated regions by this radius (pixels)")
+    niter: int = option(4, "L.A.Cosmic iterations", range=(1, None))
+    cosmic_grow: int = option(0, "grow every cosmic-ray pixel by this many pixels", range=(0, None))
+    saturation_grow: int = option(
+        2, "grow saturated regions by this radius (pixels)", range=(0, None)
+    )
     bleed: bool = option(
         True, "also mask bleed trails (vertical runs above the noise that touch a saturated pixel)"
     )
-    bleed_nsigma: float = option(5.0, "a bleed-trail pixel is this many sigmas above the sky")
+    bleed_nsigma: float = option(
+        5.0, "a bleed-trail pixel is this many sigmas above the sky", range=positive
+    )
     saturation_fraction: float = option(
         0.98,
         "saturation unknown: when the data maximum is a clipping plateau, pixels above "
         "this fraction of it are saturated",
+        range=in_range(0, 1, lo_open=True),
     )
     plateau_pixels: int = option(
-        4, "saturation unknown: pixels at the data maximum that make it a clipping plateau"
+        4,
+        "saturation unknown: pixels at the data maximum that make it a clipping plateau",
+        range=(1, None),
     )
-    default_gain: float = option(1.0, "gain (e-/ADU) used when the frame has none")
-    back_size: int = option(64, "mesh size (pixels) of the sep background and noise maps")
+    default_gain: float = option(1.0, "gain (e-/ADU) used when the frame has none", range=positive)
+    back_size: int = option(
+        64, "mesh size (pixels) of the sep background and noise maps", range=(1, None)
+    )
     max_cosmic_fraction: float = option(
-        0.05, "fail the frame when cosmic rays would mask more than this fraction of it"
+        0.05,
+        "fail the frame when cosmic rays would mask more than this fraction of it",
+        range=fraction,
     )
 
 

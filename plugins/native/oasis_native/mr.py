@@ -47,6 +47,7 @@ import numpy as np
 from oasis_core.backends import MrBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Residual
+from oasis_core.validators import non_negative, positive
 
 __all__ = [
     "NativeMr",
@@ -139,10 +140,12 @@ class SigmaClipOptions:
     """Options of the ``sigma_clip`` master residual (OasisPy's names)."""
 
     sig_thresh: float = option(
-        4.0, "a pixel at least this many sigmas from the median is taken as the stacked value"
+        4.0,
+        "a pixel at least this many sigmas from the median is taken as the stacked value",
+        range=non_negative,
     )
     gauss_filt: bool = option(False, "smooth the master residual with a Gaussian")
-    gauss_sig: float = option(3.0, "sigma of that Gaussian [pix]")
+    gauss_sig: float = option(3.0, "sigma of that Gaussian [pix]", range=positive)
 
 
 class _StackMr(MrBackend):

@@ -28,6 +28,7 @@ import numpy as np
 
 from oasis_core.backends import PsfBackend, option
 from oasis_core.model import Frame, PsfModel
+from oasis_core.validators import fraction, in_range, non_negative, positive
 
 __all__ = ["NativePsf", "NativePsfOptions", "gaussian_profile", "moffat_profile"]
 
@@ -39,40 +40,49 @@ class NativePsfOptions:
     """Options of the ``native`` PSF backend (``[psf.native]``)."""
 
     model: str = option(
-        "moffat",
-        "profile fitted to the stacked PSF stars: 'moffat' or 'gaussian'",
-        validator=attrs.validators.in_(_MODELS),
+        "moffat", "profile fitted to the stacked PSF stars: 'moffat' or 'gaussian'", choices=_MODELS
     )
-    threshold: float = option(5.0, "sep detection threshold (sigmas of the sky noise)")
-    min_snr: float = option(10.0, "minimum peak signal-to-noise of a PSF star")
-    max_stars: int = option(200, "use at most this many PSF stars (the highest S/N ones)")
-    min_stars: int = option(3, "fail the frame when fewer usable PSF stars are found")
+    threshold: float = option(
+        5.0, "sep detection threshold (sigmas of the sky noise)", range=positive
+    )
+    min_snr: float = option(10.0, "minimum peak signal-to-noise of a PSF star", range=non_negative)
+    max_stars: int = option(
+        200, "use at most this many PSF stars (the highest S/N ones)", range=(1, None)
+    )
+    min_stars: int = option(
+        3, "fail the frame when fewer usable PSF stars are found", range=(1, None)
+    )
     stamp_half: int = option(
         0,
         "half size (pixels) of the star stamps and PSF image; 0 = 3 x the first FWHM "
         "estimate, between 7 and 25",
+        range=(0, None),
     )
     isolation: float = option(
         3.0,
         "reject a star with a neighbour closer than this many FWHM that is brighter "
         "than neighbour_fraction of it",
+        range=non_negative,
     )
-    neighbour_fraction: float = option(0.1, "see isolation")
-    max_ellipticity: float = option(0.3, "reject detections more elongated than this (1 - b/a)")
+    neighbour_fraction: float = option(0.1, "see isolation", range=non_negative)
+    max_ellipticity: float = option(
+        0.3, "reject detections more elongated than this (1 - b/a)", range=fraction
+    )
     saturation_fraction: float = option(
         0.8,
         "reject stars whose peak pixel reaches this fraction of the saturation level "
         "(of the data maximum when the saturation is unknown)",
+        range=in_range(0, 1, lo_open=True),
     )
     snr_stars: int = option(
-        10, "the frame S/N is the median peak S/N of this many brightest PSF stars"
+        10, "the frame S/N is the median peak S/N of this many brightest PSF stars", range=(1, None)
     )
-    back_size: int = option(64, "sep background mesh size (pixels)")
+    back_size: int = option(64, "sep background mesh size (pixels)", range=(1, None))
     image: str = option(
         "model",
         "PSF image returned: 'model' (the fitted profile) or 'empirical' (the "
         "median stack of the stars)",
-        validator=attrs.validators.in_(("model", "empirical")),
+        choices=("model", "empirical"),
     )
 
 

@@ -69,6 +69,7 @@ import numpy as np
 from oasis_core.backends import SubtractBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame, Residual, Template
+from oasis_core.validators import finite, in_range, non_negative
 
 __all__ = ["NativeZogy", "ZogyOptions"]
 
@@ -84,13 +85,17 @@ class ZogyOptions:
         0.0,
         "science / template flux ratio F_N/F_R (1 for photometrically aligned frames); "
         "0 = measure it on the stars common to both frames",
-        validator=attrs.validators.ge(0.0),
+        range=non_negative,
     )
     ratio_snr: float = option(
-        20.0, "minimum aperture S/N (in both frames) of a star used to measure the flux ratio"
+        20.0,
+        "minimum aperture S/N (in both frames) of a star used to measure the flux ratio",
+        range=non_negative,
     )
     ratio_min_stars: int = option(
-        5, "with fewer usable stars the flux ratio is taken as 1 (meta['ratio_source'])"
+        5,
+        "with fewer usable stars the flux ratio is taken as 1 (meta['ratio_source'])",
+        range=(1, None),
     )
     source_noise: bool = option(
         True, "add the sources' Poisson noise to the noise image and to the S_corr variance"
@@ -101,23 +106,28 @@ class ZogyOptions:
         "term); "
         "0 = no astrometric term; -1 (any negative) = measured: the scatter of the star "
         "offsets beyond their centroid errors",
+        range=finite,
     )
     background: str = option(
         "map",
         "sky removed before the FFTs: 'map' (a sep background mesh: S_corr, a matched "
         "filter, turns a sky mismatch of 0.1 sigma into ~1 sigma) or 'constant' (the "
         "frame's background, else measured)",
-        validator=attrs.validators.in_(_BACKGROUNDS),
+        choices=_BACKGROUNDS,
     )
-    back_size: int = option(64, "sep background mesh size (px) when background = 'map'")
+    back_size: int = option(
+        64, "sep background mesh size (px) when background = 'map'", range=(1, None)
+    )
     saturation: float = option(
-        0.0, "mask pixels at or above this level (ADU); 0 = each frame's saturation"
+        0.0,
+        "mask pixels at or above this level (ADU); 0 = each frame's saturation",
+        range=non_negative,
     )
     mask_grow: float = option(
         1.5,
         "output weight 0 within this many FWHM (of the broader PSF) of a masked pixel or "
         "of the frame edge",
-        validator=attrs.validators.ge(0.0),
+        range=non_negative,
     )
     fit_shift: bool = option(
         True,
@@ -125,9 +135,11 @@ class ZogyOptions:
         "the template by it (Fourier phase shift) when significant",
     )
     psf_beta: float = option(
-        3.0, "Moffat beta of the PSF built from a frame's FWHM when it has no PSF image"
+        3.0,
+        "Moffat beta of the PSF built from a frame's FWHM when it has no PSF image",
+        range=in_range(1, None, lo_open=True),
     )
-    workers: int = option(0, "FFT threads; 0 = all CPUs")
+    workers: int = option(0, "FFT threads; 0 = all CPUs", range=(0, None))
 
 
 @attrs.frozen(kw_only=True)

@@ -78,6 +78,7 @@ import numpy as np
 
 from oasis_core.errors import BackendUnavailable, ConfigError, StageError
 from oasis_core.model import Frame
+from oasis_core.validators import OptionValueError
 from oasis_ois.ois import (
     OisOptions,
     OisSolution,
@@ -253,6 +254,9 @@ def apply_isis_config(options: OisOptions) -> OisOptions:
     updates = {k: v for k, v in values.items() if k not in IGNORED_KEYS}
     try:
         return attrs.evolve(options, isis_config="", **updates)
+    except OptionValueError as err:
+        msg = f"{options.isis_config}: {err.assignment()} (subtract.ois.isis_config)"
+        raise ConfigError(msg) from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{options.isis_config}: {err}") from err
 

@@ -70,6 +70,7 @@ import numpy as np
 from oasis_core.backends import option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame
+from oasis_core.validators import in_range, non_negative, positive
 
 __all__ = [
     "OisOptions",
@@ -95,30 +96,6 @@ STATS_PIXELS = 1 << 20
 #: Zero padding (px) of each image's Fourier transform, computed once in the preparation:
 #: kernels up to this half size are applied with it (larger ones transform again).
 FFT_PAD = 32
-
-
-def _nonneg(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value < 0:
-        msg = f"subtract.ois: {attribute.name} must be >= 0, got {value!r}"
-        raise ValueError(msg)
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value > 0:
-        msg = f"subtract.ois: {attribute.name} must be > 0, got {value!r}"
-        raise ValueError(msg)
-
-
-def _ngauss(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in (1, 2, 3):
-        msg = f"subtract.ois: ngauss must be 1, 2 or 3, got {value!r}"
-        raise ValueError(msg)
-
-
-def _convolve(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value not in ("auto", "template", "science"):
-        msg = f"subtract.ois: convolve must be 'auto', 'template' or 'science', got {value!r}"
-        raise ValueError(msg)
 
 
 @attrs.frozen(kw_only=True)
@@ -153,51 +130,53 @@ class OisOptions:
       ``mrj_phot`` instead of the numpy fit (see :mod:`oasis_ois.isis`).
     """
 
-    nstamps_x: int = option(10, "stamp cells along x (ISIS nstamps_x)", validator=_positive)
-    nstamps_y: int = option(10, "stamp cells along y (ISIS nstamps_y)", validator=_positive)
+    nstamps_x: int = option(10, "stamp cells along x (ISIS nstamps_x)", range=positive)
+    nstamps_y: int = option(10, "stamp cells along y (ISIS nstamps_y)", range=positive)
     half_mesh_size: int = option(
-        9, "kernel half size in px, kernel is (2n+1)^2 (ISIS half_mesh_size)", validator=_positive
+        9, "kernel half size in px, kernel is (2n+1)^2 (ISIS half_mesh_size)", range=positive
     )
     half_stamp_size: int = option(
-        15, "stamp half size in px (ISIS half_stamp_size)", validator=_positive
+        15, "stamp half size in px (ISIS half_stamp_size)", range=positive
     )
-    deg_bg: int = option(1, "degree of the differential background polynomial", validator=_nonneg)
+    deg_bg: int = option(1, "degree of the differential background polynomial", range=non_negative)
     saturation: float = option(
-        0.0, "saturation level (ADU) of both images; 0: each frame's own level", validator=_nonneg
+        0.0, "saturation level (ADU) of both images; 0: each frame's own level", range=non_negative
     )
     pix_min: float = option(
-        -math.inf, "pixels below this value (ADU) are bad (ISIS: 10); -inf: no lower cut"
+        -math.inf,
+        "pixels below this value (ADU) are bad (ISIS: 10); -inf: no lower cut",
+        range=in_range(-math.inf, None),
     )
     min_stamp_center: float = option(
         0.0,
         "minimum stamp star peak above sky (ADU), both images (ISIS: 130); 0: min_stamp_snr",
-        validator=_nonneg,
+        range=non_negative,
     )
     min_stamp_snr: float = option(
-        10.0, "minimum stamp star peak in sky sigmas in both images", validator=_positive
+        10.0, "minimum stamp star peak in sky sigmas in both images", range=positive
     )
-    ngauss: int = option(3, "number of Gaussians in the kernel basis (1-3)", validator=_ngauss)
-    deg_gauss1: int = option(6, "polynomial degree of the first Gaussian", validator=_nonneg)
-    deg_gauss2: int = option(4, "polynomial degree of the second Gaussian", validator=_nonneg)
-    deg_gauss3: int = option(2, "polynomial degree of the third Gaussian", validator=_nonneg)
-    sigma_gauss1: float = option(0.7, "sigma (px) of the first Gaussian", validator=_positive)
-    sigma_gauss2: float = option(1.5, "sigma (px) of the second Gaussian", validator=_positive)
-    sigma_gauss3: float = option(2.0, "sigma (px) of the third Gaussian", validator=_positive)
+    ngauss: int = option(3, "number of Gaussians in the kernel basis", range=(1, 3))
+    deg_gauss1: int = option(6, "polynomial degree of the first Gaussian", range=non_negative)
+    deg_gauss2: int = option(4, "polynomial degree of the second Gaussian", range=non_negative)
+    deg_gauss3: int = option(2, "polynomial degree of the third Gaussian", range=non_negative)
+    sigma_gauss1: float = option(0.7, "sigma (px) of the first Gaussian", range=positive)
+    sigma_gauss2: float = option(1.5, "sigma (px) of the second Gaussian", range=positive)
+    sigma_gauss3: float = option(2.0, "sigma (px) of the third Gaussian", range=positive)
     deg_spatial: int = option(
-        2, "degree of the kernel's spatial variation polynomial", validator=_nonneg
+        2, "degree of the kernel's spatial variation polynomial", range=non_negative
     )
     convolve: str = option(
         "auto",
         "image to convolve: 'template', 'science' or 'auto' (the one with the narrower PSF)",
-        validator=_convolve,
+        choices=("auto", "template", "science"),
     )
     sigma_clip: float = option(
         3.0,
         "stamps whose chi2 or kernel sum is this many robust sigmas off are rejected",
-        validator=_positive,
+        range=positive,
     )
     max_iter: int = option(
-        5, "maximum stamp-rejection iterations of the global fit", validator=_nonneg
+        5, "maximum stamp-rejection iterations of the global fit", range=non_negative
     )
     seeing_scale: bool = option(
         True,
@@ -211,6 +190,7 @@ class OisOptions:
         "",
         "ISIS default_config file whose values replace the options above (read when the "
         "backend runs); '' = none",
+        path=True,
     )
     isis_binary: str = option(
         "",
@@ -218,7 +198,7 @@ class OisOptions:
         "'' = numpy",
     )
     isis_timeout: float = option(
-        600.0, "seconds after which a mrj_phot run is stopped", validator=_positive
+        600.0, "seconds after which a mrj_phot run is stopped", range=positive
     )
 
 

@@ -48,6 +48,7 @@ import numpy as np
 from oasis_core.backends import ExtractBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Residual
+from oasis_core.validators import fraction, non_negative, positive
 
 __all__ = [
     "BAD_RMS",
@@ -100,16 +101,6 @@ _FLOAT_COLUMNS = ("x", "y", "flux", "flux_err", "peak", "snr", "a", "b", "theta"
 _INT_COLUMNS = ("npix", "sign", "flag")
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value > 0:
-        raise ValueError(f"extract.sextractor: {attribute.name} must be > 0, got {value!r}")
-
-
-def _nonneg(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value >= 0:
-        raise ValueError(f"extract.sextractor: {attribute.name} must be >= 0, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class SextractorExtractOptions:
     """Options of the ``sextractor`` extract backend (``[extract.sextractor]``; SExtractor
@@ -122,28 +113,30 @@ class SextractorExtractOptions:
         5.0,
         "detection threshold in sigmas of the matched-filtered residual, as the native "
         "backend's thresh [DETECT_THRESH, scaled by the filter's noise]",
-        validator=_positive,
+        range=positive,
     )
     analysis_thresh: float = option(
         0.0,
         "SExtractor's ANALYSIS_THRESH (sigmas of a pixel); 0: the DETECT_THRESH passed",
-        validator=_nonneg,
+        range=non_negative,
     )
-    detect_minarea: int = option(5, "minimum pixels above threshold [DETECT_MINAREA]")
+    detect_minarea: int = option(
+        5, "minimum pixels above threshold [DETECT_MINAREA]", range=(1, None)
+    )
     filter: bool = option(True, "Gaussian detection filter of the PSF FWHM [FILTER]")
     fwhm: float = option(
         0.0,
         "PSF FWHM (px) for the filter and the aperture; 0: the residual's meta['fwhm'] or "
         "header FWHM, else 3",
-        validator=_nonneg,
+        range=non_negative,
     )
     radius: float = option(
-        0.0, "aperture radius (px) [PHOT_APERTURES = 2 radius]; 0: 1.5 x FWHM", validator=_nonneg
+        0.0, "aperture radius (px) [PHOT_APERTURES = 2 radius]; 0: 1.5 x FWHM", range=non_negative
     )
     negative: bool = option(True, "also detect negative sources (on -R), with sign = -1")
-    deblend_nthresh: int = option(32, "deblending sub-thresholds [DEBLEND_NTHRESH]")
+    deblend_nthresh: int = option(32, "deblending sub-thresholds [DEBLEND_NTHRESH]", range=(1, 64))
     deblend_mincont: float = option(
-        0.005, "deblending contrast, 1 = no deblending [DEBLEND_MINCONT]", validator=_nonneg
+        0.005, "deblending contrast, 1 = no deblending [DEBLEND_MINCONT]", range=fraction
     )
     clean: bool = option(
         False,
@@ -154,16 +147,16 @@ class SextractorExtractOptions:
         0,
         "0: the residual's median is its background (as the native backend); > 0: "
         "SExtractor's background mesh of this size [BACK_SIZE]",
-        validator=_nonneg,
+        range=(0, None),
     )
     spread_model: bool = option(
         True, "measure SPREAD_MODEL when the residual has a PSF model [PSF_NAME]"
     )
-    nthreads: int = option(1, "SExtractor threads [NTHREADS]", validator=_positive)
+    nthreads: int = option(1, "SExtractor threads [NTHREADS]", range=(1, None))
     timeout: float = option(
         600.0,
         "seconds before SExtractor is stopped (a StageError); 0: no limit",
-        validator=_nonneg,
+        range=non_negative,
     )
 
 

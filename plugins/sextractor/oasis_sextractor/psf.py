@@ -58,6 +58,7 @@ import numpy as np
 from oasis_core.backends import PsfBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame, PsfModel
+from oasis_core.validators import fraction, non_negative, positive
 
 __all__ = ["FILES", "PsfexOptions", "PsfexPsf", "psfex_arguments", "sextractor_psf_arguments"]
 
@@ -110,16 +111,6 @@ STARS_PER_TERM = 5
 FILTER_FWHM = 2.0
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value > 0:
-        raise ValueError(f"psf.psfex: {attribute.name} must be > 0, got {value!r}")
-
-
-def _nonneg(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not value >= 0:
-        raise ValueError(f"psf.psfex: {attribute.name} must be >= 0, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class PsfexOptions:
     """Options of the ``psfex`` PSF backend (``[psf.psfex]``; SExtractor / PSFEx keys in
@@ -132,58 +123,56 @@ class PsfexOptions:
     detect_thresh: float = option(
         3.0,
         "star detection threshold, sigmas of a pixel [DETECT_THRESH, ANALYSIS_THRESH]",
-        validator=_positive,
+        range=positive,
     )
-    detect_minarea: int = option(5, "minimum pixels above threshold [DETECT_MINAREA]")
-    min_snr: float = option(20.0, "minimum S/N of a PSF star [SAMPLE_MINSN]", validator=_positive)
+    detect_minarea: int = option(
+        5, "minimum pixels above threshold [DETECT_MINAREA]", range=(1, None)
+    )
+    min_snr: float = option(20.0, "minimum S/N of a PSF star [SAMPLE_MINSN]", range=positive)
     max_ellipticity: float = option(
-        0.3, "maximum (A-B)/(A+B) of a PSF star [SAMPLE_MAXELLIP]", validator=_nonneg
+        0.3, "maximum (A-B)/(A+B) of a PSF star [SAMPLE_MAXELLIP]", range=fraction
     )
     min_fwhm: float = option(
-        1.5, "smallest FWHM (px) of a PSF star (FWHM_IMAGE and PSFEx's)", validator=_positive
+        1.5, "smallest FWHM (px) of a PSF star (FWHM_IMAGE and PSFEx's)", range=positive
     )
     max_fwhm: float = option(
-        20.0, "largest FWHM (px) of a PSF star (FWHM_IMAGE and PSFEx's)", validator=_positive
+        20.0, "largest FWHM (px) of a PSF star (FWHM_IMAGE and PSFEx's)", range=positive
     )
     variability: float = option(
-        0.2, "allowed FWHM scatter of the PSF stars [SAMPLE_VARIABILITY]", validator=_positive
+        0.2, "allowed FWHM scatter of the PSF stars [SAMPLE_VARIABILITY]", range=positive
     )
     psf_size: int = option(
         0,
         "PSF stamp side (px, odd) [PSF_SIZE]; 0: 6 x the first FWHM guess, 15 to 51",
-        validator=_nonneg,
+        range=(0, None),
     )
     sampling: float = option(
-        1.0,
-        "PSF pixel step in image pixels [PSF_SAMPLING]; 0: PSFEx chooses",
-        validator=_nonneg,
+        1.0, "PSF pixel step in image pixels [PSF_SAMPLING]; 0: PSFEx chooses", range=non_negative
     )
     psfvar_degree: int = option(
         2,
         "degree of the PSF variation across the frame [PSFVAR_DEGREES]; lowered when there "
         "are fewer than 5 candidate stars per term",
-        validator=_nonneg,
+        range=(0, None),
     )
-    min_stars: int = option(3, "fail the frame when PSFEx accepts fewer stars")
+    min_stars: int = option(3, "fail the frame when PSFEx accepts fewer stars", range=(1, None))
     saturation_fraction: float = option(
         0.8,
         "SATUR_LEVEL = this x the frame's saturation (x its brightest pixel when unknown)",
-        validator=_positive,
+        range=positive,
     )
     snr_stars: int = option(
-        10, "the frame S/N is the median peak S/N of this many best accepted stars"
+        10, "the frame S/N is the median peak S/N of this many best accepted stars", range=(1, None)
     )
-    back_size: int = option(64, "background mesh size (px) [BACK_SIZE]", validator=_positive)
+    back_size: int = option(64, "background mesh size (px) [BACK_SIZE]", range=(1, None))
     fwhm_from: str = option(
         "fit",
         "FWHM returned: 'fit' (Moffat fit to the PSF image) or 'psfex' (PSFEx's FWHM_Mean)",
-        validator=attrs.validators.in_(("fit", "psfex")),
+        choices=("fit", "psfex"),
     )
-    nthreads: int = option(1, "threads of each program [NTHREADS]", validator=_positive)
+    nthreads: int = option(1, "threads of each program [NTHREADS]", range=(1, None))
     timeout: float = option(
-        600.0,
-        "seconds before a program is stopped (a StageError); 0: no limit",
-        validator=_nonneg,
+        600.0, "seconds before a program is stopped (a StageError); 0: no limit", range=non_negative
     )
 
 

@@ -47,14 +47,13 @@ from oasis_core.backends import CombineBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Frame, Template
 from oasis_core.stacking import frame_noise, median_or_none, stack_template
+from oasis_core.validators import non_negative
 from oasis_swarp.swarp import (
     RESAMPLING_TYPES,
     USER_CONFIG,
     SwarpImage,
     find_program,
     grid_settings,
-    non_negative,
-    one_of,
     run_swarp,
     upper_case,
 )
@@ -81,23 +80,19 @@ class SwarpCombineOptions:
         "MEDIAN",
         f"[COMBINE_TYPE] one of {', '.join(COMBINE_TYPES)}",
         converter=upper_case,
-        validator=one_of("combine.swarp", COMBINE_TYPES),
+        choices=COMBINE_TYPES,
     )
     resampling_type: str = option(
         "NEAREST",
         "[RESAMPLING_TYPE] NEAREST is exact on registered frames; the others lose pixels "
         "near masked ones and the edges",
         converter=upper_case,
-        validator=one_of("combine.swarp", RESAMPLING_TYPES),
+        choices=RESAMPLING_TYPES,
     )
     subtract_back: bool = option(False, "[SUBTRACT_BACK] let SWarp subtract each sky")
-    nthreads: int = option(
-        0, "[NTHREADS] threads SWarp uses; 0: all cores", validator=non_negative("combine.swarp")
-    )
+    nthreads: int = option(0, "[NTHREADS] threads SWarp uses; 0: all cores", range=(0, None))
     timeout: float = option(
-        900.0,
-        "seconds before SWarp is stopped (a StageError); 0: no limit",
-        validator=non_negative("combine.swarp"),
+        900.0, "seconds before SWarp is stopped (a StageError); 0: no limit", range=non_negative
     )
 
 

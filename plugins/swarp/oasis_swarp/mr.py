@@ -32,14 +32,13 @@ import numpy as np
 from oasis_core.backends import MrBackend, option
 from oasis_core.errors import StageError
 from oasis_core.model import Residual
+from oasis_core.validators import non_negative
 from oasis_swarp.swarp import (
     RESAMPLING_TYPES,
     USER_CONFIG,
     SwarpImage,
     find_program,
     grid_settings,
-    non_negative,
-    one_of,
     run_swarp,
     upper_case,
 )
@@ -60,15 +59,11 @@ class SwarpMrOptions:
         "NEAREST",
         "[RESAMPLING_TYPE] NEAREST is exact on registered residuals",
         converter=upper_case,
-        validator=one_of("mr.swarp", RESAMPLING_TYPES),
+        choices=RESAMPLING_TYPES,
     )
-    nthreads: int = option(
-        0, "[NTHREADS] threads SWarp uses; 0: all cores", validator=non_negative("mr.swarp")
-    )
+    nthreads: int = option(0, "[NTHREADS] threads SWarp uses; 0: all cores", range=(0, None))
     timeout: float = option(
-        900.0,
-        "seconds before SWarp is stopped (a StageError); 0: no limit",
-        validator=non_negative("mr.swarp"),
+        900.0, "seconds before SWarp is stopped (a StageError); 0: no limit", range=non_negative
     )
 
 

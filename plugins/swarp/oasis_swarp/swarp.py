@@ -51,8 +51,6 @@ __all__ = [
     "forced_settings",
     "grid_settings",
     "grid_wcs_header",
-    "non_negative",
-    "one_of",
     "output_header_text",
     "run_swarp",
     "swarp_command",
@@ -105,27 +103,6 @@ _NOISE_LINES = ("default.swarp not found", "FITS header data read in")
 def upper_case(value: Any) -> Any:
     """Option converter: SWarp keywords in capitals, whatever case the user wrote."""
     return value.strip().upper() if isinstance(value, str) else value
-
-
-def one_of(table: str, allowed: Sequence[str]) -> Any:
-    """Option validator: the value is one of ``allowed`` (the message names ``table``)."""
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in allowed:
-            msg = f"{table}: {attribute.name} must be one of {', '.join(allowed)}, got {value!r}"
-            raise ValueError(msg)
-
-    return check
-
-
-def non_negative(table: str) -> Any:
-    """Option validator: the value is >= 0 (the message names ``table``)."""
-
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if not value >= 0:
-            raise ValueError(f"{table}: {attribute.name} must be >= 0, got {value!r}")
-
-    return check
 
 
 def grid_settings(resampling: str, nthreads: int, subtract_back: bool) -> dict[str, str]:

@@ -1,0 +1,20 @@
+"""Fixtures of the integration tests: the small simulated target shared by the pipeline
+engine's tests (:mod:`tests.integration.pipeline_kit`)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_target(tmp_path_factory):
+    """``(pristine, done)``: the small target before any run (inside an OASIS root), and a
+    copy of it after a full run with the defaults. Copy them before changing anything."""
+    from oasis_core.pipeline import pipeline
+    from tests.integration.pipeline_kit import copy_target, make_target
+
+    root = tmp_path_factory.mktemp("small")
+    pristine = make_target(root / "pristine")
+    done = copy_target(pristine, root / "done")
+    pipeline(done, jobs=1)
+    return pristine, done
