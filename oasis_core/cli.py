@@ -583,20 +583,44 @@ def subtract_pair(
     science: Annotated[Path, typer.Argument(help="Science frame (FITS).")],
     template: Annotated[Path, typer.Argument(help="Template frame, aligned with SCIENCE.")],
     output: Annotated[Path, typer.Argument(help="Residual to write (FITS).")],
-    method: Annotated[str, typer.Option(help="Subtract backend (ois, zogy, hotpants...).")] = "ois",
+    method: Annotated[
+        str, typer.Option(help="Subtract backend (ois, zogy, hotpants... or auto).")
+    ] = "ois",
     noise: Annotated[Path | None, typer.Option(help="Also write the noise image here.")] = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also detect and filter the residual's candidates (the extract stage's "
+            "detection and the core's filters) and write them here (ECSV)."
+        ),
+    ] = None,
     option: OptionOpt = None,
 ) -> None:
     """Subtract one already aligned pair outside any target tree (as hotpants users do)."""
+    from oasis_core.subtraction import choice_text
     from oasis_core.subtraction import subtract_pair as run_pair
 
     options = _cli_overrides(option)
-    residual = run_pair(science, template, output, method=method, noise=noise, options=options)
+    residual = run_pair(
+        science, template, output, method=method, noise=noise, catalog=catalog, options=options
+    )
     flag = residual.meta.get("flag") or "none"
+    chose = choice_text(residual.meta)
     typer.echo(
         f"{output}: Q {residual.q:.3f}, configuration {residual.meta.get('choice', 1)}"
-        f"/{residual.meta.get('tries', 1)}, flag: {flag}"
+        f"/{residual.meta.get('tries', 1)}"
+        + (f", choices: {chose}" if chose else "")
+        + f", flag: {flag}"
     )
+    if catalog is not None:
+        from astropy.table import Table
+
+        table = Table.read(catalog, format="ascii.ecsv")
+        kept = int(sum(1 for r in table["reason"] if str(r) == "kept")) if len(table) else 0
+        note = str(table.meta.get("OASNOTE", ""))
+        typer.echo(
+            f"{catalog}: {len(table)} detection(s), {kept} kept" + (f" ({note})" if note else "")
+        )
 
 
 @app.command()

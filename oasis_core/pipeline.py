@@ -67,7 +67,9 @@ __all__ = [
     "Reporter",
     "align",
     "combine",
+    "detect",
     "extract",
+    "filter_sources",
     "make_context",
     "mask",
     "mr",
@@ -405,6 +407,53 @@ def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> 
     )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
     return table
+
+
+def filter_sources(
+    table: Any,
+    *,
+    settings: Any,
+    catalogs: Sequence[Any],
+    n_residuals: int,
+    frame: str | None = None,
+    wcs: Any = None,
+) -> Any:
+    """The core's decision on one residual's detections (from :func:`detect`), as the
+    extract stage makes it and ``oasis subtract-pair --catalog`` too.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        The detections of one residual (or of the master residual).
+    settings : ExtractSettings
+        The ``[extract]`` settings (the filters' thresholds).
+    catalogs : sequence of Table
+        The positive detections of every residual searched (for the majority filter).
+    n_residuals : int
+        Number of residuals searched (the majority filter needs 3 or more).
+    frame : str, optional
+        Added as a first column ``frame``.
+    wcs : astropy.wcs.WCS, optional
+        Adds ``ra`` and ``dec`` (degrees) from ``x``, ``y``.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``table`` with ``n_frames`` and ``reason`` (``kept`` or why not: see
+        :mod:`oasis_core.sources`), floats shown with 3 decimals, no metadata.
+    """
+    from oasis_core.sources import filter_detections, filter_options
+
+    out = filter_detections(
+        table, catalogs=catalogs, n_residuals=n_residuals, **filter_options(settings)
+    )
+    if frame is not None:
+        out.add_column(
+            np.full(len(out), frame, dtype=f"U{max(1, len(frame))}"), name="frame", index=0
+        )
+    _cleaned(out)
+    _add_radec(out, wcs)
+    return out
 
 
 def _task_extract(task: Task) -> dict[str, Any]:
@@ -1093,13 +1142,14 @@ def _write_subtract_log(
     ctx: Context, names: Sequence[str], results: Mapping[str, Any] | None = None
 ) -> Path:
     """``residuals/log.txt``: per frame the backend, Q, the configuration chosen by the
-    optimisation (choice / tries and the backend's description), run time and flag; a
+    optimisation (choice / tries and the backend's description), run time, the choices
+    the backends made (``OAS CHOICE_*``: kernel, PSF, alignment...) and flag; a
     frame whose subtraction failed in this run is listed as ``failed: <reason>``."""
     from astropy.io import fits
 
     head = (
         f"# {'frame':<24} {'backend':<10} {'Q':>6} {'choice':>6} {'seconds':>8} "
-        f"{'good':>5}  configuration | flag"
+        f"{'good':>5}  configuration | choices | flag"
     )
     lines = [head]
     results = results or {}
@@ -1126,11 +1176,27 @@ def _write_subtract_log(
             f"{float(hdr.get('OASQ', 'nan')):6.3f} {choice:>6} "
             f"{float(hdr.get('OAS SECONDS', np.nan)):8.2f} "
             f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f}  "
-            f"{hdr.get('OAS CONFIG', '')} | {hdr.get('OAS FLAG', '')}"
+            f"{hdr.get('OAS CONFIG', '')} | {_header_choices(hdr) or '-'} | "
+            f"{hdr.get('OAS FLAG', '')}"
         )
     log_path = ctx.target.stage_dir("subtract") / "log.txt"
     io.write_text(log_path, "\n".join(lines) + "\n")
     return log_path
+
+
+def _header_choices(header: Any) -> str:
+    """The choices recorded in a residual's header (``OAS CHOICE_*`` cards) as the log
+    shows them, ``kernel=delta, align=wcs``; the backend 'auto' chose is in the backend
+    column already."""
+    from oasis_core.subtraction import CHOICE_PREFIX, choice_text
+
+    prefix = "OAS " + CHOICE_PREFIX.upper()
+    meta = {
+        CHOICE_PREFIX + str(k)[len(prefix) :].lower(): header[k]
+        for k in header
+        if str(k).startswith(prefix) and str(k) != prefix + "BACKEND"
+    }
+    return choice_text(meta)
 
 
 def residual_verdict(header: Any) -> bool:
@@ -1235,7 +1301,7 @@ def _make_master(
 def _extract(ctx: Context) -> dict[str, Any]:
     from astropy.table import Table, vstack
 
-    from oasis_core.sources import filter_detections, filter_options, match_catalogs
+    from oasis_core.sources import match_catalogs
 
     settings = ctx.config.settings["extract"]
     good, bad = _residuals(ctx)
@@ -1295,21 +1361,18 @@ def _extract(ctx: Context) -> dict[str, Any]:
     }
     indiv_names = [n for n in tables if n != "MR"]
     positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n != "MR"]
+    wcs = _template_wcs(ctx)
     common: dict[str, Any] = {
+        "settings": settings,
         "catalogs": positives,
         "n_residuals": len(indiv_names),
-        **filter_options(settings),
+        "wcs": wcs,
     }
-    wcs = _template_wcs(ctx)
     prov = {
         k: str(v[0] if isinstance(v, tuple) else v)
         for k, v in ctx.provenance("extract", dict(units), settings=settings).cards().items()
     }
-    indiv = []
-    for name in indiv_names:
-        t = filter_detections(tables[name], **common)
-        t.add_column(name, name="frame", index=0)
-        indiv.append(_cleaned(t))
+    indiv = [filter_sources(tables[name], frame=name, **common) for name in indiv_names]
     sources = vstack(indiv) if indiv else None
     summary: dict[str, Any] = {
         "frames": len(indiv_names),
@@ -1318,14 +1381,12 @@ def _extract(ctx: Context) -> dict[str, Any]:
     }
     written = []
     if sources is not None:
-        _add_radec(sources, wcs)
         filtered = sources[sources["reason"] == "kept"]
         written += _write_catalog(out_dir, "sources", sources, prov)
         written += _write_catalog(out_dir, "filtered_sources", filtered, prov)
         summary.update(found=len(sources), filtered=len(filtered))
     if "MR" in tables:
-        mr_t = _cleaned(filter_detections(tables["MR"], **common))
-        _add_radec(mr_t, wcs)
+        mr_t = filter_sources(tables["MR"], **common)
         mr_f = mr_t[mr_t["reason"] == "kept"]
         written += _write_catalog(out_dir, "MR_sources", mr_t, prov)
         written += _write_catalog(out_dir, "MR_filtered_sources", mr_f, prov)
@@ -1366,9 +1427,13 @@ def _template_wcs(ctx: Context) -> Any:
 
 
 def _add_radec(table: Any, wcs: Any) -> None:
-    if wcs is None or len(table) == 0:
+    if wcs is None:
         return
-    ra, dec = wcs.all_pix2world(np.asarray(table["x"], float), np.asarray(table["y"], float), 0)
+    if len(table) == 0:  # the columns all the same, so that catalogs stack
+        ra = dec = np.zeros(0)
+    else:
+        x, y = np.asarray(table["x"], float), np.asarray(table["y"], float)
+        ra, dec = wcs.all_pix2world(x, y, 0)
     table["ra"] = ra
     table["dec"] = dec
     table["ra"].info.format = ".6f"

@@ -146,25 +146,54 @@ def matched_significance(
 
     White noise smoothed so has unit spread; a residual whose noise is correlated (the
     science frame was the image convolved) spreads more, which would turn noise into
-    sources. So the map is divided by its measured robust spread (IQR / 1.349, on every
-    other pixel away from ``bad`` ones) when that exceeds 1; that factor is returned too.
+    sources. So the map is divided by its measured robust spread when that exceeds 1;
+    that factor is returned too. The spread is the IQR / 1.349 of every other pixel away
+    from ``bad`` ones (of every pixel farther than 2 sigma from them when that leaves
+    fewer than 400: a cutout), the
+    values more than 4 spreads from the median left out until none is (on a cutout a
+    single bright source covers much of the sample); fewer than 100 pixels: no rescaling.
     """
-    from scipy.ndimage import binary_dilation, gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     smoothed = gaussian_filter(np.asarray(norm, np.float32), sigma, mode="constant")
     smoothed *= np.float32(2.0 * np.sqrt(np.pi) * sigma)
-    sample = smoothed[::2, ::2]
-    if bad is not None:
-        near = binary_dilation(bad[::2, ::2], iterations=max(1, int(np.ceil(2 * sigma))))
-        sample = sample[~near]
-    else:
-        sample = sample[sample != 0]
+    grow = max(1, int(np.ceil(2 * sigma)))
+    sample = _sample(smoothed, bad, 2, grow)
+    if sample.size < 400:  # a cutout: every pixel farther than 2 sigma from a bad one
+        sample = _sample(smoothed, bad, 1, grow)
     if sample.size < 100:
         return smoothed, 1.0
-    q25, q75 = np.percentile(sample, [25, 75])
-    spread = float((q75 - q25) / 1.349)  # robust: sources barely move it
+    spread = _clipped_spread(sample)
     factor = spread if np.isfinite(spread) and spread > 1.0 else 1.0
     return smoothed / np.float32(factor), factor
+
+
+def _sample(smoothed: np.ndarray, bad: np.ndarray | None, step: int, grow: int) -> np.ndarray:
+    """Every ``step``-th pixel of ``smoothed`` farther than ``grow`` (in sampled pixels)
+    from a ``bad`` one, or, without ``bad``, its non-zero ones."""
+    from scipy.ndimage import binary_dilation
+
+    sample = smoothed[::step, ::step]
+    if bad is None:
+        return sample[sample != 0]
+    near = binary_dilation(bad[::step, ::step], iterations=grow)
+    return sample[~near]
+
+
+def _clipped_spread(sample: np.ndarray) -> float:
+    """IQR / 1.349 of ``sample``, values beyond 4 spreads from the median left out until
+    none is (at most 10 rounds)."""
+    values = np.asarray(sample, np.float64)
+    q25, med, q75 = np.percentile(values, [25, 50, 75])
+    spread = float((q75 - q25) / 1.349)
+    for _ in range(10):
+        keep = np.abs(values - med) <= 4.0 * spread
+        if keep.all() or keep.sum() < 100:
+            break
+        values = values[keep]
+        q25, med, q75 = np.percentile(values, [25, 50, 75])
+        spread = float((q75 - q25) / 1.349)
+    return spread
 
 
 def match_catalogs(a: Any, b: Any, radius: float) -> np.ndarray:

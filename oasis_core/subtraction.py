@@ -16,6 +16,17 @@ residual (and optionally its noise image) out, outside any target tree.
 here (:func:`auto_subtract`, ``ois`` first), each with its own optimisation loop, until one
 reaches the Q ceiling; the residual with the best Q is kept and the choice recorded
 (:func:`auto_cards`, and in ``meta["config"]``, which ``residuals/log.txt`` shows).
+
+**What was done** (the choices): a backend records each choice it made in ``meta`` under
+a key starting with :data:`CHOICE_PREFIX` (``"choice_"``), e.g. ``meta["choice_kernel"] =
+"delta basis"``, ``meta["choice_psf"] = "Moffat from the FWHM"``; the align stage does the
+same in the aligned frame's ``meta`` (``choice_align``), and the core carries those into
+the residual (:func:`frame_choices`); ``backend = "auto"`` adds ``choice_backend``. They
+land in the residual's header as ``OAS CHOICE_<NAME>`` cards and in ``residuals/log.txt``
+(``name=value`` in its ``choices`` field, :func:`choice_text`). A backend (or the align
+stage) that had to fall back to a simpler method says so in ``meta["fallback"]`` (a
+sentence): :func:`judge_residual` then flags the residual (``OAS FLAG``) without masking
+it.
 """
 
 from __future__ import annotations
@@ -34,10 +45,16 @@ from oasis_core.errors import OasisError, StageError
 from oasis_core.model import Frame, Residual, Template
 
 __all__ = [
+    "CHOICE_PREFIX",
+    "FALLBACK_KEY",
     "AutoSubtract",
     "auto_cards",
     "auto_subtract",
+    "choice_text",
+    "choices",
+    "frame_choices",
     "judge_residual",
+    "new_sources",
     "residual_cards",
     "run_auto",
     "run_subtraction",
@@ -45,6 +62,74 @@ __all__ = [
 ]
 
 log = logging.getLogger("oasis")
+
+#: ``meta`` keys starting with this record a choice a backend or the core made (see the
+#: module doc): ``choice_kernel``, ``choice_psf``, ``choice_align``, ``choice_backend``...
+CHOICE_PREFIX = "choice_"
+
+#: The ``meta`` key in which a backend or the align stage says, in a sentence, that it fell
+#: back to a simpler method (the residual is flagged, not masked).
+FALLBACK_KEY = "fallback"
+
+
+def choices(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The choices recorded in ``meta`` (keys :data:`CHOICE_PREFIX` + name), by name.
+
+    Examples
+    --------
+    >>> choices({"choice_kernel": "delta", "choice": 2, "q": 0.9})
+    {'kernel': 'delta'}
+    """
+    return {
+        str(k)[len(CHOICE_PREFIX) :]: str(v)
+        for k, v in meta.items()
+        if str(k).startswith(CHOICE_PREFIX) and str(v) != ""
+    }
+
+
+def choice_text(meta: Mapping[str, Any]) -> str:
+    """The choices as one short line, ``name=value`` separated by commas (in the order
+    recorded): what ``residuals/log.txt`` and ``oasis subtract-pair`` show.
+
+    Examples
+    --------
+    >>> choice_text({"choice_align": "phase correlation", "choice_kernel": "delta"})
+    'align=phase correlation, kernel=delta'
+    """
+    return ", ".join(f"{k}={v}" for k, v in choices(meta).items())
+
+
+def frame_choices(frame: Frame) -> dict[str, Any]:
+    """The choices and fallback an earlier stage recorded in ``frame``'s header or meta
+    (the align stage's ``OAS CHOICE_ALIGN``, ``OAS FALLBACK``...), as ``meta`` keys, to
+    carry into the residual made from it."""
+    found: dict[str, Any] = {}
+    header = frame.header
+    if header is not None:
+        for key in list(header.keys()):
+            name = str(key)
+            if not name.startswith("OAS "):
+                continue
+            meta_key = name[4:].lower()
+            if meta_key.startswith(CHOICE_PREFIX) or meta_key == FALLBACK_KEY:
+                found[meta_key] = header[key]
+    for key, value in (frame.meta or {}).items():
+        if str(key).startswith(CHOICE_PREFIX) or key == FALLBACK_KEY:
+            found[str(key)] = value
+    return {k: v for k, v in found.items() if str(v) != ""}
+
+
+def _with_frame_choices(residual: Residual, science: Frame) -> Residual:
+    """``residual`` with the science frame's recorded choices (the backend's own win) and
+    its fallback joined to the backend's."""
+    carried = frame_choices(science)
+    if not carried:
+        return residual
+    meta = {**{k: v for k, v in carried.items() if k != FALLBACK_KEY}, **residual.meta}
+    falls = [str(v) for v in (carried.get(FALLBACK_KEY), residual.meta.get(FALLBACK_KEY)) if v]
+    if falls:
+        meta[FALLBACK_KEY] = "; ".join(dict.fromkeys(falls))
+    return attrs.evolve(residual, meta=meta)
 
 
 def _better(a: float, b: float) -> bool:
@@ -110,6 +195,7 @@ def run_subtraction(
     residual, choice, opts = best
     from oasis_core.provenance import options_dict
 
+    residual = _with_frame_choices(residual, science)
     meta = {
         **residual.meta,
         "tries": tries,
@@ -118,7 +204,7 @@ def run_subtraction(
     }
     params = {k: v for k, v in options_dict(opts).items() if isinstance(v, (int, float, str, bool))}
     residual = attrs.evolve(residual, meta=meta, params=params or residual.params)
-    return judge_residual(residual, science.name, float(get("q_floor", 0.0)))
+    return judge_residual(residual, science.name, float(get("q_floor", 0.0)), template=template)
 
 
 #: The order in which ``backend = "auto"`` tries the subtract backends; installed backends
@@ -245,6 +331,7 @@ def run_auto(
         **residual.meta,
         "auto_choice": choice,
         "auto_tried": ", ".join(tried),
+        f"{CHOICE_PREFIX}backend": choice,
         "config": f"auto: {choice} ({', '.join(tried)})" + (f"; {config}" if config else ""),
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -259,14 +346,89 @@ def auto_cards(residual: Residual) -> dict[str, Any]:
     return {"OASAUTO": (str(choice), "backend chosen by subtract backend 'auto'")}
 
 
-def judge_residual(residual: Residual, name: str, q_floor: float) -> Residual:
-    """Apply the core's quality rules: never ship a bad residual quietly."""
+def new_sources(residual: Residual, template: Frame, fwhm: float) -> np.ndarray:
+    """Pixels of the residual's new sources: each region where it is significant (5 sigma
+    or more through the PSF-matched filter, either sign) over which the template has
+    nothing (below 5 sigma everywhere in it, through the same filter), with the disc of
+    2.5 FWHM around its peak: a transient, not a subtraction error.
+
+    Parameters
+    ----------
+    residual : Residual
+    template : Frame
+        On the residual's grid.
+    fwhm : float
+        The residual's PSF FWHM (px).
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    from scipy import ndimage
+
+    from oasis_core.sources import matched_significance
+
+    shape = residual.data.shape
+    out = np.zeros(shape, bool)
+    sigma = max(float(fwhm), 1.0) / 2.3548
+    bad = ~(residual.weight > 0)
+    significance, _ = matched_significance(np.where(bad, 0.0, residual.normalized), bad, sigma)
+    tpl = np.asarray(template.data, np.float64)
+    t_bad = ~(np.asarray(template.weight) > 0) | ~np.isfinite(tpl)
+    values = tpl[~t_bad]
+    if values.size < 100:
+        return out
+    med = float(np.median(values))
+    spread = float(1.4826 * np.median(np.abs(values - med))) or 1.0
+    t_sig, _ = matched_significance(np.where(t_bad, 0.0, (tpl - med) / spread), t_bad, sigma)
+    labels, n = ndimage.label((np.abs(significance) >= 5.0) & ~bad)
+    if n == 0:
+        return out
+    index = np.arange(1, n + 1)
+    quiet = np.asarray(ndimage.maximum(t_sig, labels, index)) < 5.0
+    peaks = ndimage.maximum_position(np.abs(significance), labels, index)
+    r = 2.5 * max(float(fwhm), 1.0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for label, is_new, (py, px) in zip(index, quiet, peaks, strict=True):
+        if is_new:
+            out |= labels == label
+            out |= (xx - px) ** 2 + (yy - py) ** 2 <= r * r
+    return out
+
+
+def judge_residual(
+    residual: Residual, name: str, q_floor: float, *, template: Frame | None = None
+) -> Residual:
+    """Apply the core's quality rules: never ship a bad residual quietly.
+
+    The flag (``meta["flag"]``, ``OAS FLAG``) gathers the backend's own flag, the
+    fallback it or the align stage reported (``meta["fallback"]``: flagged, not masked), a
+    mostly masked residual and a Q below ``q_floor`` (which also masks it fully).
+
+    Q measures how well the template's content was subtracted; on a small frame a bright
+    transient weighs on it as much as a poor subtraction. So when Q is below ``q_floor``
+    and the ``template`` is given, Q is measured again away from the residual's new
+    sources (:func:`new_sources`: significant where the template has nothing); that Q,
+    recorded as ``meta["q_new_excluded"]``, then decides."""
     flags = [str(residual.meta["flag"])] if residual.meta.get("flag") else []
+    fallback = str(residual.meta.get(FALLBACK_KEY) or "")
+    if fallback and not any(fallback in f for f in flags):
+        flags.append(f"fallback: {fallback}")
     good = float((residual.weight > 0).mean())
     weight = residual.weight
     if good < 0.5:
         flags.append(f"mostly masked ({100 * (1 - good):.0f}% of pixels)")
     usable = bool(np.isfinite(residual.q) and residual.q >= q_floor)
+    extra: dict[str, Any] = {}
+    if not usable and template is not None and np.isfinite(residual.q) and good > 0:
+        from oasis_core.quality import q_value
+
+        fwhm = _residual_fwhm(residual, template)
+        exclude = new_sources(residual, template, fwhm)
+        if exclude.any():
+            q_away = q_value(residual.data, residual.noise, residual.weight, exclude=exclude)
+            extra["q_new_excluded"] = round(float(q_away), 4)
+            usable = bool(np.isfinite(q_away) and q_away >= q_floor)
     if not usable:
         flags.append(f"Q {residual.q:.3f} below the floor {q_floor}")
         weight = np.zeros_like(residual.weight)
@@ -275,6 +437,7 @@ def judge_residual(residual: Residual, name: str, q_floor: float) -> Residual:
         log.warning("%s: %s", name, flag)
     meta = {
         **residual.meta,
+        **extra,
         "flag": flag,
         "good_fraction": round(float((weight > 0).mean()), 4),
         # the verdict, recorded with the residual (OAS USABLE, OAS Q_FLOOR): what reads it
@@ -283,6 +446,14 @@ def judge_residual(residual: Residual, name: str, q_floor: float) -> Residual:
         "q_floor": float(q_floor),
     }
     return attrs.evolve(residual, weight=weight, meta=meta)
+
+
+def _residual_fwhm(residual: Residual, template: Frame) -> float:
+    """The residual's PSF FWHM: the backend's, else the template's, else 3 px."""
+    for value in (residual.meta.get("fwhm"), template.fwhm):
+        if isinstance(value, (int, float)) and np.isfinite(value) and value > 0:
+            return float(value)
+    return 3.0
 
 
 def residual_cards(residual: Residual, science: Frame, template: Frame) -> dict[str, Any]:
@@ -307,6 +478,7 @@ def subtract_pair(
     *,
     method: str = "ois",
     noise: Path | None = None,
+    catalog: Path | None = None,
     options: Mapping[str, Any] | None = None,
     registry: Any = None,
 ) -> Residual:
@@ -314,19 +486,35 @@ def subtract_pair(
 
     Gain, read noise and saturation come from the headers; the PSF of each frame is
     measured with the configured psf backend when the subtract backend says it needs one
-    (``needs_psf``). ``options`` are dotted keys as on the command line, e.g.
-    ``{"subtract.ois.deg_spatial": 1}`` or ``{"deg_spatial": 1}`` (taken as the chosen
-    backend's). The residual (with ``NOISE`` and ``WEIGHT`` extensions) is written to
-    ``output``; with ``noise`` the noise image is also written there on its own.
+    (``needs_psf``), and the science frame's when a catalog is asked for. ``options`` are
+    dotted keys as on the command line, e.g. ``{"subtract.ois.deg_spatial": 1}``,
+    ``{"extract.native.thresh": 4}`` or ``{"deg_spatial": 1}`` (taken as the chosen
+    subtract backend's). The residual (with ``NOISE`` and ``WEIGHT`` extensions) is
+    written to ``output``; with ``noise`` the noise image is also written there on its
+    own. ``method="auto"`` tries every subtract backend that can run here and keeps the
+    best Q (as ``[subtract] backend = "auto"``).
+
+    With ``catalog``, the residual's candidates are written there (ECSV, whatever the
+    name) as a pipeline run gives them for that
+    residual: the configured extract backend's detections and the core's filters
+    (:func:`oasis_core.pipeline.filter_sources`; the majority filter needs three residuals
+    or more, so it plays no part), one row per detection with its ``reason`` (``kept``...)
+    and ``ra``/``dec`` when the science frame has a WCS. A residual below the Q floor
+    gives an empty catalog (its metadata says why).
+
+    Returns
+    -------
+    Residual
+        As written; ``meta["choice_*"]`` records the choices made (see the module doc).
 
     Raises
     ------
     UnknownBackend
         ``method`` is not an installed subtract backend (the message lists them).
     InputError
-        Before any work: ``output`` or ``noise`` is an input or the other output, or
-        cannot be written (see :func:`oasis_core.io.check_outputs`); unreadable frames or
-        frames of different shapes.
+        Before any work: ``output``, ``noise`` or ``catalog`` is an input or another
+        output, or cannot be written (see :func:`oasis_core.io.check_outputs`); unreadable
+        frames or frames of different shapes.
     """
     import shutil
     import tempfile
@@ -335,19 +523,36 @@ def subtract_pair(
     from oasis_core.config import load_config
     from oasis_core.errors import InputError
     from oasis_core.plugins import Registry
-    from oasis_core.provenance import Provenance
 
     registry = registry or Registry()
-    registry.get("subtract", method)  # an unknown name lists the installed ones
+    if method != "auto":
+        registry.get("subtract", method)  # an unknown name lists the installed ones
     io.check_outputs(
         inputs=[Path(science), Path(template)],
-        outputs={"output": Path(output), "--noise file": None if noise is None else Path(noise)},
+        outputs={
+            "output": Path(output),
+            "--noise file": None if noise is None else Path(noise),
+            "--catalog file": None if catalog is None else Path(catalog),
+        },
     )
     flat: dict[str, Any] = {"subtract.backend": method}
     for key, value in (options or {}).items():
         flat[key if "." in key else f"subtract.{method}.{key}"] = value
     config = load_config(None, registry, use_config_file=False, cli=flat)
-    backend = registry.select("subtract", method, config.backend_options("subtract"))
+    if method == "auto":
+        backend: Any = auto_subtract(registry, config)
+        needs_psf = any(getattr(b, "needs_psf", False) for _, b, _ in backend.candidates)
+    else:
+        backend = registry.select("subtract", method, config.backend_options("subtract"))
+        needs_psf = bool(getattr(backend, "needs_psf", False))
+    if needs_psf or catalog is not None:
+        registry.get("psf", config.backend("psf"))  # an unknown name lists the installed ones
+    extractor = None
+    if catalog is not None:  # a bad name or a missing program fails before any work
+        registry.get("extract", config.backend("extract"))
+        extractor = registry.select(
+            "extract", config.backend("extract"), config.backend_options("extract")
+        )
     sci = io.read_frame(Path(science))
     tpl = io.read_frame(Path(template))
     if sci.shape != tpl.shape:
@@ -357,47 +562,137 @@ def subtract_pair(
         )
     workdir = Path(tempfile.mkdtemp(prefix="oasis-pair-"))
     try:
-        if getattr(backend, "needs_psf", False):
-            psf_name = config.backend("psf")
-            psf_backend = registry.select("psf", psf_name, config.backend_options("psf"))
-            measured = []
-            for frame in (sci, tpl):
-                try:
-                    frame = psf_backend.psf(
-                        frame, options=config.backend_options("psf"), workdir=workdir
-                    )
-                except StageError as err:
-                    log.warning("%s: no PSF measured (%s)", frame.path, err)
-                measured.append(frame)
-            sci, tpl = measured
+        if needs_psf:
+            sci, tpl = (_measure_psf(f, registry, config, workdir) for f in (sci, tpl))
         template_obj = Template(
             **{f.name: getattr(tpl, f.name) for f in attrs.fields(Frame)}, inputs=()
         )
-        residual = run_subtraction(
-            backend,
-            sci,
-            template_obj,
-            options=config.backend_options("subtract"),
-            workdir=workdir,
-            settings=config.settings["subtract"],
-        )
+        settings = config.settings["subtract"]
+        if method == "auto":
+            residual = run_auto(backend, sci, template_obj, workdir=workdir, settings=settings)
+        else:
+            residual = run_subtraction(
+                backend,
+                sci,
+                template_obj,
+                options=config.backend_options("subtract"),
+                workdir=workdir,
+                settings=settings,
+            )
+        residual = attrs.evolve(residual, name=sci.name, science=sci.name, template=tpl.name)
+        prov = _pair_provenance(registry, config, method, backend, science, template)
+        cards = {**prov.header_cards(), **residual_cards(residual, sci, tpl)}
+        cards.update(auto_cards(residual))
+        io.write_residual(Path(output), residual, header_extra=cards)
+        if noise is not None:
+            from astropy.io import fits
+
+            with io.atomic_write(Path(noise)) as tmp:
+                fits.PrimaryHDU(np.asarray(residual.noise, np.float32)).writeto(tmp)
+        if catalog is not None:
+            if sci.psf is None:
+                sci = _measure_psf(sci, registry, config, workdir)
+            _pair_catalog(Path(output), Path(catalog), sci, extractor, registry, config, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return residual
+
+
+def _measure_psf(frame: Frame, registry: Any, config: Any, workdir: Path) -> Frame:
+    """``frame`` with its PSF measured by the configured psf backend (unchanged, with a
+    warning, when the backend cannot measure one)."""
+    name = config.backend("psf")
+    backend = registry.select("psf", name, config.backend_options("psf"))
+    try:
+        return backend.psf(frame, options=config.backend_options("psf"), workdir=workdir)  # type: ignore[no-any-return]
+    except StageError as err:
+        log.warning("%s: no PSF measured (%s)", frame.path, err)
+        return frame
+
+
+def _pair_provenance(
+    registry: Any, config: Any, method: str, backend: Any, science: Path, template: Path
+) -> Any:
+    from oasis_core import __version__
+    from oasis_core.provenance import Provenance
+
+    inputs = {"science": Path(science), "template": Path(template)}
+    if method == "auto":
+        return Provenance(
+            stage="subtract",
+            backend="auto",
+            plugin=f"oasis-dia=={__version__}",
+            inputs=inputs,
+            options=backend.options,
+            settings=config.settings["subtract"],
+        )
     record = registry.get("subtract", method)
-    prov = Provenance(
+    return Provenance(
         stage="subtract",
         backend=method,
         plugin=f"{record.dist}=={record.version}",
-        inputs={"science": Path(science), "template": Path(template)},
+        inputs=inputs,
         options=config.backend_options("subtract"),
         settings=config.settings["subtract"],
     )
-    residual = attrs.evolve(residual, name=sci.name, science=sci.name, template=tpl.name)
-    cards = {**prov.header_cards(), **residual_cards(residual, sci, tpl)}
-    io.write_residual(Path(output), residual, header_extra=cards)
-    if noise is not None:
-        from astropy.io import fits
 
-        with io.atomic_write(Path(noise)) as tmp:
-            fits.PrimaryHDU(np.asarray(residual.noise, np.float32)).writeto(tmp)
-    return residual
+
+def _pair_catalog(
+    residual_path: Path,
+    catalog: Path,
+    science: Frame,
+    extractor: Any,
+    registry: Any,
+    config: Any,
+    workdir: Path,
+) -> None:
+    """Detect and filter on the residual as written (as the pipeline's extract stage reads
+    it, with the science frame's PSF) and write the catalog."""
+    from astropy.table import Table
+
+    from oasis_core import io
+    from oasis_core.pipeline import detect, filter_sources
+    from oasis_core.provenance import Provenance
+
+    name = config.backend("extract")
+    record = registry.get("extract", name)
+    settings = config.settings["extract"]
+    prov = Provenance(
+        stage="extract",
+        backend=name,
+        plugin=f"{record.dist}=={record.version}",
+        inputs={"residual": residual_path},
+        options=config.backend_options("extract"),
+        settings=settings,
+    )
+    residual = io.read_residual(residual_path)
+    if science.psf is not None:
+        residual = attrs.evolve(residual, psf=science.psf)
+    wcs = io.header_wcs(science.header) if science.header is not None else None
+    note = ""
+    if bool(residual.meta.get("usable", True)) and bool((residual.weight > 0).any()):
+        table = detect(
+            extractor, residual, options=config.backend_options("extract"), workdir=workdir
+        )
+        positives = table[np.asarray(table["sign"]) > 0]
+        table = filter_sources(
+            table,
+            settings=settings,
+            catalogs=[positives],
+            n_residuals=1,
+            frame=residual.science or residual.name,
+            wcs=wcs,
+        )
+    else:
+        note = f"residual not usable ({residual.meta.get('flag') or 'no weight left'})"
+        log.warning("%s: no candidates: %s", catalog, note)
+        columns = ("x", "y", "flux", "flux_err", "snr", "sign", "reason")
+        table = Table({c: np.zeros(0, "U10" if c == "reason" else float) for c in columns})
+        table.add_column(np.zeros(0, "U1"), name="frame", index=0)
+    table.meta.clear()
+    table.meta.update(
+        {k: str(v[0] if isinstance(v, tuple) else v) for k, v in prov.cards().items()}
+    )
+    if note:
+        table.meta["OASNOTE"] = note
+    io.write_table(table, catalog, fmt="ascii.ecsv")

@@ -149,6 +149,13 @@ def test_usage_errors_stay_clicks(capsys):
     assert main(["--no-such-option"]) == 2
 
 
+def _interruptible() -> None:
+    """In the child: Ctrl-C as a terminal delivers it (whatever another test left in this
+    process's signal disposition or mask, which a child inherits)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_at_a_prompt_and_end_of_input(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "oasis_core.cli", "run"],
@@ -157,14 +164,20 @@ def test_ctrl_c_at_a_prompt_and_end_of_input(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
+        preexec_fn=_interruptible,
     )
-    shown = ""
-    while not shown.rstrip().endswith("method (number or name):"):  # the prompt is up
-        char = proc.stdout.read(1)
-        assert char, f"no prompt: {shown}"
-        shown += char
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:
+        shown = ""
+        while not shown.rstrip().endswith("method (number or name):"):  # the prompt is up
+            char = proc.stdout.read(1)
+            assert char, f"no prompt: {shown}"
+            shown += char
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)  # stdin stays open: the interrupt, not an end of input, ends it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "error: interrupted\n", err
     closed = oasis("run", input="", cwd=tmp_path)
     assert closed.returncode == 1

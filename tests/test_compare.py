@@ -52,7 +52,7 @@ def compared(sim_target_done):
     with pytest.MonkeyPatch.context() as mp:
         for stage, runner in list(pl._RUNNERS.items()):
             mp.setitem(pl._RUNNERS, stage, counting(stage, runner))
-        result = compare(target, subtract=",".join(_choices()), fakes=N_FAKES, jobs=1)
+        result = compare(target, subtract=",".join(_choices()), fakes=N_FAKES, jobs=2)
     after = checksums(_plain_files(target))
     return result, calls, before, after
 

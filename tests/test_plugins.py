@@ -132,7 +132,13 @@ def test_oasis_plugins_lists_all_builtin_backends():
             for line in out.splitlines()
             if line.count("│") > 3
         ), (stage, name)
-    assert "oasis-dia" in out and "available" in out
+    # each built-in row names its distribution, version and status (not just somewhere)
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in out.splitlines() if "│" in ln]
+    from oasis_core import __version__
+
+    for stage, name in BUILTIN_STAGES.items():
+        [row] = [r for r in rows if r[:2] == [stage, name]]
+        assert row[3:] == ["oasis-dia", __version__, "available"], row
 
 
 # ----------------------------------------------------------- the third-party path
@@ -253,7 +259,9 @@ def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
         check=True,
         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
     ).stdout
-    assert "peaks" in out and "oasis-peaks" in out
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in out.splitlines() if "│" in ln]
+    [row] = [r for r in rows if r[:2] == ["extract", "peaks"]]
+    assert row[3:5] == ["oasis-peaks", "0.3"]
     pipeline(sim_target_done.path, backends={"extract": "peaks"}, registry=registry, jobs=1)
     det = Table.read(sim_target_done.path / "sources" / "detections" / "MR.ecsv")
     assert det.meta["OASBACK"] == "peaks"

@@ -282,3 +282,34 @@ def test_recorded_reads_fits_headers_and_nothing_else(inputs, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AstropyWarning)
         assert recorded(garbage) is None
+
+
+def test_with_a_named_file_the_hash_still_covers_options_and_settings(tmp_path):
+    table = tmp_path / "t.txt"
+    table.write_text("1\n")
+    base = prov({}, options=Opts(inner=Inner(table=str(table))), settings={"snr_min": 6})
+    assert base.files  # the hash includes a file's digest
+    for other in (
+        prov({}, options=Opts(level=9, inner=Inner(table=str(table))), settings={"snr_min": 6}),
+        prov({}, options=Opts(inner=Inner(table=str(table))), settings={"snr_min": 5}),
+    ):
+        assert other.files == base.files
+        assert other.digest() != base.digest()
+    table.write_text("2\n")
+    edited = prov({}, options=Opts(inner=Inner(table=str(table))), settings={"snr_min": 6})
+    assert edited.digest() != base.digest()
+
+
+def test_a_folder_named_by_an_option_is_no_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    assert option_files(Inner(table=str(tmp_path / "cfg"))) == {"table": "missing"}
+
+
+def test_history_lines_of_named_files_fit_a_card(tmp_path):
+    table = tmp_path / "t.txt"
+    table.write_text("x\n")
+    backend = "b" * 30  # stage.backend.key: sha256 <32 hex> is then 88 characters
+    p = prov({}, options=Opts(inner=Inner(table=str(table))), stage="subtract", backend=backend)
+    line = p.header_cards()["HISTORY"][-1]
+    assert line == f"subtract.{backend}.inner.table: sha256 {p.files['inner.table']}"[:72]
+    assert len(line) == 72

@@ -277,6 +277,25 @@ def test_exclude_may_be_any_array_of_truth_values(rng):
     )
 
 
+def test_exclude_adds_to_the_weight_and_finiteness_masks(rng):
+    # both masks at once: excluded sources, and masked pixels holding garbage
+    noise, weight = _noise_and_weight()
+    r = rng.normal(0.0, SIGMA, SHAPE)
+    exclude = np.zeros(SHAPE, bool)
+    exclude[:30] = True
+    r[:30] += 10 * SIGMA
+    weight[:, :20] = 0
+    spoiled = r.copy()
+    spoiled[:, :10] = np.nan
+    spoiled[:, 10:20] = 1e6
+    both = exclude | (weight == 0)
+    keep = np.where(both, 0.0, 1.0)
+    assert q_value(spoiled, noise, weight, exclude=exclude) == q_value(r, noise, keep)
+    assert normalized_noise(spoiled, noise, weight, exclude=exclude) == normalized_noise(
+        r, noise, keep
+    )
+
+
 def test_pixels_with_zero_or_bad_noise_are_not_used(rng):
     noise, weight = _noise_and_weight()
     r = rng.normal(0.0, SIGMA, SHAPE)
@@ -346,9 +365,11 @@ def test_star_aperture_rms_by_hand():
     ) == pytest.approx(1.0)
     # every aperture masked: nan
     assert math.isnan(star_aperture_rms(res, noise, np.zeros(res.shape), xs, ys, 1.0))
-    # a zero noise pixel in the aperture is unusable (no division warning either)
+    # a zero noise pixel in the aperture is unusable (no division warning either, for a
+    # non-zero residual or a zero one)
     noise[5, 4] = 0.0
     res[5, 4] = 1.0
+    noise[4, 5] = 0.0
     assert star_aperture_rms(res, noise, np.ones(res.shape), xs, ys, 1.0) == pytest.approx(rms2)
 
 

@@ -451,15 +451,15 @@ def test_matched_significance_treats_beyond_the_edge_as_no_signal():
 
 
 def test_matched_significance_needs_100_sampled_pixels():
-    # the spread is measured on every other pixel away from bad ones: 12 x 12 of them
-    # here, less the ring the dilation removes, leave exactly 10 x 10
+    # a cutout: fewer than 400 of every other pixel away from bad ones, so every pixel is
+    # sampled: 12 x 12 here, less the 1-px ring the dilation removes, leave exactly 10 x 10
     rng = np.random.default_rng(9)
     norm = correlated_noise(rng, (40, 40), 1.5)
     bad = np.ones((40, 40), bool)
-    bad[8:32, 8:32] = False
+    bad[14:26, 14:26] = False
     norm[bad] = 0.0
     _, factor = matched_significance(norm, bad, 0.4)
-    assert factor > 1.5
+    assert factor > 1.3
     bad[20, 20] = True  # one sampled pixel fewer
     assert matched_significance(norm, bad, 0.4)[1] == 1.0
 
@@ -471,7 +471,8 @@ def test_matched_significance_rescales_any_spread_above_one():
     assert 1.05 < factor < 2.0
     raw = smoothed * factor
     iqr = np.subtract(*np.percentile(raw[::2, ::2], [75, 25]))
-    assert factor == pytest.approx(iqr / 1.349, rel=1e-6)
+    # the IQR of every other pixel, the few values beyond 4 spreads left out
+    assert factor == pytest.approx(iqr / 1.349, rel=1e-3)
 
 
 def test_matched_significance_samples_away_from_bad_and_empty_pixels():

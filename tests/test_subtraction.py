@@ -169,3 +169,215 @@ def test_subtract_pair_cli(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1 and "small.fits: shape (200, 256) differs" in err
+
+
+# ------------------------------------------------------------------ what was done
+
+
+def test_choices_and_their_line():
+    from oasis_core.subtraction import choice_text, choices
+
+    meta = {"choice": 2, "choice_kernel": "delta basis", "choice_psf": "", "q": 0.9}
+    assert choices(meta) == {"kernel": "delta basis"}  # empty ones say nothing
+    assert choice_text({**meta, "choice_align": "wcs"}) == "kernel=delta basis, align=wcs"
+    assert choice_text({"q": 1.0}) == ""
+
+
+class Chooser(Scripted):
+    """A backend that records a choice and, on request, a fallback."""
+
+    def __init__(self, qs, fallback=""):
+        super().__init__(qs)
+        self.fallback = fallback
+
+    def subtract(self, science, template, *, options, workdir):
+        res = super().subtract(science, template, options=options, workdir=workdir)
+        meta = {**res.meta, "choice_kernel": "constant"}
+        if self.fallback:
+            meta["fallback"] = self.fallback
+        return attrs.evolve(res, meta=meta)
+
+
+def test_aligned_frame_choices_travel_into_the_residual(pair, tmp_path):
+    science, template = pair
+    header = fits.Header()
+    header["HIERARCH OAS CHOICE_ALIGN"] = "phase correlation"
+    header["HIERARCH OAS FALLBACK"] = "alignment by phase correlation (2 stars)"
+    header["HIERARCH OAS SHIFT_X"] = 1.5  # not a choice: stays behind
+    science = attrs.evolve(science, header=header)
+    res = run_subtraction(
+        Chooser([0.9]), science, template, options=ScriptedOptions(), workdir=tmp_path,
+        settings=SETTINGS,
+    )  # fmt: skip
+    assert res.meta["choice_align"] == "phase correlation"
+    assert res.meta["choice_kernel"] == "constant"
+    assert "shift_x" not in res.meta
+    # the align stage's fallback flags the residual; it is not masked
+    assert res.meta["flag"] == "fallback: alignment by phase correlation (2 stars)"
+    assert res.weight.all() and res.meta["usable"]
+
+
+def test_a_fallback_is_flagged_not_masked(pair, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="oasis"):
+        res = run_subtraction(
+            Chooser([0.9], fallback="low-order kernel: 1 star"),
+            *pair,
+            options=ScriptedOptions(),
+            workdir=tmp_path,
+            settings=SETTINGS,
+        )
+    assert res.meta["flag"] == "fallback: low-order kernel: 1 star"
+    assert res.weight.all() and res.meta["usable"]
+    assert any("fallback: low-order kernel" in r.getMessage() for r in caplog.records)
+    from oasis_core import io
+
+    io.write_residual(tmp_path / "r.fits", res)
+    header = fits.getheader(tmp_path / "r.fits")
+    assert header["OAS CHOICE_KERNEL"] == "constant"
+    assert header["OAS FALLBACK"] == "low-order kernel: 1 star"
+    assert header["OAS FLAG"] == "fallback: low-order kernel: 1 star"
+
+
+def test_a_bright_transient_alone_does_not_sink_q(tmp_path):
+    """On a small frame a transient alone pulls Q below the floor: Q is measured again
+    away from the residual's new sources (where the template has nothing)."""
+    from oasis_core.quality import q_value
+    from oasis_core.subtraction import judge_residual
+
+    rng = np.random.default_rng(2)
+    shape = (63, 63)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    source = 4e5 * np.exp(-((xx - 31) ** 2 + (yy - 31) ** 2) / (2 * 1.7**2)) / (2 * np.pi * 1.7**2)
+    data = rng.normal(0, 10, shape) + source
+    noise, weight = np.full(shape, 10.0), np.ones(shape)
+    q = q_value(data, noise, weight)
+    residual = Residual(data=data, noise=noise, weight=weight, q=q, meta={"fwhm": 4.0})
+    empty = Template(data=rng.normal(100, 10, shape), name="tpl", fwhm=4.0)
+    assert q < 0.9  # the source alone; the rest is pure noise
+    judged = judge_residual(residual, "cutout", 0.9, template=empty)
+    assert judged.meta["usable"] and judged.weight.all() and not judged.meta["flag"]
+    assert judged.meta["q_new_excluded"] > 0.95
+    assert judged.q == q  # the backend's Q is kept as it is
+    # the same excess where the template has a star is a subtraction error: masked
+    star = Template(data=empty.data + source, name="tpl", fwhm=4.0)
+    judged = judge_residual(residual, "cutout", 0.9, template=star)
+    assert not judged.meta["usable"] and not judged.weight.any()
+    assert "below the floor" in judged.meta["flag"]
+    # without a template, the plain rule
+    assert not judge_residual(residual, "cutout", 0.9).meta["usable"]
+
+
+# ------------------------------------------------------------------ a pair to a catalog
+
+
+@pytest.fixture(scope="module")
+def sim_pair(tmp_path_factory):
+    from oasis_native.sim import simulate_pair
+
+    directory = tmp_path_factory.mktemp("pair")
+    (sci, sh), (tpl, th), truth = simulate_pair((256, 256), seed=4, transients=3)
+    fits.PrimaryHDU(sci, sh).writeto(directory / "sci.fits")
+    fits.PrimaryHDU(tpl, th).writeto(directory / "tpl.fits")
+    return directory / "sci.fits", directory / "tpl.fits", truth
+
+
+def test_subtract_pair_catalog_is_the_pipelines_for_that_residual(sim_pair, tmp_path):
+    from astropy.table import Table
+
+    from oasis_core import io
+    from oasis_core.config import load_config
+    from oasis_core.pipeline import detect, filter_sources
+    from oasis_core.plugins import Registry
+    from oasis_core.subtraction import subtract_pair
+
+    sci, tpl, truth = sim_pair
+    out, catalog = tmp_path / "diff.fits", tmp_path / "cands.ecsv"
+    subtract_pair(sci, tpl, out, catalog=catalog)
+    table = Table.read(catalog, format="ascii.ecsv")
+    assert {"frame", "x", "y", "ra", "dec", "flux", "flux_err", "snr", "reason"} <= set(
+        table.colnames
+    )
+    assert table.meta["OASSTAGE"] == "extract" and table.meta["OASBACK"] == "native"
+    kept = table[table["reason"] == "kept"]
+    # the transients are candidates, with sky coordinates from the science frame's WCS
+    for row in truth:
+        d = np.hypot(kept["x"] - row["x"], kept["y"] - row["y"])
+        assert d.min() < 2.0, row
+    wcs = io.header_wcs(fits.getheader(sci))
+    ra, dec = wcs.all_pix2world(kept["x"], kept["y"], 0)
+    np.testing.assert_allclose(kept["ra"], ra, atol=1e-9)
+    np.testing.assert_allclose(kept["dec"], dec, atol=1e-9)
+    # exactly the engine's detection and filters on the residual as written
+    registry = Registry()
+    config = load_config(None, registry, use_config_file=False)
+    residual = io.read_residual(out)
+    psf_backend = registry.select("psf", "native", config.backend_options("psf"))
+    measured = psf_backend.psf(
+        io.read_frame(sci), options=config.backend_options("psf"), workdir=tmp_path
+    )
+    residual = attrs.evolve(residual, psf=measured.psf)
+    extractor = registry.select("extract", "native", config.backend_options("extract"))
+    raw = detect(extractor, residual, options=config.backend_options("extract"), workdir=tmp_path)
+    expected = filter_sources(
+        raw,
+        settings=config.settings["extract"],
+        catalogs=[raw[raw["sign"] > 0]],
+        n_residuals=1,
+        frame=residual.science,
+        wcs=wcs,
+    )
+    assert list(table["reason"]) == list(expected["reason"])
+    np.testing.assert_allclose(table["flux"], expected["flux"], rtol=1e-6)
+
+
+def test_subtract_pair_catalog_is_checked_as_an_output(sim_pair, tmp_path):
+    from oasis_core.errors import InputError
+    from oasis_core.subtraction import subtract_pair
+
+    sci, tpl, _ = sim_pair
+    out = tmp_path / "diff.fits"
+    with pytest.raises(InputError, match=r"the --catalog file is also the output"):
+        subtract_pair(sci, tpl, out, catalog=out)
+    with pytest.raises(InputError, match=r"the --catalog file is one of the inputs"):
+        subtract_pair(sci, tpl, out, catalog=sci)
+    with pytest.raises(InputError, match=r"the --catalog file is also the --noise file"):
+        subtract_pair(sci, tpl, out, noise=tmp_path / "n.fits", catalog=tmp_path / "n.fits")
+    assert not out.exists()  # refused before any work
+
+
+def test_subtract_pair_cli_catalog_and_choices(sim_pair, tmp_path, capsys):
+    from oasis_core.cli import main
+
+    sci, tpl, _ = sim_pair
+    out, catalog = tmp_path / "diff.fits", tmp_path / "c.ecsv"
+    assert main(["subtract-pair", str(sci), str(tpl), str(out), "--catalog", str(catalog)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{out}: Q ")
+    assert lines[1].startswith(f"{catalog}: ") and " kept" in lines[1]
+
+
+def test_subtract_pair_below_the_floor_gives_an_empty_catalog(sim_pair, tmp_path):
+    from astropy.table import Table
+
+    from oasis_core.subtraction import subtract_pair
+
+    sci, tpl, _ = sim_pair
+    catalog = tmp_path / "c.ecsv"
+    res = subtract_pair(
+        sci, tpl, tmp_path / "d.fits", catalog=catalog, options={"subtract.q_floor": 1.0}
+    )
+    assert not res.meta["usable"]
+    table = Table.read(catalog, format="ascii.ecsv")
+    assert len(table) == 0 and "reason" in table.colnames
+    assert "not usable" in table.meta["OASNOTE"]
+
+
+def test_subtract_pair_auto_records_the_backend_chosen(sim_pair, tmp_path):
+    from oasis_core.subtraction import subtract_pair
+
+    sci, tpl, _ = sim_pair
+    out = tmp_path / "diff.fits"
+    res = subtract_pair(sci, tpl, out, method="auto", options={"subtract.auto_ceiling": 0.0})
+    header = fits.getheader(out)
+    assert header["OASBACK"] == "auto" and header["OASAUTO"] == res.meta["choice_backend"]
+    assert header["OAS CHOICE_BACKEND"] == res.meta["auto_choice"]

@@ -655,3 +655,157 @@ def test_real_pipeline_with_hotpants(tmp_path):
         assert header["HIERARCH OAS COMMAND"].startswith("hotpants -inim")
         qs.append(header["OASQ"])
     assert np.nanmedian(np.array(qs, float)) > 0.5
+
+
+# ------------------------------------------------------------------ small frames
+
+SMALL = 63
+STARS = ((15, 20, 60000.0), (46, 14, 40000.0), (20, 47, 30000.0))  # x, y, flux
+TRANSIENT = 6000.0  # at the centre of the science frame only
+
+
+def _small_pair(stars=STARS, *, fwhms=(4.0, 3.0), known=True, transient=True, seed=0):
+    """A 63 x 63 pair (sky 300 ADU, gain 1.5, a template of 4 exposures) with Gaussian
+    stars and a transient at the centre of the science frame."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SMALL, :SMALL]
+
+    def image(fwhm, transient, depth):
+        sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
+        model = np.full((SMALL, SMALL), 300.0)
+        for x, y, flux in [*stars, *([(31.0, 31.0, TRANSIENT)] if transient else [])]:
+            model += (
+                flux
+                * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+                / (2 * math.pi * sigma**2)
+            )
+        return (rng.poisson(model * 1.5 * depth) / (1.5 * depth)).astype(np.float32)
+
+    common = {"readnoise": 0.0, "saturation": 60000.0}
+    sci = Frame(
+        data=image(fwhms[0], transient, 1),
+        gain=1.5,
+        fwhm=fwhms[0] if known else None,
+        name="sci",
+        **common,
+    )
+    tpl = Template(
+        data=image(fwhms[1], False, 4),
+        gain=6.0,
+        fwhm=fwhms[1] if known else None,
+        name="tpl",
+        **common,
+    )
+    return sci, tpl
+
+
+def test_small_frame_stamp_stars_are_the_stars_never_the_transient():
+    from oasis_hotpants.backend import SMALL_SIDE, small_frame_layout
+
+    sci, tpl = _small_pair()
+    layout = small_frame_layout(sci, tpl)
+    assert SMALL > SMALL_SIDE / 4 and layout is not None
+    assert layout.stars == tuple((x, y) for x, y, _ in STARS)  # brightest first
+    assert (31, 31) not in layout.stars and not layout.reference
+    assert layout.r <= SMALL // 8 and layout.rss > layout.r
+    assert "3 stamp star(s)" in layout.choice()
+    # a frame of ordinary size is left to hotpants' own grid
+    big, big_tpl, _ = _frames()
+    assert small_frame_layout(big, big_tpl) is None
+
+
+def test_small_frame_arguments_fit_on_the_star_mosaic():
+    from oasis_hotpants.backend import FIT_FILES
+
+    sci, tpl = _small_pair()
+    f = flags(hotpants_arguments(sci, tpl))
+    assert f["-inim"] == [FIT_FILES["science"]] and f["-tmplim"] == [FIT_FILES["template"]]
+    assert f["-ssf"] == [FIT_FILES["stamps"]] and f["-afssc"] == ["0"]
+    assert (f["-ko"], f["-bgo"], f["-nss"]) == (["0"], ["0"], ["1"])
+    assert f["-nsx"] == f["-nsy"] == ["2"]  # 3 stars, one stamp each
+    degrees = [int(d) for d in f["-ng"][1::2]]
+    assert degrees == [2, 2, 0]  # 13 basis functions, not hotpants' 49
+    assert all(float(s) <= int(f["-r"][0]) / 2 for s in f["-ng"][2::2])
+
+
+def test_stamp_star_thresholds_follow_the_data_levels(pair):
+    # the stamp stars' upper level is the data's: hotpants' own stays at 25000 ADU
+    sci, tpl, _ = pair
+    args = hotpants_arguments(sci, tpl)
+    assert one(args, "-iuk") == one(args, "-iu") and one(args, "-tuk") == one(args, "-tu")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize(("r", "rss"), [(4, 6), (7, 11), (10, 15)])
+def test_mosaic_cells_sit_where_hotpants_takes_them(n, r, rss):
+    """Each centre is in its own stamp's window, its substamp clear of hotpants' border,
+    and no two cells overlap (hotpants' main.c and buildStamps)."""
+    from oasis_hotpants.backend import _mosaic_grid, _stamp_width
+
+    ns, side, centres = _mosaic_grid(n, r, rss)
+    width = _stamp_width(side, ns, r)
+    assert width >= 2 * rss + 1 and len(centres) == n
+    for i, (x, y) in enumerate(centres):
+        for coord, k in ((x, i % ns), (y, i // ns)):
+            start = k * side // ns
+            end = min(start + width - 1, side - 1)
+            assert start + r + 1 < coord < end - r - 1
+            assert coord - rss >= rss + r and coord + rss <= side - 1 - (rss + r)
+    half = rss + r + 1
+    for a in range(n):
+        for b in range(a + 1, n):
+            (xa, ya), (xb, yb) = centres[a], centres[b]
+            assert abs(xa - xb) > 2 * half or abs(ya - yb) > 2 * half
+
+
+def test_small_frame_without_stars_or_fwhms_fails_in_one_line():
+    from oasis_hotpants.backend import small_frame_layout
+
+    sci, tpl = _small_pair(stars=(), known=False, transient=False)
+    with pytest.raises(StageError) as err:
+        small_frame_layout(sci, tpl)
+    message = str(err.value)
+    assert "\n" not in message and "63x63" in message and "no source can be" in message
+    assert "FWHM" in message and "ois or zogy" in message
+    # the transient gives the science frame's FWHM: the template's is taken equal
+    sci, tpl = _small_pair(stars=(), known=False)
+    layout = small_frame_layout(sci, tpl)
+    assert layout.reference and layout.fwhms[0] == layout.fwhms[1]
+    assert layout.fwhms[0] == pytest.approx(4.0, rel=0.15)
+    assert "the template FWHM unknown, taken as the other's" in layout.fwhm_source
+    # with the FWHMs known, the kernel is fitted on a reference star instead
+    sci, tpl = _small_pair(stars=())
+    layout = small_frame_layout(sci, tpl)
+    assert layout.reference and layout.stars == () and layout.fwhms == (4.0, 3.0)
+
+
+@needs_hotpants
+@pytest.mark.parametrize("stars", [0, 1, 3])
+def test_real_small_frame_subtracts_and_says_how(tmp_path, stars):
+    """A 63 x 63 cutout with 0-3 stars: hotpants' defaults masked every pixel and exited
+    0; now it subtracts, keeps the transient's flux, and the residual says what was done."""
+    from oasis_core.subtraction import run_subtraction
+
+    sci, tpl = _small_pair(STARS[:stars])
+    readonly(sci, tpl)
+    settings = {"optimize": True, "max_tries": 9, "q_ceiling": 0.75, "q_floor": 0.5}
+    res = run_subtraction(
+        HotpantsSubtract(), sci, tpl, options=HotpantsOptions(), workdir=tmp_path,
+        settings=settings,
+    )  # fmt: skip
+    assert res.meta["usable"] and res.meta["small_frame"]
+    assert res.meta["masked_fraction"] < 0.5  # hotpants' kernel border, no more
+    flux = aperture(np.where(res.weight > 0, res.data, 0), 31, 31, 9.0)
+    assert flux == pytest.approx(TRANSIENT, rel=0.1)
+    assert 0.7 < res.meta["nnoise"] < 1.3
+    assert res.meta["stamp_stars"] == stars and res.meta["ko"] == 0
+    assert res.meta["choice_stamps"].startswith("small frame")
+    assert res.meta["fit_command"].startswith("hotpants -inim fit_science.fits")
+    assert "-ki kernel.fits" in res.meta["command"]
+    if stars == 0:
+        assert "reference star" in res.meta["fallback"]
+        assert res.meta["flag"].startswith("fallback: no stamp star")
+    elif stars < 3:
+        assert "few stamps" in res.meta["flag"]
+    else:
+        assert not res.meta["flag"] and res.meta["ksum"] == pytest.approx(1.0, abs=0.05)

@@ -52,7 +52,7 @@ def make_target(directory: Path, *, name: str = "t") -> Path:
     base = init_root(directory)
     frames = base / "simulations" / name / "frames"
     Registry().simulator("native").simulate(
-        frames, n_frames=N_FRAMES, shape=SHAPE, seed=SEED, transients=2
+        frames, n_frames=N_FRAMES, shape=SHAPE, seed=SEED, transients=4
     )
     target = Target(base / "targets" / name).create()
     unpack([frames], target)

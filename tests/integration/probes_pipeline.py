@@ -88,6 +88,8 @@ PROBES = [
             "-j",
             "1",
             "-o",
+            "subtract.ois.kernel=isis",
+            "-o",
             "subtract.ois.min_stamp_snr=1e9",
         ],
         stderr=r"^error: subtract: no frame could be subtracted \(4 failed; the first: sim_000: "

@@ -63,18 +63,33 @@ def test_decam_residuals_are_noise_limited(decam_target):
     assert result["extract"]["not_subtracted"] == []
 
 
-def test_decam_few_stamps_are_reported_not_hidden(decam_target):
-    """256x256 cutouts with a handful of stars: the fit is flagged in header and log."""
+def test_decam_frames_get_a_full_kernel_model_or_the_log_says_why(decam_target):
+    """256x256 cutouts with 4-6 stars each: ISIS's stamps were too few for its spatial
+    degree on every frame ("few stamps: 2-5", degree 0). The default kernel now fits at
+    least 8 of the 10 with a full model (the delta basis or cross-convolution, whose
+    spatial degree follows the stars, or ISIS's at its full degree); for every other
+    frame the residuals' log says why (its fallback, or why it was not subtracted; a
+    frame the align stage could not register is the align stage's to explain)."""
     target, _ = decam_target
     log = (target.path / "residuals" / "log.txt").read_text()
-    flags = [
-        fits.getheader(p).get("OAS FLAG", "")
-        for p in sorted((target.path / "residuals").glob("*_residual.fits"))
-    ]
-    assert any(flags), "2-5 usable stars per cutout must be reported"
-    for flag in filter(None, flags):
-        assert "few stamps" in flag
-        assert flag in log
+    lines = {line.split()[0]: line for line in log.splitlines()[1:] if line.strip()}
+    full = 0
+    for name, line in lines.items():
+        path = target.path / "residuals" / f"{name}_residual.fits"
+        if not path.exists():
+            assert "not subtracted" in line or "failed" in line, line
+            continue
+        header = fits.getheader(path)
+        model = header["OAS CHOICE_KERNEL"]
+        assert header["KMODEL"] == model
+        assert f"kernel={model}" in line, line
+        assert header["OAS KERNEL_REASON"].startswith("auto: ")
+        if model in ("delta", "cross") or (model == "isis" and header["DEGSPAT"] == 2):
+            full += 1
+            assert "fallback" not in header.get("OAS FLAG", "")
+        else:
+            assert header["OAS FALLBACK"] and header["OAS FALLBACK"] in line, line
+    assert full >= 8, log
 
 
 def test_decam_catalogs_have_sky_coordinates(decam_target):

@@ -33,7 +33,7 @@ def done(small_target):
     assert "residuals searched: 5" in totals, totals
     assert (target / "aligned" / "reference.txt").read_text().strip() == "sim_000"
     frames = set(Table.read(target / "sources" / "sources.ecsv")["frame"])
-    assert {"sim_001", "sim_003"} <= frames  # the frames the tests make fail have sources
+    assert {"sim_002", "sim_003"} <= frames  # the frames the tests make fail have sources
     return target
 
 
@@ -101,15 +101,15 @@ def test_subtract_failing_everywhere_stops_without_old_residuals(target):
 
 
 def test_subtract_failing_on_one_frame_is_counted_and_the_others_used(target):
-    _flaky(target, "subtract", "sim_001")
-    assert not (target / "residuals" / "sim_001_residual.fits").exists()
-    assert "failed: " in _log_line(target, "sim_001")
-    assert "flaky subtract backend broke on sim_001" in _log_line(target, "sim_001")
+    _flaky(target, "subtract", "sim_002")
+    assert not (target / "residuals" / "sim_002_residual.fits").exists()
+    assert "failed: " in _log_line(target, "sim_002")
+    assert "flaky subtract backend broke on sim_002" in _log_line(target, "sim_002")
     totals = _totals(target)
-    assert "frames that could not be subtracted: 1 (sim_001)" in totals
+    assert "frames that could not be subtracted: 1 (sim_002)" in totals
     assert "residuals searched: 4" in totals
     assert fits.getheader(target / "residuals" / "MR.fits")["NCOMBINE"] == 4
-    assert "sim_001" not in _source_frames(target)
+    assert "sim_002" not in _source_frames(target)
     for name in ("sim_000", "sim_003"):
         assert fits.getheader(target / "residuals" / f"{name}_residual.fits")["OASBACK"] == "flaky"
 
@@ -153,12 +153,12 @@ def test_mr_failure_removes_the_master_residual_and_the_catalogs(target):
 
 
 def test_extract_failure_on_one_residual_is_counted(target):
-    _flaky(target, "extract", "sim_001")
-    assert not (target / "sources" / "detections" / "sim_001.ecsv").exists()
+    _flaky(target, "extract", "sim_002")
+    assert not (target / "sources" / "detections" / "sim_002.ecsv").exists()
     totals = _totals(target)
-    assert "residuals whose extraction failed: 1 (sim_001)" in totals
+    assert "residuals whose extraction failed: 1 (sim_002)" in totals
     assert "residuals searched: 4" in totals
-    assert "sim_001" not in _source_frames(target)
+    assert "sim_002" not in _source_frames(target)
 
 
 def test_extract_follows_each_residuals_recorded_verdict(target, caplog):

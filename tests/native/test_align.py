@@ -257,8 +257,9 @@ def test_isis_crowded_unregistered_pair(shared_data, initial):
     assert np.all(np.median(np.abs(d), axis=0) < 0.1)
 
 
-def test_auto_falls_back_to_phase_correlation(monkeypatch):
+def test_auto_falls_back_to_pointset_then_phase_correlation(monkeypatch):
     import astroalign
+    from oasis_native import align as module
 
     def fail(*args, **kwargs):
         raise astroalign.MaxIterError("List of matching triangles exhausted")
@@ -266,7 +267,18 @@ def test_auto_falls_back_to_phase_correlation(monkeypatch):
     monkeypatch.setattr(astroalign, "find_transform", fail)
     frame, reference, _, _ = make_pair(angle=0.0, shift=(2.2, 1.4))
     out = align(frame, reference)
+    assert out.meta["align_method"] == "pointset"
+    assert out.meta["align_note"].startswith("astroalign: List of matching triangles")
+    assert out.meta["fallback"] == ""  # checked on the stars: not a fallback to flag
+    assert out.meta["choice_align"].startswith("pointset (")
+    assert out.meta["centre_shift_x"] == pytest.approx(2.2, abs=0.02)
+    assert out.meta["centre_shift_y"] == pytest.approx(1.4, abs=0.02)
+
+    monkeypatch.setattr(module, "_pointset_candidates", lambda *args: [])
+    out = align(frame, reference)
     assert out.meta["align_method"] == "phasecorr"
+    assert "pointset: 0 stars matched" in out.meta["align_note"]
+    assert out.meta["n_matched"] >= 50 and out.meta["fallback"] == ""
     assert out.meta["centre_shift_x"] == pytest.approx(2.2, abs=0.02)
     assert out.meta["centre_shift_y"] == pytest.approx(1.4, abs=0.02)
 
@@ -283,8 +295,7 @@ def _tan_header(crpix, cd):
 
 
 def test_sparse_rotated_field_is_aligned_from_the_headers():
-    """Too few stars for pattern matching and a rotation phase correlation cannot see:
-    the frames' WCSs give the transform (then refined on the stars)."""
+    """initial = "wcs": the frames' WCSs give the transform, refined on the stars."""
     shift, angle = np.array([3.2, -2.4]), 2.5
     cd_ref = np.eye(2) * (0.27 / 3600)
     rot = rotation(angle)
@@ -297,8 +308,237 @@ def test_sparse_rotated_field_is_aligned_from_the_headers():
     import attrs
 
     frame = attrs.evolve(frame, header=_tan_header(crpix_frm, cd_ref @ rot))
-    out = align(frame, reference, initial="phasecorr", min_matched=4)
+    out = align(frame, reference, initial="wcs", min_matched=4)
     assert out.meta["align_method"] == "wcs"
+    assert out.meta["n_matched"] >= 4 and out.meta["fallback"] == ""
     dx, dy = centroid_offsets(out.data, out.weight, ref_xy, flux, sky=100.0, min_flux=2e3)
     assert len(dx) >= 3
     assert np.median(np.hypot(dx, dy)) < 0.1
+
+
+# ------------------------------------------------------- sparse fields and small frames
+
+
+def sparse_pair(seed, angle, shift, ncommon=6, nextra=2):
+    """A 256x256 pair with ``ncommon`` stars in common (frame pixel p maps to
+    R(p - c) + c + shift on the reference) and ``nextra`` stars of its own on each."""
+    rng = np.random.default_rng(seed)
+    ref_xy = rng.uniform(40, SHAPE[0] - 40, (ncommon, 2))
+    frm_xy = (ref_xy - CENTRE - np.asarray(shift)) @ rotation(angle) + CENTRE
+    flux = 10 ** rng.uniform(3.5, 4.5, ncommon)
+    own = rng.uniform(20, SHAPE[0] - 20, (2 * nextra, 2))
+    own_flux = 10 ** rng.uniform(3.5, 4.5, 2 * nextra)
+    ref = render(SHAPE, np.vstack([ref_xy, own[:nextra]]), np.r_[flux, own_flux[:nextra]])
+    frm = render(SHAPE, np.vstack([frm_xy, own[nextra:]]), np.r_[flux, own_flux[nextra:]])
+    reference = Frame(data=ref + 100 + rng.normal(0, 5, SHAPE), name="ref")
+    frame = Frame(data=frm + 100 + rng.normal(0, 5, SHAPE), name="frm")
+    return frame, reference, ref_xy, flux
+
+
+def test_sparse_rotated_field_is_matched_on_all_star_pairs():
+    """6 common stars among 8, rotated by 35 degrees: astroalign's triangles fail, every
+    pair of stars votes for the rotation and the offsets for the shift."""
+    import astroalign
+    from oasis_native.align import _detect
+
+    frame, reference, ref_xy, flux = sparse_pair(1, angle=35.0, shift=(12.4, -7.7))
+    opts = NativeAlignOptions()
+    fs, rs = _detect(frame, opts), _detect(reference, opts)
+    assert len(fs.xy) == len(rs.xy) == 8
+    for _ in range(3):  # astroalign's RANSAC is randomised: it fails every time here
+        with pytest.raises(astroalign.MaxIterError):
+            astroalign.find_transform(fs.xy, rs.xy)
+    out = align(frame, reference, photometric=False)
+    m = out.meta
+    assert m["align_method"] == "pointset"
+    assert m["align_note"].startswith("astroalign: ")
+    assert m["fallback"] == ""
+    assert m["n_matched"] == 6 and m["align_rms"] < 0.1
+    assert m["rotation"] == pytest.approx(35.0, abs=0.05)
+    dx, dy = centroid_offsets(out.data, out.weight, ref_xy, flux, sky=100.0)
+    assert len(dx) == 6
+    assert np.max(np.hypot(dx, dy)) < 0.1
+
+
+def test_pointset_refuses_a_chance_match_of_unrelated_fields():
+    """8 stars each, none in common: no transform from chance pairings, and a field this
+    well populated is not aligned unchecked either."""
+    rng = np.random.default_rng(7)
+    frames = [
+        Frame(
+            data=render(SHAPE, rng.uniform(20, 236, (8, 2)), 10 ** rng.uniform(3.5, 4.5, 8))
+            + 100
+            + rng.normal(0, 5, SHAPE),
+            name=name,
+        )
+        for name in ("frm", "ref")
+    ]
+    with pytest.raises(StageError, match="'frm': no transform found") as info:
+        align(*frames)
+    assert "pointset: " in str(info.value) and "\n" not in str(info.value)
+
+
+def test_one_outlier_among_five_stars_is_rejected():
+    """With 5 stars a similarity fit absorbs much of one bad centroid (a variable on a
+    galaxy, a blend); it is judged against the fit of the other four."""
+    from oasis_native.align import _refine
+
+    rng = np.random.default_rng(3)
+    src = rng.uniform(20, 230, (5, 2))
+    dst = src + np.array([0.4, -0.3]) + rng.normal(0, 0.03, (5, 2))
+    dst[4] += [0.25, 0.2]
+    matrix, i, _, rms = _refine(src, dst, np.eye(3), NativeAlignOptions())
+    assert sorted(i) == [0, 1, 2, 3] and rms < 0.06
+    assert np.allclose(matrix[:2, 2] + matrix[:2, :2] @ src[0] - src[0], [0.4, -0.3], atol=0.08)
+
+
+def read_decam(shared_data, name):
+    from oasis_core import io
+
+    frame = io.read_frame(shared_data / "decam_n6" / f"DEC-{name}.mini.fits", warn=False)
+    readonly(frame.data)
+    readonly(frame.weight)
+    return frame
+
+
+def test_decam_sparse_frames_align_on_their_few_stars(shared_data, tmp_path):
+    """4-6 stars per 256x256 frame: astroalign fails on every frame against DEC-OBS18d
+    (the pipeline's reference when issue 12 was filed); the point-set match pairs 3-4
+    stars and the result is in the aligned frame's header. The frames of one epoch are
+    on one grid: their transform is the identity; the other epoch's stars sit ~0.5 px
+    away (measured on the stacks of each epoch, by windowed centroids and by Gaussian
+    fits: the frames are not on one grid across epochs), and once aligned every frame's
+    stars land on the reference's."""
+    from astropy.io import fits
+    from oasis_native.align import _apply, _detect, _match
+
+    from oasis_core import io
+
+    reference = read_decam(shared_data, "OBS18d")
+    opts = NativeAlignOptions()
+    ref_stars = _detect(reference, opts)
+    shifts = {}
+    for name in [f"OBS{e}{c}" for e in ("04", "18") for c in "abcde" if f"{e}{c}" != "18d"]:
+        out = align(read_decam(shared_data, name), reference)
+        m = out.meta
+        assert m["align_method"] == "pointset", (name, m["align_note"])
+        assert m["align_note"].startswith("astroalign: "), name
+        assert m["n_matched"] >= 3 and m["align_rms"] < 0.25, name
+        matrix = np.array([[m[f"align_m{r}{c}"] for c in range(3)] for r in range(2)] + [[0, 0, 1]])
+        moved = _apply(matrix, ref_stars.xy) - ref_stars.xy
+        shifts[name] = np.median(moved, axis=0)
+        if name.startswith("OBS18"):  # one epoch, one grid: the identity
+            assert np.abs(moved).max() < 0.1, (name, moved)
+        stars = _detect(out, opts)
+        i, j = _match(stars.xy, ref_stars.xy, np.eye(3), 1.0)
+        assert len(i) >= 4, name
+        assert np.all(np.abs(np.median(stars.xy[i] - ref_stars.xy[j], axis=0)) < 0.1), name
+        if name == "OBS04a":
+            io.write_frame(tmp_path / "a.fits", out)
+            header = fits.getheader(tmp_path / "a.fits")
+            assert header["OAS ALIGN_METHOD"] == "pointset"
+            assert header["OAS N_MATCHED"] == m["n_matched"]
+            assert header["OAS ALIGN_RMS"] == pytest.approx(m["align_rms"])
+            assert header["OAS ALIGN_NOTE"] == m["align_note"]
+            assert header["OAS CHOICE_ALIGN"] == m["choice_align"]
+            assert header["OAS CHOICE_ALIGN"].startswith("pointset (")
+    epoch04 = np.array([v for k, v in shifts.items() if k.startswith("OBS04")])
+    assert np.all(np.abs(epoch04 - epoch04.mean(axis=0)) < 0.1)  # one grid within the epoch
+    assert np.hypot(*epoch04.mean(axis=0)) == pytest.approx(0.53, abs=0.1)
+
+
+def _cutout(frame, x0, y0, size=63, shift=(0.0, 0.0), wcs=True):
+    """A size x size cutout of ``frame`` at (x0, y0), its content moved by ``shift`` px
+    (spline) and, with ``wcs``, the header's CRPIX moved with it."""
+    from astropy.io import fits
+    from scipy import ndimage
+
+    data = np.asarray(frame.data, float)
+    if any(shift):
+        data = ndimage.shift(data, (shift[1], shift[0]), order=3, mode="nearest")
+    header = fits.Header()
+    if wcs:
+        header = frame.header.copy()
+        header["CRPIX1"] = header["CRPIX1"] - x0 + shift[0]
+        header["CRPIX2"] = header["CRPIX2"] - y0 + shift[1]
+    cut = data[y0 : y0 + size, x0 : x0 + size]
+    return Frame(data=cut, header=header, name=f"{frame.name}-cut")
+
+
+@pytest.mark.parametrize(("x0", "y0", "nstars"), [(69, 41, (1, 1)), (48, 140, (1, 2))])
+def test_small_real_cutouts_with_one_or_two_stars_use_the_wcs(shared_data, x0, y0, nstars):
+    """63x63 DECam cutouts (1 star, or 1 on the frame and 2 on the reference), the frame's
+    content moved by (0.3, -0.45) px and its WCS with it: too few stars to check a
+    transform on, so the WCSs give it, flagged; the star lands on the reference's."""
+    from oasis_native.align import _detect, _match
+
+    reference = _cutout(read_decam(shared_data, "OBS18d"), x0, y0)
+    frame = _cutout(read_decam(shared_data, "OBS18a"), x0, y0, shift=(0.3, -0.45))
+    opts = NativeAlignOptions()
+    assert (len(_detect(frame, opts).xy), len(_detect(reference, opts).xy)) == nstars
+    out = align(frame, reference)
+    m = out.meta
+    assert m["align_method"] == "wcs"
+    assert m["choice_align"] == "wcs (unchecked, 1 stars paired)"
+    assert m["fallback"] == (
+        f"alignment from the WCSs, not checked on stars ({nstars[0]} on the frame, "
+        f"{nstars[1]} on the reference); photometric scale not measured (1 paired "
+        "unsaturated stars with S/N > 10; align.native.min_phot_stars = 3): scale 1, sky "
+        "levels matched"
+    )
+    assert m["phot_method"] == "sky" and m["phot_scale"] == 1.0
+    assert m["n_matched"] == 1 and m["align_rms"] < 0.2
+    assert (m["shift_x"], m["shift_y"]) == (
+        pytest.approx(-0.3, abs=1e-3),
+        pytest.approx(0.45, abs=1e-3),
+    )
+    ref_stars, stars = _detect(reference, opts), _detect(out, opts)
+    i, j = _match(stars.xy, ref_stars.xy, np.eye(3), 1.0)
+    assert len(i) == 1
+    assert np.all(np.abs(stars.xy[i] - ref_stars.xy[j]) < 0.1)
+
+
+def test_small_frame_without_stars_or_wcs_uses_phase_correlation():
+    """63x63, a galaxy and no point source, bare headers: phase correlation, flagged."""
+    n = 63
+    yy, xx = np.mgrid[0:n, 0:n]
+    rng = np.random.default_rng(2)
+
+    def galaxy(dx, dy):
+        r2 = ((xx - 30.2 - dx) / 1.3) ** 2 + (yy - 33.1 - dy) ** 2
+        return 400.0 * np.exp(-np.sqrt(r2) / 2.5) + 100 + rng.normal(0, 5, (n, n))
+
+    reference = Frame(data=galaxy(0, 0), name="ref")
+    frame = Frame(data=galaxy(-0.35, 0.6), name="frm")  # frame -> reference: (+0.35, -0.6)
+    out = align(frame, reference)
+    m = out.meta
+    assert m["align_method"] == "phasecorr"
+    assert m["align_note"].startswith("astroalign: 1 stars on the frame")
+    assert m["fallback"].startswith("alignment from the phase correlation, not checked")
+    assert (m["shift_x"], m["shift_y"]) == (
+        pytest.approx(0.35, abs=0.1),
+        pytest.approx(-0.6, abs=0.1),
+    )
+
+
+def test_blank_small_frame_without_wcs_fails_naming_it():
+    rng = np.random.default_rng(4)
+    frames = [Frame(data=100 + rng.normal(0, 5, (63, 63)), name=n) for n in ("empty", "ref")]
+    with pytest.raises(StageError, match=r"'empty': no transform found .*no correlation peak"):
+        align(*frames)
+
+
+def test_isis_offsets_agree_with_the_inventory(shared_data):
+    """All nine ISIS frames against infile0: pure translations, largest 5.0 px in x and
+    6.7 px in y (INVENTORY.md), by astroalign (the crowded common case)."""
+    reference = read_isis(shared_data, 0)
+    shifts = []
+    for i in range(1, 10):
+        m = align(read_isis(shared_data, i), reference).meta
+        assert m["align_method"] == "astroalign" and m["fallback"] == ""
+        assert m["n_matched"] > 100 and m["align_rms"] < 0.15
+        assert abs(m["rotation"]) < 0.01 and m["align_scale"] == pytest.approx(1.0, abs=3e-4)
+        shifts.append((m["centre_shift_x"], m["centre_shift_y"]))
+    largest = np.abs(shifts).max(axis=0)
+    assert largest[0] == pytest.approx(5.0, abs=0.15)
+    assert largest[1] == pytest.approx(6.7, abs=0.2)

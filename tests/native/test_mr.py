@@ -333,7 +333,9 @@ def test_sigma_clip_smoothing_at_edges_and_small_widths():
     data[0, 7] = 9.0  # a bright pixel on the edge (every residual's median stays 0)
     weight = np.ones(shape)
     weight[:, 14] = 0  # the last column: no data
-    flat = [residual(data, np.ones(shape), weight, f"f{i}") for i in range(3)]
+    one = weight.copy()
+    one[:, 13] = 0  # the column before: in one residual only
+    flat = [residual(data, np.ones(shape), w, f"f{i}") for i, w in enumerate((weight, one, one))]
     for sig in (0.5, 2.0):
         mr = run_method(SigmaClipMr(), flat, gauss_filt=True, gauss_sig=sig)
         # beyond the edge is no signal (not a mirror image of the frame)
@@ -344,5 +346,6 @@ def test_sigma_clip_smoothing_at_edges_and_small_widths():
         np.testing.assert_array_equal(mr.noise[:, 14], 0.0)
         # the noise map (0 where no data) is smoothed as if continued by its edge pixels
         raw_noise = np.where(weight > 0, np.sqrt(np.pi / 2) / np.sqrt(3), 0.0)
+        raw_noise[:, 13] = np.sqrt(np.pi / 2)  # the median of one value
         smoothed = gaussian_filter(raw_noise, sig, mode="nearest") / (2 * np.sqrt(np.pi) * sig)
         np.testing.assert_allclose(mr.noise[:, :14], smoothed[:, :14], rtol=1e-5)

@@ -145,17 +145,135 @@ def test_masked_pixels_and_saturated_stars_not_used(series: SimSeries, tmp_path:
     assert _psf(raw, tmp_path).fwhm == pytest.approx(reference.fwhm, rel=0.05)
 
 
-def test_too_few_stars_is_an_error(tmp_path: Path) -> None:
+def test_no_source_or_strict_shortfall_is_an_error(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     noise = rng.normal(100.0, 10.0, SHAPE).astype(np.float32)
-    with pytest.raises(StageError, match=r"'blank'.*usable PSF stars.*need 3.*threshold 5 sigma"):
+    with pytest.raises(StageError, match=r"'blank'.*no source detected above 5 sigma.*FWHM"):
         _psf(Frame(data=noise, name="blank"), tmp_path)
     (sci, _), _, _ = simulate_pair(seed=1)
     frame = Frame(data=sci, name="few", weight=np.zeros(sci.shape, np.float32))
     with pytest.raises(StageError, match=r"'few'.*masked"):
         _psf(frame, tmp_path)
+    frame = attrs.evolve(frame, weight=np.ones(sci.shape, np.float32))
     with pytest.raises(StageError, match=r"'few'.*need 1000"):
-        _psf(attrs.evolve(frame, weight=np.ones(sci.shape, np.float32)), tmp_path, min_stars=1000)
+        _psf(frame, tmp_path, min_stars=1000, fallback=False)
+    # with the fallback (the default) the stars there are make the PSF, flagged
+    out = _psf(frame, tmp_path, min_stars=1000)
+    assert out.fwhm == pytest.approx(4.0, rel=0.05)
+    assert out.psf.params["psf_source"] == "fit"
+    assert "fewer than min_stars 1000" in out.psf.params["psf_flag"]
+    assert _psf(frame, tmp_path).psf.params["psf_flag"] == ""
+
+
+# --------------------------------------------------------------------------- fallbacks
+
+
+def _moffat_frame(
+    shape: tuple[int, int], stars: list[tuple[float, float, float]], fwhm: float, seed: int = 0
+) -> Frame:
+    """Moffat (beta 3) stars of the given peak S/N on a sky of 100 +- 5 ADU, no header."""
+    rng = np.random.default_rng(seed)
+    alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.full(shape, 100.0)
+    for x, y, snr in stars:
+        image += 5.0 * snr * (1.0 + ((xx - x) ** 2 + (yy - y) ** 2) / alpha**2) ** -3.0
+    image += rng.normal(0.0, 5.0, shape)
+    return Frame(data=image.astype(np.float32), name="stars")
+
+
+def test_single_star_gives_a_flagged_psf(tmp_path: Path) -> None:
+    frame = _moffat_frame((63, 63), [(30.4, 33.7, 80.0)], 3.5)
+    out = _psf(frame, tmp_path)
+    assert out.psf.nstars == 1
+    assert out.fwhm == pytest.approx(3.5, rel=0.1)
+    assert out.psf.params["psf_source"] == "fit"
+    assert out.psf.params["psf_flag"].startswith("1 PSF star, fewer than min_stars 3")
+    # the brightest star of a frame without a saturation level is not taken as saturated
+    assert frame.saturation is None
+
+
+def test_fit_bounded_then_moments_flagged(tmp_path: Path) -> None:
+    """A fit that ends on a bound of its FWHM falls back to the stack's second moments,
+    flagged; with fallback = false it is an error. The FWHM is never below fwhm_min."""
+    rng = np.random.default_rng(3)
+    stars = [(rng.uniform(12, 116), rng.uniform(12, 116), 60.0) for _ in range(10)]
+    frame = _moffat_frame((128, 128), stars, 3.0, seed=3)
+    assert _psf(frame, tmp_path).fwhm == pytest.approx(3.0, rel=0.1)
+    for model in ("moffat", "gaussian"):
+        out = _psf(frame, tmp_path, fwhm_min=4.0, model=model)
+        assert out.fwhm == pytest.approx(4.0)
+        assert out.psf.params["psf_source"] == "moments"
+        flag = out.psf.params["psf_flag"]
+        assert f"{model} fit to" in flag and "ended on its smallest FWHM (4 px)" in flag
+        assert "clipped to the smallest FWHM" in flag
+        assert out.psf.image.sum() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(StageError, match=r"'stars'.*fit ended on its smallest FWHM"):
+        _psf(frame, tmp_path, fwhm_min=4.0, fallback=False)
+
+
+def test_moments_match_the_profile() -> None:
+    """The moments fallback's FWHM: the profile with the stack's adaptive moments."""
+    from oasis_native.psf import _adaptive_size, _match_fwhm, _profile
+
+    for model, fwhm in (("moffat", 2.2), ("moffat", 5.0), ("gaussian", 3.3)):
+        stack = _profile(model, fwhm, 20)
+        got, clipped = _match_fwhm(
+            _adaptive_size(stack), lambda f, m=model: _adaptive_size(_profile(m, f, 20)), (0.8, 20)
+        )
+        assert got == pytest.approx(fwhm, rel=1e-3) and clipped == ""
+
+
+def test_no_usable_star_gives_a_recorded_autocorrelation_moffat(tmp_path: Path) -> None:
+    """Every source too faint to be a PSF star (peak S/N < min_snr): a Moffat of the FWHM
+    of their autocorrelation, recorded as such."""
+    rng = np.random.default_rng(5)
+    stars = [(rng.uniform(10, 118), rng.uniform(10, 118), 9.0) for _ in range(12)]
+    frame = _moffat_frame((128, 128), stars, 3.5, seed=5)
+    out = _psf(frame, tmp_path)
+    params = out.psf.params
+    assert out.psf.nstars == 0
+    assert params["psf_source"] == "fwhm-moffat"
+    assert params["fwhm_source"] == "autocorrelation"
+    assert params["psf_flag"].startswith("no usable PSF star")
+    assert "autocorrelation" in params["psf_flag"]
+    assert out.fwhm == pytest.approx(3.5, rel=0.15)
+    assert out.psf.image.sum() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(StageError, match="need 3"):
+        _psf(frame, tmp_path, fallback=False)
+
+
+def test_cosmic_rays_and_galaxies_are_not_psf_stars(tmp_path: Path) -> None:
+    """Five stars among many sharp cosmic rays, or a few stars among many compact
+    galaxies: the stellar locus and the sharpness test keep the stars."""
+    rng = np.random.default_rng(8)
+    stars = [(rng.uniform(12, 116), rng.uniform(12, 116), 80.0) for _ in range(5)]
+    frame = _moffat_frame((128, 128), stars, 3.5, seed=8)
+    data = np.array(frame.data)
+    for _ in range(30):  # 1-3 px tracks, 20-200 sigma
+        x, y, n = rng.integers(2, 120), rng.integers(2, 120), rng.integers(1, 4)
+        data[y, x : x + n] += rng.uniform(100.0, 1000.0)
+    out = _psf(attrs.evolve(frame, data=data), tmp_path)
+    assert out.fwhm == pytest.approx(3.5, rel=0.1)
+    # 6 stars and 20 round galaxies twice as wide
+    stars = [(rng.uniform(12, 244), rng.uniform(12, 244), 60.0) for _ in range(6)]
+    galaxies = [(rng.uniform(12, 244), rng.uniform(12, 244), 30.0) for _ in range(20)]
+    a = _moffat_frame((256, 256), stars, 3.0, seed=9)
+    b = _moffat_frame((256, 256), galaxies, 6.0, seed=10)
+    out = _psf(attrs.evolve(a, data=a.data + b.data - 100.0), tmp_path)
+    assert out.fwhm == pytest.approx(3.0, rel=0.1)
+    assert out.psf.params["locus_fwhm"] < 4.5
+
+
+def test_crowded_cutout_masks_the_neighbours(tmp_path: Path, shared_data: Path) -> None:
+    """63x63 cutouts of the very crowded ISIS frame: hardly a star is isolated, so the
+    neighbours' pixels are masked in the stamps; the FWHM stays near the full frame's."""
+    data = fits.getdata(shared_data / "isis_example" / "infile0.fits").astype("float32")
+    fwhm = []
+    for y0, x0 in ((10, 10), (100, 40), (180, 180), (40, 170), (120, 120)):
+        cut = Frame(data=readonly(np.array(data[y0 : y0 + 63, x0 : x0 + 63])), name="cut")
+        fwhm.append(_psf(cut, tmp_path).fwhm)
+    assert np.median(fwhm) == pytest.approx(4.5, rel=0.1)
 
 
 def test_options_validated() -> None:

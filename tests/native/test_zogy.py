@@ -297,6 +297,111 @@ def test_psf_from_fwhm_when_no_model_and_errors(null_pair, tmp_path):
         _subtract(science, blank, tmp_path)
 
 
+# --------------------------------------------------------------------------- few stars
+
+
+def _cutout(stars, transient, *, fwhm, seed, shape=(63, 63), sky=100.0, sigma=5.0):
+    """A bare 63x63 frame: Moffat (beta 3) stars ``(x, y, peak S/N)`` plus ``transient``
+    (the same, or None), sky noise only, no header."""
+    rng = np.random.default_rng(seed)
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.full(shape, sky)
+    for x, y, snr in [*stars, *([transient] if transient else [])]:
+        image += sigma * snr * (1.0 + ((xx - x) ** 2 + (yy - y) ** 2) / alpha**2) ** -3.0
+    return (image + rng.normal(0.0, sigma, shape)).astype(np.float32)
+
+
+def _moffat_flux(snr, fwhm, sigma=5.0):
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
+    return sigma * snr * math.pi * alpha**2 / 2.0  # total of a beta-3 Moffat of that peak
+
+
+@pytest.mark.parametrize("nstars", [0, 1, 2])
+def test_cutout_with_few_stars_runs_and_records_its_psf_sources(tmp_path, nstars):
+    """63x63 cutouts, no header: the PSFs come from whatever point sources there are (the
+    transient itself in the science frame when it is the only one), a frame with none gets
+    the other's FWHM; the residual says which, and the transient keeps its flux."""
+    stars = [(14.3, 45.6, 60.0), (48.7, 15.2, 90.0)][:nstars]
+    transient = (31.4, 30.8, 80.0)
+    sci = Frame(data=_cutout(stars, transient, fwhm=3.6, seed=nstars), name="s")
+    tpl = Template(data=_cutout(stars, None, fwhm=3.0, seed=10 + nstars), name="t")
+    res = _subtract(sci, tpl, tmp_path)
+    meta = res.meta
+    assert meta["psf_source_science"].startswith("fit (")
+    assert res.header["ZOGYPSFS"] == meta["psf_source_science"]
+    assert res.header["ZOGYPSFT"] == meta["psf_source_template"]
+    assert meta["choice_psf"].startswith("science fit (")
+    if nstars == 0:
+        assert meta["psf_source_template"] == "fwhm-moffat (science FWHM)"
+        assert "template PSF: a Moffat of the science's FWHM" in meta["fallback"]
+        assert "no source detected" in meta["fallback"]
+    else:
+        assert meta["psf_source_template"].startswith("fit (")
+        # the PSFs matched on the common stars, or their own kept when those give the
+        # better Q: either way the comparison is recorded
+        if meta["psf_match"].startswith("kept"):
+            assert meta["psf_match_q_own"] >= meta["psf_match_q"]
+        else:
+            assert meta["psf_source_template"].endswith(", matched")
+            assert meta["psf_match"].startswith("Moffats matched on")
+        assert "fewer than min_stars 3" in meta["fallback"]  # flagged, not refused
+    x, y, snr = transient
+    yy, xx = np.mgrid[:63, :63]
+    r = np.hypot(xx - x, yy - y)
+    local = np.median(res.data[(r > 12) & (r < 20) & (res.weight > 0)])
+    flux = float(np.sum(res.data[r < 3.0 * 3.6] - local))
+    assert flux == pytest.approx(_moffat_flux(snr, 3.6), rel=0.1)
+    assert _box_max(res.extra["score"], x, y) > 10.0
+    # P_D, the PSF of the difference, comes with the residual
+    assert res.psf.image.sum() == pytest.approx(1.0, rel=1e-5)
+    assert res.psf.fwhm == pytest.approx(meta["fwhm"])
+
+
+def test_no_source_in_either_frame(tmp_path):
+    """Pure sky: with a FWHM (as a header gives) ZOGY runs on Moffats of it, recorded; with
+    nothing at all it says why for both frames."""
+    sci = Frame(data=_cutout([], None, fwhm=3.0, seed=1), name="s", fwhm=3.2)
+    tpl = Template(data=_cutout([], None, fwhm=3.0, seed=2), name="t", fwhm=3.0)
+    res = _subtract(sci, tpl, tmp_path)
+    assert res.meta["psf_source_science"] == "fwhm-moffat (frame FWHM)"
+    assert res.meta["psf_match"].startswith("kept: no star")
+    assert 0.8 < res.meta["nnoise"] < 1.2
+    with pytest.raises(StageError, match=r"no PSF for science 's'.*nor template 't'.*FWHM"):
+        _subtract(attrs.evolve(sci, fwhm=None), attrs.evolve(tpl, fwhm=None), tmp_path)
+
+
+def test_psf_match_repairs_a_wrong_width_ratio(null_pair, tmp_path):
+    """A template PSF 25% too wide leaves every star in D; matched on the stars, the pair
+    subtracts as well as with the measured PSFs. Models given without a star count are
+    trusted (auto: not matched)."""
+    from oasis_native.psf import moffat_profile
+
+    science, template, _ = null_pair
+    good = _subtract(science, template, tmp_path)
+    assert good.meta["psf_match"] == "off"  # both PSFs from many stars
+    fwhm = 1.25 * template.fwhm
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / 3.0) - 1.0))
+    g = np.arange(-20, 21)
+    image = moffat_profile(g[:, None] ** 2 + g[None, :] ** 2, alpha, 3.0)
+    wide = attrs.evolve(template, psf=PsfModel(image=image / image.sum(), fwhm=fwhm), fwhm=fwhm)
+    bad = _subtract(science, wide, tmp_path)
+    assert bad.meta["psf_match"] == "off"
+    good_pix = good.weight > 0
+    assert np.abs(good.extra["score"][good_pix]).max() < 6.0
+    assert np.abs(bad.extra["score"][good_pix]).max() > 10.0  # every bright star is left
+    fixed = _subtract(science, wide, tmp_path, psf_match="always")
+    assert fixed.meta["psf_match"].startswith("Moffats matched on 25 template stars")
+    assert np.abs(fixed.extra["score"][good_pix]).max() < 6.0
+    # the template's PSF (given without a star count: the less trusted) moves back to the
+    # width measured on its stars; the science's (27 stars) stays
+    assert fixed.meta["fwhm_science"] == pytest.approx(science.fwhm)
+    assert fixed.meta["fwhm_template"] == pytest.approx(template.fwhm, rel=0.03)
+    assert 2.0 < fixed.meta["psf_beta_matched"] < 5.0  # the simulation's 3
+    assert fixed.q == pytest.approx(good.q, abs=0.005)
+    assert fixed.header["ZOGYPMAT"] == fixed.meta["psf_match"]
+
+
 # --------------------------------------------------------------------------- extraction
 
 
@@ -326,8 +431,10 @@ def test_extract_detects_on_the_score(transient_pair, tmp_path):
                 _box_max(res.extra["score"], row["x"], row["y"]), rel=0.05
             )
         assert np.all(table["flux_err"] > 0)
+    # the same residual as read back (the round trip does not keep P_D, ``res.psf``, which
+    # would correct the apertures)
     plain = NativeExtract().extract(
-        res, options=NativeExtractOptions(detect_on="residual"), workdir=tmp_path
+        residual, options=NativeExtractOptions(detect_on="residual"), workdir=tmp_path
     )
     assert plain.meta["detect_on"] == "residual"
     np.testing.assert_allclose(

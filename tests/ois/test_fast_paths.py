@@ -296,3 +296,38 @@ def test_spatial_degrees_need_three_stamps_per_term():
     assert ois._degrees_for(8, 2, 2) == (0, 0)
     assert ois._degrees_for(1, 3, 3) == (0, 0)
     assert ois._degrees_for(100, 0, 0) == (0, 0)
+
+
+def test_effective_gain_of_frames_with_and_without_one():
+    from oasis_core.model import Frame
+
+    data = np.zeros((4, 4), np.float32)
+    # a gain given is used, any positive one
+    assert ois._effective_gain(Frame(data=data, gain=0.5), 1000.0, 15.0) == 0.5
+    # none (or a meaningless 0): a sky well above its noise gives its photon statistics
+    for gain in (None, 0.0):
+        frame = Frame(data=data, gain=gain)
+        assert ois._effective_gain(frame, 1000.0, 15.811) == pytest.approx(4.0, rel=1e-3)
+        assert ois._effective_gain(frame, 100.0, 10.0) == pytest.approx(1.0)
+        assert ois._effective_gain(frame, 35.0, 10.0) == pytest.approx(0.35)  # > 3 sigma
+        # a sky-subtracted frame: no source Poisson term
+        assert ois._effective_gain(frame, 20.0, 10.0) == np.inf
+        assert ois._effective_gain(frame, 0.0, 10.0) == np.inf
+
+
+def test_weighted_normal_equations_are_the_explicit_sums():
+    # features + a constant, weights 1 / var: M = sum g g' / var, b = sum g y / var and
+    # y'Wy = sum y^2 / var, stamp by stamp (70 stamps: more than one chunk per thread)
+    rng = np.random.default_rng(12)
+    n, nb, npix = 70, 3, 25
+    feats = rng.normal(size=(n, nb, npix)).astype(np.float32)
+    y = rng.normal(size=(n, npix)).astype(np.float32)
+    var = rng.uniform(0.5, 4.0, size=(n, npix)).astype(np.float32)
+    m, b, yy = ois._normal_equations(feats, y, var)
+    g = np.concatenate([feats.astype(np.float64), np.ones((n, 1, npix))], axis=1)
+    w = 1.0 / var.astype(np.float64)
+    np.testing.assert_allclose(m, np.einsum("nkp,njp,np->nkj", g, g, w), rtol=1e-10)
+    np.testing.assert_allclose(b, np.einsum("nkp,np,np->nk", g, y, w), rtol=1e-10)
+    np.testing.assert_allclose(yy, np.einsum("np,np,np->n", y, y, w), rtol=1e-10)
+    _, _, yy1 = ois._normal_equations(feats, y, None)
+    np.testing.assert_allclose(yy1, (y.astype(np.float64) ** 2).sum(axis=1), rtol=1e-10)

@@ -174,6 +174,8 @@ def test_convolving_the_science_keeps_its_photometric_system_and_sign(
     assert res.header["CONVOLVE"] == "science"
     assert res.meta["fscale"] == pytest.approx(1.0 / res.meta["ksum"])
     assert res.meta["fscale"] == pytest.approx(1.2, rel=0.03)
+    # the residual's PSF is the template's (the unconvolved image); each frame its own
+    assert res.meta["fwhm"] == res.meta["fwhm_template"] > res.meta["fwhm_science"]
     check_transients(res, render_sources, science.shape, 3.0)  # positive, science ADU
     assert_noise_limited(res, q_min=0.97)  # the two transients are in Q's tails
 
@@ -263,7 +265,7 @@ def test_too_few_stamps_lowers_the_degrees_and_flags(pair_factory):
         np.array([2e4, 3e4, 4e4, 5e4]),
     )
     science, template = pair_factory(7, stars=stars)
-    res = subtract(science, template)
+    res = subtract(science, template, kernel="isis")  # the default picks the delta basis
     assert res.meta["flag"] == f"few stamps: {res.meta['nstamps']}"
     assert res.meta["nstamps"] <= 4
     assert (res.meta["deg_spatial"], res.meta["deg_bg"]) == (0, 0)
@@ -286,14 +288,18 @@ def test_frames_without_stars_or_of_different_shapes_raise_one_line_errors():
     blank_s = Frame(data=rng.normal(0, 5, (128, 128)), name="blank_s")
     blank_t = Template(data=rng.normal(0, 5, (128, 128)), name="blank_t")
     with pytest.raises(StageError, match=r"no usable stamp star.*'blank_s'") as err:
-        subtract(blank_s, blank_t)
+        subtract(blank_s, blank_t, kernel="isis")
     assert "\n" not in str(err.value)
+    assert str(err.value).endswith("lower subtract.ois.min_stamp_snr or check the weight maps")
     small = Template(data=rng.normal(0, 5, (64, 64)), name="small")
     with pytest.raises(StageError, match=r"'small' has \(64, 64\)"):
         subtract(blank_s, small)
     masked = Template(data=np.zeros((128, 128)), weight=np.zeros((128, 128)), name="masked")
-    with pytest.raises(StageError, match="'masked' has no usable pixel"):
+    with pytest.raises(StageError, match="template 'masked' has no usable pixel"):
         subtract(blank_s, masked)
+    masked_s = Frame(data=np.zeros((128, 128)), weight=np.zeros((128, 128)), name="masked_s")
+    with pytest.raises(StageError, match="science 'masked_s' has no usable pixel"):
+        subtract(masked_s, blank_t)
 
 
 # -------------------------------------------------------------------- real data

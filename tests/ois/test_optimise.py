@@ -74,7 +74,8 @@ def oversampled_pair(render_sources) -> tuple[Frame, Template]:
 
 def test_seeing_scale_off_default_fails_and_a_later_candidate_passes(oversampled_pair):
     science, template = oversampled_pair
-    options = OisOptions(seeing_scale=False)  # seeing_scale would rescue the default
+    # the ISIS model's ladder (kernel "auto" would try its other models first)
+    options = OisOptions(kernel="isis", seeing_scale=False)  # seeing_scale would rescue it
     candidates, tried, best = optimise(science, template, options)
     assert candidates[0] is options
     assert tried[0].q < Q_CEILING, tried[0].meta["config"]  # ISIS's defaults cannot match
@@ -108,7 +109,7 @@ def test_candidates_are_valid_distinct_and_ordered_by_cost(fwhm_t, fwhm_s):
     data = rng.normal(0.0, 1.0, (64, 64)).astype(np.float32)
     science = Frame(data=data, name="sci", fwhm=fwhm_s)
     template = Template(data=data, name="tpl", fwhm=fwhm_t)
-    options = OisOptions(deg_spatial=2)
+    options = OisOptions(kernel="isis", deg_spatial=2)  # the ISIS ladder: noise has no star
     candidates = list(OisSubtract().candidates(science, template, options=options))
     assert candidates[0] is options
     assert 1 < len(candidates) <= MAX_CANDIDATES
@@ -130,7 +131,7 @@ def test_ladder_follows_the_sampling():
             OisSubtract().candidates(
                 Frame(data=data, fwhm=fwhm_s),
                 Template(data=data, fwhm=fwhm_t),
-                options=OisOptions(),
+                options=OisOptions(kernel="isis"),
             )
         )
 

@@ -12,12 +12,14 @@ What the backend passes to hotpants
 ``-il``/``-tl`` (lower valid level)
     hotpants' default, 0, marks every pixel at or below zero as bad: on a sky-subtracted
     frame that is half the sky, and hotpants then masks nearly the whole output and still
-    exits 0. The level is therefore taken from the data: ``median - lower_nsigma x noise``
-    (the frame's sky noise), far below any sky pixel whatever the sky level.
-``-iu``/``-tu`` (upper valid level)
+    exits 0. The level is therefore taken from the data: ``min(median, 1st percentile) -
+    lower_nsigma x noise`` (the frame's sky noise), far below any sky pixel whatever the
+    sky level (in a crowded field the median sits well above the sky).
+``-iu``/``-tu``, ``-iuk``/``-tuk`` (upper valid levels, of the data and of stamp stars)
     ``upper`` when set, else the frame's saturation (``Frame.saturation``), else just
     above the frame's brightest good pixel (no cut; hotpants' default 25000 ADU would
-    mask the cores of bright stars on deep frames).
+    mask the cores of bright stars on deep frames). The same level bounds the stamp
+    stars (``-iuk``/``-tuk``, which otherwise stay at hotpants' 25000 whatever ``-iu``).
 ``-ig -ir -tg -tr``
     ``Frame.gain`` / ``Frame.readnoise``. Without a gain, a frame that keeps its sky gets
     its photon-statistics gain ``sky / noise**2`` (else 1); without a read noise, the
@@ -84,10 +86,55 @@ Too few stamps for the kernel's spatial terms make hotpants' fit degenerate (it 
 returns a wild kernel and a residual full of structure): with ``lower_ko`` the backend
 runs hotpants a second time with the highest ``-ko`` the surviving stamps constrain
 (``ko_requested`` records the first) and says so in ``flag``.
+
+Small frames
+------------
+hotpants looks for stamp stars only where a whole substamp (``2 rss + 1`` px) clears a
+border of ``rss + r`` px, in a grid of stamps of ``size / nsx - (2 r + 1)`` px, and fits
+one star per stamp: on a cutout (63 x 63 px, a few stars) its defaults leave no place for
+a star, it fits no kernel, masks every pixel and still exits 0. A frame narrower than
+:data:`SMALL_SIDE` (160 px, where hotpants' default border eats half of it) is therefore
+done in two runs (:func:`small_frame_layout`):
+
+* the frames' FWHMs are measured from their bright sources, and replace the frames' own
+  when those are unknown, or more than 30 % off the width of 3 sources or more (a PSF
+  fitted on the two or three stars of a cutout can be; ``meta["fwhm_source"]``:
+  ``frame`` or ``measured`` for each);
+* the kernel half width ``r`` is cut to an eighth of the frame (at least 4 px) and the
+  substamp half width ``rss`` set to ``max(r + 1, 1.5 r)``, at most a quarter of the
+  frame (explicit ``r``/``rss`` options are kept);
+* the backend chooses the stamp stars: sources above ``ft`` sky sigmas in both frames
+  (``ft`` is halved, down to 5, until 3 are found), point-like (a galaxy may host the
+  transient), unsaturated, whose substamp holds no masked pixel; a source whose science
+  / template flux ratio disagrees with the others' (a transient or a variable) is left
+  out, so that it never drives the fit;
+* the kernel is fitted on a mosaic (:data:`FIT_FILES`) holding each star's cell (its
+  substamp and the kernel's reach, from both frames) in a stamp of its own, the centres
+  given to hotpants (``-ssf``, ``-afssc 0``), with ``-ko 0 -bgo 0`` (one kernel and one
+  background for the frame) and the Gaussians of the basis at their widths (at most
+  ``r / 2``) but degrees 2, 2 and 0 (13 basis functions instead of hotpants' 49, which a
+  few stars cannot constrain; unless ``ng`` is set);
+* with ``convolve = "auto"`` and FWHMs within 10 % of each other (from a few stars, the
+  narrower may be either), hotpants fits both directions and keeps the better (``-c b``);
+* the second run applies that kernel to the frame itself (``-ki``), padded by ``2 r``
+  masked pixels so that hotpants loses only ``r`` px along the edges.
+
+With no usable star at all, hotpants fits its kernel on a reference star drawn in both
+mosaics: a Gaussian of each frame's FWHM, of the same flux in both; the kernel is then the
+one matching the two PSFs with a flux ratio of 1 and the differential background the
+difference of the sky levels, and the residual is flagged (``meta["fallback"]``). With
+one frame's FWHM only (a cutout whose template holds no source), the other is taken
+equal (a kernel of a flux ratio and a background, said in the fallback); without either
+the backend says so in one line (a :class:`~oasis_core.errors.StageError`) instead.
+``meta`` records the choices: ``small_frame``, ``stamp_stars`` (stars given),
+``stamp_ft``, ``stamp_rejected``, ``mosaic`` (its side), ``nsx``/``nsy``, ``r``, ``rss``,
+``ko``, ``bgo``, ``ng``, ``fit_command`` and ``choice_stamps`` (a sentence, shown in
+``residuals/log.txt``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shlex
@@ -108,13 +155,17 @@ from oasis_core.validators import in_range, non_negative, positive, satisfies
 
 __all__ = [
     "FILES",
+    "FIT_FILES",
+    "SMALL_SIDE",
     "HotpantsOptions",
     "HotpantsOutput",
     "HotpantsSubtract",
+    "SmallLayout",
     "hotpants_arguments",
     "kernel_image",
     "parse_stderr",
     "read_hotpants_output",
+    "small_frame_layout",
 ]
 
 #: hotpants' own Gaussian basis (its ``-ng`` default).
@@ -138,6 +189,21 @@ FILES: Mapping[str, str] = {
     "output": "diff.fits",
     "noise": "diff_noise.fits",
     "kernel": "kernel.fits",
+    "stamps": "stamps.xy",
+}
+
+#: The files of a small frame's fitting run (on the mosaic of its stars' cells); it writes
+#: the kernel (``FILES["kernel"]``) that the run on the frame itself applies (``-ki``).
+FIT_FILES: Mapping[str, str] = {
+    **FILES,
+    "science": "fit_science.fits",
+    "template": "fit_template.fits",
+    "science_mask": "fit_science_mask.fits",
+    "template_mask": "fit_template_mask.fits",
+    "science_noise": "fit_science_noise.fits",
+    "template_noise": "fit_template_noise.fits",
+    "output": "fit_diff.fits",
+    "noise": "fit_diff_noise.fits",
 }
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -332,7 +398,8 @@ def _prepare(frame: Frame, options: HotpantsOptions, what: str) -> _Prepared:
             "noise (constant image?)"
         )
         raise StageError(msg)
-    lower = median - options.lower_nsigma * noise
+    # below the sky, not the median: in a crowded field the median sits well above it
+    lower = min(median, float(np.percentile(good, 1))) - options.lower_nsigma * noise
     brightest = float(good.max())
     if options.upper > 0:
         upper = float(options.upper)
@@ -426,17 +493,496 @@ def _kernel_shape(
     return ng, r, rss
 
 
-def _plan(
-    sci: _Prepared, tpl: _Prepared, options: HotpantsOptions, files: Mapping[str, str]
-) -> _Plan:
-    # image to convolve
-    if options.convolve != "auto":
-        convolve = options.convolve
-    elif sci.fwhm is not None and tpl.fwhm is not None:
-        convolve = "t" if tpl.fwhm <= sci.fwhm else "i"
+# ------------------------------------------------------------------ small frames
+
+#: Stamp stars the small-frame layout looks for before it stops lowering its threshold.
+_WANTED_STARS = 3
+
+#: The lowest stamp-star threshold (sky sigmas) of the small-frame layout.
+_MIN_FT = 5.0
+
+#: At most this many stamps per axis on a small frame.
+_MAX_NS = 4
+
+
+@attrs.frozen(kw_only=True)
+class SmallLayout:
+    """How a small frame is given to hotpants (see "Small frames" in the module doc).
+
+    Attributes
+    ----------
+    r, rss : int
+        hotpants' ``-r`` and ``-rss``.
+    ns : int
+        Stamps along each axis of the mosaic the kernel is fitted on (``-nsx``, ``-nsy``).
+    side : int
+        The mosaic's side (px).
+    stars : tuple of (int, int)
+        The stamp stars (x, y), 0-based pixels of the frame, brightest first (none when
+        the kernel is fitted on a reference star).
+    centres : tuple of (int, int)
+        Where each star's cell (or the reference star) sits in the mosaic.
+    ft : float
+        The threshold (sky sigmas, both frames) the stars were found at.
+    rejected : int
+        Stars left out because their science / template flux ratio disagreed.
+    fwhm_source : str
+        Where the FWHMs come from: ``"frame"`` (the frames' own), ``"measured"`` (from
+        their bright sources here) or ``"unknown"``, for each frame.
+    fwhms : tuple of float
+        The science and template FWHMs used.
+    reference : bool
+        The kernel is fitted on a reference star drawn from ``fwhms`` (no stamp star).
+    """
+
+    r: int
+    rss: int
+    ns: int
+    side: int
+    stars: tuple[tuple[int, int], ...]
+    centres: tuple[tuple[int, int], ...]
+    ft: float
+    rejected: int
+    fwhm_source: str
+    fwhms: tuple[float, float] = (0.0, 0.0)
+    reference: bool = False
+
+    @property
+    def half(self) -> int:
+        """Half width of a star's cell: its substamp and the kernel's reach."""
+        return self.rss + self.r + 1
+
+    def choice(self) -> str:
+        """The choice in a sentence (``meta["choice_stamps"]``)."""
+        if self.reference:
+            return (
+                f"small frame: no stamp star; kernel fitted on a reference star of FWHM "
+                f"{self.fwhms[0]:.2f} (science) and {self.fwhms[1]:.2f} (template), flux "
+                f"ratio 1; r {self.r}, rss {self.rss}"
+            )
+        return (
+            f"small frame: {len(self.stars)} stamp star(s) above {self.ft:g} sigma, one "
+            f"per stamp; r {self.r}, rss {self.rss}, ko 0, bgo 0"
+        )
+
+
+#: Frames narrower than this (px) are small (see "Small frames" in the module doc): with
+#: hotpants' default kernel and substamp half widths (10 and 15 px) its border eats half.
+SMALL_SIDE = 4 * (2 * 15 + 10)
+
+
+def _is_small(shape: tuple[int, int]) -> bool:
+    """Is the frame too small for hotpants' own stamp grid (:data:`SMALL_SIDE`)?"""
+    return min(shape) < SMALL_SIDE
+
+
+def _background(prep: _Prepared, bad: np.ndarray) -> np.ndarray:
+    """The frame minus its median, bad pixels at 0, C-contiguous float64 (for sep)."""
+    work = np.asarray(prep.data, np.float64) - prep.median
+    work[bad] = 0.0
+    return np.ascontiguousarray(work)
+
+
+def _detect(work: np.ndarray, noise: float, bad: np.ndarray) -> Any:
+    import sep
+
+    try:
+        return sep.extract(work, 3.0, err=noise, mask=bad, minarea=5)
+    except Exception:  # sep raises a bare Exception on buffer overflows
+        return sep.extract(work, 5.0, err=noise, mask=bad, minarea=5)
+
+
+def _object_fwhm(work: np.ndarray, bad: np.ndarray, x: int, y: int, noise: float) -> float | None:
+    """The FWHM of the source at (x, y): its half-maximum area above the median of its
+    cutout's border (so that a crowded field's sky counts as sky), as the diameter of a
+    disc; None near an edge or a masked pixel, or for a peak below 5 sigma."""
+    ny, nx = work.shape
+    half = 6
+    if not (half <= x < nx - half and half <= y < ny - half):
+        return None
+    box = np.s_[y - half : y + half + 1, x - half : x + half + 1]
+    if bad[box].any():
+        return None
+    cut = work[box]
+    border = np.concatenate([cut[0], cut[-1], cut[1:-1, 0], cut[1:-1, -1]])
+    cut = cut - float(np.median(border))
+    peak = float(cut[half - 1 : half + 2, half - 1 : half + 2].max())
+    if peak <= 5 * noise:
+        return None
+    return 2.0 * math.sqrt(float((cut >= peak / 2).sum()) / math.pi)
+
+
+def _measured_fwhm(work: np.ndarray, noise: float, bad: np.ndarray) -> tuple[float | None, int]:
+    """A frame's FWHM from its bright sources (:func:`_object_fwhm`): the lower third of
+    them (blends and galaxies widen the others), and how many were measured."""
+    objs = _detect(work, noise, bad)
+    objs = objs[objs["peak"] > 10 * noise]
+    widths = [
+        w
+        for obj in objs
+        if (w := _object_fwhm(work, bad, round(float(obj["x"])), round(float(obj["y"])), noise))
+        is not None
+    ]
+    if not widths:
+        return None, 0
+    return float(np.percentile(widths, 33)), len(widths)
+
+
+def _stars(
+    frames: Sequence[tuple[_Prepared, np.ndarray, np.ndarray]],
+    searched: Sequence[int],
+    rss: int,
+    radius: float,
+    ft: float,
+) -> tuple[list[tuple[int, int]], int]:
+    """Stamp stars: sources above ``ft`` sky sigmas in every frame, point-like in the
+    template (at most 1.5 times its FWHM wide: a galaxy may host the transient), whose
+    substamp (``2 rss + 1`` px) lies inside the frames, holds no masked pixel and no pixel
+    at the upper valid level; those whose science / template flux ratio disagrees with
+    the others' are dropped (a transient adds light to the science frame only). Returns
+    the stars, brightest first, and the number dropped."""
+    import sep
+
+    (sci, s_work, s_bad), (tpl, t_work, t_bad) = frames
+    ny, nx = s_work.shape
+    found = []
+    for index in searched:
+        prep, work, bad = frames[index]
+        objs = _detect(work, prep.noise, bad)
+        for obj in objs:
+            found.append((round(float(obj["x"])), round(float(obj["y"]))))
+    found = list(dict.fromkeys(found))
+    if not found:
+        return [], 0
+    xs = np.array([f[0] for f in found], float)
+    ys = np.array([f[1] for f in found], float)
+    inside = (xs >= rss) & (xs < nx - rss) & (ys >= rss) & (ys < ny - rss)
+    xs, ys = xs[inside], ys[inside]
+    keep = []
+    for x, y in zip(xs.astype(int), ys.astype(int), strict=True):
+        box = np.s_[y - rss : y + rss + 1, x - rss : x + rss + 1]
+        ok = True
+        if tpl.fwhm:  # stars only: a galaxy (or a blend) may host the transient
+            width = _object_fwhm(t_work, t_bad, x, y, tpl.noise)
+            ok = width is not None and width <= 1.5 * tpl.fwhm
+        for prep, work, bad in frames:
+            peak = float(work[y - 1 : y + 2, x - 1 : x + 2].max())
+            too_faint = peak < ft * prep.noise
+            if bad[box].any() or too_faint or float(prep.data[box].max()) >= prep.upper:
+                ok = False
+        if ok:
+            keep.append((x, y))
+    if not keep:
+        return [], 0
+    # merge sources closer than a substamp half width: keep the brightest
+    kx = np.array([k[0] for k in keep], float)
+    ky = np.array([k[1] for k in keep], float)
+    flux_s, err_s, _ = sep.sum_circle(s_work, kx, ky, radius, err=sci.noise, mask=s_bad)
+    flux_t, err_t, _ = sep.sum_circle(t_work, kx, ky, radius, err=tpl.noise, mask=t_bad)
+    order = np.argsort(-np.asarray(flux_t))
+    chosen: list[int] = []
+    for i in order:
+        if all(math.hypot(kx[i] - kx[j], ky[i] - ky[j]) > rss for j in chosen):
+            chosen.append(int(i))
+    idx = np.array(chosen, int)
+    fs, ft_, es, et = flux_s[idx], flux_t[idx], err_s[idx], err_t[idx]
+    positive = (fs > 0) & (ft_ > 0)
+    idx, fs, ft_, es, et = idx[positive], fs[positive], ft_[positive], es[positive], et[positive]
+    if len(idx) == 0:
+        return [], 0
+    ratio = fs / ft_
+    sigma = ratio * np.hypot(es / fs, et / ft_)
+    good = np.ones(len(idx), bool)
+    if len(idx) >= 3:
+        for _ in range(5):
+            m = float(np.median(ratio[good]))
+            mad = 1.4826 * float(np.median(np.abs(ratio[good] - m)))
+            tol = np.maximum(np.maximum(3 * mad, 0.1 * abs(m)), 3 * sigma)
+            new = np.abs(ratio - m) <= tol
+            if not new.any() or (new == good).all():
+                break
+            good = new
+    elif len(idx) == 2:
+        lo, hi = np.argsort(ratio)
+        if ratio[hi] - ratio[lo] > max(0.1 * ratio[lo], 3 * math.hypot(sigma[lo], sigma[hi])):
+            good[hi] = False  # a transient brightens; a lone pair cannot say more
+    stars = [(int(kx[i]), int(ky[i])) for i in idx[good]]
+    return stars, int((~good).sum())
+
+
+def _stamp_width(canvas: int, ns: int, r: int) -> int:
+    """hotpants' stamp width ``fwStamp`` for a canvas side and ``ns`` stamps."""
+    width = canvas // ns - (2 * r + 1)
+    return width - 1 if width % 2 == 0 else width
+
+
+def _mosaic_grid(n: int, r: int, rss: int) -> tuple[int, int, list[tuple[int, int]]]:
+    """A mosaic of ``n`` cells, one per stamp of hotpants' grid: (stamps per axis, side,
+    cell centres in stamp order). A centre given to hotpants (``-ssf``) is taken in stamp
+    ``k`` when ``k W / ns + r + 1 < c < k W / ns + fwStamp - r - 2``, and its substamp
+    must clear hotpants' border of ``rss + r`` px."""
+    ns = max(1, math.ceil(math.sqrt(n)))
+    period = 2 * rss + 4 * r + 5
+    while True:
+        side = ns * period
+        width = _stamp_width(side, ns, r)
+        axis = []
+        for k in range(ns):
+            start = k * side // ns
+            end = min(start + width - 1, side - 1)
+            lo = max(start + r + 2, 2 * rss + r + 1)  # in the window, clear of the border
+            hi = min(end - r - 2, side - 2 * rss - r - 2)
+            axis.append(min(max(start + width // 2, lo), hi) if lo <= hi else -1)
+        spaced = all(b - a > 2 * (rss + r + 1) for a, b in itertools.pairwise(axis))
+        if min(axis) >= 0 and spaced:
+            break
+        period += 1
+    centres = [(axis[i % ns], axis[i // ns]) for i in range(n)]
+    return ns, side, centres
+
+
+def _gaussian_star(size: int, sigma: float, flux: float) -> np.ndarray:
+    """A ``size`` x ``size`` Gaussian star of ``flux`` at the central pixel (pixel-
+    integrated by 5 x 5 subsampling)."""
+    sub = 5
+    u = (np.arange(size * sub) + 0.5) / sub - size / 2.0
+    g = np.exp(-(u**2) / (2.0 * sigma**2))
+    image = np.outer(g, g).reshape(size, sub, size, sub).sum(axis=(1, 3))
+    return (image * (flux / image.sum())).astype(np.float32)
+
+
+def _cell(array: np.ndarray, x: int, y: int, half: int, fill: float) -> np.ndarray:
+    """The ``2 half + 1`` square of ``array`` centred on (x, y), ``fill`` off the frame."""
+    ny, nx = array.shape
+    out = np.full((2 * half + 1, 2 * half + 1), fill, dtype=array.dtype)
+    y0, y1 = max(y - half, 0), min(y + half + 1, ny)
+    x0, x1 = max(x - half, 0), min(x + half + 1, nx)
+    out[y0 - (y - half) : y1 - (y - half), x0 - (x - half) : x1 - (x - half)] = array[y0:y1, x0:x1]
+    return out
+
+
+def _mosaic(
+    layout: SmallLayout, sci: _Prepared, tpl: _Prepared, noise_images: bool
+) -> dict[str, np.ndarray]:
+    """The images of the fitting run: each star's cell of both frames at its place in the
+    mosaic (or the reference star), masked sky elsewhere."""
+    side, half = layout.side, layout.half
+    frames = {"science": sci, "template": tpl}
+    images: dict[str, np.ndarray] = {}
+    for key, prep in frames.items():
+        images[key] = np.full((side, side), prep.median, np.float32)
+        images[f"{key}_mask"] = np.full((side, side), MASK_BAD, np.int16)
+        if noise_images:
+            images[f"{key}_noise"] = np.full((side, side), prep.noise, np.float32)
+    if layout.reference:
+        sigmas = [f / FWHM_PER_SIGMA for f in layout.fwhms]
+        peaks = [
+            min(1000.0 * p.noise, 0.5 * (p.upper - p.median)) * 2.0 * math.pi * sg**2
+            for p, sg in zip((sci, tpl), sigmas, strict=True)
+        ]
+        flux = max(min(peaks), 0.0)
+        (cx, cy) = layout.centres[0]
+        block = np.s_[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        for key, sigma in zip(frames, sigmas, strict=True):
+            images[key][block] += _gaussian_star(2 * half + 1, sigma, flux)
+            images[f"{key}_mask"][block] = 0
+        return images
+    for (x, y), (cx, cy) in zip(layout.stars, layout.centres, strict=True):
+        block = np.s_[cy - half : cy + half + 1, cx - half : cx + half + 1]
+        for key, prep in frames.items():
+            images[key][block] = _cell(prep.data, x, y, half, prep.median)
+            images[f"{key}_mask"][block] = _cell(prep.mask, x, y, half, MASK_BAD)
+            if noise_images:
+                images[f"{key}_noise"][block] = _cell(
+                    np.sqrt(prep.variance), x, y, half, prep.noise
+                )
+    return images
+
+
+def _small_layout(
+    science: Frame,
+    template: Frame,
+    sci: _Prepared,
+    tpl: _Prepared,
+    options: HotpantsOptions,
+    where: str,
+) -> tuple[SmallLayout, _Prepared, _Prepared] | None:
+    """The layout of a small frame (None for a frame hotpants' own grid serves), with
+    the prepared frames given the FWHMs it measured when they had none.
+
+    Raises
+    ------
+    StageError
+        When no source can serve as a stamp star.
+    """
+    if not _is_small(science.shape):
+        return None
+    s_bad = np.asarray(sci.mask) != 0
+    t_bad = np.asarray(tpl.mask) != 0
+    s_work, t_work = _background(sci, s_bad), _background(tpl, t_bad)
+    # the frames' FWHMs, checked against (or replaced by) those of their bright sources:
+    # a PSF fit on the two or three stars of a cutout can be far off
+    sources = []
+    fwhms_used = []
+    for prep, work, bad in ((sci, s_work, s_bad), (tpl, t_work, t_bad)):
+        measured, count = _measured_fwhm(work, prep.noise, bad)
+        given = prep.fwhm
+        trusted = measured is not None and count >= _WANTED_STARS
+        if given is not None and (not trusted or abs(given / measured - 1) <= 0.3):
+            sources.append("frame")
+            fwhms_used.append(given)
+        else:
+            sources.append("measured" if measured is not None else "unknown")
+            fwhms_used.append(measured)
+    source = ", ".join(dict.fromkeys(sources))
+    sci, tpl = attrs.evolve(sci, fwhm=fwhms_used[0]), attrs.evolve(tpl, fwhm=fwhms_used[1])
+    fwhms = [f for f in (sci.fwhm, tpl.fwhm) if f]
+    fwhm = max(fwhms) if fwhms else 3.0
+    _, r_seeing, _ = _kernel_shape(sci.fwhm, tpl.fwhm, options)
+    side = min(science.shape)
+    r = int(options.r) if options.r > 0 else min(r_seeing, max(4, side // 8))
+    if options.rss > 0:
+        rss = int(options.rss)
     else:
-        convolve = "b"
+        rss = min(max(r + 1, math.ceil(1.5 * r)), max(r + 1, side // 4))
+    convolve = _direction(sci, tpl, options)
+    searched = {"t": (1,), "i": (0,)}.get(convolve, (0, 1))
+    frames = ((sci, s_work, s_bad), (tpl, t_work, t_bad))
+    ft = float(options.ft)
+    ladder = [ft]
+    while ladder[-1] / 2 >= _MIN_FT:
+        ladder.append(ladder[-1] / 2)
+    if ladder[-1] > _MIN_FT:
+        ladder.append(_MIN_FT)
+    stars: list[tuple[int, int]] = []
+    rejected = 0
+    for level in ladder:
+        stars, rejected = _stars(frames, searched, rss, 2.0 * fwhm, level)
+        ft = level
+        if len(stars) >= _WANTED_STARS:
+            break
+    if not stars:
+        if sci.fwhm is None and tpl.fwhm is None:
+            msg = (
+                f"{where}: no source can be a kernel stamp star in the "
+                f"{science.shape[0]}x{science.shape[1]} frame (none above {ft:g} sky sigmas "
+                f"in both frames, unsaturated and at least {rss} px from the edges and "
+                "masked pixels) and the frames' FWHMs are unknown, so hotpants cannot fit "
+                "a kernel here; give the frames a FWHM header card or use the ois or zogy "
+                "backend"
+            )
+            raise StageError(msg)
+        if sci.fwhm is None or tpl.fwhm is None:  # one known: the other taken equal
+            known = sci.fwhm or tpl.fwhm
+            which = "science" if sci.fwhm is None else "template"
+            sci, tpl = attrs.evolve(sci, fwhm=known), attrs.evolve(tpl, fwhm=known)
+            source = f"{source}; the {which} FWHM unknown, taken as the other's"
+        return _reference_layout(sci, tpl, r, rss, ft, rejected, source), sci, tpl
+    stars = stars[: _MAX_NS**2]
+    ns, side, centres = _mosaic_grid(len(stars), r, rss)
+    layout = SmallLayout(
+        r=r,
+        rss=rss,
+        ns=ns,
+        side=side,
+        stars=tuple(stars),
+        centres=tuple(centres),
+        ft=ft,
+        rejected=rejected,
+        fwhm_source=source,
+        fwhms=(float(sci.fwhm or 0.0), float(tpl.fwhm or 0.0)),
+    )
+    return layout, sci, tpl
+
+
+def _reference_layout(
+    sci: _Prepared, tpl: _Prepared, r: int, rss: int, ft: float, rejected: int, source: str
+) -> SmallLayout:
+    """The layout fitting the kernel on a reference star drawn from the frames' FWHMs."""
+    ns, side, centres = _mosaic_grid(1, r, rss)
+    return SmallLayout(
+        r=r,
+        rss=rss,
+        ns=ns,
+        side=side,
+        stars=(),
+        centres=tuple(centres),
+        ft=ft,
+        rejected=rejected,
+        fwhm_source=source,
+        fwhms=(float(sci.fwhm or 0.0), float(tpl.fwhm or 0.0)),
+        reference=True,
+    )
+
+
+def small_frame_layout(
+    science: Frame, template: Template, options: HotpantsOptions | None = None
+) -> SmallLayout | None:
+    """How the backend lays a small frame out for hotpants (None for a frame of ordinary
+    size): see "Small frames" in the module docstring.
+
+    Raises
+    ------
+    oasis_core.errors.StageError
+        When no source of the frames can serve as a stamp star.
+    """
+    options = options or HotpantsOptions()
+    sci = _prepare(science, options, "science frame")
+    tpl = _prepare(template, options, "template")
+    where = f"subtract backend 'hotpants': {science.name!r}"
+    found = _small_layout(science, template, sci, tpl, options, where)
+    return None if found is None else found[0]
+
+
+def _direction(sci: _Prepared, tpl: _Prepared, options: HotpantsOptions) -> str:
+    """hotpants' ``-c``: the option, or for ``auto`` the frame with the narrower PSF."""
+    if options.convolve != "auto":
+        return options.convolve
+    if sci.fwhm is not None and tpl.fwhm is not None:
+        return "t" if tpl.fwhm <= sci.fwhm else "i"
+    return "b"
+
+
+#: The degrees of hotpants' three Gaussians on a small frame (its own are 6, 4, 2): a
+#: handful of stars constrain 13 basis functions, not 49.
+_SMALL_DEGREES = (2, 2, 0)
+
+
+def _small_basis(ng: str, r: int) -> str:
+    """``ng`` with the degrees of :data:`_SMALL_DEGREES`, the sigmas at most ``r / 2``
+    (the kernel holds two sigmas of each Gaussian)."""
+    pairs = _parse_ng(ng)
+    if len(pairs) != len(_SMALL_DEGREES):
+        return ng
+    low = [(min(d, k), min(sg, r / 2.0)) for (d, sg), k in zip(pairs, _SMALL_DEGREES, strict=True)]
+    return " ".join([str(len(low))] + [f"{d} {sg:.3f}" for d, sg in low])
+
+
+def _plan(
+    sci: _Prepared,
+    tpl: _Prepared,
+    options: HotpantsOptions,
+    files: Mapping[str, str],
+    layout: SmallLayout | None = None,
+) -> _Plan:
+    convolve = _direction(sci, tpl, options)
+    close = convolve != "b" and abs(float(sci.fwhm) / float(tpl.fwhm) - 1.0) < 0.1  # type: ignore[arg-type]
+    if layout is not None and options.convolve == "auto" and close:
+        convolve = "b"  # FWHMs from a few stars within 10 %: hotpants tries both ways
     ng, r, rss = _kernel_shape(sci.fwhm, tpl.fwhm, options)
+    ko, bgo, nsx, nsy, nss, ft = (
+        options.ko,
+        options.bgo,
+        options.nsx,
+        options.nsy,
+        options.nss,
+        options.ft,
+    )
+    if layout is not None:  # the fitting run on the mosaic: one star per stamp, no more
+        r, rss, ko, bgo, nsx, nsy, nss = layout.r, layout.rss, 0, 0, layout.ns, layout.ns, 1
+        if not options.ng.strip():
+            ng = _small_basis(ng, r)
+        ft = 0.01  # the stars are given: hotpants only checks a pixel of each is above it
     args: list[str] = [
         "-inim", files["science"],
         "-tmplim", files["template"],
@@ -449,20 +995,47 @@ def _plan(
     if options.noise_images:
         args += ["-ini", files["science_noise"], "-tni", files["template_noise"]]
     args += [
-        "-il", _fmt(sci.lower), "-iu", _fmt(sci.upper),
-        "-tl", _fmt(tpl.lower), "-tu", _fmt(tpl.upper),
+        "-il", _fmt(sci.lower), "-iu", _fmt(sci.upper), "-iuk", _fmt(sci.upper),
+        "-tl", _fmt(tpl.lower), "-tu", _fmt(tpl.upper), "-tuk", _fmt(tpl.upper),
         "-ig", _fmt(sci.gain), "-ir", _fmt(sci.readnoise),
         "-tg", _fmt(tpl.gain), "-tr", _fmt(tpl.readnoise),
         "-ng", *ng.split(),
         "-r", str(r), "-rss", str(rss),
-        "-ko", str(options.ko), "-bgo", str(options.bgo),
-        "-nsx", str(options.nsx), "-nsy", str(options.nsy), "-nss", str(options.nss),
-        "-ft", _fmt(options.ft),
+        "-ko", str(ko), "-bgo", str(bgo),
+        "-nsx", str(nsx), "-nsy", str(nsy), "-nss", str(nss),
+        "-ft", _fmt(ft),
         "-c", convolve, "-n", options.normalize,
         "-v", "0",
     ]  # fmt: skip
+    if layout is not None:
+        args += ["-ssf", files["stamps"], "-afssc", "0"]
     args += shlex.split(options.extra)
     return _Plan(args=tuple(args), convolve=convolve, ng=ng, r=r, rss=rss)
+
+
+def _apply_plan(sci: _Prepared, tpl: _Prepared, options: HotpantsOptions, fitted: _Plan) -> _Plan:
+    """The run on a small frame itself, applying the kernel fitted on its mosaic (``-ki``;
+    the basis, half width and direction come from the kernel file)."""
+    files = FILES
+    args: list[str] = [
+        "-inim", files["science"],
+        "-tmplim", files["template"],
+        "-outim", files["output"],
+        "-oni", files["noise"],
+        "-imi", files["science_mask"],
+        "-tmi", files["template_mask"],
+    ]  # fmt: skip
+    if options.noise_images:
+        args += ["-ini", files["science_noise"], "-tni", files["template_noise"]]
+    args += [
+        "-il", _fmt(sci.lower), "-iu", _fmt(sci.upper),
+        "-tl", _fmt(tpl.lower), "-tu", _fmt(tpl.upper),
+        "-ig", _fmt(sci.gain), "-ir", _fmt(sci.readnoise),
+        "-tg", _fmt(tpl.gain), "-tr", _fmt(tpl.readnoise),
+        "-ki", files["kernel"], "-n", options.normalize,
+        "-v", "0",
+    ]  # fmt: skip
+    return attrs.evolve(fitted, args=tuple(args))
 
 
 def hotpants_arguments(
@@ -490,7 +1063,9 @@ def hotpants_arguments(
     Raises
     ------
     oasis_core.errors.StageError
-        If a frame has no usable pixel or no measurable noise.
+        If a frame has no usable pixel or no measurable noise, or a small frame no stamp
+        star and no FWHMs (see :func:`small_frame_layout`; for a small frame the
+        arguments are those of the fitting run, on :data:`FIT_FILES`).
     oasis_core.errors.ConfigError
         If ``rss`` is below the kernel half width.
 
@@ -508,7 +1083,13 @@ def hotpants_arguments(
     options = options or HotpantsOptions()
     sci = _prepare(science, options, "science frame")
     tpl = _prepare(template, options, "template")
-    return list(_plan(sci, tpl, options, files).args)
+    where = f"subtract backend 'hotpants': {science.name!r}"
+    found = _small_layout(science, template, sci, tpl, options, where)
+    if found is None:
+        return list(_plan(sci, tpl, options, files).args)
+    layout, sci, tpl = found
+    fit_files = FIT_FILES if files is FILES else files
+    return list(_plan(sci, tpl, options, fit_files, layout).args)
 
 
 # ------------------------------------------------------------------ the outputs
@@ -797,10 +1378,14 @@ def _run(
     where: str,
     timeout: float,
     shape: tuple[int, int],
+    files: Mapping[str, str] = FILES,
+    written: Sequence[str] = ("output", "noise", "kernel"),
 ) -> tuple[HotpantsOutput, str, float]:
-    """Run hotpants once in ``workdir``; return its output, the command shown, seconds."""
-    for key in ("output", "noise", "kernel"):
-        (workdir / FILES[key]).unlink(missing_ok=True)  # a stale output is no output
+    """Run hotpants once in ``workdir``; return its output, the command shown, seconds.
+    ``written`` are the keys of ``files`` it writes (removed first: a stale output is no
+    output)."""
+    for key in written:
+        (workdir / files[key]).unlink(missing_ok=True)
     shown = _short(["hotpants", *plan.args])
     start = time.perf_counter()
     proc = run_program(
@@ -818,7 +1403,7 @@ def _run(
             f"{_last_line(proc.stderr, proc.stdout)!r}"
         )
         raise StageError(msg, metadata={"command": shown, "returncode": proc.returncode})
-    missing = [FILES[k] for k in ("output", "noise") if not (workdir / FILES[k]).exists()]
+    missing = [files[k] for k in ("output", "noise") if not (workdir / files[k]).exists()]
     if missing:
         msg = (
             f"{where}: hotpants exited 0 but wrote no {' or '.join(missing)}: "
@@ -826,7 +1411,7 @@ def _run(
         )
         raise StageError(msg, metadata={"command": shown})
     try:
-        out = read_hotpants_output(workdir, stderr=proc.stderr)
+        out = read_hotpants_output(workdir, stderr=proc.stderr, files=files)
     except (OSError, ValueError) as err:
         msg = f"{where}: cannot read hotpants' output ({err})"
         raise StageError(msg) from err
@@ -834,6 +1419,38 @@ def _run(
         msg = f"{where}: hotpants wrote a {out.data.shape} image for a {shape} frame"
         raise StageError(msg)
     return out, shown, seconds
+
+
+def _with_layout(residual: Residual, layout: SmallLayout, options: HotpantsOptions) -> Residual:
+    """Record the small-frame choices in ``meta`` (and flag a fit on fewer than
+    :data:`_WANTED_STARS` stars)."""
+    meta = dict(residual.meta)
+    meta.update(
+        small_frame=True,
+        stamp_stars=len(layout.stars),
+        stamp_ft=float(layout.ft),
+        stamp_rejected=layout.rejected,
+        mosaic=layout.side,
+        nsx=layout.ns,
+        nsy=layout.ns,
+        ko=0,
+        bgo=0,
+        fwhm_source=layout.fwhm_source,
+        choice_stamps=layout.choice(),
+    )
+    fwhms = [f for f in layout.fwhms if f > 0]
+    if fwhms:  # the residual's PSF: the broader one, as the layout found it
+        meta["fwhm"] = float(max(fwhms))
+    if layout.reference:
+        meta["fallback"] = (
+            "no stamp star: hotpants' kernel fitted on a reference star drawn from the "
+            "frames' FWHMs, flux ratio 1 assumed"
+            + ("; " + layout.fwhm_source.split("; ", 1)[1] if "; " in layout.fwhm_source else "")
+        )
+    elif len(layout.stars) < _WANTED_STARS:
+        few = f"few stamps: {len(layout.stars)} stamp star(s) in a small frame"
+        meta["flag"] = "; ".join(f for f in (str(meta.get("flag") or ""), few) if f)
+    return attrs.evolve(residual, meta=meta)
 
 
 class HotpantsSubtract(SubtractBackend):
@@ -871,8 +1488,11 @@ class HotpantsSubtract(SubtractBackend):
 
         ``options`` first; then the stamp threshold ``ft`` halved (more stamp stars on
         sparse or small frames); then a kernel 1.4 times wider (``r``; ``rss`` follows),
-        for wings the first kernel did not reach.
+        for wings the first kernel did not reach. On a small frame only ``options``: its
+        layout already lowers ``ft`` and sizes the kernel to the frame.
         """
+        if _is_small(science.shape):  # the layout lowers ft and sizes the kernel
+            return [options]
         _, r, _ = _kernel_shape(_fwhm(science), _fwhm(template), options)
         wider = math.ceil(1.4 * r)
         return [
@@ -916,23 +1536,33 @@ class HotpantsSubtract(SubtractBackend):
             raise StageError(msg)
         sci = _prepare(science, options, "science frame")
         tpl = _prepare(template, options, "template")
-        plan = _plan(sci, tpl, options, FILES)
-
+        found = _small_layout(science, template, sci, tpl, options, where)
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        images = {
+        arrays = {
             "science": sci.data,
             "template": tpl.data,
             "science_mask": sci.mask,
             "template_mask": tpl.mask,
         }
         if options.noise_images:
-            images["science_noise"] = np.sqrt(sci.variance)
-            images["template_noise"] = np.sqrt(tpl.variance)
-        for key, array in images.items():
+            arrays["science_noise"] = np.sqrt(sci.variance)
+            arrays["template_noise"] = np.sqrt(tpl.variance)
+        if found is not None:
+            layout, sci, tpl = found
+            options = attrs.evolve(options, ko=0, bgo=0)
+            pad = 2 * layout.r  # masked: hotpants then loses only r px along the edges
+            for key, array in arrays.items():
+                fill = MASK_BAD if key.endswith("mask") else float(np.median(array))
+                padded = np.pad(array, pad, mode="constant", constant_values=fill)
+                fits.PrimaryHDU(padded).writeto(workdir / FILES[key], overwrite=True)
+            return self._small(science, template, sci, tpl, options, layout, program, workdir)
+        for key, array in arrays.items():
             fits.PrimaryHDU(array).writeto(workdir / FILES[key], overwrite=True)
 
-        out, shown, seconds = _run(program, plan, workdir, where, options.timeout, science.shape)
+        plan = _plan(sci, tpl, options, FILES)
+        shape = science.shape
+        out, shown, seconds = _run(program, plan, workdir, where, options.timeout, shape)
         requested_ko = options.ko
         nstamps = out.meta.get("nstamps")
         if (
@@ -946,7 +1576,7 @@ class HotpantsSubtract(SubtractBackend):
             ko = max(k for k in range(options.ko) if _terms(k) <= nstamps)
             options = attrs.evolve(options, ko=ko)
             plan = _plan(sci, tpl, options, FILES)
-            out, shown, more = _run(program, plan, workdir, where, options.timeout, science.shape)
+            out, shown, more = _run(program, plan, workdir, where, options.timeout, shape)
             seconds += more
             out = attrs.evolve(
                 out,
@@ -957,6 +1587,88 @@ class HotpantsSubtract(SubtractBackend):
                 },
             )
         return self._residual(science, template, sci, options, plan, out, shown, seconds)
+
+    def _small(
+        self,
+        science: Frame,
+        template: Template,
+        sci: _Prepared,
+        tpl: _Prepared,
+        options: HotpantsOptions,
+        layout: SmallLayout,
+        program: str,
+        workdir: Path,
+    ) -> Residual:
+        """A small frame: fit the kernel on the mosaic of its stars, apply it to the frame
+        (see "Small frames" in the module doc)."""
+        from astropy.io import fits
+
+        where = f"subtract backend 'hotpants': {science.name!r}"
+        fitted, seconds = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
+        if "ksum" not in fitted[0].meta and not layout.reference and all(layout.fwhms):
+            # hotpants kept none of the stars: fall back on the reference star
+            layout = _reference_layout(
+                sci, tpl, layout.r, layout.rss, layout.ft, layout.rejected, layout.fwhm_source
+            )
+            fitted, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
+            seconds += more
+        fit_out, fit_plan, fit_shown = fitted
+        if "ksum" not in fit_out.meta:
+            msg = (
+                f"{where}: hotpants fitted no kernel on the {len(layout.stars)} stamp "
+                f"star(s) of the {science.shape[0]}x{science.shape[1]} frame "
+                f"({_last_line(fit_out.header.get('HISTORY', '') or '')}); use the ois or "
+                "zogy backend"
+            )
+            raise StageError(msg, metadata={"command": fit_shown})
+        pad = 2 * layout.r
+        ny, nx = science.shape[0] + 2 * pad, science.shape[1] + 2 * pad
+        kernel_file = workdir / FILES["kernel"]
+        with fits.open(kernel_file, mode="update") as hdul:  # the region hotpants applies it to
+            hdul[0].header["REGION00"] = f"[1:{nx},1:{ny}]"
+        plan = _apply_plan(sci, tpl, options, fit_plan)
+        written = ("output", "noise")  # not the kernel: this run reads it
+        out, shown, more = _run(
+            program, plan, workdir, where, options.timeout, (ny, nx), written=written
+        )
+        seconds += more
+        inner = np.s_[pad : ny - pad, pad : nx - pad]
+        bad = np.ascontiguousarray(out.bad[inner])
+        out = attrs.evolve(
+            out,
+            data=np.ascontiguousarray(out.data[inner]),
+            noise=np.ascontiguousarray(out.noise[inner]),
+            bad=bad,
+            meta={**out.meta, "masked_fraction": round(float(bad.mean()), 6)},
+        )
+        counts = {k: fit_out.meta[k] for k in ("nstamps", "nstamps_built") if k in fit_out.meta}
+        out = attrs.evolve(out, meta={**out.meta, **counts, "fit_command": fit_shown})
+        residual = self._residual(science, template, sci, options, plan, out, shown, seconds)
+        return _with_layout(residual, layout, options)
+
+    def _fit_mosaic(
+        self,
+        sci: _Prepared,
+        tpl: _Prepared,
+        options: HotpantsOptions,
+        layout: SmallLayout,
+        program: str,
+        workdir: Path,
+    ) -> tuple[tuple[HotpantsOutput, _Plan, str], float]:
+        """Write the mosaic and its stamp list; run hotpants on it (it writes the kernel)."""
+        from astropy.io import fits
+
+        for key, array in _mosaic(layout, sci, tpl, options.noise_images).items():
+            fits.PrimaryHDU(array).writeto(workdir / FIT_FILES[key], overwrite=True)
+        lines = [f"{x + 1} {y + 1}" for x, y in layout.centres]
+        (workdir / FIT_FILES["stamps"]).write_text("\n".join(lines) + "\n")
+        plan = _plan(sci, tpl, options, FIT_FILES, layout)
+        where = "subtract backend 'hotpants' (kernel fit on the stamp stars)"
+        side = (layout.side, layout.side)
+        out, shown, seconds = _run(
+            program, plan, workdir, where, options.timeout, side, files=FIT_FILES
+        )
+        return (out, plan, shown), seconds
 
     def _residual(
         self,

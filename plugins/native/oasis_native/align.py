@@ -5,14 +5,31 @@ The steps, for a frame and the reference:
 
 1. **Detection.** ``sep`` finds stars on both images (background-subtracted, masked
    pixels excluded); windowed centroids (``sep.winpos``) give their positions.
-2. **Initial transform.** ``astroalign.find_transform`` matches triangles of the brightest
-   stars (coordinates are passed, so astroalign does not detect again). When it fails
-   (too few stars, or a crowded field where the asterisms do not match), a pure
-   translation is estimated by phase correlation of the two images; the candidate that
-   pairs the most stars wins.
+2. **Initial transform**, by the first of these methods whose transform pairs enough
+   stars (``min_matched``, and a quarter of the fewer stars):
+
+   * ``astroalign``: ``astroalign.find_transform`` matches triangles of the brightest
+     stars (coordinates are passed, so astroalign does not detect again);
+   * ``pointset``: every star takes part, for sparse fields where the triangles of a few
+     stars do not match (a star missing or extra on one image breaks them): every pair
+     of stars on the frame and on the reference votes for a rotation and scale (the
+     true one gathers a vote from each pair of common stars), and for each peak, and
+     for no rotation, the offsets of every star to every star vote for the translation;
+     a voted rotation must pair one star more;
+   * ``wcs``: the frames' own celestial WCSs, when both have one;
+   * ``phasecorr``: a translation by phase correlation of the images (each smoothed by
+     the other's PSF, the matched filter for stars; refined to a fraction of a pixel),
+     if its peak stands above the noise.
+
+   When none pairs enough stars and the field is sparse (fewer than ``2 min_matched``
+   stars on either image: small cutouts), the WCS transform, else the phase-correlation
+   one, is used as it is: unchecked, and flagged (``fallback``). Otherwise the frame
+   fails, its error naming what each method found.
 3. **Refinement.** Stars are paired (mutual nearest neighbours within ``match_radius``)
    and a shift, similarity or affine transform is fitted by least squares with
-   iterative sigma clipping; pairing and fit are repeated with the refined transform.
+   iterative clipping: a fitted star is judged by its offset from the fit of the others
+   (a studentised deleted residual: with a handful of stars, a fit through all of them
+   absorbs an outlier's offset); pairing and fit are repeated with the refined transform.
 4. **Resampling.** ``scipy.ndimage.affine_transform`` warps the data with a spline of
    order ``order`` and the weight map with order 1. A pixel whose interpolation footprint
    touches a masked pixel or leaves the frame gets weight 0.
@@ -25,8 +42,14 @@ The steps, for a frame and the reference:
 ``meta`` records ``align_m00 .. align_m12`` (the 2x3 matrix mapping frame pixel
 ``(x, y)`` to reference pixel ``(x, y)``: ``x_ref = m00 x + m01 y + m02``,
 ``y_ref = m10 x + m11 y + m12``), ``shift_x``, ``shift_y``, ``rotation`` (degrees),
-``align_scale`` (geometric), ``align_method``, ``align_rms`` (px), ``n_matched``,
-``phot_scale``, ``phot_offset`` and ``phot_nstars``.
+``align_scale`` (geometric), ``align_method`` (astroalign, pointset, wcs, phasecorr, or
+identity for the reference itself), ``align_rms`` (px, of the paired stars; NaN without
+any), ``n_matched``, ``align_note`` (why the methods tried first were passed over),
+``choice_align`` (the method and how well, in a few words, as the core carries it into
+the residual and ``residuals/log.txt``), ``fallback`` (a sentence when the transform was
+not checked on stars or the flux scale not measured: the residual is flagged),
+``phot_method`` (stars; sky: scale 1, only the sky levels matched, with fewer than
+``min_phot_stars`` stars; off), ``phot_scale``, ``phot_offset`` and ``phot_nstars``.
 """
 
 from __future__ import annotations
@@ -46,9 +69,26 @@ from oasis_core.validators import non_negative, positive
 __all__ = ["NativeAlign", "NativeAlignOptions"]
 
 _TRANSFORMS = ("shift", "similarity", "affine")
-_INITIAL = ("auto", "astroalign", "phasecorr")
-_CLIP_FLOOR = 0.5  # px: position residuals below this are never clipped
-_PRECLIP_FLOOR = 0.3  # px: the same for offsets from the median offset (first pass)
+_INITIAL = ("auto", "astroalign", "pointset", "wcs", "phasecorr")
+# the methods each choice of `initial` tries, in turn
+_ORDER = {
+    "auto": ("astroalign", "pointset", "wcs", "phasecorr"),
+    "astroalign": ("astroalign",),
+    "pointset": ("pointset",),
+    "wcs": ("wcs",),
+    "phasecorr": ("phasecorr",),
+}
+_SIGMA_FLOOR = 0.05  # px: real centroids scatter by this much whatever a fit says
+_PRECLIP_FLOOR = 0.3  # px: offsets (from the median offset, or the fit) never clipped
+_MAX_RMS = 1.0  # px: a refined transform whose paired stars scatter more is a chance match
+_POINTSET_VOTE_STARS = 30  # brightest stars whose pairs vote for rotation and scale
+_POINTSET_OFFSET_STARS = 200  # brightest stars whose offsets vote for the translation
+_POINTSET_MAX_SCALE = 2.0  # scales between 1/2 and 2 are considered
+_POINTSET_PEAKS = 5  # (rotation, scale) peaks tried, besides no rotation
+_POINTSET_MIN_BIN = 0.004  # rad: finest (rotation, log scale) bin
+_NAMES = {"wcs": "WCSs", "phasecorr": "phase correlation"}  # of the unchecked methods
+_REFINED = 3  # candidates of one method refined, most stars paired first
+_PC_SOFT = 50.0  # sigmas: phase correlation compresses the range above this
 
 # WCS keywords (any alternate-WCS letter suffix) copied from the reference header.
 _WCS_KEY = re.compile(
@@ -86,15 +126,19 @@ class NativeAlignOptions:
     )
     initial: str = option(
         "auto",
-        "initial transform: auto (astroalign, phase correlation when it fails), "
-        "astroalign or phasecorr (pure translation)",
+        "initial transform: auto (astroalign, else pointset, else the WCSs, else phase "
+        "correlation), or only one of astroalign, pointset (all star pairs vote), wcs, "
+        "phasecorr (pure translation)",
         choices=_INITIAL,
     )
     match_radius: float = option(
         3.0, "radius (px) to pair stars once the initial transform is known", range=positive
     )
     min_matched: int = option(
-        3, "fewest matched stars accepted (else the frame fails)", range=(1, None)
+        3,
+        "fewest matched stars accepted (with fewer than twice this on a frame, the WCS or "
+        "phase correlation is used unchecked and flagged; else the frame fails)",
+        range=(1, None),
     )
     clip: float = option(
         3.0, "sigma clipping of the position residuals in the refinement", range=positive
@@ -114,7 +158,10 @@ class NativeAlignOptions:
         10.0, "minimum aperture S/N of a star used for the scale", range=non_negative
     )
     min_phot_stars: int = option(
-        3, "fewest stars accepted for the photometric scale", range=(1, None)
+        3,
+        "fewest stars to measure the photometric scale (with fewer: scale 1, the sky "
+        "levels matched, flagged)",
+        range=(1, None),
     )
 
 
@@ -123,7 +170,9 @@ class NativeAlign(AlignBackend):
 
     name = "native"
     Options = NativeAlignOptions
-    description = "sep + astroalign (phase-correlation fallback), spline warp, linmatch"
+    description = (
+        "sep + astroalign (point-set, WCS and phase-correlation fallbacks), spline warp, linmatch"
+    )
 
     def check(self, options: Any) -> None:
         """Accept: every dependency is a requirement of OASIS itself."""
@@ -175,6 +224,9 @@ def _identity_meta() -> dict[str, Any]:
         align_method="identity",
         align_rms=0.0,
         n_matched=0,
+        align_note="",
+        choice_align="reference",
+        phot_method="identity",
         phot_scale=1.0,
         phot_offset=0.0,
         phot_nstars=0,
@@ -313,6 +365,57 @@ def _fit(src: np.ndarray, dst: np.ndarray, kind: str) -> np.ndarray:
     return matrix
 
 
+def _outlier_scores(src: np.ndarray, dst: np.ndarray, matrix: np.ndarray, kind: str) -> np.ndarray:
+    """Each fitted star's offset from the least-squares fit ``matrix`` of all of them, in
+    units of the scatter of the others, as it would be had the star been left out of the
+    fit (an externally studentised residual, from the hat matrix: no refit).
+
+    With a handful of stars a fit absorbs part of an outlier's offset and the outlier
+    inflates the scatter; neither happens here. A score is NaN where the fit passes
+    exactly through the star (2 stars for a similarity) or nothing is left to judge it.
+    """
+    n = len(src)
+    e = dst - _apply(matrix, src)
+    s = src - src.mean(axis=0)
+    ones, zeros = np.ones(n), np.zeros(n)
+    if kind == "shift" or (kind == "similarity" and n < 3) or (kind == "affine" and n < 4):
+        blocks = np.stack([np.column_stack([ones, zeros]), np.column_stack([zeros, ones])], 1)
+    elif kind == "similarity":
+        blocks = np.stack(
+            [
+                np.column_stack([s[:, 0], -s[:, 1], ones, zeros]),
+                np.column_stack([s[:, 1], s[:, 0], zeros, ones]),
+            ],
+            axis=1,
+        )  # (n, 2, 4): the design rows of x' and y'
+    else:
+        d = np.column_stack([s, ones])
+        blocks = np.stack([np.column_stack([d, 0 * d]), np.column_stack([0 * d, d])], axis=1)
+    params = blocks.shape[2]
+    dof = 2 * (n - 1) - params  # of the fit without the star
+    out = np.full(n, np.nan)
+    if dof < 1:
+        return out
+    try:
+        inv = np.linalg.inv(np.tensordot(blocks, blocks, axes=([0, 1], [0, 1])))
+    except np.linalg.LinAlgError:
+        return out
+    hat = np.matmul(np.matmul(blocks, inv), blocks.transpose(0, 2, 1))  # H_kk, (n, 2, 2)
+    a, b = 1.0 - hat[:, 0, 0], -hat[:, 0, 1]  # I - H_kk = [[a, b], [c, d]]
+    c, d = -hat[:, 1, 0], 1.0 - hat[:, 1, 1]
+    det = a * d - b * c
+    ok = det > 1e-9
+    det = np.where(ok, det, 1.0)
+    ex, ey = e[:, 0], e[:, 1]
+    # e_k . (I - H_kk)^-1 e_k: what leaving the star out removes from the residual sum of
+    # squares (its deleted residual, dotted with its residual)
+    drop = (ex * (d * ex - b * ey) + ey * (a * ey - c * ex)) / det
+    sigma = np.sqrt(np.clip(float(np.sum(e**2)) - drop, 0.0, None) / dof)
+    score = np.sqrt(np.clip(drop, 0.0, None)) / np.maximum(sigma, _SIGMA_FLOOR)
+    out[ok] = score[ok]
+    return out
+
+
 def _refine(
     src: np.ndarray, dst: np.ndarray, matrix: np.ndarray, options: NativeAlignOptions
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -334,11 +437,15 @@ def _refine(
         for _ in range(5):  # clip outlying pairs
             matrix = _fit(src[i[keep]], dst[j[keep]], options.transform)
             resid = np.hypot(*(_apply(matrix, src[i]) - dst[j]).T)
-            # resid is a 2-D distance (Rayleigh): its median is 1.1774 sigma per axis
-            # (floor: centroids of real stars scatter by ~0.1 px, and with few stars the
-            # median underestimates sigma; only gross mismatches need rejecting)
-            sigma = np.median(resid[keep]) / 1.1774
-            new = resid <= max(options.clip * sigma, _CLIP_FLOOR)
+            # a fitted star is judged against the others (_outlier_scores), a star left
+            # out against the robust scatter of the fitted ones (a 2-D distance is
+            # Rayleigh: its median is 1.1774 sigma per axis)
+            sigma = max(np.median(resid[keep]) / 1.1774, _SIGMA_FLOOR)
+            score = resid / sigma
+            score[keep] = _outlier_scores(src[i[keep]], dst[j[keep]], matrix, options.transform)
+            # NaN (nothing to judge by): kept; so is a star within _PRECLIP_FLOOR of its
+            # place, however tight the others (a mismatch is off by far more)
+            new = ~((score > options.clip) & (resid > _PRECLIP_FLOOR))
             if new.sum() < 2 or np.array_equal(new, keep):
                 break
             keep = new
@@ -351,35 +458,69 @@ def _refine(
     return matrix, i, j, rms
 
 
-def _phase_correlation(a: np.ndarray, b: np.ndarray, rms_a: float, rms_b: float) -> np.ndarray:
-    """Translation t (x, y) such that image ``b`` ~ image ``a`` shifted by t."""
+def _phase_correlation(a: _Stars, b: _Stars) -> tuple[np.ndarray, float]:
+    """Translation t (x, y) such that image ``b`` ~ image ``a`` shifted by t, and the
+    significance of the correlation peak.
+
+    The cross-power spectrum is weighted by both PSFs' transfer functions (Gaussians of
+    each image's FWHM): each image is, in effect, smoothed by the other's PSF, which is the
+    matched filter for a star and brings the two to one PSF. (A whitened, "phase-only"
+    correlation weights every frequency alike: on a frame with a few stars the noise
+    frequencies outnumber the stars' and the peak is lost.) The integer peak is refined by
+    Newton steps on the band-limited correlation. The significance is the peak's height
+    over the robust scatter of the correlation surface.
+    """
     from scipy import fft
 
-    ny = max(a.shape[0], b.shape[0])
-    nx = max(a.shape[1], b.shape[1])
+    ny = max(a.sub.shape[0], b.sub.shape[0])
+    nx = max(a.sub.shape[1], b.sub.shape[1])
 
-    def prep(img: np.ndarray, rms: float) -> np.ndarray:
-        out = np.zeros((ny, nx), np.float32)
-        # compress the dynamic range so that a few bright stars do not dominate
-        out[: img.shape[0], : img.shape[1]] = np.arcsinh(np.clip(img / rms, 0.0, None))
+    def prep(stars: _Stars) -> np.ndarray:
+        out = np.zeros((ny, nx))
+        # in units of the sky noise; above _PC_SOFT sigmas the range is compressed so
+        # that one saturated star does not outweigh every other
+        img = stars.sub / stars.rms
+        out[: img.shape[0], : img.shape[1]] = _PC_SOFT * np.arcsinh(img / _PC_SOFT)
         return out
 
-    fa = fft.rfft2(prep(a, rms_a))
-    fb = fft.rfft2(prep(b, rms_b))
-    cross = fb * np.conj(fa)
-    cross /= np.maximum(np.abs(cross), 1e-12)
+    ky = fft.fftfreq(ny)[:, None]
+    kx = fft.rfftfreq(nx)[None, :]
+    sig2 = (a.fwhm**2 + b.fwhm**2) / 2.3548**2
+    weight = np.exp(-2.0 * np.pi**2 * (kx**2 + ky**2) * sig2)
+    cross = fft.rfft2(prep(b)) * np.conj(fft.rfft2(prep(a))) * weight
     corr = fft.irfft2(cross, s=(ny, nx))
     py, px = np.unravel_index(int(np.argmax(corr)), corr.shape)
+    med = float(np.median(corr))
+    scatter = 1.4826 * float(np.median(np.abs(corr - med)))
+    significance = (float(corr[py, px]) - med) / scatter if scatter > 0 else 0.0
+    t = np.array([(px + nx / 2) % nx - nx / 2, (py + ny / 2) % ny - ny / 2], float)
+    # C(t) = sum_k h_k Re(X_k exp(2 pi i k.t)), h = 2 for the columns rfft2 folds
+    fold = np.full(cross.shape, 2.0)
+    fold[:, 0] = 1.0
+    if nx % 2 == 0:
+        fold[:, -1] = 1.0
+    cross *= fold
+    wx, wy = 2.0 * np.pi * kx, 2.0 * np.pi * ky
+    for _ in range(10):
+        z = cross * np.exp(1j * (wx * t[0] + wy * t[1]))
+        grad = -np.array([np.sum(wx * z.imag), np.sum(wy * z.imag)])
+        hxy = -np.sum(wx * wy * z.real)
+        hess = -np.array([[np.sum(wx**2 * z.real), hxy], [hxy, np.sum(wy**2 * z.real)]])
+        if np.linalg.det(hess) <= 0 or hess[0, 0] >= 0:  # not at a maximum: keep the pixel
+            break
+        step = np.clip(-np.linalg.solve(hess, grad), -0.5, 0.5)
+        t += step
+        if np.abs(step).max() < 1e-4:
+            break
+    return t, significance
 
-    def vertex(cm: float, c0: float, cp: float) -> float:
-        denom = cm - 2.0 * c0 + cp
-        return 0.0 if denom == 0 else float(np.clip(0.5 * (cm - cp) / denom, -0.5, 0.5))
 
-    dy = vertex(corr[py - 1, px], corr[py, px], corr[(py + 1) % ny, px])
-    dx = vertex(corr[py, px - 1], corr[py, px], corr[py, (px + 1) % nx])
-    ty = (py + dy + ny / 2) % ny - ny / 2
-    tx = (px + dx + nx / 2) % nx - nx / 2
-    return np.array([tx, ty])
+def _pc_threshold(stars: _Stars, shape: tuple[int, int]) -> float:
+    """Significance a phase-correlation peak needs: the expected highest noise peak of a
+    surface of this size and smoothness, plus 3."""
+    cell = 4.0 * np.pi * max(stars.fwhm, 1.0) ** 2 / 2.3548**2  # px^2 per independent value
+    n_eff = max(shape[0] * shape[1] / cell, 2.0)
+    return float(np.sqrt(2.0 * np.log(n_eff)) + 3.0)
 
 
 def _wcs_transform(frame: Frame, reference: Frame) -> np.ndarray | None:
@@ -402,54 +543,231 @@ def _wcs_transform(frame: Frame, reference: Frame) -> np.ndarray | None:
     return matrix if np.all(np.isfinite(matrix)) else None
 
 
-def _initial_transform(
+def _rotation_votes(src: np.ndarray, dst: np.ndarray, width: float) -> list[np.ndarray]:
+    """Linear parts (2 x 2: scale x rotation) voted for by every pair of stars.
+
+    A pair of stars on the frame and a pair on the reference, if they are the same two
+    stars, give the rotation (the difference of the pairs' position angles, modulo pi:
+    which end is which is unknown) and the scale (the ratio of their lengths). The true
+    transform gathers one vote per pair of common stars, k (k - 1) / 2 for k common stars,
+    while chance pairings spread over the (rotation, log scale) plane. The highest peaks
+    of a histogram of bin ``width`` (rad; counts summed over 3 x 3 bins), each re-centred
+    on the median of its votes, are returned highest first, each as both rotations
+    (theta and theta + pi).
+    """
+    from scipy import ndimage
+
+    def pairs(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        i, j = np.triu_indices(len(xy), 1)
+        v = xy[j] - xy[i]
+        length = np.hypot(v[:, 0], v[:, 1])
+        ok = length > 0
+        return np.log(length[ok]), np.arctan2(v[ok, 1], v[ok, 0])
+
+    la, ta = pairs(src)
+    lb, tb = pairs(dst)
+    if len(la) == 0 or len(lb) == 0:
+        return []
+    lim = np.log(_POINTSET_MAX_SCALE)
+    logs = lb[None, :] - la[:, None]
+    theta = (tb[None, :] - ta[:, None]) % np.pi
+    keep = np.abs(logs) <= lim
+    logs, theta = logs[keep], theta[keep]
+    width = max(width, _POINTSET_MIN_BIN)
+    n_t = int(np.ceil(np.pi / width))
+    n_s = 2 * int(np.ceil(lim / width)) + 1
+    hist, t_edges, s_edges = np.histogram2d(
+        theta, logs, bins=(n_t, n_s), range=((0.0, np.pi), (-lim, lim))
+    )
+    mode = ("wrap", "constant")
+    count = ndimage.uniform_filter(hist, size=3, mode=mode) * 9.0
+    peaks = (count == ndimage.maximum_filter(count, size=3, mode=mode)) & (count >= 2.5)
+    it, isc = np.nonzero(peaks)
+    found: list[tuple[float, float]] = []
+    for k in np.argsort(-count[it, isc], kind="stable"):
+        t0 = 0.5 * (t_edges[it[k]] + t_edges[it[k] + 1])
+        s0 = 0.5 * (s_edges[isc[k]] + s_edges[isc[k] + 1])
+        for half in (1.5 * width, 0.75 * width):  # re-centre on the votes' median
+            dt = (theta - t0 + np.pi / 2) % np.pi - np.pi / 2
+            near = (np.abs(dt) <= half) & (np.abs(logs - s0) <= half)
+            if not near.any():
+                break
+            t0, s0 = t0 + float(np.median(dt[near])), float(np.median(logs[near]))
+        if any(
+            abs((t0 - t1 + np.pi / 2) % np.pi - np.pi / 2) < 2 * width and abs(s0 - s1) < 2 * width
+            for t1, s1 in found
+        ):
+            continue  # the same peak (a plateau of the histogram)
+        found.append((t0, s0))
+        if len(found) == _POINTSET_PEAKS:
+            break
+    out = []
+    for t0, s0 in found:
+        for t in (t0, t0 + np.pi):
+            out.append(np.exp(s0) * np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]))
+    return out
+
+
+def _offset_vote(src: np.ndarray, dst: np.ndarray, radius: float) -> np.ndarray | None:
+    """The translation most star pairs agree on: the densest cell (3 x 3 bins of
+    ``radius``) of the histogram of every offset ``dst[j] - src[i]``, refined to the median
+    of the offsets near it; None without stars. (The histogram is kept sparse: the
+    offsets of two large frames span thousands of bins a side.)"""
+    if len(src) == 0 or len(dst) == 0:
+        return None
+    off = (dst[None, :, :] - src[:, None, :]).reshape(-1, 2)
+    cell = np.floor((off - off.min(axis=0)) / radius).astype(np.int64) + 1
+    span = int(cell[:, 1].max()) + 2
+    cells, counts = np.unique(cell[:, 0] * span + cell[:, 1], return_counts=True)
+    total = np.zeros(len(cells), np.int64)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            near = cells + dx * span + dy
+            at = np.minimum(np.searchsorted(cells, near), len(cells) - 1)
+            total += np.where(cells[at] == near, counts[at], 0)
+    best = cells[int(np.argmax(total))]
+    t = off.min(axis=0) + (np.array([best // span, best % span]) - 0.5) * radius
+    for half in (1.5 * radius, 0.75 * radius):
+        near = np.all(np.abs(off - t) <= half, axis=1)
+        if not near.any():
+            break
+        t = np.median(off[near], axis=0)
+    return t
+
+
+def _pointset_candidates(
+    fs: _Stars, rs: _Stars, options: NativeAlignOptions, shape: tuple[int, int]
+) -> list[tuple[np.ndarray, int]]:
+    """Transforms matching the frame's stars to the reference's from every pair of stars:
+    a pure translation, and the rotations and scales voted for by pairs of stars
+    (:func:`_rotation_votes`), each with the translation the offsets vote for
+    (:func:`_offset_vote`); with each, the extra stars it must pair (1 for a voted
+    rotation and scale: two stars fix those, so a third pairs by chance more often)."""
+    src, dst = fs.xy[:_POINTSET_OFFSET_STARS], rs.xy[:_POINTSET_OFFSET_STARS]
+    linear = [(np.eye(2), 0)]
+    if options.transform != "shift":
+        # a rotation error of `width` moves a star at the far corner by one match radius
+        width = options.match_radius / float(np.hypot(*shape))
+        nv = _POINTSET_VOTE_STARS
+        linear += [(lin, 1) for lin in _rotation_votes(fs.xy[:nv], rs.xy[:nv], width)]
+    out = []
+    for lin, extra in linear:
+        t = _offset_vote(src @ lin.T, dst, options.match_radius)
+        if t is not None:
+            matrix = np.eye(3)
+            matrix[:2, :2] = lin
+            matrix[:2, 2] = t
+            out.append((matrix, extra))
+    return out
+
+
+@attrs.frozen
+class _Solution:
+    """The transform chosen, how it was found, and the stars paired under it."""
+
+    matrix: np.ndarray
+    method: str
+    i: np.ndarray  # indices of the paired stars on the frame
+    j: np.ndarray  # and on the reference
+    rms: float  # px, of the paired stars (NaN without any)
+    note: str  # why the methods tried before it were passed over
+    flag: str  # "" or why the transform is not checked on the stars
+
+
+class _NoCandidate(Exception):
+    """A method that gives no transform for this pair (the reason is the message)."""
+
+
+def _candidates(
+    method: str,
     frame: Frame,
+    reference: Frame,
     fs: _Stars,
     rs: _Stars,
     options: NativeAlignOptions,
-    reference: Frame | None = None,
-) -> tuple[np.ndarray, str]:
-    import astroalign
+) -> list[tuple[np.ndarray, int]]:
+    """The candidate transforms of one method, each with the number of stars it must pair
+    beyond the usual (see :func:`_pointset_candidates`); _NoCandidate says why none."""
+    nf, nr = len(fs.xy), len(rs.xy)
+    if method == "astroalign":
+        import astroalign
 
-    candidates: list[tuple[int, np.ndarray, str]] = []
-    ncp = options.max_control_points
-    reason = ""
-    if options.initial == "phasecorr":
-        reason = "align.native.initial = phasecorr"
-    elif len(fs.xy) >= 3 and len(rs.xy) >= 3:
+        if min(nf, nr) < 3:
+            raise _NoCandidate(f"{nf} stars on the frame, {nr} on the reference")
+        ncp = options.max_control_points
         try:
             tform, _ = astroalign.find_transform(fs.xy[:ncp], rs.xy[:ncp], max_control_points=ncp)
-            matrix = np.asarray(tform.params, dtype=float)
-            candidates.append(
-                (len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]), matrix, "astroalign")
-            )
         except (ValueError, astroalign.MaxIterError) as err:
-            reason = f"astroalign: {err}"
-    else:
-        reason = f"{len(fs.xy)} stars on the frame, {len(rs.xy)} on the reference"
-    best = max((c[0] for c in candidates), default=0)
-    wanted = max(options.min_matched, 0.25 * min(len(fs.xy), len(rs.xy)))
-    if options.initial != "astroalign" and best < wanted:
-        matrix = np.eye(3)
-        matrix[:2, 2] = _phase_correlation(fs.sub, rs.sub, fs.rms, rs.rms)
-        candidates.append(
-            (len(_match(fs.xy, rs.xy, matrix, options.match_radius)[0]), matrix, "phasecorr")
+            raise _NoCandidate(str(err).rstrip(".")) from err
+        matrix = np.asarray(tform.params, dtype=float)
+        if not np.all(np.isfinite(matrix)):
+            raise _NoCandidate("degenerate transform")
+        return [(matrix, 0)]
+    if method == "pointset":
+        if min(nf, nr) < max(options.min_matched, 2):
+            raise _NoCandidate(f"{nf} stars on the frame, {nr} on the reference")
+        return _pointset_candidates(fs, rs, options, reference.shape)
+    if method == "wcs":
+        matrix = _wcs_transform(frame, reference)
+        if matrix is None:
+            raise _NoCandidate("no celestial WCS on both")
+        return [(matrix, 0)]
+    t, significance = _phase_correlation(fs, rs)
+    need = _pc_threshold(fs, reference.shape)
+    if significance < need:
+        raise _NoCandidate(f"no correlation peak (S/N {significance:.1f} < {need:.1f})")
+    matrix = np.eye(3)
+    matrix[:2, 2] = t
+    return [(matrix, 0)]
+
+
+def _find_transform(
+    frame: Frame, reference: Frame, fs: _Stars, rs: _Stars, options: NativeAlignOptions
+) -> _Solution:
+    """Try the methods of ``options.initial`` in turn (auto: astroalign, the point-set
+    match, the WCSs, phase correlation); the first whose transform pairs enough stars is
+    refined on them and kept. When none does and the field is sparse (fewer than
+    ``2 min_matched`` stars on either image), the first WCS or phase-correlation transform
+    is kept as it is, flagged."""
+    nf, nr = len(fs.xy), len(rs.xy)
+    wanted = max(options.min_matched, int(np.ceil(0.25 * min(nf, nr))))
+    notes: list[str] = []
+    unchecked: list[tuple[str, np.ndarray]] = []
+    for method in _ORDER[options.initial]:
+        try:
+            candidates = _candidates(method, frame, reference, fs, rs, options)
+        except _NoCandidate as err:
+            notes.append(f"{method}: {err}")
+            continue
+        if method in ("wcs", "phasecorr"):
+            unchecked.append((method, candidates[0][0]))
+        counts = [len(_match(fs.xy, rs.xy, m, options.match_radius)[0]) for m, _ in candidates]
+        best_n = max(counts, default=0)
+        for k in np.argsort(-np.asarray(counts), kind="stable")[:_REFINED]:
+            start, extra = candidates[k]
+            if counts[k] < wanted + extra:
+                continue
+            matrix, i, j, rms = _refine(fs.xy, rs.xy, start, options)
+            if len(i) >= options.min_matched + extra and rms <= _MAX_RMS:
+                return _Solution(matrix, method, i, j, rms, "; ".join(notes), "")
+        notes.append(f"{method}: {best_n} stars matched")
+    if unchecked and min(nf, nr) < 2 * options.min_matched:
+        method, matrix = unchecked[0]
+        i, j = _match(fs.xy, rs.xy, matrix, options.match_radius)
+        resid = _apply(matrix, fs.xy[i]) - rs.xy[j]
+        rms = float(np.sqrt(np.mean(np.sum(resid**2, axis=1)))) if len(i) else float("nan")
+        flag = (
+            f"alignment from the {_NAMES[method]}, not checked on stars ({nf} on the "
+            f"frame, {nr} on the reference)"
         )
-        wcs_matrix = _wcs_transform(frame, reference) if reference is not None else None
-        if wcs_matrix is not None:  # sparse fields: the headers may know the rotation
-            n_wcs = len(_match(fs.xy, rs.xy, wcs_matrix, options.match_radius)[0])
-            candidates.append((n_wcs, wcs_matrix, "wcs"))
-    n, matrix, method = max(candidates, key=lambda c: c[0])
-    if n < max(options.min_matched, 1):
-        raise _err(
-            frame,
-            f"only {n} stars matched the reference "
-            f"({len(fs.xy)} on the frame, {len(rs.xy)} on the reference"
-            f"{'; ' + reason if reason else ''}); lower align.native.thresh or "
-            "check that the frames overlap",
-            n_matched=n,
-        )
-    return matrix, method
+        return _Solution(matrix, method, i, j, rms, "; ".join(notes), flag)
+    raise _err(
+        frame,
+        f"no transform found ({nf} stars on the frame, {nr} on the reference, "
+        f"{wanted} must match; {'; '.join(notes)}); check that the frames overlap, or "
+        "lower align.native.thresh (more stars) or align.native.min_matched",
+        n_matched=0,
+    )
 
 
 def _copy_header(frame: Frame, reference: Frame) -> Any:
@@ -523,8 +841,10 @@ def _photometry(
     ref_sat: np.ndarray,
     frm_sat: np.ndarray,
     options: NativeAlignOptions,
-) -> tuple[float, float, int, float, float]:
-    """(scale, offset, nstars, sky_frame, noise_frame) of the warped frame."""
+) -> tuple[float, float, int, float, float, str]:
+    """(scale, offset, nstars, sky_frame, noise_frame, flag) of the warped frame; with
+    fewer than ``min_phot_stars`` stars the scale is 1 and only the sky levels are
+    matched (``flag`` says so)."""
     import sep
 
     bad = ~(weight > 0)
@@ -542,7 +862,7 @@ def _photometry(
     sky_r = float(np.median(rs.back[both]))
     rms_f = float(bkg.globalrms)
     if not options.photometric:
-        return 1.0, 0.0, 0, sky_f, rms_f
+        return 1.0, 0.0, 0, sky_f, rms_f, ""
     use = ~ref_sat & ~frm_sat
     x, y = ref_xy[use, 0], ref_xy[use, 1]
     radius = options.phot_radius * max(fs.fwhm, rs.fwhm)
@@ -553,13 +873,12 @@ def _photometry(
     ok = (g_r == 0) & (g_f == 0) & (f_r > options.phot_snr * e_r) & (f_f > options.phot_snr * e_f)
     n = int(ok.sum())
     if n < options.min_phot_stars:
-        raise _err(
-            frame,
-            f"only {n} unsaturated stars with S/N > {options.phot_snr:g} for "
-            "the photometric scale; lower align.native.phot_snr or set "
-            "align.native.photometric = false",
-            phot_nstars=n,
+        flag = (
+            f"photometric scale not measured ({n} paired unsaturated stars with S/N > "
+            f"{options.phot_snr:g}; align.native.min_phot_stars = {options.min_phot_stars}): "
+            "scale 1, sky levels matched"
         )
+        return 1.0, sky_r - sky_f, n, sky_f, rms_f, flag
     ratio = f_r[ok] / f_f[ok]
     var = ratio**2 * ((e_r[ok] / f_r[ok]) ** 2 + (e_f[ok] / f_f[ok]) ** 2)
     keep = np.ones(n, bool)
@@ -573,25 +892,18 @@ def _photometry(
     w = 1.0 / var[keep]
     scale = float(np.sum(w * ratio[keep]) / np.sum(w))
     offset = sky_r - scale * sky_f
-    return scale, offset, int(keep.sum()), sky_f, rms_f
+    return scale, offset, int(keep.sum()), sky_f, rms_f, ""
 
 
 def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame:
     rs = _detect(reference, options)
     fs = _detect(frame, options)
-    matrix, method = _initial_transform(frame, fs, rs, options, reference)
-    matrix, i, j, rms = _refine(fs.xy, rs.xy, matrix, options)
-    if len(i) < options.min_matched:
-        raise _err(
-            frame,
-            f"only {len(i)} stars matched after refinement "
-            f"(minimum align.native.min_matched = {options.min_matched})",
-            n_matched=len(i),
-        )
+    found = _find_transform(frame, reference, fs, rs, options)
+    matrix, i, j = found.matrix, found.i, found.j
     data, weight = _warp(frame, fs, matrix, reference.shape, options.order)
     if not (weight > 0).any():
         raise _err(frame, "no pixel of the frame lands on the reference grid")
-    scale, offset, nphot, sky_f, rms_f = _photometry(
+    scale, offset, nphot, sky_f, rms_f, phot_flag = _photometry(
         frame, reference, rs, fs, data, weight, rs.xy[j], rs.saturated[j], fs.saturated[i], options
     )
     if options.photometric:
@@ -610,9 +922,17 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
         centre_shift_y=float(_apply(matrix, centre[None])[0, 1] - centre[1]),
         rotation=float(np.degrees(np.arctan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1]))),
         align_scale=float(np.sqrt(abs(det))),
-        align_method=method,
-        align_rms=float(rms),
+        align_method=found.method,
+        align_rms=float(found.rms),
         n_matched=len(i),
+        align_note=found.note,
+        choice_align=(
+            f"{found.method} ({len(i)} stars, rms {found.rms:.2f} px)"
+            if not found.flag
+            else f"{found.method} (unchecked, {len(i)} stars paired)"
+        ),
+        fallback="; ".join(f for f in (frame.meta.get("fallback"), found.flag, phot_flag) if f),
+        phot_method=("stars" if not phot_flag else "sky") if options.photometric else "off",
         phot_scale=scale,
         phot_offset=offset,
         phot_nstars=nphot,

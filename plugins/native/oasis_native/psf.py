@@ -1,18 +1,38 @@
-"""The ``native`` PSF backend: sep detection, a median stack of PSF stars, a Moffat or
-Gaussian fit.
+"""The ``native`` PSF backend: sep detection, a median stack of PSF stars, a bounded Moffat
+or Gaussian fit, and flagged fallbacks when the stars are too few or the fit fails.
 
 Steps: a sep background (the frame may be sky-subtracted; masked pixels, weight 0, are left
 out); sep detection; PSF stars are the unsaturated, untruncated, roundish, high-S/N
-detections with no comparably bright neighbour and no masked pixel in their stamp; their
-stamps are cut at sub-pixel centres (sep windowed centroids, cubic-spline resampling, all
-stars at once), normalised by their core flux and median-stacked; the chosen model is
-fitted to the stack with :func:`scipy.optimize.least_squares`.
+detections on the stellar locus (half-light radii within 25% of the smallest well-populated
+size: stars, not galaxies, not cosmic rays) with no comparably bright neighbour and no
+masked pixel in their stamp; their stamps are cut at sub-pixel centres (sep windowed
+centroids, cubic-spline resampling, all stars at once), normalised by their core flux and
+median-stacked; the chosen model is fitted to the stack with
+:func:`scipy.optimize.least_squares`, its FWHM bounded to what the frame can hold
+(``fwhm_min`` to the stamp half-size and a quarter of the frame's shorter side).
+
+**Fallbacks** (``fallback = true``, the default; each recorded in the PSF's ``params``):
+
+* fewer than ``min_stars`` stars: the stack of those there are, even one;
+* the fit fails, ends on a bound of its FWHM, or a Moffat on its lower bound of beta (a
+  profile it cannot describe): the profile whose Gaussian-weighted (adaptive) second moments
+  equal the stack's (a Moffat of beta 3, or a Gaussian);
+* no usable star at all: that profile matched to the autocorrelation of the detected
+  sources (sky noise's own autocorrelation, measured away from the sources, removed): in a
+  crowded field it is the PSF's autocorrelation plus pairs of neighbours, which the
+  Gaussian weight keeps out; with no detection at all the frame fails.
+
+``params["psf_source"]`` says how the PSF was made: ``"fit"``, ``"moments"`` or
+``"fwhm-moffat"`` (no star: a profile of the autocorrelation FWHM,
+``params["fwhm_source"] = "autocorrelation"``); ``params["psf_flag"]`` is empty for a fit to
+at least ``min_stars`` stars and otherwise says, in one line, what was done and why.
 
 The frame's ``snr`` is the median peak signal-to-noise ``peak / sqrt(rms**2 + peak / gain)``
-(just ``peak / rms`` when the gain is unknown) of the ``snr_stars`` brightest PSF stars. In a
-series of one field these are mostly the same stars in every frame, so the figure ranks the
-frames by seeing, sky and transparency (the median over *all* stars above a S/N cut would
-not: with power-law counts it sits near twice the cut whatever the frame).
+(just ``peak / rms`` when the gain is unknown) of the ``snr_stars`` brightest PSF stars (of
+the brightest unsaturated detections when there is none). In a series of one field these
+are mostly the same stars in every frame, so the figure ranks the frames by seeing, sky and
+transparency (the median over *all* stars above a S/N cut would not: with power-law counts
+it sits near twice the cut whatever the frame).
 ``background`` and ``noise`` are sep's global sky level and robust sky standard deviation.
 """
 
@@ -20,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +54,14 @@ from oasis_core.validators import fraction, in_range, non_negative, positive
 __all__ = ["NativePsf", "NativePsfOptions", "gaussian_profile", "moffat_profile"]
 
 _MODELS = ("moffat", "gaussian")
+_FALLBACK_BETA = 3.0  # Moffat beta of the fallback profiles (moments, autocorrelation)
+_BETA_MIN = 1.01  # lower bound of the fitted Moffat beta (flux diverges at 1)
+_LOCUS_WIDTH = 1.25  # PSF stars' half-light radii within this factor of the stellar locus
+_LOCUS_MIN = 5  # candidates needed to look for a stellar locus
+_SHARP_MAX = 50.0  # Laplacian / fine structure above which a peak is a cosmic ray
+_CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # grows each stamp by 1 px
+# least zero-lag S/N of the sources' autocorrelation (about a star of matched-filter S/N 20)
+_AC_MIN_SNR = 25.0
 
 
 @attrs.frozen(kw_only=True)
@@ -50,7 +79,22 @@ class NativePsfOptions:
         200, "use at most this many PSF stars (the highest S/N ones)", range=(1, None)
     )
     min_stars: int = option(
-        3, "fail the frame when fewer usable PSF stars are found", range=(1, None)
+        3,
+        "with fewer usable PSF stars the PSF comes from those there are (even one) and is "
+        "flagged (params psf_flag); with fallback = false the frame fails",
+        range=(1, None),
+    )
+    fallback: bool = option(
+        True,
+        "when the stars are too few or the fit fails, fall back (fewer stars, second "
+        "moments, a profile of the autocorrelation FWHM) and flag the PSF instead of "
+        "failing the frame",
+    )
+    fwhm_min: float = option(
+        0.8,
+        "smallest FWHM (px) the fit may return; a fit at this bound (or at the largest, the "
+        "stamp half-size or a quarter of the frame) falls back to second moments",
+        range=positive,
     )
     stamp_half: int = option(
         0,
@@ -70,8 +114,8 @@ class NativePsfOptions:
     )
     saturation_fraction: float = option(
         0.8,
-        "reject stars whose peak pixel reaches this fraction of the saturation level "
-        "(of the data maximum when the saturation is unknown)",
+        "reject stars whose peak pixel reaches this fraction of the saturation level (when "
+        "unknown: 0.98 x the data maximum if 4+ pixels reach it, a clipping plateau)",
         range=in_range(0, 1, lo_open=True),
     )
     snr_stars: int = option(
@@ -120,22 +164,52 @@ def gaussian_profile(r2: np.ndarray, sigma: float) -> np.ndarray:
     return np.exp(-0.5 * r2 / (sigma * sigma))
 
 
-def _fit(stack: np.ndarray, model: str, fwhm0: float) -> dict[str, float]:
-    """Fit ``model`` (plus amplitude, centre, constant) to the stacked stamp.
+_SIGMA_PER_FWHM = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def _moffat_alpha(fwhm: float, beta: float) -> float:
+    return fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+
+def _profile(model: str, fwhm: float, half: int, beta: float = _FALLBACK_BETA) -> np.ndarray:
+    """The (2 half + 1)**2 stamp of ``model`` with ``fwhm`` (peak 1, centred)."""
+    g = np.arange(-half, half + 1, dtype=np.float64)
+    rr = g[:, None] ** 2 + g[None, :] ** 2
+    if model == "moffat":
+        return moffat_profile(rr, _moffat_alpha(fwhm, beta), beta)
+    return gaussian_profile(rr, fwhm * _SIGMA_PER_FWHM)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def _fit(
+    stack: np.ndarray, model: str, fwhm0: float, bounds: tuple[float, float]
+) -> dict[str, Any]:
+    """Fit ``model`` (plus amplitude, centre, constant) to the stacked stamp, its FWHM
+    within ``bounds``.
 
     The Moffat is fitted to the whole stamp. A Gaussian cannot follow the wings of a real
     PSF, which would inflate its width, so it is fitted to the core only (radius 1.5 FWHM,
     twice: around the first estimate, then around the first fit).
     """
     if model == "gaussian":
-        first = _fit_model(stack, model, fwhm0, 1.5 * fwhm0)
-        return _fit_model(stack, model, first["fwhm"], 1.5 * first["fwhm"])
-    return _fit_model(stack, model, fwhm0, np.inf)
+        first = _fit_model(stack, model, fwhm0, 1.5 * fwhm0, bounds)
+        return _fit_model(stack, model, first["fwhm"], 1.5 * first["fwhm"], bounds)
+    return _fit_model(stack, model, fwhm0, np.inf, bounds)
 
 
-def _fit_model(stack: np.ndarray, model: str, fwhm0: float, radius: float) -> dict[str, float]:
+def _fit_model(
+    stack: np.ndarray, model: str, fwhm0: float, radius: float, bounds: tuple[float, float]
+) -> dict[str, Any]:
+    """One bounded least-squares fit, parametrised by the FWHM itself.
+
+    ``out["at_bound"]`` names the bound the fit ended on ("" when none): the FWHM within 1%
+    of either end of ``bounds``, or a Moffat beta at its lower limit.
+    """
     from scipy.optimize import least_squares
 
+    lo_fwhm, hi_fwhm = bounds
     half = stack.shape[0] // 2
     off = np.arange(-half, half + 1, dtype=np.float64)
     yy, xx = np.meshgrid(off, off, indexing="ij")
@@ -143,43 +217,265 @@ def _fit_model(stack: np.ndarray, model: str, fwhm0: float, radius: float) -> di
     xx, yy = xx[use], yy[use]
     z = stack.astype(np.float64)[use]
     amp0 = float(np.nanmax(stack))
+    fwhm0 = float(np.clip(fwhm0, lo_fwhm, hi_fwhm))
     if model == "moffat":
-        beta0 = 3.0
-        alpha0 = fwhm0 / (2.0 * math.sqrt(2.0 ** (1.0 / beta0) - 1.0))
 
         def resid(p: np.ndarray) -> np.ndarray:
             r2 = (xx - p[1]) ** 2 + (yy - p[2]) ** 2
-            return p[0] * moffat_profile(r2, p[3], p[4]) + p[5] - z
+            return p[0] * moffat_profile(r2, _moffat_alpha(p[3], p[4]), p[4]) + p[5] - z
 
-        p0 = [amp0, 0.0, 0.0, alpha0, beta0, 0.0]
-        lo = [0.0, -2.0, -2.0, 0.1, 1.01, -np.inf]
-        hi = [np.inf, 2.0, 2.0, 10.0 * half, 30.0, np.inf]
+        p0 = [amp0, 0.0, 0.0, fwhm0, 3.0, 0.0]
+        lo = [0.0, -2.0, -2.0, lo_fwhm, _BETA_MIN, -np.inf]
+        hi = [np.inf, 2.0, 2.0, hi_fwhm, 30.0, np.inf]
     else:
 
         def resid(p: np.ndarray) -> np.ndarray:
             r2 = (xx - p[1]) ** 2 + (yy - p[2]) ** 2
-            return p[0] * gaussian_profile(r2, p[3]) + p[4] - z
+            return p[0] * gaussian_profile(r2, p[3] * _SIGMA_PER_FWHM) + p[4] - z
 
-        p0 = [amp0, 0.0, 0.0, fwhm0 / 2.3548, 0.0]
-        lo = [0.0, -2.0, -2.0, 0.1, -np.inf]
-        hi = [np.inf, 2.0, 2.0, 5.0 * half, np.inf]
+        p0 = [amp0, 0.0, 0.0, fwhm0, 0.0]
+        lo = [0.0, -2.0, -2.0, lo_fwhm, -np.inf]
+        hi = [np.inf, 2.0, 2.0, hi_fwhm, np.inf]
     p0 = np.clip(p0, np.add(lo, 1e-6), np.subtract(hi, 1e-6))
     res = least_squares(resid, p0, bounds=(lo, hi), x_scale="jac")
     p = res.x
-    out = {"amplitude": float(p[0]), "x0": float(p[1]), "y0": float(p[2])}
+    fwhm = float(p[3])
+    out: dict[str, Any] = {"amplitude": float(p[0]), "x0": float(p[1]), "y0": float(p[2])}
     if model == "moffat":
-        alpha, beta = float(p[3]), float(p[4])
-        out.update(
-            alpha=alpha,
-            beta=beta,
-            sky=float(p[5]),
-            fwhm=2.0 * alpha * math.sqrt(2.0 ** (1.0 / beta) - 1.0),
-        )
+        beta = float(p[4])
+        out.update(alpha=_moffat_alpha(fwhm, beta), beta=beta, sky=float(p[5]), fwhm=fwhm)
     else:
-        sigma = float(p[3])
-        out.update(sigma=sigma, sky=float(p[4]), fwhm=2.0 * math.sqrt(2.0 * math.log(2.0)) * sigma)
+        out.update(sigma=fwhm * _SIGMA_PER_FWHM, sky=float(p[4]), fwhm=fwhm)
     out["rms_residual"] = float(np.sqrt(np.mean(res.fun**2)) / max(amp0, 1e-30))
+    at_bound = ""
+    if not math.isfinite(fwhm) or fwhm <= lo_fwhm * 1.01:
+        at_bound = f"its smallest FWHM ({lo_fwhm:.3g} px)"
+    elif fwhm >= hi_fwhm * 0.99:
+        at_bound = f"its largest FWHM ({hi_fwhm:.3g} px)"
+    elif model == "moffat" and out["beta"] <= _BETA_MIN * 1.01:
+        at_bound = f"its smallest beta ({_BETA_MIN:g})"
+    out["at_bound"] = at_bound
     return out
+
+
+# --------------------------------------------------------------------------- moments
+
+
+def _adaptive_size(image: np.ndarray) -> float:
+    """Gaussian-weighted (adaptive) size ``s2`` (px**2) of a centred stamp.
+
+    The weight is a round Gaussian of variance ``s2``, iterated to the fixed point
+    ``s2 = M_xx + M_yy`` of the weighted moments (for a round Gaussian of sigma ``s``,
+    ``s2 = s**2``); the centre follows the weighted centroid within 2 px. NaN when the
+    weighted flux is not positive (no source).
+    """
+    half = image.shape[0] // 2
+    g = np.arange(-half, half + 1, dtype=np.float64)
+    yy, xx = np.meshgrid(g, g, indexing="ij")
+    img = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    s2_min, s2_max = 0.05, (half / 1.5) ** 2
+    s2 = min(4.0, s2_max)
+    mx = my = 0.0
+    for _ in range(100):
+        w = np.exp(-0.5 * ((xx - mx) ** 2 + (yy - my) ** 2) / s2) * img
+        total = w.sum()
+        if not total > 0:
+            return math.nan
+        mx = float(np.clip((w * xx).sum() / total, -2.0, 2.0))
+        my = float(np.clip((w * yy).sum() / total, -2.0, 2.0))
+        new = float((w * ((xx - mx) ** 2 + (yy - my) ** 2)).sum() / total)
+        new = min(max(new, s2_min), s2_max)
+        if abs(new - s2) < 1e-5 * s2:
+            return new
+        s2 = new
+    return s2
+
+
+def _match_fwhm(
+    target: float, size_of: Callable[[float], float], bounds: tuple[float, float]
+) -> tuple[float, str]:
+    """The FWHM whose profile has the adaptive size ``target`` (bisection in log FWHM;
+    ``size_of`` increases with the FWHM), and the bound it was clipped to ("" if none)."""
+    lo, hi = bounds
+    if size_of(lo) >= target:
+        return lo, f"the smallest FWHM ({lo:.3g} px)"
+    if size_of(hi) <= target:
+        return hi, f"the largest FWHM ({hi:.3g} px)"
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(40):
+        m = 0.5 * (a + b)
+        if size_of(math.exp(m)) < target:
+            a = m
+        else:
+            b = m
+        if b - a < 1e-4:
+            break
+    return math.exp(0.5 * (a + b)), ""
+
+
+def _autocorrelation(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Full (linear, zero-padded) autocorrelation of ``image``, zero lag at (0, 0)."""
+    import scipy.fft as sfft
+
+    spec = sfft.rfft2(image, s=shape)
+    return sfft.irfft2(spec.real**2 + spec.imag**2, s=shape)
+
+
+def _grow(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``mask`` grown by a disk of ``radius`` px."""
+    from scipy import ndimage
+
+    r = math.ceil(radius)
+    if r <= 0 or not mask.any():
+        return mask.copy()
+    g = np.arange(-r, r + 1)
+    return ndimage.binary_dilation(mask, structure=g[:, None] ** 2 + g[None, :] ** 2 <= radius**2)
+
+
+def _source_autocorrelation(
+    sub: np.ndarray,
+    bad: np.ndarray,
+    seg: np.ndarray,
+    objs: np.ndarray,
+    labels: np.ndarray,
+    noise: float,
+    grow: float,
+    half: int,
+) -> tuple[np.ndarray, float]:
+    """The summed autocorrelations of the sources ``objs`` (segmentation ``labels``), each
+    on its own, noise removed, as a centred (2 half + 1)**2 stamp, and its zero-lag S/N.
+
+    Each source keeps the pixels within ``grow`` px of its isophotal extent that belong to
+    no other source (its neighbours would otherwise add pairs at their separations); the
+    sky noise's own autocorrelation per pixel pair, from the pixels away from every
+    source (white, of variance ``noise**2``, when fewer than 500 are), times the kept
+    pixels' pair counts, is subtracted.
+    """
+    import scipy.fft as sfft
+
+    ny, nx = sub.shape
+    sources = seg > 0
+    sky = ~_grow(sources, 2.0 * grow) & ~bad
+    shape = (sfft.next_fast_len(ny + half + 1), sfft.next_fast_len(nx + half + 1))
+    if sky.sum() >= 500:
+        ac_sky = _autocorrelation(np.where(sky, sub, 0.0), shape)
+        pairs_sky = _autocorrelation(sky.astype(np.float64), shape)
+        cov_full = np.where(pairs_sky > 0.5, ac_sky / np.maximum(pairs_sky, 1.0), 0.0)
+    else:  # too little sky to measure it: white noise of the frame's sky noise
+        cov_full = np.zeros(shape)
+        cov_full[0, 0] = noise * noise
+    # per-source boxes: radius = isophotal extent + grow
+    extent = np.sqrt(np.maximum(objs["npix"], 1) / math.pi) + grow
+    box = math.ceil(float(extent.max()))
+    g = np.arange(-box, box + 1)
+    iy = np.rint(objs["y"]).astype(np.int64)[:, None, None] + g[None, :, None]
+    ix = np.rint(objs["x"]).astype(np.int64)[:, None, None] + g[None, None, :]
+    inside = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
+    iyc, ixc = np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)
+    lab = seg[iyc, ixc]
+    dist2 = (iy - objs["y"][:, None, None]) ** 2 + (ix - objs["x"][:, None, None]) ** 2
+    keep = inside & ~bad[iyc, ixc] & (dist2 <= extent[:, None, None] ** 2)
+    keep &= (lab == 0) | (lab == labels[:, None, None])
+    values = np.where(keep, sub[iyc, ixc], 0.0)
+    bshape = (sfft.next_fast_len(2 * box + 1 + half + 1),) * 2
+    spec = sfft.rfft2(values, s=bshape, axes=(1, 2))
+    ac = sfft.irfft2(spec.real**2 + spec.imag**2, s=bshape, axes=(1, 2)).sum(axis=0)
+    spec = sfft.rfft2(keep.astype(np.float64), s=bshape, axes=(1, 2))
+    pairs = sfft.irfft2(spec.real**2 + spec.imag**2, s=bshape, axes=(1, 2)).sum(axis=0)
+    ys = np.arange(-half, half + 1)
+    cov = cov_full[np.ix_(ys % shape[0], ys % shape[1])]
+    stamp = (
+        ac[np.ix_(ys % bshape[0], ys % bshape[1])]
+        - cov * pairs[np.ix_(ys % bshape[0], ys % bshape[1])]
+    )
+    # zero lag: sum of source**2 minus its noise part n sigma**2, whose scatter is
+    # sigma**2 sqrt(2 n) (plus the source x noise cross term, 2 sigma sqrt(sum source**2))
+    n_kept = float(keep.sum())
+    var = float(max(cov_full[0, 0], 1e-30))
+    zero = float(stamp[half, half])
+    err = math.sqrt(2.0 * n_kept * var * var + 4.0 * var * max(zero, 0.0))
+    return stamp, zero / max(err, 1e-30)
+
+
+def _source_size(objs: np.ndarray, isophote: float) -> np.ndarray:
+    """Gaussian sigma (px) of each detection from its isophotal second moments, corrected
+    for the isophote's truncation: a Gaussian of peak ``R`` times the isophote keeps
+    ``1 - ln R / (R - 1)`` of its variance inside it. sep deblends, so a star's neighbours
+    do not inflate it (unlike a half-light radius in a crowded field)."""
+    ratio = np.maximum(objs["peak"] / isophote, 2.0)
+    kept = 1.0 - np.log(ratio) / (ratio - 1.0)
+    return np.sqrt(np.clip(objs["a"] * objs["b"], 1e-6, None) / kept)
+
+
+def _cosmic(sub: np.ndarray, objs: np.ndarray) -> np.ndarray:
+    """True for detections sharper than any PSF: cosmic rays and hot pixels.
+
+    L.A.Cosmic's test (van Dokkum 2001) at the peak pixel: the Laplacian against the fine
+    structure (3x3 median minus the 7x7 median of that). A PSF of FWHM 1 px gives a ratio
+    near 20, of 2 px near 4; a cosmic ray 1-3 px wide thousands (the medians remove it),
+    and a noise-level fine structure when it is faint: above :data:`_SHARP_MAX` it is one.
+    """
+    from scipy import ndimage
+
+    ny, nx = sub.shape
+    g = np.arange(-4, 5)
+    iy = np.clip(objs["ypeak"].astype(np.int64)[:, None, None] + g[None, :, None], 0, ny - 1)
+    ix = np.clip(objs["xpeak"].astype(np.int64)[:, None, None] + g[None, None, :], 0, nx - 1)
+    st = sub[iy, ix].astype(np.float64)
+    lap = 4.0 * st[:, 4, 4] - st[:, 3, 4] - st[:, 5, 4] - st[:, 4, 3] - st[:, 4, 5]
+    med3 = ndimage.median_filter(st, size=(1, 3, 3), mode="nearest")
+    fine = med3[:, 4, 4] - ndimage.median_filter(med3, size=(1, 7, 7), mode="nearest")[:, 4, 4]
+    return lap > _SHARP_MAX * np.maximum(fine, 0.0)
+
+
+def _adaptive_sizes(
+    sub: np.ndarray, seg: np.ndarray, objs: np.ndarray, idx: np.ndarray, guess: np.ndarray
+) -> np.ndarray:
+    """Adaptive (Gaussian-weighted) sigma (px) of the detections ``idx``: the size of a
+    Gaussian with their weighted second moments, which neither the wings (so it does not
+    grow with brightness, unlike an isophotal size) nor the neighbours (their segmentation
+    pixels are left out) inflate. ``guess`` (their isophotal sizes) sets the stamps."""
+    ny, nx = sub.shape
+    h = int(np.clip(math.ceil(4.0 * float(np.median(guess))), 4, 30))
+    g = np.arange(-h, h + 1)
+    iy = np.rint(objs["y"][idx]).astype(np.int64)[:, None, None] + g[None, :, None]
+    ix = np.rint(objs["x"][idx]).astype(np.int64)[:, None, None] + g[None, None, :]
+    inside = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
+    iyc, ixc = np.clip(iy, 0, ny - 1), np.clip(ix, 0, nx - 1)
+    own = seg[iyc, ixc]
+    use = inside & ((own == 0) | (own == (idx + 1)[:, None, None]))
+    img = np.where(use, sub[iyc, ixc], 0.0).astype(np.float64)
+    dy = iy - objs["y"][idx][:, None, None]
+    dx = ix - objs["x"][idx][:, None, None]
+    r2 = dx * dx + dy * dy
+    s2 = np.clip(guess, 0.5, h / 2.0) ** 2
+    for _ in range(30):
+        w = np.exp(-0.5 * r2 / s2[:, None, None]) * img
+        total = w.sum(axis=(1, 2))
+        new = np.where(total > 0, (w * r2).sum(axis=(1, 2)) / np.where(total > 0, total, 1.0), s2)
+        new = np.clip(new, 0.05, (h / 1.5) ** 2)
+        if np.allclose(new, s2, rtol=1e-4):
+            s2 = new
+            break
+        s2 = new
+    return np.sqrt(s2)
+
+
+def _stellar_locus(size: np.ndarray) -> float:
+    """The size of the stellar locus: among the candidates' sizes, the smallest whose
+    +-15% neighbourhood holds at least max(3, a third of the most populated one),
+    refined to the median of the sizes within 25% above it; NaN when no size has 3."""
+    rhalf = size
+    logr = np.log(rhalf)
+    width = math.log(1.15)
+    counts = (np.abs(logr[:, None] - logr[None, :]) < width).sum(axis=1)
+    need = max(3, math.ceil(counts.max() / 3.0))
+    if counts.max() < need:  # no clump of sizes: no locus
+        return math.nan
+    order = np.argsort(rhalf)
+    first = next(i for i in order if counts[i] >= need)
+    r0 = float(rhalf[first])
+    return float(np.median(rhalf[(rhalf >= r0) & (rhalf <= r0 * _LOCUS_WIDTH)]))
 
 
 def _shape_moments(image: np.ndarray, radius: float) -> tuple[float, float]:
@@ -204,6 +500,9 @@ def _shape_moments(image: np.ndarray, radius: float) -> tuple[float, float]:
     return float(ellipticity), float(theta)
 
 
+# --------------------------------------------------------------------------- stars
+
+
 def _isolated(
     x: np.ndarray,
     y: np.ndarray,
@@ -214,7 +513,9 @@ def _isolated(
 ) -> tuple[np.ndarray, float]:
     """Detections with no neighbour brighter than ``neighbour_fraction`` of them within
     ``isolation`` FWHM. In crowded fields, where fewer than 10 candidates pass, looser
-    criteria are tried in turn. Returns the mask and the radius (in FWHM) used."""
+    criteria are tried in turn, down to none at all (with ``fallback``, when even the
+    loosest leaves fewer than ``min_stars``: the neighbours' pixels are masked in the
+    stamps anyway). Returns the mask and the radius (in FWHM) used."""
     from scipy import spatial
 
     tree = spatial.cKDTree(np.column_stack([x, y]))
@@ -233,15 +534,24 @@ def _isolated(
             crowded[j[flux[i] > ratio * flux[j]]] = True
         if np.count_nonzero(keep & ~crowded) >= target:
             break
+    if options.fallback and np.count_nonzero(keep & ~crowded) < options.min_stars:
+        return np.ones(len(x), dtype=bool), 0.0
     return ~crowded, float(radius)
 
 
 def _cut_stamps(
-    sub: np.ndarray, bad: np.ndarray, xc: np.ndarray, yc: np.ndarray, half: int
+    sub: np.ndarray,
+    bad: np.ndarray,
+    xc: np.ndarray,
+    yc: np.ndarray,
+    half: int,
+    seg: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n, 2*half+1, 2*half+1) stamps of ``sub`` centred on the sub-pixel positions
     (cubic-spline resampling, all stars at once); NaN where a masked pixel or the frame
-    edge is within reach of the spline."""
+    edge is within reach of the spline, and, with a segmentation map ``seg`` and the
+    stars' ``labels`` in it, on the other sources' pixels (grown by 1 px)."""
     from scipy import ndimage
 
     grid = np.arange(-half, half + 1, dtype=np.float64)
@@ -252,11 +562,152 @@ def _cut_stamps(
     reach = ndimage.binary_dilation(bad, iterations=2).astype(np.float32)
     lost = ndimage.map_coordinates(reach, [cy, cx], order=1, mode="constant", cval=1.0)
     stamps[lost.reshape(shape3) > 0] = np.nan
+    if seg is not None and labels is not None:  # (outside the frame: NaN already)
+        iy = np.clip(np.rint(cy).astype(np.int64), 0, sub.shape[0] - 1)
+        ix = np.clip(np.rint(cx).astype(np.int64), 0, sub.shape[1] - 1)
+        lab = seg[iy, ix]
+        other = ((lab > 0) & (lab != np.repeat(labels, shape3[1] * shape3[2]))).reshape(shape3)
+        stamps[ndimage.binary_dilation(other, structure=_CROSS)] = np.nan
     return stamps
 
 
+@attrs.frozen(kw_only=True)
+class _Stars:
+    """The PSF stars found on one frame (internal)."""
+
+    index: np.ndarray = attrs.field(eq=False)  # into the detections, by decreasing S/N
+    stamps: np.ndarray = attrs.field(eq=False)  # normalised by their core flux
+    fwhm0: float
+    half: int
+    isolation: float
+    locus: float  # sigma (px) of the stellar locus (nan: none)
+    shortfall: str  # why fewer than min_stars ("" when enough)
+
+
+def _select_stars(
+    sub: np.ndarray,
+    bad: np.ndarray,
+    seg: np.ndarray,
+    objs: np.ndarray,
+    noise: float,
+    sat_level: float,
+    raw_peak: np.ndarray,
+    options: NativePsfOptions,
+    fail: Callable[[int, str], Exception],
+) -> _Stars:
+    """The PSF stars, step by step; a step that leaves fewer than ``min_stars`` raises
+    ``fail`` unless ``options.fallback`` (then the shortfall is recorded and the stars left,
+    maybe none, are returned)."""
+    import sep
+
+    ny, nx = sub.shape
+    shortfall = ""
+
+    def enough(n: int, why: str) -> bool:
+        nonlocal shortfall
+        if n < options.min_stars:
+            if not options.fallback:
+                raise fail(n, why)
+            shortfall = shortfall or f"only {n} {why}"
+        return n > 0
+
+    def none(fwhm0: float = 3.0, half: int = 7, isolation: float = math.nan) -> _Stars:
+        return _Stars(
+            index=np.zeros(0, dtype=np.int64),
+            stamps=np.zeros((0, 2 * half + 1, 2 * half + 1)),
+            fwhm0=fwhm0,
+            half=half,
+            isolation=isolation,
+            locus=math.nan,
+            shortfall=shortfall,
+        )
+
+    x, y, a, b = objs["x"], objs["y"], objs["a"], objs["b"]
+    flux, peak = objs["flux"], objs["peak"]
+    snr_peak = peak / noise
+    keep = (
+        ((objs["flag"] & ~sep.OBJ_MERGED) == 0)  # merged is fine, truncated is not
+        & (snr_peak >= options.min_snr)
+        & (raw_peak < options.saturation_fraction * sat_level)
+        & (a > 0)
+        & (b >= (1.0 - options.max_ellipticity) * a)
+    )
+    if not enough(int(keep.sum()), "bright, unsaturated and round enough"):
+        return none()
+    keep[keep] = ~_cosmic(sub, objs[keep])
+    if not enough(int(keep.sum()), "bright, round, unsaturated, not a cosmic ray"):
+        return none()
+
+    # the candidates' sizes: the stellar locus (stars, not galaxies or cosmic rays) and the
+    # first FWHM estimate
+    idx = np.flatnonzero(keep)
+    size = _adaptive_sizes(sub, seg, objs, idx, _source_size(objs[idx], options.threshold * noise))
+    locus = _stellar_locus(size) if len(idx) >= _LOCUS_MIN else math.nan
+    if math.isfinite(locus):
+        on = (size >= locus / _LOCUS_WIDTH) & (size <= locus * _LOCUS_WIDTH)
+        keep[idx[~on]] = False
+        if not enough(int(keep.sum()), "on the stellar locus"):
+            return none()
+    star_size = locus if math.isfinite(locus) else float(np.median(size))
+    fwhm0 = float(np.clip(2.3548 * star_size, 1.0, 30.0))
+    half = options.stamp_half or int(np.clip(math.ceil(3.0 * fwhm0), 7, 25))
+
+    isolated, isolation_used = _isolated(x, y, flux, keep, fwhm0, options)
+    # the core (radius 1.5 FWHM) inside the frame and free of masked pixels; masked or
+    # outside pixels further out are left out of the stack
+    ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
+    rc = math.ceil(1.5 * fwhm0) + 1
+    inside = (ix - rc >= 0) & (ix + rc < nx) & (iy - rc >= 0) & (iy + rc < ny)
+    cand = np.flatnonzero(keep & isolated & inside)
+    off = np.arange(-rc, rc + 1)
+    win = bad[iy[cand, None, None] + off[None, :, None], ix[cand, None, None] + off[None, None]]
+    win &= (off[:, None] ** 2 + off[None, :] ** 2 <= rc * rc)[None]
+    cand = cand[~win.any(axis=(1, 2))]
+    if not enough(len(cand), "isolated, core inside the frame and unmasked"):
+        return none(fwhm0, half, isolation_used)
+    cand = cand[np.argsort(-snr_peak[cand], kind="stable")[: options.max_stars]]
+
+    # sub-pixel centres (windowed centroids), stamps, normalised by their core flux
+    sig = np.full(len(cand), fwhm0 / 2.3548)
+    xw, yw, wflag = sep.winpos(sub, x[cand], y[cand], sig, mask=bad)
+    good = (wflag == 0) & (np.hypot(xw - x[cand], yw - y[cand]) < 1.5)
+    cand, xw, yw = cand[good], xw[good], yw[good]
+    if not enough(len(cand), "with a good centroid"):
+        return none(fwhm0, half, isolation_used)
+    stamps = _cut_stamps(sub, bad, xw, yw, half, seg, cand + 1)
+    # normalised by the core flux (radius 1.5 FWHM); where a neighbour's pixels are masked
+    # in it, by the flux on the rest over what a Gaussian of the first FWHM has there. The
+    # centre (radius 0.5 FWHM) must be unmasked and three quarters of the core's light.
+    grid = np.arange(-half, half + 1, dtype=np.float64)
+    r2 = grid[:, None] ** 2 + grid[None, :] ** 2
+    core = r2 <= (1.5 * fwhm0) ** 2
+    centre = r2 <= max(0.5 * fwhm0, 1.0) ** 2
+    shape = np.where(core, gaussian_profile(r2, fwhm0 * _SIGMA_PER_FWHM), 0.0)
+    seen = np.isfinite(stamps)
+    present = np.where(seen, shape, 0.0).sum(axis=(1, 2)) / shape.sum()
+    norm = np.where(core & seen, stamps, 0.0).sum(axis=(1, 2)) / np.maximum(present, 1e-6)
+    ok = (norm > 0) & (present >= 0.75) & seen[:, centre].all(axis=1)
+    stamps, cand = stamps[ok] / norm[ok, None, None], cand[ok]
+    if not enough(len(cand), "with an unmasked core of positive flux"):
+        return none(fwhm0, half, isolation_used)
+    return _Stars(
+        index=cand,
+        stamps=stamps,
+        fwhm0=fwhm0,
+        half=half,
+        isolation=isolation_used,
+        locus=locus,
+        shortfall=shortfall,
+    )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 class NativePsf(PsfBackend):
-    """Measures the PSF from a median stack of bright isolated stars (sep + least squares)."""
+    """Measures the PSF from a median stack of bright isolated stars (sep + least squares),
+    with flagged fallbacks (fewer stars, moments, autocorrelation) when they fall short."""
 
     name = "native"
     Options = NativePsfOptions
@@ -284,13 +735,17 @@ class NativePsf(PsfBackend):
         -------
         Frame
             ``psf`` is a :class:`~oasis_core.model.PsfModel` whose image is an odd,
-            unit-sum stamp (the fitted profile, or the median stack) and whose ``params``
-            hold the fit (``alpha``/``beta`` or ``sigma``, ``ellipticity``, ``theta``...).
+            unit-sum stamp (the profile, or the median stack) and whose ``params`` hold
+            the fit (``alpha``/``beta`` or ``sigma``, ``ellipticity``, ``theta``...),
+            ``psf_source`` (``"fit"``, ``"moments"`` or ``"fwhm-moffat"``) and
+            ``psf_flag`` (empty, or what fallback was taken and why).
 
         Raises
         ------
         StageError
-            When fewer than ``min_stars`` usable stars are found or the fit fails.
+            Every pixel masked, no sky noise, or no source detected at all; with
+            ``fallback = false`` also fewer than ``min_stars`` usable stars or a fit that
+            fails or ends on a bound.
 
         Notes
         -----
@@ -307,7 +762,13 @@ class NativePsf(PsfBackend):
         bad = ~np.isfinite(data) | (np.asarray(frame.weight) <= 0)
         if bad.all():
             raise StageError(f"{where}: every pixel is masked (weight 0)")
-        raw_max = float(data[~bad].max())
+        # saturation: the frame's, else the data's clipping plateau (0.98 x its maximum when
+        # at least 4 pixels reach it), else none (a frame's brightest star is not saturated
+        # merely for being the brightest: on a cutout it may be the only star)
+        from oasis_native.mask import saturation_level
+
+        sat = saturation_level(data, ~bad, frame.saturation)
+        sat_level = math.inf if sat is None else sat
         data[bad] = float(np.median(data[~bad]))
         size = int(max(8, min(options.back_size, ny, nx)))
         bkg = sep.Background(data, mask=bad, bw=size, bh=size, fw=3, fh=3)
@@ -324,7 +785,9 @@ class NativePsf(PsfBackend):
         sub[bad] = 0.0
         if sep.get_extract_pixstack() < min(data.size, 3_000_000):
             sep.set_extract_pixstack(min(data.size, 3_000_000))
-        objs = sep.extract(sub, options.threshold, err=noise, mask=bad, minarea=5)
+        objs, seg = sep.extract(
+            sub, options.threshold, err=noise, mask=bad, minarea=5, segmentation_map=True
+        )
 
         def fail(n: int, why: str) -> StageError:
             msg = (
@@ -334,112 +797,211 @@ class NativePsf(PsfBackend):
             )
             return StageError(msg, metadata={"nstars": n, "ndetected": len(objs)})
 
-        if len(objs) < options.min_stars:
+        if len(objs) < options.min_stars and not options.fallback:
             raise fail(len(objs), f"{len(objs)} detections")
-        x, y, a, b = objs["x"], objs["y"], objs["a"], objs["b"]
-        flux, peak = objs["flux"], objs["peak"]
-        snr_peak = peak / noise
-        sat_level = frame.saturation if frame.saturation is not None else raw_max
-        raw_peak = frame.data[objs["ypeak"], objs["xpeak"]]
-        keep = (
-            ((objs["flag"] & ~sep.OBJ_MERGED) == 0)  # merged is fine, truncated is not
-            & (snr_peak >= options.min_snr)
-            & (raw_peak < options.saturation_fraction * sat_level)
-            & (a > 0)
-            & (b >= (1.0 - options.max_ellipticity) * a)
-        )
-        if keep.sum() < options.min_stars:
-            raise fail(int(keep.sum()), "bright, unsaturated and round enough")
-
-        # first FWHM estimate from the half-light radius of the candidates (0.5 FWHM for a
-        # Gaussian, 0.63 FWHM for a Moffat of beta 3)
-        rhalf, rflag = sep.flux_radius(
-            sub, x[keep], y[keep], np.clip(6.0 * a[keep], 3.0, 50.0), 0.5, mask=bad, subpix=5
-        )
-        rhalf = rhalf[(rflag == 0) & np.isfinite(rhalf) & (rhalf > 0)]
-        fwhm0 = float(np.clip(1.8 * np.median(rhalf), 1.0, 30.0)) if len(rhalf) else 3.0
-        half = options.stamp_half or int(np.clip(math.ceil(3.0 * fwhm0), 7, 25))
-
-        isolated, isolation_used = _isolated(x, y, flux, keep, fwhm0, options)
-        # the core (radius 1.5 FWHM) inside the frame and free of masked pixels; masked or
-        # outside pixels further out are left out of the stack
-        ix, iy = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
-        rc = math.ceil(1.5 * fwhm0) + 1
-        inside = (ix - rc >= 0) & (ix + rc < nx) & (iy - rc >= 0) & (iy + rc < ny)
-        cand = np.flatnonzero(keep & isolated & inside)
-        off = np.arange(-rc, rc + 1)
-        win = bad[iy[cand, None, None] + off[None, :, None], ix[cand, None, None] + off[None, None]]
-        win &= (off[:, None] ** 2 + off[None, :] ** 2 <= rc * rc)[None]
-        cand = cand[~win.any(axis=(1, 2))]
-        if len(cand) < options.min_stars:
-            raise fail(len(cand), "isolated, core inside the frame and unmasked")
-        cand = cand[np.argsort(-snr_peak[cand], kind="stable")[: options.max_stars]]
-
-        # sub-pixel centres (windowed centroids), stamps, normalised by their core flux
-        sig = np.full(len(cand), fwhm0 / 2.3548)
-        xw, yw, wflag = sep.winpos(sub, x[cand], y[cand], sig, mask=bad)
-        good = (wflag == 0) & (np.hypot(xw - x[cand], yw - y[cand]) < 1.5)
-        cand, xw, yw = cand[good], xw[good], yw[good]
-        if len(cand) < options.min_stars:
-            raise fail(len(cand), "with a good centroid")
-        stamps = _cut_stamps(sub, bad, xw, yw, half)
-        grid = np.arange(-half, half + 1, dtype=np.float64)
-        core = grid[:, None] ** 2 + grid[None, :] ** 2 <= (1.5 * fwhm0) ** 2
-        norm = np.where(core, stamps, 0.0).sum(axis=(1, 2))
-        ok = np.isfinite(norm) & (norm > 0)
-        stamps, cand = stamps[ok] / norm[ok, None, None], cand[ok]
-        if len(cand) < options.min_stars:
-            raise fail(len(cand), "with an unmasked core of positive flux")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # stack pixels with no star
-            stack = np.nanmedian(stamps, axis=0)
-
-        fit = _fit(stack, options.model, fwhm0)
-        fwhm = fit["fwhm"]
-        if not (math.isfinite(fwhm) and 0.3 < fwhm < 4.0 * half):
-            msg = (
-                f"{where}: the {options.model} fit to {len(cand)} stars failed (FWHM {fwhm:.3g} px)"
+        if len(objs) == 0:
+            raise StageError(
+                f"{where}: no source detected above {options.threshold:g} sigma, so no PSF "
+                "can be measured; give the frame a FWHM (header FWHM) or lower "
+                "psf.native.threshold",
+                metadata={"nstars": 0, "ndetected": 0},
             )
-            raise StageError(msg, metadata={"nstars": len(cand)})
-        clean = np.nan_to_num(stack - fit["sky"], nan=0.0)
-        ellipticity, theta = _shape_moments(clean, 2.0 * fwhm)
-        if options.image == "model":
-            out_half = max(half, math.ceil(3.0 * fwhm))
-            g = np.arange(-out_half, out_half + 1, dtype=np.float64)
-            rr = g[:, None] ** 2 + g[None, :] ** 2
-            if options.model == "moffat":
-                image = moffat_profile(rr, fit["alpha"], fit["beta"])
-            else:
-                image = gaussian_profile(rr, fit["sigma"])
+        raw_peak = np.asarray(frame.data)[objs["ypeak"], objs["xpeak"]]
+        stars = _select_stars(sub, bad, seg, objs, noise, sat_level, raw_peak, options, fail)
+        cand, half, nstars = stars.index, stars.half, len(stars.index)
+        few = (
+            f"{_plural(nstars, 'PSF star')}, fewer than min_stars {options.min_stars} "
+            f"({stars.shortfall})"
+            if stars.shortfall
+            else ""
+        )
+        # the FWHM can be neither below fwhm_min nor wider than the stamp or a quarter of
+        # the frame's shorter side (a profile that size is not constrained by the data)
+        hi_frame = max(min(ny, nx) / 4.0, options.fwhm_min * 1.5)
+        bounds = (options.fwhm_min, max(min(float(half), hi_frame), options.fwhm_min * 1.5))
+        params: dict[str, Any] = {}
+        stack: np.ndarray | None = None
+        if nstars:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # stack pixels with no star
+                stack = np.nanmedian(stars.stamps, axis=0)
+            fwhm, image, params, flags = self._from_stack(stack, stars, options, bounds, fail)
+            flags = [few, *flags] if few else flags
         else:
+            # the sources the frame edge does not cut and that do not saturate
+            whole = ((objs["flag"] & sep.OBJ_TRUNC) == 0) & (
+                raw_peak < options.saturation_fraction * sat_level
+            )
+            fwhm, image, params, flags = self._from_autocorrelation(
+                sub, bad, seg, objs[whole], np.flatnonzero(whole) + 1, noise, stars, options, where
+            )
+            flags = [f"no usable PSF star ({stars.shortfall})", *flags]
+        clean = (
+            np.nan_to_num(stack - params.pop("sky", 0.0), nan=0.0) if stack is not None else image
+        )
+        ellipticity, theta = _shape_moments(clean, 2.0 * fwhm)
+        if options.image == "empirical" and stack is not None:
             image = np.clip(clean, 0.0, None)
         image = image / image.sum()
 
         # frame S/N: median peak S/N of the brightest PSF stars (sky noise, plus the star's
-        # Poisson noise when the gain is known)
-        top = cand[: options.snr_stars]  # cand is sorted by decreasing S/N
-        peaks = peak[top]
-        rms_at = bkg.rms()[iy[top], ix[top]]
+        # Poisson noise when the gain is known); of the brightest unsaturated detections
+        # when there is no PSF star
+        if nstars:
+            top = cand[: options.snr_stars]  # cand is sorted by decreasing S/N
+        else:
+            unsat = np.flatnonzero(raw_peak < options.saturation_fraction * sat_level)
+            top = unsat[np.argsort(-objs["peak"][unsat], kind="stable")][: options.snr_stars]
+        peaks = objs["peak"][top]
+        ix = np.clip(np.rint(objs["x"][top]).astype(np.int64), 0, nx - 1)
+        iy = np.clip(np.rint(objs["y"][top]).astype(np.int64), 0, ny - 1)
+        rms_at = bkg.rms()[iy, ix]
         rms_at = np.where(rms_at > 0, rms_at, noise)
-        var = rms_at**2 + (peaks / frame.gain if frame.gain else 0.0)
-        snr = float(np.median(peaks / np.sqrt(var)))
+        var = rms_at**2 + (np.maximum(peaks, 0.0) / frame.gain if frame.gain else 0.0)
+        snr = float(np.median(peaks / np.sqrt(var))) if len(top) else math.nan
 
-        params: dict[str, Any] = {k: v for k, v in fit.items() if k != "sky"}
         params.update(
             ellipticity=ellipticity,
             theta=theta,
-            fwhm_guess=fwhm0,
+            fwhm_guess=stars.fwhm0,
             stamp_half=half,
             ndetected=len(objs),
-            isolation=isolation_used,
+            psf_flag="; ".join(f for f in flags if f),
         )
+        if math.isfinite(stars.isolation):
+            params["isolation"] = stars.isolation
+        if math.isfinite(stars.locus):
+            params["locus_fwhm"] = 2.3548 * stars.locus
         psf = PsfModel(
             image=image.astype(np.float32),
             fwhm=float(fwhm),
             model=options.model,
             params=params,
-            nstars=len(cand),
+            nstars=nstars,
         )
         return attrs.evolve(
             frame, psf=psf, fwhm=float(fwhm), snr=snr, background=background, noise=noise
         )
+
+    @staticmethod
+    def _from_stack(
+        stack: np.ndarray,
+        stars: _Stars,
+        options: NativePsfOptions,
+        bounds: tuple[float, float],
+        fail: Callable[[int, str], Exception],
+    ) -> tuple[float, np.ndarray, dict[str, Any], list[str]]:
+        """(FWHM, profile image, params, flags) from the stack: the bounded fit, else the
+        profile of the stack's adaptive second moments."""
+        nstars = len(stars.index)
+        try:
+            fit = _fit(stack, options.model, stars.fwhm0, bounds)
+            failure = fit.pop("at_bound")
+            failure = f"ended on {failure}" if failure else ""
+        except (ValueError, np.linalg.LinAlgError) as err:  # least_squares on a bad stack
+            fit, failure = {}, f"failed ({err})"
+        if not failure:
+            out_half = max(stars.half, math.ceil(3.0 * fit["fwhm"]))
+            if options.model == "moffat":
+                image = _profile("moffat", fit["fwhm"], out_half, fit["beta"])
+            else:
+                image = _profile("gaussian", fit["fwhm"], out_half)
+            return fit["fwhm"], image, {**fit, "psf_source": "fit"}, []
+        if not options.fallback:
+            raise fail(nstars, f"the {options.model} fit {failure}")
+        # the fallback: the profile with the stack's adaptive second moments
+        target = _adaptive_size(stack)
+        if not math.isfinite(target):
+            raise fail(nstars, f"the {options.model} fit {failure} and the stack has no flux")
+
+        def size_of(fwhm: float) -> float:
+            return _adaptive_size(_profile(options.model, fwhm, stars.half))
+
+        fwhm, clipped = _match_fwhm(target, size_of, bounds)
+        out_half = max(stars.half, math.ceil(3.0 * fwhm))
+        image = _profile(options.model, fwhm, out_half)
+        flag = (
+            f"{options.model} fit to {_plural(nstars, 'star')} {failure}: FWHM from the "
+            "stack's second moments"
+        )
+        if clipped:
+            flag += f", clipped to {clipped}"
+        params = _fallback_params(options.model, fwhm)
+        params.update(psf_source="moments", sky=float(fit.get("sky", 0.0)))
+        return fwhm, image, params, [flag]
+
+    @staticmethod
+    def _from_autocorrelation(
+        sub: np.ndarray,
+        bad: np.ndarray,
+        seg: np.ndarray,
+        objs: np.ndarray,
+        labels: np.ndarray,
+        noise: float,
+        stars: _Stars,
+        options: NativePsfOptions,
+        where: str,
+    ) -> tuple[float, np.ndarray, dict[str, Any], list[str]]:
+        """(FWHM, profile image, params, flags) with no PSF star: the profile whose
+        autocorrelation has the sources' autocorrelation's adaptive size."""
+        import scipy.fft as sfft
+
+        from oasis_core.errors import StageError
+
+        ny, nx = sub.shape
+        if not len(objs):
+            raise StageError(
+                f"{where}: no usable PSF star ({stars.shortfall}) and every source is cut "
+                "by the frame edge or saturated, so no PSF can be measured; give the frame "
+                "a FWHM (header FWHM) or lower psf.native.threshold"
+            )
+        # the footprints grown by 2 FWHM (first estimate: the isophotal sizes corrected for
+        # truncation) to take in the wings of faint sources
+        fwhm0 = 2.3548 * float(np.median(_source_size(objs, options.threshold * noise)))
+        grow = float(np.clip(2.0 * fwhm0, 3.0, 25.0))
+        half = int(np.clip(math.ceil(3.0 * fwhm0), 7, 25))
+        half = max(3, min(half, (min(ny, nx) - 1) // 2))
+        stamp, significance = _source_autocorrelation(
+            sub, bad, seg, objs, labels, noise, grow, half
+        )
+        if not significance >= _AC_MIN_SNR:
+            raise StageError(
+                f"{where}: no usable PSF star ({stars.shortfall}) and the autocorrelation "
+                f"of the {_plural(len(objs), 'source')} is too faint (S/N "
+                f"{significance:.1f} < {_AC_MIN_SNR:g}), so no PSF can be measured; give the "
+                "frame a FWHM (header FWHM) or lower psf.native.threshold"
+            )
+        target = _adaptive_size(stamp)
+        if not math.isfinite(target):
+            raise StageError(f"{where}: the sources' autocorrelation has no central peak")
+        shape = (sfft.next_fast_len(4 * half + 2),) * 2
+        model = options.model
+
+        def size_of(fwhm: float) -> float:
+            ac = _autocorrelation(_profile(model, fwhm, half), shape)
+            ys = np.arange(-half, half + 1) % shape[0]
+            return _adaptive_size(ac[np.ix_(ys, ys)])
+
+        hi = max(min(float(half), min(ny, nx) / 4.0), options.fwhm_min * 1.5)
+        fwhm, clipped = _match_fwhm(target, size_of, (options.fwhm_min, hi))
+        out_half = max(half, math.ceil(3.0 * fwhm))
+        image = _profile(model, fwhm, out_half)
+        flag = (
+            f"{'Moffat' if model == 'moffat' else 'Gaussian'} of the FWHM from the "
+            f"autocorrelation of {_plural(len(objs), 'detection')}"
+        )
+        if clipped:
+            flag += f", clipped to {clipped}"
+        params = _fallback_params(model, fwhm)
+        params.update(
+            psf_source=f"fwhm-{model}",
+            fwhm_source="autocorrelation",
+            autocorrelation_snr=significance,
+        )
+        return fwhm, image, params, [flag]
+
+
+def _fallback_params(model: str, fwhm: float) -> dict[str, Any]:
+    if model == "moffat":
+        return {"alpha": _moffat_alpha(fwhm, _FALLBACK_BETA), "beta": _FALLBACK_BETA, "fwhm": fwhm}
+    return {"sigma": fwhm * _SIGMA_PER_FWHM, "fwhm": fwhm}

@@ -27,6 +27,7 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -627,6 +628,10 @@ def simulate_series(
     cosmic_rays: bool = True,
     hot_pixels: bool = True,
     sky_subtracted: bool = False,
+    star_density: float | None = None,
+    frame_fwhm: Sequence[float] | None = None,
+    frame_ellipticity: Sequence[float] | None = None,
+    frame_angle: Sequence[float] | None = None,
 ) -> SimSeries:
     """Simulate a series of frames of one field.
 
@@ -663,6 +668,29 @@ def simulate_series(
     sky_subtracted : bool
         Subtract the (smooth) sky model from the data; ``SATURATE`` then holds the lowest
         value a saturated pixel can have.
+    star_density : float, optional
+        Static stars per 100 px**2 (over the chip and the margin around it that shifts
+        and rotations bring in), instead of ``n_stars``: 2 or more is a crowded field,
+        where most pixels are on some star's wings.
+    frame_fwhm : sequence of float, optional
+        The FWHM (px, at the chip centre) of each frame, one per frame, instead of
+        drawing it from ``fwhm_range`` (e.g. some frames twice the best seeing).
+    frame_ellipticity : sequence of float, optional
+        The PSF ellipticity ``1 - minor / major`` of each frame, in [0, 1), instead of the
+        default near-round PSFs (axis ratio drawn in 0.9-1.0); ``fwhm`` is then the
+        geometric mean of the two axes' FWHM (``SIMFWHM``, ``SIMQ`` = axis ratio).
+    frame_angle : sequence of float, optional
+        The position angle (degrees, from +x towards +y) of each frame's major axis,
+        instead of a random one (``SIMPA``).
+
+        With none of the last four the series is exactly the one of earlier versions
+        (the same draws, in the same order, for a given ``seed``). A crowded series of
+        elongated frames, e.g. for the crowded rows of ``benchmarks/subtract.py``::
+
+            simulate_series(8, (256, 256), star_density=2.0,
+                            frame_fwhm=[3.0, 3.2, 3.4, 6.0, 6.4, 3.6, 3.5, 4.0],
+                            frame_ellipticity=[0, 0, 0.1, 0, 0.1, 0.5, 0.5, 0.3],
+                            frame_angle=[0, 0, 0, 0, 0, 90, 45, 0])
 
     Returns
     -------
@@ -691,6 +719,11 @@ def simulate_series(
     if not 0 < fwhm_range[0] <= fwhm_range[1]:
         msg = f"simulate_series: fwhm_range must be increasing and > 0, got {fwhm_range}"
         raise ValueError(msg)
+    per_frame = _per_frame_psf(n_frames, frame_fwhm, frame_ellipticity, frame_angle)
+    if per_frame["fwhm"] is not None:
+        fwhm_range = (min(per_frame["fwhm"]), max(per_frame["fwhm"]))
+    if star_density is not None and not star_density > 0:
+        raise ValueError(f"simulate_series: star_density must be > 0, got {star_density}")
     shape = (int(shape[0]), int(shape[1]))
     ny, nx = shape
     root = np.random.SeedSequence(seed)
@@ -704,11 +737,13 @@ def simulate_series(
     pf_mid = (3.0 - 1.0) / (np.pi * _moffat_alpha(fwhm_mid, 3.0) ** 2)  # Moffat peak / flux
     f_min = 2.5 * sigma_mid / pf_mid
     f_sat = (saturation - sky_mid) / pf_mid
-    if n_stars is None:
-        n_stars = _default_n_stars(shape)
     n_bright = max(1, round(3 * nx * ny / _REF_AREA))
     rot_margin = math.radians(max_rotation_deg) * 0.5 * math.hypot(nx, ny)
     margin = max_shift + rot_margin + 4.0 * fwhm_range[1]
+    if star_density is not None:
+        n_stars = round(star_density * (nx + 2 * margin) * (ny + 2 * margin) / 100.0)
+    elif n_stars is None:
+        n_stars = _default_n_stars(shape)
     field = _draw_field(
         frng,
         shape,
@@ -762,11 +797,23 @@ def simulate_series(
         name = f"sim_{k:03d}"
         fwhm = float(grng.uniform(*fwhm_range))
         gmag, gdir = grng.uniform(0.02, 0.05), grng.uniform(0, 2 * np.pi)
+        beta, q, phi = (
+            float(grng.uniform(2.5, 3.5)),
+            float(grng.uniform(0.9, 1.0)),
+            float(grng.uniform(0, np.pi)),
+        )
+        # per-frame choices replace the draws after they are made: the streams stay
+        if per_frame["fwhm"] is not None:
+            fwhm = float(per_frame["fwhm"][k])
+        if per_frame["ellipticity"] is not None:
+            q = 1.0 - float(per_frame["ellipticity"][k])
+        if per_frame["angle"] is not None:
+            phi = math.radians(float(per_frame["angle"][k]))
         psf = _Psf(
             fwhm=fwhm,
-            beta=float(grng.uniform(2.5, 3.5)),
-            q=float(grng.uniform(0.9, 1.0)),
-            phi=float(grng.uniform(0, np.pi)),
+            beta=beta,
+            q=q,
+            phi=phi,
             gx=gmag * math.cos(gdir),
             gy=gmag * math.sin(gdir),
             shape=shape,
@@ -851,6 +898,7 @@ def simulate_series(
                 "SIMFWHM": (fwhm, "[px] simulated PSF FWHM at the chip centre"),
                 "SIMBETA": (psf.beta, "simulated Moffat beta"),
                 "SIMQ": (psf.q, "simulated PSF axis ratio"),
+                "SIMPA": (math.degrees(psf.phi), "[deg] simulated PSF major axis angle"),
                 "SIMDX": (shift[0], "[px] offset from frame 0 along x"),
                 "SIMDY": (shift[1], "[px] offset from frame 0 along y"),
                 "SIMROT": (rot, "[deg] rotation from frame 0"),
@@ -862,6 +910,32 @@ def simulate_series(
         names.append(name)
     truth = _truth_table(rows)
     return SimSeries(frames=frames, names=names, truth=truth, stars=_stars_table(field))
+
+
+def _per_frame_psf(
+    n_frames: int,
+    fwhm: Sequence[float] | None,
+    ellipticity: Sequence[float] | None,
+    angle: Sequence[float] | None,
+) -> dict[str, list[float] | None]:
+    """The per-frame PSF choices of :func:`simulate_series`, checked (one per frame)."""
+    out: dict[str, list[float] | None] = {}
+    for key, values, ok, what in (
+        ("fwhm", fwhm, lambda v: v > 0, "> 0"),
+        ("ellipticity", ellipticity, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("angle", angle, math.isfinite, "finite"),
+    ):
+        if values is None:
+            out[key] = None
+            continue
+        vals = [float(v) for v in values]
+        if len(vals) != n_frames:
+            msg = f"simulate_series: frame_{key} has {len(vals)} values, need n_frames={n_frames}"
+            raise ValueError(msg)
+        if not all(math.isfinite(v) and ok(v) for v in vals):
+            raise ValueError(f"simulate_series: every frame_{key} value must be {what}")
+        out[key] = vals
+    return out
 
 
 def _axis_in_frame(ref: Any, wcs: Any, x0: float, y0: float, angle: float) -> tuple[float, float]:
@@ -915,12 +989,17 @@ def simulate_pair(
     psf_gradient: float = 0.0,
     template_depth: float = 1.0,
     sky_subtracted: bool = False,
+    ellipticity_science: float = 0.0,
+    angle_science: float = 0.0,
+    ellipticity_template: float = 0.0,
+    angle_template: float = 0.0,
 ) -> tuple[tuple[np.ndarray, Header], tuple[np.ndarray, Header], Table]:
     """Simulate an aligned science/template pair on one pixel grid.
 
     Both images see the same stars and galaxy (no star saturates, no cosmic rays or hot
-    pixels) through circular Moffat PSFs (beta 3) of different widths, with a flat sky of
-    equal level; the transients are in the science image only.
+    pixels) through Moffat PSFs (beta 3) of different widths, circular unless an
+    ellipticity is given, with a flat sky of equal level; the transients are in the
+    science image only.
 
     Parameters
     ----------
@@ -947,6 +1026,13 @@ def simulate_pair(
         ``RDNOISE = readnoise * sqrt(depth)``.
     sky_subtracted : bool
         Subtract the sky level from both images.
+    ellipticity_science, ellipticity_template : float
+        PSF ellipticity ``1 - minor / major`` of each image, in [0, 1) (default round);
+        the FWHM is then the geometric mean of the two axes'. E.g. 0.5 in the science
+        along x and a round template of the same FWHM: the science is narrower than the
+        template along y and wider along x, so neither PSF contains the other.
+    angle_science, angle_template : float
+        Position angle (degrees, from +x towards +y) of each image's major axis.
 
     Returns
     -------
@@ -964,13 +1050,21 @@ def simulate_pair(
         raise ValueError(f"simulate_pair: template_depth must be > 0, got {template_depth}")
     if min(fwhm_science, fwhm_template) <= 0:
         raise ValueError("simulate_pair: fwhm_science and fwhm_template must be > 0")
+    if not (0 <= ellipticity_science < 1 and 0 <= ellipticity_template < 1):
+        msg = "simulate_pair: ellipticity_science and ellipticity_template must be in [0, 1)"
+        raise ValueError(msg)
+    # an elongated PSF reaches 1 / sqrt(q) times its FWHM along its major axis
+    widest = max(
+        fwhm_science / math.sqrt(1.0 - ellipticity_science),
+        fwhm_template / math.sqrt(1.0 - ellipticity_template),
+    )
     shape = (int(shape[0]), int(shape[1]))
     root = np.random.SeedSequence(seed)
     field_seq, sci_seq, tpl_seq, tr_seq = root.spawn(4)
     frng = np.random.default_rng(field_seq)
     saturation = 60000.0
     sigma = _sigma_pix(sky, gain, readnoise)
-    fwhm_max = max(fwhm_science, fwhm_template) * (1.0 + abs(psf_gradient))
+    fwhm_max = widest * (1.0 + abs(psf_gradient))
     fwhm_min = min(fwhm_science, fwhm_template) * (1.0 - min(abs(psf_gradient), 0.5))
     pf_min = 2.0 / (np.pi * _moffat_alpha(fwhm_max, 3.0) ** 2)
     pf_max = 2.0 / (np.pi * _moffat_alpha(fwhm_min, 3.0) ** 2)
@@ -1008,8 +1102,16 @@ def simulate_pair(
     gal = field.galaxy
     assert gal is not None
 
-    def render(fwhm: float) -> tuple[np.ndarray, _Psf]:
-        psf = _Psf(fwhm=fwhm, beta=3.0, q=1.0, phi=0.0, gx=psf_gradient, gy=0.0, shape=shape)
+    def render(fwhm: float, ellipticity: float, angle: float) -> tuple[np.ndarray, _Psf]:
+        psf = _Psf(
+            fwhm=fwhm,
+            beta=3.0,
+            q=1.0 - ellipticity,
+            phi=math.radians(angle),
+            gx=psf_gradient,
+            gy=0.0,
+            shape=shape,
+        )
         model = np.full(shape, sky, dtype=np.float64)
         model += _render_points(shape, field.x0, field.y0, field.flux, psf, 0.3 * sigma)
         model += _render_galaxy(
@@ -1017,11 +1119,11 @@ def simulate_pair(
         )
         return model, psf
 
-    sci_model, sci_psf = render(fwhm_science)
+    sci_model, sci_psf = render(fwhm_science, ellipticity_science, angle_science)
     tflux = np.zeros(0)
     if transients:
         tflux, stamps = _transient_flux(tx, ty, t_snr, sci_psf, sci_model, gain, readnoise)
-    tpl_model, _ = render(fwhm_template)
+    tpl_model, _ = render(fwhm_template, ellipticity_template, angle_template)
     science = _observe(sci_model, gain, readnoise, np.random.default_rng(sci_seq))
     if transients:  # with their own noise stream: transients=0 changes no other pixel
         noisy = np.random.default_rng(tr_seq).poisson(stamps * gain) / gain
@@ -1047,7 +1149,12 @@ def simulate_pair(
         readnoise=readnoise,
         saturation=sat_level,
         mjd=mjd + 30.0,
-        extra={**common, "SIMFWHM": (fwhm_science, "[px] PSF FWHM")},
+        extra={
+            **common,
+            "SIMFWHM": (fwhm_science, "[px] PSF FWHM"),
+            "SIMQ": (1.0 - ellipticity_science, "simulated PSF axis ratio"),
+            "SIMPA": (angle_science, "[deg] simulated PSF major axis angle"),
+        },
     )
     tpl_header = _header(
         cards,
@@ -1058,6 +1165,8 @@ def simulate_pair(
         extra={
             **common,
             "SIMFWHM": (fwhm_template, "[px] PSF FWHM"),
+            "SIMQ": (1.0 - ellipticity_template, "simulated PSF axis ratio"),
+            "SIMPA": (angle_template, "[deg] simulated PSF major axis angle"),
             "SIMDEPTH": (template_depth, "template depth (exposures)"),
         },
     )

@@ -19,7 +19,8 @@ import numpy as np
 from oasis_core.backends import SubtractBackend
 from oasis_core.errors import BackendUnavailable
 from oasis_core.model import Frame, KernelSolution, Residual, Template
-from oasis_ois.ois import OisOptions, OisSolution, _side_thread, solve
+from oasis_ois.choose import solve_model
+from oasis_ois.ois import OisOptions, OisSolution, _side_thread
 from oasis_ois.optimise import describe_configuration, iter_candidates
 
 __all__ = ["OisOptions", "OisSubtract"]
@@ -33,13 +34,18 @@ def _clean(value: Any) -> float | int | str | bool:
 
 
 class OisSubtract(SubtractBackend):
-    """Optimal Image Subtraction (Alard & Lupton 1998, Alard 2000), ISIS kernel basis.
+    """Optimal Image Subtraction (Alard & Lupton 1998, Alard 2000) with a kernel model
+    per frame: ISIS's Gaussian basis on stamps, Bramich's delta basis, cross-convolution
+    or a low-order kernel (``kernel``, ``"auto"`` by default; :mod:`oasis_ois.choose`).
 
     Residual cards written to the header (a copy of the science header): ``Q``,
     ``NNOISE`` (robust std of the normalised residual away from sources), ``NSTAMPS``,
-    ``NSTREJ`` (stamps rejected), ``KSUM`` (kernel sum), ``FSCALE`` (science / template
-    flux ratio), ``DEGSPAT``, ``KHALF`` (kernel half size), ``CONVOLVE`` (the image
-    convolved) and ``OISFLAG`` when the result is flagged.
+    ``NSTREJ`` (stamps rejected; ISIS's model), ``KMODEL`` (the kernel model used),
+    ``KSUM`` (kernel sum), ``FSCALE`` (science / template flux ratio), ``DEGSPAT``,
+    ``KHALF`` (kernel half size), ``CONVOLVE`` (the image convolved; ``template`` for
+    cross-convolution, whose science is convolved too) and ``OISFLAG`` when the result
+    is flagged. ``meta`` (``OAS`` cards) records ``choice_kernel``, ``kernel_reason`` and,
+    after a fallback, ``fallback``.
     """
 
     name = "ois"
@@ -101,14 +107,17 @@ class OisSubtract(SubtractBackend):
         Residual
             In the science frame's photometric system, with noise, weight, Q and kernel.
             ``meta["flag"]`` is set (``"few stamps: N"``) when too few stamp stars
-            survived for the requested spatial degrees, which were then lowered;
+            survived for ISIS's requested spatial degrees, which were then lowered;
+            ``meta["fallback"]`` when a simpler kernel model than asked was used;
             ``meta["config"]`` describes the configuration used (after seeing scaling),
-            e.g. ``"ns=10x10 hs=15 hm=9 sig=0.7,1.5,2.0 deg=6,4,2 ds=2"``.
+            e.g. ``"ns=10x10 hs=15 hm=9 sig=0.7,1.5,2.0 deg=6,4,2 ds=2"`` (ISIS's) or
+            ``"delta hk=4/13 ds=0 db=1 px=25783 clip=173 5 stars ..."``.
 
         Raises
         ------
         oasis_core.errors.StageError
-            If the frames differ in shape or no usable stamp star is found, or
+            If the frames differ in shape, an image has no usable pixel, the kernel model
+            asked for cannot run (e.g. ``kernel = "isis"`` and no usable stamp star), or
             ``mrj_phot`` fails.
         oasis_core.errors.ConfigError
             If the ``isis_config`` file cannot be read.
@@ -124,22 +133,26 @@ class OisSubtract(SubtractBackend):
         sol: OisSolution
         if options.isis_binary:
             sol = subtract_with_mrj_phot(science, template, options, workdir)
+            sol = attrs.evolve(sol, meta={**sol.meta, "choice_kernel": "isis"})
         else:
-            sol = solve(science, template, options)
+            sol = solve_model(science, template, options)
         # the two figures side by side (numpy releases the GIL on whole arrays)
         with _side_thread(q_value, sol.residual, sol.noise, sol.weight) as q_result:
             nnoise = normalized_noise(sol.residual, sol.noise, sol.weight, exclude=sol.sources)
         q = q_result()
         fscale = sol.ksum if sol.direction == "template" else 1.0 / sol.ksum
-        meta = {k: _clean(v) for k, v in sol.meta.items()}
+        meta = {k: _clean(v) for k, v in sol.meta.items() if k != "description"}
         meta.update(fscale=float(fscale), nnoise=float(nnoise), q=float(q))
-        config = describe_configuration(
-            options,
-            sigmas=sol.meta["sigmas"],
-            half_mesh=sol.meta["half_mesh"],
-            half_stamp=sol.meta["half_stamp"],
-            deg_spatial=sol.meta["deg_spatial"],
-        )
+        if "description" in sol.meta:  # the delta, cross and low models describe themselves
+            config = str(sol.meta["description"])
+        else:
+            config = describe_configuration(
+                options,
+                sigmas=sol.meta["sigmas"],
+                half_mesh=sol.meta["half_mesh"],
+                half_stamp=sol.meta["half_stamp"],
+                deg_spatial=sol.meta["deg_spatial"],
+            )
         if "program" in sol.meta:
             config += f" ({sol.meta['program']})"
         meta["config"] = config
@@ -159,6 +172,7 @@ class OisSubtract(SubtractBackend):
                 ("NSTREJ", sol.meta["nrejected"], "OIS stamp candidates rejected"),
             ]
         cards += [
+            ("KMODEL", sol.meta.get("choice_kernel", "isis"), "OIS kernel model used"),
             ("KSUM", sol.ksum, "OIS kernel sum at the image centre"),
             ("FSCALE", fscale, "science / template flux ratio"),
             ("DEGSPAT", sol.meta["deg_spatial"], "OIS kernel spatial degree used"),
@@ -191,6 +205,9 @@ class OisSubtract(SubtractBackend):
                     "half_stamp",
                     "sigmas",
                     "bg",
+                    "choice_kernel",
+                    "lambda",
+                    "cross_psf",
                 )
                 if k in meta
             },

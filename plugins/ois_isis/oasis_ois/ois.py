@@ -1,4 +1,6 @@
-"""Optimal Image Subtraction (Alard & Lupton 1998; Alard 2000) in numpy.
+"""Optimal Image Subtraction (Alard & Lupton 1998; Alard 2000) in numpy: ISIS's kernel
+model, the preparation of a pair and the application of a kernel, which the other kernel
+models share (:mod:`oasis_ois.choose` picks one per frame: ``kernel = "auto"``).
 
 The PSF-matching kernel is the ISIS basis: Gaussians of widths ``sigma_gauss1..3`` times
 the monomials ``u**p * v**q`` (``p + q <= deg_gauss_i``, ``u`` along x), on a
@@ -75,8 +77,11 @@ from oasis_core.validators import in_range, non_negative, positive
 __all__ = [
     "OisOptions",
     "OisSolution",
+    "apply_kernel",
     "basis_kernels",
+    "prepare_pair",
     "solve",
+    "solve_prepared",
 ]
 
 #: Stamps convolved together (one matrix product per chunk and basis Gaussian).
@@ -123,7 +128,12 @@ class OisOptions:
       values given, so ISIS's defaults stand for FWHMs up to ~4.5 px and pairs whose
       seeing differs little; they widen for broader or more different PSFs.
     * ``convolve="auto"``, ``sigma_clip``, ``max_iter`` and ``const_ksum`` have no ISIS
-      counterpart (ISIS always convolves the reference).
+      counterpart (ISIS always convolves the reference). ``"auto"`` convolves the image
+      whose PSF the other's contains, by the stars' second moments
+      (:mod:`oasis_ois.stars`), else by the FWHMs.
+    * ``kernel`` picks the kernel model (:mod:`oasis_ois.choose`); ``delta_half``,
+      ``delta_lambda`` and ``pixel_clip`` are the delta basis's (:mod:`oasis_ois.delta`),
+      which cross-convolution and the low-order kernel share.
     * ``isis_config`` names an ISIS ``default_config`` file: its values replace those of
       the options of the same names when the backend runs, with the meanings above
       (see :func:`oasis_ois.isis.apply_isis_config`). ``isis_binary`` runs ISIS's own
@@ -199,6 +209,27 @@ class OisOptions:
     )
     isis_timeout: float = option(
         600.0, "seconds after which a mrj_phot run is stopped", range=positive
+    )
+    kernel: str = option(
+        "auto",
+        "kernel model: 'auto' (chosen per frame by its stars and PSFs), 'isis' (Gaussian "
+        "basis on stamps), 'delta' (pixel basis on the whole image), 'cross' (both images "
+        "convolved to a common PSF) or 'low' (flux scale, shift and background)",
+        choices=("auto", "isis", "delta", "cross", "low"),
+    )
+    delta_half: int = option(
+        0, "delta and cross kernels' half size in px; 0: from the two PSFs", range=non_negative
+    )
+    delta_lambda: float = option(
+        1000.0,
+        "regularisation of the delta and cross kernels (Laplacian penalty, in units of the "
+        "pixels' variance); 0: none",
+        range=non_negative,
+    )
+    pixel_clip: float = option(
+        4.0,
+        "delta, cross and low models: pixels this many sigmas off the model leave the fit",
+        range=positive,
     )
 
 
@@ -547,8 +578,15 @@ def _sky_stats(
     mesh = max(2, mesh // step)  # in subsampled pixels
     ny, nx = sub.shape
     my, mx = ny // mesh, nx // mesh
-    if my < 2 or mx < 2 or not sig > 0:
+    if not sig > 0:
         return med, sig
+    if my < 2 or mx < 2:  # a small frame (a cutout): no mesh, its clipped MAD
+        noise = sig
+        if differences:
+            diff_noise = sky_noise(data, good, max_pixels=STATS_PIXELS, fill=med)
+            if np.isfinite(diff_noise) and 0 < diff_noise < noise:
+                noise = diff_noise
+        return med, noise
     crop = np.where(good_sub, sub, np.float32(np.nan))[: my * mesh, : mx * mesh]
     crop[np.abs(crop - np.float32(med)) > 3.0 * sig] = np.nan  # NaN compares False: kept
     boxes = crop.reshape(my, mesh, mx, mesh).transpose(0, 2, 1, 3).reshape(my * mx, -1)
@@ -775,9 +813,14 @@ class _Image:
     # rfft2 of data on the grid fft_shape (zero padding >= FFT_PAD)
     spectrum: np.ndarray | None = attrs.field(default=None, eq=False, repr=False)
     fft_shape: tuple[int, int] = (0, 0)
+    # the variance image when the data were convolved (cross-convolution); None: model
+    var: np.ndarray | None = attrs.field(default=None, eq=False, repr=False)
 
     def variance(self, index: Any = ...) -> np.ndarray:
-        """Per-pixel variance noise**2 + max(data, 0) / gain (of data[index]), float32."""
+        """Per-pixel variance noise**2 + max(data, 0) / gain (of data[index]), float32, or
+        the image ``var`` when set."""
+        if self.var is not None:
+            return self.var[index]
         d = self.data[index]
         return np.float32(self.noise**2) + np.maximum(d, 0) / np.float32(self.gain)
 
@@ -912,9 +955,27 @@ def measured_fwhm(frame: Frame, options: OisOptions, what: str) -> float | None:
         return None
 
 
+# the last peaks found per prepared image (the census and the stamps look for the same)
+_PEAKS: dict[int, tuple[Any, int, float, tuple[np.ndarray, np.ndarray]]] = {}
+_PEAKS_LOCK = threading.Lock()
+
+
 def _peaks(im: _Image, radius: int, nsigma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Local maxima of the lightly smoothed image above nsigma sky sigmas (raw peak)."""
-    return _find_peaks(im.data, im.smooth, im.bad, im.noise, radius, nsigma)
+    """Local maxima of the lightly smoothed image above nsigma sky sigmas (raw peak); the
+    same search on the same prepared image is made once."""
+    import weakref
+
+    key = id(im.data)
+    with _PEAKS_LOCK:
+        entry = _PEAKS.get(key)
+    if entry is not None and entry[0]() is im.data and entry[1:3] == (radius, nsigma):
+        return entry[3]
+    found = _find_peaks(im.data, im.smooth, im.bad, im.noise, radius, nsigma)
+    with _PEAKS_LOCK:
+        while len(_PEAKS) >= 4:
+            _PEAKS.pop(next(iter(_PEAKS)))
+        _PEAKS[key] = (weakref.ref(im.data), radius, nsigma, found)
+    return found
 
 
 def _find_peaks(
@@ -1416,19 +1477,39 @@ def solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
         If the frames differ in shape, an image has no usable pixel or no stamp star.
     """
     with _single_threaded_blas():
-        return _solve(science, template, options)
+        sci, tpl = prepare_pair(science, template, options)
+        return solve_prepared(science, template, sci, tpl, options)
 
 
-def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
-    """:func:`solve` (BLAS threads already set)."""
+def prepare_pair(science: Frame, template: Frame, options: OisOptions) -> tuple[_Image, _Image]:
+    """The two frames prepared for a fit (step 1 of :func:`solve`), side by side in two
+    threads (numpy releases the GIL on whole arrays): sky removed, bad pixels, noise,
+    gain, FWHM, Fourier transform.
+
+    Raises
+    ------
+    StageError
+        If the frames differ in shape or an image has no usable pixel.
+    """
     _check_shapes(science, template)
-    # the two images are prepared side by side (numpy releases the GIL on whole arrays)
     with _side_thread(_prepare, template, options, "template") as template_result:
         sci = _prepare(science, options, "science")
-    tpl = template_result()
-    del template_result  # its future holds the template's first _Image
+    return sci, template_result()
 
-    direction = _direction(options, sci, tpl)
+
+def solve_prepared(
+    science: Frame,
+    template: Frame,
+    sci: _Image,
+    tpl: _Image,
+    options: OisOptions,
+    *,
+    direction: str | None = None,
+) -> OisSolution:
+    """:func:`solve` on frames :func:`prepare_pair` prepared (BLAS threads already set);
+    ``direction`` ("template" or "science") replaces the options' choice."""
+    if direction is None:
+        direction = _direction(options, sci, tpl)
     conv, ref = (tpl, sci) if direction == "template" else (sci, tpl)
     sigmas, degrees, hm, hs, sigma_match = _effective_geometry(options, ref.fwhm, conv.fwhm)
     ny, nx = ref.data.shape
@@ -1524,65 +1605,22 @@ def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     del feats, var, var_conv, model
     monomials = _monomials(ds)
     kernels = np.einsum("ks,kyx->syx", coef[:, : len(monomials)], basis)
-    # the model's terms and the noise (the convolved image's variance through the
-    # kernel squared at the centre) in two threads of about equal work
-    mine, theirs = _share_powers(monomials)
-    spec, shape = _transform(conv, hm)
-    noise_kernel = (kernel_center**2)[None]
-
-    def side(spec: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        var_spec = _rfft2(conv.variance(), shape)
-        var_conv = _spatial_convolution(var_spec, shape, noise_kernel, [(0, 0)], xs, ys)
-        del var_spec
-        part = None
-        if theirs:
-            part = _spatial_convolution(spec, shape, kernels, monomials, xs, ys, theirs)
-        return var_conv, part
-
-    with _side_thread(side, spec) as side_result:
-        model_img = _spatial_convolution(spec, shape, kernels, monomials, xs, ys, mine)
-    var_conv_img, part = side_result()
-    if part is not None:
-        model_img += part
-    del part, side_result, spec
     ksum_img: np.ndarray | float = ksum
     if not options.const_ksum:
         for s, (i, j) in enumerate(monomials):
             if s > 0 and coef[0, s] != 0:
                 ksum_img = ksum_img + coef[0, s] * np.outer(ys**j, xs**i)
-    # the background polynomial, one pass per power of x: sum_i xs**i (sum_j c_ij ys**j)
-    by_power: dict[int, np.ndarray] = {}
-    for c, (i, j) in zip(bg_coef, _monomials(db), strict=True):
-        by_power[i] = by_power.get(i, 0.0) + c * ys**j
-    for i, column in by_power.items():
-        column32 = np.asarray(column, dtype=np.float32)[:, None]
-        if i:
-            model_img += column32 * (xs**i).astype(np.float32)[None, :]
-        else:
-            model_img += column32
-
-    if not np.isscalar(ksum_img):
-        var_conv_img *= (np.asarray(ksum_img) / ksum) ** 2
-    noise2 = ref.variance() + np.maximum(var_conv_img, 0)
-    del var_conv_img
-    inputs = tuple(getattr(template, "inputs", ()) or ())
-    if sci.name in inputs:
-        # The science frame is one of the N frames stacked into the template, so its noise
-        # is partly in the template too: Cov(S(x), T(x)) = var_S(x) / N (exact for the
-        # mean, and for the median of Gaussian samples, by Basu's theorem). Through the
-        # kernel that is K(0) var_S / N, counted twice in var(S - K*T).
-        sci_img = ref if direction == "template" else conv
-        k0 = float(kernel_center[kernel_center.shape[0] // 2, kernel_center.shape[1] // 2])
-        cov = (2.0 * max(k0, 0.0) / len(inputs)) * sci_img.variance()
-        noise2 = np.maximum(noise2 - cov, 0.25 * noise2)
-    if direction == "template":
-        residual = ref.data - model_img  # science - K*template (skies removed, refit by bg)
-        noise = np.sqrt(noise2)
-    else:
-        residual = (model_img - ref.data) / np.asarray(ksum_img, dtype=np.float32)
-        noise = np.sqrt(noise2) / np.abs(np.asarray(ksum_img, dtype=np.float32))
-
-    weight = _residual_weight(ref, conv, hm)
+    residual, noise, weight = apply_kernel(
+        ref,
+        conv,
+        direction=direction,
+        kernels=kernels,
+        bg_coef=bg_coef,
+        deg_bg=db,
+        ksum_img=ksum_img,
+        inputs=tuple(getattr(template, "inputs", ()) or ()),
+        science_name=sci.name,
+    )
 
     # constant of the differential background in the frames' own levels:
     # unconvolved - K * convolved = bg_total at the image centre
@@ -1612,8 +1650,8 @@ def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
     if flag:
         meta["flag"] = flag
     return OisSolution(
-        residual=residual.astype(np.float32, copy=False),
-        noise=noise.astype(np.float32, copy=False),
+        residual=residual,
+        noise=noise,
         weight=weight,
         kernel=kernel_center.astype(np.float32),
         coefficients=coef,
@@ -1623,6 +1661,145 @@ def _solve(science: Frame, template: Frame, options: OisOptions) -> OisSolution:
         sources=sources,
         meta=meta,
     )
+
+
+def apply_kernel(
+    ref: _Image,
+    conv: _Image,
+    *,
+    direction: str,
+    kernels: np.ndarray,
+    bg_coef: np.ndarray,
+    deg_bg: int,
+    ksum_img: np.ndarray | float,
+    inputs: Sequence[str] = (),
+    science_name: str = "",
+    ref_psf: np.ndarray | None = None,
+    science_variance: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Convolve ``conv`` by a spatially varying kernel and subtract: residual, noise, weight.
+
+    Step 7 of :func:`solve`, shared by every kernel model of the backend.
+    ``conv(x) = sum_s P_s(x) (I * K_s)(x) + bg(x)`` with ``K_s = kernels[s]`` the kernel's
+    spatial components (the monomials of :func:`_monomials`, ``len(kernels)`` of them)
+    and ``bg`` the polynomial ``bg_coef`` of degree ``deg_bg``, by FFT
+    (:func:`_spatial_convolution`); the noise image's convolution (the convolved image's
+    variance through the kernel squared at the centre) runs beside it.
+
+    Parameters
+    ----------
+    ref, conv : _Image
+        The image not convolved and the one convolved.
+    direction : str
+        ``"template"`` (``conv`` is the template: residual = ref - model) or
+        ``"science"`` (residual = (model - ref) / ksum, in the science's system).
+    kernels : ndarray
+        ``(n_spatial, 2h + 1, 2h + 1)``.
+    bg_coef : ndarray
+        Differential background coefficients (monomials of degree ``deg_bg``).
+    ksum_img : float or ndarray
+        The kernel sum (an image when it varies over the field).
+    inputs, science_name : sequence of str, str
+        The template's input frames and the science's name: when the science is one of
+        them, its covariance with the template is removed from the noise.
+    ref_psf, science_variance : ndarray, optional
+        For a reference that was itself convolved (cross-convolution): the kernel it was
+        convolved with and the science's own variance, for the covariance; default none
+        (a unit delta) and the variance of the science image given.
+
+    Returns
+    -------
+    residual, noise, weight : ndarray
+        float32 images.
+    """
+    ny, nx = ref.data.shape
+    xs, ys = _scaled_coords((ny, nx))
+    ds_monomials = _monomials(_degree_of(len(kernels)))
+    hm = (kernels.shape[-1] - 1) // 2
+    kernel_center = kernels[0]
+    ksum = float(kernel_center.sum())
+    # the model's terms and the noise (the convolved image's variance through the
+    # kernel squared at the centre) in two threads of about equal work
+    mine, theirs = _share_powers(ds_monomials)
+    spec, shape = _transform(conv, hm)
+    noise_kernel = (kernel_center**2)[None]
+
+    def side(spec: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        var_spec = _rfft2(conv.variance(), shape)
+        var_conv = _spatial_convolution(var_spec, shape, noise_kernel, [(0, 0)], xs, ys)
+        del var_spec
+        part = None
+        if theirs:
+            part = _spatial_convolution(spec, shape, kernels, ds_monomials, xs, ys, theirs)
+        return var_conv, part
+
+    with _side_thread(side, spec) as side_result:
+        model_img = _spatial_convolution(spec, shape, kernels, ds_monomials, xs, ys, mine)
+    var_conv_img, part = side_result()
+    if part is not None:
+        model_img += part
+    del part, side_result, spec
+    # the background polynomial, one pass per power of x: sum_i xs**i (sum_j c_ij ys**j)
+    by_power: dict[int, np.ndarray] = {}
+    for c, (i, j) in zip(bg_coef, _monomials(deg_bg), strict=True):
+        by_power[i] = by_power.get(i, 0.0) + c * ys**j
+    for i, column in by_power.items():
+        column32 = np.asarray(column, dtype=np.float32)[:, None]
+        if i:
+            model_img += column32 * (xs**i).astype(np.float32)[None, :]
+        else:
+            model_img += column32
+
+    if not np.isscalar(ksum_img):
+        var_conv_img *= (np.asarray(ksum_img) / ksum) ** 2
+    noise2 = ref.variance() + np.maximum(var_conv_img, 0)
+    del var_conv_img
+    if science_name and science_name in inputs:
+        # The science frame is one of the N frames stacked into the template, so its noise
+        # is partly in the template too: Cov(S(x), T(x)) = var_S(x) / N (exact for the
+        # mean, and for the median of Gaussian samples, by Basu's theorem). Through the
+        # kernels (K on the template, P on a cross-convolved science, a unit delta
+        # otherwise) that is sum(P K) var_S / N, counted twice in var(P*S - K*T).
+        if science_variance is None:
+            science_variance = (ref if direction == "template" else conv).variance()
+        delta = np.ones((1, 1))
+        overlap = _centred_overlap(kernel_center, delta if ref_psf is None else ref_psf)
+        cov = (2.0 * max(overlap, 0.0) / len(inputs)) * science_variance
+        noise2 = np.maximum(noise2 - cov, 0.25 * noise2)
+    if direction == "template":
+        residual = ref.data - model_img  # science - K*template (skies removed, refit by bg)
+        noise = np.sqrt(noise2)
+    else:
+        residual = (model_img - ref.data) / np.asarray(ksum_img, dtype=np.float32)
+        noise = np.sqrt(noise2) / np.abs(np.asarray(ksum_img, dtype=np.float32))
+    weight = _residual_weight(ref, conv, hm)
+    return (
+        residual.astype(np.float32, copy=False),
+        noise.astype(np.float32, copy=False),
+        weight,
+    )
+
+
+def _centred_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """``sum(a * b)`` of two odd square kernels centred on each other (sizes may differ)."""
+    h = min(a.shape[0], b.shape[0]) // 2
+    ca, cb = a.shape[0] // 2, b.shape[0] // 2
+    return float(
+        np.sum(
+            a[ca - h : ca + h + 1, ca - h : ca + h + 1]
+            * b[cb - h : cb + h + 1, cb - h : cb + h + 1]
+        )
+    )
+
+
+def _degree_of(nterms: int) -> int:
+    """The polynomial degree with ``nterms`` monomials (1 -> 0, 3 -> 1, 6 -> 2...)."""
+    deg = 0
+    while _nterms(deg) < nterms:
+        deg += 1
+    if _nterms(deg) != nterms:
+        raise ValueError(f"{nterms} is not the number of monomials of any degree")
+    return deg
 
 
 def _source_mask(ref: _Image, conv: _Image) -> np.ndarray:

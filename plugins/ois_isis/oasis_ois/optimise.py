@@ -21,7 +21,9 @@ configurations derived from the seeing set ``seeing_scale=False``: their geometr
 already is the seeing's.
 
 1. the options given, always first: the core's contract, and the configuration that
-   passes on most pairs;
+   passes on most pairs; with ``kernel = "auto"`` (the default) they are followed by
+   the other kernel models (:func:`oasis_ois.choose.other_models`: none when the pair
+   has too few stars), and the ladder below is ISIS's (``kernel = "isis"``);
 2. the given options (after ``isis_config``) with ``deg_spatial - 1``: fewer terms for
    sparse fields and flat PSFs;
 3. the given widths with the matched kernel and stamp half sizes (when they differ);
@@ -234,17 +236,16 @@ def candidate_options(science: Frame, template: Frame, options: OisOptions) -> l
     Returns
     -------
     list of OisOptions
-        ``options``, then up to ``MAX_CANDIDATES - 1`` distinct alternatives by
-        increasing :func:`configuration_cost`.
+        ``options``, then (``kernel = "auto"``) the other kernel models, then up to
+        ``MAX_CANDIDATES - 1`` in all distinct ISIS alternatives by increasing
+        :func:`configuration_cost`.
 
     Raises
     ------
     oasis_core.errors.ConfigError
         If the ``isis_config`` file cannot be read.
     """
-    from oasis_ois.isis import apply_isis_config
-
-    return [options, *_alternatives(science, template, options, apply_isis_config(options))]
+    return list(iter_candidates(science, template, options))
 
 
 def iter_candidates(science: Frame, template: Frame, options: OisOptions) -> Iterator[OisOptions]:
@@ -263,7 +264,16 @@ def iter_candidates(science: Frame, template: Frame, options: OisOptions) -> Ite
 
     def generate() -> Iterator[OisOptions]:
         yield options
-        yield from _alternatives(science, template, options, base)
+        models: list[OisOptions] = []
+        if base.kernel == "auto" and not base.isis_binary:
+            from oasis_ois.choose import auto_alternatives
+
+            models, kernels_ok = auto_alternatives(science, template, base)
+            yield from models
+            if not kernels_ok:
+                return  # too few stars: no model with a free shape (see oasis_ois.choose)
+        room = MAX_CANDIDATES - 1 - len(models)
+        yield from _alternatives(science, template, options, base)[:room]
 
     return generate()
 
@@ -272,7 +282,10 @@ def _alternatives(
     science: Frame, template: Frame, options: OisOptions, base: OisOptions
 ) -> list[OisOptions]:
     """The configurations after ``options`` (``base``: ``options`` after its
-    ``isis_config``), distinct and by increasing cost."""
+    ``isis_config``), distinct and by increasing cost; with ``kernel = "auto"`` they are
+    ISIS configurations (``kernel = "isis"``)."""
+    if base.kernel == "auto":
+        base = attrs.evolve(base, kernel="isis")
     fwhm_s, fwhm_t = pair_fwhm(science, template, base)
     alts: list[OisOptions] = []
     if base.deg_spatial > 0:
