@@ -77,7 +77,7 @@ def main() -> None:
     print(dict(res.meta))
     # the optimisation ladder (the core calls it once per frame when [subtract] optimize)
     t0 = time.perf_counter()
-    candidates = backend.candidates(sci, tpl, options=OisOptions())
+    candidates = list(backend.candidates(sci, tpl, options=OisOptions()))
     print(
         f"candidates: {len(candidates)} in {time.perf_counter() - t0:.2f} s "
         "(FWHMs measured: the frames carry none)"
