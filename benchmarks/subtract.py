@@ -28,12 +28,12 @@ rows (``--kinds``):
     variances (no matching kernel exists): the same image for every backend still.
 
 Every backend is run the way a user runs it, as a whole process (imports included):
-``oasis subtract-pair SCI TPL OUT --method NAME``; when the ``hotpants`` program is on
+``oasis subtract-pair SCI TPL OUT --subtract NAME``; when the ``hotpants`` program is on
 PATH it is also run bare, on the same pair, in the same table (its masked pixels are its
 fill value, 1e-30). Columns:
 
 * ``wall s``: wall time of the process; ``peak MiB``: its peak resident memory
-  (GNU ``time``; for ``--method hotpants`` the program is a grandchild, not counted);
+  (GNU ``time``; for ``--subtract hotpants`` the program is a grandchild, not counted);
 * ``bg noise``: robust std of residual / noise away from sources (1.0 = the noise image
   is right);
 * ``star rms``: normalised RMS inside 1-FWHM apertures on bright unsaturated stars (peak
@@ -484,7 +484,7 @@ def main() -> None:
                     else:
                         cmd = [
                             sys.executable, "-m", "oasis_core.cli", "subtract-pair",
-                            str(sci), str(tpl), str(out), "--method", label,
+                            str(sci), str(tpl), str(out), "--subtract", label,
                         ]  # fmt: skip
                     wall, peak, code, err = timed(cmd)
                     walls.append(wall)

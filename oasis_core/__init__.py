@@ -6,6 +6,11 @@ The pipeline and its stages are reachable from the package, as OasisPy's users e
     oasis_core.pipeline("OASIS/targets/m31", backends={"subtract": "ois"})
     oasis_core.mask("OASIS/targets/m31")
 
+Two frames in memory (arrays, CCDData) or on disk are subtracted with
+``oasis_core.subtract_pair(science, template, method="ois")``, and a target run with its
+catalogs returned as astropy Tables by ``oasis_core.run(target, subtract="zogy")``
+(:mod:`oasis_core.api`).
+
 ``oasis_core.pipeline`` is the :mod:`oasis_core.pipeline` module, callable as the
 :func:`oasis_core.pipeline.pipeline` function. Imports are lazy, so ``oasis --help`` stays
 fast.
@@ -27,7 +32,9 @@ __all__ = [
     "mr",
     "pipeline",
     "psf",
+    "run",
     "subtract",
+    "subtract_pair",
 ]
 
 _STAGE_FUNCTIONS = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
@@ -36,6 +43,8 @@ _STAGE_FUNCTIONS = ("mask", "psf", "align", "combine", "subtract", "mr", "extrac
 def __getattr__(name: str) -> Any:
     if name in ("pipeline", "compare"):
         return importlib.import_module(f"oasis_core.{name}")
+    if name in ("subtract_pair", "run"):  # the in-memory API (oasis_core.api)
+        return getattr(importlib.import_module("oasis_core.api"), name)
     if name in _STAGE_FUNCTIONS:
         return getattr(importlib.import_module("oasis_core.pipeline"), name)
     raise AttributeError(f"module 'oasis_core' has no attribute {name!r}")

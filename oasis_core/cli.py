@@ -7,15 +7,22 @@ Errors: :func:`main` catches every exception at the top. An
 ``error: <file:line in function>: <Type>: <message>``, and exits 1; an interrupt (Ctrl-C)
 prints ``error: interrupted`` and exits 130. The Python traceback is printed only with
 ``oasis --debug`` or ``OASIS_DEBUG=1``. Usage errors are click's (exit 2).
+
+Output: a command's text summary goes to stdout, progress and log lines to stderr. Every
+command that runs work takes ``-q/--quiet`` (nothing but warnings and errors) and
+``-v/--verbose`` (a line per frame, debug messages); every command that prints a summary
+takes ``--json`` (the summary as one JSON object, alone on stdout). A stage's backend is
+chosen with ``--<stage> NAME`` everywhere; ``--backend``/``-b`` and ``--method`` are hidden
+deprecated aliases that print a one-line warning.
 """
 
 import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from typer.core import TyperGroup
@@ -44,11 +51,13 @@ app = typer.Typer(
     cls=_Group,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
     help="OASIS: find variable and transient objects by difference imaging.",
 )
 
 log = logging.getLogger("oasis")
+
+PLUGINS_HINT = "see `oasis plugins`"
 
 TargetArg = Annotated[
     str, typer.Argument(help="Target directory, or a name under ./OASIS/targets.")
@@ -64,12 +73,27 @@ OptionOpt = Annotated[
 JobsOpt = Annotated[
     int | None, typer.Option("--jobs", "-j", help="Worker processes (0 = all cores).")
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work whose outputs exist.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Redo work whose outputs exist.")]
 NoConfigOpt = Annotated[bool, typer.Option("--no-config", help="Ignore configs/oasis.toml.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Print nothing but warnings and errors (no progress, no summary)."
+    ),
+]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", help="More detail: one line per frame, debug messages."),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print the summary as one JSON object on stdout (nothing else there)."
+    ),
+]
 ExecutorOpt = Annotated[
-    str | None,
-    typer.Option("--executor", help="Executor for per-frame work: local or dask."),
+    Literal["local", "dask"] | None,
+    typer.Option("--executor", help="Where per-frame work runs (default: local)."),
 ]
 SchedulerOpt = Annotated[
     str | None,
@@ -79,18 +103,95 @@ SchedulerOpt = Annotated[
 ]
 
 
-def _backend_opt(stage: str) -> Any:
-    return Annotated[str | None, typer.Option(f"--{stage}", help=f"{stage} backend name.")]
+def _backend_opt(stage: str, what: str = "backend name") -> Any:
+    return Annotated[
+        str | None, typer.Option(f"--{stage}", help=f"The {stage} {what} ({PLUGINS_HINT}).")
+    ]
+
+
+class _Out:
+    """How the running command reports: set by :func:`_output`, reset by :func:`main`."""
+
+    quiet = False
+    verbose = False
+    json = False
+
+
+def _output(quiet: bool = False, verbose: bool = False, as_json: bool = False) -> None:
+    """Set how much the command prints (``-q``, ``-v``, ``--json``) and the log level."""
+    if quiet and verbose:
+        raise OasisError("give -q/--quiet or -v/--verbose, not both")
+    _Out.quiet, _Out.verbose, _Out.json = quiet, verbose, as_json
+    quiet_level = logging.WARNING if quiet else logging.INFO
+    logging.getLogger("oasis").setLevel(logging.DEBUG if verbose or _Debug.on else quiet_level)
+
+
+def _say(text: str) -> None:
+    """A line of the text summary on stdout (none under ``-q`` or ``--json``)."""
+    if not (_Out.quiet or _Out.json):
+        typer.echo(text)
+
+
+def _emit_json(summary: dict[str, Any]) -> None:
+    """The summary as one JSON object on stdout, under ``--json``."""
+    if _Out.json:
+        import json
+
+        typer.echo(json.dumps(_jsonable(summary), allow_nan=False))
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with paths, numpy scalars, tables and errors turned into JSON values
+    (NaN and infinities become null)."""
+    import math
+
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if hasattr(value, "colnames"):  # an astropy Table: its rows
+        return [{c: _jsonable(row[c]) for c in value.colnames} for row in value]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    if type(value).__name__ == "MaskedConstant":
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        with contextlib.suppress(TypeError, ValueError):
+            value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _deprecated(old: str, new: str) -> None:
+    """One line saying ``old`` is a deprecated spelling of ``new``."""
+    log.warning("%s is deprecated; use %s", old, new)
+
+
+def _pick_backend(stage: str, new: str | None, old: str | None, old_flag: str) -> str | None:
+    """The backend named by ``--<stage>`` or by its deprecated spelling ``old_flag``."""
+    if old is None:
+        return new
+    if new is not None and new != old:
+        raise OasisError(f"give the {stage} backend once: --{stage} {new} or {old_flag} {old}")
+    _deprecated(old_flag, f"--{stage} NAME")
+    return old
 
 
 class _RichReporter:
-    """Progress bars on stderr."""
+    """Progress bars and stage summaries on stderr (none under ``-q``); the summaries are
+    also kept in :attr:`lines` for ``--json``."""
 
     def __init__(self, quiet: bool = False) -> None:
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self.quiet = quiet
+        self.quiet = quiet or _Out.quiet
+        self.lines: list[str] = []
 
     @contextlib.contextmanager
     def progress(self, label: str, total: int) -> Iterator[Callable[[], None]]:
@@ -117,6 +218,7 @@ class _RichReporter:
             yield lambda: bar.advance(task)
 
     def result(self, text: str) -> None:
+        self.lines.append(text)
         if not self.quiet:
             self.console.print(text, highlight=False, soft_wrap=True)
 
@@ -158,6 +260,40 @@ def _setup_logging(verbose: bool = False) -> None:
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def version_lines() -> list[str]:
+    """``oasis --version``: the core's distribution and version, then one line per
+    distribution that provides ``oasis.plugins`` entry points (read from the installed
+    metadata; no plugin is imported).
+
+    Returns
+    -------
+    list of str
+        ``"oasis-dia 0.1.0"``, then ``"<distribution> <version>: plugins <names>"``.
+    """
+    from importlib.metadata import PackageNotFoundError, entry_points, version
+
+    try:
+        core = version("oasis-dia")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        from oasis_core import __version__ as core
+    names: dict[tuple[str, str], list[str]] = {}
+    for ep in entry_points(group="oasis.plugins"):
+        dist = ep.dist
+        key = (dist.name, dist.version) if dist is not None else ("?", "?")
+        names.setdefault(key, []).append(ep.name)
+    lines = [f"oasis-dia {core}"]
+    for (dist_name, dist_version), plugins in sorted(names.items()):
+        lines.append(f"{dist_name} {dist_version}: plugins {', '.join(sorted(plugins))}")
+    return lines
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        for line in version_lines():
+            typer.echo(line)
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: Annotated[
@@ -166,6 +302,15 @@ def _global_options(
             "--debug",
             help="On an error, also print the Python traceback (and debug messages); "
             "same as OASIS_DEBUG=1.",
+        ),
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print the versions of OASIS and of each installed plugin distribution.",
         ),
     ] = False,
 ) -> None:
@@ -208,28 +353,50 @@ def _context_kwargs(
     }
 
 
+def _run_and_report(target: str, stages: list[str] | None, **kwargs: Any) -> None:
+    """Run ``stages`` (None: every stage) on ``target`` and print the summary: the outputs'
+    place as text, or under ``--json`` ``{"target", "stages": {stage: result},
+    "summary": [the stage summary lines]}``."""
+    from oasis_core import pipeline as pl
+
+    ctx = pl.make_context(target, **kwargs)
+    with pl.closing_executor(ctx):
+        result = pl.run_stages(ctx) if stages is None else pl.run_stages(ctx, stages)
+    if stages is None:
+        _say(f"outputs in {ctx.target.path}: residuals/, sources/ (see sources/total_sources.txt)")
+    _emit_json(
+        {
+            "target": ctx.target.path,
+            "stages": result,
+            "summary": getattr(ctx.reporter, "lines", []),
+        }
+    )
+
+
 def _make_stage_command(stage: str) -> None:
     def command(
         target: TargetArg,
-        backend: Annotated[
-            str | None, typer.Option("--backend", "-b", help=f"{stage} backend name.")
+        backend: _backend_opt(stage) = None,
+        old_backend: Annotated[
+            str | None,
+            typer.Option("--backend", "-b", hidden=True, help=f"Deprecated: --{stage} NAME."),
         ] = None,
         option: OptionOpt = None,
         jobs: JobsOpt = None,
         force: ForceOpt = False,
         no_config: NoConfigOpt = False,
         quiet: QuietOpt = False,
+        verbose: VerboseOpt = False,
+        as_json: JsonOpt = False,
         executor: ExecutorOpt = None,
         scheduler: SchedulerOpt = None,
     ) -> None:
-        from oasis_core import pipeline as pl
-
+        _output(quiet, verbose, as_json)
+        name = _pick_backend(stage, backend, old_backend, "--backend")
         kwargs = _context_kwargs(
-            {stage: backend}, option, jobs, force, no_config, quiet, executor, scheduler
+            {stage: name}, option, jobs, force, no_config, quiet, executor, scheduler
         )
-        ctx = pl.make_context(target, **kwargs)
-        with pl.closing_executor(ctx):
-            pl.run_stages(ctx, [stage])
+        _run_and_report(target, [stage], **kwargs)
 
     command.__doc__ = f"Run the {stage} stage on TARGET."
     app.command(name=stage)(command)
@@ -238,7 +405,9 @@ def _make_stage_command(stage: str) -> None:
 @app.command()
 def init(
     root: Annotated[Path, typer.Argument(help="Directory in which OASIS/ is created.")] = Path("."),
-    target: Annotated[str | None, typer.Option(help="Also create this target.")] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", "-t", help="Also create this target.")
+    ] = None,
 ) -> None:
     """Create ROOT/OASIS/{targets,simulations,temp,archive} (and a target with its config)."""
     from oasis_core.tree import Target, init_root
@@ -268,8 +437,9 @@ def get(
     target: Annotated[str, typer.Option("--target", "-t", help="Target name (or path).")] = "",
     unpack: Annotated[bool, typer.Option("--unpack", help="Same as --mode unpack.")] = False,
     mode: Annotated[
-        str, typer.Option(help="unpack (copy local frames) or dl (download from the LCO archive).")
-    ] = "",
+        Literal["unpack", "dl"] | None,
+        typer.Option(help="unpack (copy local frames) or dl (download from the LCO archive)."),
+    ] = None,
     object_name: Annotated[
         str | None, typer.Option("--object", help="dl: object name in the archive.")
     ] = None,
@@ -292,11 +462,13 @@ def get(
     ] = None,
     root: Annotated[Path, typer.Option(help="Directory holding OASIS/.")] = Path("."),
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Bring frames into TARGET's data/: copy local FITS / .fz frames (never moving them),
     or download them from the Las Cumbres Observatory archive (--mode dl)."""
     from oasis_core.tree import Target, init_root
 
+    _output(quiet, verbose)
     chosen = mode or ("unpack" if unpack or sources else "")
     if chosen not in ("unpack", "dl"):
         raise OasisError(
@@ -316,7 +488,7 @@ def get(
         if not sources:
             raise OasisError("oasis get --mode unpack: give the frames to copy")
         report = do_unpack(sources, t)
-        typer.echo(
+        _say(
             f"{t.data}: {len(report.copied)} copied, {len(report.present)} already there, "
             f"{len(report.refused)} refused, {len(report.skipped)} skipped (not FITS names)"
         )
@@ -339,9 +511,9 @@ def get(
         limit=limit,
         token=token,
         api_url=api_url or ARCHIVE_URL,
-        progress=False if quiet else None,
+        progress=False if _Out.quiet else None,
     )
-    typer.echo(
+    _say(
         f"{t.data}: {len(result.downloaded)} downloaded, {len(result.present)} already there, "
         f"{len(result.failed)} failed"
     )
@@ -353,25 +525,34 @@ def get(
 
 
 @app.command()
-def plugins() -> None:
+def plugins(as_json: JsonOpt = False) -> None:
     """List every backend: stage, name, plugin distribution and version, status."""
+    from oasis_core.plugins import Registry
+
+    _output(as_json=as_json)
+    registry = Registry()
+    columns = ("stage", "name", "plugin", "distribution", "version", "status")
+    rows = [
+        (rec.stage, rec.name, rec.plugin, rec.dist, rec.version, registry.status(rec))
+        for rec in registry.all_records()
+    ]
+    for name, rec in sorted(registry.simulators.items()):
+        rows.append(("simulator", name, rec.plugin, rec.dist, rec.version, "available"))
+    for broken in registry.pm.oasis_broken:  # type: ignore[attr-defined]
+        rows.append(
+            ("?", "?", broken.name, broken.dist, broken.version, f"failed to load: {broken.error}")
+        )
+    for error in registry.errors:
+        rows.append(("?", "?", "", "", "", error))
+    if as_json:
+        _emit_json({"backends": [dict(zip(columns, row, strict=True)) for row in rows]})
+        return
     from rich.console import Console
     from rich.table import Table
 
-    from oasis_core.plugins import Registry
-
-    registry = Registry()
-    table = Table("stage", "name", "plugin", "distribution", "version", "status")
-    for rec in registry.all_records():
-        table.add_row(rec.stage, rec.name, rec.plugin, rec.dist, rec.version, registry.status(rec))
-    for name, rec in sorted(registry.simulators.items()):
-        table.add_row("simulator", name, rec.plugin, rec.dist, rec.version, "available")
-    for broken in registry.pm.oasis_broken:  # type: ignore[attr-defined]
-        table.add_row(
-            "?", "?", broken.name, broken.dist, broken.version, f"failed to load: {broken.error}"
-        )
-    for error in registry.errors:
-        table.add_row("?", "?", "", "", "", error)
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
     Console(width=200).print(table)
 
 
@@ -396,19 +577,6 @@ def config(
     typer.echo(render_config(registry, cfg), nl=False)
 
 
-def _run_pipeline(target: str, **kwargs: Any) -> dict[str, Any]:
-    """Run every stage on ``target`` with the context ``kwargs`` of :func:`_context_kwargs`."""
-    from oasis_core import pipeline as pl
-
-    ctx = pl.make_context(target, **kwargs)
-    with pl.closing_executor(ctx):
-        result = pl.run_stages(ctx)
-    typer.echo(
-        f"outputs in {ctx.target.path}: residuals/, sources/ (see sources/total_sources.txt)"
-    )
-    return result
-
-
 def run(
     ctx: typer.Context,
     target: Annotated[
@@ -427,11 +595,14 @@ def run(
     force: ForceOpt = False,
     no_config: NoConfigOpt = False,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     executor: ExecutorOpt = None,
     scheduler: SchedulerOpt = None,
 ) -> None:
     """Run every stage on TARGET (mask, psf, align, combine, subtract, mr, extract); `oasis
     run` with no TARGET chooses a method from a menu."""
+    _output(quiet, verbose, as_json)
     if target is None:
         if ctx.info_name == "pipeline":
             raise OasisError("oasis pipeline: give the TARGET (`oasis run` alone opens the menu)")
@@ -447,7 +618,7 @@ def run(
         "extract": extract,
     }
     kwargs = _context_kwargs(backends, option, jobs, force, no_config, quiet, executor, scheduler)
-    _run_pipeline(target, **kwargs)
+    _run_and_report(target, None, **kwargs)
 
 
 # one command, two names: OasisPy's `oasis-run` habit and the explicit `pipeline`
@@ -517,7 +688,7 @@ def _menu() -> None:
     else:
         target = typer.prompt("target (path or name)")
         if choice == "pipeline":
-            _run_pipeline(target, reporter=_RichReporter())
+            _run_and_report(target, None, reporter=_RichReporter())
         else:
             from oasis_core import pipeline as pl
 
@@ -529,12 +700,18 @@ def compare(
     target: TargetArg,
     subtract: Annotated[
         str | None,
-        typer.Option(help="Subtract backends to compare, comma-separated (ois,zogy,auto...)."),
+        typer.Option(
+            help="Subtract backends to compare, comma-separated (ois,zogy,auto...; "
+            f"{PLUGINS_HINT})."
+        ),
     ] = None,
     extract: Annotated[
-        str | None, typer.Option(help="Extract backends to compare (native,sextractor).")
+        str | None,
+        typer.Option(help="Extract backends to compare, comma-separated (native,sextractor)."),
     ] = None,
-    mr: Annotated[str | None, typer.Option(help="Master-residual backends to compare.")] = None,
+    mr: Annotated[
+        str | None, typer.Option(help="Master-residual backends to compare, comma-separated.")
+    ] = None,
     fakes: Annotated[
         int, typer.Option(help="Fakes injected per frame; report completeness (0 = none).")
     ] = 0,
@@ -546,36 +723,58 @@ def compare(
     quiet: QuietOpt = False,
     executor: ExecutorOpt = None,
     scheduler: SchedulerOpt = None,
+    mask: _backend_opt("mask", "backend shared by every combination") = None,
+    psf: _backend_opt("psf", "backend shared by every combination") = None,
+    align: _backend_opt("align", "backend shared by every combination") = None,
+    combine: _backend_opt("combine", "backend shared by every combination") = None,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run several backend combinations on TARGET side by side (upstream stages shared)
     and compare them: tables, agreement cutouts and compare/report.html."""
-    from rich.console import Console
-    from rich.table import Table
-
     from oasis_core.compare import compare as run_compare
-    from oasis_core.report import format_rows
 
-    kwargs = _context_kwargs({}, option, jobs, force, no_config, quiet, executor, scheduler)
+    _output(quiet, verbose, as_json)
+    shared = {"mask": mask, "psf": psf, "align": align, "combine": combine}
+    kwargs = _context_kwargs(shared, option, jobs, force, no_config, quiet, executor, scheduler)
     result = run_compare(
         target, subtract=subtract, extract=extract, mr=mr, fakes=fakes, seed=seed, **kwargs
     )
+    tables = (("per frame", result.frames), ("summary", result.summary), ("fakes", result.fakes))
+    if not (_Out.quiet or _Out.json):
+        _print_tables(tables)
+    for c in result.skipped:
+        _say(f"skipped {c.name}: {c.skipped}")
+    _say(
+        f"{len(result.agreement)} disagreement(s); tables in {result.directory}; "
+        f"report: {result.report}"
+    )
+    _emit_json(
+        {
+            "directory": result.directory,
+            "report": result.report,
+            "summary": result.summary,
+            "frames": result.frames,
+            "fakes": result.fakes,
+            "skipped": {c.name: c.skipped for c in result.skipped},
+            "disagreements": len(result.agreement),
+        }
+    )
+
+
+def _print_tables(tables: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from oasis_core.report import format_rows
+
     console = Console(width=200)
-    for title, table in (
-        ("per frame", result.frames),
-        ("summary", result.summary),
-        ("fakes", result.fakes),
-    ):
+    for title, table in tables:
         if table is not None:
             shown = Table(*table.colnames, title=title)
             for cells in format_rows(table):
                 shown.add_row(*cells)
             console.print(shown)
-    for c in result.skipped:
-        typer.echo(f"skipped {c.name}: {c.skipped}")
-    typer.echo(
-        f"{len(result.agreement)} disagreement(s); tables in {result.directory}; "
-        f"report: {result.report}"
-    )
 
 
 @app.command("subtract-pair")
@@ -583,9 +782,12 @@ def subtract_pair(
     science: Annotated[Path, typer.Argument(help="Science frame (FITS).")],
     template: Annotated[Path, typer.Argument(help="Template frame, aligned with SCIENCE.")],
     output: Annotated[Path, typer.Argument(help="Residual to write (FITS).")],
-    method: Annotated[
-        str, typer.Option(help="Subtract backend (ois, zogy, hotpants... or auto).")
-    ] = "ois",
+    subtract: Annotated[
+        str | None,
+        typer.Option(
+            "--subtract", help=f"Subtract backend: ois (default), zogy, auto... ({PLUGINS_HINT})."
+        ),
+    ] = None,
     noise: Annotated[Path | None, typer.Option(help="Also write the noise image here.")] = None,
     catalog: Annotated[
         Path | None,
@@ -595,20 +797,37 @@ def subtract_pair(
         ),
     ] = None,
     option: OptionOpt = None,
+    method: Annotated[
+        str | None, typer.Option("--method", hidden=True, help="Deprecated: --subtract NAME.")
+    ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Subtract one already aligned pair outside any target tree (as hotpants users do)."""
     from oasis_core.subtraction import choice_text
     from oasis_core.subtraction import subtract_pair as run_pair
 
+    _output(quiet, verbose, as_json)
+    name = _pick_backend("subtract", subtract, method, "--method") or "ois"
     options = _cli_overrides(option)
     residual = run_pair(
-        science, template, output, method=method, noise=noise, catalog=catalog, options=options
+        science, template, output, method=name, noise=noise, catalog=catalog, options=options
     )
     flag = residual.meta.get("flag") or "none"
     chose = choice_text(residual.meta)
-    typer.echo(
-        f"{output}: Q {residual.q:.3f}, configuration {residual.meta.get('choice', 1)}"
-        f"/{residual.meta.get('tries', 1)}"
+    summary: dict[str, Any] = {
+        "output": output,
+        "subtract": name,
+        "q": residual.q,
+        "choice": residual.meta.get("choice", 1),
+        "tries": residual.meta.get("tries", 1),
+        "choices": chose,
+        "flag": flag,
+        "noise": noise,
+    }
+    _say(
+        f"{output}: Q {residual.q:.3f}, configuration {summary['choice']}/{summary['tries']}"
         + (f", choices: {chose}" if chose else "")
         + f", flag: {flag}"
     )
@@ -618,9 +837,10 @@ def subtract_pair(
         table = Table.read(catalog, format="ascii.ecsv")
         kept = int(sum(1 for r in table["reason"] if str(r) == "kept")) if len(table) else 0
         note = str(table.meta.get("OASNOTE", ""))
-        typer.echo(
-            f"{catalog}: {len(table)} detection(s), {kept} kept" + (f" ({note})" if note else "")
-        )
+        summary["catalog"] = {"path": catalog, "detections": len(table), "kept": kept}
+        summary["catalog"]["note"] = note
+        _say(f"{catalog}: {len(table)} detection(s), {kept} kept" + (f" ({note})" if note else ""))
+    _emit_json(summary)
 
 
 @app.command()
@@ -633,19 +853,21 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Simulate a series with transients, run the whole pipeline, and score it."""
     from oasis_core.demo import run_demo
 
+    _output(quiet, verbose)
     kwargs: dict[str, Any] = {"reporter": _RichReporter(quiet)}
     if jobs is not None:
         kwargs["jobs"] = jobs
     result = run_demo(directory, n_frames=frames, shape=(size, size), seed=seed, **kwargs)
-    typer.echo(
+    _say(
         f"outputs in {result.target}: residuals/, sources/filtered_sources.txt, "
         "sources/total_sources.txt"
     )
-    typer.echo(f"result: {result.line()}")
+    _say(f"result: {result.line()}")
 
 
 @app.command()
@@ -661,7 +883,8 @@ def mosaic(
         typer.Option("--output", "-O", help="Mosaic FITS to write (a PNG goes beside)."),
     ] = None,
     kind: Annotated[
-        str, typer.Option(help="From a target: 'frames' (aligned/ or data/) or 'residuals'.")
+        Literal["frames", "residuals"],
+        typer.Option(help="From a target: frames (aligned/ or data/) or residuals."),
     ] = "frames",
     background_match: Annotated[
         bool,
@@ -673,14 +896,17 @@ def mosaic(
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="Mosaic this target's frames or residuals.")
     ] = None,
-    combine: Annotated[str, typer.Option(help="Co-addition: mean or median.")] = "mean",
+    combine: Annotated[Literal["mean", "median"], typer.Option(help="Co-addition.")] = "mean",
     workdir: Annotated[
         Path | None, typer.Option(help="Keep Montage's intermediate files here.")
     ] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Mosaic frames or residuals with MontagePy (OasisPy's MOSAIC); prompts when run bare."""
     from oasis_core import mosaic as mos
 
+    _output(quiet, verbose)
     if not inputs and target is None:
         params = mos.ask_parameters(
             lambda question, default: typer.prompt(question, default=default or None)
@@ -698,7 +924,7 @@ def mosaic(
             "combine": combine,
         }
     result = mos.mosaic(**params, workdir=workdir)
-    typer.echo(result.line())
+    _say(result.line())
 
 
 @app.command("test")
@@ -708,14 +934,21 @@ def selftest(
     ] = Path("oasis-selftest"),
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Installation self-test: 30 simulated frames, 3 controls in one; the pipeline must
     find exactly them in the master residual."""
     from oasis_core.selftest import run_selftest
 
+    _output(quiet, verbose, as_json)
     result = run_selftest(directory, jobs=jobs, reporter=_RichReporter(quiet))
     for line in result.lines():
-        typer.echo(line)
+        if result.ok:
+            _say(line)
+        elif not _Out.json:  # a failure is shown even under -q: on stderr
+            typer.echo(line, err=True)
+    _emit_json({"ok": result.ok, "reasons": result.reasons, "target": result.target})
     if not result.ok:
         raise typer.Exit(1)
 
@@ -738,17 +971,22 @@ def sim(ctx: typer.Context) -> None:
 @sim_app.command("fakes")
 def sim_fakes(
     target: TargetArg,
-    n_fakes: Annotated[int, typer.Option("--n-fakes", help="Fakes per iteration.")] = 20,
+    n_fakes: Annotated[int, typer.Option("--n-fakes", "-n", help="Fakes per iteration.")] = 20,
     iterations: Annotated[int, typer.Option(help="Iterations (one frame each).")] = 50,
     input_mode: Annotated[
-        str, typer.Option("--mode", help="'flux' (ADU) or 'mag' (with the zero point).")
+        Literal["flux", "mag"],
+        typer.Option("--mode", help="Fake brightness in flux (ADU) or mag (with the zero point)."),
     ] = "flux",
-    psf: Annotated[str, typer.Option("--psf", help="Fake profile: moffat or gauss.")] = "moffat",
-    subtract: Annotated[str, typer.Option(help="Subtract backend.")] = "ois",
+    psf: Annotated[Literal["moffat", "gauss"], typer.Option("--psf", help="Fake profile.")] = (
+        "moffat"
+    ),
+    subtract: Annotated[
+        str, typer.Option("--subtract", help=f"Subtract backend ({PLUGINS_HINT}).")
+    ] = "ois",
     f_min: Annotated[float, typer.Option("--f-min", help="Faintest fake (ADU or mag).")] = 0,
     f_max: Annotated[float, typer.Option("--f-max", help="Brightest fake (ADU or mag).")] = 40000,
     scale: Annotated[
-        str, typer.Option(help="Flux distribution in flux mode: linear or log.")
+        Literal["linear", "log"], typer.Option(help="Flux distribution in flux mode.")
     ] = "linear",
     zero_point: Annotated[float, typer.Option(help="Zero point when the header has none.")] = 25.0,
     seed: Annotated[int, typer.Option(help="Random seed (same seed: same fakes).")] = 0,
@@ -761,10 +999,12 @@ def sim_fakes(
     ] = True,
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Inject fakes into TARGET's frames and measure the detection efficiency."""
     from oasis_core.fakes import sim_fakes as run_fakes
 
+    _output(quiet, verbose)
     result = run_fakes(
         target,
         n_fakes=n_fakes,
@@ -781,13 +1021,8 @@ def sim_fakes(
         jobs=jobs,
         reporter=_RichReporter(quiet),
     )
-    typer.echo(f"catalog: {result.directory / 'fakes.txt'}; plot: {result.plot}")
-    typer.echo(f"result: {result.line()}")
-
-
-# For oasis_core/cli.py: paste after the `sim_fakes` command (before `def _sim_menu`).
-# Uses the module's existing Annotated, typer, JobsOpt, QuietOpt and _RichReporter.
-# `_sim_menu` already looks up `sim_same_field` and `_same_field_menu` in globals().
+    _say(f"catalog: {result.directory / 'fakes.txt'}; plot: {result.plot}")
+    _say(f"result: {result.line()}")
 
 
 @sim_app.command("same-field")
@@ -798,7 +1033,8 @@ def sim_same_field(
     ],
     num_ims: Annotated[int, typer.Option("--num-ims", "-n", help="Frames to render.")] = 100,
     mode: Annotated[
-        str, typer.Option(help="PSF: moffat, gauss, real (the frame's own) or sky (GalSim).")
+        Literal["moffat", "gauss", "real", "sky"],
+        typer.Option(help="PSF: moffat, gauss, real (the frame's own) or sky (GalSim)."),
     ] = "moffat",
     bkg_mag: Annotated[
         float, typer.Option("--bkg-mag", help="Mean sky, mag/px (each frame within ±1.5).")
@@ -826,11 +1062,13 @@ def sim_same_field(
     seed: Annotated[int, typer.Option(help="Random seed (same seed: same frames).")] = 0,
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Render frames of one real frame's sources (varied seeing, sky, pointing, scale), run
     the pipeline, and count the false detections per frame."""
     from oasis_core.samefield import sim_same_field as run_same_field
 
+    _output(quiet, verbose)
     result = run_same_field(
         location,
         numIms=num_ims,
@@ -850,8 +1088,8 @@ def sim_same_field(
         jobs=jobs,
         reporter=_RichReporter(quiet),
     )
-    typer.echo(f"table: {result.directory / 'samefield.txt'}; plot: {result.plot}")
-    typer.echo(f"result: {result.line()}")
+    _say(f"table: {result.directory / 'samefield.txt'}; plot: {result.plot}")
+    _say(f"result: {result.line()}")
 
 
 def _same_field_menu() -> None:
@@ -980,6 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
         return _report(err)
     finally:
         _Debug.on = False
+        _Out.quiet = _Out.verbose = _Out.json = False
     return 0
 
 

@@ -61,16 +61,22 @@ __all__ = [
     "apply_cards",
     "atomic_write",
     "check_outputs",
+    "frame_from_arrays",
     "frame_name",
+    "header_mjd",
+    "header_unit",
     "header_value",
     "header_wcs",
+    "image_extension",
     "is_fits_name",
     "read_frame",
     "read_output_frame",
     "read_psf",
     "read_residual",
     "read_shape",
+    "residual_header",
     "sanitize_header",
+    "set_card",
     "sha256",
     "write_frame",
     "write_psf",
@@ -248,10 +254,19 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_table(table: Any, path: Path, *, fmt: str | None = None) -> None:
-    """Write an astropy Table atomically (ECSV by default, by suffix otherwise)."""
+    """Write an astropy Table atomically (ECSV by default, by suffix otherwise).
+
+    In ECSV, the columns that have no description yet and are named in the catalog
+    schema (:data:`oasis_core.sources.CATALOG_COLUMNS`) get its unit and description
+    (``table`` itself is not changed), so every catalog carries them whoever built it.
+    """
     path = Path(path)
     if fmt is None:
         fmt = "ascii.ecsv" if path.suffix == ".ecsv" else "ascii.fixed_width_two_line"
+    if fmt == "ascii.ecsv":
+        from oasis_core.sources import describe_columns
+
+        table = describe_columns(table.copy(copy_data=False), missing_only=True)
     with atomic_write(path) as tmp:
         if len(table) == 0 and fmt.startswith("ascii.fixed_width"):
             # astropy cannot size the columns of an empty fixed-width table
@@ -551,13 +566,7 @@ def read_frame(
                 raw = hdu.data
             except (OSError, ValueError, TypeError) as err:
                 raise InputError(f"{path}: cannot read the image data ({err})") from err
-            if raw is None or raw.size == 0:
-                raise InputError(f"{path}: the image is empty")
-            if min(raw.shape) < MIN_SIDE:
-                raise InputError(
-                    f"{path}: the image is {raw.shape[0]}x{raw.shape[1]} pixels; a frame "
-                    f"needs at least {MIN_SIDE} along each axis"
-                )
+            _check_image(raw, path)
             data = np.array(raw, dtype=np.float32)  # native byte order, a private copy
             header = hdu.header.copy()
             faults, wcs_dropped = _drop_unusable(header)
@@ -586,12 +595,6 @@ def read_frame(
             weight = _weight_from_extensions(hdul, index, data.shape, path)
             int_sat = _integer_saturation(hdu)
     _warn_dropped(path, faults, wcs_dropped)
-    finite = np.isfinite(data)
-    if not finite.all():
-        if not finite.any():
-            raise InputError(f"{path}: every pixel is NaN or infinite")
-        weight[~finite] = 0.0
-    del finite
     if weight_path is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=fits.verify.VerifyWarning)
@@ -599,8 +602,104 @@ def read_frame(
         if extra.shape != data.shape:
             raise InputError(f"{weight_path}: weight map shape {extra.shape} != {data.shape}")
         weight = np.minimum(weight, extra)
+    return frame_from_arrays(
+        data,
+        weight=weight,
+        header=header,
+        where=path,
+        path=path,
+        name=name or frame_name(path),
+        integer_saturation=int_sat,
+        warn=warn,
+        copy=False,
+    )
+
+
+def _check_image(data: Any, where: Any) -> None:
+    """Refuse what is not a frame: not 2-D, empty, or thinner than :data:`MIN_SIDE`."""
+    if data is None or np.size(data) == 0:
+        raise InputError(f"{where}: the image is empty")
+    if np.ndim(data) != 2:
+        raise InputError(
+            f"{where}: the image has {np.ndim(data)} dimension(s) {np.shape(data)}; a frame "
+            "is a 2-D image"
+        )
+    if min(np.shape(data)) < MIN_SIDE:
+        raise InputError(
+            f"{where}: the image is {data.shape[0]}x{data.shape[1]} pixels; a frame "
+            f"needs at least {MIN_SIDE} along each axis"
+        )
+
+
+def frame_from_arrays(
+    data: Any,
+    *,
+    weight: Any = None,
+    header: Any = None,
+    where: Any = "frame",
+    path: Path | None = None,
+    name: str = "frame",
+    integer_saturation: float | None = None,
+    warn: bool = True,
+    copy: bool = True,
+) -> Frame:
+    """A frame from its pixels, weight and header: what :func:`read_frame` makes of a file,
+    for pixels already in memory (one mechanism for both).
+
+    Parameters
+    ----------
+    data : array_like
+        The 2-D image (copied as float32; the caller's array is never touched).
+    weight : array_like, optional
+        Weight map in [0, 1] (default 1); non-finite pixels get weight 0 either way.
+    header : astropy.io.fits.Header or mapping, optional
+        Gives gain, read noise and saturation (see the module doc) and, when OASIS wrote
+        it, the measured ``background``, ``noise``, ``fwhm``, ``snr``. Cards that cannot be
+        written back are dropped (:func:`sanitize_header`).
+    where : str or Path
+        What the messages name (the file, or e.g. ``"science (array)"``).
+    path : Path, optional
+        The file the frame was read from.
+    name : str
+        The frame's short name.
+    integer_saturation : float, optional
+        The saturation level implied by the file's integer type, used when the header
+        gives none.
+    warn : bool
+        Log a warning naming ``where`` when a header key is missing.
+    copy : bool
+        Copy ``data`` and ``weight`` (default); False when they are the caller's own
+        private copies (:func:`read_frame`'s).
+
+    Raises
+    ------
+    InputError
+        When the image is not 2-D, is thinner than :data:`MIN_SIDE` pixels, the weight
+        map has another shape, no pixel is finite or every pixel is masked.
+    """
+    from astropy.io import fits
+
+    _check_image(data, where)
+    as_array = np.array if copy else np.asarray  # a private copy, native byte order
+    data = as_array(data, dtype=np.float32)
+    weight = (
+        np.ones(data.shape, np.float32) if weight is None else as_array(weight, dtype=np.float32)
+    )
+    if weight.shape != data.shape:
+        raise InputError(f"{where}: weight map shape {weight.shape} != {data.shape}")
+    if header is None:
+        header = fits.Header()
+    elif not isinstance(header, fits.Header):
+        header = fits.Header(list(dict(header).items()))
+    sanitize_header(header, where)
+    finite = np.isfinite(data)
+    if not finite.all():
+        if not finite.any():
+            raise InputError(f"{where}: every pixel is NaN or infinite")
+        weight[~finite] = 0.0
+    del finite
     if not (weight > 0).any():
-        raise InputError(f"{path}: every pixel is masked")
+        raise InputError(f"{where}: every pixel is masked")
 
     gain = header_value(header, GAIN_KEYS)
     readnoise = header_value(header, RDNOISE_KEYS)
@@ -613,19 +712,19 @@ def read_frame(
         unusable.append(f"read noise {readnoise:g} (must be >= 0)")
         readnoise = None
     if unusable and warn:
-        log.warning("%s: header %s: ignored", path, " and ".join(unusable))
+        log.warning("%s: header %s: ignored", where, " and ".join(unusable))
     missing = []
     if gain is None:
         missing.append("GAIN (backends estimate the noise from the sky)")
     if readnoise is None:
         missing.append("RDNOISE (noise measured from the sky instead)")
     if saturation is None:
-        if int_sat is not None:
-            saturation = int_sat
+        if integer_saturation is not None:
+            saturation = integer_saturation
         else:
             missing.append("SATURATE (no saturation masking beyond the data's own plateau)")
     if missing and warn and "OASSTAGE" not in header:
-        log.warning("%s: header has no %s", path, "; no ".join(missing))
+        log.warning("%s: header has no %s", where, "; no ".join(missing))
     measured = {
         attr: value
         for attr, (key, _) in MEASURED_KEYS.items()
@@ -636,7 +735,7 @@ def read_frame(
         weight=weight,
         header=header,
         path=path,
-        name=name or frame_name(path),
+        name=name,
         gain=gain,
         readnoise=readnoise,
         saturation=saturation,
@@ -720,30 +819,184 @@ def _frame_header(frame: Frame, extra: Mapping[str, Any] | None) -> Any:
 
 
 def apply_cards(header: Any, cards: Mapping[str, Any] | None) -> Any:
-    """Set ``cards`` in ``header``; a ``HISTORY`` entry may be a list of lines."""
+    """Set ``cards`` in ``header`` through :func:`set_card` (a value may be a
+    ``(value, comment)`` tuple); a ``HISTORY`` entry may be a list of lines."""
     for key, value in (cards or {}).items():
         if key == "HISTORY":
             for line in value if isinstance(value, (list, tuple)) else [value]:
                 header.add_history(str(line))
         else:
-            header[key] = value
+            set_card(header, key, value)
     return header
 
 
-def _put_meta(header: Any, meta: Mapping[str, Any]) -> None:
-    """Record ``meta`` as HIERARCH OAS <key> cards (long names allowed)."""
+def set_card(header: Any, key: str, value: Any, comment: str | None = None) -> Any:
+    """Set one card of ``header``: the one way the core writes a card.
+
+    A number that is not finite (NaN, inf) or ``None`` is not a value FITS can hold: the
+    card is then removed rather than written, never written as the string ``'nan'``
+    (a reader sees a missing card: unknown). numpy scalars become Python ones. Keys
+    longer than 8 characters or with spaces are written as ``HIERARCH`` cards.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        Modified in place and returned.
+    key : str
+        The keyword.
+    value : bool, int, float, str or None
+        The value; a ``(value, comment)`` tuple is accepted too.
+    comment : str, optional
+        The card's comment.
+    """
     import warnings as _w
 
     from astropy.io.fits.verify import VerifyWarning
 
+    if isinstance(value, tuple):
+        value, comment = value[0], (value[1] if len(value) > 1 else comment)
+    if isinstance(value, np.generic):
+        value = value.item()
+    plain = (len(key) <= 8 and " " not in key) or key.startswith("HIERARCH ")
+    name = key if plain else f"HIERARCH {key}"
+    if value is None or (isinstance(value, (float, complex)) and not np.isfinite(value)):
+        header.remove(name, ignore_missing=True, remove_all=True)
+        return header
+    with _w.catch_warnings():
+        _w.simplefilter("ignore", VerifyWarning)
+        header[name] = value if comment is None else (value, comment)
+    return header
+
+
+#: Header keys that give the time of an exposure (see :func:`header_mjd`).
+TIME_KEYS = (
+    "MJD-AVG",
+    "DATE-AVG",
+    "MJD-OBS",
+    "DATE-OBS",
+    "MJD-BEG",
+    "DATE-BEG",
+    "MJD-END",
+    "DATE-END",
+    "TIME-OBS",
+    "UTSTART",
+    "UT",
+)
+
+#: Keys of the exposure time in seconds, in the order tried.
+EXPTIME_KEYS = ("EXPTIME", "EXPOSURE", "ITIME")
+
+
+def header_mjd(header: Any) -> float | None:
+    """The mid-exposure time of a frame as an MJD, from its header, or None.
+
+    ``MJD-AVG`` / ``DATE-AVG`` (the FITS mid-exposure keys) are taken as they are;
+    otherwise the start, ``MJD-OBS`` (or ``MJD-BEG``), else ``DATE-OBS`` (or ``DATE-BEG``;
+    a date alone is completed by ``TIME-OBS`` / ``UTSTART`` / ``UT``), plus half the
+    exposure time (``EXPTIME`` / ``EXPOSURE`` / ``ITIME``, seconds; the start itself when
+    none is given). Dates are read by :class:`astropy.time.Time` in the header's
+    ``TIMESYS`` (UTC when absent or unknown), and the MJD is in that scale. A header
+    without a readable time gives None.
+    """
+    from astropy.time import Time
+
+    if not header:
+        return None
+    scale = str(header.get("TIMESYS", "UTC")).strip().lower()
+    if scale not in Time.SCALES:
+        scale = "utc"
+
+    def from_date(key: str) -> float | None:
+        text = str(header.get(key, "")).strip()
+        if not text:
+            return None
+        if "T" not in text:
+            for clock in ("TIME-OBS", "UTSTART", "UT"):
+                if str(header.get(clock, "")).strip():
+                    text = f"{text}T{str(header[clock]).strip()}"
+                    break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # erfa's "dubious year" for far dates
+            try:
+                return float(Time(text, scale=scale).mjd)
+            except (ValueError, TypeError):
+                return None
+
+    for key in ("MJD-AVG",):
+        if (mid := _finite(header.get(key))) is not None:
+            return mid
+    if (mid := from_date("DATE-AVG")) is not None:
+        return mid
+    start = _finite(header.get("MJD-OBS"))
+    if start is None:
+        start = _finite(header.get("MJD-BEG"))
+    if start is None:
+        start = from_date("DATE-OBS")
+    if start is None:
+        start = from_date("DATE-BEG")
+    if start is None:
+        return None
+    exptime = header_value(header, EXPTIME_KEYS)
+    if exptime is not None and exptime > 0:
+        return start + exptime / 2.0 / 86400.0
+    return start
+
+
+def header_unit(header: Any) -> Any:
+    """The astropy unit of an image from its ``BUNIT`` card, or None (no card, or a
+    unit astropy does not know). ``BUNIT = ''`` is dimensionless."""
+    import astropy.units as u
+
+    if not header or "BUNIT" not in header:
+        return None
+    text = str(header["BUNIT"]).strip()
+    for candidate in (text, text.lower()):  # 'ADU' is astropy's 'adu'
+        try:
+            return u.Unit(candidate)
+        except (ValueError, TypeError):
+            continue
+    return None
+
+
+def image_extension(
+    data: Any,
+    name: str,
+    *,
+    wcs_from: Any = None,
+    grid: tuple[int, ...] | None = None,
+    bunit: str | None = None,
+    **cards: Any,
+) -> Any:
+    """An image extension of an output: the one way the core builds one.
+
+    ``EXTNAME`` is ``name``; ``BUNIT`` is ``bunit`` (``''``: dimensionless; None: no card);
+    ``cards`` go through :func:`set_card`; when the image lies on the primary image's
+    grid (its shape is ``grid``, or no ``grid`` is given) it carries the WCS cards
+    (:data:`WCS_KEY_RE`) of ``wcs_from``, the primary header, so that every image of a
+    file maps to the sky as the primary does.
+    """
+    from astropy.io import fits
+
+    data = np.asarray(data, np.float32)
+    h = fits.Header()
+    h["EXTNAME"] = name
+    if bunit is not None:
+        h["BUNIT"] = (bunit, "dimensionless" if bunit == "" else "unit of the pixel values")
+    for key, value in cards.items():
+        set_card(h, key, value)
+    if wcs_from is not None and (grid is None or tuple(data.shape) == tuple(grid)):
+        for card in wcs_from.cards:
+            if WCS_KEY_RE.match(card.keyword) and card.keyword not in h:
+                h.append(card)
+    return fits.ImageHDU(data, h)
+
+
+def _put_meta(header: Any, meta: Mapping[str, Any]) -> None:
+    """Record ``meta`` as HIERARCH OAS <key> cards (long names allowed), through
+    :func:`set_card`: a value that is not a finite number writes no card."""
     for key, value in meta.items():
         if isinstance(value, (bool, int, float, str, np.integer, np.floating)):
-            v = value.item() if isinstance(value, np.generic) else value
-            if isinstance(v, float) and not np.isfinite(v):
-                v = str(v)
-            with _w.catch_warnings():
-                _w.simplefilter("ignore", VerifyWarning)
-                header[f"HIERARCH OAS {key.upper()}"] = v
+            set_card(header, f"HIERARCH OAS {key.upper()}", value)
 
 
 def write_frame(
@@ -763,15 +1016,20 @@ def write_frame(
     header = _frame_header(frame, header_extra)
     if weight_only:
         header["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
+        header["BUNIT"] = ("", "dimensionless")
         hdul = fits.HDUList([fits.PrimaryHDU(np.asarray(frame.weight, np.float32), header)])
     else:
-        whdr = fits.Header()
-        whdr["EXTNAME"] = "WEIGHT"
-        whdr["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
         hdul = fits.HDUList(
             [
                 fits.PrimaryHDU(np.asarray(frame.data, np.float32), header),
-                fits.ImageHDU(np.asarray(frame.weight, np.float32), whdr),
+                image_extension(
+                    frame.weight,
+                    "WEIGHT",
+                    wcs_from=header,
+                    grid=frame.data.shape,
+                    bunit="",
+                    WEIGHT=("Y", "this HDU is a weight map (0 = bad pixel)"),
+                ),
             ]
         )
     with atomic_write(path) as tmp:
@@ -837,17 +1095,12 @@ def read_psf(path: Path) -> PsfModel:
         )
 
 
-def write_residual(
-    path: Path, residual: Residual, *, header_extra: Mapping[str, Any] | None = None
-) -> None:
-    """Write a residual atomically: data, ``NOISE``, ``WEIGHT``, ``KERNEL`` and extra images."""
-    from astropy.io import fits
-
+def residual_header(residual: Residual, header_extra: Mapping[str, Any] | None = None) -> Any:
+    """The primary header :func:`write_residual` writes for ``residual``: its own header
+    cleaned, Q, the inputs' names, ``meta``/``params``/kernel as ``OAS`` cards, then
+    ``header_extra``."""
     header = _clean_header(residual.header)
-    header["OASQ"] = (
-        float(residual.q) if np.isfinite(residual.q) else "nan",
-        "quality Q = 1/(1+chi2/Npix)",
-    )
+    set_card(header, "OASQ", float(residual.q), "quality Q = 1/(1+chi2/Npix); none: unknown")
     header["OASSCI"] = (residual.science, "science frame")
     header["OASTMPL"] = (residual.template, "template")
     _put_meta(header, residual.meta)
@@ -856,23 +1109,32 @@ def write_residual(
         header["OASCONV"] = (residual.kernel.direction, "image convolved")
         _put_meta(header, {f"K_{k}": v for k, v in residual.kernel.meta.items()})
     apply_cards(header, header_extra)
+    return header
 
-    def ext(data: Any, name: str, **cards: Any) -> Any:
-        h = fits.Header()
-        h["EXTNAME"] = name
-        for k, v in cards.items():
-            h[k] = v
-        return fits.ImageHDU(np.asarray(data, np.float32), h)
 
+def write_residual(
+    path: Path, residual: Residual, *, header_extra: Mapping[str, Any] | None = None
+) -> None:
+    """Write a residual atomically: data, ``NOISE``, ``WEIGHT``, ``KERNEL`` and extra images.
+
+    ``BUNIT`` of the data is the residual header's (the science frame's unit; ``''`` for
+    a master residual in sigma units); ``NOISE`` has the same, ``WEIGHT`` and ``KERNEL``
+    are dimensionless (``''``). Every extension on the residual's grid carries its WCS.
+    """
+    from astropy.io import fits
+
+    header = residual_header(residual, header_extra)
+    unit = str(header["BUNIT"]) if "BUNIT" in header else None
+    grid = {"wcs_from": header, "grid": residual.data.shape}
     hdus = [
         fits.PrimaryHDU(np.asarray(residual.data, np.float32), header),
-        ext(residual.noise, "NOISE"),
-        ext(residual.weight, "WEIGHT", WEIGHT="Y"),
+        image_extension(residual.noise, "NOISE", bunit=unit, **grid),
+        image_extension(residual.weight, "WEIGHT", bunit="", WEIGHT="Y", **grid),
     ]
     if residual.kernel is not None and residual.kernel.image is not None:
-        hdus.append(ext(residual.kernel.image, "KERNEL"))
+        hdus.append(image_extension(residual.kernel.image, "KERNEL", bunit=""))
     for key, image in residual.extra.items():
-        hdus.append(ext(image, key.upper()[:8]))
+        hdus.append(image_extension(image, key.upper()[:8], **grid))
     with atomic_write(path) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
 

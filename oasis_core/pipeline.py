@@ -385,8 +385,11 @@ def _load_output(path: Path, psf_path: Path | None, *, cls: type[Frame] = Frame)
 
 def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> Any:
     """Run an extract backend on ``residual`` and add the columns the core's filters use
-    (``sign``, ``peak_norm``, ``lobe_min``, ``masked_frac``, ``fwhm``)."""
-    from oasis_core.sources import add_lobe_columns
+    (``sign``, ``peak_norm``, ``lobe_min``, ``masked_frac``, ``fwhm``) and the frame's
+    mid-exposure ``mjd`` (:func:`oasis_core.io.header_mjd` of the residual's header), with
+    the units and descriptions of :data:`oasis_core.sources.CATALOG_COLUMNS` (fluxes in
+    the residual's ``BUNIT``)."""
+    from oasis_core.sources import add_lobe_columns, describe_columns
 
     table = backend.extract(residual, options=options, workdir=workdir)
     missing = [c for c in ("x", "y", "flux", "snr") if c not in table.colnames]
@@ -406,7 +409,19 @@ def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> 
         smooth=fwhm / 2.3548,
     )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
-    return table
+    _add_mjd(table, io.header_mjd(residual.header))
+    return describe_columns(table, flux_unit=io.header_unit(residual.header))
+
+
+def _add_mjd(table: Any, mjd: float | None) -> None:
+    """The frame's mid-exposure ``mjd`` on every row (masked when unknown)."""
+    from astropy.table import MaskedColumn
+
+    n = len(table)
+    if mjd is None:
+        table["mjd"] = MaskedColumn(np.zeros(n), mask=np.ones(n, bool))
+    else:
+        table["mjd"] = np.full(n, mjd, dtype=np.float64)
 
 
 def filter_sources(
@@ -440,9 +455,10 @@ def filter_sources(
     -------
     astropy.table.Table
         ``table`` with ``n_frames`` and ``reason`` (``kept`` or why not: see
-        :mod:`oasis_core.sources`), floats shown with 3 decimals, no metadata.
+        :mod:`oasis_core.sources`), floats shown with 3 decimals (``ra``, ``dec``,
+        ``mjd`` with 6), units and descriptions on every column, no metadata.
     """
-    from oasis_core.sources import filter_detections, filter_options
+    from oasis_core.sources import describe_columns, filter_detections, filter_options
 
     out = filter_detections(
         table, catalogs=catalogs, n_residuals=n_residuals, **filter_options(settings)
@@ -453,7 +469,7 @@ def filter_sources(
         )
     _cleaned(out)
     _add_radec(out, wcs)
-    return out
+    return describe_columns(out)
 
 
 def _task_extract(task: Task) -> dict[str, Any]:
@@ -499,6 +515,7 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
             advance()
             if outcome.ok:
                 results[outcome.key] = outcome.value
+                log.debug("%s: %s: %s", label, outcome.key, _brief(outcome.value))
             else:
                 err = outcome.error
                 results[outcome.key] = err
@@ -515,6 +532,15 @@ def _execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
     skipped = sum(1 for v in results.values() if v == "skipped")
     ctx.reporter.result(f"{label}: {done}/{len(tasks)} done ({skipped} already up to date)")
     return results
+
+
+def _brief(summary: Any) -> str:
+    """A task's summary as one ``key value, ...`` line (``oasis -v``'s per-frame line)."""
+    if not isinstance(summary, Mapping):
+        return str(summary)
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+    )
 
 
 def _output_current(task: Task) -> bool:
@@ -1285,6 +1311,11 @@ def _make_master(
         advance()
     shutil.rmtree(workdir, ignore_errors=True)
     header = residuals[0].header.copy()
+    for key in io.TIME_KEYS:  # the master residual has no single time of observation
+        header.remove(key, ignore_missing=True, remove_all=True)
+    # the backend's unit: '' (dimensionless) for residuals combined in sigma units
+    unit = str(master.header["BUNIT"]) if "BUNIT" in master.header else ""
+    header["BUNIT"] = (unit, "dimensionless: sigma units" if unit == "" else "image unit")
     master = attrs.evolve(
         master, header=header, name="MR", science="MR", template=residuals[0].template
     )
@@ -1373,6 +1404,11 @@ def _extract(ctx: Context) -> dict[str, Any]:
         for k, v in ctx.provenance("extract", dict(units), settings=settings).cards().items()
     }
     indiv = [filter_sources(tables[name], frame=name, **common) for name in indiv_names]
+    if len({str(t["flux"].unit) for t in indiv}) > 1:  # frames in different units
+        for t in indiv:
+            for c in ("flux", "flux_err", "peak"):
+                if c in t.colnames:
+                    t[c].unit = None
     sources = vstack(indiv) if indiv else None
     summary: dict[str, Any] = {
         "frames": len(indiv_names),

@@ -36,9 +36,11 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "CATALOG_COLUMNS",
     "FILTER_KEYS",
     "add_lobe_columns",
     "count_matches",
+    "describe_columns",
     "filter_detections",
     "filter_options",
     "match_catalogs",
@@ -60,6 +62,81 @@ FILTER_KEYS = (
     "snr_min",
     "sharp_max",
 )
+
+
+#: The catalog schema: every column an OASIS catalog (``sources/*.ecsv``, the per-residual
+#: detections, ``oasis subtract-pair --catalog``) may hold, as ``name: (unit, description)``.
+#: ``FLUX`` stands for the residual's unit (its ``BUNIT``: the science frame's, e.g. adu;
+#: dimensionless for the master residual, which is in sigma units); ``""`` is dimensionless;
+#: None: no unit (text). Extract backends may add columns of their own.
+CATALOG_COLUMNS: dict[str, tuple[str | None, str]] = {
+    "frame": (None, "the frame whose residual holds the source"),
+    "mjd": (
+        "d",
+        "mid-exposure time of the frame, MJD in the header's TIMESYS (UTC when absent): "
+        "MJD-AVG/DATE-AVG, else MJD-OBS/DATE-OBS (the start) plus EXPTIME/2; masked when "
+        "the header gives no time and for the master residual (no single time)",
+    ),
+    "x": ("pix", "0-based column of the source on the residual's (the template's) grid"),
+    "y": ("pix", "0-based row of the source on the residual's (the template's) grid"),
+    "flux": ("FLUX", "flux of the source in the residual's unit, negative when fading"),
+    "flux_err": ("FLUX", "1-sigma error of flux, in the residual's unit"),
+    "peak": ("FLUX", "the source's extreme pixel value in the residual's unit, signed"),
+    "snr": ("", "detection significance (sigmas), as the extract backend measures it"),
+    "a": ("pix", "semi-major axis of the source"),
+    "b": ("pix", "semi-minor axis of the source"),
+    "theta": ("rad", "position angle of the major axis, counter-clockwise from +x"),
+    "npix": ("pix2", "number of pixels of the detection"),
+    "sign": ("", "+1: brighter in the science frame than in the template; -1: fainter"),
+    "flag": ("", "the extract backend's flags (a bit field; 0: clean)"),
+    "spread_model": ("", "SExtractor's SPREAD_MODEL (about 0 for a point source)"),
+    "spread_model_err": ("", "1-sigma error of spread_model"),
+    "peak_norm": ("", "PSF-weighted (matched-filter) significance at the source, sigmas"),
+    "lobe_min": ("", "opposite extreme of the matched-filter significance nearby, sigmas"),
+    "masked_frac": ("", "fraction of the pixels within 1.5 FWHM that are masked"),
+    "extent": ("", "significance through a filter twice the PSF over the PSF's (~0.8 point)"),
+    "fwhm": ("pix", "FWHM of the residual's PSF"),
+    "n_frames": ("", "number of individual residuals with a positive detection there"),
+    "reason": (None, "'kept', or why the source was filtered out (oasis_core.sources)"),
+    "ra": ("deg", "right ascension from the template's WCS (its RADESYS, ICRS when absent)"),
+    "dec": ("deg", "declination from the template's WCS (its RADESYS, ICRS when absent)"),
+}
+
+#: Display formats of the columns that need more than the catalogs' 3 decimals.
+_FORMATS = {"ra": ".6f", "dec": ".6f", "mjd": ".6f"}
+
+
+def describe_columns(table: Any, *, flux_unit: Any = None, missing_only: bool = False) -> Any:
+    """Give the columns of ``table`` named in :data:`CATALOG_COLUMNS` their unit and
+    description (in place; ``table`` is returned): the one place catalog columns get them.
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        A catalog; columns the schema does not know are left as they are.
+    flux_unit : str or astropy.units.Unit, optional
+        The residual's unit (:func:`oasis_core.io.header_unit`) for ``flux``, ``flux_err``
+        and ``peak``; None keeps the unit those columns have (none when they have none).
+    missing_only : bool
+        Only the columns that have no description yet (what a writer adds to a table
+        whose builder described its own columns).
+    """
+    import astropy.units as u
+
+    for name in table.colnames:
+        if name not in CATALOG_COLUMNS or (missing_only and table[name].info.description):
+            continue
+        unit, description = CATALOG_COLUMNS[name]
+        col = table[name]
+        col.info.description = description
+        if unit == "FLUX":
+            if flux_unit is not None:
+                col.info.unit = u.Unit(flux_unit)
+        elif unit is not None:
+            col.info.unit = u.Unit(unit)
+        if name in _FORMATS:
+            col.info.format = _FORMATS[name]
+    return table
 
 
 def filter_options(settings: Any) -> dict[str, Any]:

@@ -48,6 +48,7 @@ __all__ = [
     "CHOICE_PREFIX",
     "FALLBACK_KEY",
     "AutoSubtract",
+    "PairPlan",
     "auto_cards",
     "auto_subtract",
     "choice_text",
@@ -55,9 +56,11 @@ __all__ = [
     "frame_choices",
     "judge_residual",
     "new_sources",
+    "plan_pair",
     "residual_cards",
     "run_auto",
     "run_subtraction",
+    "subtract_frames",
     "subtract_pair",
 ]
 
@@ -516,17 +519,9 @@ def subtract_pair(
         output, or cannot be written (see :func:`oasis_core.io.check_outputs`); unreadable
         frames or frames of different shapes.
     """
-    import shutil
-    import tempfile
-
     from oasis_core import io
-    from oasis_core.config import load_config
-    from oasis_core.errors import InputError
-    from oasis_core.plugins import Registry
 
-    registry = registry or Registry()
-    if method != "auto":
-        registry.get("subtract", method)  # an unknown name lists the installed ones
+    plan = plan_pair(method, options, registry, catalog=catalog is not None)
     io.check_outputs(
         inputs=[Path(science), Path(template)],
         outputs={
@@ -535,34 +530,167 @@ def subtract_pair(
             "--catalog file": None if catalog is None else Path(catalog),
         },
     )
+    sci = io.read_frame(Path(science))
+    tpl = io.read_frame(Path(template))
+    residual, _ = subtract_frames(
+        plan,
+        sci,
+        tpl,
+        inputs={"science": Path(science), "template": Path(template)},
+        output=Path(output),
+        noise=None if noise is None else Path(noise),
+        catalog=None if catalog is None else Path(catalog),
+    )
+    return residual
+
+
+@attrs.frozen(kw_only=True)
+class PairPlan:
+    """The choices of one pair subtraction, resolved and checked before any work
+    (:func:`plan_pair`).
+
+    Attributes
+    ----------
+    registry : oasis_core.plugins.Registry
+    config : oasis_core.config.Config
+        The defaults with the options given.
+    method : str
+        The subtract backend's name (``"auto"`` included).
+    backend : SubtractBackend or AutoSubtract
+    needs_psf : bool
+        Whether the frames' PSFs are measured first.
+    extractor : ExtractBackend or None
+        When a catalog is asked for.
+    """
+
+    registry: Any
+    config: Any
+    method: str
+    backend: Any
+    needs_psf: bool
+    extractor: Any = None
+
+
+def plan_pair(
+    method: str,
+    options: Mapping[str, Any] | None = None,
+    registry: Any = None,
+    *,
+    catalog: bool = False,
+    source: str = "command line",
+) -> PairPlan:
+    """Resolve and check the backends and options of a pair subtraction, before any work.
+
+    Parameters
+    ----------
+    method : str
+        A subtract backend's name, or ``"auto"``.
+    options : mapping, optional
+        Dotted keys (``{"subtract.ois.deg_spatial": 1}``) or the subtract backend's own
+        (``{"deg_spatial": 1}``), checked by the configuration's validators.
+    registry : oasis_core.plugins.Registry, optional
+    catalog : bool
+        Whether a catalog will be made (the extract backend is then checked too).
+    source : {"command line", "argument"}
+        What an error about an option names as its origin.
+
+    Raises
+    ------
+    UnknownBackend, BackendUnavailable, ConfigError
+        One line naming the backend or option and what is wrong.
+    """
+    from oasis_core.config import load_config
+    from oasis_core.plugins import Registry
+
+    registry = registry or Registry()
+    if method != "auto":
+        registry.get("subtract", method)  # an unknown name lists the installed ones
     flat: dict[str, Any] = {"subtract.backend": method}
     for key, value in (options or {}).items():
         flat[key if "." in key else f"subtract.{method}.{key}"] = value
-    config = load_config(None, registry, use_config_file=False, cli=flat)
+    if source == "argument":
+        config = load_config(None, registry, use_config_file=False, arguments=flat)
+    else:
+        config = load_config(None, registry, use_config_file=False, cli=flat)
     if method == "auto":
         backend: Any = auto_subtract(registry, config)
         needs_psf = any(getattr(b, "needs_psf", False) for _, b, _ in backend.candidates)
     else:
         backend = registry.select("subtract", method, config.backend_options("subtract"))
         needs_psf = bool(getattr(backend, "needs_psf", False))
-    if needs_psf or catalog is not None:
+    if needs_psf or catalog:
         registry.get("psf", config.backend("psf"))  # an unknown name lists the installed ones
     extractor = None
-    if catalog is not None:  # a bad name or a missing program fails before any work
+    if catalog:  # a bad name or a missing program fails before any work
         registry.get("extract", config.backend("extract"))
         extractor = registry.select(
             "extract", config.backend("extract"), config.backend_options("extract")
         )
-    sci = io.read_frame(Path(science))
-    tpl = io.read_frame(Path(template))
+    return PairPlan(
+        registry=registry,
+        config=config,
+        method=method,
+        backend=backend,
+        needs_psf=needs_psf,
+        extractor=extractor,
+    )
+
+
+def subtract_frames(
+    plan: PairPlan,
+    sci: Frame,
+    tpl: Frame,
+    *,
+    inputs: Mapping[str, Path | None],
+    output: Path | None = None,
+    noise: Path | None = None,
+    catalog: Path | None = None,
+) -> tuple[Residual, dict[str, Any]]:
+    """Subtract one aligned pair of frames as ``oasis subtract-pair`` does, whichever way
+    the frames came in (files through :func:`oasis_core.io.read_frame`, arrays through
+    :func:`oasis_core.io.frame_from_arrays`), and write only the outputs named.
+
+    Parameters
+    ----------
+    plan : PairPlan
+    sci, tpl : Frame
+        The science and template frames.
+    inputs : mapping
+        ``{"science": ..., "template": ...}``: the file each frame was read from, or None
+        for a frame given in memory (its provenance card then records the digest of its
+        pixels).
+    output, noise, catalog : Path, optional
+        Where to write the residual, its noise image and its catalog (checked by the
+        caller with :func:`oasis_core.io.check_outputs`).
+
+    Returns
+    -------
+    residual : Residual
+    cards : dict
+        The header cards added to the residual's (provenance, PSF widths, auto's
+        choice): ``io.residual_header(residual, cards)`` is the header written.
+
+    Raises
+    ------
+    InputError
+        The frames differ in shape.
+    """
+    import shutil
+    import tempfile
+
+    from oasis_core import io
+    from oasis_core.errors import InputError
+
     if sci.shape != tpl.shape:
         raise InputError(
-            f"{template}: shape {tpl.shape} differs from the science frame's {sci.shape}; "
-            "subtract-pair needs aligned frames (run the pipeline to align them)"
+            f"{inputs.get('template') or tpl.name}: shape {tpl.shape} differs from the "
+            f"science frame's {sci.shape}; subtract-pair needs aligned frames (run the "
+            "pipeline to align them)"
         )
+    registry, config, method, backend = plan.registry, plan.config, plan.method, plan.backend
     workdir = Path(tempfile.mkdtemp(prefix="oasis-pair-"))
     try:
-        if needs_psf:
+        if plan.needs_psf:
             sci, tpl = (_measure_psf(f, registry, config, workdir) for f in (sci, tpl))
         template_obj = Template(
             **{f.name: getattr(tpl, f.name) for f in attrs.fields(Frame)}, inputs=()
@@ -580,22 +708,33 @@ def subtract_pair(
                 settings=settings,
             )
         residual = attrs.evolve(residual, name=sci.name, science=sci.name, template=tpl.name)
-        prov = _pair_provenance(registry, config, method, backend, science, template)
-        cards = {**prov.header_cards(), **residual_cards(residual, sci, tpl)}
+        prov = _pair_provenance(registry, config, method, backend, inputs, (sci, tpl))
+        cards = {**prov, **residual_cards(residual, sci, tpl)}
         cards.update(auto_cards(residual))
-        io.write_residual(Path(output), residual, header_extra=cards)
+        if output is not None:
+            io.write_residual(Path(output), residual, header_extra=cards)
         if noise is not None:
             from astropy.io import fits
 
+            # the noise image as the residual's NOISE extension: its unit and WCS
+            header = io.residual_header(residual, cards)
+            ext = io.image_extension(
+                residual.noise,
+                "NOISE",
+                wcs_from=header,
+                bunit=str(header["BUNIT"]) if "BUNIT" in header else None,
+            )
             with io.atomic_write(Path(noise)) as tmp:
-                fits.PrimaryHDU(np.asarray(residual.noise, np.float32)).writeto(tmp)
-        if catalog is not None:
+                fits.PrimaryHDU(ext.data, ext.header).writeto(tmp)
+        if catalog is not None and output is not None:
             if sci.psf is None:
                 sci = _measure_psf(sci, registry, config, workdir)
-            _pair_catalog(Path(output), Path(catalog), sci, extractor, registry, config, workdir)
+            _pair_catalog(
+                Path(output), Path(catalog), sci, plan.extractor, registry, config, workdir
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return residual
+    return residual, cards
 
 
 def _measure_psf(frame: Frame, registry: Any, config: Any, workdir: Path) -> Frame:
@@ -611,30 +750,55 @@ def _measure_psf(frame: Frame, registry: Any, config: Any, workdir: Path) -> Fra
 
 
 def _pair_provenance(
-    registry: Any, config: Any, method: str, backend: Any, science: Path, template: Path
-) -> Any:
+    registry: Any,
+    config: Any,
+    method: str,
+    backend: Any,
+    inputs: Mapping[str, Path | None],
+    frames: tuple[Frame, Frame],
+) -> dict[str, Any]:
+    """The provenance header cards of a pair's residual; an input given in memory (None in
+    ``inputs``) is recorded by the sha256 of its pixels (float32) instead of its file's."""
+    import hashlib
+
     from oasis_core import __version__
+    from oasis_core.io import sha256
     from oasis_core.provenance import Provenance
 
-    inputs = {"science": Path(science), "template": Path(template)}
+    files = {k: Path(v) for k, v in inputs.items() if v is not None}
     if method == "auto":
-        return Provenance(
+        prov = Provenance(
             stage="subtract",
             backend="auto",
             plugin=f"oasis-dia=={__version__}",
-            inputs=inputs,
+            inputs=files,
             options=backend.options,
             settings=config.settings["subtract"],
         )
-    record = registry.get("subtract", method)
-    return Provenance(
-        stage="subtract",
-        backend=method,
-        plugin=f"{record.dist}=={record.version}",
-        inputs=inputs,
-        options=config.backend_options("subtract"),
-        settings=config.settings["subtract"],
-    )
+    else:
+        record = registry.get("subtract", method)
+        prov = Provenance(
+            stage="subtract",
+            backend=method,
+            plugin=f"{record.dist}=={record.version}",
+            inputs=files,
+            options=config.backend_options("subtract"),
+            settings=config.settings["subtract"],
+        )
+    cards: dict[str, Any] = prov.header_cards()
+    if len(files) == len(inputs):
+        return cards
+    digests = dict(zip(("science", "template"), frames, strict=True))
+    entries = []
+    for name, path in sorted(inputs.items()):
+        if path is not None:
+            entries.append(f"{name[:32]}:{sha256(Path(path))[:32]}")
+        else:
+            pixels = np.ascontiguousarray(digests[name].data, np.float32).tobytes()
+            entries.append(f"{name[:32]}:{hashlib.sha256(pixels).hexdigest()[:32]}")
+    cards = {k: v for k, v in cards.items() if not k.startswith("OASIN")}
+    cards.update({f"OASIN{i}": entry for i, entry in enumerate(entries)})
+    return cards
 
 
 def _pair_catalog(

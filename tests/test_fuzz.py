@@ -360,7 +360,8 @@ def test_subtract_pair_ends_in_a_result_or_one_error_line(case, star_fields):
         tpl = write_frame(template, star_fields[1], Path(tmp) / "tmpl.fits")
         before = (sci.read_bytes(), tpl.read_bytes())
         out = Path(tmp) / "out.fits"
-        argv = ["subtract-pair", sci, tpl, out, "--method", method, "--noise", Path(tmp) / "n.fits"]
+        noise = Path(tmp) / "n.fits"
+        argv = ["subtract-pair", sci, tpl, out, "--subtract", method, "--noise", noise]
         code, stderr = run_oasis(argv)
         assert_result_or_one_line(code, stderr, argv)
         assert (sci.read_bytes(), tpl.read_bytes()) == before

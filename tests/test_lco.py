@@ -540,7 +540,6 @@ def test_oasis_get_dl_with_a_nul_byte_name_one_line_per_frame(archive, tmp_path,
         str(tmp_path),
         "--api-url",
         archive.api_url,
-        "-q",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "oasis_core.cli", *argv],
@@ -601,7 +600,7 @@ def test_oasis_get_mode_dl_downloads_into_the_target(archive, tmp_path, capsys):
     archive.add("g1-e91.fits", fits_bytes(seed=11))
     archive.add("g2-e91.fits.fz", fits_bytes(seed=12, compressed=True))
     argv = ["get", "--mode", "dl", "--target", "ngc", "--object", "M51", "--root", str(tmp_path)]
-    argv += ["--api-url", archive.api_url, "--quiet"]
+    argv += ["--api-url", archive.api_url]
     assert main(argv) == 0
     data = tmp_path / "OASIS" / "targets" / "ngc" / "data"
     assert frame_names_in(data) == ["g1-e91.fits", "g2-e91.fits"]

@@ -381,3 +381,21 @@ def test_subtract_pair_auto_records_the_backend_chosen(sim_pair, tmp_path):
     header = fits.getheader(out)
     assert header["OASBACK"] == "auto" and header["OASAUTO"] == res.meta["choice_backend"]
     assert header["OAS CHOICE_BACKEND"] == res.meta["auto_choice"]
+
+
+def test_subtract_pair_noise_file_is_the_residuals_noise_extension(sim_pair, tmp_path):
+    """``--noise`` writes the NOISE image as the residual file holds it: the same pixels,
+    the residual's unit and its WCS."""
+    from astropy.wcs import WCS
+
+    from oasis_core.subtraction import subtract_pair
+
+    sci, tpl, _ = sim_pair
+    out, noise = tmp_path / "diff.fits", tmp_path / "noise.fits"
+    subtract_pair(sci, tpl, out, noise=noise)
+    with fits.open(out) as res, fits.open(noise) as alone:
+        np.testing.assert_array_equal(alone[0].data, res["NOISE"].data)
+        assert alone[0].header["BUNIT"] == res["NOISE"].header["BUNIT"]
+        assert WCS(alone[0].header).has_celestial == WCS(res[0].header).has_celestial
+        assert WCS(res[0].header).has_celestial
+        assert alone[0].header["CRVAL1"] == res[0].header["CRVAL1"]

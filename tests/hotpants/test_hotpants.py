@@ -809,3 +809,46 @@ def test_real_small_frame_subtracts_and_says_how(tmp_path, stars):
         assert "few stamps" in res.meta["flag"]
     else:
         assert not res.meta["flag"] and res.meta["ksum"] == pytest.approx(1.0, abs=0.05)
+
+
+def _cells(z_values, *, r=7, rss=11, fwhm=3.0, seed=0):
+    """A mosaic residual whose stamp stars' cells hold a Gaussian of significance ``z``
+    each (within the FWHM disc) on unit noise, and its layout."""
+    from oasis_hotpants.backend import SmallLayout, _mosaic_grid
+
+    stars = tuple((10 * i, 10 * i) for i in range(len(z_values)))
+    ns, side, centres = _mosaic_grid(len(stars), r, rss)
+    rng = np.random.default_rng(seed)
+    data = rng.normal(0.0, 1.0, (side, side))
+    noise = np.ones((side, side))
+    radius = max(2, round(fwhm))
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disc = xx**2 + yy**2 <= radius**2
+    for z, (cx, cy) in zip(z_values, centres, strict=True):
+        box = np.s_[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1]
+        data[box] += np.where(disc, z * math.sqrt(disc.sum()) / disc.sum(), 0.0)
+    layout = SmallLayout(
+        r=r, rss=rss, ns=ns, side=side, stars=stars, centres=tuple(centres), ft=20.0,
+        rejected=0, fwhm_source="frame", fwhms=(fwhm, fwhm),
+    )  # fmt: skip
+    return data, noise, np.zeros((side, side), bool), layout
+
+
+def test_a_stamp_star_whose_residual_stands_out_is_left_out():
+    from oasis_hotpants.backend import deviant_star
+
+    # the kernel's compromise: the transient's star positive, the others a little negative
+    assert deviant_star(*_cells([-2.6, -1.5, 9.0, -2.6, -1.8])) == 2
+    # a fit that leaves every star alike (however poor) has no deviant star
+    assert deviant_star(*_cells([-8.0, -9.0, -7.5, -8.5, -9.5])) is None
+    assert deviant_star(*_cells([0.5, -1.0, 1.2, 0.3, -0.4])) is None
+    # too few stars to leave three for the refit, and a reference star: nothing to judge
+    assert deviant_star(*_cells([-1.0, 12.0, -1.0])) is None
+    data, noise, bad, layout = _cells([-1.0, 12.0, -1.0, -1.0])
+    assert deviant_star(data, noise, bad, layout) == 1
+    assert deviant_star(data, noise, bad, attrs.evolve(layout, reference=True)) is None
+    # a masked cell cannot be judged: no verdict rather than a wrong one
+    bad[layout.centres[0][1], :] = True
+    bad[:, layout.centres[0][0]] = True
+    bad[layout.centres[0][1] - 3 : layout.centres[0][1] + 4, :] = True
+    assert deviant_star(data, noise, bad, layout) is None

@@ -142,7 +142,7 @@ _ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 PROBES = [
     Probe(
         id="pair-unknown-method",
-        argv=lambda ws: _pair(ws, _out(ws), "--method", "nonexistent"),
+        argv=lambda ws: _pair(ws, _out(ws), "--subtract", "nonexistent"),
         stderr=r"subtract backend 'nonexistent' is not installed; installed: .*ois",
     ),
     Probe(
@@ -205,7 +205,7 @@ PROBES = [
         id="pair-plugin-raises",
         setup=_plugin_setup,
         env=faulty_env,
-        argv=lambda ws: _pair(ws, _out(ws), "--method", "faulty"),
+        argv=lambda ws: _pair(ws, _out(ws), "--subtract", "faulty"),
         stderr=(
             r"subtract backend 'faulty' \(oasis-faulty==0\.2\) failed in subtract\(\) on "
             r"frame sci .*: RuntimeError: kernel exploded"
@@ -226,7 +226,7 @@ PROBES = [
         id="pair-plugin-raises-oasis-debug",
         setup=_plugin_setup,
         env=lambda ws: {**faulty_env(ws), "OASIS_DEBUG": "1"},
-        argv=lambda ws: _pair(ws, _out(ws), "--method", "faulty"),
+        argv=lambda ws: _pair(ws, _out(ws), "--subtract", "faulty"),
         stderr=r"subtract backend 'faulty' \(oasis-faulty==0\.2\) failed",
         max_lines=None,
         traceback=True,
@@ -234,7 +234,7 @@ PROBES = [
     ),
     Probe(
         id="pair-unknown-method-debug-flag",
-        argv=lambda ws: ["--debug", *_pair(ws, _out(ws), "--method", "nonexistent")],
+        argv=lambda ws: ["--debug", *_pair(ws, _out(ws), "--subtract", "nonexistent")],
         stderr=r"subtract backend 'nonexistent' is not installed",
         max_lines=None,
         traceback=True,

@@ -143,7 +143,7 @@ PROBES = [
     Probe(
         id="get-unpack-isis-frame-without-padding",
         setup=_isis_setup,
-        argv=lambda ws: ["get", "--unpack", ISIS_FRAME, "--target", "t", "--root", ws.root, "-q"],
+        argv=lambda ws: ["get", "--unpack", ISIS_FRAME, "--target", "t", "--root", ws.root],
         exit=0,
         check=_isis_copied,
     ),

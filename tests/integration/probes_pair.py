@@ -99,7 +99,7 @@ PROBES = [
             ws.science.with_name("sky_sci.fits"),
             ws.science.with_name("sky_tpl.fits"),
             _out(ws),
-            "--method",
+            "--subtract",
             "hotpants",
         ],
         stderr=(

@@ -76,7 +76,7 @@ def test_too_few_usable_frames_is_an_error(target, capsys):
 
 
 def test_unknown_backend_on_the_command_line(target, capsys):
-    assert main(["mask", str(target.path), "--backend", "nope", "-q"]) == 1
+    assert main(["mask", str(target.path), "--mask", "nope", "-q"]) == 1
     err = capsys.readouterr().err
     assert "error: mask backend 'nope' is not installed; installed: native" in err
 

@@ -99,9 +99,9 @@ KNOWN_GAPS = {
         "ISIS cutout leaves Q 0.10 (kernel sum 0.76), so the residual is masked"
     ),
     ("hotpants", "test_bright_injected_sources_are_detected"): (
-        "issue 12, open: 26/31 found; on two crowded ISIS blends the transient's own star "
-        "is a stamp star (its flux ratio within the scatter of 4-5 blended stars) and the "
-        "kernel absorbs it"
+        "issue 12, open: 26/31 found; on crowded ISIS blends and DECam galaxies the kernel "
+        "fitted on 1-5 blended stamp stars leaves the transient partly absorbed or on a "
+        "galaxy residual, and the core's filters call it sharp or extended"
     ),
 }
 

@@ -225,7 +225,7 @@ def test_an_iteration_where_nothing_is_found_counts(quiet_target, capsys):
     from oasis_core.cli import main
 
     argv = ["sim", "fakes", str(quiet_target.path), "--n-fakes", "20", "--iterations", "2"]
-    argv += ["--f-min", "0.01", "--f-max", "0.1", "--no-adapt", "-j", "1", "-q"]
+    argv += ["--f-min", "0.01", "--f-max", "0.1", "--no-adapt", "-j", "1"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "result: 0/40 fakes detected; 50% completeness not reached" in out

@@ -18,7 +18,7 @@ def selftest_dir(tmp_path_factory):
     """The default self-test (30 frames), run as a user runs it."""
     directory = tmp_path_factory.mktemp("selftest")
     proc = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", "test", str(directory), "--quiet"],
+        [sys.executable, "-m", "oasis_core.cli", "test", str(directory)],
         capture_output=True,
         text=True,
         timeout=900,

@@ -533,6 +533,9 @@ class SmallLayout:
         The science and template FWHMs used.
     reference : bool
         The kernel is fitted on a reference star drawn from ``fwhms`` (no stamp star).
+    dropped : tuple of (int, int)
+        Stamp stars left out after a first fit because their residual stood out from the
+        others' (a transient or a variable on a star: :func:`deviant_star`).
     """
 
     r: int
@@ -546,6 +549,7 @@ class SmallLayout:
     fwhm_source: str
     fwhms: tuple[float, float] = (0.0, 0.0)
     reference: bool = False
+    dropped: tuple[tuple[int, int], ...] = ()
 
     @property
     def half(self) -> int:
@@ -560,9 +564,14 @@ class SmallLayout:
                 f"{self.fwhms[0]:.2f} (science) and {self.fwhms[1]:.2f} (template), flux "
                 f"ratio 1; r {self.r}, rss {self.rss}"
             )
+        dropped = (
+            f" ({len(self.dropped)} more left out: residual off the others')"
+            if self.dropped
+            else ""
+        )
         return (
             f"small frame: {len(self.stars)} stamp star(s) above {self.ft:g} sigma, one "
-            f"per stamp; r {self.r}, rss {self.rss}, ko 0, bgo 0"
+            f"per stamp{dropped}; r {self.r}, rss {self.rss}, ko 0, bgo 0"
         )
 
 
@@ -893,6 +902,48 @@ def _small_layout(
         fwhms=(float(sci.fwhm or 0.0), float(tpl.fwhm or 0.0)),
     )
     return layout, sci, tpl
+
+
+#: A stamp star whose residual after the first fit is this many robust sigmas off the
+#: other stars' (and this many noise sigmas from zero) is left out and the kernel refitted.
+DEVIANT_SIGMA = 3.0
+
+
+def deviant_star(
+    residual: np.ndarray, noise: np.ndarray, bad: np.ndarray, layout: SmallLayout
+) -> int | None:
+    """The stamp star whose residual stands out after a fit on the mosaic, or None.
+
+    The kernel is a least-squares compromise between the stamp stars: a transient (or a
+    variable) on one of them leaves its cell with a residual of one sign and the others
+    with the opposite one, even where the flux-ratio check let it through (blends, a few
+    stars). Each star's significance ``z`` is the residual summed within its FWHM over
+    the noise of that sum; the star farthest from the others' median is deviant when it
+    is more than :data:`DEVIANT_SIGMA` robust sigmas (1.4826 MAD, at least 1) off it and
+    more than :data:`DEVIANT_SIGMA` from zero. Needs 4 stars (3 remain for the refit)."""
+    if layout.reference or len(layout.stars) < 4:
+        return None
+    radius = max(2, round(max(layout.fwhms)))
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disc = xx**2 + yy**2 <= radius**2
+    z = []
+    for cx, cy in layout.centres[: len(layout.stars)]:
+        box = np.s_[cy - radius : cy + radius + 1, cx - radius : cx + radius + 1]
+        good = disc & ~bad[box] & np.isfinite(residual[box]) & (noise[box] > 0)
+        if good.sum() < disc.sum() // 2:
+            z.append(np.nan)
+            continue
+        z.append(float(residual[box][good].sum() / np.sqrt((noise[box][good] ** 2).sum())))
+    values = np.asarray(z)
+    if not np.isfinite(values).all():
+        return None
+    median = float(np.median(values))
+    scale = max(1.0, 1.4826 * float(np.median(np.abs(values - median))))
+    worst = int(np.argmax(np.abs(values - median)))
+    off = abs(values[worst] - median)
+    if off > DEVIANT_SIGMA * scale and abs(values[worst]) > DEVIANT_SIGMA:
+        return worst
+    return None
 
 
 def _reference_layout(
@@ -1430,6 +1481,7 @@ def _with_layout(residual: Residual, layout: SmallLayout, options: HotpantsOptio
         stamp_stars=len(layout.stars),
         stamp_ft=float(layout.ft),
         stamp_rejected=layout.rejected,
+        stamp_dropped=len(layout.dropped),
         mosaic=layout.side,
         nsx=layout.ns,
         nsy=layout.ns,
@@ -1612,6 +1664,29 @@ class HotpantsSubtract(SubtractBackend):
             )
             fitted, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
             seconds += more
+        if "ksum" in fitted[0].meta:
+            out0 = fitted[0]
+            worst = deviant_star(out0.data, out0.noise, out0.bad, layout)
+            if worst is not None:  # a transient on a stamp star: refit without it
+                first = layout
+                stars = layout.stars[:worst] + layout.stars[worst + 1 :]
+                ns, side, centres = _mosaic_grid(len(stars), layout.r, layout.rss)
+                layout = attrs.evolve(
+                    layout,
+                    stars=stars,
+                    ns=ns,
+                    side=side,
+                    centres=tuple(centres),
+                    dropped=(*layout.dropped, layout.stars[worst]),
+                )
+                refit, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
+                seconds += more
+                if "ksum" in refit[0].meta:
+                    fitted = refit
+                else:  # the kernel file is the failed refit's: fit the first set again
+                    layout = first
+                    fitted, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
+                    seconds += more
         fit_out, fit_plan, fit_shown = fitted
         if "ksum" not in fit_out.meta:
             msg = (

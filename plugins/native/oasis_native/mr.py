@@ -291,6 +291,8 @@ def _finish(
         header["MRMETHOD"] = (str(params["method"]), "master-residual method")
     if "normalize" in params:
         header["MRNORM"] = (bool(params["normalize"]), "residuals normalised by their noise")
+    if params.get("normalize", True):  # in sigma units; in ADU the residuals' BUNIT holds
+        header["BUNIT"] = ("", "dimensionless: residuals in units of their noise")
     for name in names:
         header.add_history(f"oasis mr input: {name}")
     templates = {r.template for r in residuals}

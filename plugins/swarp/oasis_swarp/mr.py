@@ -16,8 +16,9 @@ The native backend weights each residual by its weight map instead; both give th
 master residual when the weights are 0 or 1 (which is what the subtract backends write).
 
 The result is named ``MR``; its header is the first residual's plus ``NCOMBINE``,
-``MRNORM`` and one ``HISTORY`` line per input; ``meta`` holds ``n_residuals``,
-``inputs``, ``frac_no_data`` and SWarp's ``swarp_seconds``, ``command``, ``config``.
+``MRNORM``, ``BUNIT = ''`` (dimensionless: sigma units) and one ``HISTORY`` line per
+input; ``meta`` holds ``n_residuals``, ``inputs``, ``frac_no_data`` and SWarp's
+``swarp_seconds``, ``command``, ``config``.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class SwarpMr(MrBackend):
         header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
         header["NCOMBINE"] = (len(residuals), "number of residuals in the master residual")
         header["MRNORM"] = (True, "residuals normalised by their noise")
+        header["BUNIT"] = ("", "dimensionless: residuals in units of their noise")
         for name in names:
             header.add_history(f"oasis mr input: {name}")
         templates = {r.template for r in residuals}
