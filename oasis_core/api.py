@@ -57,7 +57,8 @@ def subtract_pair(
         ``oasis subtract-pair`` does. Nothing is written without it.
     method : str
         The subtract backend (``"ois"`` by default, ``"hotpants"``, ``"zogy"``...) or
-        ``"auto"`` (every backend that can run here, the best Q kept).
+        ``"auto"`` (every backend that can run here; the best Q kept among those whose
+        noise image describes their background, see :class:`oasis_core.subtraction.AutoBackend`).
     **options
         The backend's options, e.g. ``kernel="delta"`` or ``deg_spatial=1``, checked as
         ``[subtract.<method>]`` in ``oasis.toml`` is.

@@ -21,13 +21,14 @@ Stage methods (all options keyword-only, after the data)::
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import attrs
 
 from oasis_core.model import Frame, Residual, Template
+from oasis_core.stages import StageNames, StageTable
 from oasis_core.validators import Check, InRange, one_of
 
 __all__ = [
@@ -46,8 +47,9 @@ __all__ = [
     "option_check",
 ]
 
-#: The pipeline's stages, in the order they run.
-STAGES: tuple[str, ...] = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
+#: The pipeline's stages, in the order they run: a live view of :mod:`oasis_core.stages`
+#: (third-party stages included).
+STAGES: Sequence[str] = StageNames()
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
@@ -345,12 +347,5 @@ class Simulator:
         raise NotImplementedError
 
 
-BASES: dict[str, type[Backend]] = {
-    "mask": MaskBackend,
-    "psf": PsfBackend,
-    "align": AlignBackend,
-    "combine": CombineBackend,
-    "subtract": SubtractBackend,
-    "mr": MrBackend,
-    "extract": ExtractBackend,
-}
+#: Stage name to its backend base class: a view of :mod:`oasis_core.stages`.
+BASES: Mapping[str, type[Backend]] = StageTable(lambda stage: stage.base_class)

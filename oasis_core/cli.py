@@ -27,8 +27,8 @@ from typing import Annotated, Any, Literal
 import typer
 from typer.core import TyperGroup
 
-from oasis_core.backends import STAGES
 from oasis_core.errors import OasisError
+from oasis_core.stages import stages as all_stages
 
 __all__ = ["app", "main"]
 
@@ -629,7 +629,7 @@ app.command("pipeline")(run)
 MENU = [
     ("initialize", "create the OASIS directory tree"),
     ("get", "copy local frames into a target (oasis get --mode dl downloads from LCO)"),
-    *[(s, f"run the {s} stage on a target") for s in STAGES],
+    *[(s.name, s.description or f"run the {s.name} stage on a target") for s in all_stages()],
     ("pipeline", "run every stage on a target"),
     ("compare", "compare backend combinations on a target"),
     ("demo", "simulate a series and run the whole pipeline on it"),
@@ -1139,8 +1139,8 @@ def _sim_menu() -> None:
         raise OasisError(f"unknown simulation {choice!r}; choose fakes or same-field")
 
 
-for _stage in STAGES:
-    _make_stage_command(_stage)
+for _stage in all_stages():  # built-in and third-party (``oasis.stages``) stages
+    _make_stage_command(_stage.name)
 
 
 def _one_line(text: str) -> str:

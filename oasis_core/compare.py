@@ -167,17 +167,12 @@ def parse_choices(value: str | Sequence[str] | None) -> list[str]:
 def _availability(ctx: Any, stage: str, name: str) -> str:
     """Why backend ``name`` of ``stage`` cannot run here ("" when it can). An unknown
     name raises :class:`~oasis_core.errors.UnknownBackend` (a typo, not a skip)."""
-    if stage == "subtract" and name == "auto":
-        from oasis_core.subtraction import auto_subtract
-
-        try:
-            auto_subtract(ctx.registry, ctx.config)
-        except BackendUnavailable as err:
-            return str(err)
-        return ""
     ctx.registry.get(stage, name)
     try:
-        ctx.registry.select(stage, name, ctx.config.backend_options(stage, name))
+        backend = ctx.registry.select(stage, name, ctx.config.backend_options(stage, name))
+        bind = getattr(backend, "bind", None)  # a selector (subtract 'auto'): its candidates
+        if callable(bind):
+            bind(ctx.registry, ctx.config)
     except BackendUnavailable as err:
         return str(err)
     return ""
@@ -431,7 +426,7 @@ def _run_shared(ctx: Any) -> None:
     for stage in SHARED_STAGES:
         ctx.backend(stage)  # a missing program fails before any work
     for stage in SHARED_STAGES:
-        pl._RUNNERS[stage](ctx)
+        pl.run_stage(ctx, stage)
 
 
 def _variant(ctx: Any, variant: str, variant_from: str = "subtract") -> Any:
@@ -457,7 +452,7 @@ def _downstream(ctx: Any, label: str) -> str:
 
     for stage in ("mr", "extract"):
         try:
-            pl._RUNNERS[stage](ctx)
+            pl.run_stage(ctx, stage)
         except OasisError as err:
             log.warning("compare %s: %s: %s", label, stage, err)
             return f"{stage}: {err}"

@@ -32,6 +32,7 @@ import attrs
 
 from oasis_core.backends import STAGES, option, option_check
 from oasis_core.errors import ConfigError
+from oasis_core.stages import StageTable
 from oasis_core.validators import OptionValueError, fraction, in_range, non_negative, positive, show
 
 __all__ = [
@@ -129,12 +130,6 @@ class SubtractSettings:
         True, "try the backend's further configurations until Q reaches q_ceiling"
     )
     max_tries: int = option(9, "at most this many configurations per frame", range=(1, None))
-    auto_ceiling: float = option(
-        1.0,
-        "backend 'auto': stop trying further backends once one reaches this Q "
-        "(1 = try every backend that can run and keep the best)",
-        range=fraction,
-    )
 
 
 @attrs.frozen(kw_only=True)
@@ -197,17 +192,11 @@ class ExtractSettings:
     )
 
 
-#: The core's settings class for ``[run]`` and each stage table.
-SETTINGS: dict[str, type] = {
-    "run": RunSettings,
-    "mask": MaskSettings,
-    "psf": PsfSettings,
-    "align": AlignSettings,
-    "combine": CombineSettings,
-    "subtract": SubtractSettings,
-    "mr": MrSettings,
-    "extract": ExtractSettings,
-}
+#: The settings class of ``[run]`` and of each stage's table: a view of
+#: :mod:`oasis_core.stages` (each stage's ``settings``).
+SETTINGS: Mapping[str, type] = StageTable(
+    lambda stage: stage.settings_class, head=lambda: {"run": RunSettings}
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -339,6 +328,39 @@ def _nest(flat: Mapping[str, Any], where: str) -> dict[str, Any]:
     return tree
 
 
+#: Keys that moved: (section, old key) -> (section, backend, new key). A layer that still
+#: uses the old key is read as the new one, with a one-line warning.
+RENAMED: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("subtract", "auto_ceiling"): ("subtract", "auto", "ceiling"),
+}
+
+
+def _renamed(layer: dict[str, Any], where: str) -> dict[str, Any]:
+    """``layer`` with the keys of :data:`RENAMED` moved to their new place (warned)."""
+    import logging
+
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in layer.items()}
+    for (section, old), (new_section, backend, new) in RENAMED.items():
+        table = out.get(section)
+        if not isinstance(table, dict) or old not in table:
+            continue
+        value = table.pop(old)
+        target = out.setdefault(new_section, {})
+        sub = dict(target.get(backend) or {})
+        sub.setdefault(new, value)
+        target[backend] = sub
+        logging.getLogger("oasis").warning(
+            "%s: [%s] %s is now [%s.%s] %s; read as that (move it to silence this)",
+            where,
+            section,
+            old,
+            new_section,
+            backend,
+            new,
+        )
+    return out
+
+
 def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -394,6 +416,7 @@ def load_config(
         layers.append((_nest(cli, "command line"), "command line"))
 
     # validate every layer with its own name, then merge
+    layers = [(_renamed(layer, where), where) for layer, where in layers]
     for layer, where in layers:
         _validate(layer, registry, where)
     merged: dict[str, Any] = {}

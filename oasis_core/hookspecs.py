@@ -9,6 +9,9 @@ a list of) backend instances, subclasses of the base classes in
 
 Backend names must be unique within a stage across all installed plugins; a duplicate is
 an error naming both distributions.
+
+Each hook is named by its stage's record in :mod:`oasis_core.stages`; a third-party stage
+declares its hook in its own module, which the record names (``hookspecs``).
 """
 
 from __future__ import annotations

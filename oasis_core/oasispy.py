@@ -15,7 +15,7 @@ calls work after ``from oasis_core.oasispy import *``::
     RUN()                                        the ``oasis run`` menu
     sim_fakes(location, n_fakes, iterations, input_mode='flux', PSF='moffat',
               subtract_method='ois', f_min=0, f_max=40000)
-    sim_sameField(location, numIms=100, ..., mode='gauss')
+    sim_sameField(location, numIms=100, ..., mode='moffat')
     SIM()                                        the ``oasis sim`` menu
     TEST()                                       the installation self-test
     MOSAIC()                                     a mosaic, from prompts
@@ -36,10 +36,12 @@ function argument and wins over the file; *a parameter left at its default* lets
 decide (``[subtract] backend``, ``[mr] backend``, ``[extract] method``...), and OASIS's own
 defaults equal OasisPy's documented ones. ``use_config_file=False`` ignores the file.
 
-**What OASIS does not honour** is accepted and logged (logger ``oasis``): ALIGN's
-``align_method='fakes'`` (photometric alignment only), MR's ``'phose'`` (run as ``'sos'``),
-the ``sigma_clip`` parameters given to another MR method, and the ``sim_sameField``
-parameters the installed same-field simulation does not take. Errors are
+ALIGN's ``align_method='fakes'`` (photometric alignment only, for frames already
+registered) runs the native align backend with ``initial = "none"``.
+
+**What OASIS does not honour** is accepted and logged (logger ``oasis``): MR's ``'phose'``
+(run as ``'sos'``), the ``sigma_clip`` parameters given to another MR method, and the
+``sim_sameField`` parameters the installed same-field simulation does not take. Errors are
 :class:`~oasis_core.errors.OasisError` subclasses with a one-line message; OasisPy printed
 and called ``sys.exit``.
 """
@@ -91,8 +93,11 @@ MR_METHODS = {
     "phose": "sos",
 }
 
-#: OasisPy's ALIGN methods and the OASIS align backend each runs as.
-ALIGN_METHODS = {"standard": "native", "fakes": "native"}
+#: OasisPy's ALIGN methods: the OASIS align backend each runs as, and its options.
+ALIGN_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "standard": ("native", {}),
+    "fakes": ("native", {"align.native.initial": "none"}),
+}
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -192,9 +197,12 @@ def ALIGN(
         Target directory; a comma-separated list runs several.
     align_method : str
         ``'standard'`` (default): the configured align backend (``native``). ``'fakes'``
-        (OasisPy's photometric alignment without registration, for simulations) is not
-        available: it is logged and the frames are registered with ``native``. Any other
-        value names an OASIS align backend.
+        (OasisPy's photometric alignment without registration, for frames already
+        registered such as simulations): the ``native`` backend with
+        ``align.native.initial = "none"``, which keeps each frame's pixels where they are
+        and only matches its flux scale and sky level to the reference's (recorded as
+        ``ALNMETH = 'none'`` in the aligned header). Any other value names an OASIS align
+        backend.
 
     Returns
     -------
@@ -202,14 +210,12 @@ def ALIGN(
         Per target, the names of the aligned frames (``aligned/``).
     """
     backends: dict[str, str] = {}
+    options: dict[str, Any] = {}
     if "align_method" in _given:
-        if align_method == "fakes":
-            log.warning(
-                "ALIGN: align_method 'fakes' (photometric alignment only) is not available "
-                "in OASIS; the frames are registered with the 'native' align backend"
-            )
-        backends["align"] = ALIGN_METHODS.get(align_method, align_method)
-    return _run(path, ["mask", "psf", "align"], backends=backends)
+        backends["align"], options = ALIGN_METHODS.get(align_method, (align_method, {}))
+        if options:
+            log.info("ALIGN: align_method %r: %s", align_method, options)
+    return _run(path, ["mask", "psf", "align"], backends=backends, options=options)
 
 
 def PSF(path: PathSpec) -> dict[str, Any]:
@@ -463,7 +469,7 @@ def sim_sameField(
     scale_mult: tuple[float, float] = (0, 1.5),
     scale_add: tuple[float, float] = (-20, 50),
     zero_point: float = 25,
-    mode: str = "gauss",
+    mode: str = "moffat",
     *,
     _given: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
@@ -491,8 +497,8 @@ def sim_sameField(
     zero_point : float
         Magnitude zero point.
     mode : str
-        Source profile: ``'gauss'`` (default), ``'moffat'``, ``'real'`` (the frame's PSF)
-        or ``'sky'`` (SkyMaker).
+        Source profile: ``'moffat'`` (default, as ``oasis sim same-field``), ``'gauss'``,
+        ``'real'`` (the frame's PSF) or ``'sky'`` (GalSim, for OasisPy's SkyMaker).
 
     Returns
     -------

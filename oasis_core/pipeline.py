@@ -59,6 +59,8 @@ from oasis_core.lock import target_lock
 from oasis_core.model import Frame, PsfModel, Residual, Template, readonly
 from oasis_core.plugins import Registry
 from oasis_core.provenance import Provenance, is_current, options_dict
+from oasis_core.stages import StageTable, get_stage
+from oasis_core.stages import stages as all_stages
 from oasis_core.tree import Target, find_target
 
 __all__ = [
@@ -68,6 +70,7 @@ __all__ = [
     "align",
     "combine",
     "detect",
+    "execute",
     "extract",
     "filter_sources",
     "make_context",
@@ -76,6 +79,9 @@ __all__ = [
     "pipeline",
     "psf",
     "residual_verdict",
+    "run_stage",
+    "run_stages",
+    "stage_task",
     "subtract",
 ]
 
@@ -108,38 +114,43 @@ class Context:
     executor: Executor
     reporter: Reporter = attrs.field(factory=Reporter)
     force: bool = False
+    #: stage -> its backend, resolved and checked once per run (see :meth:`backend`)
+    _backends: dict[str, Any] = attrs.field(factory=dict, init=False, repr=False, eq=False)
 
     def backend(self, stage: str) -> Any:
-        name = self.config.backend(stage)
-        if stage == "subtract" and name == "auto":
-            from oasis_core.subtraction import auto_subtract
+        """The chosen backend of ``stage``, resolved and checked (``check()``) on the first
+        call and kept for the rest of the run (every frame uses the same object).
 
-            return auto_subtract(self.registry, self.config)
+        Raises
+        ------
+        UnknownBackend, BackendUnavailable
+            When the chosen backend is not installed or cannot run here.
+        """
+        if stage not in self._backends:
+            self._backends[stage] = self._resolve_backend(stage)
+        return self._backends[stage]
+
+    def _resolve_backend(self, stage: str) -> Any:
+        name = self.config.backend(stage)
         self.registry.get(stage, name)  # an unknown name lists the installed ones
-        return self.registry.select(stage, name, self.config.backend_options(stage, name))
+        backend = self.registry.select(stage, name, self.config.backend_options(stage, name))
+        bind = getattr(backend, "bind", None)  # a selector (subtract 'auto') binds here
+        return bind(self.registry, self.config) if callable(bind) else backend
 
     def provenance(
         self, stage: str, inputs: Mapping[str, Path], settings: Any = None
     ) -> Provenance:
         name = self.config.backend(stage)
-        if stage == "subtract" and name == "auto":
-            from oasis_core import __version__
-
-            return Provenance(
-                stage=stage,
-                backend="auto",
-                plugin=f"oasis-dia=={__version__}",
-                inputs=dict(inputs),
-                options=self.backend(stage).options,
-                settings=settings,
-            )
         record = self.registry.get(stage, name)
+        options = self.config.backend_options(stage, name)
+        if callable(getattr(record.backend, "bind", None)):  # a selector: its candidates' too
+            options = self.backend(stage).options
         return Provenance(
             stage=stage,
             backend=name,
             plugin=f"{record.dist}=={record.version}",
             inputs=dict(inputs),
-            options=self.config.backend_options(stage, name),
+            options=options,
             settings=settings,
         )
 
@@ -259,7 +270,7 @@ def _run_task(task: Task) -> dict[str, Any]:
     _prepare_workdir(task.workdir, task.user_files)
     start = time.perf_counter()
     try:
-        summary = _STAGE_TASKS[task.stage](task)
+        summary = _STAGE_TASKS[task.stage](task)  # the stage's ``task`` function
     finally:
         shutil.rmtree(task.workdir, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - start, 3)
@@ -334,30 +345,20 @@ def _task_align(task: Task) -> dict[str, Any]:
 
 
 def _task_subtract(task: Task) -> dict[str, Any]:
-    from oasis_core.subtraction import auto_cards, residual_cards, run_auto, run_subtraction
+    from oasis_core.subtraction import auto_cards, residual_cards, run_subtraction
 
     science = _ro(_load_output(task.inputs["science"], task.inputs.get("psf")))
     template = _ro(
         _load_output(task.inputs["template"], task.inputs.get("template_psf"), cls=Template)
     )
-    if _is_auto(task.backend):
-        residual = run_auto(
-            task.backend,
-            science,
-            template,
-            workdir=task.workdir,
-            settings=task.extra,
-            ceiling=float(task.extra.get("auto_ceiling", 1.0)),
-        )
-    else:
-        residual = run_subtraction(
-            task.backend,
-            science,
-            template,
-            options=task.options,
-            workdir=task.workdir,
-            settings=task.extra,
-        )
+    residual = run_subtraction(
+        task.backend,
+        science,
+        template,
+        options=task.options,
+        workdir=task.workdir,
+        settings=task.extra,
+    )
     residual = attrs.evolve(
         residual, name=f"{science.name}_residual", science=science.name, template=template.name
     )
@@ -485,13 +486,10 @@ def _task_extract(task: Task) -> dict[str, Any]:
     return {"n": len(table)}
 
 
-_STAGE_TASKS: dict[str, Callable[[Task], dict[str, Any]]] = {
-    "mask": _task_mask,
-    "psf": _task_psf,
-    "align": _task_align,
-    "subtract": _task_subtract,
-    "extract": _task_extract,
-}
+#: Stage -> its per-unit task function: a view of :mod:`oasis_core.stages`.
+_STAGE_TASKS: Mapping[str, Callable[[Task], dict[str, Any]]] = StageTable(
+    lambda stage: stage.task_function
+)
 
 
 def _numbers(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -701,12 +699,6 @@ def _workdir(ctx: Context, stage: str, name: str) -> Path:
     return ctx.target.scratch / stage / name
 
 
-def _is_auto(backend: Any) -> bool:
-    from oasis_core.subtraction import AutoSubtract
-
-    return isinstance(backend, AutoSubtract)
-
-
 def _named(user_files: Sequence[Path]) -> dict[str, Path]:
     """User configuration files as provenance inputs: editing one redoes the work."""
     return {f"cfg:{f.name}": f for f in user_files}
@@ -734,7 +726,7 @@ def _task(
         stage=stage,
         name=name,
         backend=backend,
-        options=None if _is_auto(backend) else ctx.config.backend_options(stage),
+        options=ctx.config.backend_options(stage),
         inputs=dict(inputs),
         output=output,
         provenance=ctx.provenance(stage, {**inputs, **_named(user_files)}, settings=settings),
@@ -1509,15 +1501,13 @@ def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> Non
 # ---------------------------------------------------------------------------- public API
 
 
-_RUNNERS: dict[str, Callable[[Context], Any]] = {
-    "mask": _mask,
-    "psf": _psf,
-    "align": _align,
-    "combine": _combine,
-    "subtract": _subtract,
-    "mr": _mr,
-    "extract": _extract,
-}
+#: Stage -> its runner, ``f(ctx)``: a view of :mod:`oasis_core.stages`.
+_RUNNERS: Mapping[str, Callable[[Context], Any]] = StageTable(lambda stage: stage.run)
+
+#: For a third-party stage's runner: the task running the stage's chosen backend on one
+#: unit, and the execution of tasks (skipping those whose output is current).
+stage_task = _task
+execute = _execute
 
 
 def run_stages(ctx: Context, stages: Sequence[str] = STAGES) -> dict[str, Any]:
@@ -1543,7 +1533,14 @@ def run_stages(ctx: Context, stages: Sequence[str] = STAGES) -> dict[str, Any]:
             ctx.backend(stage)
         if "combine" in stages:
             ctx.backend("psf")
-        return {stage: _RUNNERS[stage](ctx) for stage in STAGES if stage in stages}
+        return {s.name: run_stage(ctx, s.name) for s in all_stages() if s.name in stages}
+
+
+def run_stage(ctx: Context, stage: str) -> Any:
+    """Run one stage on a prepared context (its runner from the stage registry) and return
+    its result; the caller holds the target's lock (:func:`run_stages` does). The one way
+    an application runs a single stage."""
+    return get_stage(stage).run(ctx)
 
 
 def _remove_partial_files(target: Target) -> None:

@@ -3,8 +3,10 @@
 :func:`make_plugin_manager` returns a fresh :class:`pluggy.PluginManager` every time (there
 is no import-time global). It loads every entry point of the ``oasis.plugins`` group
 (built-in plugins included) unless ``OASIS_DISABLE_PLUGIN_AUTOLOAD`` is set, in which case
-only plugins registered explicitly are used. A plugin that fails to import is recorded and
-shown by ``oasis plugins``; it is an error only if one of its backends is selected.
+only plugins registered explicitly are used; the core's own backends (the subtract
+selector ``auto``) are registered either way, as plugin :data:`CORE_PLUGIN`. A plugin that
+fails to import is recorded and shown by ``oasis plugins``; it is an error only if one of
+its backends is selected.
 
 :class:`Registry` collects the backends every plugin yields, per stage, and resolves a
 name to a backend: an unknown name lists the installed choices, a duplicate name names both
@@ -21,6 +23,7 @@ This is the one place where a backend's faults are named; the pipeline, ``subtra
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -32,8 +35,10 @@ import pluggy
 from oasis_core import hookspecs
 from oasis_core.backends import BASES, NAME_RE, STAGES, Backend
 from oasis_core.errors import BackendError, BackendUnavailable, OasisError, UnknownBackend
+from oasis_core.stages import get_stage, stages
 
 __all__ = [
+    "CORE_PLUGIN",
     "ENTRY_POINT_GROUP",
     "STAGE_METHODS",
     "BackendHandle",
@@ -226,13 +231,37 @@ def make_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager
     """
     pm = pluggy.PluginManager("oasis")
     pm.add_hookspecs(hookspecs)
+    for module in {s.hookspecs for s in stages()} - {hookspecs.__name__}:
+        pm.add_hookspecs(importlib.import_module(module))  # a third-party stage's hook
     pm.oasis_broken = []  # type: ignore[attr-defined]
     pm.oasis_dists = {}  # type: ignore[attr-defined]
+    _register_core(pm)
     if autoload is None:
         autoload = not os.environ.get("OASIS_DISABLE_PLUGIN_AUTOLOAD")
     if autoload:
         _load_entry_points(pm)
     return pm
+
+
+#: The name under which the core registers its own backends (the selector ``auto``).
+CORE_PLUGIN = "oasis-core"
+
+
+class _CorePlugin:
+    """The core's own backends, registered like any plugin's (autoload or not)."""
+
+    @hookspecs.hookimpl
+    def oasis_subtract_backends(self) -> list[Any]:
+        from oasis_core.subtraction import AutoBackend
+
+        return [AutoBackend()]
+
+
+def _register_core(pm: pluggy.PluginManager) -> None:
+    from oasis_core import __version__
+
+    pm.register(_CorePlugin(), name=CORE_PLUGIN)
+    pm.oasis_dists[CORE_PLUGIN] = ("oasis-dia", __version__)  # type: ignore[attr-defined]
 
 
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
@@ -311,7 +340,7 @@ class Registry:
         return self.simulators[name].backend
 
     def _collect(self, stage: str) -> None:
-        for backend, plugin, dist, version in self._produce(f"oasis_{stage}_backends"):
+        for backend, plugin, dist, version in self._produce(get_stage(stage).hookspec):
             self._add(stage, backend, plugin, dist, version)
 
     def _add(self, stage: str, backend: Any, plugin: str, dist: str, version: str) -> None:

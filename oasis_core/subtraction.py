@@ -12,10 +12,14 @@
 :func:`subtract_pair` is ``oasis subtract-pair``: two already aligned FITS files in, a
 residual (and optionally its noise image) out, outside any target tree.
 
-:func:`run_auto` is ``[subtract] backend = "auto"``: every subtract backend that can run
-here (:func:`auto_subtract`, ``ois`` first), each with its own optimisation loop, until one
-reaches the Q ceiling; the residual with the best Q is kept and the choice recorded
-(:func:`auto_cards`, and in ``meta["config"]``, which ``residuals/log.txt`` shows).
+The subtract backend ``auto`` (:class:`AutoBackend`, registered by the core like any
+plugin's backend, options ``[subtract.auto]``) is a selector: bound to a registry and a
+configuration (:func:`select_subtract`, :func:`auto_subtract`) it tries every subtract
+backend that can run here, ``ois`` first, each with its own optimisation loop
+(:func:`run_auto`, which :func:`run_subtraction` runs for it); among the residuals whose
+noise image is honest (:func:`background_scatter` within ``noise_tolerance`` of 1) the best
+Q is kept and the choice recorded (:func:`auto_cards`, and in ``meta["config"]``, which
+``residuals/log.txt`` shows).
 
 **What was done** (the choices): a backend records each choice it made in ``meta`` under
 a key starting with :data:`CHOICE_PREFIX` (``"choice_"``), e.g. ``meta["choice_kernel"] =
@@ -41,27 +45,36 @@ from typing import Any
 import attrs
 import numpy as np
 
+from oasis_core.backends import SubtractBackend, option
+from oasis_core.config import SubtractSettings
 from oasis_core.errors import OasisError, StageError
 from oasis_core.model import Frame, Residual, Template
+from oasis_core.validators import fraction
 
 __all__ = [
     "CHOICE_PREFIX",
     "FALLBACK_KEY",
+    "AutoBackend",
+    "AutoOptions",
     "AutoSubtract",
     "PairPlan",
     "auto_cards",
     "auto_subtract",
+    "background_scatter",
     "choice_text",
     "choices",
     "frame_choices",
     "judge_residual",
     "new_sources",
     "plan_pair",
+    "provenance_options",
     "residual_cards",
     "run_auto",
     "run_subtraction",
+    "select_subtract",
     "subtract_frames",
     "subtract_pair",
+    "subtract_settings",
 ]
 
 log = logging.getLogger("oasis")
@@ -142,6 +155,24 @@ def _better(a: float, b: float) -> bool:
     return not np.isfinite(b) or a > b
 
 
+def subtract_settings(settings: Any) -> SubtractSettings:
+    """``settings`` as the typed ``[subtract]`` settings: a mapping's missing keys take
+    :class:`~oasis_core.config.SubtractSettings`' defaults (the only ones), unknown keys
+    are ignored.
+
+    Examples
+    --------
+    >>> subtract_settings({"q_floor": 0.2}).q_floor, subtract_settings({}).q_floor
+    (0.2, 0.5)
+    """
+    if isinstance(settings, SubtractSettings):
+        return settings
+    if not isinstance(settings, Mapping):
+        settings = attrs.asdict(settings, recurse=False) if attrs.has(type(settings)) else {}
+    known = {f.name for f in attrs.fields(SubtractSettings)}
+    return SubtractSettings(**{k: v for k, v in settings.items() if k in known})
+
+
 def run_subtraction(
     backend: Any, science: Frame, template: Template, *, options: Any, workdir: Path, settings: Any
 ) -> Residual:
@@ -149,7 +180,8 @@ def run_subtraction(
 
     Parameters
     ----------
-    backend : SubtractBackend
+    backend : SubtractBackend or AutoSubtract
+        A bound selector (:class:`AutoSubtract`) runs :func:`run_auto`.
     science, template : Frame, Template
         Aligned, on the same grid.
     options : object
@@ -157,17 +189,20 @@ def run_subtraction(
     workdir : Path
         Scratch directory for the backend.
     settings : SubtractSettings or mapping
-        ``optimize``, ``max_tries``, ``q_ceiling``, ``q_floor``.
+        ``optimize``, ``max_tries``, ``q_ceiling``, ``q_floor``; a mapping's missing keys
+        take :class:`~oasis_core.config.SubtractSettings`' defaults.
     """
-    get = settings.get if isinstance(settings, Mapping) else lambda k, d: getattr(settings, k, d)
+    settings = subtract_settings(settings)
+    if isinstance(backend, AutoSubtract):
+        return run_auto(backend, science, template, workdir=workdir, settings=settings)
     candidates: Any = [options]
-    if get("optimize", True):
+    if settings.optimize:
         # lazily: a backend may measure what later configurations need only if asked
         candidates = itertools.islice(
             backend.candidates(science, template, options=options),
-            max(1, int(get("max_tries", 9))),
+            max(1, int(settings.max_tries)),
         )
-    ceiling = float(get("q_ceiling", 0.75))
+    ceiling = float(settings.q_ceiling)
     best: tuple[Residual, int, Any] | None = None
     errors: list[OasisError] = []
     tries = 0
@@ -177,7 +212,7 @@ def run_subtraction(
         try:
             residual = backend.subtract(science, template, options=opts, workdir=workdir)
         except OasisError as err:
-            if not get("optimize", True):
+            if not settings.optimize:
                 raise
             errors.append(err)
             log.debug("%s: configuration %d failed: %s", science.name, index, err)
@@ -207,16 +242,61 @@ def run_subtraction(
     }
     params = {k: v for k, v in options_dict(opts).items() if isinstance(v, (int, float, str, bool))}
     residual = attrs.evolve(residual, meta=meta, params=params or residual.params)
-    return judge_residual(residual, science.name, float(get("q_floor", 0.0)), template=template)
+    return judge_residual(residual, science.name, float(settings.q_floor), template=template)
 
 
-#: The order in which ``backend = "auto"`` tries the subtract backends; installed backends
-#: not named here follow, by name.
+@attrs.frozen(kw_only=True)
+class AutoOptions:
+    """Options of the subtract backend ``auto`` (``[subtract.auto]``)."""
+
+    ceiling: float = option(
+        1.0,
+        "stop trying further backends once one with an honest noise image reaches this Q "
+        "(1 = try every backend that can run and keep the best)",
+        range=fraction,
+    )
+    noise_tolerance: float = option(
+        0.1,
+        "rank by Q only residuals whose normalised background scatter is within this of 1 "
+        "(a noise image too large hides the tails and inflates Q)",
+        range=fraction,
+    )
+
+
+class AutoBackend(SubtractBackend):
+    """The subtract backend ``auto``: a selector over the other subtract backends.
+
+    Bound to a registry and a configuration (:meth:`bind`), it tries every subtract backend
+    that can run there, by ``auto_priority``, and keeps the residual of best Q among those
+    whose noise image is honest (:func:`run_auto`). Called on its own (:meth:`subtract`), it
+    binds to the installed backends with their default options.
+    """
+
+    name = "auto"
+    description = "every subtract backend that can run here; the best Q with honest noise"
+    Options = AutoOptions
+
+    def bind(self, registry: Any, config: Any) -> AutoSubtract:
+        """The backends this selector tries under ``config`` (see :func:`auto_subtract`)."""
+        return auto_subtract(registry, config)
+
+    def subtract(
+        self, science: Frame, template: Template, *, options: Any, workdir: Path
+    ) -> Residual:
+        """Run :func:`run_auto` over the installed backends with their default options."""
+        from oasis_core.config import load_config
+        from oasis_core.plugins import Registry
+
+        registry = Registry()
+        config = load_config(None, registry, use_config_file=False)
+        auto = attrs.evolve(self.bind(registry, config), settings=options or AutoOptions())
+        return run_auto(auto, science, template, workdir=workdir, settings=SubtractSettings())
 
 
 @attrs.frozen(kw_only=True)
 class AutoSubtract:
-    """The subtract "backend" ``auto``: the backends it tries, in order.
+    """The subtract backend ``auto`` bound to a registry and configuration: the backends
+    it tries, in order.
 
     Attributes
     ----------
@@ -224,17 +304,26 @@ class AutoSubtract:
         The subtract backends that can run here, by ``auto_priority``.
     skipped : mapping
         Backend name to the reason it cannot run here.
+    settings : AutoOptions
+        ``[subtract.auto]``: the ceiling and the noise tolerance.
     """
 
     name = "auto"
+    stage = "subtract"
     candidates: tuple[tuple[str, Any, Any], ...]
     skipped: Mapping[str, str] = attrs.field(factory=dict)
+    settings: AutoOptions = attrs.field(factory=AutoOptions)
+
+    @property
+    def needs_psf(self) -> bool:
+        """Whether any candidate needs the frames' PSFs."""
+        return any(getattr(b, "needs_psf", False) for _, b, _ in self.candidates)
 
     @property
     def options(self) -> dict[str, Any]:
-        """Every candidate's options object, by name (what the provenance hashes, with the
-        files they name)."""
-        return {name: opts for name, _, opts in self.candidates}
+        """Every candidate's options object, by name, and auto's own (what the provenance
+        hashes, with the files they name)."""
+        return {"auto": self.settings, **{name: opts for name, _, opts in self.candidates}}
 
 
 def auto_subtract(registry: Any, config: Any, names: Sequence[str] | None = None) -> AutoSubtract:
@@ -244,7 +333,7 @@ def auto_subtract(registry: Any, config: Any, names: Sequence[str] | None = None
     ----------
     registry : oasis_core.plugins.Registry
     config : oasis_core.config.Config
-        Gives each backend's options (``[subtract.<name>]``).
+        Gives each backend's options (``[subtract.<name>]``) and auto's (``[subtract.auto]``).
     names : sequence of str, optional
         The backends to consider (default: every installed one but ``auto``), tried in
         the order of their ``auto_priority`` (the ``ois`` backend declares itself first).
@@ -256,7 +345,11 @@ def auto_subtract(registry: Any, config: Any, names: Sequence[str] | None = None
     """
     from oasis_core.errors import BackendUnavailable
 
-    installed = [n for n in registry.names("subtract") if n != "auto"]
+    installed = [
+        n
+        for n in registry.names("subtract")
+        if not isinstance(registry.records["subtract"][n].backend, AutoBackend)
+    ]
     wanted = [n for n in (names if names is not None else installed) if n in installed]
 
     def priority(name: str) -> tuple[int, str]:
@@ -279,7 +372,57 @@ def auto_subtract(registry: Any, config: Any, names: Sequence[str] | None = None
         raise BackendUnavailable(
             f"subtract backend 'auto': no subtract backend can run here ({reasons})"
         )
-    return AutoSubtract(candidates=tuple(candidates), skipped=skipped)
+    own = AutoOptions()
+    if "auto" in registry.records["subtract"]:
+        own = config.backend_options("subtract", "auto")
+    return AutoSubtract(candidates=tuple(candidates), skipped=skipped, settings=own)
+
+
+def select_subtract(registry: Any, config: Any, name: str | None = None) -> Any:
+    """The subtract backend ``name`` (default: the configured one), checked and, for a
+    selector such as ``auto``, bound to ``registry`` and ``config`` (its ``bind``).
+
+    Raises
+    ------
+    UnknownBackend, BackendUnavailable
+        One line naming the backend and what is wrong.
+    """
+    name = config.backend("subtract") if name is None else name
+    backend = registry.select("subtract", name, config.backend_options("subtract", name))
+    bind = getattr(backend, "bind", None)
+    return bind(registry, config) if callable(bind) else backend
+
+
+def provenance_options(backend: Any, options: Any) -> Any:
+    """What a stage's provenance hashes as ``backend``'s options: a bound selector's
+    (:class:`AutoSubtract`) every candidate's options and its own, else ``options``."""
+    return backend.options if isinstance(backend, AutoSubtract) else options
+
+
+def _background(template: Frame, weight: np.ndarray) -> np.ndarray | None:
+    """Pixels on and around the template's sources, left out of the background scatter."""
+    from scipy import ndimage
+
+    data = np.asarray(template.data, np.float32)
+    good = (np.asarray(weight) > 0) & np.isfinite(data)
+    if good.sum() < 100:
+        return None
+    med = float(np.median(data[good]))
+    sigma = float(1.4826 * np.median(np.abs(data[good] - med)))
+    if not sigma > 0:
+        return None
+    smooth = ndimage.uniform_filter(np.where(good, data, med), size=3)
+    return np.asarray(ndimage.maximum_filter(smooth > med + sigma, size=7))
+
+
+def background_scatter(residual: Residual, template: Frame) -> float:
+    """The residual's normalised scatter away from the template's sources
+    (:func:`oasis_core.quality.normalized_noise`): 1 when its noise image is honest, below
+    1 when overstated."""
+    from oasis_core.quality import normalized_noise
+
+    exclude = _background(template, residual.weight)
+    return normalized_noise(residual.data, residual.noise, residual.weight, exclude=exclude)
 
 
 def run_auto(
@@ -291,25 +434,28 @@ def run_auto(
     settings: Any,
     ceiling: float | None = None,
 ) -> Residual:
-    """Subtract with each of ``auto``'s backends in turn; keep the residual of best Q.
+    """Subtract with each of ``auto``'s backends in turn; keep the best honest residual.
 
-    Each backend runs with its own optimisation loop (:func:`run_subtraction`); the search
-    stops as soon as one reaches ``ceiling`` (default ``[subtract] q_ceiling``), so with
-    the default a later backend is tried only when the earlier ones are not good enough.
-    With ``ceiling=inf`` every backend runs and the kept Q is the best of them all.
+    Each backend runs with its own optimisation loop (:func:`run_subtraction`) and its
+    residual's background scatter is measured (:func:`background_scatter`). Q ranks only
+    the residuals whose scatter is within ``noise_tolerance`` of 1 (an overstated noise
+    image hides the tails and inflates Q); when none is, every residual is ranked by Q and
+    ``meta["auto_note"]`` says so. The search stops as soon as an honest residual reaches
+    ``ceiling`` (default ``[subtract.auto] ceiling``).
 
     ``meta`` of the result gains ``auto_choice`` (the backend kept), ``auto_tried``
-    (``"ois 0.963, zogy 0.970"``: every backend tried and its Q, or why it failed) and
-    ``config`` starts with ``auto: <choice>``, so that ``residuals/log.txt`` shows it.
+    (``"ois 0.963 (noise 1.02), zogy 0.970 (noise 0.66)"``: every backend tried, its Q and
+    scatter, or why it failed) and ``config`` starts with ``auto: <choice>``, so that
+    ``residuals/log.txt`` shows it.
 
     Raises
     ------
     StageError
         When every backend failed (the message gives each one's error).
     """
-    get = settings.get if isinstance(settings, Mapping) else lambda k, d: getattr(settings, k, d)
-    ceiling = float(get("q_ceiling", 0.75)) if ceiling is None else float(ceiling)
-    best: tuple[Residual, str] | None = None
+    ceiling = float(auto.settings.ceiling) if ceiling is None else float(ceiling)
+    tolerance = float(auto.settings.noise_tolerance)
+    results: list[tuple[Residual, str, bool]] = []
     tried: list[str] = []
     start = time.perf_counter()
     for name, backend, options in auto.candidates:
@@ -321,14 +467,24 @@ def run_auto(
             tried.append(f"{name} failed ({err})")
             log.debug("%s: auto: %s failed: %s", science.name, name, err)
             continue
-        tried.append(f"{name} {residual.q:.3f}")
-        if best is None or _better(residual.q, best[0].q):
-            best = (residual, name)
-        if np.isfinite(residual.q) and residual.q >= ceiling:
+        scatter = background_scatter(residual, template)
+        honest = bool(np.isfinite(scatter) and abs(scatter - 1.0) <= tolerance)
+        tried.append(f"{name} {residual.q:.3f} (noise {scatter:.2f})")
+        results.append((residual, name, honest))
+        if honest and np.isfinite(residual.q) and residual.q >= ceiling:
             break
-    if best is None:
+    if not results:
         raise StageError(f"{science.name}: subtract backend 'auto': {'; '.join(tried)}")
-    residual, choice = best
+    ranked = [r for r in results if r[2]]
+    note = ""
+    if not ranked:
+        ranked = results
+        note = f"no residual's background scatter within {tolerance:g} of 1; ranked all by Q"
+        log.warning("%s: subtract backend 'auto': %s", science.name, note)
+    residual, choice, _ = ranked[0]
+    for candidate in ranked[1:]:
+        if _better(candidate[0].q, residual.q):
+            residual, choice = candidate[0], candidate[1]
     config = str(residual.meta.get("config", ""))
     meta = {
         **residual.meta,
@@ -338,6 +494,8 @@ def run_auto(
         "config": f"auto: {choice} ({', '.join(tried)})" + (f"; {config}" if config else ""),
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if note:
+        meta["auto_note"] = note
     return attrs.evolve(residual, meta=meta)
 
 
@@ -603,8 +761,7 @@ def plan_pair(
     from oasis_core.plugins import Registry
 
     registry = registry or Registry()
-    if method != "auto":
-        registry.get("subtract", method)  # an unknown name lists the installed ones
+    registry.get("subtract", method)  # an unknown name lists the installed ones
     flat: dict[str, Any] = {"subtract.backend": method}
     for key, value in (options or {}).items():
         flat[key if "." in key else f"subtract.{method}.{key}"] = value
@@ -612,12 +769,8 @@ def plan_pair(
         config = load_config(None, registry, use_config_file=False, arguments=flat)
     else:
         config = load_config(None, registry, use_config_file=False, cli=flat)
-    if method == "auto":
-        backend: Any = auto_subtract(registry, config)
-        needs_psf = any(getattr(b, "needs_psf", False) for _, b, _ in backend.candidates)
-    else:
-        backend = registry.select("subtract", method, config.backend_options("subtract"))
-        needs_psf = bool(getattr(backend, "needs_psf", False))
+    backend = select_subtract(registry, config, method)
+    needs_psf = bool(getattr(backend, "needs_psf", False))
     if needs_psf or catalog:
         registry.get("psf", config.backend("psf"))  # an unknown name lists the installed ones
     extractor = None
@@ -696,17 +849,14 @@ def subtract_frames(
             **{f.name: getattr(tpl, f.name) for f in attrs.fields(Frame)}, inputs=()
         )
         settings = config.settings["subtract"]
-        if method == "auto":
-            residual = run_auto(backend, sci, template_obj, workdir=workdir, settings=settings)
-        else:
-            residual = run_subtraction(
-                backend,
-                sci,
-                template_obj,
-                options=config.backend_options("subtract"),
-                workdir=workdir,
-                settings=settings,
-            )
+        residual = run_subtraction(
+            backend,
+            sci,
+            template_obj,
+            options=config.backend_options("subtract"),
+            workdir=workdir,
+            settings=settings,
+        )
         residual = attrs.evolve(residual, name=sci.name, science=sci.name, template=tpl.name)
         prov = _pair_provenance(registry, config, method, backend, inputs, (sci, tpl))
         cards = {**prov, **residual_cards(residual, sci, tpl)}
@@ -761,30 +911,19 @@ def _pair_provenance(
     ``inputs``) is recorded by the sha256 of its pixels (float32) instead of its file's."""
     import hashlib
 
-    from oasis_core import __version__
     from oasis_core.io import sha256
     from oasis_core.provenance import Provenance
 
     files = {k: Path(v) for k, v in inputs.items() if v is not None}
-    if method == "auto":
-        prov = Provenance(
-            stage="subtract",
-            backend="auto",
-            plugin=f"oasis-dia=={__version__}",
-            inputs=files,
-            options=backend.options,
-            settings=config.settings["subtract"],
-        )
-    else:
-        record = registry.get("subtract", method)
-        prov = Provenance(
-            stage="subtract",
-            backend=method,
-            plugin=f"{record.dist}=={record.version}",
-            inputs=files,
-            options=config.backend_options("subtract"),
-            settings=config.settings["subtract"],
-        )
+    record = registry.get("subtract", method)
+    prov = Provenance(
+        stage="subtract",
+        backend=method,
+        plugin=f"{record.dist}=={record.version}",
+        inputs=files,
+        options=provenance_options(backend, config.backend_options("subtract", method)),
+        settings=config.settings["subtract"],
+    )
     cards: dict[str, Any] = prov.header_cards()
     if len(files) == len(inputs):
         return cards

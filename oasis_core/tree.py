@@ -24,32 +24,41 @@ stay where they are, so outputs of different backend choices live side by side.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
 
 from oasis_core.errors import InputError
+from oasis_core.stages import StageNames, StageTable, get_stage, stage_names
 
-__all__ = ["ROOT_DIRS", "TARGET_DIRS", "WRITTEN_DIRS", "Target", "find_target", "init_root"]
+__all__ = [
+    "ROOT_DIRS",
+    "STAGE_DIRS",
+    "TARGET_DIRS",
+    "WRITTEN_DIRS",
+    "Target",
+    "find_target",
+    "init_root",
+]
 
 ROOT_DIRS = ("targets", "simulations", "temp", "archive")
 TARGET_DIRS = ("configs", "data", "psf", "templates", "residuals", "sources", "archive")
-STAGE_DIRS = {
-    "mask": "masks",
-    "psf": "psf",
-    "align": "aligned",
-    "combine": "templates",
-    "subtract": "residuals",
-    "mr": "residuals",
-    "extract": "sources",
-}
-#: The folders of a target a run writes in (``data/`` is only read, except that the psf
-#: stage moves outliers out of it when it can).
-WRITTEN_DIRS = tuple(
-    dict.fromkeys(
-        [*(d for d in TARGET_DIRS if d != "data"), *STAGE_DIRS.values(), "compare", ".work"]
+#: Stage name to its output folder: a view of :mod:`oasis_core.stages`.
+STAGE_DIRS: Mapping[str, str] = StageTable(lambda stage: stage.folder)
+
+
+def _written_dirs() -> tuple[str, ...]:
+    return tuple(
+        dict.fromkeys(
+            [*(d for d in TARGET_DIRS if d != "data"), *STAGE_DIRS.values(), "compare", ".work"]
+        )
     )
-)
+
+
+#: The folders of a target a run writes in (``data/`` is only read, except that the psf
+#: stage moves outliers out of it when it can); every stage's folder included.
+WRITTEN_DIRS: Sequence[str] = StageNames(_written_dirs)
 
 
 def init_root(root: Path) -> Path:
@@ -106,12 +115,11 @@ class Target:
 
     def stage_dir(self, stage: str) -> Path:
         """Directory for ``stage``'s outputs (under ``compare/<variant>/`` when it varies)."""
-        from oasis_core.backends import STAGES
-
+        names = stage_names()
         base = self.path
-        if self.variant and STAGES.index(stage) >= STAGES.index(self.variant_from):
+        if self.variant and names.index(stage) >= names.index(self.variant_from):
             base = self.path / "compare" / self.variant
-        return base / STAGE_DIRS[stage]
+        return base / get_stage(stage).folder
 
     @property
     def work(self) -> Path:

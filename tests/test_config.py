@@ -328,3 +328,19 @@ def test_the_ranges_and_checks_docstrings_run():
     for module in (oasis_core.validators, oasis_core.backends, oasis_core.provenance):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_a_moved_key_is_read_at_its_new_place_with_a_warning(tmp_path, registry, caplog):
+    """``[subtract] auto_ceiling`` (before the auto backend had its own options) is read as
+    ``[subtract.auto] ceiling``: an old oasis.toml keeps working and says what to move."""
+    path = tmp_path / "oasis.toml"
+    path.write_text("[subtract]\nauto_ceiling = 0.9\n")
+    with caplog.at_level("WARNING", logger="oasis"):
+        cfg = load_config(path, registry)
+    assert cfg.backend_options("subtract", "auto").ceiling == 0.9
+    assert "[subtract] auto_ceiling is now [subtract.auto] ceiling" in caplog.text
+    # the new place wins when both are given; the old name from the command line too
+    path.write_text("[subtract]\nauto_ceiling = 0.9\n[subtract.auto]\nceiling = 0.8\n")
+    assert load_config(path, registry).backend_options("subtract", "auto").ceiling == 0.8
+    cfg = load_config(None, registry, cli={"subtract.auto_ceiling": 0.7})
+    assert cfg.backend_options("subtract", "auto").ceiling == 0.7

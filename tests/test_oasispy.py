@@ -81,7 +81,7 @@ DOCUMENTED = {
         ("scale_mult", (0, 1.5)),
         ("scale_add", (-20, 50)),
         ("zero_point", 25),
-        ("mode", "gauss"),
+        ("mode", "moffat"),
     ],
     "SIM": [],
     "TEST": [],
@@ -205,11 +205,12 @@ def test_ALIGN_masks_first_like_oasispy_then_registers(target, oasis_log):
     assert "fakes" not in oasis_log.text
 
 
-def test_ALIGN_fakes_method_is_logged_and_registers_natively(target, oasis_log):
+def test_ALIGN_fakes_method_is_logged_and_skips_registration(target, oasis_log):
     ALIGN(str(target), align_method="fakes")
     assert "align_method 'fakes'" in oasis_log.text
-    name = frame_names(target)[0]
-    assert header(target / "aligned" / f"{name}.fits")["OASBACK"] == "native"
+    name = non_reference(target)
+    hdr = header(target / "aligned" / f"{name}.fits")
+    assert (hdr["OASBACK"], hdr["ALNMETH"]) == ("native", "none")
 
 
 def test_COMBINE_builds_the_template(target):

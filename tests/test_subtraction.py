@@ -377,7 +377,7 @@ def test_subtract_pair_auto_records_the_backend_chosen(sim_pair, tmp_path):
 
     sci, tpl, _ = sim_pair
     out = tmp_path / "diff.fits"
-    res = subtract_pair(sci, tpl, out, method="auto", options={"subtract.auto_ceiling": 0.0})
+    res = subtract_pair(sci, tpl, out, method="auto", options={"subtract.auto.ceiling": 0.0})
     header = fits.getheader(out)
     assert header["OASBACK"] == "auto" and header["OASAUTO"] == res.meta["choice_backend"]
     assert header["OAS CHOICE_BACKEND"] == res.meta["auto_choice"]

@@ -25,6 +25,11 @@ The steps, for a frame and the reference:
    stars on either image: small cutouts), the WCS transform, else the phase-correlation
    one, is used as it is: unchecked, and flagged (``fallback``). Otherwise the frame
    fails, its error naming what each method found.
+
+   With ``initial = "none"`` no transform is sought: the frames are taken as already
+   registered (simulations, OasisPy's ``align_method='fakes'``), the frame must have the
+   reference's shape, its pixels are kept where they are (step 4 is skipped) and only the
+   photometric alignment (step 5) is done.
 3. **Refinement.** Stars are paired (mutual nearest neighbours within ``match_radius``)
    and a shift, similarity or affine transform is fitted by least squares with
    iterative clipping: a fitted star is judged by its offset from the fit of the others
@@ -42,8 +47,9 @@ The steps, for a frame and the reference:
 ``meta`` records ``align_m00 .. align_m12`` (the 2x3 matrix mapping frame pixel
 ``(x, y)`` to reference pixel ``(x, y)``: ``x_ref = m00 x + m01 y + m02``,
 ``y_ref = m10 x + m11 y + m12``), ``shift_x``, ``shift_y``, ``rotation`` (degrees),
-``align_scale`` (geometric), ``align_method`` (astroalign, pointset, wcs, phasecorr, or
-identity for the reference itself), ``align_rms`` (px, of the paired stars; NaN without
+``align_scale`` (geometric), ``align_method`` (astroalign, pointset, wcs, phasecorr, none
+when registration was skipped, or identity for the reference itself; also written to the
+header as ``ALNMETH``), ``align_rms`` (px, of the paired stars; NaN without
 any), ``n_matched``, ``align_note`` (why the methods tried first were passed over),
 ``choice_align`` (the method and how well, in a few words, as the core carries it into
 the residual and ``residuals/log.txt``), ``fallback`` (a sentence when the transform was
@@ -69,7 +75,7 @@ from oasis_core.validators import non_negative, positive
 __all__ = ["NativeAlign", "NativeAlignOptions"]
 
 _TRANSFORMS = ("shift", "similarity", "affine")
-_INITIAL = ("auto", "astroalign", "pointset", "wcs", "phasecorr")
+_INITIAL = ("auto", "astroalign", "pointset", "wcs", "phasecorr", "none")
 # the methods each choice of `initial` tries, in turn
 _ORDER = {
     "auto": ("astroalign", "pointset", "wcs", "phasecorr"),
@@ -77,6 +83,7 @@ _ORDER = {
     "pointset": ("pointset",),
     "wcs": ("wcs",),
     "phasecorr": ("phasecorr",),
+    "none": (),  # registration skipped: the frames are taken as registered
 }
 _SIGMA_FLOOR = 0.05  # px: real centroids scatter by this much whatever a fit says
 _PRECLIP_FLOOR = 0.3  # px: offsets (from the median offset, or the fit) never clipped
@@ -128,7 +135,8 @@ class NativeAlignOptions:
         "auto",
         "initial transform: auto (astroalign, else pointset, else the WCSs, else phase "
         "correlation), or only one of astroalign, pointset (all star pairs vote), wcs, "
-        "phasecorr (pure translation)",
+        "phasecorr (pure translation); none: the frames are already registered (no "
+        "transform, no resampling: photometric alignment only)",
         choices=_INITIAL,
     )
     match_radius: float = option(
@@ -895,12 +903,39 @@ def _photometry(
     return scale, offset, int(keep.sum()), sky_f, rms_f, ""
 
 
+def _registered(
+    frame: Frame, fs: _Stars, rs: _Stars, options: NativeAlignOptions
+) -> tuple[_Solution, np.ndarray, np.ndarray]:
+    """``initial = "none"``: the frame taken as registered on the reference. The identity
+    transform (stars paired under it, for the photometric scale), and the frame's own
+    pixels: data unchanged except masked pixels, set to the sky background as the warp
+    does, and the weight map with non-finite data at 0."""
+    eye = np.eye(3)
+    i, j = _match(fs.xy, rs.xy, eye, options.match_radius)
+    resid = fs.xy[i] - rs.xy[j]
+    rms = float(np.sqrt(np.mean(np.sum(resid**2, axis=1)))) if len(i) else float("nan")
+    found = _Solution(eye, "none", i, j, rms, "registration skipped (align.native.initial)", "")
+    data = np.where(fs.bad, fs.back, np.asarray(frame.data)).astype(np.float32)
+    weight = np.where(fs.bad, 0.0, np.asarray(frame.weight)).astype(np.float32)
+    return found, data, np.clip(weight, 0.0, 1.0)
+
+
 def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame:
+    if options.initial == "none" and frame.shape != reference.shape:
+        raise _err(
+            frame,
+            f"align.native.initial = 'none' takes the frames as registered, but the frame "
+            f"is {frame.shape} and the reference {reference.shape}; choose another "
+            "align.native.initial",
+        )
     rs = _detect(reference, options)
     fs = _detect(frame, options)
-    found = _find_transform(frame, reference, fs, rs, options)
+    if options.initial == "none":
+        found, data, weight = _registered(frame, fs, rs, options)
+    else:
+        found = _find_transform(frame, reference, fs, rs, options)
+        data, weight = _warp(frame, fs, found.matrix, reference.shape, options.order)
     matrix, i, j = found.matrix, found.i, found.j
-    data, weight = _warp(frame, fs, matrix, reference.shape, options.order)
     if not (weight > 0).any():
         raise _err(frame, "no pixel of the frame lands on the reference grid")
     scale, offset, nphot, sky_f, rms_f, phot_flag = _photometry(
@@ -927,7 +962,9 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
         n_matched=len(i),
         align_note=found.note,
         choice_align=(
-            f"{found.method} ({len(i)} stars, rms {found.rms:.2f} px)"
+            "none (taken as registered)"
+            if found.method == "none"
+            else f"{found.method} ({len(i)} stars, rms {found.rms:.2f} px)"
             if not found.flag
             else f"{found.method} (unchecked, {len(i)} stars paired)"
         ),
@@ -943,11 +980,13 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
 
     background = frame.background if frame.background is not None else sky_f
     noise = frame.noise if frame.noise is not None else rms_f
+    header = _copy_header(frame, reference)
+    header["ALNMETH"] = (found.method, "align method (none: taken as registered)")
     return attrs.evolve(
         frame,
         data=data,
         weight=weight,
-        header=_copy_header(frame, reference),
+        header=header,
         background=rescale(background),
         noise=scale * noise,
         gain=None if frame.gain is None else frame.gain / scale,

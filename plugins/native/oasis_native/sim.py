@@ -919,11 +919,13 @@ def _per_frame_psf(
     angle: Sequence[float] | None,
 ) -> dict[str, list[float] | None]:
     """The per-frame PSF choices of :func:`simulate_series`, checked (one per frame)."""
+    from oasis_core.validators import finite, in_range, positive
+
     out: dict[str, list[float] | None] = {}
-    for key, values, ok, what in (
-        ("fwhm", fwhm, lambda v: v > 0, "> 0"),
-        ("ellipticity", ellipticity, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("angle", angle, math.isfinite, "finite"),
+    for key, values, check in (
+        ("fwhm", fwhm, positive),
+        ("ellipticity", ellipticity, in_range(0, 1, hi_open=True)),
+        ("angle", angle, finite),
     ):
         if values is None:
             out[key] = None
@@ -932,8 +934,8 @@ def _per_frame_psf(
         if len(vals) != n_frames:
             msg = f"simulate_series: frame_{key} has {len(vals)} values, need n_frames={n_frames}"
             raise ValueError(msg)
-        if not all(math.isfinite(v) and ok(v) for v in vals):
-            raise ValueError(f"simulate_series: every frame_{key} value must be {what}")
+        if not all(check.test(v) for v in vals):
+            raise ValueError(f"simulate_series: every frame_{key} value must be {check.words()}")
         out[key] = vals
     return out
 
