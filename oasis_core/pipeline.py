@@ -1433,7 +1433,9 @@ def _extract(ctx: Context) -> dict[str, Any]:
     ctx.reporter.result(
         "extract: "
         + ", ".join(
-            f"{k} {v}" for k, v in summary.items() if k not in ("not_subtracted", "not_extracted")
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in summary.items()
+            if k not in ("not_subtracted", "not_extracted")
         )
     )
     return summary

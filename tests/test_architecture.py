@@ -58,12 +58,14 @@ def test_readme_documents_every_hook():
         assert method in readme, f"README does not document the stage method {method}"
 
 
-def test_readme_config_block_is_current():
+def test_configuration_reference_is_current():
     from oasis_core.config import render_config
     from oasis_core.plugins import Registry
 
-    readme = (CORE.parent / "README.md").read_text()
-    block = readme.split("<!-- config:start -->\n", 1)[1].split("<!-- config:end -->", 1)[0]
+    doc = (CORE.parent / "docs" / "configuration.md").read_text()
+    block = doc.split("<!-- config:start -->\n", 1)[1].split("<!-- config:end -->", 1)[0]
     assert block == f"```toml\n{render_config(Registry())}```\n", (
-        "README config block is stale: run `python tools/readme_config.py`"
+        "docs/configuration.md is stale: run `python tools/config_reference.py`"
     )
+    readme = (CORE.parent / "README.md").read_text()
+    assert "docs/configuration.md" in readme
