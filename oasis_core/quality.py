@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-__all__ = ["MIN_PIXELS", "normalized_noise", "q_value", "star_aperture_rms"]
+__all__ = ["MIN_PIXELS", "normalized_noise", "q_value", "source_footprint", "star_aperture_rms"]
 
 #: Fewer usable pixels than this and the figures are ``nan``.
 MIN_PIXELS = 100
@@ -293,3 +293,22 @@ def star_aperture_rms(
     z2 = np.where(inside[None], z, 0.0) ** 2
     rms = np.sqrt(z2[usable].sum(axis=(1, 2)) / inside.sum())
     return float(np.median(rms))
+
+
+def source_footprint(template: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+    """Pixels on and around the template's sources (more than one robust sigma above its
+    median after a 3 px box smoothing, grown by 7 px), which a background figure such as
+    :func:`normalized_noise`'s ``exclude`` leaves out; None when fewer than
+    :data:`MIN_PIXELS` pixels are good or the template is flat."""
+    from scipy import ndimage
+
+    data = np.asarray(template, np.float32)
+    good = (np.asarray(weight) > 0) & np.isfinite(data)
+    if good.sum() < MIN_PIXELS:
+        return None
+    med = float(np.median(data[good]))
+    sigma = float(1.4826 * np.median(np.abs(data[good] - med)))
+    if not sigma > 0:
+        return None
+    smooth = ndimage.uniform_filter(np.where(good, data, med), size=3)
+    return np.asarray(ndimage.maximum_filter(smooth > med + sigma, size=7))

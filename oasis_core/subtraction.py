@@ -399,29 +399,13 @@ def provenance_options(backend: Any, options: Any) -> Any:
     return backend.options if isinstance(backend, AutoSubtract) else options
 
 
-def _background(template: Frame, weight: np.ndarray) -> np.ndarray | None:
-    """Pixels on and around the template's sources, left out of the background scatter."""
-    from scipy import ndimage
-
-    data = np.asarray(template.data, np.float32)
-    good = (np.asarray(weight) > 0) & np.isfinite(data)
-    if good.sum() < 100:
-        return None
-    med = float(np.median(data[good]))
-    sigma = float(1.4826 * np.median(np.abs(data[good] - med)))
-    if not sigma > 0:
-        return None
-    smooth = ndimage.uniform_filter(np.where(good, data, med), size=3)
-    return np.asarray(ndimage.maximum_filter(smooth > med + sigma, size=7))
-
-
 def background_scatter(residual: Residual, template: Frame) -> float:
     """The residual's normalised scatter away from the template's sources
     (:func:`oasis_core.quality.normalized_noise`): 1 when its noise image is honest, below
     1 when overstated."""
-    from oasis_core.quality import normalized_noise
+    from oasis_core.quality import normalized_noise, source_footprint
 
-    exclude = _background(template, residual.weight)
+    exclude = source_footprint(template.data, residual.weight)
     return normalized_noise(residual.data, residual.noise, residual.weight, exclude=exclude)
 
 

@@ -411,3 +411,18 @@ def test_docstring_examples_run():
             attempted += result.attempted
     # the examples of q_value, normalized_noise and star_aperture_rms
     assert attempted >= 10
+
+
+def test_source_footprint_covers_the_sources_and_their_surroundings():
+    from oasis_core.quality import source_footprint
+
+    rng = np.random.default_rng(5)
+    data = rng.normal(100.0, 5.0, (80, 80))
+    yy, xx = np.mgrid[:80, :80]
+    data += 2000.0 * np.exp(-((xx - 40) ** 2 + (yy - 30) ** 2) / (2 * 2.0**2))
+    weight = np.ones_like(data)
+    mask = source_footprint(data, weight)
+    assert mask[30, 40] and mask[30, 46]  # the star and 6 px beside it (grown by 7 px)
+    assert not mask[70, 10] and mask.mean() < 0.1
+    assert source_footprint(np.full((80, 80), 3.0), weight) is None  # flat: no sigma
+    assert source_footprint(data, np.zeros_like(data)) is None  # nothing good

@@ -1758,7 +1758,7 @@ class HotpantsSubtract(SubtractBackend):
     ) -> Residual:
         from astropy.io import fits
 
-        from oasis_core.quality import normalized_noise, q_value
+        from oasis_core.quality import normalized_noise, q_value, source_footprint
 
         meta: dict[str, float | int | str | bool] = dict(out.meta)
         convolved = str(meta.get("convolved", "")).upper()
@@ -1792,7 +1792,9 @@ class HotpantsSubtract(SubtractBackend):
             meta["covariance_k0"] = round(k0, 6)
 
         q = q_value(data, noise, weight)
-        nnoise = normalized_noise(data, noise, weight, exclude=_sources(template, weight))
+        nnoise = normalized_noise(
+            data, noise, weight, exclude=source_footprint(template.data, weight)
+        )
         nstamps = meta.get("nstamps")
         min_stamps = options.min_stamps or _terms(options.ko)
         flags = []
@@ -1871,19 +1873,3 @@ class HotpantsSubtract(SubtractBackend):
             params={**attrs.asdict(options), "command": command},
             meta=meta,
         )
-
-
-def _sources(template: Frame, weight: np.ndarray) -> np.ndarray | None:
-    """Pixels on and around the template's sources (excluded from ``nnoise``)."""
-    from scipy import ndimage
-
-    data = np.asarray(template.data, np.float32)
-    good = (weight > 0) & np.isfinite(data)
-    if good.sum() < 100:
-        return None
-    med = float(np.median(data[good]))
-    sigma = float(1.4826 * np.median(np.abs(data[good] - med)))
-    if not sigma > 0:
-        return None
-    smooth = ndimage.uniform_filter(np.where(good, data, med), size=3)
-    return ndimage.maximum_filter(smooth > med + sigma, size=7)
