@@ -22,9 +22,9 @@ from typing import Any
 def _run(target: Path, executor: Any, label: str) -> tuple[list[tuple[str, float]], int]:
     from astropy.table import Table
 
-    from oasis_core.backends import STAGES
-    from oasis_core.executor_dask import DaskExecutor
-    from oasis_core.pipeline import make_context, run_stages
+    from oasis_core.contracts.backends import STAGES
+    from oasis_core.engine.executor_dask import DaskExecutor
+    from oasis_core.engine.pipeline import make_context, run_stages
 
     rows = []
     if isinstance(executor, DaskExecutor):
@@ -50,10 +50,10 @@ def main() -> None:
     parser.add_argument("--scheduler", default="", help="dask scheduler address (optional)")
     args = parser.parse_args()
 
-    from oasis_core.backends import STAGES
-    from oasis_core.demo import simulate_target
-    from oasis_core.executor import LocalExecutor
-    from oasis_core.executor_dask import DaskExecutor
+    from oasis_apps.demo import simulate_target
+    from oasis_core.contracts.backends import STAGES
+    from oasis_core.engine.executor import LocalExecutor
+    from oasis_core.engine.executor_dask import DaskExecutor
 
     results: dict[str, tuple[list[tuple[str, float]], int]] = {}
     with tempfile.TemporaryDirectory() as tmp:

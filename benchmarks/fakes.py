@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/oasis-bench-fakes"))
     args = parser.parse_args()
 
-    from oasis_core.demo import simulate_target
-    from oasis_core.fakes import sim_fakes
-    from oasis_core.pipeline import pipeline
+    from oasis_apps.demo import simulate_target
+    from oasis_apps.fakes import sim_fakes
+    from oasis_core.engine.pipeline import pipeline
 
     target = simulate_target(
         args.dir, "demo", n_frames=args.frames, shape=(args.size, args.size), seed=1

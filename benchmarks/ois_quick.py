@@ -19,7 +19,7 @@ import numpy as np
 from oasis_ois.backend import OisOptions, OisSubtract
 from oasis_ois.optimise import configuration_cost, describe_configuration
 
-from oasis_core.model import Frame, Template
+from oasis_core.contracts.model import Frame, Template
 
 
 def _render(shape, x, y, flux, fwhm, beta=3.5, radius=15):  # type: ignore[no-untyped-def]

@@ -26,9 +26,9 @@ def main() -> None:
 
     from astropy.table import Table
 
-    from oasis_core.backends import STAGES
-    from oasis_core.demo import evaluate, simulate_target
-    from oasis_core.pipeline import make_context, run_stages
+    from oasis_apps.demo import evaluate, simulate_target
+    from oasis_core.contracts.backends import STAGES
+    from oasis_core.engine.pipeline import make_context, run_stages
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

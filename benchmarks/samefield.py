@@ -4,7 +4,7 @@ Run: ``python benchmarks/samefield.py [--frames 30] [--modes moffat,gauss,sky]
 [--frame PATH] [--section X0,Y0,NX,NY] [--jobs 2]``. The real frame (default: the
 ProperImage frame of ``../shared/data``, read in place; ``--section`` renders from a part
 of it, written to the temporary directory) gives the sources; for each mode
-:func:`oasis_core.samefield.sim_same_field` renders the frames with the issue's default
+:func:`oasis_apps.samefield.sim_same_field` renders the frames with the issue's default
 parameters in a temporary directory and runs the pipeline. One row per mode: frames used,
 mean and maximum false detections per frame, the time to render the frames and the
 total. Numbers are for this machine; nothing here is asserted by the tests.
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from oasis_core.samefield import sim_same_field
+    from oasis_apps.samefield import sim_same_field
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -355,7 +355,7 @@ def measure(  # type: ignore[no-untyped-def]
     import sep
     from astropy.io import fits
 
-    from oasis_core.quality import normalized_noise, q_value, star_aperture_rms
+    from oasis_core.engine.quality import normalized_noise, q_value, star_aperture_rms
 
     with fits.open(out) as hdul:
         res = np.array(hdul[0].data, np.float64)
@@ -453,7 +453,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args()
 
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     registry = Registry()
     names = args.backends or [
@@ -483,7 +483,7 @@ def main() -> None:
                         cmd = hotpants_bare(sci, tpl, out, noise)
                     else:
                         cmd = [
-                            sys.executable, "-m", "oasis_core.cli", "subtract-pair",
+                            sys.executable, "-m", "oasis_apps.cli", "subtract-pair",
                             str(sci), str(tpl), str(out), "--subtract", label,
                         ]  # fmt: skip
                     wall, peak, code, err = timed(cmd)

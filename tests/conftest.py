@@ -17,7 +17,7 @@ def checksums(paths):
 
 @pytest.fixture
 def plugin_manager():
-    from oasis_core.plugins import make_plugin_manager
+    from oasis_core.engine.plugins import make_plugin_manager
 
     return make_plugin_manager()
 
@@ -43,8 +43,8 @@ def sim_frames(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sim_target_done(tmp_path_factory):
     """A simulated target (8 frames, 384x384) after a full pipeline run with defaults."""
-    from oasis_core.demo import simulate_target
-    from oasis_core.pipeline import pipeline
+    from oasis_apps.demo import simulate_target
+    from oasis_core.engine.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("simroot")
     target = simulate_target(root, "sim", n_frames=8, shape=(384, 384), seed=7)

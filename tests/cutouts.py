@@ -298,8 +298,8 @@ def isis_stamps(
     native align backend, each minus frame 0; per pair 5 blank-ish, 2 blend and 2 star
     stamps (or ``per_pair``; in a field this crowded 'blank' means the faintest patch
     found)."""
-    from oasis_core import io
-    from oasis_core.plugins import Registry
+    from oasis_core.engine import io
+    from oasis_core.engine.plugins import Registry
 
     registry = Registry()
     backend = registry.select("align", "native", registry.get("align", "native").backend.Options())

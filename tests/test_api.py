@@ -9,9 +9,9 @@ from astropy.nddata import CCDData, StdDevUncertainty
 from astropy.table import Table
 
 import oasis_core
-from oasis_core.errors import OasisError
-from oasis_core.io import read_residual
-from oasis_core.subtraction import subtract_pair as command_pair
+from oasis_core.contracts.errors import OasisError
+from oasis_core.engine.io import read_residual
+from oasis_core.engine.pair import subtract_pair as command_pair
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,9 @@ def test_is_exported_lazily():
     import sys
 
     code = (
-        "import sys, oasis_core; assert 'oasis_core.api' not in sys.modules; "
-        "assert 'oasis_core.subtraction' not in sys.modules; "
-        "f = oasis_core.subtract_pair; assert f.__module__ == 'oasis_core.api'"
+        "import sys, oasis_core; assert 'oasis_core.engine.api' not in sys.modules; "
+        "assert 'oasis_core.engine.subtraction' not in sys.modules; "
+        "f = oasis_core.subtract_pair; assert f.__module__ == 'oasis_core.engine.api'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert "subtract_pair" in oasis_core.__all__
@@ -176,7 +176,7 @@ def test_run_returns_the_catalogs_as_tables_with_units(tmp_path):
     from astropy.time import Time
 
     import oasis_core
-    from oasis_core.errors import InputError
+    from oasis_core.contracts.errors import InputError
     from tests.integration.pipeline_kit import make_target
 
     target = make_target(tmp_path)

@@ -14,8 +14,8 @@ import pytest
 def _backend(name: str, *, noise_scale: float, q: float):
     """A subtract backend whose residual is the same scatter of unit sigma, with a noise
     image ``noise_scale`` times the truth, and which reports Q ``q``."""
-    from oasis_core.backends import SubtractBackend
-    from oasis_core.model import Residual
+    from oasis_core.contracts.backends import SubtractBackend
+    from oasis_core.contracts.model import Residual
 
     class Fake(SubtractBackend):
         description = "test backend"
@@ -33,7 +33,7 @@ def _backend(name: str, *, noise_scale: float, q: float):
 
 @pytest.fixture
 def pair():
-    from oasis_core.model import Frame, Template
+    from oasis_core.contracts.model import Frame, Template
 
     rng = np.random.default_rng(0)
     data = rng.normal(100.0, 10.0, (128, 128))
@@ -41,7 +41,7 @@ def pair():
 
 
 def _run(candidates, pair, tmp_path):
-    from oasis_core.subtraction import AutoSubtract, run_auto
+    from oasis_core.engine.auto import AutoSubtract, run_auto
 
     auto = AutoSubtract(candidates=tuple((b.name, b, None) for b in candidates))
     return run_auto(auto, *pair, workdir=tmp_path, settings={"optimize": False, "q_floor": 0})
@@ -68,7 +68,7 @@ def test_auto_ranks_all_by_q_and_says_so_when_none_is_honest(pair, tmp_path):
 
 
 def test_auto_does_not_stop_at_a_dishonest_residual_past_the_ceiling(pair, tmp_path):
-    from oasis_core.subtraction import AutoOptions, AutoSubtract, run_auto
+    from oasis_core.engine.auto import AutoOptions, AutoSubtract, run_auto
 
     inflated = _backend("inflated", noise_scale=1.5, q=0.99)
     honest = _backend("honest", noise_scale=1.0, q=0.9)
@@ -81,8 +81,8 @@ def test_auto_does_not_stop_at_a_dishonest_residual_past_the_ceiling(pair, tmp_p
 
 
 def test_auto_is_a_registered_backend_with_its_options():
-    from oasis_core.config import load_config
-    from oasis_core.plugins import Registry, make_plugin_manager
+    from oasis_core.engine.config import load_config
+    from oasis_core.engine.plugins import Registry, make_plugin_manager
 
     registry = Registry(make_plugin_manager(autoload=False))  # the core's own, always
     assert registry.names("subtract") == ["auto"]
@@ -96,7 +96,7 @@ def test_auto_is_a_registered_backend_with_its_options():
 
 def test_oasis_plugins_lists_auto():
     out = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", "plugins"],
+        [sys.executable, "-m", "oasis_apps.cli", "plugins"],
         capture_output=True,
         text=True,
         check=True,
@@ -106,8 +106,8 @@ def test_oasis_plugins_lists_auto():
 
 
 def test_context_binds_auto_and_hashes_every_candidates_options(tmp_path):
-    from oasis_core import pipeline as pl
-    from oasis_core.subtraction import AutoSubtract
+    from oasis_core.engine import pipeline as pl
+    from oasis_core.engine.auto import AutoSubtract
 
     ctx = pl.make_context(tmp_path, use_config_file=False, options={"subtract.backend": "auto"})
     backend = ctx.backend("subtract")
@@ -120,8 +120,8 @@ def test_context_binds_auto_and_hashes_every_candidates_options(tmp_path):
 def test_the_loop_takes_the_configs_q_floor_when_none_is_given(pair, tmp_path):
     """``q_floor`` has one default, the config's (0.5): a settings mapping without it
     masks a residual of Q 0.3."""
-    from oasis_core.config import SubtractSettings
-    from oasis_core.subtraction import run_subtraction
+    from oasis_core.engine.config import SubtractSettings
+    from oasis_core.engine.subtraction import run_subtraction
 
     backend = _backend("low", noise_scale=1.0, q=0.3)
     res = run_subtraction(backend, *pair, options=None, workdir=tmp_path, settings={})
@@ -134,8 +134,8 @@ def test_oasispy_and_samefield_same_field_defaults_are_one():
     default, ``mode`` the README's ``'moffat'`` included."""
     import inspect
 
-    from oasis_core.oasispy import sim_sameField
-    from oasis_core.samefield import sim_same_field
+    from oasis_apps.oasispy import sim_sameField
+    from oasis_apps.samefield import sim_same_field
 
     api = inspect.signature(sim_sameField).parameters
     core = inspect.signature(sim_same_field).parameters

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from oasis_core.cli import main
+from oasis_apps.cli import main
 
 
 def oasis(*args, input=None, cwd=None, env=None):  # noqa: A002 - mirrors subprocess.run
     return subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", *args],
+        [sys.executable, "-m", "oasis_apps.cli", *args],
         input=input,
         capture_output=True,
         text=True,
@@ -94,7 +94,7 @@ def test_demo_command_prints_where_and_the_result(tmp_path):
 @pytest.fixture
 def failing_pair(monkeypatch):
     """``oasis subtract-pair`` whose work raises what the test sets."""
-    import oasis_core.subtraction as subtraction
+    import oasis_core.engine.subtraction as subtraction
 
     raised: list[BaseException] = []
 
@@ -137,7 +137,7 @@ def test_debug_prints_the_traceback_then_the_line(failing_pair, capsys, monkeypa
 
 
 def test_an_oasis_error_keeps_its_exit_code(failing_pair, capsys):
-    from oasis_core.errors import TargetBusy
+    from oasis_core.contracts.errors import TargetBusy
 
     failing_pair.append(TargetBusy("t: busy: run 42 on host h since 10:00"))
     assert main(PAIR) == 2
@@ -165,7 +165,7 @@ def _interruptible() -> None:
 
 def test_ctrl_c_at_a_prompt_and_end_of_input(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "oasis_core.cli", "run"],
+        [sys.executable, "-m", "oasis_apps.cli", "run"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

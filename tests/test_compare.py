@@ -35,8 +35,8 @@ def _plain_files(target: Path) -> list[Path]:
 def compared(sim_target_done):
     """One comparison (every subtract choice, fakes) of the finished simulated target,
     with the pipeline's stage runners counted."""
-    from oasis_core import pipeline as pl
-    from oasis_core.compare import compare
+    from oasis_apps.compare import compare
+    from oasis_core.engine import pipeline as pl
 
     target = sim_target_done.path
     before = checksums(_plain_files(target))
@@ -118,7 +118,7 @@ def test_shared_stages_run_once_and_plain_outputs_untouched(compared, sim_target
     assert calls["mr"] == calls["extract"] == 2 * n  # each combination, clean and with fakes
     assert before == after
     aligned = {f: target / "aligned" / f"{f}.fits" for f in _frames(target)}
-    from oasis_core.provenance import Provenance
+    from oasis_core.engine.provenance import Provenance
 
     for combo, run in result.runs.items():
         assert not (run / "aligned").exists() and not (run / "templates").exists()
@@ -258,21 +258,22 @@ def test_auto_q_is_at_least_each_honest_backends_on_every_frame(compared):
 def test_run_auto_q_at_least_each_honest_backends(compared, sim_target_done):
     """Without early stop, auto's Q is on every frame at least each single backend's among
     those it ranks (honest noise images; all when none is)."""
-    from oasis_core import pipeline as pl
-    from oasis_core.model import Template
-    from oasis_core.subtraction import auto_subtract, run_auto
+    from oasis_core.contracts.model import Template
+    from oasis_core.engine import outputs
+    from oasis_core.engine import pipeline as pl
+    from oasis_core.engine.auto import auto_subtract, run_auto
 
     result, *_ = compared
     ctx = pl.make_context(sim_target_done.path)
     auto = auto_subtract(ctx.registry, ctx.config, names=[c for c in _choices() if c != "auto"])
     assert auto.candidates[0][0] == "ois"
-    tpl = pl._template_path(ctx)
-    template = pl._load_output(tpl, tpl.with_name("template.psf.fits"), cls=Template)
+    tpl = outputs.template_path(ctx)
+    template = outputs.load_output(tpl, tpl.with_name("template.psf.fits"), cls=Template)
     single = {(r["frame"], r["combination"]): float(r["q"]) for r in result.frames}
     workdir = ctx.target.work / "test-auto"
     for name in _frames(sim_target_done.path):
-        science = pl._load_output(
-            ctx.target.stage_dir("align") / f"{name}.fits", pl._psf_path(ctx, name)
+        science = outputs.load_output(
+            ctx.target.stage_dir("align") / f"{name}.fits", outputs.psf_path(ctx, name)
         )
         res = run_auto(
             auto,
@@ -292,9 +293,9 @@ def test_run_auto_q_at_least_each_honest_backends(compared, sim_target_done):
 
 
 def _fixed_q_backend(q: float | None, name: str):
-    from oasis_core.backends import SubtractBackend
-    from oasis_core.errors import StageError
-    from oasis_core.model import Residual
+    from oasis_core.contracts.backends import SubtractBackend
+    from oasis_core.contracts.errors import StageError
+    from oasis_core.contracts.model import Residual
 
     class Fixed(SubtractBackend):
         description = "test backend of fixed Q"
@@ -312,7 +313,7 @@ def _fixed_q_backend(q: float | None, name: str):
 
 @pytest.fixture
 def pair():
-    from oasis_core.model import Frame, Template
+    from oasis_core.contracts.model import Frame, Template
 
     rng = np.random.default_rng(0)
     data = rng.normal(100, 10, (64, 64))
@@ -320,8 +321,8 @@ def pair():
 
 
 def test_run_auto_order_stop_and_failures(pair, tmp_path):
-    from oasis_core.errors import StageError
-    from oasis_core.subtraction import AutoOptions, AutoSubtract, run_auto
+    from oasis_core.contracts.errors import StageError
+    from oasis_core.engine.auto import AutoOptions, AutoSubtract, run_auto
 
     broken, low, high, never = (
         _fixed_q_backend(None, "broken"),
@@ -348,9 +349,9 @@ def test_run_auto_order_stop_and_failures(pair, tmp_path):
 
 
 def test_auto_subtract_lists_unavailable_backends(sim_target_done):
-    from oasis_core import pipeline as pl
-    from oasis_core.errors import BackendUnavailable
-    from oasis_core.subtraction import auto_subtract
+    from oasis_core.contracts.errors import BackendUnavailable
+    from oasis_core.engine import pipeline as pl
+    from oasis_core.engine.auto import auto_subtract
 
     ctx = pl.make_context(
         sim_target_done.path, options={"subtract.hotpants.binary": "no-such-hotpants"}
@@ -364,9 +365,9 @@ def test_auto_subtract_lists_unavailable_backends(sim_target_done):
 
 
 def test_combinations_skip_unavailable_and_reject_unknown(sim_target_done):
-    from oasis_core import pipeline as pl
-    from oasis_core.compare import _combinations, compare, parse_choices
-    from oasis_core.errors import BackendUnavailable, InputError, UnknownBackend
+    from oasis_apps.compare import _combinations, compare, parse_choices
+    from oasis_core.contracts.errors import BackendUnavailable, InputError, UnknownBackend
+    from oasis_core.engine import pipeline as pl
 
     assert parse_choices(" ois, zogy,ois ") == ["ois", "zogy"]
     assert parse_choices(["zogy", "ois"]) == ["zogy", "ois"]
@@ -386,7 +387,7 @@ def test_combinations_skip_unavailable_and_reject_unknown(sim_target_done):
 
 
 def test_markdown_table():
-    from oasis_core.report import markdown_table
+    from oasis_apps.report import markdown_table
 
     table = Table({"a": ["x", "y|z"], "q": [0.5, np.nan]})
     assert markdown_table(table).splitlines() == [

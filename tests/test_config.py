@@ -6,9 +6,9 @@ import tomllib
 
 import pytest
 
-from oasis_core.config import load_config, parse_assignment, render_config
-from oasis_core.errors import ConfigError
-from oasis_core.plugins import Registry
+from oasis_core.contracts.errors import ConfigError
+from oasis_core.engine.config import load_config, parse_assignment, render_config
+from oasis_core.engine.plugins import Registry
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +104,9 @@ def test_cli_override_of_unknown_key_is_reported(registry):
 
 
 def test_backend_preference_list_takes_the_first_that_can_run(registry, plugin_manager):
-    from oasis_core.backends import MrBackend
-    from oasis_core.errors import BackendUnavailable
-    from oasis_core.hookspecs import hookimpl
+    from oasis_core.contracts.backends import MrBackend
+    from oasis_core.contracts.errors import BackendUnavailable
+    from oasis_core.contracts.hookspecs import hookimpl
 
     class Missing(MrBackend):
         name = "needs-a-program"
@@ -145,7 +145,7 @@ def test_default_master_residual_is_swarp_where_it_runs(registry):
 
 def _option_classes(registry):
     """(table, class) of every settings class and every installed backend's Options."""
-    from oasis_core.config import SETTINGS
+    from oasis_core.engine.config import SETTINGS
 
     out = [(section, cls) for section, cls in SETTINGS.items()]
     for stage, records in registry.records.items():
@@ -166,7 +166,7 @@ def _numeric_fields(registry):
 
 def test_every_numeric_option_declares_its_range(registry):
     """A new numeric option without ``range=`` (or ``choices=``) fails here."""
-    from oasis_core.backends import option_check
+    from oasis_core.contracts.backends import option_check
 
     fields = list(_numeric_fields(registry))
     assert len(fields) > 100, "the enumeration lost the backends' options"
@@ -185,8 +185,8 @@ def test_every_float_option_refuses_nan_and_every_option_its_out_of_range_values
     declared bound are refused, naming the option; the default is accepted."""
     import math
 
-    from oasis_core.backends import option_check
-    from oasis_core.validators import OptionValueError
+    from oasis_core.contracts.backends import option_check
+    from oasis_core.contracts.validators import OptionValueError
 
     checked = 0
     for table, cls, field in _numeric_fields(registry):
@@ -292,8 +292,8 @@ def test_the_file_is_checked_even_when_the_command_line_overrides_the_key(tmp_pa
 def test_settings_built_from_python_check_their_values_too():
     import math
 
-    from oasis_core.config import RunSettings, SubtractSettings
-    from oasis_core.validators import OptionValueError
+    from oasis_core.contracts.validators import OptionValueError
+    from oasis_core.engine.config import RunSettings, SubtractSettings
 
     with pytest.raises(OptionValueError, match=r"q_floor = nan: must be a finite number"):
         SubtractSettings(q_floor=math.nan)
@@ -303,7 +303,7 @@ def test_settings_built_from_python_check_their_values_too():
 
 
 def test_choices_are_declared_with_the_options():
-    import oasis_core.config as config
+    import oasis_core.engine.config as config
 
     assert not hasattr(config, "CHOICES"), "choices live in the option declarations"
 
@@ -321,11 +321,15 @@ def test_the_rendered_file_shows_each_range(registry):
 def test_the_ranges_and_checks_docstrings_run():
     import doctest
 
-    import oasis_core.backends
-    import oasis_core.provenance
-    import oasis_core.validators
+    import oasis_core.contracts.backends
+    import oasis_core.contracts.validators
+    import oasis_core.engine.provenance
 
-    for module in (oasis_core.validators, oasis_core.backends, oasis_core.provenance):
+    for module in (
+        oasis_core.contracts.validators,
+        oasis_core.contracts.backends,
+        oasis_core.engine.provenance,
+    ):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -15,8 +15,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core import io
-from oasis_core.model import Residual
+from oasis_core.contracts.model import Residual
+from oasis_core.engine import io
 
 CATALOGS = ("sources", "filtered_sources", "MR_sources", "MR_filtered_sources")
 
@@ -24,7 +24,7 @@ CATALOGS = ("sources", "filtered_sources", "MR_sources", "MR_filtered_sources")
 @pytest.fixture(scope="module")
 def run_target(tmp_path_factory) -> Path:
     """A 5-frame 160x160 simulated target after a plain run."""
-    from oasis_core.pipeline import pipeline
+    from oasis_core.engine.pipeline import pipeline
     from tests.integration.pipeline_kit import make_target
 
     target = make_target(tmp_path_factory.mktemp("conv"))
@@ -204,7 +204,7 @@ def test_decam_rows_get_the_frames_mid_exposure_time(tmp_path, shared_data):
     """Real frames: DECam headers carry DATE-OBS, MJD-OBS (the start) and EXPTIME."""
     from astropy.time import Time
 
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.engine.pair import subtract_pair
 
     folder = shared_data / "decam_n6"
     science, template = folder / "DEC-OBS18a.mini.fits", folder / "DEC-OBS04a.mini.fits"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oasis_core import io
-from oasis_core.errors import BackendUnavailable, ConfigError, StageError
+from oasis_core.contracts.errors import BackendUnavailable, ConfigError, StageError
+from oasis_core.engine import io
 
 needs_dask = pytest.mark.skipif(
     importlib.util.find_spec("distributed") is None,
@@ -62,14 +62,14 @@ def _slow_write(arg: tuple[Path, float]) -> dict[str, int]:
 
 @pytest.fixture
 def executor():
-    from oasis_core.executor_dask import DaskExecutor
+    from oasis_core.engine.executor_dask import DaskExecutor
 
     with DaskExecutor(workers=2) as ex:
         yield ex
 
 
 def test_missing_dask_is_a_one_line_error(monkeypatch):
-    from oasis_core import executor_dask
+    from oasis_core.engine import executor_dask
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -88,7 +88,7 @@ def test_dask_is_imported_only_when_a_cluster_is_needed():
     import sys
 
     code = (
-        "import sys, oasis_core.executor_dask as m; m.DaskExecutor(workers=1); "
+        "import sys, oasis_core.engine.executor_dask as m; m.DaskExecutor(workers=1); "
         "print(sorted(k for k in sys.modules if k.split('.')[0] in ('dask', 'distributed')))"
     )
     out = subprocess.run(
@@ -134,7 +134,7 @@ def test_oasis_errors_are_not_retried_others_are(executor, tmp_path):
 def test_scheduler_address_uses_that_cluster_and_leaves_it_running():
     from distributed import LocalCluster
 
-    from oasis_core.executor_dask import DaskExecutor
+    from oasis_core.engine.executor_dask import DaskExecutor
 
     with LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
@@ -153,7 +153,7 @@ def test_scheduler_address_uses_that_cluster_and_leaves_it_running():
 def test_unreachable_scheduler_is_a_config_error():
     import dask
 
-    from oasis_core.executor_dask import DaskExecutor
+    from oasis_core.engine.executor_dask import DaskExecutor
 
     ex = DaskExecutor(scheduler="tcp://127.0.0.1:9")  # discard port: nothing listens
     with (
@@ -214,9 +214,9 @@ def test_killed_worker_run_still_completes(executor, tmp_path):
 def test_pipeline_gives_the_local_executors_catalogs(tmp_path):
     from astropy.table import Table
 
-    from oasis_core.demo import simulate_target
-    from oasis_core.executor_dask import DaskExecutor
-    from oasis_core.pipeline import make_context, run_stages
+    from oasis_apps.demo import simulate_target
+    from oasis_core.engine.executor_dask import DaskExecutor
+    from oasis_core.engine.pipeline import make_context, run_stages
 
     target = simulate_target(tmp_path, "sim", n_frames=8, shape=(256, 256), seed=7)
     catalogs = ("sources.ecsv", "MR_sources.ecsv")

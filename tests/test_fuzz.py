@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from oasis_core.cli import main
+from oasis_apps.cli import main
 
 FUZZ = settings(
     deadline=None,
@@ -166,7 +166,7 @@ def star_fields(tmp_path_factory: Any) -> list[np.ndarray]:
     """Three simulated 128x128 star fields (float64), the raw material of ``sim`` frames."""
     from astropy.io import fits
 
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     directory = tmp_path_factory.mktemp("fuzzsim")
     Registry().simulator("native").simulate(
@@ -375,7 +375,7 @@ def test_subtract_pair_ends_in_a_result_or_one_error_line(case, star_fields):
 @settings(FUZZ, max_examples=8)
 @given(frames=series())
 def test_three_frame_pipeline_ends_in_a_result_or_one_error_line(frames, star_fields):
-    from oasis_core.tree import Target, init_root
+    from oasis_core.engine.tree import Target, init_root
 
     with tempfile.TemporaryDirectory(prefix="oasis-fuzz-") as tmp:
         target = Target(init_root(Path(tmp)) / "targets" / "t").create()
@@ -408,7 +408,7 @@ def test_a_broken_pair_through_the_real_command(star_fields, tmp_path):
         write_frame(tpl, star_fields[1], tmp_path / "tmpl.fits"),
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", "subtract-pair", *map(str, paths), "out.fits"],
+        [sys.executable, "-m", "oasis_apps.cli", "subtract-pair", *map(str, paths), "out.fits"],
         cwd=tmp_path,
         capture_output=True,
         text=True,

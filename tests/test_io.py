@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from oasis_core import io
-from oasis_core.errors import InputError
+from oasis_core.contracts.errors import InputError
+from oasis_core.engine import io
 
 
 def test_decam_per_amplifier_keys(shared_data):
@@ -139,7 +139,7 @@ def test_fpack_compressed_frame(tmp_path):
 
 
 def test_residual_round_trip(tmp_path):
-    from oasis_core.model import KernelSolution, Residual
+    from oasis_core.contracts.model import KernelSolution, Residual
 
     rng = np.random.default_rng(0)
     res = Residual(
@@ -167,7 +167,7 @@ def test_atomic_outputs_are_readable_like_normal_files(tmp_path):
     import os
     import stat
 
-    from oasis_core.io import write_text
+    from oasis_core.engine.io import write_text
 
     write_text(tmp_path / "a.txt", "x\n")
     mode = stat.S_IMODE((tmp_path / "a.txt").stat().st_mode)

@@ -11,9 +11,10 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core import io, lco
-from oasis_core.errors import InputError, StageError
-from oasis_core.tree import Target, init_root
+from oasis_apps import lco
+from oasis_core.contracts.errors import InputError, StageError
+from oasis_core.engine import io
+from oasis_core.engine.tree import Target, init_root
 from tests.lco_server import Archive, Behaviour, fits_bytes, running_archive
 
 FAST = {"backoff": 0.0, "timeout": 10.0, "progress": False}
@@ -542,7 +543,7 @@ def test_oasis_get_dl_with_a_nul_byte_name_one_line_per_frame(archive, tmp_path,
         archive.api_url,
     ]
     proc = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", *argv],
+        [sys.executable, "-m", "oasis_apps.cli", *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -595,7 +596,7 @@ def test_rich_progress_bars_run(archive, target):
 
 
 def test_oasis_get_mode_dl_downloads_into_the_target(archive, tmp_path, capsys):
-    from oasis_core.cli import main
+    from oasis_apps.cli import main
 
     archive.add("g1-e91.fits", fits_bytes(seed=11))
     archive.add("g2-e91.fits.fz", fits_bytes(seed=12, compressed=True))

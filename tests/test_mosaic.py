@@ -1,4 +1,4 @@
-"""``oasis_core.mosaic``: Montage mosaics of real DECam and JWST/NIRCam frames.
+"""``oasis_apps.mosaic``: Montage mosaics of real DECam and JWST/NIRCam frames.
 
 The DECam frames of ``../shared/data/decam_n6`` are all on one grid, so the tests cut
 overlapping pieces out of two exposures (copies in ``tmp_path``, WCS shifted with them):
@@ -16,9 +16,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from oasis_core import io
-from oasis_core.errors import BackendUnavailable, InputError, StageError
-from oasis_core.mosaic import (
+from oasis_apps.mosaic import (
     MOSAIC,
     ask_parameters,
     default_preview,
@@ -26,7 +24,9 @@ from oasis_core.mosaic import (
     mosaic,
     resolve_inputs,
 )
-from oasis_core.tree import Target
+from oasis_core.contracts.errors import BackendUnavailable, InputError, StageError
+from oasis_core.engine import io
+from oasis_core.engine.tree import Target
 
 
 def _have_montage() -> bool:
@@ -344,7 +344,7 @@ def test_missing_montagepy_is_backend_unavailable(pieces, tmp_path, monkeypatch)
 
 
 def test_montage_failure_is_a_one_line_stage_error():
-    from oasis_core.mosaic import _check
+    from oasis_apps.mosaic import _check
 
     with pytest.raises(StageError, match=r"^mosaic: MontagePy mAdd failed: Bad template\.$"):
         _check({"status": "1", "msg": b"Bad template.\n"}, "mAdd")

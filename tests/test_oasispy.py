@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from oasis_core import oasispy_cli
-from oasis_core.errors import ConfigError, InputError
-from oasis_core.oasispy import (
+from oasis_apps import oasispy_cli
+from oasis_apps.oasispy import (
     ALIGN,
     COMBINE,
     EXTRACT,
@@ -35,6 +34,7 @@ from oasis_core.oasispy import (
     sim_fakes,
     sim_sameField,
 )
+from oasis_core.contracts.errors import ConfigError, InputError
 
 EMPTY = inspect.Parameter.empty
 
@@ -162,7 +162,7 @@ def fake_module(monkeypatch, name: str, **functions) -> types.ModuleType:
 
 def test_star_import_gives_oasispy_names_with_documented_signatures():
     namespace: dict = {}
-    exec("from oasis_core.oasispy import *", namespace)
+    exec("from oasis_apps.oasispy import *", namespace)
     assert set(DOCUMENTED) <= set(namespace)
     for name, documented in DOCUMENTED.items():
         params = list(inspect.signature(namespace[name]).parameters.values())
@@ -410,7 +410,7 @@ def test_GET_unpack_copies_frames_into_a_new_target(monkeypatch, sim_target_done
 
 
 def test_GET_dl_downloads_with_the_answers(monkeypatch, tmp_path):
-    from oasis_core import lco
+    from oasis_apps import lco
 
     calls = []
 
@@ -461,7 +461,7 @@ def test_RUN_is_the_menu(monkeypatch, tmp_path, capsys):
 
 
 def test_SIM_menu_runs_fakes_with_the_answers(monkeypatch, tmp_path):
-    from oasis_core import fakes
+    from oasis_apps import fakes
 
     calls = []
 

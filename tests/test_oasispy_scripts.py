@@ -126,7 +126,7 @@ def test_ALIGN_standard_registers_the_same_target(tmp_path):
 def test_oasispy_modules_re_export_the_documented_functions():
     import importlib
 
-    from oasis_core import oasispy
+    from oasis_apps import oasispy
 
     documented = {
         "initialize": ["INITIALIZE"],
@@ -158,8 +158,8 @@ def test_native_initial_none_keeps_pixels_and_rescales(shift):
     offset; data = scale * frame + offset on every good pixel; recorded in meta and header."""
     from oasis_native.align import NativeAlign, NativeAlignOptions
 
-    from oasis_core.errors import StageError
-    from oasis_core.model import Frame, readonly
+    from oasis_core.contracts.errors import StageError
+    from oasis_core.contracts.model import Frame, readonly
     from tests.native.test_align import make_pair
 
     frame, reference, _, _ = make_pair(shift=shift, angle=0.0, scale=1.7)

@@ -9,11 +9,11 @@ import textwrap
 import attrs
 import pytest
 
-from oasis_core.backends import ExtractBackend, MrBackend, SubtractBackend, option
-from oasis_core.config import load_config
-from oasis_core.errors import BackendUnavailable, OasisError, StageError, UnknownBackend
-from oasis_core.hookspecs import hookimpl
-from oasis_core.plugins import Registry, make_plugin_manager
+from oasis_core.contracts.backends import ExtractBackend, MrBackend, SubtractBackend, option
+from oasis_core.contracts.errors import BackendUnavailable, OasisError, StageError, UnknownBackend
+from oasis_core.contracts.hookspecs import hookimpl
+from oasis_core.engine.config import load_config
+from oasis_core.engine.plugins import Registry, make_plugin_manager
 
 BUILTIN_STAGES = {
     "mask": "native",
@@ -119,7 +119,7 @@ def test_broken_entry_point_is_recorded_not_raised(tmp_path, monkeypatch):
 
 def test_oasis_plugins_lists_all_builtin_backends():
     out = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", "plugins"],
+        [sys.executable, "-m", "oasis_apps.cli", "plugins"],
         capture_output=True,
         text=True,
         check=True,
@@ -182,7 +182,7 @@ class ThirdParty:
 def test_registered_third_party_plugin_runs_in_the_pipeline(sim_target_done):
     from astropy.io import fits
 
-    from oasis_core.pipeline import pipeline
+    from oasis_core.engine.pipeline import pipeline
 
     pm = make_plugin_manager()
     pm.register(ThirdParty(), name="thirdparty")
@@ -209,8 +209,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
     """A throw-away third-party plugin installed as a distribution."""
     import attrs
     import numpy as np
-    from oasis_core.backends import ExtractBackend, option
-    from oasis_core.hookspecs import hookimpl
+    from oasis_core.contracts.backends import ExtractBackend, option
+    from oasis_core.contracts.hookspecs import hookimpl
 
     @attrs.frozen(kw_only=True)
     class PeakOptions:
@@ -243,7 +243,7 @@ def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
 ):
     from astropy.table import Table
 
-    from oasis_core.pipeline import pipeline
+    from oasis_core.engine.pipeline import pipeline
 
     (tmp_path / "oasis_peaks.py").write_text(PLUGIN_SOURCE)
     dist = tmp_path / "oasis_peaks-0.3.dist-info"
@@ -255,7 +255,7 @@ def test_installed_distribution_with_entry_point_runs_in_the_pipeline(
     assert registry.get("extract", "peaks").dist == "oasis-peaks"
     assert registry.get("extract", "peaks").version == "0.3"
     out = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", "plugins"],
+        [sys.executable, "-m", "oasis_apps.cli", "plugins"],
         capture_output=True,
         text=True,
         check=True,
@@ -310,7 +310,7 @@ def test_user_config_files_reach_the_backend_and_residuals_carry_their_psf(sim_t
     from astropy.io import fits
     from astropy.table import Table
 
-    from oasis_core.pipeline import extract, pipeline
+    from oasis_core.engine.pipeline import extract, pipeline
 
     target = sim_target_done.path
     conf = target / "configs" / "peaks.conf"
@@ -387,7 +387,7 @@ class BuggyPlugin:
 def _frame(name):
     import numpy as np
 
-    from oasis_core.model import Frame
+    from oasis_core.contracts.model import Frame
 
     return Frame(data=np.zeros((8, 8)), name=name)
 
@@ -404,7 +404,7 @@ def buggy(plugin_manager):
 
 
 def test_a_plain_exception_in_a_stage_method_names_stage_backend_plugin_and_unit(buggy):
-    from oasis_core.errors import BackendError
+    from oasis_core.contracts.errors import BackendError
 
     registry, mr, _ = buggy
     frames = [_frame(f"f{i}") for i in range(3)]
@@ -420,7 +420,7 @@ def test_a_plain_exception_in_a_stage_method_names_stage_backend_plugin_and_unit
 
 
 def test_oasis_errors_pass_and_lazy_candidates_are_guarded_too(buggy):
-    from oasis_core.errors import BackendError
+    from oasis_core.contracts.errors import BackendError
 
     _, _, sub = buggy
     frame = _frame("sci")
@@ -437,7 +437,7 @@ def test_oasis_errors_pass_and_lazy_candidates_are_guarded_too(buggy):
 def test_a_handle_is_its_backend_for_every_caller(buggy):
     import pickle
 
-    from oasis_core.backends import SubtractBackend
+    from oasis_core.contracts.backends import SubtractBackend
 
     registry, _, sub = buggy
     assert isinstance(sub, SubtractBackend) and isinstance(sub, BuggySubtract)

@@ -1,4 +1,4 @@
-"""External programs run through oasis_core.programs.run_program: one-line errors, and a
+"""External programs run through oasis_core.engine.programs.run_program: one-line errors, and a
 program never outlives the process that started it."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from oasis_core.errors import StageError
-from oasis_core.programs import run_program
+from oasis_core.contracts.errors import StageError
+from oasis_core.engine.programs import run_program
 
 
 def test_missing_program_is_one_line(tmp_path):
@@ -42,7 +42,7 @@ def test_program_dies_with_its_parent(tmp_path):
     script = textwrap.dedent(
         f"""
         from pathlib import Path
-        from oasis_core.programs import run_program
+        from oasis_core.engine.programs import run_program
         run_program(["sh", "-c", "echo $$ > {pidfile}.tmp && mv {pidfile}.tmp {pidfile}; sleep 60"],
                     cwd=Path({str(tmp_path)!r}), where="x", label="sh")
         """

@@ -19,8 +19,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core.backends import option
-from oasis_core.provenance import (
+from oasis_core.contracts.backends import option
+from oasis_core.engine.provenance import (
     MISSING,
     Provenance,
     is_current,
@@ -47,7 +47,7 @@ def _prov(inputs, options=None, *, stage="subtract", backend="b") -> Provenance:
 
 
 def _write_fits(path: Path, prov: Provenance) -> Path:
-    from oasis_core.io import apply_cards
+    from oasis_core.engine.io import apply_cards
 
     hdu = fits.PrimaryHDU(np.zeros((4, 4), np.float32))
     apply_cards(hdu.header, prov.header_cards())

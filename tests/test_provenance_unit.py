@@ -1,8 +1,8 @@
-"""Unit tests of oasis_core.provenance through its public functions: the cards an output
+"""Unit tests of oasis_core.engine.provenance through its public functions: the cards an output
 carries, the options hash, and the resume rule (:func:`is_current`) for every way an output
 can go stale. tests/test_provenance.py covers the files named by options and the digest
 cache; this module the rest of the table, on outputs written the way the core writes them
-(:func:`oasis_core.io.apply_cards`).
+(:func:`oasis_core.engine.io.apply_cards`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from astropy.table import Table
 from astropy.utils.exceptions import AstropyWarning
 
 from oasis_core import __version__
-from oasis_core.backends import option
-from oasis_core.io import apply_cards
-from oasis_core.provenance import (
+from oasis_core.contracts.backends import option
+from oasis_core.engine.io import apply_cards
+from oasis_core.engine.provenance import (
     Provenance,
     is_current,
     option_files,

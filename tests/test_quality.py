@@ -1,4 +1,4 @@
-"""Tests of oasis_core.quality: Q and the normalised noise of residuals."""
+"""Tests of oasis_core.engine.quality: Q and the normalised noise of residuals."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from oasis_core.quality import MIN_PIXELS, normalized_noise, q_value
+from oasis_core.engine.quality import MIN_PIXELS, normalized_noise, q_value
 
 SHAPE = (200, 200)
 SIGMA = 7.0
@@ -115,7 +115,7 @@ def test_inputs_are_not_modified_and_shape_mismatch_is_an_error(rng):
 
 
 def test_star_aperture_rms_is_one_for_pure_noise_and_grows_with_leftovers():
-    from oasis_core.quality import star_aperture_rms
+    from oasis_core.engine.quality import star_aperture_rms
 
     rng = np.random.default_rng(5)
     noise = np.full((256, 256), 2.0)
@@ -324,7 +324,7 @@ def test_exclude_of_the_wrong_shape_is_an_error(rng):
 
 
 def test_star_aperture_rms_by_hand():
-    from oasis_core.quality import star_aperture_rms
+    from oasis_core.engine.quality import star_aperture_rms
 
     res = np.zeros((20, 20))
     noise = np.full(res.shape, 2.0)
@@ -374,7 +374,7 @@ def test_star_aperture_rms_by_hand():
 
 
 def test_exact_median_of_large_arrays_in_adversarial_orders():
-    from oasis_core.quality import _median
+    from oasis_core.engine.quality import _median
 
     rng = np.random.default_rng(3)
     n = 1 << 17
@@ -398,7 +398,7 @@ def test_docstring_examples_run():
     # skips functions whose globals are not the module's, e.g. wrapped ones)
     import doctest
 
-    from oasis_core import quality
+    from oasis_core.engine import quality
 
     finder = doctest.DocTestFinder(recurse=False)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
@@ -414,7 +414,7 @@ def test_docstring_examples_run():
 
 
 def test_source_footprint_covers_the_sources_and_their_surroundings():
-    from oasis_core.quality import source_footprint
+    from oasis_core.engine.quality import source_footprint
 
     rng = np.random.default_rng(5)
     data = rng.normal(100.0, 5.0, (80, 80))

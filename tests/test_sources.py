@@ -1,4 +1,4 @@
-"""Tests of oasis_core.sources: the core's source filters and the columns they read.
+"""Tests of oasis_core.engine.sources: the core's source filters and the columns they read.
 
 Every verdict of :func:`filter_detections` is triggered by a constructed detection and
 left alone by a near miss on the other side of its threshold (the README's "Source
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from oasis_core.config import ExtractSettings
-from oasis_core.sources import (
+from oasis_core.engine.config import ExtractSettings
+from oasis_core.engine.sources import (
     FILTER_KEYS,
     SPREAD_TOLERANCE,
     add_lobe_columns,
@@ -644,7 +644,7 @@ def test_lobe_columns_use_the_matched_filter_and_its_noise_correlation():
 def majority_residuals():
     """Five residuals of one field: a badly subtracted (variable) star on every one, a
     transient on the third only, unit white noise; FWHM 3 px."""
-    from oasis_core.model import Residual
+    from oasis_core.contracts.model import Residual
 
     shape = (96, 96)
     rng = np.random.default_rng(12)
@@ -671,7 +671,7 @@ def majority_residuals():
 def test_majority_filter_on_real_detections(majority_residuals, tmp_path):
     from oasis_native.extract import NativeExtract, NativeExtractOptions
 
-    from oasis_core.pipeline import detect
+    from oasis_core.engine.pipeline import detect
 
     backend = NativeExtract()
     tables = [
@@ -705,8 +705,8 @@ def test_dipole_filter_on_a_misaligned_star(tmp_path):
     # a star subtracted with a 1.5 px misalignment leaves a positive and a negative lobe
     from oasis_native.extract import NativeExtract, NativeExtractOptions
 
-    from oasis_core.model import Residual
-    from oasis_core.pipeline import detect
+    from oasis_core.contracts.model import Residual
+    from oasis_core.engine.pipeline import detect
 
     shape = (96, 96)
     rng = np.random.default_rng(13)

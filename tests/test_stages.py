@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from oasis_core import stages
-from oasis_core.stages import Stage
+from oasis_core.contracts import stages
+from oasis_core.contracts.stages import Stage
 
 BUILTIN_ORDER = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import attrs
 import pluggy
 
-from oasis_core.backends import Backend, option
+from oasis_core.contracts.backends import Backend, option
 
 hookspec = pluggy.HookspecMarker("oasis")
 
@@ -53,7 +53,7 @@ class CountSettings:
 
 
 def run_count(ctx):
-    from oasis_core import pipeline as pl
+    from oasis_core.engine import pipeline as pl
 
     residuals = sorted(ctx.target.stage_dir("subtract").glob("*_residual.fits"))
     assert (ctx.target.stage_dir("extract") / "total_sources.txt").is_file()  # after extract
@@ -67,7 +67,7 @@ def run_count(ctx):
 def count_task(task):
     from astropy.table import Table
 
-    from oasis_core import io
+    from oasis_core.engine import io
 
     n = task.backend.count(sorted(task.inputs.values()), options=task.options,
                            workdir=task.workdir)
@@ -81,7 +81,7 @@ def count_task(task):
 
 # the record is plain data: its paths are resolved on first use
 STAGE_RECORD = """
-from oasis_core.stages import Stage
+from oasis_core.contracts.stages import Stage
 
 STAGE = Stage(
     name="count",
@@ -98,8 +98,8 @@ STAGE = Stage(
 PLUGIN_SOURCE = """
 import attrs
 
-from oasis_core.backends import option
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.backends import option
+from oasis_core.contracts.hookspecs import hookimpl
 from oasis_count.stage import CountBackend
 
 CHECKS = []
@@ -151,10 +151,12 @@ def toy_stage(tmp_path, monkeypatch):
 
 
 def test_builtin_stages_are_one_record_each_and_the_tables_views_of_them():
-    from oasis_core.backends import BASES, STAGES, SubtractBackend
-    from oasis_core.config import SETTINGS, SubtractSettings
-    from oasis_core.pipeline import _RUNNERS, _STAGE_TASKS, _subtract, _task_subtract
-    from oasis_core.tree import STAGE_DIRS
+    from oasis_core.contracts.backends import BASES, STAGES, SubtractBackend
+    from oasis_core.engine import runners, tasks
+    from oasis_core.engine.config import SETTINGS, SubtractSettings
+    from oasis_core.engine.pipeline import _RUNNERS
+    from oasis_core.engine.tasks import _STAGE_TASKS
+    from oasis_core.engine.tree import STAGE_DIRS
 
     assert tuple(s.name for s in stages.BUILTIN) == BUILTIN_ORDER
     assert tuple(STAGES) == BUILTIN_ORDER
@@ -163,8 +165,8 @@ def test_builtin_stages_are_one_record_each_and_the_tables_views_of_them():
     assert list(SETTINGS) == ["run", *BUILTIN_ORDER]
     assert SETTINGS["subtract"] is SubtractSettings
     assert STAGE_DIRS["align"] == "aligned" and STAGE_DIRS["mr"] == "residuals"
-    assert _RUNNERS["subtract"] is _subtract
-    assert _STAGE_TASKS["subtract"] is _task_subtract
+    assert _RUNNERS["subtract"] is runners.subtract
+    assert _STAGE_TASKS["subtract"] is tasks.subtract
     assert "combine" not in _STAGE_TASKS and "mr" not in _STAGE_TASKS
     assert stages.get_stage("extract").hookspec == "oasis_extract_backends"
 
@@ -194,16 +196,16 @@ def test_stage_order_follows_after_and_skips_bad_records(caplog):
 
 def test_the_stage_names_cost_no_numpy():
     code = (
-        "import sys, oasis_core.stages as s, oasis_core.cli; "
+        "import sys, oasis_core.contracts.stages as s, oasis_apps.cli; "
         "assert s.stage_names()[0] == 'mask'; assert 'numpy' not in sys.modules, 'numpy'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_context_resolves_and_checks_each_backend_once_per_run(tmp_path, monkeypatch):
-    from oasis_core import pipeline as pl
-    from oasis_core.plugins import Registry
-    from oasis_core.tree import Target
+    from oasis_core.engine import pipeline as pl
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import Target
 
     target = Target(tmp_path / "t").create()
     calls = []
@@ -223,10 +225,10 @@ def test_context_resolves_and_checks_each_backend_once_per_run(tmp_path, monkeyp
 def test_a_third_party_stage_runs_after_extract_with_provenance_and_resumes(toy_stage, tmp_path):
     from astropy.table import Table
 
-    from oasis_core.backends import BASES, STAGES
-    from oasis_core.config import SETTINGS
-    from oasis_core.pipeline import pipeline
-    from oasis_core.tree import STAGE_DIRS
+    from oasis_core.contracts.backends import BASES, STAGES
+    from oasis_core.engine.config import SETTINGS
+    from oasis_core.engine.pipeline import pipeline
+    from oasis_core.engine.tree import STAGE_DIRS
     from tests.integration.pipeline_kit import make_target
 
     assert tuple(STAGES) == (*BUILTIN_ORDER, "count")
@@ -262,7 +264,7 @@ def test_a_third_party_stage_runs_after_extract_with_provenance_and_resumes(toy_
 
 def test_a_third_party_stage_is_a_command_and_listed_by_oasis_plugins(toy_stage):
     env = {**os.environ, "PYTHONPATH": str(toy_stage)}
-    run = [sys.executable, "-m", "oasis_core.cli"]
+    run = [sys.executable, "-m", "oasis_apps.cli"]
     help_text = subprocess.run(
         [*run, "--help"], capture_output=True, text=True, check=True, env=env
     ).stdout

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from oasis_core.backends import SubtractBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, Residual, Template
-from oasis_core.subtraction import run_subtraction
+from oasis_core.contracts.backends import SubtractBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, Residual, Template
+from oasis_core.engine.subtraction import run_subtraction
 
 
 @attrs.frozen(kw_only=True)
@@ -129,7 +129,7 @@ def test_every_configuration_failing_is_one_error(pair, tmp_path):
 def test_subtract_pair_cli(tmp_path, capsys):
     from oasis_native.sim import simulate_pair
 
-    from oasis_core.cli import main
+    from oasis_apps.cli import main
 
     (sci, sh), (tpl, th), truth = simulate_pair((256, 256), seed=4, transients=2)
     fits.PrimaryHDU(sci, sh).writeto(tmp_path / "sci.fits")
@@ -175,7 +175,7 @@ def test_subtract_pair_cli(tmp_path, capsys):
 
 
 def test_choices_and_their_line():
-    from oasis_core.subtraction import choice_text, choices
+    from oasis_core.engine.subtraction import choice_text, choices
 
     meta = {"choice": 2, "choice_kernel": "delta basis", "choice_psf": "", "q": 0.9}
     assert choices(meta) == {"kernel": "delta basis"}  # empty ones say nothing
@@ -229,7 +229,7 @@ def test_a_fallback_is_flagged_not_masked(pair, tmp_path, caplog):
     assert res.meta["flag"] == "fallback: low-order kernel: 1 star"
     assert res.weight.all() and res.meta["usable"]
     assert any("fallback: low-order kernel" in r.getMessage() for r in caplog.records)
-    from oasis_core import io
+    from oasis_core.engine import io
 
     io.write_residual(tmp_path / "r.fits", res)
     header = fits.getheader(tmp_path / "r.fits")
@@ -241,8 +241,8 @@ def test_a_fallback_is_flagged_not_masked(pair, tmp_path, caplog):
 def test_a_bright_transient_alone_does_not_sink_q(tmp_path):
     """On a small frame a transient alone pulls Q below the floor: Q is measured again
     away from the residual's new sources (where the template has nothing)."""
-    from oasis_core.quality import q_value
-    from oasis_core.subtraction import judge_residual
+    from oasis_core.engine.quality import q_value
+    from oasis_core.engine.subtraction import judge_residual
 
     rng = np.random.default_rng(2)
     shape = (63, 63)
@@ -284,11 +284,11 @@ def sim_pair(tmp_path_factory):
 def test_subtract_pair_catalog_is_the_pipelines_for_that_residual(sim_pair, tmp_path):
     from astropy.table import Table
 
-    from oasis_core import io
-    from oasis_core.config import load_config
-    from oasis_core.pipeline import detect, filter_sources
-    from oasis_core.plugins import Registry
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.engine import io
+    from oasis_core.engine.config import load_config
+    from oasis_core.engine.pair import subtract_pair
+    from oasis_core.engine.pipeline import detect, filter_sources
+    from oasis_core.engine.plugins import Registry
 
     sci, tpl, truth = sim_pair
     out, catalog = tmp_path / "diff.fits", tmp_path / "cands.ecsv"
@@ -331,8 +331,8 @@ def test_subtract_pair_catalog_is_the_pipelines_for_that_residual(sim_pair, tmp_
 
 
 def test_subtract_pair_catalog_is_checked_as_an_output(sim_pair, tmp_path):
-    from oasis_core.errors import InputError
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.contracts.errors import InputError
+    from oasis_core.engine.pair import subtract_pair
 
     sci, tpl, _ = sim_pair
     out = tmp_path / "diff.fits"
@@ -346,7 +346,7 @@ def test_subtract_pair_catalog_is_checked_as_an_output(sim_pair, tmp_path):
 
 
 def test_subtract_pair_cli_catalog_and_choices(sim_pair, tmp_path, capsys):
-    from oasis_core.cli import main
+    from oasis_apps.cli import main
 
     sci, tpl, _ = sim_pair
     out, catalog = tmp_path / "diff.fits", tmp_path / "c.ecsv"
@@ -359,7 +359,7 @@ def test_subtract_pair_cli_catalog_and_choices(sim_pair, tmp_path, capsys):
 def test_subtract_pair_below_the_floor_gives_an_empty_catalog(sim_pair, tmp_path):
     from astropy.table import Table
 
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.engine.pair import subtract_pair
 
     sci, tpl, _ = sim_pair
     catalog = tmp_path / "c.ecsv"
@@ -373,7 +373,7 @@ def test_subtract_pair_below_the_floor_gives_an_empty_catalog(sim_pair, tmp_path
 
 
 def test_subtract_pair_auto_records_the_backend_chosen(sim_pair, tmp_path):
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.engine.pair import subtract_pair
 
     sci, tpl, _ = sim_pair
     out = tmp_path / "diff.fits"
@@ -388,7 +388,7 @@ def test_subtract_pair_noise_file_is_the_residuals_noise_extension(sim_pair, tmp
     the residual's unit and its WCS."""
     from astropy.wcs import WCS
 
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.engine.pair import subtract_pair
 
     sci, tpl, _ = sim_pair
     out, noise = tmp_path / "diff.fits", tmp_path / "noise.fits"

@@ -9,9 +9,9 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core.cli import main
-from oasis_core.get import unpack
-from oasis_core.tree import ROOT_DIRS, TARGET_DIRS, Target
+from oasis_apps.cli import main
+from oasis_apps.get import unpack
+from oasis_core.engine.tree import ROOT_DIRS, TARGET_DIRS, Target
 
 
 def test_init_creates_tree_and_config(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from oasis_core.config import render_config
-from oasis_core.plugins import Registry
+from oasis_core.engine.config import render_config
+from oasis_core.engine.plugins import Registry
 
 doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 text = doc.read_text()

@@ -1,6 +1,6 @@
-"""OasisPy's ``MR`` module: :func:`~oasis_core.oasispy.MR`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``MR`` module: :func:`~oasis_apps.oasispy.MR`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import MR
+from oasis_apps.oasispy import MR
 
 __all__ = ["MR"]

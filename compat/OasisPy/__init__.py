@@ -2,7 +2,7 @@
 run unchanged on OASIS.
 
 Each submodule re-exports the functions OasisPy documents in it from
-:mod:`oasis_core.oasispy` (where they are implemented and documented)::
+:mod:`oasis_apps.oasispy` (where they are implemented and documented)::
 
     from OasisPy import align, subtract
     from OasisPy.psf import PSF

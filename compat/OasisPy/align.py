@@ -1,6 +1,6 @@
-"""OasisPy's ``align`` module: :func:`~oasis_core.oasispy.ALIGN`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``align`` module: :func:`~oasis_apps.oasispy.ALIGN`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import ALIGN
+from oasis_apps.oasispy import ALIGN
 
 __all__ = ["ALIGN"]

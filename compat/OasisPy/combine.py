@@ -1,6 +1,6 @@
-"""OasisPy's ``combine`` module: :func:`~oasis_core.oasispy.COMBINE`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``combine`` module: :func:`~oasis_apps.oasispy.COMBINE`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import COMBINE
+from oasis_apps.oasispy import COMBINE
 
 __all__ = ["COMBINE"]

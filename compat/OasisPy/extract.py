@@ -1,6 +1,6 @@
-"""OasisPy's ``extract`` module: :func:`~oasis_core.oasispy.EXTRACT`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``extract`` module: :func:`~oasis_apps.oasispy.EXTRACT`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import EXTRACT
+from oasis_apps.oasispy import EXTRACT
 
 __all__ = ["EXTRACT"]

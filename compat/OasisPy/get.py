@@ -1,6 +1,6 @@
-"""OasisPy's ``get`` module: :func:`~oasis_core.oasispy.GET`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``get`` module: :func:`~oasis_apps.oasispy.GET`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import GET
+from oasis_apps.oasispy import GET
 
 __all__ = ["GET"]

@@ -1,6 +1,6 @@
-"""OasisPy's ``initialize`` module: :func:`~oasis_core.oasispy.INITIALIZE`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``initialize`` module: :func:`~oasis_apps.oasispy.INITIALIZE`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import INITIALIZE
+from oasis_apps.oasispy import INITIALIZE
 
 __all__ = ["INITIALIZE"]

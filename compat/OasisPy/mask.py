@@ -1,6 +1,6 @@
-"""OasisPy's ``mask`` module: :func:`~oasis_core.oasispy.MASK`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``mask`` module: :func:`~oasis_apps.oasispy.MASK`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import MASK
+from oasis_apps.oasispy import MASK
 
 __all__ = ["MASK"]

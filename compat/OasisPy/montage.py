@@ -1,6 +1,6 @@
-"""OasisPy's ``montage`` module: :func:`~oasis_core.oasispy.MOSAIC`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``montage`` module: :func:`~oasis_apps.oasispy.MOSAIC`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import MOSAIC
+from oasis_apps.oasispy import MOSAIC
 
 __all__ = ["MOSAIC"]

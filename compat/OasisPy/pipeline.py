@@ -1,6 +1,6 @@
-"""OasisPy's ``pipeline`` module: :func:`~oasis_core.oasispy.PIPELINE`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``pipeline`` module: :func:`~oasis_apps.oasispy.PIPELINE`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import PIPELINE
+from oasis_apps.oasispy import PIPELINE
 
 __all__ = ["PIPELINE"]

@@ -1,6 +1,6 @@
-"""OasisPy's ``psf`` module: :func:`~oasis_core.oasispy.PSF`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``psf`` module: :func:`~oasis_apps.oasispy.PSF`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import PSF
+from oasis_apps.oasispy import PSF
 
 __all__ = ["PSF"]

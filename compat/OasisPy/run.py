@@ -1,6 +1,6 @@
-"""OasisPy's ``run`` module: :func:`~oasis_core.oasispy.RUN`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``run`` module: :func:`~oasis_apps.oasispy.RUN`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import RUN
+from oasis_apps.oasispy import RUN
 
 __all__ = ["RUN"]

@@ -1,6 +1,6 @@
-"""OasisPy's ``subtract`` module: :func:`~oasis_core.oasispy.SUBTRACT`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``subtract`` module: :func:`~oasis_apps.oasispy.SUBTRACT`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import SUBTRACT
+from oasis_apps.oasispy import SUBTRACT
 
 __all__ = ["SUBTRACT"]

@@ -1,6 +1,6 @@
-"""OasisPy's ``test`` module: :func:`~oasis_core.oasispy.TEST`, re-exported from
-:mod:`oasis_core.oasispy`."""
+"""OasisPy's ``test`` module: :func:`~oasis_apps.oasispy.TEST`, re-exported from
+:mod:`oasis_apps.oasispy`."""
 
-from oasis_core.oasispy import TEST
+from oasis_apps.oasispy import TEST
 
 __all__ = ["TEST"]

@@ -29,9 +29,9 @@ from oasis_hotpants.backend import (
     read_hotpants_output,
 )
 
-from oasis_core.backends import SubtractBackend
-from oasis_core.errors import BackendUnavailable, ConfigError, StageError
-from oasis_core.model import Frame, Residual, Template
+from oasis_core.contracts.backends import SubtractBackend
+from oasis_core.contracts.errors import BackendUnavailable, ConfigError, StageError
+from oasis_core.contracts.model import Frame, Residual, Template
 
 HAVE_HOTPANTS = shutil.which("hotpants") is not None
 needs_hotpants = pytest.mark.skipif(
@@ -115,7 +115,7 @@ def aperture(image: np.ndarray, x: float, y: float, r: float) -> float:
 
 
 def test_backend_is_registered_with_documented_toml_options(plugin_manager):
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     record = Registry(plugin_manager).get("subtract", "hotpants")
     assert isinstance(record.backend, HotpantsSubtract)
@@ -443,7 +443,7 @@ def fake_hotpants(tmp_path, monkeypatch):
 
 
 def test_missing_program_is_unavailable_with_the_build_hint(tmp_path, monkeypatch, pair):
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory
     backend = HotpantsSubtract()
@@ -580,7 +580,7 @@ def _check_transients(res: Residual, truth, rel=0.03) -> None:
 def test_real_subtraction_is_noise_limited_and_keeps_transient_flux(
     tmp_path, pair, skysub_pair, sky_subtracted, fwhm_s, fwhm_t, direction
 ):
-    from oasis_core.quality import normalized_noise
+    from oasis_core.engine.quality import normalized_noise
 
     if fwhm_s == 4.0:
         sci, tpl, truth = skysub_pair if sky_subtracted else pair
@@ -642,7 +642,7 @@ def test_real_pipeline_with_hotpants(tmp_path):
     from astropy.io import fits
 
     import oasis_core
-    from oasis_core.demo import simulate_target
+    from oasis_apps.demo import simulate_target
 
     target = simulate_target(tmp_path, "hp", n_frames=6, shape=(256, 256), seed=5)
     oasis_core.pipeline(target.path, backends={"subtract": "hotpants"}, jobs=2)
@@ -784,7 +784,7 @@ def test_small_frame_without_stars_or_fwhms_fails_in_one_line():
 def test_real_small_frame_subtracts_and_says_how(tmp_path, stars):
     """A 63 x 63 cutout with 0-3 stars: hotpants' defaults masked every pixel and exited
     0; now it subtracts, keeps the transient's flux, and the residual says what was done."""
-    from oasis_core.subtraction import run_subtraction
+    from oasis_core.engine.subtraction import run_subtraction
 
     sci, tpl = _small_pair(STARS[:stars])
     readonly(sci, tpl)

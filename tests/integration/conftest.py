@@ -10,7 +10,7 @@ import pytest
 def small_target(tmp_path_factory):
     """``(pristine, done)``: the small target before any run (inside an OASIS root), and a
     copy of it after a full run with the defaults. Copy them before changing anything."""
-    from oasis_core.pipeline import pipeline
+    from oasis_core.engine.pipeline import pipeline
     from tests.integration.pipeline_kit import copy_target, make_target
 
     root = tmp_path_factory.mktemp("small")

@@ -22,8 +22,8 @@ from oasis_native.psf import NativePsf, NativePsfOptions
 from oasis_ois.backend import OisSubtract
 from oasis_ois.ois import OisOptions
 
-from oasis_core.backends import option
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.backends import option
+from oasis_core.contracts.hookspecs import hookimpl
 
 __all__ = ["registry"]
 
@@ -178,8 +178,8 @@ class FlakyPlugin:
 
 
 def registry() -> Any:
-    """A :class:`~oasis_core.plugins.Registry` of the installed plugins plus ``flaky``."""
-    from oasis_core.plugins import Registry, make_plugin_manager
+    """A :class:`~oasis_core.engine.plugins.Registry` of the installed plugins plus ``flaky``."""
+    from oasis_core.engine.plugins import Registry, make_plugin_manager
 
     pm = make_plugin_manager()
     pm.register(FlakyPlugin(), name="flaky")

@@ -45,9 +45,9 @@ SEED = 1
 def make_target(directory: Path, *, name: str = "t") -> Path:
     """Simulate the small series into ``directory/OASIS`` and unpack it into the target
     ``OASIS/targets/<name>``; return the target's path."""
-    from oasis_core.get import unpack
-    from oasis_core.plugins import Registry
-    from oasis_core.tree import Target, init_root
+    from oasis_apps.get import unpack
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import Target, init_root
 
     base = init_root(directory)
     frames = base / "simulations" / name / "frames"

@@ -95,9 +95,9 @@ def make_base(directory: Path) -> Path:
     """A small simulated root (4 frames of 128x128 in ``OASIS/targets/t``) plus a pair."""
     from astropy.io import fits
 
-    from oasis_core.get import unpack
-    from oasis_core.plugins import Registry
-    from oasis_core.tree import Target, init_root
+    from oasis_apps.get import unpack
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import Target, init_root
 
     base = init_root(directory)
     sim_dir = base / "simulations" / "t" / "frames"
@@ -173,7 +173,7 @@ def run_probe(probe: Probe, base: Path, directory: Path) -> subprocess.Completed
         env.pop("OASIS_DEBUG", None)
     argv = [str(a) for a in probe.argv(ws)]
     proc = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", *argv],
+        [sys.executable, "-m", "oasis_apps.cli", *argv],
         cwd=ws.dir,
         env=env,
         capture_output=True,

@@ -16,8 +16,8 @@ from tests.integration.probe_kit import Probe, Workspace
 FAULTY_PLUGIN = textwrap.dedent(
     '''
     """Backends that raise plain exceptions."""
-    from oasis_core.backends import MrBackend, SubtractBackend
-    from oasis_core.hookspecs import hookimpl
+    from oasis_core.contracts.backends import MrBackend, SubtractBackend
+    from oasis_core.contracts.hookspecs import hookimpl
 
 
     class FaultySubtract(SubtractBackend):

@@ -12,10 +12,10 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from oasis_core.demo import evaluate
-from oasis_core.get import unpack
-from oasis_core.pipeline import pipeline
-from oasis_core.tree import Target, init_root
+from oasis_apps.demo import evaluate
+from oasis_apps.get import unpack
+from oasis_core.engine.pipeline import pipeline
+from oasis_core.engine.tree import Target, init_root
 
 ASTRO = {"psf": "psfex", "combine": "swarp", "mr": "swarp", "extract": "sextractor"}
 MISSING = [
@@ -172,7 +172,7 @@ def test_a_frame_psfex_cannot_model_is_reported_and_the_rest_go_on(sim_frames, t
     frames get their PSF."""
     import logging
 
-    from oasis_core.pipeline import mask, psf
+    from oasis_core.engine.pipeline import mask, psf
 
     paths, _ = sim_frames
     target = Target(tmp_path / "t").create()

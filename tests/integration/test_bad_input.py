@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from oasis_core.cli import main
-from oasis_core.errors import InputError
-from oasis_core.pipeline import mask
-from oasis_core.tree import Target
+from oasis_apps.cli import main
+from oasis_core.contracts.errors import InputError
+from oasis_core.engine.pipeline import mask
+from oasis_core.engine.tree import Target
 from tests.conftest import checksums
 
 

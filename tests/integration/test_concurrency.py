@@ -12,9 +12,9 @@ import textwrap
 
 import pytest
 
-from oasis_core import pipeline as pl
-from oasis_core.errors import TargetBusy
-from oasis_core.lock import LOCK_NAME, target_lock
+from oasis_core.contracts.errors import TargetBusy
+from oasis_core.engine import pipeline as pl
+from oasis_core.engine.lock import LOCK_NAME, target_lock
 from tests.integration.pipeline_kit import assert_same_outputs, copy_target, make_target
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 HOLDER = textwrap.dedent(
     """
     import contextlib, sys, time
-    from oasis_core.lock import target_lock
+    from oasis_core.engine.lock import target_lock
     with contextlib.ExitStack() as stack:
         for path in sys.argv[1:]:
             stack.enter_context(target_lock(path, command="holder"))
@@ -58,7 +58,7 @@ def holder():
 def test_two_runs_at_once_one_runs_the_other_exits_2_naming_the_holder(tmp_path, small_target):
     pristine, reference = small_target
     target = copy_target(pristine, tmp_path)
-    command = [sys.executable, "-m", "oasis_core.cli", "run", str(target), "-q", "-j", "1"]
+    command = [sys.executable, "-m", "oasis_apps.cli", "run", str(target), "-q", "-j", "1"]
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -103,11 +103,11 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, holder):
 
 
 def test_every_entry_point_takes_the_lock(tmp_path, holder):
-    from oasis_core.compare import compare
-    from oasis_core.demo import run_demo
-    from oasis_core.fakes import sim_fakes
-    from oasis_core.samefield import sim_same_field
-    from oasis_core.selftest import run_selftest
+    from oasis_apps.compare import compare
+    from oasis_apps.demo import run_demo
+    from oasis_apps.fakes import sim_fakes
+    from oasis_apps.samefield import sim_same_field
+    from oasis_apps.selftest import run_selftest
 
     target = make_target(tmp_path / "root")
     oasis = tmp_path / "root" / "OASIS"

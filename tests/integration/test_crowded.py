@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oasis_core.model import Frame
-from oasis_core.quality import star_aperture_rms
-from oasis_core.subtraction import run_subtraction
+from oasis_core.contracts.model import Frame
+from oasis_core.engine.quality import star_aperture_rms
+from oasis_core.engine.subtraction import run_subtraction
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ N_TEMPLATE = 5
 def crowded():
     from oasis_native.sim import simulate_series
 
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     series = simulate_series(
         len(FRAMES),
@@ -99,7 +99,7 @@ def _bright_stars(template) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_crowded_elongated_series_is_noise_limited_on_every_frame(crowded):
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     series, frames, template = crowded
     from astropy.wcs import WCS

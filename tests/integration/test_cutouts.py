@@ -5,7 +5,7 @@ follow-up give (issue 12).
 (:mod:`tests.cutouts`), point sources injected into the science stamp only (5-80 sigma,
 on blank sky and on extended objects), plus stamps centred on real stars with nothing
 injected. Each stamp is subtracted once per method through ``oasis subtract-pair
---catalog``'s code path (:func:`oasis_core.subtraction.subtract_pair` with ``catalog``:
+--catalog``'s code path (:func:`oasis_core.engine.pair.subtract_pair` with ``catalog``:
 the extract stage's detection and the core's filters on the residual as written), and
 for every method:
 
@@ -64,8 +64,8 @@ def _outcome(stamp: Stamp, method: str, workdir: Path, registry: object) -> Outc
     from astropy.io import fits
     from astropy.table import Table
 
-    from oasis_core.errors import OasisError
-    from oasis_core.subtraction import subtract_pair
+    from oasis_core.contracts.errors import OasisError
+    from oasis_core.engine.pair import subtract_pair
 
     out, catalog = workdir / "residual.fits", workdir / "candidates.ecsv"
     try:
@@ -121,7 +121,7 @@ def outcomes(request, stamps, tmp_path_factory) -> tuple[str, list[Outcome]]:
     method = request.param
     if method == "hotpants" and shutil.which("hotpants") is None:
         pytest.skip("hotpants not on PATH (build it from https://github.com/acbecker/hotpants)")
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     workdir = tmp_path_factory.mktemp(f"cutouts-{method}")
     registry = Registry()

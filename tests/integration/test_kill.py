@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from oasis_core.pipeline import pipeline
+from oasis_core.engine.pipeline import pipeline
 from tests.integration.pipeline_kit import assert_same_outputs, copy_target, session_processes
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def _kill_when(target, pattern: str) -> list[tuple[int, str]]:
     """Start ``oasis run -j 2`` in a new session, SIGKILL its main process when
     ``pattern`` matches a file; return the session's processes just before the kill."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "oasis_core.cli", "run", str(target), "-q", "-j", "2"],
+        [sys.executable, "-m", "oasis_apps.cli", "run", str(target), "-q", "-j", "2"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core.demo import evaluate
-from oasis_core.pipeline import pipeline
-from oasis_core.quality import q_value
+from oasis_apps.demo import evaluate
+from oasis_core.engine.pipeline import pipeline
+from oasis_core.engine.quality import q_value
 
 pytestmark = pytest.mark.slow
 

@@ -10,17 +10,17 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core import io
-from oasis_core.config import load_config
-from oasis_core.errors import InputError
-from oasis_core.get import unpack
-from oasis_core.model import Template
-from oasis_core.pipeline import detect, pipeline
-from oasis_core.plugins import Registry
-from oasis_core.quality import normalized_noise
-from oasis_core.sources import filter_detections, filter_options
-from oasis_core.subtraction import residual_cards
-from oasis_core.tree import Target
+from oasis_apps.get import unpack
+from oasis_core.contracts.errors import InputError
+from oasis_core.contracts.model import Template
+from oasis_core.engine import io
+from oasis_core.engine.config import load_config
+from oasis_core.engine.pipeline import detect, pipeline
+from oasis_core.engine.plugins import Registry
+from oasis_core.engine.quality import normalized_noise
+from oasis_core.engine.sources import filter_detections, filter_options
+from oasis_core.engine.subtraction import residual_cards
+from oasis_core.engine.tree import Target
 from tests.conftest import checksums
 
 pytestmark = pytest.mark.slow

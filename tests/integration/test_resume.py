@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from oasis_core.demo import simulate_target
-from oasis_core.pipeline import pipeline
+from oasis_apps.demo import simulate_target
+from oasis_core.engine.pipeline import pipeline
 from tests.integration.pipeline_kit import CATALOGS, FITS_DIRS, copy_target
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def test_killed_run_resumes(tmp_path):
     target = simulate_target(tmp_path, "resume", n_frames=6, shape=(256, 256), seed=11)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "oasis_core.cli", "pipeline", str(target.path), "-j", "1", "-q"],
+        [sys.executable, "-m", "oasis_apps.cli", "pipeline", str(target.path), "-j", "1", "-q"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

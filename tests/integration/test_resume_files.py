@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from oasis_core.pipeline import pipeline
+from oasis_core.engine.pipeline import pipeline
 
 #: The stages' options: an extract backend that reads configs/default.sex, ois reading an
 #: ISIS file named relative to the target (the tests run from inside the target).
@@ -46,9 +46,9 @@ def _run(target: Path) -> None:
 @pytest.fixture(scope="module")
 def done(tmp_path_factory) -> Path:
     """A small simulated target after one full run with those options."""
-    from oasis_core.get import unpack
-    from oasis_core.plugins import Registry
-    from oasis_core.tree import Target, init_root
+    from oasis_apps.get import unpack
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import Target, init_root
 
     if not (shutil.which("source-extractor") or shutil.which("sex")):
         pytest.fail("SExtractor is needed (it is installed on the test machine)")

@@ -8,7 +8,7 @@ import numpy as np
 from astropy.table import Table
 
 import oasis_core
-from oasis_core.tree import Target
+from oasis_core.engine.tree import Target
 from tests.conftest import checksums
 
 

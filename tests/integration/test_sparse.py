@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from oasis_core.plugins import Registry
-from oasis_core.subtraction import subtract_pair
+from oasis_core.engine.pair import subtract_pair
+from oasis_core.engine.plugins import Registry
 
 SHAPE = (200, 240)
 FWHM_SCIENCE, FWHM_TEMPLATE, BETA = 3.6, 3.0, 3.0
@@ -110,7 +110,7 @@ def sparse_pair(tmp_path_factory) -> tuple[Path, Path, float]:
 def test_native_psf_fwhm_on_the_bare_sparse_pair(sparse_pair, tmp_path) -> None:
     from oasis_native.psf import NativePsf, NativePsfOptions
 
-    from oasis_core import io
+    from oasis_core.engine import io
 
     science, template, _ = sparse_pair
     for path, truth in ((science, FWHM_SCIENCE), (template, FWHM_TEMPLATE)):
@@ -170,7 +170,7 @@ def test_real_sparse_pairs(shared_data, tmp_path, folder, names, fwhm) -> None:
     half-maximum area of a stack centred on isophotal barycentres, which blurs it."""
     from oasis_native.psf import NativePsf, NativePsfOptions
 
-    from oasis_core import io
+    from oasis_core.engine import io
 
     science, template = (shared_data / folder / n for n in names)
     for path in (science, template):

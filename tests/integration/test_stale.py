@@ -15,8 +15,9 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_core import pipeline as pl
-from oasis_core.errors import InputError, StageError
+from oasis_core.contracts.errors import InputError, StageError
+from oasis_core.engine import outputs
+from oasis_core.engine import pipeline as pl
 from tests.integration import flaky_backends
 from tests.integration.pipeline_kit import CATALOGS, copy_target
 
@@ -170,7 +171,7 @@ def test_extract_follows_each_residuals_recorded_verdict(target, caplog):
     assert fits.getheader(path)["OAS USABLE"] is True
     fits.setval(path, "HIERARCH OAS USABLE", value=False)
     ctx = pl.make_context(target, options={"subtract.q_floor": 0.0})
-    good, bad = pl._residuals(ctx)
+    good, bad = outputs.usable_residuals(ctx)
     assert bad == ["sim_002"] and "sim_002" not in good and len(good) == 4
 
 
@@ -184,7 +185,7 @@ def test_readers_refuse_outputs_made_from_other_inputs(target, caplog):
     fits.writeto(raw, data, header, overwrite=True)
     ctx = pl.make_context(target)
     with caplog.at_level(logging.WARNING, logger="oasis"):
-        good, _bad = pl._residuals(ctx)
+        good, _bad = outputs.usable_residuals(ctx)
     assert "sim_003" not in good and len(good) == 4
     assert "sim_003: its PSF was not measured from its current data" in caplog.text
     with pytest.raises(InputError, match=r"MR\.fits: not made from the 4 usable residuals"):

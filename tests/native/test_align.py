@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from oasis_native.align import NativeAlign, NativeAlignOptions
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, readonly
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, readonly
 
 SIGMA = 1.5  # Gaussian PSF sigma, px (FWHM 3.5)
 SHAPE = (256, 256)
@@ -393,7 +393,7 @@ def test_one_outlier_among_five_stars_is_rejected():
 
 
 def read_decam(shared_data, name):
-    from oasis_core import io
+    from oasis_core.engine import io
 
     frame = io.read_frame(shared_data / "decam_n6" / f"DEC-{name}.mini.fits", warn=False)
     readonly(frame.data)
@@ -412,7 +412,7 @@ def test_decam_sparse_frames_align_on_their_few_stars(shared_data, tmp_path):
     from astropy.io import fits
     from oasis_native.align import _apply, _detect, _match
 
-    from oasis_core import io
+    from oasis_core.engine import io
 
     reference = read_decam(shared_data, "OBS18d")
     opts = NativeAlignOptions()

@@ -9,8 +9,8 @@ import pytest
 from oasis_native import combine as combine_mod
 from oasis_native.combine import NativeCombine, NativeCombineOptions, weighted_median
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, Template, readonly
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, Template, readonly
 
 
 def frame(data, weight=None, name="f", **kw):

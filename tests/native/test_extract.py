@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from oasis_native.extract import NativeExtract, NativeExtractOptions
 
-from oasis_core.backends import ExtractBackend
-from oasis_core.errors import StageError
-from oasis_core.model import Residual, readonly
+from oasis_core.contracts.backends import ExtractBackend
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Residual, readonly
 
 SIGMA = 1.5  # PSF sigma, px (FWHM 3.53)
 FWHM = 2.3548 * SIGMA

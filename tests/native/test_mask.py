@@ -11,8 +11,8 @@ from astropy.io import fits
 from oasis_native.mask import NativeMask, NativeMaskOptions, saturation_level
 from oasis_native.sim import SimSeries, simulate_series
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, readonly
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, readonly
 
 SHAPE = (256, 256)
 BACKEND = NativeMask()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from oasis_native.mr import NativeMr, NativeMrOptions
 
-from oasis_core.errors import StageError
-from oasis_core.model import Residual, readonly
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Residual, readonly
 
 
 def residual(data, noise, weight, name, template="tpl"):
@@ -193,7 +193,7 @@ def test_sigma_clip_masked_pixels_and_gauss_filter():
 
 
 def test_every_mr_method_is_a_registered_backend():
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     names = Registry().names("mr")
     assert {"native", "sos", "sos_abs", "sigma_clip"} <= set(names)

@@ -12,8 +12,8 @@ from oasis_native.mask import NativeMask, NativeMaskOptions
 from oasis_native.psf import NativePsf, NativePsfOptions
 from oasis_native.sim import SimSeries, simulate_pair, simulate_series
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, readonly
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, readonly
 
 SHAPE = (256, 256)
 BACKEND = NativePsf()

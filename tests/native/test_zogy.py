@@ -15,10 +15,10 @@ from oasis_native.psf import NativePsf, NativePsfOptions
 from oasis_native.sim import simulate_pair
 from oasis_native.zogy import NativeZogy, ZogyOptions
 
-from oasis_core.backends import SubtractBackend
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, PsfModel, Residual, Template, readonly
-from oasis_core.quality import normalized_noise
+from oasis_core.contracts.backends import SubtractBackend
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, PsfModel, Residual, Template, readonly
+from oasis_core.engine.quality import normalized_noise
 
 SHAPE = (256, 256)
 BACKEND = NativeZogy()
@@ -406,7 +406,7 @@ def test_psf_match_repairs_a_wrong_width_ratio(null_pair, tmp_path):
 
 
 def test_extract_detects_on_the_score(transient_pair, tmp_path):
-    from oasis_core import io
+    from oasis_core.engine import io
 
     science, template, truth = transient_pair
     res = _subtract(science, template, tmp_path)
@@ -458,7 +458,7 @@ def test_properimage_null_pair(shared_data, tmp_path):
     The pair carries a small registration error (about 0.09 px, and 0.03 px of scatter
     across the field) that the shift fit and the measured astrometric term absorb.
     """
-    from oasis_core.io import read_frame
+    from oasis_core.engine.io import read_frame
 
     folder = shared_data / "properimage_null"
     frames = []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from oasis_ois import ois
 
-from oasis_core import quality, stats
+from oasis_core.engine import quality, stats
 
 
 def _plain_clipped_stats(vals: np.ndarray) -> tuple[float, float]:
@@ -299,7 +299,7 @@ def test_spatial_degrees_need_three_stamps_per_term():
 
 
 def test_effective_gain_of_frames_with_and_without_one():
-    from oasis_core.model import Frame
+    from oasis_core.contracts.model import Frame
 
     data = np.zeros((4, 4), np.float32)
     # a gain given is used, any positive one

@@ -31,8 +31,8 @@ from oasis_ois.isis import (
     write_isis_config,
 )
 
-from oasis_core.errors import BackendUnavailable, ConfigError, StageError
-from oasis_core.model import Frame, Residual, Template
+from oasis_core.contracts.errors import BackendUnavailable, ConfigError, StageError
+from oasis_core.contracts.model import Frame, Residual, Template
 
 TRANSIENTS = ((70.3, 180.7, 3.0e4), (190.2, 60.6, 1.5e4))
 

@@ -17,9 +17,9 @@ from oasis_ois.backend import OisOptions, OisSubtract
 from oasis_ois.stars import outliers
 from scipy.signal import fftconvolve
 
-from oasis_core.model import Frame, Residual, Template
-from oasis_core.quality import star_aperture_rms
-from oasis_core.subtraction import run_subtraction
+from oasis_core.contracts.model import Frame, Residual, Template
+from oasis_core.engine.quality import star_aperture_rms
+from oasis_core.engine.subtraction import run_subtraction
 
 WORKDIR = Path("unused")
 SETTINGS = {"q_floor": 0.5, "q_ceiling": 0.75}

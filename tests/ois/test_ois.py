@@ -15,10 +15,10 @@ import pytest
 from oasis_ois.backend import OisOptions, OisSubtract
 from oasis_ois.ois import _convolved_stamps, basis_kernels
 
-from oasis_core.backends import SubtractBackend
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, Residual, Template
-from oasis_core.quality import normalized_noise
+from oasis_core.contracts.backends import SubtractBackend
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, Residual, Template
+from oasis_core.engine.quality import normalized_noise
 
 WORKDIR = Path("unused")
 TRANSIENTS = ((70.3, 180.7, 3.0e4), (190.2, 60.6, 1.5e4))

@@ -19,7 +19,7 @@ from oasis_ois.optimise import (
     describe_configuration,
 )
 
-from oasis_core.model import Frame, Residual, Template
+from oasis_core.contracts.model import Frame, Residual, Template
 
 Q_CEILING = 0.75
 WORKDIR = Path("unused")

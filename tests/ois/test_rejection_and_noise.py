@@ -30,7 +30,7 @@ import pytest
 from oasis_ois import ois
 from oasis_ois.ois import OisOptions, OisSolution, solve
 
-from oasis_core.model import Frame, Template
+from oasis_core.contracts.model import Frame, Template
 
 SHAPE = (160, 160)
 GAIN = 4.0

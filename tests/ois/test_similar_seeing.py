@@ -10,8 +10,8 @@ from oasis_ois import ois
 from oasis_ois.backend import OisSubtract
 from oasis_ois.ois import OisOptions
 
-from oasis_core.model import Frame, Template
-from oasis_core.quality import star_aperture_rms
+from oasis_core.contracts.model import Frame, Template
+from oasis_core.engine.quality import star_aperture_rms
 
 RATIO = 1.1  # science seeing / template seeing
 

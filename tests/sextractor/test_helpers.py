@@ -37,8 +37,8 @@ from oasis_sextractor.psffile import (
     write_psfex,
 )
 
-from oasis_core.backends import ExtractBackend, PsfBackend
-from oasis_core.errors import BackendUnavailable, StageError
+from oasis_core.contracts.backends import ExtractBackend, PsfBackend
+from oasis_core.contracts.errors import BackendUnavailable, StageError
 
 from .conftest import write_ldac
 
@@ -53,7 +53,7 @@ def gaussian_stamp(half: int, sigma: float, dx: float = 0.0) -> np.ndarray:
 
 
 def test_backends_are_registered_with_documented_options(plugin_manager):
-    from oasis_core.plugins import Registry
+    from oasis_core.engine.plugins import Registry
 
     registry = Registry(plugin_manager)
     psf_backend = registry.get("psf", "psfex").backend

@@ -14,9 +14,9 @@ from oasis_native.sim import SimSeries, simulate_series
 from oasis_sextractor.extract import SextractorExtract, SextractorExtractOptions
 from oasis_sextractor.psf import PsfexOptions, PsfexPsf
 
-from oasis_core.errors import StageError
-from oasis_core.io import read_frame
-from oasis_core.model import Frame, PsfModel, Residual, readonly
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, PsfModel, Residual, readonly
+from oasis_core.engine.io import read_frame
 
 from .test_helpers import gaussian_stamp
 

@@ -14,9 +14,9 @@ from oasis_sextractor.programs import gaussian_kernel
 from oasis_sextractor.psf import PsfexOptions, PsfexPsf
 from oasis_sextractor.psffile import write_psfex
 
-from oasis_core.backends import ExtractBackend
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, PsfModel, Residual, readonly
+from oasis_core.contracts.backends import ExtractBackend
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, PsfModel, Residual, readonly
 
 from .conftest import option_value, write_ldac
 from .test_helpers import gaussian_stamp

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
-from oasis_core.errors import InputError, StageError
-from oasis_core.fakes import (
+from oasis_apps.fakes import (
     _next_range,
     _pass_sizes,
     efficiency_bins,
@@ -17,6 +16,7 @@ from oasis_core.fakes import (
     render_stamps,
     sim_fakes,
 )
+from oasis_core.contracts.errors import InputError, StageError
 
 
 @pytest.mark.parametrize("model", ["moffat", "gauss"])
@@ -175,7 +175,7 @@ def test_tick_labels_never_overlap(lo, hi, mode):
 
 
 def test_an_unmeasured_point_says_where_the_curve_lies():
-    from oasis_core.fakes import FakesResult
+    from oasis_apps.fakes import FakesResult
 
     flux = np.geomspace(1000, 5000, 50)
     table = Table({"flux": flux, "detected": np.ones(50, bool)})
@@ -201,12 +201,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def quiet_target(tmp_path_factory):
     """Four simulated 192x192 frames without transients, after a pipeline run: where no
     fake is found, nothing at all survives the filters."""
-    from oasis_core import io
-    from oasis_core.config import render_config
-    from oasis_core.get import unpack
-    from oasis_core.pipeline import pipeline
-    from oasis_core.plugins import Registry
-    from oasis_core.tree import Target, init_root
+    from oasis_apps.get import unpack
+    from oasis_core.engine import io
+    from oasis_core.engine.config import render_config
+    from oasis_core.engine.pipeline import pipeline
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import Target, init_root
 
     base = init_root(tmp_path_factory.mktemp("quietfakes"))
     registry = Registry()
@@ -222,7 +222,7 @@ def quiet_target(tmp_path_factory):
 
 
 def test_an_iteration_where_nothing_is_found_counts(quiet_target, capsys):
-    from oasis_core.cli import main
+    from oasis_apps.cli import main
 
     argv = ["sim", "fakes", str(quiet_target.path), "--n-fakes", "20", "--iterations", "2"]
     argv += ["--f-min", "0.01", "--f-max", "0.1", "--no-adapt", "-j", "1"]
@@ -242,8 +242,8 @@ def test_an_iteration_where_nothing_is_found_counts(quiet_target, capsys):
 
 
 def test_a_failed_iteration_fails_the_command(quiet_target, monkeypatch, capsys):
-    import oasis_core.pipeline as pl
-    from oasis_core.cli import main
+    import oasis_core.engine.pipeline as pl
+    from oasis_apps.cli import main
 
     kwargs = {"n_fakes": 20, "iterations": 2, "f_min": 100, "f_max": 6000, "seed": 3}
     real_detect = pl.detect

@@ -9,9 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from oasis_core.errors import BackendUnavailable, InputError
-from oasis_core.model import PsfModel
-from oasis_core.samefield import (
+from oasis_apps.samefield import (
     FrameDraw,
     draw_frames,
     frame_psf,
@@ -22,6 +20,8 @@ from oasis_core.samefield import (
     source_catalog,
     transform_positions,
 )
+from oasis_core.contracts.errors import BackendUnavailable, InputError
+from oasis_core.contracts.model import PsfModel
 
 PROPERIMAGE = "properimage_null/aligned_eso085-030-004.fit"
 
@@ -56,7 +56,7 @@ def _frame_header(draw, shape, gain=2.0, saturation=6e4):
     """The header the simulation writes for a frame of ``draw`` (default real-frame WCS)."""
     from pathlib import Path
 
-    from oasis_core.samefield import _header, _linear_wcs, _wcs_cards
+    from oasis_apps.samefield import _header, _linear_wcs, _wcs_cards
 
     ra0, dec0, cd0 = _linear_wcs(None, shape)
     wcs = _wcs_cards(shape, ra0, dec0, cd0, draw)
@@ -204,8 +204,8 @@ def test_rendered_frame_positions_and_wcs_follow_the_pointing(mode, tmp_path):
 
 
 def test_wcs_of_a_real_frame_is_linearised_at_its_centre(shared_data):
-    from oasis_core import io
-    from oasis_core.samefield import _linear_wcs
+    from oasis_apps.samefield import _linear_wcs
+    from oasis_core.engine import io
 
     frame = io.read_frame(shared_data / "decam_n6" / "DEC-OBS04a.mini.fits")
     ra0, dec0, cd = _linear_wcs(frame.header, frame.data.shape)
@@ -221,8 +221,8 @@ def test_sky_level_and_noise_match_bkg_mag_and_the_header(mode, tmp_path):
     from astropy.io import fits
     from astropy.table import Table
 
-    from oasis_core import io
-    from oasis_core.samefield import _write_fits
+    from oasis_apps.samefield import _write_fits
+    from oasis_core.engine import io
 
     if mode == "sky":
         _galsim_or_skip()
@@ -316,7 +316,7 @@ def test_bad_parameters_are_one_line_errors_naming_them(tmp_path):
 def test_catalog_recovers_rendered_fluxes():
     from astropy.table import Table
 
-    from oasis_core.model import Frame
+    from oasis_core.contracts.model import Frame
 
     rng = np.random.default_rng(2)
     x = rng.uniform(20, 236, 25)
@@ -339,7 +339,7 @@ def test_catalog_recovers_rendered_fluxes():
 
 
 def test_real_psf_of_a_real_frame(real_crop):
-    from oasis_core import io
+    from oasis_core.engine import io
 
     frame = io.read_frame(real_crop)
     psf = frame_psf(frame)
@@ -383,8 +383,8 @@ def test_same_field_run_on_a_real_frame_has_few_false_detections(real_crop, tmp_
 
 
 def test_simulation_directory_is_reused_only_when_complete_and_identical(tmp_path):
-    from oasis_core.plugins import Registry
-    from oasis_core.samefield import _mark, _prepare_target
+    from oasis_apps.samefield import _mark, _prepare_target
+    from oasis_core.engine.plugins import Registry
 
     registry = Registry()
     params = {"mode": "moffat", "fwhm": (3.0, 6.0), "seed": 0}

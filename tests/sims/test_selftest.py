@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from oasis_core.selftest import FAILURE, SUCCESS, run_selftest
+from oasis_apps.selftest import FAILURE, SUCCESS, run_selftest
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,7 @@ def selftest_dir(tmp_path_factory):
     """The default self-test (30 frames), run as a user runs it."""
     directory = tmp_path_factory.mktemp("selftest")
     proc = subprocess.run(
-        [sys.executable, "-m", "oasis_core.cli", "test", str(directory)],
+        [sys.executable, "-m", "oasis_apps.cli", "test", str(directory)],
         capture_output=True,
         text=True,
         timeout=900,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oasis_core.model import Frame, Residual, readonly
+from oasis_core.contracts.model import Frame, Residual, readonly
 
 #: A stand-in for SWarp written in Python: it records its arguments and configuration to
 #: ``args.json`` in its working directory, then does what its mode says. ``numpy`` computes

@@ -14,7 +14,7 @@ from oasis_swarp.combine import SwarpCombine, SwarpCombineOptions
 from oasis_swarp.mr import SwarpMr, SwarpMrOptions
 from oasis_swarp.swarp import USER_CONFIG
 
-from oasis_core.errors import StageError
+from oasis_core.contracts.errors import StageError
 
 from .conftest import make_frame, make_residual, write_program
 
@@ -103,7 +103,7 @@ def test_simulated_frames_match_the_native_median(tmp_path):
 
 
 def test_decam_template_is_less_noisy_than_a_frame(shared_data, tmp_path):
-    from oasis_core.io import read_frame
+    from oasis_core.engine.io import read_frame
 
     paths = sorted((shared_data / "decam_n6").glob("DEC-OBS04?.mini.fits"))
     assert len(paths) == 5
@@ -128,7 +128,7 @@ def test_decam_template_is_less_noisy_than_a_frame(shared_data, tmp_path):
 
 
 def test_isis_bare_headers_get_a_synthetic_wcs(shared_data, tmp_path):
-    from oasis_core.io import read_frame
+    from oasis_core.engine.io import read_frame
 
     folder = shared_data / "isis_example"
     frames = [read_frame(folder / f"infile{i}.fits", warn=False) for i in range(3)]

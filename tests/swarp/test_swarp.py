@@ -25,9 +25,9 @@ from oasis_swarp.swarp import (
     swarp_error,
 )
 
-from oasis_core.backends import CombineBackend, MrBackend
-from oasis_core.errors import BackendUnavailable, StageError
-from oasis_core.model import Template
+from oasis_core.contracts.backends import CombineBackend, MrBackend
+from oasis_core.contracts.errors import BackendUnavailable, StageError
+from oasis_core.contracts.model import Template
 
 from .conftest import make_frame, make_residual, write_program
 

@@ -5,7 +5,7 @@ https://github.com/acbecker/hotpants) fits Alard's spatially varying kernel on s
 writes the difference image, its noise image and the kernel solution. This module writes
 the two frames (and their masks and noise images) as FITS in the backend's ``workdir``,
 maps the options and the frames' measured properties to hotpants' command-line flags,
-runs the program and turns its outputs into a :class:`~oasis_core.model.Residual`.
+runs the program and turns its outputs into a :class:`~oasis_core.contracts.model.Residual`.
 
 What the backend passes to hotpants
 -----------------------------------
@@ -125,7 +125,7 @@ one matching the two PSFs with a flux ratio of 1 and the differential background
 difference of the sky levels, and the residual is flagged (``meta["fallback"]``). With
 one frame's FWHM only (a cutout whose template holds no source), the other is taken
 equal (a kernel of a flux ratio and a background, said in the fallback); without either
-the backend says so in one line (a :class:`~oasis_core.errors.StageError`) instead.
+the backend says so in one line (a :class:`~oasis_core.contracts.errors.StageError`) instead.
 ``meta`` records the choices: ``small_frame``, ``stamp_stars`` (stars given),
 ``stamp_ft``, ``stamp_rejected``, ``mosaic`` (its side), ``nsx``/``nsy``, ``r``, ``rss``,
 ``ko``, ``bgo``, ``ng``, ``fit_command`` and ``choice_stamps`` (a sentence, shown in
@@ -147,11 +147,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import SubtractBackend, option
-from oasis_core.errors import BackendUnavailable, ConfigError, StageError
-from oasis_core.model import Frame, KernelSolution, Residual, Template
-from oasis_core.programs import run_program
-from oasis_core.validators import in_range, non_negative, positive, satisfies
+from oasis_core.contracts.backends import SubtractBackend, option
+from oasis_core.contracts.errors import BackendUnavailable, ConfigError, StageError
+from oasis_core.contracts.model import Frame, KernelSolution, Residual, Template
+from oasis_core.contracts.validators import in_range, non_negative, positive, satisfies
+from oasis_core.engine.programs import run_program
 
 __all__ = [
     "FILES",
@@ -370,7 +370,7 @@ def _fwhm(frame: Frame) -> float | None:
 
 def _prepare(frame: Frame, options: HotpantsOptions, what: str) -> _Prepared:
     """Levels, gain, noise and the arrays hotpants reads, for one frame."""
-    from oasis_core.stats import sky_noise
+    from oasis_core.engine.stats import sky_noise
 
     data = np.asarray(frame.data, dtype=np.float32)
     weight = np.asarray(frame.weight, dtype=np.float32)
@@ -974,7 +974,7 @@ def small_frame_layout(
 
     Raises
     ------
-    oasis_core.errors.StageError
+    oasis_core.contracts.errors.StageError
         When no source of the frames can serve as a stamp star.
     """
     options = options or HotpantsOptions()
@@ -1113,17 +1113,17 @@ def hotpants_arguments(
 
     Raises
     ------
-    oasis_core.errors.StageError
+    oasis_core.contracts.errors.StageError
         If a frame has no usable pixel or no measurable noise, or a small frame no stamp
         star and no FWHMs (see :func:`small_frame_layout`; for a small frame the
         arguments are those of the fitting run, on :data:`FIT_FILES`).
-    oasis_core.errors.ConfigError
+    oasis_core.contracts.errors.ConfigError
         If ``rss`` is below the kernel half width.
 
     Examples
     --------
     >>> import numpy as np
-    >>> from oasis_core.model import Frame, Template
+    >>> from oasis_core.contracts.model import Frame, Template
     >>> rng = np.random.default_rng(0)
     >>> sci = Frame(data=rng.normal(0, 10, (64, 64)), fwhm=4.0, name="s")
     >>> tpl = Template(data=rng.normal(0, 5, (64, 64)), fwhm=3.0)
@@ -1530,7 +1530,7 @@ class HotpantsSubtract(SubtractBackend):
         return str(Path(found).resolve())
 
     def check(self, options: HotpantsOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when hotpants is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when hotpants is missing."""
         self._program(options)
 
     def candidates(
@@ -1574,9 +1574,9 @@ class HotpantsSubtract(SubtractBackend):
 
         Raises
         ------
-        oasis_core.errors.BackendUnavailable
+        oasis_core.contracts.errors.BackendUnavailable
             If the program is missing.
-        oasis_core.errors.StageError
+        oasis_core.contracts.errors.StageError
             If the frames differ in shape, hotpants fails, times out or writes no output.
         """
         from astropy.io import fits
@@ -1758,7 +1758,7 @@ class HotpantsSubtract(SubtractBackend):
     ) -> Residual:
         from astropy.io import fits
 
-        from oasis_core.quality import normalized_noise, q_value, source_footprint
+        from oasis_core.engine.quality import normalized_noise, q_value, source_footprint
 
         meta: dict[str, float | int | str | bool] = dict(out.meta)
         convolved = str(meta.get("convolved", "")).upper()

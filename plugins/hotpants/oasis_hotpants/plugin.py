@@ -7,7 +7,7 @@ missing, ``oasis plugins`` lists the backend as unavailable with the build hint.
 
 from __future__ import annotations
 
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.hookspecs import hookimpl
 
 __all__ = ["oasis_subtract_backends"]
 

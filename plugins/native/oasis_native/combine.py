@@ -38,11 +38,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import CombineBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, Template
-from oasis_core.stacking import frame_noise, median_or_none, stack_template
-from oasis_core.validators import non_negative, positive
+from oasis_core.contracts.backends import CombineBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, Template
+from oasis_core.contracts.validators import non_negative, positive
+from oasis_core.engine.stacking import frame_noise, median_or_none, stack_template
 
 __all__ = ["NativeCombine", "NativeCombineOptions", "weighted_median"]
 

@@ -39,11 +39,11 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import ExtractBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Residual
-from oasis_core.sources import matched_significance
-from oasis_core.validators import fraction, non_negative, positive
+from oasis_core.contracts.backends import ExtractBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Residual
+from oasis_core.contracts.validators import fraction, non_negative, positive
+from oasis_core.engine.sources import matched_significance
 
 __all__ = ["NativeExtract", "NativeExtractOptions"]
 

@@ -22,9 +22,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import MaskBackend, option
-from oasis_core.model import Frame
-from oasis_core.validators import fraction, in_range, positive
+from oasis_core.contracts.backends import MaskBackend, option
+from oasis_core.contracts.model import Frame
+from oasis_core.contracts.validators import fraction, in_range, positive
 
 __all__ = ["NativeMask", "NativeMaskOptions", "saturation_level"]
 
@@ -121,7 +121,7 @@ def saturation_level(
 def _require(stage: str, *modules: str) -> None:
     import importlib.util
 
-    from oasis_core.errors import BackendUnavailable
+    from oasis_core.contracts.errors import BackendUnavailable
 
     for module in modules:
         if importlib.util.find_spec(module) is None:
@@ -145,7 +145,7 @@ class NativeMask(MaskBackend):
     description = "cosmic rays (astroscrappy L.A.Cosmic), saturated stars and bleed trails"
 
     def check(self, options: NativeMaskOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` without sep/astroscrappy."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` without sep/astroscrappy."""
         modules = ("sep", "astroscrappy") if options.cosmics else ("sep",)
         _require("mask", *modules)
 
@@ -177,7 +177,7 @@ class NativeMask(MaskBackend):
         import sep
         from scipy import ndimage
 
-        from oasis_core.errors import StageError
+        from oasis_core.contracts.errors import StageError
 
         data = np.array(frame.data, dtype=np.float32, order="C")  # native-endian copy
         weight = np.asarray(frame.weight, dtype=np.float32)

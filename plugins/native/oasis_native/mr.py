@@ -44,10 +44,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import MrBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Residual
-from oasis_core.validators import non_negative, positive
+from oasis_core.contracts.backends import MrBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Residual
+from oasis_core.contracts.validators import non_negative, positive
 
 __all__ = [
     "NativeMr",

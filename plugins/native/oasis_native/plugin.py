@@ -8,7 +8,7 @@ backends (``oasis plugins``) stays fast.
 
 from __future__ import annotations
 
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.hookspecs import hookimpl
 
 __all__ = [
     "oasis_align_backends",

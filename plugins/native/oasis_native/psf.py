@@ -47,9 +47,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import PsfBackend, option
-from oasis_core.model import Frame, PsfModel
-from oasis_core.validators import fraction, in_range, non_negative, positive
+from oasis_core.contracts.backends import PsfBackend, option
+from oasis_core.contracts.model import Frame, PsfModel
+from oasis_core.contracts.validators import fraction, in_range, non_negative, positive
 
 __all__ = ["NativePsf", "NativePsfOptions", "gaussian_profile", "moffat_profile"]
 
@@ -714,7 +714,7 @@ class NativePsf(PsfBackend):
     description = "sep detection, median stack of PSF stars, Moffat or Gaussian fit"
 
     def check(self, options: NativePsfOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when sep is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when sep is missing."""
         from oasis_native.mask import _require
 
         _require("psf", "sep")
@@ -734,7 +734,7 @@ class NativePsf(PsfBackend):
         Returns
         -------
         Frame
-            ``psf`` is a :class:`~oasis_core.model.PsfModel` whose image is an odd,
+            ``psf`` is a :class:`~oasis_core.contracts.model.PsfModel` whose image is an odd,
             unit-sum stamp (the profile, or the median stack) and whose ``params`` hold
             the fit (``alpha``/``beta`` or ``sigma``, ``ellipticity``, ``theta``...),
             ``psf_source`` (``"fit"``, ``"moments"`` or ``"fwhm-moffat"``) and
@@ -754,7 +754,7 @@ class NativePsf(PsfBackend):
         """
         import sep
 
-        from oasis_core.errors import StageError
+        from oasis_core.contracts.errors import StageError
 
         where = f"psf backend 'native': frame {frame.name!r}"
         data = np.array(frame.data, dtype=np.float32, order="C")  # native-endian copy
@@ -774,7 +774,7 @@ class NativePsf(PsfBackend):
         bkg = sep.Background(data, mask=bad, bw=size, bh=size, fw=3, fh=3)
         background, noise = float(bkg.globalback), float(bkg.globalrms)
         # crowding inflates sep's RMS: keep the pixel-difference estimate when lower
-        from oasis_core.stats import sky_noise
+        from oasis_core.engine.stats import sky_noise
 
         diff_noise = sky_noise(frame.data, ~bad)
         if math.isfinite(diff_noise) and 0 < diff_noise < noise:
@@ -946,7 +946,7 @@ class NativePsf(PsfBackend):
         autocorrelation has the sources' autocorrelation's adaptive size."""
         import scipy.fft as sfft
 
-        from oasis_core.errors import StageError
+        from oasis_core.contracts.errors import StageError
 
         ny, nx = sub.shape
         if not len(objs):

@@ -919,7 +919,7 @@ def _per_frame_psf(
     angle: Sequence[float] | None,
 ) -> dict[str, list[float] | None]:
     """The per-frame PSF choices of :func:`simulate_series`, checked (one per frame)."""
-    from oasis_core.validators import finite, in_range, positive
+    from oasis_core.contracts.validators import finite, in_range, positive
 
     out: dict[str, list[float] | None] = {}
     for key, values, check in (

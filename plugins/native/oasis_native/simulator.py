@@ -1,11 +1,11 @@
-"""The native plugin's :class:`~oasis_core.backends.Simulator` (wraps :mod:`oasis_native.sim`)."""
+"""The native plugin's :class:`~oasis_core.contracts.backends.Simulator` (wraps :mod:`oasis_native.sim`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from oasis_core.backends import Simulator
+from oasis_core.contracts.backends import Simulator
 
 __all__ = ["NativeSimulator"]
 

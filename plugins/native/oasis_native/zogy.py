@@ -67,10 +67,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import SubtractBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, PsfModel, Residual, Template
-from oasis_core.validators import finite, in_range, non_negative
+from oasis_core.contracts.backends import SubtractBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, PsfModel, Residual, Template
+from oasis_core.contracts.validators import finite, in_range, non_negative
 
 __all__ = ["NativeZogy", "ZogyOptions"]
 
@@ -192,7 +192,7 @@ class NativeZogy(SubtractBackend):
     description = "ZOGY proper image subtraction (Zackay+ 2016) with S_corr, numpy/scipy FFTs"
 
     def check(self, options: ZogyOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when sep is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when sep is missing."""
         from oasis_native.mask import _require
 
         _require("subtract", "sep")
@@ -228,7 +228,7 @@ class NativeZogy(SubtractBackend):
         StageError
             Frames of different shapes, without usable pixels, sky noise or PSF.
         """
-        from oasis_core.quality import normalized_noise, q_value
+        from oasis_core.engine.quality import normalized_noise, q_value
 
         if science.shape != template.shape:
             raise StageError(
@@ -353,7 +353,7 @@ def _prepare(frame: Frame, options: ZogyOptions, what: str, workdir: Path) -> _I
     """Sky-subtracted copy of ``frame`` with its mask, noise, gain and PSF stamp."""
     import sep
 
-    from oasis_core.stats import sky_noise
+    from oasis_core.engine.stats import sky_noise
 
     where = f"subtract backend 'zogy': {what} {frame.name!r}"
     data = np.array(frame.data, dtype=np.float32, order="C")  # private, native order

@@ -2,7 +2,7 @@
 
 The numerics live in :mod:`oasis_ois.ois` (or ISIS's own ``mrj_phot``, see
 :mod:`oasis_ois.isis`); this module turns their result into the
-:class:`~oasis_core.model.Residual` the pipeline expects (Q, header cards, kernel) and
+:class:`~oasis_core.contracts.model.Residual` the pipeline expects (Q, header cards, kernel) and
 offers the optimisation candidates of :mod:`oasis_ois.optimise`.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import SubtractBackend
-from oasis_core.errors import BackendUnavailable
-from oasis_core.model import Frame, KernelSolution, Residual, Template
+from oasis_core.contracts.backends import SubtractBackend
+from oasis_core.contracts.errors import BackendUnavailable
+from oasis_core.contracts.model import Frame, KernelSolution, Residual, Template
 from oasis_ois.choose import solve_model
 from oasis_ois.ois import OisOptions, OisSolution, _side_thread
 from oasis_ois.optimise import describe_configuration, iter_candidates
@@ -80,7 +80,7 @@ class OisSubtract(SubtractBackend):
 
         Raises
         ------
-        oasis_core.errors.ConfigError
+        oasis_core.contracts.errors.ConfigError
             If ``options.isis_config`` names a file that cannot be read (at the call).
         """
         return iter_candidates(science, template, options)
@@ -115,18 +115,18 @@ class OisSubtract(SubtractBackend):
 
         Raises
         ------
-        oasis_core.errors.StageError
+        oasis_core.contracts.errors.StageError
             If the frames differ in shape, an image has no usable pixel, the kernel model
             asked for cannot run (e.g. ``kernel = "isis"`` and no usable stamp star), or
             ``mrj_phot`` fails.
-        oasis_core.errors.ConfigError
+        oasis_core.contracts.errors.ConfigError
             If the ``isis_config`` file cannot be read.
-        oasis_core.errors.BackendUnavailable
+        oasis_core.contracts.errors.BackendUnavailable
             If ``isis_binary`` cannot be found.
         """
         from astropy.io import fits
 
-        from oasis_core.quality import normalized_noise, q_value
+        from oasis_core.engine.quality import normalized_noise, q_value
         from oasis_ois.isis import apply_isis_config, subtract_with_mrj_phot
 
         options = apply_isis_config(options)

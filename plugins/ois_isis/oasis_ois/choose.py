@@ -49,8 +49,8 @@ from typing import Any
 
 import attrs
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame
 from oasis_ois.ois import (
     STAMPS_PER_TERM,
     OisOptions,

@@ -51,8 +51,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame
 from oasis_ois.ois import (
     FWHM_PER_SIGMA,
     OisOptions,

@@ -16,7 +16,7 @@ lines and ``#`` comments. The names (:data:`ISIS_KEYS`) are ISIS's: ``nstamps_x`
 ``nstamps_y``, ``sub_x``, ``sub_y``, ``half_mesh_size``, ``half_stamp_size``, ``deg_bg``,
 ``saturation``, ``pix_min``, ``min_stamp_center``, ``ngauss``, ``deg_gauss1..3``,
 ``sigma_gauss1..3`` and ``deg_spatial``. Any other name is an error (a
-:class:`~oasis_core.errors.ConfigError` naming the file, the line and the key), and so is a
+:class:`~oasis_core.contracts.errors.ConfigError` naming the file, the line and the key), and so is a
 value of the wrong type. ``sub_x`` and ``sub_y`` (ISIS cuts the image into that many
 pieces, each with its own kernel) are accepted and ignored: the numpy fit always solves
 the whole image with a spatially varying kernel (``deg_spatial``), and the files written
@@ -76,9 +76,9 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.errors import BackendUnavailable, ConfigError, StageError
-from oasis_core.model import Frame
-from oasis_core.validators import OptionValueError
+from oasis_core.contracts.errors import BackendUnavailable, ConfigError, StageError
+from oasis_core.contracts.model import Frame
+from oasis_core.contracts.validators import OptionValueError
 from oasis_ois.ois import (
     OisOptions,
     OisSolution,
@@ -181,7 +181,7 @@ def read_isis_config(path: str | os.PathLike[str]) -> dict[str, int | float]:
 
     Raises
     ------
-    oasis_core.errors.ConfigError
+    oasis_core.contracts.errors.ConfigError
         If the file cannot be read, a name is not one of ISIS's or a value is not a
         number of the right type.
 
@@ -244,7 +244,7 @@ def apply_isis_config(options: OisOptions) -> OisOptions:
 
     Raises
     ------
-    oasis_core.errors.ConfigError
+    oasis_core.contracts.errors.ConfigError
         If the file cannot be read or parsed (see :func:`read_isis_config`) or a value is
         out of range for the option (e.g. ``ngauss 4``).
     """
@@ -417,9 +417,9 @@ def subtract_with_mrj_phot(
 
     Raises
     ------
-    oasis_core.errors.BackendUnavailable
+    oasis_core.contracts.errors.BackendUnavailable
         If the program cannot be found or started.
-    oasis_core.errors.StageError
+    oasis_core.contracts.errors.StageError
         If the frames differ in shape, or the program fails, times out or writes no
         usable ``conv.fits``; the message quotes its last output line.
     """

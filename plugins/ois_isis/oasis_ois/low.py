@@ -34,8 +34,8 @@ import math
 import attrs
 import numpy as np
 
-from oasis_core.errors import StageError
-from oasis_core.model import Frame
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame
 from oasis_ois.delta import (
     MAX_PIXELS,
     DeltaFit,

@@ -69,10 +69,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import option
-from oasis_core.errors import StageError
-from oasis_core.model import Frame
-from oasis_core.validators import in_range, non_negative, positive
+from oasis_core.contracts.backends import option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame
+from oasis_core.contracts.validators import in_range, non_negative, positive
 
 __all__ = [
     "OisOptions",
@@ -569,7 +569,7 @@ def _sky_stats(
     the pixel differences): the same statistics, at a cost that does not grow with the
     image.
     """
-    from oasis_core.stats import sky_noise
+    from oasis_core.engine.stats import sky_noise
 
     step = _stats_step(data.size)
     sub = np.asarray(data[::step, ::step], dtype=np.float32)

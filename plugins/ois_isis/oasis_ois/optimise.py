@@ -60,7 +60,7 @@ from typing import Any
 
 import attrs
 
-from oasis_core.model import Frame
+from oasis_core.contracts.model import Frame
 from oasis_ois.ois import FWHM_PER_SIGMA, OisOptions, _nterms, measured_fwhm
 
 __all__ = [
@@ -242,7 +242,7 @@ def candidate_options(science: Frame, template: Frame, options: OisOptions) -> l
 
     Raises
     ------
-    oasis_core.errors.ConfigError
+    oasis_core.contracts.errors.ConfigError
         If the ``isis_config`` file cannot be read.
     """
     return list(iter_candidates(science, template, options))
@@ -255,7 +255,7 @@ def iter_candidates(science: Frame, template: Frame, options: OisOptions) -> Ite
 
     Raises
     ------
-    oasis_core.errors.ConfigError
+    oasis_core.contracts.errors.ConfigError
         If the ``isis_config`` file cannot be read (at the call, not at the first item).
     """
     from oasis_ois.isis import apply_isis_config

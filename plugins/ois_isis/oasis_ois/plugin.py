@@ -3,7 +3,7 @@ ISIS's parameters, in numpy/scipy."""
 
 from __future__ import annotations
 
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.hookspecs import hookimpl
 
 __all__ = ["oasis_subtract_backends"]
 

@@ -45,10 +45,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import ExtractBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Residual
-from oasis_core.validators import fraction, non_negative, positive
+from oasis_core.contracts.backends import ExtractBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Residual
+from oasis_core.contracts.validators import fraction, non_negative, positive
 
 __all__ = [
     "BAD_RMS",
@@ -407,7 +407,7 @@ class SextractorExtract(ExtractBackend):
         )
 
     def check(self, options: SextractorExtractOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when SExtractor is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when SExtractor is missing."""
         self._program(options)
 
     def extract(

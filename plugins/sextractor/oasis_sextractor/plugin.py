@@ -10,7 +10,7 @@ stays fast.
 
 from __future__ import annotations
 
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.hookspecs import hookimpl
 
 __all__ = ["oasis_extract_backends", "oasis_psf_backends"]
 

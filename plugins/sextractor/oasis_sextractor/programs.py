@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from oasis_core.errors import BackendUnavailable, StageError
-from oasis_core.programs import run_program as run_process
+from oasis_core.contracts.errors import BackendUnavailable, StageError
+from oasis_core.engine.programs import run_program as run_process
 
 __all__ = [
     "CONV_NAME",

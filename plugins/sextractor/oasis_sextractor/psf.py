@@ -34,7 +34,7 @@ Steps, all in the backend's workdir:
 The frame's ``background`` and ``noise`` have the native backend's meaning: SExtractor's
 global sky level and robust sky standard deviation (``SEXBKGND``, ``SEXBKDEV``, from a
 ``back_size`` mesh as sep's), the noise replaced by the pixel-difference estimate of
-:func:`oasis_core.stats.sky_noise` when that is lower (crowding inflates the mesh RMS).
+:func:`oasis_core.engine.stats.sky_noise` when that is lower (crowding inflates the mesh RMS).
 ``snr`` is the median peak S/N ``peak / sqrt(noise**2 + peak / gain)`` (``peak / noise``
 without a gain) of the ``snr_stars`` highest-S/N stars PSFEx accepted.
 
@@ -55,10 +55,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.backends import PsfBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, PsfModel
-from oasis_core.validators import fraction, non_negative, positive
+from oasis_core.contracts.backends import PsfBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, PsfModel
+from oasis_core.contracts.validators import fraction, non_negative, positive
 
 __all__ = ["FILES", "PsfexOptions", "PsfexPsf", "psfex_arguments", "sextractor_psf_arguments"]
 
@@ -426,7 +426,7 @@ class PsfexPsf(PsfBackend):
         return sex, psfex
 
     def check(self, options: PsfexOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when SExtractor or PSFEx
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when SExtractor or PSFEx
         is missing."""
         self._programs(options)
 
@@ -444,7 +444,7 @@ class PsfexPsf(PsfBackend):
         Returns
         -------
         Frame
-            ``psf`` is a :class:`~oasis_core.model.PsfModel` (``model = "psfex"``) whose
+            ``psf`` is a :class:`~oasis_core.contracts.model.PsfModel` (``model = "psfex"``) whose
             image is the model at the frame centre (odd, unit sum), ``nstars`` the stars
             PSFEx accepted, ``files`` the catalog and the ``.psf`` file, ``params``
             PSFEx's figures (``psfex_fwhm``, ``fwhm_mean``, ``chi2``, ``loaded``,
@@ -458,7 +458,7 @@ class PsfexPsf(PsfBackend):
             When every pixel is masked, too few stars are found or accepted, or a program
             fails (the message ends with its own error line).
         """
-        from oasis_core.stats import sky_noise
+        from oasis_core.engine.stats import sky_noise
         from oasis_sextractor.programs import (
             gaussian_kernel,
             merge_parameters,

@@ -43,11 +43,11 @@ from typing import Any, ClassVar
 import attrs
 import numpy as np
 
-from oasis_core.backends import CombineBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Frame, Template
-from oasis_core.stacking import frame_noise, median_or_none, stack_template
-from oasis_core.validators import non_negative
+from oasis_core.contracts.backends import CombineBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Frame, Template
+from oasis_core.contracts.validators import non_negative
+from oasis_core.engine.stacking import frame_noise, median_or_none, stack_template
 from oasis_swarp.swarp import (
     RESAMPLING_TYPES,
     USER_CONFIG,
@@ -121,7 +121,7 @@ class SwarpCombine(CombineBackend):
     user_files: ClassVar[tuple[str, ...]] = (USER_CONFIG,)
 
     def check(self, options: SwarpCombineOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when SWarp is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when SWarp is missing."""
         find_program(options.binary, "combine.swarp")
 
     def combine(
@@ -144,9 +144,9 @@ class SwarpCombine(CombineBackend):
 
         Raises
         ------
-        oasis_core.errors.BackendUnavailable
+        oasis_core.contracts.errors.BackendUnavailable
             When SWarp is missing.
-        oasis_core.errors.StageError
+        oasis_core.contracts.errors.StageError
             When no frame is given, the shapes differ or SWarp fails.
         """
 

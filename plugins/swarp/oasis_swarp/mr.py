@@ -30,10 +30,10 @@ from typing import Any, ClassVar
 import attrs
 import numpy as np
 
-from oasis_core.backends import MrBackend, option
-from oasis_core.errors import StageError
-from oasis_core.model import Residual
-from oasis_core.validators import non_negative
+from oasis_core.contracts.backends import MrBackend, option
+from oasis_core.contracts.errors import StageError
+from oasis_core.contracts.model import Residual
+from oasis_core.contracts.validators import non_negative
 from oasis_swarp.swarp import (
     RESAMPLING_TYPES,
     USER_CONFIG,
@@ -83,7 +83,7 @@ class SwarpMr(MrBackend):
     user_files: ClassVar[tuple[str, ...]] = (USER_CONFIG,)
 
     def check(self, options: SwarpMrOptions) -> None:
-        """Raise :class:`~oasis_core.errors.BackendUnavailable` when SWarp is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when SWarp is missing."""
         find_program(options.binary, "mr.swarp")
 
     def master(
@@ -106,9 +106,9 @@ class SwarpMr(MrBackend):
 
         Raises
         ------
-        oasis_core.errors.BackendUnavailable
+        oasis_core.contracts.errors.BackendUnavailable
             When SWarp is missing.
-        oasis_core.errors.StageError
+        oasis_core.contracts.errors.StageError
             When no residual is given, the shapes differ or SWarp fails.
         """
         from astropy.io import fits

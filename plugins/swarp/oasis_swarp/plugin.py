@@ -7,7 +7,7 @@ run the external ``SWarp`` program (Debian package ``swarp``); when it is missin
 
 from __future__ import annotations
 
-from oasis_core.hookspecs import hookimpl
+from oasis_core.contracts.hookspecs import hookimpl
 
 __all__ = ["oasis_combine_backends", "oasis_mr_backends"]
 

@@ -17,7 +17,7 @@ OASIS backends hand it images that are already registered, so this module
   and reads ``coadd.fits`` and ``coadd.weight.fits`` back as float32 arrays.
 
 A failure (non-zero exit, no output, an output of the wrong shape, a timeout) is a
-:class:`~oasis_core.errors.StageError` whose one-line message names the inputs and quotes
+:class:`~oasis_core.contracts.errors.StageError` whose one-line message names the inputs and quotes
 SWarp's own error line (:func:`swarp_error`), with the workdir's ``in_NNN.fits`` names
 replaced by the frame or residual names.
 """
@@ -35,8 +35,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_core.errors import BackendUnavailable, StageError
-from oasis_core.programs import run_program
+from oasis_core.contracts.errors import BackendUnavailable, StageError
+from oasis_core.engine.programs import run_program
 
 __all__ = [
     "CONFIG_NAME",
@@ -139,7 +139,7 @@ def find_program(binary: str, where: str) -> str:
 
     Raises
     ------
-    oasis_core.errors.BackendUnavailable
+    oasis_core.contracts.errors.BackendUnavailable
         When the program is not found; the message says how to install it.
     """
     names = [binary] if binary else ["SWarp", "swarp"]
@@ -244,7 +244,7 @@ def grid_wcs_header(headers: Sequence[Any], shape: tuple[int, int]) -> tuple[Any
     """
     from astropy.wcs import WCS
 
-    from oasis_core.io import header_wcs
+    from oasis_core.engine.io import header_wcs
 
     ny, nx = shape
     ref = header_wcs(headers[0]) if headers else None
@@ -429,7 +429,7 @@ def run_swarp(
 
     Raises
     ------
-    oasis_core.errors.StageError
+    oasis_core.contracts.errors.StageError
         When SWarp cannot be started, fails, times out or writes no usable output.
     """
     from astropy.io import fits

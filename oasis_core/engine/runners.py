@@ -1,0 +1,624 @@
+"""The runners of the built-in stages: each a function of the run's
+:class:`~oasis_core.engine.Context` that gathers the stage's inputs, runs its
+tasks through :func:`~oasis_core.engine.tasks.execute` (or its one backend call, for the
+template and the master residual) and writes the stage's summaries.
+
+What is used downstream is only what is current:
+
+* a unit of work that fails (its backend raised) loses its previous output, which is
+  removed at once, so no later stage can take the previous run's file for this run's;
+  the failure is logged (``residuals/log.txt`` says ``failed: <reason>`` for a frame)
+  and counted (``sources/total_sources.txt``);
+* a stage reads an upstream output only when it was made from its inputs as they are now
+  (:func:`~oasis_core.engine.outputs.made_from`);
+* a residual is used by ``mr`` and ``extract`` according to its own recorded verdict
+  (``OAS USABLE``: its Q against the ``q_floor`` of the run that made it);
+* a stage that ends with nothing usable (every subtraction failed, fewer frames than
+  ``[run] min_frames``...) stops the run with an error, and the summaries of the later
+  stages (template, master residual, catalogs) are removed rather than left describing an
+  earlier run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+from oasis_core.contracts.errors import InputError, StageError
+from oasis_core.contracts.model import Template
+from oasis_core.engine import io, outputs, tasks
+from oasis_core.engine.provenance import Provenance, is_current
+
+if TYPE_CHECKING:
+    from oasis_core.engine.context import Context
+
+__all__ = [
+    "align",
+    "choose_reference",
+    "combine",
+    "extract",
+    "mask",
+    "mr",
+    "psf",
+    "subtract",
+    "template_frames",
+    "write_subtract_log",
+]
+
+log = logging.getLogger("oasis")
+
+
+def mask(ctx: Context) -> list[str]:
+    frames = _check_shapes(outputs.input_frames(ctx.target))
+    out_dir = ctx.target.stage_dir("mask")
+    units = [
+        tasks.stage_task(ctx, "mask", name, {"data": path}, out_dir / f"{name}.weight.fits")
+        for name, path in frames
+    ]
+    results = tasks.execute(ctx, "mask", units)
+    usable = [n for n, _ in frames if n not in tasks.failures(results)]
+    _need(ctx, "mask", len(usable), "after masking", results)
+    return usable
+
+
+def _check_shapes(frames: Sequence[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    shapes = {}
+    kept = []
+    for name, path in frames:
+        try:
+            shapes[name] = io.read_shape(path)
+            kept.append((name, path))
+        except InputError as err:
+            log.warning("%s", err)
+    if shapes:
+        values = list(shapes.values())
+        common = max(set(values), key=values.count)
+        for name, path in kept:
+            if shapes[name] != common:
+                log.warning(
+                    "%s: shape %s differs from the other frames' %s; it is resampled onto "
+                    "the reference grid by the align stage",
+                    path,
+                    shapes[name],
+                    common,
+                )
+    return kept
+
+
+def psf(ctx: Context) -> list[str]:
+    frames = outputs.masked_frames(ctx)
+    units = [
+        tasks.stage_task(
+            ctx, "psf", name, outputs.psf_inputs(ctx, name, path), outputs.psf_path(ctx, name)
+        )
+        for name, path in frames
+    ]
+    results = tasks.execute(ctx, "psf", units)
+    stats = _psf_table(ctx, [n for n, _ in frames if n not in tasks.failures(results)])
+    _archive_outliers(ctx, stats, dict(frames))
+    usable = [str(n) for n, keep in zip(stats["frame"], stats["usable"], strict=True) if keep]
+    _need(ctx, "psf", len(usable), "after the PSF selection", results)
+    return usable
+
+
+def _psf_table(ctx: Context, names: Sequence[str]) -> Any:
+    from astropy.io import fits
+    from astropy.table import Table
+
+    rows = []
+    for name in names:
+        hdr = fits.getheader(outputs.psf_path(ctx, name))
+        rows.append(
+            (
+                name,
+                float(hdr["FWHM"]),
+                float(hdr.get("OASSNR", np.nan)),
+                float(hdr.get("OASBKG", np.nan)),
+                float(hdr.get("OASNOISE", np.nan)),
+                int(hdr.get("NSTARS", 0)),
+            )
+        )
+    table = Table(
+        rows=rows or None,
+        names=("frame", "fwhm", "snr", "background", "noise", "nstars"),
+        dtype=(str, float, float, float, float, int),
+    )
+    settings = ctx.config.settings["psf"]
+    reason = np.full(len(table), "", dtype="U60")
+    if len(table):
+        fwhm = np.asarray(table["fwhm"])
+        med = float(np.median(fwhm))
+        if settings.fwhm_max > 0:
+            reason[fwhm > settings.fwhm_max] = f"FWHM above fwhm_max={settings.fwhm_max}"
+        if settings.fwhm_max_ratio > 0:
+            reason[fwhm > settings.fwhm_max_ratio * med] = (
+                f"FWHM above {settings.fwhm_max_ratio} x median ({med:.2f})"
+            )
+        if settings.snr_min > 0:
+            snr = np.asarray(table["snr"])
+            reason[np.isfinite(snr) & (snr < settings.snr_min)] = (
+                f"S/N below snr_min={settings.snr_min}"
+            )
+    table["archive_reason"] = reason
+    table["usable"] = reason == ""
+    io.write_table(table, ctx.target.stage_dir("psf") / "psf.ecsv")
+    return table
+
+
+def _archive_outliers(ctx: Context, table: Any, paths: Mapping[str, Path]) -> None:
+    lines = []
+    for row in table:
+        if row["usable"]:
+            continue
+        src = paths[str(row["frame"])]
+        dest = ctx.target.archive / src.name
+        ctx.target.archive.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.move(src, dest)
+            where = "moved to archive/"
+        except OSError as err:  # a read-only data/: the frame stays, psf.ecsv leaves it out
+            where = f"left in data/ ({err.strerror or err}) and left out"
+        line = (
+            f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {src.name}: {row['archive_reason']} "
+            f"(FWHM {row['fwhm']:.2f} px, S/N {row['snr']:.1f}); {where}"
+        )
+        log.warning("%s", line)
+        lines.append(line)
+    if lines:
+        logfile = ctx.target.archive / "log.txt"
+        old = logfile.read_text() if logfile.exists() else ""
+        io.write_text(logfile, old + "\n".join(lines) + "\n")
+
+
+def choose_reference(stats: Any, by: str) -> str:
+    """The reference frame: highest S/N (``by="snr"``) or smallest FWHM (``"seeing"``)."""
+    if by == "seeing":
+        return str(stats["frame"][int(np.argmin(stats["fwhm"]))])
+    snr = np.nan_to_num(np.asarray(stats["snr"], float), nan=-np.inf)
+    return str(stats["frame"][int(np.argmax(snr))])
+
+
+def align(ctx: Context) -> list[str]:
+    stats = outputs.read_psf_stats(ctx)
+    _need(ctx, "psf", len(stats), "with a PSF", {})
+    reference = choose_reference(stats, ctx.config.settings["align"].reference)
+    paths = dict(outputs.input_frames(ctx.target))
+    out_dir = ctx.target.stage_dir("align")
+    units = []
+    for name in stats["frame"]:
+        name = str(name)
+        inputs = outputs.align_inputs(ctx, name, reference, paths)
+        units.append(tasks.stage_task(ctx, "align", name, inputs, out_dir / f"{name}.fits"))
+    log.info("align: reference frame %s (by %s)", reference, ctx.config.settings["align"].reference)
+    results = tasks.execute(ctx, "align", units)
+    io.write_text(out_dir / "reference.txt", reference + "\n")
+    usable = [str(n) for n in stats["frame"] if str(n) not in tasks.failures(results)]
+    _need(ctx, "align", len(usable), "after alignment", results)
+    return usable
+
+
+def template_frames(
+    stats: Any, names: Sequence[str], fraction: float, min_frames: int
+) -> list[str]:
+    """The best-seeing ``fraction`` of ``names`` (at least ``min_frames`` when possible)."""
+    table = stats[[str(f) in set(names) for f in stats["frame"]]]
+    order = np.argsort(np.asarray(table["fwhm"], float), kind="stable")
+    n = min(len(order), max(min_frames, math.ceil(fraction * len(order))))
+    return [str(table["frame"][i]) for i in order[:n]]
+
+
+def combine(ctx: Context) -> Path:
+    stats = outputs.read_psf_stats(ctx)
+    names = outputs.aligned_frames(ctx)
+    _need(ctx, "align", len(names), "aligned", {})
+    settings = ctx.config.settings["combine"]
+    chosen = template_frames(stats, names, settings.fraction, settings.min_frames)
+    out = outputs.template_path(ctx)
+    align_dir = ctx.target.stage_dir("align")
+    inputs = {n: align_dir / f"{n}.fits" for n in chosen}
+    configs = tasks.backend_user_files(ctx, ctx.backend("combine")) + tasks.backend_user_files(
+        ctx, ctx.backend("psf")
+    )
+    prov = ctx.provenance("combine", {**inputs, **tasks.named_inputs(configs)}, settings=settings)
+    psf_out = out.with_name("template.psf.fits")
+    if not ctx.force and is_current(out, prov) and psf_out.exists():
+        ctx.reporter.result("combine: template up to date")
+        return out
+    try:
+        return _make_template(ctx, inputs, chosen, prov)
+    except Exception:  # the old template must not outlive a failed combine
+        for path in outputs.summaries(ctx, "combine"):
+            outputs.invalidate(path)
+        outputs.drop_after(ctx, "combine")
+        raise
+
+
+def _make_template(
+    ctx: Context, inputs: Mapping[str, Path], chosen: Sequence[str], prov: Provenance
+) -> Path:
+    out = outputs.template_path(ctx)
+    psf_out = out.with_name("template.psf.fits")
+    backend = ctx.backend("combine")
+    frames = [
+        tasks.readonly_inputs(outputs.load_output(p, outputs.psf_path(ctx, n)))
+        for n, p in inputs.items()
+    ]
+    psf_backend = ctx.backend("psf")
+    workdir = tasks.workdir(ctx, "combine", "template")
+    tasks.prepare_workdir(
+        workdir, tasks.backend_user_files(ctx, backend) + tasks.backend_user_files(ctx, psf_backend)
+    )
+    start = time.perf_counter()
+    with ctx.reporter.progress("combine", 2) as advance:
+        template = backend.combine(
+            frames, options=ctx.config.backend_options("combine"), workdir=workdir
+        )
+        advance()
+        if not isinstance(template, Template):
+            raise StageError(
+                f"combine backend {backend.name!r} returned {type(template)}, not a Template"
+            )
+        template = attrs.evolve(template, inputs=tuple(chosen), name="template")
+        # measure the template's PSF with the psf stage's backend
+        measured = psf_backend.psf(
+            tasks.readonly_inputs(template),
+            options=ctx.config.backend_options("psf"),
+            workdir=workdir,
+        )
+        template = attrs.evolve(
+            template,
+            psf=measured.psf,
+            fwhm=measured.fwhm,
+            snr=measured.snr,
+            background=measured.background,
+            noise=measured.noise,
+        )
+        advance()
+    psf_cards: dict[str, Any] = {"OASSTAGE": "combine"}
+    tasks.keep_psf_files(template.psf, out.parent, "template", psf_cards)
+    shutil.rmtree(workdir, ignore_errors=True)
+    cards = prov.header_cards()
+    cards["NCOMBINE"] = (len(chosen), "frames stacked")
+    for i, name in enumerate(chosen):
+        cards[f"OASTIN{i}"] = name
+    io.write_psf(psf_out, template.psf, header_extra=psf_cards)
+    io.write_frame(out, template, header_extra=cards)
+    line = (
+        f"{time.strftime('%Y-%m-%dT%H:%M:%S')} template from {len(chosen)} frames "
+        f"({', '.join(chosen)}) by {backend.name}; FWHM {template.fwhm:.2f} px; "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    logfile = out.parent / "log.txt"
+    old = logfile.read_text() if logfile.exists() else ""
+    io.write_text(logfile, old + line + "\n")
+    ctx.reporter.result(f"combine: {line}")
+    return out
+
+
+def subtract(ctx: Context) -> list[str]:
+    names = outputs.aligned_frames(ctx)
+    template = outputs.template_path(ctx)
+    if not template.exists():
+        raise outputs.stopped(
+            ctx, "subtract", InputError(f"{template}: missing; run `oasis combine`")
+        )
+    if not outputs.template_current(ctx, names):
+        raise outputs.stopped(
+            ctx,
+            "subtract",
+            InputError(
+                f"{template}: made from aligned frames that changed or are no longer usable; "
+                "run `oasis combine`"
+            ),
+        )
+    settings = ctx.config.settings["subtract"]
+    units = [
+        tasks.stage_task(
+            ctx,
+            "subtract",
+            name,
+            outputs.subtract_inputs(ctx, name),
+            outputs.residual_path(ctx, name),
+            settings=settings,
+        )
+        for name in names
+    ]
+    results = tasks.execute(ctx, "subtract", units)
+    log_path = write_subtract_log(ctx, names, results)
+    usable = [n for n in names if n not in tasks.failures(results)]
+    if names and not usable:
+        raise outputs.stopped(
+            ctx,
+            "subtract",
+            StageError(
+                f"subtract: no frame could be subtracted ({tasks.first_failure(results)}); see "
+                f"{log_path}"
+            ),
+        )
+    return usable
+
+
+def write_subtract_log(
+    ctx: Context, names: Sequence[str], results: Mapping[str, Any] | None = None
+) -> Path:
+    """``residuals/log.txt``: per frame the backend, Q, the configuration chosen by the
+    optimisation (choice / tries and the backend's description), run time, the choices
+    the backends made (``OAS CHOICE_*``: kernel, PSF, alignment...) and flag; a
+    frame whose subtraction failed in this run is listed as ``failed: <reason>``."""
+    from astropy.io import fits
+
+    head = (
+        f"# {'frame':<24} {'backend':<10} {'Q':>6} {'choice':>6} {'seconds':>8} "
+        f"{'good':>5}  configuration | choices | flag"
+    )
+    lines = [head]
+    results = results or {}
+    chosen = ctx.config.backend("subtract")
+    for name in names:
+        path = outputs.residual_path(ctx, name)
+        outcome = results.get(name)
+        if isinstance(outcome, BaseException):
+            lines.append(
+                f"  {name:<24} {chosen:<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  "
+                f"failed: {tasks.failure_reason(outcome)}"
+            )
+            continue
+        if not path.exists():
+            lines.append(
+                f"  {name:<24} {'-':<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  not subtracted"
+            )
+            continue
+        hdr = fits.getheader(path)
+        choice = f"{hdr.get('OAS CHOICE', 1)}/{hdr.get('OAS TRIES', 1)}"
+        backend = f"auto:{hdr['OASAUTO']}" if "OASAUTO" in hdr else hdr.get("OASBACK", "?")
+        lines.append(
+            f"  {name:<24} {backend:<10} "
+            f"{float(hdr.get('OASQ', 'nan')):6.3f} {choice:>6} "
+            f"{float(hdr.get('OAS SECONDS', np.nan)):8.2f} "
+            f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f}  "
+            f"{hdr.get('OAS CONFIG', '')} | {outputs.header_choices(hdr) or '-'} | "
+            f"{hdr.get('OAS FLAG', '')}"
+        )
+    log_path = ctx.target.stage_dir("subtract") / "log.txt"
+    io.write_text(log_path, "\n".join(lines) + "\n")
+    return log_path
+
+
+def mr(ctx: Context) -> Path:
+    good, bad = outputs.usable_residuals(ctx)
+    if not good:
+        outputs.invalidate(outputs.mr_path(ctx))
+        raise outputs.stopped(ctx, "mr", _no_residual(ctx, bad))
+    inputs = {n: outputs.residual_path(ctx, n) for n in good}
+    prov = ctx.provenance(
+        "mr", {**inputs, **tasks.named_inputs(tasks.backend_user_files(ctx, ctx.backend("mr")))}
+    )
+    out = outputs.mr_path(ctx)
+    if not ctx.force and is_current(out, prov):
+        ctx.reporter.result("mr: master residual up to date")
+        return out
+    try:
+        return _make_master(ctx, inputs, prov, bad)
+    except Exception:  # the old master residual must not outlive a failed mr
+        outputs.invalidate(out)
+        outputs.drop_after(ctx, "mr")
+        raise
+
+
+def _no_residual(ctx: Context, bad: Sequence[str]) -> InputError:
+    return InputError(
+        f"{ctx.target.path}: no usable residual ({len(bad)} frame(s) not subtracted or "
+        "below the Q floor; see residuals/log.txt); run `oasis subtract` first"
+    )
+
+
+def _make_master(
+    ctx: Context, inputs: Mapping[str, Path], prov: Provenance, bad: Sequence[str]
+) -> Path:
+    out = outputs.mr_path(ctx)
+    good = list(inputs)
+    backend = ctx.backend("mr")
+    residuals = [tasks.readonly_inputs(io.read_residual(p)) for p in inputs.values()]
+    workdir = tasks.workdir(ctx, "mr", "MR")
+    tasks.prepare_workdir(workdir, tasks.backend_user_files(ctx, backend))
+    with ctx.reporter.progress("mr", 1) as advance:
+        master = backend.master(
+            residuals, options=ctx.config.backend_options("mr"), workdir=workdir
+        )
+        advance()
+    shutil.rmtree(workdir, ignore_errors=True)
+    header = residuals[0].header.copy()
+    for key in io.TIME_KEYS:  # the master residual has no single time of observation
+        header.remove(key, ignore_missing=True, remove_all=True)
+    # the backend's unit: '' (dimensionless) for residuals combined in sigma units
+    unit = str(master.header["BUNIT"]) if "BUNIT" in master.header else ""
+    header["BUNIT"] = (unit, "dimensionless: sigma units" if unit == "" else "image unit")
+    master = attrs.evolve(
+        master, header=header, name="MR", science="MR", template=residuals[0].template
+    )
+    cards = prov.header_cards()
+    cards["NCOMBINE"] = (len(good), "residuals combined")
+    io.write_residual(out, master, header_extra=cards)
+    ctx.reporter.result(
+        f"mr: master residual of {len(good)} residuals"
+        + (f" ({len(bad)} left out: {', '.join(bad)})" if bad else "")
+    )
+    return out
+
+
+def extract(ctx: Context) -> dict[str, Any]:
+    from astropy.table import Table, vstack
+
+    from oasis_core.engine.sources import match_catalogs
+
+    settings = ctx.config.settings["extract"]
+    good, bad = outputs.usable_residuals(ctx)
+    if not good:
+        raise outputs.stopped(ctx, "mr", _no_residual(ctx, bad))
+    method = settings.method
+    units: list[tuple[str, Path]] = []
+    if method in ("both", "indiv"):
+        units += [(n, outputs.residual_path(ctx, n)) for n in good]
+    if method in ("both", "MR"):
+        mr_path = outputs.mr_path(ctx)
+        if not mr_path.exists():
+            raise outputs.stopped(
+                ctx, "mr", InputError(f"{mr_path}: missing; run `oasis mr` first")
+            )
+        header = outputs.read_header(mr_path)
+        if (
+            header is None
+            or int(header.get("NCOMBINE", -1)) != len(good)
+            or not outputs.made_from(
+                mr_path, {n: outputs.residual_path(ctx, n) for n in good}, header
+            )
+        ):
+            raise outputs.stopped(
+                ctx,
+                "mr",
+                InputError(
+                    f"{mr_path}: not made from the {len(good)} usable residuals as they are "
+                    "now; run `oasis mr`"
+                ),
+            )
+        units.append(("MR", mr_path))
+    if not units:
+        raise outputs.stopped(
+            ctx,
+            "mr",
+            InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`"),
+        )
+    out_dir = ctx.target.stage_dir("extract")
+    det_dir = out_dir / "detections"
+    template_psf = outputs.template_path(ctx).with_name("template.psf.fits")
+    units = []
+    for n, p in units:
+        inputs = {"residual": p}
+        psf = template_psf if n == "MR" else outputs.psf_path(ctx, n)
+        if psf.exists():  # the PSF of the residual's sources, for backends that use it
+            inputs["psf"] = psf
+        units.append(tasks.stage_task(ctx, "extract", n, inputs, det_dir / f"{n}.ecsv"))
+    results = tasks.execute(ctx, "extract", units)
+    failed = tasks.failures(results)
+    if len(failed) == len(units):
+        raise outputs.stopped(
+            ctx,
+            "mr",
+            StageError(f"extract: nothing could be extracted ({tasks.first_failure(results)})"),
+        )
+    tables = {
+        n: Table.read(det_dir / f"{n}.ecsv", format="ascii.ecsv")
+        for n, _ in units
+        if n not in failed
+    }
+    indiv_names = [n for n in tables if n != "MR"]
+    positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n != "MR"]
+    wcs = outputs.template_wcs(ctx)
+    common: dict[str, Any] = {
+        "settings": settings,
+        "catalogs": positives,
+        "n_residuals": len(indiv_names),
+        "wcs": wcs,
+    }
+    prov = {
+        k: str(v[0] if isinstance(v, tuple) else v)
+        for k, v in ctx.provenance("extract", dict(units), settings=settings).cards().items()
+    }
+    indiv = [tasks.filter_sources(tables[name], frame=name, **common) for name in indiv_names]
+    if len({str(t["flux"].unit) for t in indiv}) > 1:  # frames in different units
+        for t in indiv:
+            for c in ("flux", "flux_err", "peak"):
+                if c in t.colnames:
+                    t[c].unit = None
+    sources = vstack(indiv) if indiv else None
+    summary: dict[str, Any] = {
+        "frames": len(indiv_names),
+        "not_subtracted": bad,
+        "not_extracted": failed,
+    }
+    written = []
+    if sources is not None:
+        filtered = sources[sources["reason"] == "kept"]
+        written += _write_catalog(out_dir, "sources", sources, prov)
+        written += _write_catalog(out_dir, "filtered_sources", filtered, prov)
+        summary.update(found=len(sources), filtered=len(filtered))
+    if "MR" in tables:
+        mr_t = tasks.filter_sources(tables["MR"], **common)
+        mr_f = mr_t[mr_t["reason"] == "kept"]
+        written += _write_catalog(out_dir, "MR_sources", mr_t, prov)
+        written += _write_catalog(out_dir, "MR_filtered_sources", mr_f, prov)
+        summary.update(mr_found=len(mr_t), mr_filtered=len(mr_f))
+        if sources is not None:
+            kept = sources[sources["reason"] == "kept"]
+            confirmed = mr_f[match_catalogs(mr_f, kept, settings.match_radius) >= 0]
+            summary["confirmed"] = len(confirmed)
+    qs = []
+    from astropy.io import fits
+
+    for name in good:
+        qs.append(float(fits.getheader(outputs.residual_path(ctx, name)).get("OASQ", np.nan)))
+    summary["mean_q"] = float(np.nanmean(qs)) if qs else float("nan")
+    _write_totals(out_dir, summary, method)
+    ctx.reporter.result(
+        "extract: "
+        + ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in summary.items()
+            if k not in ("not_subtracted", "not_extracted")
+        )
+    )
+    return summary
+
+
+def _write_catalog(
+    out_dir: Path, stem: str, table: Any, provenance: Mapping[str, str]
+) -> list[Path]:
+    txt, ecsv = out_dir / f"{stem}.txt", out_dir / f"{stem}.ecsv"
+    io.write_table(table, txt)
+    table.meta.update(provenance)
+    io.write_table(table, ecsv)
+    return [txt, ecsv]
+
+
+def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> None:
+    bad = summary.get("not_subtracted", [])
+    lines = [
+        f"extraction method: {method}",
+        f"residuals searched: {summary.get('frames', 0)}",
+        f"sources found in residuals: {summary.get('found', 0)}",
+        f"sources after filtering: {summary.get('filtered', 0)}",
+        f"sources found in the master residual: {summary.get('mr_found', 0)}",
+        f"master-residual sources after filtering: {summary.get('mr_filtered', 0)}",
+        f"confirmed (master residual and a residual): {summary.get('confirmed', 0)}",
+        f"frames that could not be subtracted: {len(bad)}"
+        + (f" ({', '.join(bad)})" if bad else ""),
+        f"mean Q: {summary.get('mean_q', float('nan')):.3f}",
+    ]
+    failed = summary.get("not_extracted", [])
+    if failed:
+        lines.append(f"residuals whose extraction failed: {len(failed)} ({', '.join(failed)})")
+    io.write_text(out_dir / "total_sources.txt", "\n".join(lines) + "\n")
+
+
+def _need(ctx: Context, stage: str, n: int, what: str, results: Mapping[str, Any]) -> None:
+    """Stop the run (see :func:`outputs.stopped`) when fewer than ``[run] min_frames`` frames are
+    usable after ``stage``; the message gives the first failure of the stage, if any."""
+    need = ctx.config.run.min_frames
+    if n < need:
+        failed = tasks.first_failure(results)
+        raise outputs.stopped(
+            ctx,
+            stage,
+            InputError(
+                f"{ctx.target.path}: only {n} usable frame(s) {what}; at least {need} are "
+                "needed ([run] min_frames)" + (f"; {stage}: {failed}" if failed else "")
+            ),
+        )

@@ -1,0 +1,126 @@
+"""What every combine backend reports about its stack, computed once for all of them.
+
+A template's header, sky noise, FWHM, effective gain and read noise and saturation follow
+from its inputs and from how they were combined, whatever program combined them:
+
+* ``gain``: ``N**2 / sum(1 / gain_i)`` (``N gain`` for equal gains) for a mean, times
+  ``2/pi`` for a median (a median of N Gaussian values has ``pi/2`` times the variance of
+  their mean); None unless every input has a gain or for other statistics;
+* ``readnoise``: ``sqrt(sum((rn_i/gain_i)**2)) / N * gain`` (times ``sqrt(pi/2)`` for a
+  median), in electrons at that effective gain;
+* ``saturation``: the lowest of the inputs'; ``fwhm``: their median; ``noise``: the
+  stack's own sky noise (sep's global background RMS, a MAD on tiny images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from oasis_core.contracts.model import Frame, Template
+
+__all__ = ["frame_noise", "median_or_none", "stack_template"]
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    """The median of the known, finite ``values``; None when there is none."""
+    known = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.median(known)) if known else None
+
+
+def frame_noise(frame: Frame) -> float:
+    """The frame's sky noise: ``Frame.noise``, else a MAD of its good pixels, else 1."""
+    if frame.noise is not None and np.isfinite(frame.noise) and frame.noise > 0:
+        return float(frame.noise)
+    data = np.asarray(frame.data)
+    good = (np.asarray(frame.weight) > 0) & np.isfinite(data)
+    values = data[good][:: max(1, int(good.sum()) // 200_000)]  # a subsample is plenty
+    if values.size == 0:
+        return 1.0
+    mad = 1.4826 * float(np.median(np.abs(values - np.median(values))))
+    return mad if mad > 0 else 1.0
+
+
+def _stack_noise(data: np.ndarray, good: np.ndarray) -> float | None:
+    if not good.any():
+        return None
+    if min(data.shape) >= 32:
+        import sep
+
+        image = np.ascontiguousarray(np.where(good, data, np.median(data[good])), np.float32)
+        box = int(max(8, min(64, data.shape[0] // 2, data.shape[1] // 2)))
+        rms = float(sep.Background(image, mask=~good, bw=box, bh=box).globalrms)
+        if np.isfinite(rms) and rms > 0:
+            return rms
+    values = data[good]
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def _effective_gain(frames: Sequence[Frame], statistic: str | None) -> tuple[Any, Any]:
+    if statistic not in ("mean", "median") or not all(f.gain for f in frames):
+        return None, None
+    n = len(frames)
+    factor = np.pi / 2.0 if statistic == "median" else 1.0
+    g = np.array([f.gain for f in frames], float)
+    gain = float(n**2 / np.sum(1.0 / g) / factor)
+    readnoise = None
+    if all(f.readnoise is not None for f in frames):
+        rn = np.array([f.readnoise for f in frames], float)
+        readnoise = float(np.sqrt(factor * np.sum((rn / g) ** 2)) / n * gain)
+    return gain, readnoise
+
+
+def stack_template(
+    frames: Sequence[Frame],
+    data: np.ndarray,
+    weight: np.ndarray,
+    *,
+    statistic: str | None,
+    cards: Mapping[str, Any],
+    meta: Mapping[str, Any],
+) -> Template:
+    """The :class:`Template` of ``data``/``weight`` stacked from ``frames``.
+
+    Parameters
+    ----------
+    statistic : {"mean", "median"} or None
+        How the pixels were combined (sets the effective gain and read noise; None: not
+        known, no gain).
+    cards : mapping
+        Header cards to add (e.g. the method); the header is the first frame's plus
+        ``NCOMBINE`` and one ``HISTORY`` line per input.
+    meta : mapping
+        Recorded as the template's ``meta``, after ``ncombine`` and ``frac_no_data``.
+    """
+    from astropy.io import fits
+
+    good = np.asarray(weight) > 0
+    names = tuple(f.name for f in frames)
+    first = frames[0].header
+    header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
+    header["NCOMBINE"] = (len(frames), "number of frames combined")
+    for key, value in cards.items():
+        header[key] = value
+    for name in names:
+        header.add_history(f"oasis combine input: {name}")
+    gain, readnoise = _effective_gain(frames, statistic)
+    saturations = [f.saturation for f in frames if f.saturation is not None]
+    background = median_or_none([f.background for f in frames])
+    if background is None and good.any():
+        background = float(np.median(data[good]))
+    return Template(
+        data=data,
+        weight=weight,
+        header=header,
+        name="template",
+        inputs=names,
+        background=background,
+        noise=_stack_noise(np.asarray(data), good),
+        fwhm=median_or_none([f.fwhm for f in frames]),
+        gain=gain,
+        readnoise=readnoise,
+        saturation=float(min(saturations)) if saturations else None,
+        meta={"ncombine": len(frames), "frac_no_data": float(1.0 - good.mean()), **meta},
+    )

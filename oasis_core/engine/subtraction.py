@@ -1,0 +1,353 @@
+"""Subtraction as the core runs it, for the pipeline and for one pair.
+
+:func:`run_subtraction` calls a subtract backend with the core's rules around it:
+
+* **optimisation** (``[subtract] optimize``): the backend's
+  :meth:`~oasis_core.contracts.backends.SubtractBackend.candidates` are tried cheapest
+  first, up to ``max_tries``; the first whose Q reaches ``q_ceiling`` stops the search and
+  the best Q is kept. ``meta`` records ``tries``, ``choice`` (1-based) and the backend's
+  ``config``;
+* **judgement**: a Q below ``q_floor`` fully masks the residual; a mostly masked residual
+  or a backend's own flag (too few stamps) is recorded in ``meta["flag"]`` and logged.
+
+A bound selector (the backend ``auto``, :mod:`oasis_core.engine.auto`) runs its own
+candidates, each through :func:`run_subtraction`. One pair outside a target
+(``oasis subtract-pair``): :mod:`oasis_core.engine.pair`.
+
+**What was done** (the choices): a backend records each choice it made in ``meta`` under
+a key starting with :data:`CHOICE_PREFIX` (``"choice_"``), e.g. ``meta["choice_kernel"] =
+"delta basis"``, ``meta["choice_psf"] = "Moffat from the FWHM"``; the align stage does the
+same in the aligned frame's ``meta`` (``choice_align``), and the core carries those into
+the residual (:func:`frame_choices`); ``backend = "auto"`` adds ``choice_backend``. They
+land in the residual's header as ``OAS CHOICE_<NAME>`` cards and in ``residuals/log.txt``
+(``name=value`` in its ``choices`` field, :func:`choice_text`). A backend (or the align
+stage) that had to fall back to a simpler method says so in ``meta["fallback"]`` (a
+sentence): :func:`judge_residual` then flags the residual (``OAS FLAG``) without masking
+it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from oasis_core.contracts.errors import OasisError, StageError
+from oasis_core.contracts.model import Frame, Residual, Template
+from oasis_core.engine.config import SubtractSettings
+
+__all__ = [
+    "CHOICE_PREFIX",
+    "FALLBACK_KEY",
+    "better_q",
+    "choice_text",
+    "choices",
+    "frame_choices",
+    "judge_residual",
+    "new_sources",
+    "residual_cards",
+    "run_subtraction",
+    "subtract_settings",
+]
+
+log = logging.getLogger("oasis")
+
+
+#: ``meta`` keys starting with this record a choice a backend or the core made (see the
+#: module doc): ``choice_kernel``, ``choice_psf``, ``choice_align``, ``choice_backend``...
+CHOICE_PREFIX = "choice_"
+
+
+#: The ``meta`` key in which a backend or the align stage says, in a sentence, that it fell
+#: back to a simpler method (the residual is flagged, not masked).
+FALLBACK_KEY = "fallback"
+
+
+def choices(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The choices recorded in ``meta`` (keys :data:`CHOICE_PREFIX` + name), by name.
+
+    Examples
+    --------
+    >>> choices({"choice_kernel": "delta", "choice": 2, "q": 0.9})
+    {'kernel': 'delta'}
+    """
+    return {
+        str(k)[len(CHOICE_PREFIX) :]: str(v)
+        for k, v in meta.items()
+        if str(k).startswith(CHOICE_PREFIX) and str(v) != ""
+    }
+
+
+def choice_text(meta: Mapping[str, Any]) -> str:
+    """The choices as one short line, ``name=value`` separated by commas (in the order
+    recorded): what ``residuals/log.txt`` and ``oasis subtract-pair`` show.
+
+    Examples
+    --------
+    >>> choice_text({"choice_align": "phase correlation", "choice_kernel": "delta"})
+    'align=phase correlation, kernel=delta'
+    """
+    return ", ".join(f"{k}={v}" for k, v in choices(meta).items())
+
+
+def frame_choices(frame: Frame) -> dict[str, Any]:
+    """The choices and fallback an earlier stage recorded in ``frame``'s header or meta
+    (the align stage's ``OAS CHOICE_ALIGN``, ``OAS FALLBACK``...), as ``meta`` keys, to
+    carry into the residual made from it."""
+    found: dict[str, Any] = {}
+    header = frame.header
+    if header is not None:
+        for key in list(header.keys()):
+            name = str(key)
+            if not name.startswith("OAS "):
+                continue
+            meta_key = name[4:].lower()
+            if meta_key.startswith(CHOICE_PREFIX) or meta_key == FALLBACK_KEY:
+                found[meta_key] = header[key]
+    for key, value in (frame.meta or {}).items():
+        if str(key).startswith(CHOICE_PREFIX) or key == FALLBACK_KEY:
+            found[str(key)] = value
+    return {k: v for k, v in found.items() if str(v) != ""}
+
+
+def _with_frame_choices(residual: Residual, science: Frame) -> Residual:
+    """``residual`` with the science frame's recorded choices (the backend's own win) and
+    its fallback joined to the backend's."""
+    carried = frame_choices(science)
+    if not carried:
+        return residual
+    meta = {**{k: v for k, v in carried.items() if k != FALLBACK_KEY}, **residual.meta}
+    falls = [str(v) for v in (carried.get(FALLBACK_KEY), residual.meta.get(FALLBACK_KEY)) if v]
+    if falls:
+        meta[FALLBACK_KEY] = "; ".join(dict.fromkeys(falls))
+    return attrs.evolve(residual, meta=meta)
+
+
+def better_q(a: float, b: float) -> bool:
+    """Is Q ``a`` better than Q ``b`` (nan is worst)?"""
+    if not np.isfinite(a):
+        return False
+    return not np.isfinite(b) or a > b
+
+
+def subtract_settings(settings: Any) -> SubtractSettings:
+    """``settings`` as the typed ``[subtract]`` settings: a mapping's missing keys take
+    :class:`~oasis_core.engine.config.SubtractSettings`' defaults (the only ones), unknown keys
+    are ignored.
+
+    Examples
+    --------
+    >>> subtract_settings({"q_floor": 0.2}).q_floor, subtract_settings({}).q_floor
+    (0.2, 0.5)
+    """
+    if isinstance(settings, SubtractSettings):
+        return settings
+    if not isinstance(settings, Mapping):
+        settings = attrs.asdict(settings, recurse=False) if attrs.has(type(settings)) else {}
+    known = {f.name for f in attrs.fields(SubtractSettings)}
+    return SubtractSettings(**{k: v for k, v in settings.items() if k in known})
+
+
+def run_subtraction(
+    backend: Any, science: Frame, template: Template, *, options: Any, workdir: Path, settings: Any
+) -> Residual:
+    """Subtract with the optimisation loop and the quality rules (see the module doc).
+
+    Parameters
+    ----------
+    backend : SubtractBackend or a bound selector
+        A bound selector (``auto``: :class:`~oasis_core.engine.auto.AutoSubtract`) runs
+        its own ``select(science, template, workdir=, settings=)``.
+    science, template : Frame, Template
+        Aligned, on the same grid.
+    options : object
+        The backend's options (the first configuration tried).
+    workdir : Path
+        Scratch directory for the backend.
+    settings : SubtractSettings or mapping
+        ``optimize``, ``max_tries``, ``q_ceiling``, ``q_floor``; a mapping's missing keys
+        take :class:`~oasis_core.engine.config.SubtractSettings`' defaults.
+    """
+    settings = subtract_settings(settings)
+    select = getattr(backend, "select", None)  # a bound selector ('auto') runs its own
+    if callable(select):
+        return select(science, template, workdir=workdir, settings=settings)
+    candidates: Any = [options]
+    if settings.optimize:
+        # lazily: a backend may measure what later configurations need only if asked
+        candidates = itertools.islice(
+            backend.candidates(science, template, options=options),
+            max(1, int(settings.max_tries)),
+        )
+    ceiling = float(settings.q_ceiling)
+    best: tuple[Residual, int, Any] | None = None
+    errors: list[OasisError] = []
+    tries = 0
+    start = time.perf_counter()
+    for index, opts in enumerate(candidates, 1):
+        tries = index
+        try:
+            residual = backend.subtract(science, template, options=opts, workdir=workdir)
+        except OasisError as err:
+            if not settings.optimize:
+                raise
+            errors.append(err)
+            log.debug("%s: configuration %d failed: %s", science.name, index, err)
+            continue
+        if residual.data.shape != science.shape:
+            raise StageError(
+                f"{science.name}: subtract backend {backend.name!r} returned shape "
+                f"{residual.data.shape}, the science frame has {science.shape}"
+            )
+        if best is None or better_q(residual.q, best[0].q):
+            best = (residual, index, opts)
+        if np.isfinite(residual.q) and residual.q >= ceiling:
+            break
+    if best is None:
+        raise StageError(
+            f"{science.name}: every configuration failed; the first: {errors[0]}"
+        ) from errors[0]
+    residual, choice, opts = best
+    from oasis_core.engine.provenance import options_dict
+
+    residual = _with_frame_choices(residual, science)
+    meta = {
+        **residual.meta,
+        "tries": tries,
+        "choice": choice,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    params = {k: v for k, v in options_dict(opts).items() if isinstance(v, (int, float, str, bool))}
+    residual = attrs.evolve(residual, meta=meta, params=params or residual.params)
+    return judge_residual(residual, science.name, float(settings.q_floor), template=template)
+
+
+def new_sources(residual: Residual, template: Frame, fwhm: float) -> np.ndarray:
+    """Pixels of the residual's new sources: each region where it is significant (5 sigma
+    or more through the PSF-matched filter, either sign) over which the template has
+    nothing (below 5 sigma everywhere in it, through the same filter), with the disc of
+    2.5 FWHM around its peak: a transient, not a subtraction error.
+
+    Parameters
+    ----------
+    residual : Residual
+    template : Frame
+        On the residual's grid.
+    fwhm : float
+        The residual's PSF FWHM (px).
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    from scipy import ndimage
+
+    from oasis_core.engine.sources import matched_significance
+
+    shape = residual.data.shape
+    out = np.zeros(shape, bool)
+    sigma = max(float(fwhm), 1.0) / 2.3548
+    bad = ~(residual.weight > 0)
+    significance, _ = matched_significance(np.where(bad, 0.0, residual.normalized), bad, sigma)
+    tpl = np.asarray(template.data, np.float64)
+    t_bad = ~(np.asarray(template.weight) > 0) | ~np.isfinite(tpl)
+    values = tpl[~t_bad]
+    if values.size < 100:
+        return out
+    med = float(np.median(values))
+    spread = float(1.4826 * np.median(np.abs(values - med))) or 1.0
+    t_sig, _ = matched_significance(np.where(t_bad, 0.0, (tpl - med) / spread), t_bad, sigma)
+    labels, n = ndimage.label((np.abs(significance) >= 5.0) & ~bad)
+    if n == 0:
+        return out
+    index = np.arange(1, n + 1)
+    quiet = np.asarray(ndimage.maximum(t_sig, labels, index)) < 5.0
+    peaks = ndimage.maximum_position(np.abs(significance), labels, index)
+    r = 2.5 * max(float(fwhm), 1.0)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for label, is_new, (py, px) in zip(index, quiet, peaks, strict=True):
+        if is_new:
+            out |= labels == label
+            out |= (xx - px) ** 2 + (yy - py) ** 2 <= r * r
+    return out
+
+
+def judge_residual(
+    residual: Residual, name: str, q_floor: float, *, template: Frame | None = None
+) -> Residual:
+    """Apply the core's quality rules: never ship a bad residual quietly.
+
+    The flag (``meta["flag"]``, ``OAS FLAG``) gathers the backend's own flag, the
+    fallback it or the align stage reported (``meta["fallback"]``: flagged, not masked), a
+    mostly masked residual and a Q below ``q_floor`` (which also masks it fully).
+
+    Q measures how well the template's content was subtracted; on a small frame a bright
+    transient weighs on it as much as a poor subtraction. So when Q is below ``q_floor``
+    and the ``template`` is given, Q is measured again away from the residual's new
+    sources (:func:`new_sources`: significant where the template has nothing); that Q,
+    recorded as ``meta["q_new_excluded"]``, then decides."""
+    flags = [str(residual.meta["flag"])] if residual.meta.get("flag") else []
+    fallback = str(residual.meta.get(FALLBACK_KEY) or "")
+    if fallback and not any(fallback in f for f in flags):
+        flags.append(f"fallback: {fallback}")
+    good = float((residual.weight > 0).mean())
+    weight = residual.weight
+    if good < 0.5:
+        flags.append(f"mostly masked ({100 * (1 - good):.0f}% of pixels)")
+    usable = bool(np.isfinite(residual.q) and residual.q >= q_floor)
+    extra: dict[str, Any] = {}
+    if not usable and template is not None and np.isfinite(residual.q) and good > 0:
+        from oasis_core.engine.quality import q_value
+
+        fwhm = _residual_fwhm(residual, template)
+        exclude = new_sources(residual, template, fwhm)
+        if exclude.any():
+            q_away = q_value(residual.data, residual.noise, residual.weight, exclude=exclude)
+            extra["q_new_excluded"] = round(float(q_away), 4)
+            usable = bool(np.isfinite(q_away) and q_away >= q_floor)
+    if not usable:
+        flags.append(f"Q {residual.q:.3f} below the floor {q_floor}")
+        weight = np.zeros_like(residual.weight)
+    flag = "; ".join(flags)
+    if flag:
+        log.warning("%s: %s", name, flag)
+    meta = {
+        **residual.meta,
+        **extra,
+        "flag": flag,
+        "good_fraction": round(float((weight > 0).mean()), 4),
+        # the verdict, recorded with the residual (OAS USABLE, OAS Q_FLOOR): what reads it
+        # later (mr, extract) follows it, whatever its own q_floor
+        "usable": usable,
+        "q_floor": float(q_floor),
+    }
+    return attrs.evolve(residual, weight=weight, meta=meta)
+
+
+def _residual_fwhm(residual: Residual, template: Frame) -> float:
+    """The residual's PSF FWHM: the backend's, else the template's, else 3 px."""
+    for value in (residual.meta.get("fwhm"), template.fwhm):
+        if isinstance(value, (int, float)) and np.isfinite(value) and value > 0:
+            return float(value)
+    return 3.0
+
+
+def residual_cards(residual: Residual, science: Frame, template: Frame) -> dict[str, Any]:
+    """Header cards the core adds to every residual: the PSF widths it carries."""
+    cards: dict[str, Any] = {}
+    if science.fwhm:
+        cards["SFWHM"] = (float(science.fwhm), "science PSF FWHM [pix]")
+    if template.fwhm:
+        cards["TFWHM"] = (float(template.fwhm), "template PSF FWHM [pix]")
+    matched = residual.meta.get("fwhm")
+    if not (isinstance(matched, (int, float)) and np.isfinite(matched) and matched > 0):
+        matched = max(science.fwhm or 0.0, template.fwhm or 0.0) or None
+    if matched:
+        cards["FWHM"] = (float(matched), "PSF FWHM of the residual [pix]")
+    return cards
