@@ -35,29 +35,6 @@ def test_modules_have_docstring_and_all(path):
             assert hasattr(module, name), f"{path.name}: __all__ names missing {name}"
 
 
-def test_readme_documents_every_hook():
-    import inspect
-
-    from oasis_core import hookspecs
-
-    readme = (CORE.parent / "README.md").read_text()
-    for name in hookspecs.__all__:
-        if name.startswith("oasis_"):
-            assert f"{name}()" in readme, f"README does not document hook {name}"
-            sig = inspect.signature(getattr(hookspecs, name))
-            assert not sig.parameters, "hooks take no arguments; README says so"
-    for method in (
-        "mask(frame",
-        "psf(frame",
-        "align(frame, reference",
-        "combine(frames",
-        "subtract(science, template",
-        "master(residuals",
-        "extract(residual",
-    ):
-        assert method in readme, f"README does not document the stage method {method}"
-
-
 def test_configuration_reference_is_current():
     from oasis_core.config import render_config
     from oasis_core.plugins import Registry
