@@ -131,7 +131,7 @@ def test_the_loop_takes_the_configs_q_floor_when_none_is_given(pair, tmp_path):
 
 def test_oasispy_and_samefield_same_field_defaults_are_one():
     """``sim_sameField`` (OasisPy's API) and ``sim_same_field`` share each parameter's
-    default, ``mode`` the README's ``'moffat'`` included."""
+    default, ``mode`` the documented ``'moffat'`` (docs/python-api.md) included."""
     import inspect
 
     from oasis_apps.oasispy import sim_sameField

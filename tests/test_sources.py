@@ -1,9 +1,9 @@
 """Tests of oasis_core.engine.sources: the core's source filters and the columns they read.
 
 Every verdict of :func:`filter_detections` is triggered by a constructed detection and
-left alone by a near miss on the other side of its threshold (the README's "Source
-filtering" paragraph). The ``majority_residuals`` fixture makes the majority filter fire
-through the real detection path (native extract backend + ``pipeline.detect``): a badly
+left alone by a near miss on the other side of its threshold (docs/outputs.md, "Source
+filtering: the reason column"). The ``majority_residuals`` fixture makes the majority
+filter fire through the real detection path (native extract backend + ``pipeline.detect``): a badly
 subtracted star left on every residual of a series, next to one real transient.
 """
 
