@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from typer.core import TyperGroup
 
 from oasis_apps.cli_base import (
     ExecutorOpt,
@@ -219,7 +220,25 @@ def plugins(as_json: JsonOpt = False) -> None:
     Console(width=200).print(table)
 
 
-@app.command()
+class _ShowByDefault(TyperGroup):
+    """``oasis config [TARGET]`` is ``oasis config show [TARGET]``: a first word that is
+    not a sub-command is the target."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+config_app = typer.Typer(
+    cls=_ShowByDefault,
+    help="Print the configuration (`oasis config [TARGET]`) or upgrade a target's "
+    "(`oasis config upgrade TARGET`).",
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
 def config(
     target: Annotated[
         str | None,
@@ -238,3 +257,48 @@ def config(
     path = find_target(target).config_file if target else None
     cfg = load_config(path, registry, cli=cli_overrides(option))
     typer.echo(render_config(registry, cfg), nl=False)
+
+
+@config_app.command("upgrade")
+def config_upgrade(
+    target: TargetArg,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the new file; change nothing.")
+    ] = False,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move TARGET's configs/oasis.toml to this version: moved keys renamed, unknown keys
+    left out, new keys at their defaults, your values kept; the old file is kept as
+    configs/oasis.toml.bak."""
+    from oasis_core.engine import io
+    from oasis_core.engine.config_upgrade import upgrade_config
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import find_target
+
+    set_output(quiet, as_json=as_json)
+    path = find_target(target).config_file
+    result = upgrade_config(path, Registry())
+    backup = path.with_name(path.name + ".bak")
+    if dry_run:
+        typer.echo(result.text, nl=False)
+    else:
+        io.write_text(backup, path.read_text())
+        io.write_text(path, result.text)
+    summary = {
+        "file": path,
+        "backup": None if dry_run else backup,
+        "moved": result.moved,
+        "dropped": result.dropped,
+        "kept": result.kept,
+        "added": result.added,
+        "written": not dry_run,
+    }
+    parts = [f"{len(result.moved)} moved", f"{len(result.dropped)} left out", f"{result.added} new"]
+    for label, items in (("moved", result.moved), ("left out", result.dropped)):
+        for item in items:
+            log.info("%s: %s %s", path, label, item)
+    where = "not written (--dry-run)" if dry_run else f"upgraded; the old file is {backup}"
+    if not dry_run:
+        say(f"{path}: {where}; keys: {', '.join(parts)}")
+    emit_json(summary)

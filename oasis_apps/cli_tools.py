@@ -196,11 +196,14 @@ def demo(
     jobs: JobsOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Simulate a series with transients, run the whole pipeline, and score it."""
+    import attrs
+
     from oasis_apps.demo import run_demo
 
-    set_output(quiet, verbose)
+    set_output(quiet, verbose, as_json)
     kwargs: dict[str, Any] = {"reporter": RichReporter(quiet)}
     if jobs is not None:
         kwargs["jobs"] = jobs
@@ -210,6 +213,7 @@ def demo(
         "sources/total_sources.txt"
     )
     say(f"result: {result.line()}")
+    emit_json({**attrs.asdict(result), "max_false": result.max_false, "result": result.line()})
 
 
 @app.command()

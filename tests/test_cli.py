@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -86,6 +87,13 @@ def test_demo_command_prints_where_and_the_result(tmp_path):
     assert (
         tmp_path / "d" / "OASIS" / "targets" / "demo" / "sources" / "total_sources.txt"
     ).exists()
+    # the same demo again (its outputs are current: it resumes) as one JSON object
+    again = oasis("demo", str(tmp_path / "d"), "--frames", "6", "--size", "256", "--json")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["result"] == line.removeprefix("result: ")
+    assert summary["frames_used"] >= 1 and 0 < summary["mean_q"] <= 1
+    assert summary["target"].endswith("demo")
 
 
 # ------------------------------------------------------------ every error is one line

@@ -47,6 +47,7 @@ __all__ = [
     "Config",
     "dump_config",
     "load_config",
+    "move_renamed",
     "parse_assignment",
     "render_config",
 ]
@@ -342,7 +343,7 @@ RENAMED: dict[tuple[str, str], tuple[str, str, str]] = {
 }
 
 
-def _renamed(layer: dict[str, Any], where: str) -> dict[str, Any]:
+def move_renamed(layer: dict[str, Any], where: str) -> dict[str, Any]:
     """``layer`` with the keys of :data:`RENAMED` moved to their new place (warned)."""
     import logging
 
@@ -385,6 +386,7 @@ def load_config(
     use_config_file: bool = True,
     arguments: Mapping[str, Any] | None = None,
     cli: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> Config:
     """Build the effective configuration.
 
@@ -401,6 +403,9 @@ def load_config(
         Function arguments and command-line options (``{"subtract.backend": "ois",
         "subtract.ois.deg_spatial": 1}``); ``cli`` wins over ``arguments``, which win over
         the file.
+    data : mapping, optional
+        The file's content, already read (instead of reading ``path``, which then only
+        names it in messages).
 
     Raises
     ------
@@ -409,13 +414,16 @@ def load_config(
         naming where (file, ``argument``, ``command line``), the key, the value and the
         range.
     """
-    data: dict[str, Any] = {}
     where_file = str(path) if path is not None else "config"
-    if use_config_file and path is not None and Path(path).exists():
+    if data is not None:
+        data = dict(data)
+    elif use_config_file and path is not None and Path(path).exists():
         try:
             data = tomllib.loads(Path(path).read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from err
+    else:
+        data = {}
     layers = [(data, where_file)]
     if arguments:
         layers.append((_nest(arguments, "argument"), "argument"))
@@ -423,7 +431,7 @@ def load_config(
         layers.append((_nest(cli, "command line"), "command line"))
 
     # validate every layer with its own name, then merge
-    layers = [(_renamed(layer, where), where) for layer, where in layers]
+    layers = [(move_renamed(layer, where), where) for layer, where in layers]
     for layer, where in layers:
         _validate(layer, registry, where)
     merged: dict[str, Any] = {}

@@ -499,14 +499,14 @@ def extract(ctx: Context) -> dict[str, Any]:
     out_dir = ctx.target.stage_dir("extract")
     det_dir = out_dir / "detections"
     template_psf = outputs.template_path(ctx).with_name("template.psf.fits")
-    units = []
+    todo = []
     for n, p in units:
         inputs = {"residual": p}
         psf = template_psf if n == "MR" else outputs.psf_path(ctx, n)
         if psf.exists():  # the PSF of the residual's sources, for backends that use it
             inputs["psf"] = psf
-        units.append(tasks.stage_task(ctx, "extract", n, inputs, det_dir / f"{n}.ecsv"))
-    results = tasks.execute(ctx, "extract", units)
+        todo.append(tasks.stage_task(ctx, "extract", n, inputs, det_dir / f"{n}.ecsv"))
+    results = tasks.execute(ctx, "extract", todo)
     failed = tasks.failures(results)
     if len(failed) == len(units):
         raise outputs.stopped(
