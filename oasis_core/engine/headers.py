@@ -31,6 +31,7 @@ from oasis_core.contracts.model import header_wcs
 __all__ = [
     "EXPTIME_KEYS",
     "GAIN_KEYS",
+    "MEASURED_KEYS",
     "RDNOISE_KEYS",
     "SATURATE_KEYS",
     "TIME_KEYS",
@@ -302,3 +303,12 @@ def header_unit(header: Any) -> Any:
         except (ValueError, TypeError):
             continue
     return None
+
+
+# Keys under which the core stores what the stages measured.
+MEASURED_KEYS = {
+    "background": ("OASBKG", "median sky level [ADU]"),
+    "noise": ("OASNOISE", "robust sky noise [ADU]"),
+    "fwhm": ("FWHM", "PSF full width at half maximum [pix]"),
+    "snr": ("OASSNR", "frame S/N figure (median PSF-star peak S/N)"),
+}

@@ -455,15 +455,35 @@ def _make_master(
 
 
 def extract(ctx: Context) -> dict[str, Any]:
-    from astropy.table import Table, vstack
-
-    from oasis_core.engine.sources import match_catalogs
-
     settings = ctx.config.settings["extract"]
     good, bad = outputs.usable_residuals(ctx)
     if not good:
         raise outputs.stopped(ctx, "mr", _no_residual(ctx, bad))
-    method = settings.method
+    units = _extract_units(ctx, settings.method, good)
+    tables, failed = _detections(ctx, units)
+    summary: dict[str, Any] = {
+        "frames": len([n for n in tables if n != "MR"]),
+        "not_subtracted": bad,
+        "not_extracted": failed,
+    }
+    summary.update(_catalogs(ctx, tables, units, settings))
+    summary["mean_q"] = _mean_q(ctx, good)
+    _write_totals(ctx.target.stage_dir("extract"), summary, settings.method)
+    ctx.reporter.result(
+        "extract: "
+        + ", ".join(
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in summary.items()
+            if k not in ("not_subtracted", "not_extracted")
+        )
+    )
+    return summary
+
+
+def _extract_units(ctx: Context, method: str, good: Sequence[str]) -> list[tuple[str, Path]]:
+    """What the extract stage searches: the usable residuals (``indiv``), the master
+    residual (``MR``), or both; the master residual only when it was made from exactly the
+    usable residuals as they are now."""
     units: list[tuple[str, Path]] = []
     if method in ("both", "indiv"):
         units += [(n, outputs.residual_path(ctx, n)) for n in good]
@@ -496,8 +516,15 @@ def extract(ctx: Context) -> dict[str, Any]:
             "mr",
             InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`"),
         )
-    out_dir = ctx.target.stage_dir("extract")
-    det_dir = out_dir / "detections"
+    return units
+
+
+def _detections(ctx: Context, units: Sequence[tuple[str, Path]]) -> tuple[dict[str, Any], list]:
+    """Run the extract backend on every unit (``sources/detections/NAME.ecsv``); return
+    the detection tables by name and the names whose extraction failed."""
+    from astropy.table import Table
+
+    det_dir = ctx.target.stage_dir("extract") / "detections"
     template_psf = outputs.template_path(ctx).with_name("template.psf.fits")
     todo = []
     for n, p in units:
@@ -519,14 +546,27 @@ def extract(ctx: Context) -> dict[str, Any]:
         for n, _ in units
         if n not in failed
     }
+    return tables, failed
+
+
+def _catalogs(
+    ctx: Context, tables: Mapping[str, Any], units: Sequence[tuple[str, Path]], settings: Any
+) -> dict[str, Any]:
+    """The core's filters on every detection table, the catalogs written (``sources``,
+    ``filtered_sources``, ``MR_sources``, ``MR_filtered_sources``, text and ECSV), and
+    their counts."""
+    from astropy.table import vstack
+
+    from oasis_core.engine.sources import match_catalogs
+
+    out_dir = ctx.target.stage_dir("extract")
     indiv_names = [n for n in tables if n != "MR"]
     positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n != "MR"]
-    wcs = outputs.template_wcs(ctx)
     common: dict[str, Any] = {
         "settings": settings,
         "catalogs": positives,
         "n_residuals": len(indiv_names),
-        "wcs": wcs,
+        "wcs": outputs.template_wcs(ctx),
     }
     prov = {
         k: str(v[0] if isinstance(v, tuple) else v)
@@ -539,43 +579,33 @@ def extract(ctx: Context) -> dict[str, Any]:
                 if c in t.colnames:
                     t[c].unit = None
     sources = vstack(indiv) if indiv else None
-    summary: dict[str, Any] = {
-        "frames": len(indiv_names),
-        "not_subtracted": bad,
-        "not_extracted": failed,
-    }
-    written = []
+    counts: dict[str, Any] = {}
     if sources is not None:
         filtered = sources[sources["reason"] == "kept"]
-        written += _write_catalog(out_dir, "sources", sources, prov)
-        written += _write_catalog(out_dir, "filtered_sources", filtered, prov)
-        summary.update(found=len(sources), filtered=len(filtered))
+        _write_catalog(out_dir, "sources", sources, prov)
+        _write_catalog(out_dir, "filtered_sources", filtered, prov)
+        counts.update(found=len(sources), filtered=len(filtered))
     if "MR" in tables:
         mr_t = tasks.filter_sources(tables["MR"], **common)
         mr_f = mr_t[mr_t["reason"] == "kept"]
-        written += _write_catalog(out_dir, "MR_sources", mr_t, prov)
-        written += _write_catalog(out_dir, "MR_filtered_sources", mr_f, prov)
-        summary.update(mr_found=len(mr_t), mr_filtered=len(mr_f))
+        _write_catalog(out_dir, "MR_sources", mr_t, prov)
+        _write_catalog(out_dir, "MR_filtered_sources", mr_f, prov)
+        counts.update(mr_found=len(mr_t), mr_filtered=len(mr_f))
         if sources is not None:
             kept = sources[sources["reason"] == "kept"]
             confirmed = mr_f[match_catalogs(mr_f, kept, settings.match_radius) >= 0]
-            summary["confirmed"] = len(confirmed)
-    qs = []
+            counts["confirmed"] = len(confirmed)
+    return counts
+
+
+def _mean_q(ctx: Context, good: Sequence[str]) -> float:
+    """The mean Q of the usable residuals (from their ``OASQ`` cards)."""
     from astropy.io import fits
 
-    for name in good:
-        qs.append(float(fits.getheader(outputs.residual_path(ctx, name)).get("OASQ", np.nan)))
-    summary["mean_q"] = float(np.nanmean(qs)) if qs else float("nan")
-    _write_totals(out_dir, summary, method)
-    ctx.reporter.result(
-        "extract: "
-        + ", ".join(
-            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in summary.items()
-            if k not in ("not_subtracted", "not_extracted")
-        )
-    )
-    return summary
+    qs = [
+        float(fits.getheader(outputs.residual_path(ctx, name)).get("OASQ", np.nan)) for name in good
+    ]
+    return float(np.nanmean(qs)) if qs else float("nan")
 
 
 def _write_catalog(
