@@ -107,7 +107,9 @@ done in two runs (:func:`small_frame_layout`):
   (``ft`` is halved, down to 5, until 3 are found), point-like (a galaxy may host the
   transient), unsaturated, whose substamp holds no masked pixel; a source whose science
   / template flux ratio disagrees with the others' (a transient or a variable) is left
-  out, so that it never drives the fit;
+  out, so that it never drives the fit; so is the frame's central object while another
+  star is left (a cutout is centred on its target, which may be a transient or host
+  one);
 * the kernel is fitted on a mosaic (:data:`FIT_FILES`) holding each star's cell (its
   substamp and the kernel's reach, from both frames) in a stamp of its own, the centres
   given to hotpants (``-ssf``, ``-afssc 0``), with ``-ko 0 -bgo 0`` (one kernel and one
@@ -116,8 +118,25 @@ done in two runs (:func:`small_frame_layout`):
   few stars cannot constrain; unless ``ng`` is set);
 * with ``convolve = "auto"`` and FWHMs within 10 % of each other (from a few stars, the
   narrower may be either), hotpants fits both directions and keeps the better (``-c b``);
+* after the fit, a star whose residual stands out from the others' is left out and the
+  kernel refitted once (:func:`deviant_star`: extra flux, a transient on a star); then,
+  while 3 stars or more remain, the star whose substamp the kernel fits far worse than
+  the others' (:func:`clipped_star`: a blend, a core the other stars do not share) is
+  clipped and the kernel refitted;
 * the second run applies that kernel to the frame itself (``-ki``), padded by ``2 r``
-  masked pixels so that hotpants loses only ``r`` px along the edges.
+  masked pixels so that hotpants loses only ``r`` px along the edges;
+* a low-order kernel is fitted on the same stars as well (:func:`_low_basis`: one
+  Gaussian of degree 1 at the matching width, i.e. a flux scale, a shift and the
+  background: what one star or a few blended ones constrain) and applied the same way;
+  the backend keeps the full basis unless the low-order residual's Q away from its new
+  sources (:func:`honest_q`, which a bright transient does not decide) is higher by
+  more than :data:`Q_MARGIN`; ``meta["choice_kernel"]`` (shown in
+  ``residuals/log.txt``), ``kernel_model``, ``q_honest`` and the header card ``HPKERN``
+  say which and why, and a kept Q below :data:`POOR_Q` is flagged (``HPFLAG``, logged);
+* the residual's PSF FWHM (``meta["fwhm"]``, the header's ``FWHM``: the width the
+  core's filters and the extraction assume) is the convolved frame's broadened by the
+  kernel kept (:func:`matched_fwhm`), not the wider of two FWHMs measured on a few
+  sources, one of which may be a galaxy.
 
 With no usable star at all, hotpants fits its kernel on a reference star drawn in both
 mosaics: a Gaussian of each frame's FWHM, of the same flux in both; the kernel is then the
@@ -127,9 +146,11 @@ one frame's FWHM only (a cutout whose template holds no source), the other is ta
 equal (a kernel of a flux ratio and a background, said in the fallback); without either
 the backend says so in one line (a :class:`~oasis_core.errors.StageError`) instead.
 ``meta`` records the choices: ``small_frame``, ``stamp_stars`` (stars given),
-``stamp_ft``, ``stamp_rejected``, ``mosaic`` (its side), ``nsx``/``nsy``, ``r``, ``rss``,
-``ko``, ``bgo``, ``ng``, ``fit_command`` and ``choice_stamps`` (a sentence, shown in
-``residuals/log.txt``).
+``stamp_ft``, ``stamp_rejected``, ``stamp_dropped``, ``stamp_central``,
+``stamp_clipped``, ``mosaic`` (its side), ``nsx``/``nsy``, ``r``, ``rss``, ``ko``,
+``bgo``, ``ng``, ``fit_command``, ``choice_stamps`` and ``choice_kernel`` (sentences,
+shown in ``residuals/log.txt``), ``kernel_model``, ``q_honest`` and
+``q_honest_<other model>``; fewer than 3 stamp stars are flagged (``few stamps``).
 """
 
 from __future__ import annotations
@@ -1720,7 +1741,8 @@ class HotpantsSubtract(SubtractBackend):
 
     Residual cards written to the header (a copy of the science header): ``Q``,
     ``NNOISE``, ``NSTAMPS``, ``KSUM``, ``FSCALE`` (science / template flux ratio),
-    ``X2NRM``, ``KHALF`` (kernel half width), ``CONVOLVE`` (the image convolved) and
+    ``X2NRM``, ``KHALF`` (kernel half width), ``CONVOLVE`` (the image convolved),
+    ``HPKERN`` on a small frame (the kernel model kept: ``full`` or ``low-order``) and
     ``HPFLAG`` when the result is flagged.
     """
 
