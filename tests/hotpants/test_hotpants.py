@@ -802,9 +802,15 @@ def test_real_small_frame_subtracts_and_says_how(tmp_path, stars):
     assert res.meta["choice_stamps"].startswith("small frame")
     assert res.meta["fit_command"].startswith("hotpants -inim fit_science.fits")
     assert "-ki kernel.fits" in res.meta["command"]
+    # the kernel kept (the full basis or the low-order one) and why, in meta and header
+    assert res.meta["kernel_model"] == res.header["HPKERN"]
+    assert res.meta["kernel_model"] in ("full", "low-order")
+    assert "honest Q" in res.meta["choice_kernel"] and res.meta["q_honest"] > 0.5
+    assert res.meta["fwhm"] == pytest.approx(4.0, rel=0.2)  # the science frame's PSF
     if stars == 0:
         assert "reference star" in res.meta["fallback"]
         assert res.meta["flag"].startswith("fallback: no stamp star")
+        assert res.meta["kernel_model"] == "full"  # the reference star's kernel only
     elif stars < 3:
         assert "few stamps" in res.meta["flag"]
     else:
@@ -852,3 +858,93 @@ def test_a_stamp_star_whose_residual_stands_out_is_left_out():
     bad[:, layout.centres[0][0]] = True
     bad[layout.centres[0][1] - 3 : layout.centres[0][1] + 4, :] = True
     assert deviant_star(data, noise, bad, layout) is None
+
+
+def test_the_central_object_is_a_stamp_star_only_when_alone():
+    """A cutout is centred on its target: a transient, or the source hosting one."""
+    from oasis_hotpants.backend import _without_central
+
+    stars = [(31, 31), (12, 50), (50, 12)]
+    kept, central = _without_central(stars, (63, 63), 4.0)
+    assert kept == [(12, 50), (50, 12)] and central == ((31, 31),)
+    assert _without_central([(35, 28), (12, 50)], (63, 63), 4.0)[1] == ((35, 28),)  # 2 FWHM
+    assert _without_central([(31, 31)], (63, 63), 4.0) == ([(31, 31)], ())  # the only one
+    assert _without_central([(12, 50)], (63, 63), 4.0) == ([(12, 50)], ())
+
+
+def _chi2_cells(scatter, *, r=7, rss=11):
+    """A mosaic residual whose stamp stars' substamps scatter by ``scatter`` noise sigmas
+    each, and its layout."""
+    from oasis_hotpants.backend import SmallLayout, _mosaic_grid
+
+    stars = tuple((10 * i, 10 * i) for i in range(len(scatter)))
+    ns, side, centres = _mosaic_grid(len(stars), r, rss)
+    rng = np.random.default_rng(1)
+    data = np.zeros((side, side))
+    for k, (cx, cy) in zip(scatter, centres, strict=True):
+        box = np.s_[cy - rss : cy + rss + 1, cx - rss : cx + rss + 1]
+        data[box] = rng.normal(0.0, k, data[box].shape)
+    layout = SmallLayout(
+        r=r, rss=rss, ns=ns, side=side, stars=stars, centres=tuple(centres), ft=20.0,
+        rejected=0, fwhm_source="frame", fwhms=(4.0, 4.0),
+    )  # fmt: skip
+    return data, np.ones((side, side)), np.zeros((side, side), bool), layout
+
+
+def test_a_stamp_star_the_kernel_fits_far_worse_is_clipped():
+    from oasis_hotpants.backend import clipped_star
+
+    # the crowded ISIS cutout: two bright blended stars the others' kernel cannot match
+    assert clipped_star(*_chi2_cells([6.0, 5.0, 2.0, 2.2])) == 0
+    assert clipped_star(*_chi2_cells([1.0, 5.0, 1.1])) == 1
+    # alike (however poor), or a noise-limited fit: nothing to clip
+    assert clipped_star(*_chi2_cells([3.0, 3.2, 2.9, 3.1])) is None
+    assert clipped_star(*_chi2_cells([1.0, 1.1, 0.9, 1.2, 1.0])) is None
+    # two stars are kept whatever they say (no second opinion left), as is a reference
+    assert clipped_star(*_chi2_cells([1.0, 5.0])) is None
+    data, noise, bad, layout = _chi2_cells([1.0, 5.0, 1.1])
+    assert clipped_star(data, noise, bad, attrs.evolve(layout, reference=True)) is None
+
+
+def test_the_residual_psf_is_the_convolved_frames_broadened_by_the_kernel():
+    from oasis_hotpants.backend import FWHM_PER_SIGMA, matched_fwhm
+
+    u = np.arange(-7, 8)
+    gauss = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * 1.5**2))
+    expected = FWHM_PER_SIGMA * math.sqrt((4.0 / FWHM_PER_SIGMA) ** 2 + 1.5**2)
+    assert matched_fwhm(0.98 * gauss / gauss.sum(), 4.0) == pytest.approx(expected, rel=0.01)
+    delta = np.zeros((15, 15))
+    delta[7, 8] = 1.0  # a shift changes no width
+    assert matched_fwhm(delta, 4.0) == pytest.approx(4.0)
+    assert matched_fwhm(-delta, 4.0) is None  # no positive flux: no verdict
+    sharpen = 2 * delta - 0.5 * np.roll(delta, 3, axis=0) - 0.5 * np.roll(delta, -3, axis=0)
+    assert matched_fwhm(sharpen, 4.0) is None  # narrower than half the frame's: not a PSF
+
+
+def test_the_better_small_frame_kernel_is_kept_and_a_poor_one_flagged():
+    from oasis_hotpants.backend import POOR_Q, Q_MARGIN, _choose_kernel
+
+    from oasis_core.model import Residual
+
+    rng = np.random.default_rng(2)
+    shape = (63, 63)
+    template = Frame(data=rng.normal(100.0, 5.0, shape), name="tpl")
+
+    def residual(scatter):
+        return Residual(
+            data=rng.normal(0.0, scatter, shape), noise=np.ones(shape),
+            weight=np.ones(shape), meta={"fwhm": 4.0, "flag": ""},
+        )  # fmt: skip
+
+    good, poor = residual(1.0), residual(2.0)
+    kept = _choose_kernel([("full", poor), ("low-order", good)], template, 1.0)
+    assert kept.meta["kernel_model"] == "low-order" and kept.header["HPKERN"] == "low-order"
+    assert kept.meta["q_honest"] > 0.9 > kept.meta["q_honest_full"]
+    assert kept.meta["choice_kernel"].startswith("low-order") and not kept.meta["flag"]
+    # the full basis is kept unless the low-order one is better by more than the margin
+    close = _choose_kernel([("full", good), ("low-order", good)], template, 1.0)
+    assert close.meta["kernel_model"] == "full" and Q_MARGIN > 0
+    # a poor fit is never shipped quietly
+    alone = _choose_kernel([("full", poor)], template, 1.0)
+    assert alone.meta["q_honest"] < POOR_Q
+    assert alone.meta["flag"].startswith("poor fit: honest Q") and "HPFLAG" in alone.header

@@ -91,31 +91,6 @@ def _outcome(stamp: Stamp, method: str, workdir: Path, registry: object) -> Outc
     )
 
 
-#: What a method does not reach yet, by test: (method, test) -> why. The tests run and
-#: must fail (strict xfail): the day one passes, its entry goes.
-KNOWN_GAPS = {
-    ("hotpants", "test_no_refusal"): (
-        "issue 12, open: hotpants' kernel fitted on the 2-4 stamp stars of a very crowded "
-        "ISIS cutout leaves Q 0.10 (kernel sum 0.76), so the residual is masked"
-    ),
-    ("hotpants", "test_bright_injected_sources_are_detected"): (
-        "issue 12, open: 26/31 found; on crowded ISIS blends and DECam galaxies the kernel "
-        "fitted on 1-5 blended stamp stars leaves the transient partly absorbed or on a "
-        "galaxy residual, and the core's filters call it sharp or extended"
-    ),
-}
-
-
-@pytest.fixture(autouse=True)
-def _known_gap(request):
-    method = getattr(request.node, "callspec", None) and request.node.callspec.params.get(
-        "outcomes"
-    )
-    why = KNOWN_GAPS.get((method, request.node.originalname))
-    if why:
-        request.node.add_marker(pytest.mark.xfail(reason=why, strict=True))
-
-
 @pytest.fixture(scope="module", params=METHODS)
 def outcomes(request, stamps, tmp_path_factory) -> tuple[str, list[Outcome]]:
     method = request.param

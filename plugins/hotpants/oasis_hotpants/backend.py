@@ -107,7 +107,9 @@ done in two runs (:func:`small_frame_layout`):
   (``ft`` is halved, down to 5, until 3 are found), point-like (a galaxy may host the
   transient), unsaturated, whose substamp holds no masked pixel; a source whose science
   / template flux ratio disagrees with the others' (a transient or a variable) is left
-  out, so that it never drives the fit;
+  out, so that it never drives the fit; so is the frame's central object while another
+  star is left (a cutout is centred on its target, which may be a transient or host
+  one);
 * the kernel is fitted on a mosaic (:data:`FIT_FILES`) holding each star's cell (its
   substamp and the kernel's reach, from both frames) in a stamp of its own, the centres
   given to hotpants (``-ssf``, ``-afssc 0``), with ``-ko 0 -bgo 0`` (one kernel and one
@@ -116,8 +118,25 @@ done in two runs (:func:`small_frame_layout`):
   few stars cannot constrain; unless ``ng`` is set);
 * with ``convolve = "auto"`` and FWHMs within 10 % of each other (from a few stars, the
   narrower may be either), hotpants fits both directions and keeps the better (``-c b``);
+* after the fit, a star whose residual stands out from the others' is left out and the
+  kernel refitted once (:func:`deviant_star`: extra flux, a transient on a star); then,
+  while 3 stars or more remain, the star whose substamp the kernel fits far worse than
+  the others' (:func:`clipped_star`: a blend, a core the other stars do not share) is
+  clipped and the kernel refitted;
 * the second run applies that kernel to the frame itself (``-ki``), padded by ``2 r``
-  masked pixels so that hotpants loses only ``r`` px along the edges.
+  masked pixels so that hotpants loses only ``r`` px along the edges;
+* a low-order kernel is fitted on the same stars as well (:func:`_low_basis`: one
+  Gaussian of degree 1 at the matching width, i.e. a flux scale, a shift and the
+  background: what one star or a few blended ones constrain) and applied the same way;
+  the backend keeps the full basis unless the low-order residual's Q away from its new
+  sources (:func:`honest_q`, which a bright transient does not decide) is higher by
+  more than :data:`Q_MARGIN`; ``meta["choice_kernel"]`` (shown in
+  ``residuals/log.txt``), ``kernel_model``, ``q_honest`` and the header card ``HPKERN``
+  say which and why, and a kept Q below :data:`POOR_Q` is flagged (``HPFLAG``, logged);
+* the residual's PSF FWHM (``meta["fwhm"]``, the header's ``FWHM``: the width the
+  core's filters and the extraction assume) is the convolved frame's broadened by the
+  kernel kept (:func:`matched_fwhm`), not the wider of two FWHMs measured on a few
+  sources, one of which may be a galaxy.
 
 With no usable star at all, hotpants fits its kernel on a reference star drawn in both
 mosaics: a Gaussian of each frame's FWHM, of the same flux in both; the kernel is then the
@@ -127,9 +146,11 @@ one frame's FWHM only (a cutout whose template holds no source), the other is ta
 equal (a kernel of a flux ratio and a background, said in the fallback); without either
 the backend says so in one line (a :class:`~oasis_core.contracts.errors.StageError`) instead.
 ``meta`` records the choices: ``small_frame``, ``stamp_stars`` (stars given),
-``stamp_ft``, ``stamp_rejected``, ``mosaic`` (its side), ``nsx``/``nsy``, ``r``, ``rss``,
-``ko``, ``bgo``, ``ng``, ``fit_command`` and ``choice_stamps`` (a sentence, shown in
-``residuals/log.txt``).
+``stamp_ft``, ``stamp_rejected``, ``stamp_dropped``, ``stamp_central``,
+``stamp_clipped``, ``mosaic`` (its side), ``nsx``/``nsy``, ``r``, ``rss``, ``ko``,
+``bgo``, ``ng``, ``fit_command``, ``choice_stamps`` and ``choice_kernel`` (sentences,
+shown in ``residuals/log.txt``), ``kernel_model``, ``q_honest`` and
+``q_honest_<other model>``; fewer than 3 stamp stars are flagged (``few stamps``).
 """
 
 from __future__ import annotations
@@ -161,8 +182,10 @@ __all__ = [
     "HotpantsOutput",
     "HotpantsSubtract",
     "SmallLayout",
+    "clipped_star",
     "hotpants_arguments",
     "kernel_image",
+    "matched_fwhm",
     "parse_stderr",
     "read_hotpants_output",
     "small_frame_layout",
@@ -536,6 +559,13 @@ class SmallLayout:
     dropped : tuple of (int, int)
         Stamp stars left out after a first fit because their residual stood out from the
         others' (a transient or a variable on a star: :func:`deviant_star`).
+    central : tuple of (int, int)
+        The frame's central object, left out of the stamp stars (a cutout's target may
+        be a transient or host one: :func:`_without_central`).
+    clipped : tuple of (int, int)
+        Stamp stars left out because the kernel fitted on them all leaves their substamps
+        far worse than the others' (:func:`clipped_star`: a blend, a PSF the others do
+        not share).
     """
 
     r: int
@@ -550,6 +580,8 @@ class SmallLayout:
     fwhms: tuple[float, float] = (0.0, 0.0)
     reference: bool = False
     dropped: tuple[tuple[int, int], ...] = ()
+    central: tuple[tuple[int, int], ...] = ()
+    clipped: tuple[tuple[int, int], ...] = ()
 
     @property
     def half(self) -> int:
@@ -569,9 +601,15 @@ class SmallLayout:
             if self.dropped
             else ""
         )
+        central = " (the central object left out: a cutout's target)" if self.central else ""
+        clipped = (
+            f" ({len(self.clipped)} clipped: fit far worse than the others')"
+            if self.clipped
+            else ""
+        )
         return (
             f"small frame: {len(self.stars)} stamp star(s) above {self.ft:g} sigma, one "
-            f"per stamp{dropped}; r {self.r}, rss {self.rss}, ko 0, bgo 0"
+            f"per stamp{dropped}{central}{clipped}; r {self.r}, rss {self.rss}, ko 0, bgo 0"
         )
 
 
@@ -717,6 +755,25 @@ def _stars(
             good[hi] = False  # a transient brightens; a lone pair cannot say more
     stars = [(int(kx[i]), int(ky[i])) for i in idx[good]]
     return stars, int((~good).sum())
+
+
+def _without_central(
+    stars: Sequence[tuple[int, int]], shape: tuple[int, int], fwhm: float
+) -> tuple[list[tuple[int, int]], tuple[tuple[int, int], ...]]:
+    """The stamp stars without the frame's central object, and that object (if left out).
+
+    A cutout is centred on its target: a transient there, or the galaxy or star hosting
+    one, adds light to the science frame only, and as a stamp star it drives the kernel to
+    absorb it (the flux-ratio and residual checks cannot tell with a few stars). So a star
+    within ``max(3, 2 FWHM)`` px of the centre is not used while another star is left
+    (it is still subtracted: the kernel applies to the whole frame)."""
+    cy, cx = (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
+    reach = max(3.0, 2.0 * fwhm)
+    central = tuple(s for s in stars if math.hypot(s[0] - cx, s[1] - cy) <= reach)
+    others = [s for s in stars if s not in central]
+    if central and others:
+        return others, central
+    return list(stars), ()
 
 
 def _stamp_width(canvas: int, ns: int, r: int) -> int:
@@ -887,6 +944,7 @@ def _small_layout(
             sci, tpl = attrs.evolve(sci, fwhm=known), attrs.evolve(tpl, fwhm=known)
             source = f"{source}; the {which} FWHM unknown, taken as the other's"
         return _reference_layout(sci, tpl, r, rss, ft, rejected, source), sci, tpl
+    stars, central = _without_central(stars, science.shape, fwhm)
     stars = stars[: _MAX_NS**2]
     ns, side, centres = _mosaic_grid(len(stars), r, rss)
     layout = SmallLayout(
@@ -900,6 +958,7 @@ def _small_layout(
         rejected=rejected,
         fwhm_source=source,
         fwhms=(float(sci.fwhm or 0.0), float(tpl.fwhm or 0.0)),
+        central=central,
     )
     return layout, sci, tpl
 
@@ -944,6 +1003,52 @@ def deviant_star(
     if off > DEVIANT_SIGMA * scale and abs(values[worst]) > DEVIANT_SIGMA:
         return worst
     return None
+
+
+#: A stamp star whose substamp's mean (residual / noise)**2 after the fit is more than this
+#: many times the median of the other stars' is clipped and the kernel refitted.
+CLIP_FACTOR = 3.0
+
+
+def clipped_star(
+    residual: np.ndarray, noise: np.ndarray, bad: np.ndarray, layout: SmallLayout
+) -> int | None:
+    """The stamp star to clip after a fit on the mosaic, or None.
+
+    :func:`deviant_star` catches a star with extra (or missing) flux; a star whose profile
+    the others' kernel cannot match (a blend, a core broadened or saturated in one frame)
+    leaves a residual of both signs, summing to little, that drags the least-squares
+    kernel towards it. Each star's figure is the mean ``(residual / noise)**2`` over its
+    substamp; the worst is clipped when it exceeds :data:`CLIP_FACTOR` times the median
+    of the others' (at least 1). Keeps 2 stars at least (the fit then has a second
+    opinion)."""
+    if layout.reference or len(layout.stars) < 3:
+        return None
+    chi2 = []
+    for cx, cy in layout.centres[: len(layout.stars)]:
+        box = np.s_[cy - layout.rss : cy + layout.rss + 1, cx - layout.rss : cx + layout.rss + 1]
+        good = ~bad[box] & np.isfinite(residual[box]) & (noise[box] > 0)
+        if good.sum() < good.size // 2:
+            chi2.append(np.nan)
+            continue
+        chi2.append(float(np.mean((residual[box][good] / noise[box][good]) ** 2)))
+    values = np.asarray(chi2)
+    if not np.isfinite(values).all():
+        return None
+    worst = int(np.argmax(values))
+    rest = np.delete(values, worst)
+    if values[worst] > CLIP_FACTOR * max(1.0, float(np.median(rest))):
+        return worst
+    return None
+
+
+def _without_star(layout: SmallLayout, index: int, field: str) -> SmallLayout:
+    """``layout`` without its star ``index``, recorded in ``field`` (``dropped``,
+    ``clipped``), the mosaic laid out again."""
+    stars = layout.stars[:index] + layout.stars[index + 1 :]
+    ns, side, centres = _mosaic_grid(len(stars), layout.r, layout.rss)
+    changes: dict[str, Any] = {field: (*getattr(layout, field), layout.stars[index])}
+    return attrs.evolve(layout, stars=stars, ns=ns, side=side, centres=tuple(centres), **changes)
 
 
 def _reference_layout(
@@ -1482,6 +1587,8 @@ def _with_layout(residual: Residual, layout: SmallLayout, options: HotpantsOptio
         stamp_ft=float(layout.ft),
         stamp_rejected=layout.rejected,
         stamp_dropped=len(layout.dropped),
+        stamp_central=len(layout.central),
+        stamp_clipped=len(layout.clipped),
         mosaic=layout.side,
         nsx=layout.ns,
         nsy=layout.ns,
@@ -1493,16 +1600,140 @@ def _with_layout(residual: Residual, layout: SmallLayout, options: HotpantsOptio
     fwhms = [f for f in layout.fwhms if f > 0]
     if fwhms:  # the residual's PSF: the broader one, as the layout found it
         meta["fwhm"] = float(max(fwhms))
+    convolved = layout.fwhms[1] if meta.get("direction") == "template" else layout.fwhms[0]
+    image = residual.kernel.image if residual.kernel is not None else None
+    matched = matched_fwhm(image, convolved) if image is not None and convolved > 0 else None
+    if matched is not None:  # the kernel fitted says better than a few stars' widths
+        meta["fwhm"] = matched
+        meta["fwhm_source"] = f"{layout.fwhm_source}; residual's from the kernel"
     if layout.reference:
         meta["fallback"] = (
             "no stamp star: hotpants' kernel fitted on a reference star drawn from the "
             "frames' FWHMs, flux ratio 1 assumed"
             + ("; " + layout.fwhm_source.split("; ", 1)[1] if "; " in layout.fwhm_source else "")
         )
-    elif len(layout.stars) < _WANTED_STARS:
-        few = f"few stamps: {len(layout.stars)} stamp star(s) in a small frame"
-        meta["flag"] = "; ".join(f for f in (str(meta.get("flag") or ""), few) if f)
-    return attrs.evolve(residual, meta=meta)
+    residual = attrs.evolve(residual, meta=meta)
+    if not layout.reference and len(layout.stars) < _WANTED_STARS:
+        residual = _add_flag(
+            residual, f"few stamps: {len(layout.stars)} stamp star(s) in a small frame"
+        )
+    return residual
+
+
+def _add_flag(residual: Residual, text: str) -> Residual:
+    """``residual`` with ``text`` added to its flag (``meta["flag"]`` and ``HPFLAG``)."""
+    flag = "; ".join(f for f in (str(residual.meta.get("flag") or ""), text) if f)
+    header = residual.header.copy() if residual.header is not None else None
+    if header is not None:
+        header["HPFLAG"] = (flag[:40], "not to be trusted")
+    return attrs.evolve(residual, meta={**residual.meta, "flag": flag}, header=header)
+
+
+#: A small frame's kernel whose honest Q (:func:`honest_q`) is below this is flagged.
+POOR_Q = 0.5
+
+
+def _low_basis(layout: SmallLayout) -> str | None:
+    """The low-order basis of a small frame's second fit: one Gaussian of degree 1, i.e.
+    a kernel of a fixed shape (the matching width ``sqrt(|s1**2 - s2**2|)`` of the two
+    FWHMs, ``s = FWHM / 2.3548``, between 0.5 px and ``r / 2``) scaled (the flux ratio)
+    and shifted (its two first-order terms), plus the background: 4 numbers, which a
+    single star or a few blended ones constrain, where the full basis (13) follows their
+    blends and noise. None for the reference star (its kernel is already that)."""
+    if layout.reference:
+        return None
+    s1, s2 = (f / FWHM_PER_SIGMA for f in layout.fwhms)
+    width = math.sqrt(abs(s1**2 - s2**2)) if s1 > 0 and s2 > 0 else 0.5
+    width = min(max(width, 0.5), layout.r / 2.0)
+    return f"1 1 {width:.3f}"
+
+
+def honest_q(residual: Residual, template: Frame) -> float:
+    """Q of ``residual`` away from its new sources (:func:`oasis_core.subtraction.
+    new_sources`: significant where the template has nothing): how well the template's
+    content was subtracted, which a bright transient must not decide (it weighs the same
+    in every candidate's residual, or more in one that leaves it whole). nan when no
+    pixel is usable."""
+    from oasis_core.quality import q_value
+    from oasis_core.subtraction import new_sources
+
+    if not (residual.weight > 0).any():
+        return float("nan")
+    fwhm = residual.meta.get("fwhm")
+    fwhm = float(fwhm) if isinstance(fwhm, int | float) and fwhm > 0 else 3.0
+    exclude = new_sources(residual, template, fwhm)
+    return float(q_value(residual.data, residual.noise, residual.weight, exclude=exclude))
+
+
+#: A later small-frame kernel candidate replaces an earlier one only when its honest Q is
+#: higher by more than this (the full basis, hotpants' own model, is tried first).
+Q_MARGIN = 0.01
+
+#: What each small-frame kernel candidate is, for ``meta["choice_kernel"]``.
+_MODELS = {
+    "full": "full basis",
+    "low-order": "low-order (flux scale, shift, background)",
+}
+
+
+def _choose_kernel(
+    tried: Sequence[tuple[str, Residual]], template: Frame, seconds: float
+) -> Residual:
+    """The small frame's residual of the better kernel by :func:`honest_q` (a later
+    candidate must beat an earlier one by :data:`Q_MARGIN`), with the choice in ``meta``
+    (``kernel_model``, ``q_honest``, the others' ``q_honest_<model>``,
+    ``choice_kernel``) and the ``HPKERN`` card; flagged when even that Q is below
+    :data:`POOR_Q`."""
+    scored = [(label, res, honest_q(res, template)) for label, res in tried]
+    best = 0
+    for i, (_, _, q) in enumerate(scored):
+        kept = scored[best][2]
+        if np.isfinite(q) and not (np.isfinite(kept) and q <= kept + Q_MARGIN):
+            best = i
+    label, residual, q = scored[best]
+    others = [(lab, oq) for i, (lab, _, oq) in enumerate(scored) if i != best]
+    versus = "; ".join(f"{_MODELS[lab]} {oq:.3f}" for lab, oq in others)
+    sentence = f"{_MODELS[label]}, honest Q {q:.3f}" + (f" (vs {versus})" if versus else "")
+    meta: dict[str, Any] = {
+        **residual.meta,
+        "kernel_model": label,
+        "q_honest": round(q, 4) if np.isfinite(q) else "nan",
+        "choice_kernel": sentence,
+        "hotpants_seconds": round(seconds, 3),
+    }
+    for lab, oq in others:
+        meta[f"q_honest_{lab.replace('-', '_')}"] = round(oq, 4) if np.isfinite(oq) else "nan"
+    header = residual.header.copy() if residual.header is not None else None
+    if header is not None:
+        header["HPKERN"] = (label, "hotpants kernel model kept (small frame)")
+    residual = attrs.evolve(residual, meta=meta, header=header)
+    if not (np.isfinite(q) and q >= POOR_Q):
+        residual = _add_flag(residual, f"poor fit: honest Q {q:.3f} (< {POOR_Q:g})")
+    return residual
+
+
+def matched_fwhm(kernel: np.ndarray, fwhm: float) -> float | None:
+    """The FWHM of a frame's PSF of ``fwhm`` convolved with ``kernel``: second moments
+    add under convolution, so ``sigma**2 = (fwhm / 2.3548)**2 + var(kernel)`` (the
+    kernel's variance about its centroid, per axis; negative for a kernel that sharpens).
+
+    On a small frame the frames' FWHMs come from a few sources, one of them perhaps a
+    galaxy; the kernel, fitted on the stamp stars, says how the convolved frame's PSF
+    was changed, which sets the residual's PSF (the width the core's filters and the
+    extraction's matched filter assume). None when the kernel carries no positive flux
+    or the result is not a positive width above half the frame's."""
+    k = np.asarray(kernel, np.float64)
+    total = float(k.sum())
+    if not (np.isfinite(total) and total > 0):
+        return None
+    hy, hx = k.shape[0] // 2, k.shape[1] // 2
+    yy, xx = np.mgrid[-hy : k.shape[0] - hy, -hx : k.shape[1] - hx]
+    mx, my = float((k * xx).sum()) / total, float((k * yy).sum()) / total
+    var = float((k * ((xx - mx) ** 2 + (yy - my) ** 2)).sum()) / total / 2.0
+    sigma2 = (fwhm / FWHM_PER_SIGMA) ** 2 + var
+    if not (np.isfinite(sigma2) and sigma2 > (0.5 * fwhm / FWHM_PER_SIGMA) ** 2):
+        return None
+    return float(FWHM_PER_SIGMA * math.sqrt(sigma2))
 
 
 class HotpantsSubtract(SubtractBackend):
@@ -1510,7 +1741,8 @@ class HotpantsSubtract(SubtractBackend):
 
     Residual cards written to the header (a copy of the science header): ``Q``,
     ``NNOISE``, ``NSTAMPS``, ``KSUM``, ``FSCALE`` (science / template flux ratio),
-    ``X2NRM``, ``KHALF`` (kernel half width), ``CONVOLVE`` (the image convolved) and
+    ``X2NRM``, ``KHALF`` (kernel half width), ``CONVOLVE`` (the image convolved),
+    ``HPKERN`` on a small frame (the kernel model kept: ``full`` or ``low-order``) and
     ``HPFLAG`` when the result is flagged.
     """
 
@@ -1651,11 +1883,52 @@ class HotpantsSubtract(SubtractBackend):
         program: str,
         workdir: Path,
     ) -> Residual:
-        """A small frame: fit the kernel on the mosaic of its stars, apply it to the frame
-        (see "Small frames" in the module doc)."""
-        from astropy.io import fits
-
+        """A small frame: fit the kernel on the mosaic of its stars (the full basis and the
+        low-order one), apply each to the frame and keep the better by the honest Q (see
+        "Small frames" in the module doc)."""
         where = f"subtract backend 'hotpants': {science.name!r}"
+        layout, fitted, seconds = self._fit_stars(sci, tpl, options, layout, program, workdir)
+        fit_out, _, fit_shown = fitted
+        tried: list[tuple[str, Residual]] = []
+        if "ksum" in fit_out.meta:
+            residual, more = self._apply(
+                science, template, sci, tpl, options, layout, fitted, program, workdir
+            )
+            seconds += more
+            tried.append(("full", residual))
+        low = _low_basis(layout)
+        if low is not None:  # the model a few (blended) stars constrain
+            low_options = attrs.evolve(options, ng=low)
+            low_fit, more = self._fit_mosaic(sci, tpl, low_options, layout, program, workdir)
+            seconds += more
+            if "ksum" in low_fit[0].meta:
+                residual, more = self._apply(
+                    science, template, sci, tpl, options, layout, low_fit, program, workdir
+                )
+                seconds += more
+                tried.append(("low-order", residual))
+        if not tried:
+            msg = (
+                f"{where}: hotpants fitted no kernel on the {len(layout.stars)} stamp "
+                f"star(s) of the {science.shape[0]}x{science.shape[1]} frame "
+                f"({_last_line(fit_out.header.get('HISTORY', '') or '')}); use the ois or "
+                "zogy backend"
+            )
+            raise StageError(msg, metadata={"command": fit_shown})
+        return _choose_kernel(tried, template, seconds)
+
+    def _fit_stars(
+        self,
+        sci: _Prepared,
+        tpl: _Prepared,
+        options: HotpantsOptions,
+        layout: SmallLayout,
+        program: str,
+        workdir: Path,
+    ) -> tuple[SmallLayout, tuple[HotpantsOutput, _Plan, str], float]:
+        """The full small-frame basis fitted on the layout's stars: on the reference star
+        when hotpants keeps none, without a star whose residual stands out
+        (:func:`deviant_star`)."""
         fitted, seconds = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
         if "ksum" not in fitted[0].meta and not layout.reference and all(layout.fwhms):
             # hotpants kept none of the stars: fall back on the reference star
@@ -1664,38 +1937,49 @@ class HotpantsSubtract(SubtractBackend):
             )
             fitted, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
             seconds += more
-        if "ksum" in fitted[0].meta:
+        checks = ((deviant_star, "dropped"), *[(clipped_star, "clipped")] * _MAX_NS**2)
+        for check, field in checks:  # a transient on a star once; then clip the worst
             out0 = fitted[0]
-            worst = deviant_star(out0.data, out0.noise, out0.bad, layout)
-            if worst is not None:  # a transient on a stamp star: refit without it
-                first = layout
-                stars = layout.stars[:worst] + layout.stars[worst + 1 :]
-                ns, side, centres = _mosaic_grid(len(stars), layout.r, layout.rss)
-                layout = attrs.evolve(
-                    layout,
-                    stars=stars,
-                    ns=ns,
-                    side=side,
-                    centres=tuple(centres),
-                    dropped=(*layout.dropped, layout.stars[worst]),
-                )
-                refit, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
-                seconds += more
-                if "ksum" in refit[0].meta:
-                    fitted = refit
-                else:  # the kernel file is the failed refit's: fit the first set again
-                    layout = first
-                    fitted, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
-                    seconds += more
+            if "ksum" not in out0.meta:
+                break
+            worst = check(out0.data, out0.noise, out0.bad, layout)
+            if worst is None:
+                if check is deviant_star:
+                    continue
+                break
+            first = layout
+            layout = _without_star(layout, worst, field)
+            refit, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
+            seconds += more
+            if "ksum" in refit[0].meta:
+                fitted = refit
+                continue
+            # the kernel file is the failed refit's: fit the previous set again, stop
+            layout = first
+            fitted, more = self._fit_mosaic(sci, tpl, options, layout, program, workdir)
+            seconds += more
+            break
+        return layout, fitted, seconds
+
+    def _apply(
+        self,
+        science: Frame,
+        template: Template,
+        sci: _Prepared,
+        tpl: _Prepared,
+        options: HotpantsOptions,
+        layout: SmallLayout,
+        fitted: tuple[HotpantsOutput, _Plan, str],
+        program: str,
+        workdir: Path,
+    ) -> tuple[Residual, float]:
+        """Apply the kernel just fitted on the mosaic (``FILES["kernel"]``) to the padded
+        frame; return the residual (its ``meta`` with the layout's choices) and the
+        seconds hotpants took."""
+        from astropy.io import fits
+
+        where = f"subtract backend 'hotpants': {science.name!r}"
         fit_out, fit_plan, fit_shown = fitted
-        if "ksum" not in fit_out.meta:
-            msg = (
-                f"{where}: hotpants fitted no kernel on the {len(layout.stars)} stamp "
-                f"star(s) of the {science.shape[0]}x{science.shape[1]} frame "
-                f"({_last_line(fit_out.header.get('HISTORY', '') or '')}); use the ois or "
-                "zogy backend"
-            )
-            raise StageError(msg, metadata={"command": fit_shown})
         pad = 2 * layout.r
         ny, nx = science.shape[0] + 2 * pad, science.shape[1] + 2 * pad
         kernel_file = workdir / FILES["kernel"]
@@ -1703,10 +1987,9 @@ class HotpantsSubtract(SubtractBackend):
             hdul[0].header["REGION00"] = f"[1:{nx},1:{ny}]"
         plan = _apply_plan(sci, tpl, options, fit_plan)
         written = ("output", "noise")  # not the kernel: this run reads it
-        out, shown, more = _run(
+        out, shown, seconds = _run(
             program, plan, workdir, where, options.timeout, (ny, nx), written=written
         )
-        seconds += more
         inner = np.s_[pad : ny - pad, pad : nx - pad]
         bad = np.ascontiguousarray(out.bad[inner])
         out = attrs.evolve(
@@ -1719,7 +2002,7 @@ class HotpantsSubtract(SubtractBackend):
         counts = {k: fit_out.meta[k] for k in ("nstamps", "nstamps_built") if k in fit_out.meta}
         out = attrs.evolve(out, meta={**out.meta, **counts, "fit_command": fit_shown})
         residual = self._residual(science, template, sci, options, plan, out, shown, seconds)
-        return _with_layout(residual, layout, options)
+        return _with_layout(residual, layout, options), seconds
 
     def _fit_mosaic(
         self,
