@@ -924,7 +924,7 @@ def test_the_residual_psf_is_the_convolved_frames_broadened_by_the_kernel():
 def test_the_better_small_frame_kernel_is_kept_and_a_poor_one_flagged():
     from oasis_hotpants.backend import POOR_Q, Q_MARGIN, _choose_kernel
 
-    from oasis_core.model import Residual
+    from oasis_core.contracts.model import Residual
 
     rng = np.random.default_rng(2)
     shape = (63, 63)

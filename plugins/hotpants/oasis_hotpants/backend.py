@@ -1649,13 +1649,13 @@ def _low_basis(layout: SmallLayout) -> str | None:
 
 
 def honest_q(residual: Residual, template: Frame) -> float:
-    """Q of ``residual`` away from its new sources (:func:`oasis_core.subtraction.
+    """Q of ``residual`` away from its new sources (:func:`oasis_core.engine.subtraction.
     new_sources`: significant where the template has nothing): how well the template's
     content was subtracted, which a bright transient must not decide (it weighs the same
     in every candidate's residual, or more in one that leaves it whole). nan when no
     pixel is usable."""
-    from oasis_core.quality import q_value
-    from oasis_core.subtraction import new_sources
+    from oasis_core.engine.quality import q_value
+    from oasis_core.engine.subtraction import new_sources
 
     if not (residual.weight > 0).any():
         return float("nan")
@@ -1762,7 +1762,8 @@ class HotpantsSubtract(SubtractBackend):
         return str(Path(found).resolve())
 
     def check(self, options: HotpantsOptions) -> None:
-        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when hotpants is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when hotpants is
+        missing."""
         self._program(options)
 
     def candidates(
