@@ -293,21 +293,8 @@ def write_report(result: Any, path: Path, *, max_cutouts: int = 100) -> Path:
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):  # figures of an earlier report
         old.unlink()
-    rel = fig_dir.name
-    names = list(result.runs)
     frames = sorted({str(f) for f in result.frames["frame"]})
-    target = result.directory.parent
-    out: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>OASIS compare: {html.escape(target.name)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>Backend comparison for target <code>{html.escape(target.name)}</code></h1>",
-        f'<p class="note">{html.escape(str(target))} · {len(frames)} frame(s) · written '
-        f"{time.strftime('%Y-%m-%d %H:%M')} by <code>oasis compare</code>. "
-        "Every combination subtracted the same aligned frames against the same template; "
-        "its outputs are in <code>compare/&lt;combination&gt;/</code>.</p>",
-    ]
+    out = _report_head(result.directory.parent, len(frames))
     skipped = [c for c in result.combinations if c.skipped]
     if skipped:
         out.append("<h2>Skipped</h2><ul>")
@@ -329,15 +316,42 @@ def write_report(result: Any, path: Path, *, max_cutouts: int = 100) -> Path:
             "once; each combination subtracted and searched those frames.</p>"
         )
         out.append(_html_table(result.fakes))
-    out.append("<h2>Residuals</h2>")
+    out += _residual_section(result, frames, fig_dir)
+    out.append("<h2>Per frame</h2>")
+    out.append(_html_table(result.frames))
+    out += _agreement_section(result, fig_dir, max_cutouts)
+    out.append("<h2>Columns</h2><dl class='help'>")
+    out += [f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in _COLUMN_HELP.items()]
+    out.append("</dl></body></html>")
+    io.write_text(path, "\n".join(out) + "\n")
+    return path
+
+
+def _report_head(target: Path, n_frames: int) -> list[str]:
+    """The page's head, title and the line saying what was compared."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>OASIS compare: {html.escape(target.name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Backend comparison for target <code>{html.escape(target.name)}</code></h1>",
+        f'<p class="note">{html.escape(str(target))} · {n_frames} frame(s) · written '
+        f"{time.strftime('%Y-%m-%d %H:%M')} by <code>oasis compare</code>. "
+        "Every combination subtracted the same aligned frames against the same template; "
+        "its outputs are in <code>compare/&lt;combination&gt;/</code>.</p>",
+    ]
+
+
+def _residual_section(result: Any, frames: list[str], fig_dir: Path) -> list[str]:
+    """Per combination: its master residual and the histogram of its residual pixels."""
+    out = ["<h2>Residuals</h2>"]
     out.append(
         '<p class="note">Left: the master residual, normalised (R - median)/noise on a '
         "±5σ scale. Right: every residual pixel of the combination, normalised, against the "
         "unit Gaussian of a noise-limited subtraction (log scale: excess wings are "
         "unsubtracted structure, a narrower core an overestimated noise image).</p>"
     )
-    for name in names:
-        run = result.runs[name]
+    for name, run in result.runs.items():
         figs = []
         mr = run / "residuals" / "MR.fits"
         if mr.exists():
@@ -350,19 +364,22 @@ def write_report(result: Any, path: Path, *, max_cutouts: int = 100) -> Path:
         out.append(f"<h3>{html.escape(name)}</h3><div class='figs'>")
         for png, caption in figs:
             out.append(
-                f'<figure><img src="{rel}/{png.name}" alt="{html.escape(name)} {caption}">'
-                f"<figcaption>{caption}</figcaption></figure>"
+                f'<figure><img src="{fig_dir.name}/{png.name}" '
+                f'alt="{html.escape(name)} {caption}"><figcaption>{caption}</figcaption></figure>'
             )
         if not figs:
             out.append(
                 f'<p class="skip">no residual ({html.escape(result.errors.get(name, ""))})</p>'
             )
         out.append("</div>")
-    out.append("<h2>Per frame</h2>")
-    out.append(_html_table(result.frames))
-    out.append("<h2>Agreement</h2>")
+    return out
+
+
+def _agreement_section(result: Any, fig_dir: Path, max_cutouts: int) -> list[str]:
+    """The sources some combinations kept and others did not, with cutout strips."""
+    out = ["<h2>Agreement</h2>"]
     agreement = result.agreement
-    if len(names) < 2:
+    if len(result.runs) < 2:
         out.append("<p>Only one combination ran: nothing to compare.</p>")
     elif len(agreement) == 0:
         out.append("<p>Every combination kept the same sources.</p>")
@@ -380,15 +397,11 @@ def write_report(result: Any, path: Path, *, max_cutouts: int = 100) -> Path:
                 f"only (max_cutouts={max_cutouts}).</p>"
             )
         extra = {
-            i: f'<img class="cut" src="{rel}/{p.name}" alt="cutout {i + 1}">'
+            i: f'<img class="cut" src="{fig_dir.name}/{p.name}" alt="cutout {i + 1}">'
             for i, p in cutouts.items()
         }
         out.append(_html_table(agreement, extra, css="agree"))
-    out.append("<h2>Columns</h2><dl class='help'>")
-    out += [f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in _COLUMN_HELP.items()]
-    out.append("</dl></body></html>")
-    io.write_text(path, "\n".join(out) + "\n")
-    return path
+    return out
 
 
 def _safe(name: str) -> str:
