@@ -1176,9 +1176,11 @@ def _write_subtract_log(
         path = _residual_path(ctx, name)
         outcome = results.get(name)
         if isinstance(outcome, BaseException):
+            reason = _reason(outcome)  # the row names the frame: not its message again
+            reason = reason.removeprefix(f"{name}: ")
             lines.append(
                 f"  {name:<24} {chosen:<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  "
-                f"failed: {_reason(outcome)}"
+                f"failed: {reason}"
             )
             continue
         if not path.exists():

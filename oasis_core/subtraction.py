@@ -75,6 +75,7 @@ __all__ = [
     "subtract_frames",
     "subtract_pair",
     "subtract_settings",
+    "unnamed",
 ]
 
 log = logging.getLogger("oasis")
@@ -146,6 +147,15 @@ def _with_frame_choices(residual: Residual, science: Frame) -> Residual:
     if falls:
         meta[FALLBACK_KEY] = "; ".join(dict.fromkeys(falls))
     return attrs.evolve(residual, meta=meta)
+
+
+def unnamed(err: BaseException, name: str) -> str:
+    """``err``'s message without its leading ``"<name>: "`` (a unit's errors start with
+    its name): for a message that names the unit itself, so that it says it once."""
+    text = str(err)
+    while name and text.startswith(f"{name}: "):
+        text = text.removeprefix(f"{name}: ")
+    return text
 
 
 def _better(a: float, b: float) -> bool:
@@ -228,7 +238,8 @@ def run_subtraction(
             break
     if best is None:
         raise StageError(
-            f"{science.name}: every configuration failed; the first: {errors[0]}"
+            f"{science.name}: every configuration failed; the first: "
+            f"{unnamed(errors[0], science.name)}"
         ) from errors[0]
     residual, choice, opts = best
     from oasis_core.provenance import options_dict
@@ -448,7 +459,7 @@ def run_auto(
                 backend, science, template, options=options, workdir=workdir, settings=settings
             )
         except OasisError as err:
-            tried.append(f"{name} failed ({err})")
+            tried.append(f"{name} failed ({unnamed(err, science.name)})")
             log.debug("%s: auto: %s failed: %s", science.name, name, err)
             continue
         scatter = background_scatter(residual, template)
@@ -879,7 +890,7 @@ def _measure_psf(frame: Frame, registry: Any, config: Any, workdir: Path) -> Fra
     try:
         return backend.psf(frame, options=config.backend_options("psf"), workdir=workdir)  # type: ignore[no-any-return]
     except StageError as err:
-        log.warning("%s: no PSF measured (%s)", frame.path, err)
+        log.warning("%s: no PSF measured (%s)", frame.path, unnamed(err, frame.name))
         return frame
 
 
