@@ -144,4 +144,3 @@ def test_registering_an_installed_plugin_again_is_tolerated():
     record = registry.get("subtract", "ois")
     assert record.plugin == "dev-ois" and not registry.duplicates
     assert registry.names("subtract") == Registry().names("subtract")
-
