@@ -189,25 +189,27 @@ def get(
 
 
 @app.command()
-def plugins(as_json: JsonOpt = False) -> None:
-    """List every backend: stage, name, plugin distribution and version, status."""
+def plugins(
+    as_json: JsonOpt = False,
+    check: Annotated[
+        str | None,
+        typer.Option(
+            "--check",
+            metavar="NAME",
+            help="Run plugin NAME's backends on a simulated pair: Q and normalised noise.",
+        ),
+    ] = None,
+) -> None:
+    """List every backend: stage, name, plugin distribution and version, status, description."""
+    from oasis_apps.plugincheck import plugin_rows, run_check
     from oasis_core.engine.plugins import Registry
 
     set_output(as_json=as_json)
     registry = Registry()
-    columns = ("stage", "name", "plugin", "distribution", "version", "status")
-    rows = [
-        (rec.stage, rec.name, rec.plugin, rec.dist, rec.version, registry.status(rec))
-        for rec in registry.all_records()
-    ]
-    for name, rec in sorted(registry.simulators.items()):
-        rows.append(("simulator", name, rec.plugin, rec.dist, rec.version, "available"))
-    for broken in registry.pm.oasis_broken:  # type: ignore[attr-defined]
-        rows.append(
-            ("?", "?", broken.name, broken.dist, broken.version, f"failed to load: {broken.error}")
-        )
-    for error in registry.errors:
-        rows.append(("?", "?", "", "", "", error))
+    if check is not None:
+        run_check(check, registry, say=say, emit_json=emit_json if as_json else None)
+        return
+    columns, rows = plugin_rows(registry)
     if as_json:
         emit_json({"backends": [dict(zip(columns, row, strict=True)) for row in rows]})
         return

@@ -307,7 +307,8 @@ def _montage() -> Any:
         import MontagePy.main as montage
     except ImportError as err:
         raise BackendUnavailable(
-            f"mosaic: MontagePy cannot be imported ({err}); install it with `pip install MontagePy`"
+            f"mosaic: MontagePy is not installed ({err}); install the mosaic extra: "
+            "pip install 'oasis-dia[mosaic]'"
         ) from err
     return montage
 

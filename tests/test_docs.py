@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 #: Pages another change is writing; a link to one is allowed before it lands.
-PENDING = {DOCS / "plugins.md"}
+PENDING: set[Path] = set()  # pages linked before they are written
 
 
 def _pages() -> list[Path]:

@@ -39,7 +39,7 @@ def _have_montage() -> bool:
 
 needs_montage = pytest.mark.skipif(
     not _have_montage(),
-    reason="MontagePy not installed (pip install MontagePy)",
+    reason="MontagePy not installed (pip install 'oasis-dia[mosaic]')",
 )
 
 LEFT = (0, 160)  # columns of DEC-OBS04a
@@ -339,8 +339,23 @@ def test_bad_arguments_fail_before_montage_runs(pieces, tmp_path):
 
 def test_missing_montagepy_is_backend_unavailable(pieces, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "MontagePy.main", None)
-    with pytest.raises(BackendUnavailable, match="pip install MontagePy"):
+    with pytest.raises(BackendUnavailable, match=r"pip install 'oasis-dia\[mosaic\]'"):
         mosaic([pieces["left"]], tmp_path / "m.fits")
+
+
+def test_oasis_mosaic_without_montagepy_says_which_extra_in_one_line(
+    pieces, tmp_path, monkeypatch, capsys
+):
+    from oasis_apps.cli import main
+
+    monkeypatch.setitem(sys.modules, "MontagePy", None)
+    monkeypatch.setitem(sys.modules, "MontagePy.main", None)
+    code = main(["mosaic", str(pieces["left"]), "-O", str(tmp_path / "m.fits")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: mosaic: MontagePy is not installed")
+    assert "pip install 'oasis-dia[mosaic]'" in err
+    assert not (tmp_path / "m.fits").exists()
 
 
 def test_montage_failure_is_a_one_line_stage_error():

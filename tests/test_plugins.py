@@ -15,6 +15,9 @@ from oasis_core.contracts.hookspecs import hookimpl
 from oasis_core.engine.config import load_config
 from oasis_core.engine.plugins import Registry, make_plugin_manager
 
+#: Each built-in plugin is its own distribution (plugins/<dir>/pyproject.toml).
+BUILTIN_DISTS = {"native": "oasis-native", "ois": "oasis-ois"}
+
 BUILTIN_STAGES = {
     "mask": "native",
     "psf": "native",
@@ -32,7 +35,7 @@ def test_every_builtin_backend_is_found_through_entry_points(plugin_manager):
     assert plugin_manager.oasis_broken == []
     for stage, name in BUILTIN_STAGES.items():
         record = registry.get(stage, name)
-        assert record.dist == "oasis-dia"
+        assert record.dist == BUILTIN_DISTS[name]
         assert registry.status(record) == "available"
 
 
@@ -91,7 +94,7 @@ def test_unavailable_backend_says_what_is_missing(plugin_manager):
 def test_duplicate_name_names_both_providers(plugin_manager):
     plugin_manager.register(DupPlugin(), name="dupper")
     registry = Registry(plugin_manager)
-    with pytest.raises(OasisError, match=r"provided twice: by native \(oasis-dia\) and dupper"):
+    with pytest.raises(OasisError, match=r"provided twice: by native \(oasis-native\) and dupper"):
         registry.get("mr", "native")
 
 
@@ -136,11 +139,12 @@ def test_oasis_plugins_lists_all_builtin_backends():
         ), (stage, name)
     # each built-in row names its distribution, version and status (not just somewhere)
     rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in out.splitlines() if "│" in ln]
-    from oasis_core import __version__
+    from importlib.metadata import version
 
     for stage, name in BUILTIN_STAGES.items():
         [row] = [r for r in rows if r[:2] == [stage, name]]
-        assert row[3:] == ["oasis-dia", __version__, "available"], row
+        dist = BUILTIN_DISTS[name]
+        assert row[3:6] == [dist, version(dist), "available"], row
 
 
 # ----------------------------------------------------------- the third-party path

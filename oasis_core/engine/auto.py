@@ -30,6 +30,7 @@ from oasis_core.engine.subtraction import (
     CHOICE_PREFIX,
     better_q,
     run_subtraction,
+    unnamed,
 )
 
 __all__ = [
@@ -256,7 +257,7 @@ def run_auto(
                 backend, science, template, options=options, workdir=workdir, settings=settings
             )
         except OasisError as err:
-            tried.append(f"{name} failed ({err})")
+            tried.append(f"{name} failed ({unnamed(err, science.name)})")
             log.debug("%s: auto: %s failed: %s", science.name, name, err)
             continue
         scatter = background_scatter(residual, template)

@@ -21,7 +21,7 @@ import numpy as np
 from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Frame, Residual, Template
 from oasis_core.engine.auto import auto_cards, provenance_options, select_subtract
-from oasis_core.engine.subtraction import residual_cards, run_subtraction
+from oasis_core.engine.subtraction import residual_cards, run_subtraction, unnamed
 
 __all__ = ["PairPlan", "plan_pair", "subtract_frames", "subtract_pair"]
 
@@ -291,7 +291,7 @@ def _measure_psf(frame: Frame, registry: Any, config: Any, workdir: Path) -> Fra
     try:
         return backend.psf(frame, options=config.backend_options("psf"), workdir=workdir)  # type: ignore[no-any-return]
     except StageError as err:
-        log.warning("%s: no PSF measured (%s)", frame.path, err)
+        log.warning("%s: no PSF measured (%s)", frame.path, unnamed(err, frame.name))
         return frame
 
 

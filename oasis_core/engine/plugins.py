@@ -229,7 +229,7 @@ def make_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager
         ``pm.oasis_broken`` lists the :class:`BrokenPlugin` entries that failed to load and
         ``pm.oasis_dists`` maps each registered plugin name to ``(dist, version)``.
     """
-    pm = pluggy.PluginManager("oasis")
+    pm = _PluginManager("oasis")
     pm.add_hookspecs(hookspecs)
     for module in {s.hookspecs for s in stages()} - {hookspecs.__name__}:
         pm.add_hookspecs(importlib.import_module(module))  # a third-party stage's hook
@@ -241,6 +241,21 @@ def make_plugin_manager(*, autoload: bool | None = None) -> pluggy.PluginManager
     if autoload:
         _load_entry_points(pm)
     return pm
+
+
+class _PluginManager(pluggy.PluginManager):
+    """pluggy's manager, tolerant of a plugin registered explicitly that is also installed
+    (a test's or a notebook's ``pm.register(module, name=...)``): registering the object
+    an entry point already loaded returns its name, and an object registered under the
+    name of a plugin loaded from an entry point replaces that installed copy."""
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        if plugin in self.get_plugins():
+            return self.get_name(plugin)
+        installed = getattr(self, "oasis_dists", {})
+        if name is not None and name != CORE_PLUGIN and name in installed and self.has_plugin(name):
+            self.unregister(name=name)
+        return super().register(plugin, name)
 
 
 #: The name under which the core registers its own backends (the selector ``auto``).

@@ -366,9 +366,10 @@ def write_subtract_log(
         path = outputs.residual_path(ctx, name)
         outcome = results.get(name)
         if isinstance(outcome, BaseException):
+            reason = tasks.failure_reason(outcome)  # the row names the frame: not its message again
+            reason = reason.removeprefix(f"{name}: ")
             lines.append(
-                f"  {name:<24} {chosen:<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  "
-                f"failed: {tasks.failure_reason(outcome)}"
+                f"  {name:<24} {chosen:<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  failed: {reason}"
             )
             continue
         if not path.exists():

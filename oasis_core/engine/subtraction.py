@@ -54,6 +54,7 @@ __all__ = [
     "residual_cards",
     "run_subtraction",
     "subtract_settings",
+    "unnamed",
 ]
 
 log = logging.getLogger("oasis")
@@ -127,6 +128,15 @@ def _with_frame_choices(residual: Residual, science: Frame) -> Residual:
     if falls:
         meta[FALLBACK_KEY] = "; ".join(dict.fromkeys(falls))
     return attrs.evolve(residual, meta=meta)
+
+
+def unnamed(err: BaseException, name: str) -> str:
+    """``err``'s message without its leading ``"<name>: "`` (a unit's errors start with
+    its name): for a message that names the unit itself, so that it says it once."""
+    text = str(err)
+    while name and text.startswith(f"{name}: "):
+        text = text.removeprefix(f"{name}: ")
+    return text
 
 
 def better_q(a: float, b: float) -> bool:
@@ -211,7 +221,8 @@ def run_subtraction(
             break
     if best is None:
         raise StageError(
-            f"{science.name}: every configuration failed; the first: {errors[0]}"
+            f"{science.name}: every configuration failed; the first: "
+            f"{unnamed(errors[0], science.name)}"
         ) from errors[0]
     residual, choice, opts = best
     from oasis_core.engine.provenance import options_dict

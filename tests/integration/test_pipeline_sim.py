@@ -44,7 +44,10 @@ def test_outputs_exist_with_provenance(sim_target_done):
     assert len(residuals) >= 6
     header = fits.getheader(residuals[0])
     assert header["OASSTAGE"] == "subtract" and header["OASBACK"] == "ois"
-    assert header["OASPLUG"].startswith("oasis-dia==")
+    assert header["OASPLUG"].startswith("oasis-ois==")
+    # residual names as docs/plugins.md states them: F_residual, from F and "template"
+    assert f"{header['OASSCI']}_residual.fits" == residuals[0].name
+    assert header["OASTMPL"] == "template"
     assert header["OASIN0"].count(":") == 1 and len(header["OASOPTH"]) == 16
     with fits.open(residuals[0]) as hdul:
         assert {"NOISE", "WEIGHT"} <= {h.name for h in hdul}

@@ -1,0 +1,1 @@
+"""oasis-gaussmatch: an example OASIS subtract backend (the plugin template)."""
