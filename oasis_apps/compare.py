@@ -540,7 +540,7 @@ def compare(
     BackendUnavailable
         When no combination can run here.
     """
-    from oasis_apps.fakes import MAX_FAKES
+    from oasis_apps.fakes_inject import MAX_FAKES
     from oasis_core.contracts.validators import integer
     from oasis_core.engine import pipeline as pl
     from oasis_core.engine.config import dump_config
@@ -841,7 +841,13 @@ def _inject_shared(base: Any, n: int, seed: int) -> tuple[Path, Any]:
     from astropy.io import fits
     from astropy.table import Table, vstack
 
-    from oasis_apps.fakes import APERTURE_FWHM, _draw_fluxes, _positions, _weight, inject
+    from oasis_apps.fakes_inject import (
+        APERTURE_FWHM,
+        draw_fluxes,
+        fake_positions,
+        inject,
+        weight_map,
+    )
 
     names = outputs.aligned_frames(base)
     align_dir = base.target.stage_dir("align")
@@ -860,17 +866,17 @@ def _inject_shared(base: Any, n: int, seed: int) -> tuple[Path, Any]:
             (fake_dir / "aligned" / f"{n_}.fits").exists() for n_ in names
         ):
             return fake_dir, old
-    template_weight = _weight(template)
+    template_weight = weight_map(template)
     tables = []
     for i, name in enumerate(names):
         rng = np.random.default_rng([seed, i])
         frame = io.read_output_frame(align_dir / f"{name}.fits")
         fwhm = float(fits.getheader(outputs.psf_path(base, name)).get("FWHM", 3.0))
         weight = np.minimum(frame.weight, template_weight)
-        xs, ys = _positions(rng, weight, n, fwhm)
+        xs, ys = fake_positions(rng, weight, n, fwhm)
         sigma = _sky_sigma(frame.data, weight)
         f5 = 5.0 * sigma * np.sqrt(np.pi) * APERTURE_FWHM * fwhm
-        flux = _draw_fluxes(rng, len(xs), "flux", 0.5 * f5, 20.0 * f5, "log", 25.0)
+        flux = draw_fluxes(rng, len(xs), "flux", 0.5 * f5, 20.0 * f5, "log", 25.0)
         data = inject(frame.data, xs, ys, flux, fwhm, "moffat")
         # the aligned frame's provenance (what it was made from) plus the fakes: the
         # pipeline uses an aligned frame only when its recorded inputs are current
@@ -908,7 +914,7 @@ def _run_fakes(
     seed: int,
     path: Any,
 ) -> Any:
-    from oasis_apps.fakes import efficiency_limits
+    from oasis_apps.fakes_efficiency import efficiency_limits
     from oasis_core.engine.sources import match_catalogs
 
     fake_dir, truth = _inject_shared(base, n, seed)
