@@ -298,11 +298,7 @@ def sim_same_field(
         "mode": mode,
         "numIms": int(numIms),
         "bkg_mag": float(bkg_mag),
-        "fwhm": intervals["fwhm"],
-        "rotation": intervals["rotation"],
-        "shift": intervals["shift"],
-        "scale_mult": intervals["scale_mult"],
-        "scale_add": intervals["scale_add"],
+        **intervals,  # fwhm, rotation, shift, scale_mult, scale_add
         "zero_point": float(zero_point),
         "seed": int(seed),
     }
@@ -316,13 +312,9 @@ def sim_same_field(
         int(numIms),
         seed=seed,
         bkg_mag=float(bkg_mag),
-        fwhm=intervals["fwhm"],
-        rotation=intervals["rotation"],
-        shift=intervals["shift"],
-        scale_mult=intervals["scale_mult"],
-        scale_add=intervals["scale_add"],
         zero_point=float(zero_point),
         noise=float(catalog.meta["noise"]),
+        **intervals,
     )
     names = [f"{io.frame_name(source_path)}_sf{i:03d}" for i in range(len(draws))]
     if not current:
@@ -351,9 +343,6 @@ def sim_same_field(
     statuses, false = _false_detections(ctx, names)
     table = _frame_table(names, draws, statuses, false)
     table.meta.update({"mode": mode, "source": str(source_path), "n_sources": len(catalog)})
-    io.write_table(table, out_dir / "samefield.ecsv")
-    io.write_table(table, out_dir / "samefield.txt")
-    png = out_dir / "false_detections.png" if plot else None
     result = SameFieldResult(
         target=target.path,
         source=source_path,
@@ -362,17 +351,24 @@ def sim_same_field(
         table=table,
         false_per_frame=false,
         directory=out_dir,
-        plot=png,
+        plot=out_dir / "false_detections.png" if plot else None,
     )
-    if png is not None:
-        false_plot(result, png)
-    io.write_text(out_dir / "summary.txt", result.line() + "\n")
+    _write_result(result)
     reporter.result(result.line())
     return result
 
 
 #: OasisPy's spelling.
 sim_sameField = sim_same_field
+
+
+def _write_result(result: SameFieldResult) -> None:
+    """The frame table (ECSV and text), the plot when asked for, the summary line."""
+    io.write_table(result.table, result.directory / "samefield.ecsv")
+    io.write_table(result.table, result.directory / "samefield.txt")
+    if result.plot is not None:
+        false_plot(result, result.plot)
+    io.write_text(result.directory / "summary.txt", result.line() + "\n")
 
 
 def _check_arguments(
