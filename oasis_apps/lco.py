@@ -41,28 +41,24 @@ links are pre-signed).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
 import hashlib
 import http.client
-import ipaddress
-import json
 import logging
 import os
 import re
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from oasis_apps.lco_client import Client, Transient, safe_url
+from oasis_apps.lco_query import ARCHIVE_URL, RAW, REDUCED, LcoFrame, list_frames, query
 from oasis_core.contracts.errors import InputError, StageError
 from oasis_core.engine import io
 from oasis_core.engine.tree import Target
@@ -79,125 +75,12 @@ __all__ = [
 
 log = logging.getLogger("oasis")
 
-ARCHIVE_URL = "https://archive-api.lco.global/frames/"
-REDUCED = 91  # LCO reduction_level of BANZAI-reduced frames
-RAW = 0  # LCO reduction_level of raw frames
-
-MAX_PAGE = 1000  # the archive's largest page
 CHUNK = 1 << 16
-RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-COMPRESSED_SUFFIXES = (".fz", ".gz")
 MANIFEST_NAME = "data_manifest.ecsv"
 MANIFEST_COLUMNS = ("file", "original", "sha256", "copied")
-MAX_NAME_BYTES = 200  # longer archive file names are refused (a file system allows 255)
 
 
 # ---------------------------------------------------------------------------- records
-
-
-@attrs.frozen(kw_only=True)
-class LcoFrame:
-    """One frame as the archive's ``/frames/`` API describes it.
-
-    Parameters
-    ----------
-    id : int
-        The archive's frame id.
-    filename : str
-        File name as served (``...-e91.fits.fz``).
-    url : str
-        Download link (the real archive's are pre-signed and expire after 48 h).
-    record_url : str
-        The frame's API record, ``<api_url><id>/`` (what the manifest calls ``original``).
-    md5 : str or None
-        MD5 of the served bytes (``version_set[0].md5``).
-    filesize : int or None
-        Size of the served bytes, when the API gives it.
-    object, filter, date_obs, proposal : str
-        Header values (``OBJECT``, ``FILTER``, ``DATE_OBS``, ``PROPID``).
-    reduction : int or None
-        ``RLEVEL`` (91 = BANZAI reduced, 0 = raw).
-    """
-
-    id: int
-    filename: str
-    url: str
-    record_url: str
-    md5: str | None = None
-    filesize: int | None = None
-    object: str = ""
-    filter: str = ""
-    date_obs: str = ""
-    proposal: str = ""
-    reduction: int | None = None
-
-    @property
-    def fits_name(self) -> str:
-        """Name of the frame in ``data/``: always a plain ``.fits``."""
-        return io.frame_name(Path(self.filename)) + ".fits"
-
-    @property
-    def compressed(self) -> bool:
-        return self.filename.lower().endswith(COMPRESSED_SUFFIXES)
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any], *, api_url: str, page: str) -> LcoFrame:
-        """Build from one entry of a page's ``results``.
-
-        Raises
-        ------
-        InputError
-            When the entry has no usable file name or link (naming ``page``).
-        """
-
-        def pick(*keys: str) -> Any:
-            for key in keys:
-                if record.get(key) not in (None, ""):
-                    return record[key]
-            return None
-
-        versions = record.get("version_set") or []
-        latest = versions[0] if versions and isinstance(versions[0], Mapping) else {}
-        frame_id = record.get("id")
-        filename = pick("filename")
-        if filename is None and record.get("basename"):
-            filename = f"{record['basename']}{latest.get('extension') or '.fits.fz'}"
-        url = pick("url") or latest.get("url")
-        where = f"{_safe(page)}: frame {frame_id!r}"
-        if not isinstance(frame_id, int) or not filename or not url:
-            raise InputError(
-                f"{where}: no id, filename or url in the record (is api_url the archive's "
-                "/frames/ endpoint?)"
-            )
-        filename = str(filename)
-        if (
-            Path(filename).name != filename
-            or filename.startswith(".")
-            or "\\" in filename
-            or not filename.isprintable()  # NUL, newlines, other control characters
-            or len(filename.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES
-        ):
-            raise InputError(
-                f"{where}: unsafe file name {filename!r} (a path, '..', a hidden or too long "
-                "name, or a control character such as NUL); frame not downloaded"
-            )
-        if urllib.parse.urlsplit(str(url)).scheme not in ("http", "https"):
-            raise InputError(f"{where}: download link is not http(s): {_safe(str(url))}")
-        size = pick("filesize", "size")
-        rlevel = pick("RLEVEL", "reduction_level")
-        return cls(
-            id=frame_id,
-            filename=filename,
-            url=str(url),
-            record_url=urllib.parse.urljoin(api_url, f"{frame_id}/"),
-            md5=str(latest["md5"]).lower() if latest.get("md5") else None,
-            filesize=int(size) if size is not None else None,
-            object=str(pick("OBJECT", "target_name") or ""),
-            filter=str(pick("FILTER", "primary_optical_element") or ""),
-            date_obs=str(pick("DATE_OBS", "observation_date") or ""),
-            proposal=str(pick("PROPID", "proposal_id") or ""),
-            reduction=int(rlevel) if rlevel is not None else None,
-        )
 
 
 @attrs.frozen
@@ -208,376 +91,6 @@ class DownloadReport:
     downloaded: list[Path]
     present: list[Path]
     failed: list[tuple[str, str]]
-
-
-# ---------------------------------------------------------------------------- HTTP
-
-
-def _safe(url: str) -> str:
-    """``url`` without its query string (pre-signed links carry credentials there)."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:  # a malformed port: an origin nothing else has
-        port = -1
-    port = port or {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def _loopback(host: str) -> bool:
-    """True for this machine's loopback: ``localhost``, 127.0.0.0/8, ``::1``."""
-    if host.rstrip(".").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _encrypted(url: str) -> bool:
-    """True when a token may travel to ``url``: https, or plain http to the loopback."""
-    scheme, host, _ = _origin(url)
-    return scheme == "https" or (scheme == "http" and _loopback(host))
-
-
-class _KeepAuthOnOrigin(urllib.request.HTTPRedirectHandler):
-    """Follow redirects, dropping ``Authorization`` when the redirect leaves the origin (or
-    goes to plain http)."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and (_origin(newurl) != _origin(req.full_url) or not _encrypted(newurl)):
-            new.remove_header("Authorization")
-        return new
-
-
-class _Transient(Exception):
-    """A failure worth retrying (HTTP 5xx, connection refused or reset, timeout)."""
-
-
-def _detail(err: urllib.error.HTTPError) -> str:
-    """One-line reason from an HTTP error (the API's ``{"detail": ...}`` when there is one)."""
-    try:
-        body = err.read(2000)
-    except (OSError, http.client.HTTPException):
-        body = b""
-    finally:
-        err.close()
-    text = ""
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        parsed = json.loads(body)
-        if isinstance(parsed, Mapping) and parsed.get("detail"):
-            text = str(parsed["detail"])
-    reason = f"HTTP {err.code} {err.reason}".strip()
-    text = " ".join(text.split())[:200]
-    return f"{reason}: {text}" if text else reason
-
-
-@attrs.frozen(kw_only=True)
-class _Client:
-    api_url: str
-    token: str | None
-    retries: int
-    backoff: float
-    timeout: float
-    opener: Any = attrs.field(factory=lambda: urllib.request.build_opener(_KeepAuthOnOrigin))
-
-    def __attrs_post_init__(self) -> None:
-        if self.token and not _encrypted(self.api_url):
-            raise InputError(
-                f"LCO archive: api_url {_safe(self.api_url)} is not https and a token is "
-                "given: the token would travel unencrypted; use an https:// api_url (plain "
-                "http is allowed without a token, or to this machine's loopback)"
-            )
-
-    def headers(self, url: str) -> dict[str, str]:
-        """The request's headers: the token only to the archive's own (encrypted) origin."""
-        out = {"User-Agent": "oasis-dia (LCO frames client)"}
-        if self.token and _origin(url) == _origin(self.api_url) and _encrypted(url):
-            out["Authorization"] = f"Token {self.token}"
-        return out
-
-    def pause(self, attempt: int) -> None:
-        """Sleep before retry number ``attempt`` (1, 2, ...): backoff, 2 x backoff, ..."""
-        if attempt > 0 and self.backoff > 0:
-            time.sleep(self.backoff * 2 ** (attempt - 1))
-
-    def open(
-        self, url: str, *, extra: Mapping[str, str] | None = None, accept: tuple[int, ...] = ()
-    ) -> Any:
-        """One GET. Returns the response (or an HTTP error whose code is in ``accept``).
-
-        Raises
-        ------
-        _Transient
-            On errors worth retrying.
-        InputError
-            When the archive refuses the token (or asks for one).
-        StageError
-            On any other HTTP error (404...).
-        """
-        req = urllib.request.Request(url, headers={**self.headers(url), **(extra or {})})
-        try:
-            return self.opener.open(req, timeout=self.timeout)
-        except urllib.error.HTTPError as err:
-            if err.code in accept:
-                return err
-            if err.code in (401, 403):
-                final = err.geturl() or url  # after redirects
-                detail = _detail(err)
-                if _origin(final) == _origin(self.api_url):
-                    if self.token:
-                        raise InputError(
-                            f"LCO archive refused the token: {detail} ({_safe(final)}); "
-                            "check --token (your API token is on your LCO profile page)"
-                        ) from err
-                    raise InputError(
-                        f"LCO archive: {detail} ({_safe(final)}); proprietary data need "
-                        "an API token (--token)"
-                    ) from err
-                raise StageError(
-                    f"{_safe(final)}: {detail} (the download link may have expired; run again)"
-                ) from err
-            if err.code in RETRY_STATUS:
-                raise _Transient(_detail(err)) from err
-            raise StageError(f"{_safe(url)}: {_detail(err)}") from err
-        except urllib.error.URLError as err:
-            raise _Transient(f"cannot connect ({err.reason})") from err
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
-            raise _Transient(f"connection failed ({type(err).__name__}: {err})") from err
-
-    def get_json(self, url: str) -> Any:
-        """GET ``url`` as JSON, retrying transient failures."""
-        attempts = self.retries + 1
-        last = ""
-        for attempt in range(attempts):
-            self.pause(attempt)
-            try:
-                with self.open(url, extra={"Accept": "application/json"}) as resp:
-                    body = resp.read()
-            except _Transient as err:
-                last = str(err)
-                log.debug("%s: %s (attempt %d of %d)", _safe(url), last, attempt + 1, attempts)
-                continue
-            except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
-                last = f"connection failed ({type(err).__name__})"
-                continue
-            try:
-                return json.loads(body)
-            except ValueError as err:
-                raise StageError(
-                    f"{_safe(url)}: the answer is not JSON (is api_url the LCO archive's "
-                    "/frames/ endpoint?)"
-                ) from err
-        raise StageError(
-            f"LCO archive query {_safe(url)}: {last} after {attempts} attempts; try again later",
-            metadata={"attempts": attempts},
-        )
-
-
-# ---------------------------------------------------------------------------- query
-
-
-def _iso(value: str | None, name: str, *, end: bool = False) -> str | None:
-    """Check an ISO date/time; a bare end date means the end of that day."""
-    if value is None or value == "":
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError as err:
-        raise InputError(
-            f"LCO query: {name} {value!r} is not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)"
-        ) from err
-    if end and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value.strip()):
-        parsed = parsed.replace(hour=23, minute=59, second=59)
-    return parsed.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def _query_url(
-    api_url: str,
-    *,
-    object_name: str | None,
-    filter_name: str | None,
-    proposal: str | None,
-    start: str | None,
-    end: str | None,
-    reduction: int | None,
-    limit: int | None,
-) -> str:
-    if not (object_name or proposal):
-        raise InputError("LCO query: give an object (--object) or a proposal (--proposal)")
-    if limit is not None and limit < 1:
-        raise InputError(f"LCO query: limit must be at least 1 (got {limit})")
-    if reduction is not None and reduction < 0:
-        raise InputError(f"LCO query: reduction level must be >= 0 (got {reduction})")
-    start_iso, end_iso = _iso(start, "start"), _iso(end, "end", end=True)
-    if start_iso and end_iso and end_iso < start_iso:
-        raise InputError(f"LCO query: end {end!r} is before start {start!r}")
-    if urllib.parse.urlsplit(api_url).scheme not in ("http", "https"):
-        raise InputError(f"LCO query: api_url {api_url!r} is not an http(s) URL")
-    params = {
-        "target_name": object_name,
-        "primary_optical_element": filter_name,
-        "proposal_id": proposal,
-        "start": start_iso,
-        "end": end_iso,
-        "reduction_level": reduction,
-        "exclude_calibrations": "true",
-        "limit": min(limit or MAX_PAGE, MAX_PAGE),
-    }
-    query_string = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    return f"{api_url}?{query_string}"
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters (NUL, newlines) escaped: safe on one line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _entry_name(record: Mapping[str, Any]) -> str:
-    """What to call an archive entry that could not be read: its file name, else its id."""
-    name = record.get("filename") or record.get("basename")
-    if isinstance(name, str) and name:
-        return _printable(name)
-    return f"frame {_printable(repr(record.get('id')))}"
-
-
-def _query(
-    client: _Client, url: str, limit: int | None
-) -> tuple[list[LcoFrame], list[tuple[str, str]]]:
-    """The frames listed (up to ``limit``) and the entries refused: (name, one-line reason)."""
-    frames: list[LcoFrame] = []
-    refused: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    page_url: str | None = url
-    count = None
-    while page_url and (limit is None or len(frames) < limit):
-        if page_url in seen:
-            raise StageError(f"{_safe(page_url)}: the archive's pages loop back; query stopped")
-        if _origin(page_url) != _origin(client.api_url):
-            raise StageError(
-                f"{_safe(url)}: the next page points to another origin ({_safe(page_url)}: "
-                "another scheme, host or port than api_url); query stopped"
-            )
-        seen.add(page_url)
-        page = client.get_json(page_url)
-        if not isinstance(page, Mapping) or not isinstance(page.get("results"), list):
-            raise StageError(
-                f"{_safe(page_url)}: no 'results' list in the answer (is api_url the LCO "
-                "archive's /frames/ endpoint?)"
-            )
-        if count is None:
-            count = page.get("count")
-        for record in page["results"]:
-            if not isinstance(record, Mapping):
-                raise StageError(f"{_safe(page_url)}: a result is not a JSON object")
-            try:
-                frames.append(LcoFrame.from_record(record, api_url=client.api_url, page=page_url))
-            except InputError as err:  # this entry only: the others go on
-                refused.append((_entry_name(record), _printable(str(err))))
-        nxt = page.get("next")
-        page_url = urllib.parse.urljoin(page_url, str(nxt)) if nxt else None
-    if limit is not None:
-        frames = frames[:limit]
-    log.info("LCO archive: %s frame(s) match; %d listed", count, len(frames))
-    return frames, refused
-
-
-def _list(
-    *,
-    api_url: str,
-    token: str | None,
-    retries: int,
-    backoff: float,
-    timeout: float,
-    **criteria: Any,
-) -> tuple[list[LcoFrame], list[tuple[str, str]]]:
-    """:func:`query`'s work: the frames listed and the entries refused (name, reason)."""
-    url = _query_url(api_url, **criteria)
-    client = _Client(
-        api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout
-    )
-    frames, refused = _query(client, url, criteria["limit"])
-    if not frames and not refused:
-        raise InputError(f"LCO archive: no frames match {_safe(api_url)}?{url.split('?', 1)[1]}")
-    return frames, refused
-
-
-def query(
-    *,
-    object_name: str | None = None,
-    filter_name: str | None = None,
-    proposal: str | None = None,
-    start: str | None = None,
-    end: str | None = None,
-    reduction: int | None = REDUCED,
-    limit: int | None = None,
-    token: str | None = None,
-    api_url: str = ARCHIVE_URL,
-    retries: int = 3,
-    backoff: float = 1.0,
-    timeout: float = 60.0,
-) -> list[LcoFrame]:
-    """List the archive's frames matching the criteria (following ``next`` up to ``limit``).
-
-    Parameters
-    ----------
-    object_name : str, optional
-        Target name (the archive matches it case-insensitively, as a substring).
-    filter_name : str, optional
-        Filter (``primary_optical_element``), e.g. ``rp``, ``V``.
-    proposal : str, optional
-        Proposal id. At least one of ``object_name`` and ``proposal`` is required.
-    start, end : str, optional
-        ISO dates or date-times of observation; a bare ``end`` date includes that whole day.
-    reduction : int or None
-        ``reduction_level``: :data:`REDUCED` (91, BANZAI, the default), :data:`RAW` (0),
-        None for any.
-    limit : int, optional
-        Largest number of frames; all matches when None.
-    token : str, optional
-        LCO API token, for proprietary data.
-    api_url : str
-        The ``/frames/`` endpoint (tests point it at a local server).
-    retries, backoff, timeout : int, float, float
-        Retries of server errors, first back-off delay [s] (doubling), socket timeout [s].
-
-    Returns
-    -------
-    list of LcoFrame
-        The entries that cannot be brought in safely (see :meth:`LcoFrame.from_record`)
-        are left out, with one warning line each.
-
-    Raises
-    ------
-    InputError
-        Invalid criteria, no frame matching, a refused token, or a token with a plain
-        http ``api_url`` (loopback excepted).
-    StageError
-        The archive keeps failing or answers something that is not a frame list.
-    """
-    frames, refused = _list(
-        api_url=api_url,
-        token=token,
-        retries=retries,
-        backoff=backoff,
-        timeout=timeout,
-        object_name=object_name,
-        filter_name=filter_name,
-        proposal=proposal,
-        start=start,
-        end=end,
-        reduction=reduction,
-        limit=limit,
-    )
-    for _name, why in refused:
-        log.warning("%s", why)
-    return frames
 
 
 # ---------------------------------------------------------------------------- progress
@@ -684,7 +197,7 @@ def _copy_body(resp: Any, fh: Any, bar: Any) -> None:
         bar.advance(len(block))
 
 
-def _fetch(client: _Client, frame: LcoFrame, part: Path, bar: Any) -> None:
+def _fetch(client: Client, frame: LcoFrame, part: Path, bar: Any) -> None:
     """Bring ``part`` up to the frame's full size, resuming what is there.
 
     Raises
@@ -693,7 +206,7 @@ def _fetch(client: _Client, frame: LcoFrame, part: Path, bar: Any) -> None:
         After ``client.retries`` retries, or when the server has fewer bytes than the API says.
     """
     attempts = client.retries + 1
-    where = f"{frame.filename} ({_safe(frame.url)})"
+    where = f"{frame.filename} ({safe_url(frame.url)})"
     last = ""
     for attempt in range(attempts):
         client.pause(attempt)
@@ -706,7 +219,7 @@ def _fetch(client: _Client, frame: LcoFrame, part: Path, bar: Any) -> None:
         extra = {"Range": f"bytes={have}-"} if have else {}
         try:
             resp = client.open(frame.url, extra=extra, accept=(416,))
-        except _Transient as err:
+        except Transient as err:
             last = str(err)
             log.debug("%s: %s (attempt %d of %d)", where, last, attempt + 1, attempts)
             continue
@@ -762,7 +275,7 @@ def _md5(path: Path) -> str:
 def _verify(frame: LcoFrame, part: Path) -> None:
     """Check size, MD5 and that the bytes are a frame the pipeline can read (the core's
     reader, data included: not truncated, some finite pixel); remove ``part`` when not."""
-    where = f"{frame.filename} ({_safe(frame.url)})"
+    where = f"{frame.filename} ({safe_url(frame.url)})"
     size = part.stat().st_size
     if frame.filesize is not None and size != frame.filesize:
         part.unlink()
@@ -885,12 +398,10 @@ def download(
     StageError
         The archive's frame list cannot be read.
     """
-    client = _Client(
-        api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout
-    )
+    client = Client(api_url=api_url, token=token, retries=retries, backoff=backoff, timeout=timeout)
     refused: list[tuple[str, str]] = []
     if frames is None:
-        frames, refused = _list(
+        frames, refused = list_frames(
             api_url=api_url,
             token=token,
             retries=retries,
@@ -934,24 +445,34 @@ def download(
                     f"(not in {MANIFEST_NAME} or changed since); remove it to download again",
                 )
                 continue
-            part = partial_dir / f"{frame.filename}.part"
-            try:
-                _fetch(client, frame, part, bar)
-                _verify(frame, part)
-                try:
-                    _install(frame, part, dest)
-                except (OSError, ValueError, TypeError) as err:
-                    raise _FrameFailed(
-                        f"{frame.filename}: cannot write {dest} ({type(err).__name__}: {err})"
-                    ) from err
-            except _FrameFailed as err:
-                bar.finish(False)
-                fail(frame, str(err))
+            why = _download_frame(client, frame, partial_dir / f"{frame.filename}.part", dest, bar)
+            if why is not None:
+                fail(frame, why)
                 continue
-            bar.finish(True)
             manifest.add_row(
                 (dest.name, frame.record_url, io.sha256(dest), time.strftime("%Y-%m-%dT%H:%M:%S"))
             )
             io.write_table(manifest, manifest_path)
             downloaded.append(dest)
     return DownloadReport(downloaded, present, failed)
+
+
+def _download_frame(
+    client: Client, frame: LcoFrame, part: Path, dest: Path, bar: Any
+) -> str | None:
+    """Fetch ``frame`` into ``part``, check it and install it as ``dest``; why it failed
+    (None when it is in place)."""
+    try:
+        _fetch(client, frame, part, bar)
+        _verify(frame, part)
+        try:
+            _install(frame, part, dest)
+        except (OSError, ValueError, TypeError) as err:
+            raise _FrameFailed(
+                f"{frame.filename}: cannot write {dest} ({type(err).__name__}: {err})"
+            ) from err
+    except _FrameFailed as err:
+        bar.finish(False)
+        return str(err)
+    bar.finish(True)
+    return None

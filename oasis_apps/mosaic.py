@@ -30,23 +30,31 @@ it.
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import logging
 import os
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 import numpy as np
 
-from oasis_core.contracts.errors import BackendUnavailable, InputError, StageError
+from oasis_apps.mosaic_inputs import KINDS, resolve_inputs
+from oasis_apps.mosaic_montage import (
+    COMBINE_MODES,
+    Staged,
+    import_montage,
+    montage_header,
+    montage_version,
+    run_montage,
+    stage_input,
+    unique_names,
+    workspace,
+)
+from oasis_core.contracts.errors import InputError
 from oasis_core.engine import io
-from oasis_core.engine.tree import Target, find_target
+from oasis_core.engine.tree import Target
 
 __all__ = [
     "COMBINE_MODES",
@@ -62,12 +70,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("oasis")
-
-KINDS = ("frames", "residuals")
-#: ``combine`` name -> Montage mAdd ``coadd`` code.
-COMBINE_MODES = {"mean": 0, "median": 1}
-
-_GLOB_CHARS = set("*?[")
 
 
 @attrs.frozen(kw_only=True)
@@ -125,308 +127,6 @@ class MosaicResult:
             f"{self.output}: {self.n_inputs} {self.kind}, {self.shape[1]}x{self.shape[0]} px, "
             f"{matched}; {self.wcs}; preview {self.preview}"
         )
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _fits_in(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and io.is_fits_name(p))
-
-
-def _looks_like_target(directory: Path) -> bool:
-    return any((directory / sub).is_dir() for sub in ("data", "aligned", "residuals"))
-
-
-def _target_inputs(target: Target, kind: str) -> list[Path]:
-    if kind == "residuals":
-        where = target.stage_dir("subtract")
-        found = sorted(where.glob("*_residual.fits")) if where.is_dir() else []
-        if not found:
-            raise InputError(
-                f"{where}: no *_residual.fits to mosaic; run `oasis subtract {target.path}` first"
-            )
-        return found
-    for where in (target.stage_dir("align"), target.data):
-        if where.is_dir() and (found := _fits_in(where)):
-            return found
-    raise InputError(
-        f"{target.path}: no frames in aligned/ or data/ to mosaic; copy some in with "
-        "`oasis get --unpack`"
-    )
-
-
-def _expand(spec: str | os.PathLike[str]) -> list[Path]:
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = _fits_in(path)
-        if not found:
-            raise InputError(f"{path}: no FITS files in this directory")
-        return found
-    if _GLOB_CHARS & set(str(spec)):
-        found = sorted(Path(p) for p in glob.glob(os.fspath(spec)) if Path(p).is_file())
-        if not found:
-            raise InputError(f"{spec}: no file matches this pattern")
-        return found
-    raise InputError(f"{path}: no such file")
-
-
-def resolve_inputs(
-    inputs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] | Target,
-    *,
-    kind: str = "frames",
-) -> list[Path]:
-    """The files to mosaic.
-
-    Parameters
-    ----------
-    inputs : sequence of paths, or a target
-        Files, directories (their FITS files) or glob patterns; or one target (a
-        :class:`~oasis_core.engine.tree.Target`, its directory, or its name under
-        ``./OASIS/targets``). From a target, ``kind="frames"`` takes ``aligned/`` (or
-        ``data/`` before alignment) and ``kind="residuals"`` takes
-        ``residuals/*_residual.fits``.
-    kind : {"frames", "residuals"}
-        What to take from a target.
-
-    Returns
-    -------
-    list of Path
-        Without duplicates, in the order given (sorted within a directory or pattern).
-
-    Raises
-    ------
-    InputError
-        When ``kind`` is unknown, a file is missing, or nothing is found.
-    """
-    if kind not in KINDS:
-        raise InputError(f"mosaic: kind {kind!r} is not one of {', '.join(KINDS)}")
-    if isinstance(inputs, Target):
-        return _target_inputs(inputs, kind)
-    if isinstance(inputs, (str, os.PathLike)):
-        path = Path(inputs)
-        if path.is_dir() and _looks_like_target(path):
-            return _target_inputs(Target(path), kind)
-        if path.exists() or _GLOB_CHARS & set(str(inputs)):
-            return _expand(inputs)
-        return _target_inputs(find_target(str(inputs)), kind)
-    specs = list(inputs)
-    if len(specs) == 1:
-        return resolve_inputs(specs[0], kind=kind)
-    paths: list[Path] = []
-    for spec in specs:
-        paths.extend(_expand(spec))
-    unique = list(dict.fromkeys(p.resolve() for p in paths))
-    if not unique:
-        raise InputError("mosaic: no input files given")
-    return unique
-
-
-# --------------------------------------------------------------------------- staging
-
-
-def montage_header(wcs: Any, shape: tuple[int, int]) -> Any:
-    """FITS header of ``wcs`` for Montage: celestial axes only, CD matrix, no PC/CDELT.
-
-    Parameters
-    ----------
-    wcs : astropy.wcs.WCS
-        A celestial WCS (distortions such as TPV or SIP are kept).
-    shape : tuple of int
-        ``(ny, nx)`` of the image.
-
-    Returns
-    -------
-    astropy.io.fits.Header
-    """
-    from astropy.io import fits
-    from astropy.wcs import FITSFixedWarning
-
-    cel = wcs.celestial
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        header = cel.to_header(relax=True)
-    cd = cel.wcs.cd if cel.wcs.has_cd() else cel.pixel_scale_matrix
-    for key in ("PC1_1", "PC1_2", "PC2_1", "PC2_2", "CDELT1", "CDELT2", "CROTA1", "CROTA2"):
-        header.remove(key, ignore_missing=True)
-    for i in range(2):
-        for j in range(2):
-            header[f"CD{i + 1}_{j + 1}"] = float(cd[i, j])
-    out = fits.Header()
-    out["NAXIS"] = 2
-    out["NAXIS1"] = int(shape[1])
-    out["NAXIS2"] = int(shape[0])
-    out.extend(header, update=True)
-    return out
-
-
-@attrs.frozen
-class _Staged:
-    source: Path
-    name: str
-    staged: Path
-    scale: float  # deg / pixel
-    bunit: str
-    filter: str
-
-
-def _stage(path: Path, index: int, directory: Path) -> _Staged:
-    from astropy.io import fits
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    frame = io.read_frame(path, warn=False)
-    wcs = frame.wcs
-    if wcs is None:
-        raise InputError(
-            f"{path}: no celestial WCS in the header (CTYPE1/2, CRVAL, CD or CDELT); "
-            "a mosaic needs every input placed on the sky: solve its astrometry first "
-            "(e.g. astrometry.net)"
-        )
-    data = np.where(frame.weight > 0, frame.data, np.nan).astype(np.float32)
-    header = montage_header(wcs, data.shape)
-    staged = directory / f"in{index:03d}.fits"
-    fits.PrimaryHDU(data, header).writeto(staged, overwrite=True)
-    scale = float(np.mean(np.abs(proj_plane_pixel_scales(wcs.celestial))))
-    return _Staged(
-        source=path,
-        name=frame.name,
-        staged=staged,
-        scale=scale,
-        bunit=str(frame.header.get("BUNIT", "")).strip(),
-        filter=str(frame.header.get("FILTER", "")).strip(),
-    )
-
-
-# --------------------------------------------------------------------------- Montage
-
-
-def _montage() -> Any:
-    try:
-        import MontagePy.main as montage
-    except ImportError as err:
-        raise BackendUnavailable(
-            f"mosaic: MontagePy is not installed ({err}); install the mosaic extra: "
-            "pip install 'oasis-dia[mosaic]'"
-        ) from err
-    return montage
-
-
-def _montage_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"MontagePy=={version('MontagePy')}"
-    except PackageNotFoundError:
-        return "MontagePy"
-
-
-def _check(result: Mapping[str, Any], step: str) -> Mapping[str, Any]:
-    """Raise a one-line StageError when a Montage call reports an error."""
-    if str(result.get("status", "1")) != "0":
-        msg = result.get("msg", b"")
-        if isinstance(msg, bytes):
-            msg = msg.decode(errors="replace")
-        raise StageError(f"mosaic: MontagePy {step} failed: {str(msg).strip() or 'no message'}")
-    return result
-
-
-def _read_table(path: Path) -> list[dict[str, str]]:
-    """Rows of a Montage table (IPAC format; values may hold spaces) as dicts of strings."""
-    from astropy.table import Table
-
-    table = Table.read(path, format="ascii.ipac")
-    return [{name: str(row[name]).strip() for name in table.colnames} for row in table]
-
-
-def _run_montage(
-    montage: Any,
-    staged: list[_Staged],
-    work: Path,
-    *,
-    background_match: bool,
-    combine: str,
-) -> tuple[Path, Path, dict[str, float], int]:
-    """Montage's steps in ``work``; return the mosaic, its area image, the background
-    corrections per input name and the number of overlapping pairs."""
-    raw, proj, diff, corr = (work / d for d in ("raw", "proj", "diff", "corr"))
-    for d in (proj, diff, corr):
-        d.mkdir(exist_ok=True)
-    raw_tbl, proj_tbl, hdr = work / "raw.tbl", work / "proj.tbl", work / "mosaic.hdr"
-    found = _check(montage.mImgtbl(str(raw), str(raw_tbl)), "mImgtbl")
-    if int(found.get("count", 0)) != len(staged):
-        raise StageError(
-            f"mosaic: MontagePy mImgtbl accepted {found.get('count')} of {len(staged)} inputs "
-            f"({found.get('badwcs', 0)} with a WCS it cannot use)"
-        )
-    scale = min(s.scale for s in staged)
-    _check(montage.mMakeHdr(str(raw_tbl), str(hdr), pixelScale=scale), "mMakeHdr")
-    _check(montage.mProjExec(str(raw), str(raw_tbl), str(hdr), projdir=str(proj)), "mProjExec")
-    for s in staged:
-        if not (proj / f"hdu0_{s.staged.name}").exists():
-            raise StageError(f"{s.source}: MontagePy mProjExec could not reproject this input")
-    _check(montage.mImgtbl(str(proj), str(proj_tbl)), "mImgtbl (projected)")
-
-    corrections: dict[str, float] = {}
-    overlaps = 0
-    add_dir, add_tbl = proj, proj_tbl
-    if background_match and len(staged) > 1:
-        diffs_tbl, fits_tbl, corr_tbl = work / "diffs.tbl", work / "fits.tbl", work / "corr.tbl"
-        overlaps = int(
-            _check(montage.mOverlaps(str(proj_tbl), str(diffs_tbl)), "mOverlaps")["count"]
-        )
-        if overlaps == 0:
-            log.warning("mosaic: no two inputs overlap; backgrounds left as they are")
-        else:
-            fitted = _check(
-                montage.mDiffFitExec(str(proj), str(diffs_tbl), str(hdr), str(diff), str(fits_tbl)),
-                "mDiffFitExec",
-            )
-            if int(fitted.get("fit_failed", 0)) or int(fitted.get("diff_failed", 0)):
-                log.warning(
-                    "mosaic: MontagePy mDiffFitExec could not fit %s of %s overlaps",
-                    int(fitted.get("fit_failed", 0)) + int(fitted.get("diff_failed", 0)),
-                    overlaps,
-                )
-            _check(montage.mBgModel(str(proj_tbl), str(fits_tbl), str(corr_tbl)), "mBgModel")
-            _check(montage.mBgExec(str(proj), str(proj_tbl), str(corr_tbl), str(corr)), "mBgExec")
-            # the tables name files by absolute path when given absolute directories
-            by_file = {r["cntr"]: Path(r["fname"]).name for r in _read_table(proj_tbl)}
-            by_staged = {
-                f"hdu0_{s.staged.name}": name
-                for s, name in zip(staged, _unique_names(staged), strict=True)
-            }
-            for row in _read_table(corr_tbl):
-                name = by_staged.get(by_file.get(row["id"], ""))
-                if name is not None:
-                    corrections[name] = float(row["c"])
-            add_dir, add_tbl = corr, work / "corr_images.tbl"
-            _check(montage.mImgtbl(str(corr), str(add_tbl)), "mImgtbl (corrected)")
-    out = work / "mosaic.fits"
-    _check(
-        montage.mAdd(
-            str(add_dir),
-            str(add_tbl),
-            str(hdr),
-            str(out),
-            haveAreas=True,
-            coadd=COMBINE_MODES[combine],
-        ),
-        "mAdd",
-    )
-    return out, work / "mosaic_area.fits", corrections, overlaps
-
-
-@contextlib.contextmanager
-def _workspace(workdir: Path | None) -> Iterator[Path]:
-    """A fresh directory for one run: inside ``workdir`` (kept) or a temporary one."""
-    if workdir is not None:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        yield Path(tempfile.mkdtemp(prefix="mosaic-", dir=workdir))
-        return
-    with tempfile.TemporaryDirectory(prefix="oasis-mosaic-") as tmp:
-        yield Path(tmp)
 
 
 # --------------------------------------------------------------------------- output
@@ -497,16 +197,9 @@ def _common(values: Sequence[str]) -> str:
     return values[0] if values and all(v == values[0] for v in values) else ""
 
 
-def _unique_names(staged: Sequence[_Staged]) -> list[str]:
-    names = [s.name for s in staged]
-    if len(set(names)) == len(names):
-        return names
-    return [f"{i}_{n}" for i, n in enumerate(names)]
-
-
 def _output_header(
     mosaic_header: Any,
-    staged: Sequence[_Staged],
+    staged: Sequence[Staged],
     names: Sequence[str],
     *,
     kind: str,
@@ -535,7 +228,7 @@ def _output_header(
     prov = Provenance(
         stage="mosaic",
         backend="montage",
-        plugin=_montage_version(),
+        plugin=montage_version(),
         inputs={n: s.source for n, s in zip(names, staged, strict=True)},
         options={
             "kind": kind,
@@ -609,12 +302,12 @@ def mosaic(
         inputs=paths, outputs={"output": output, "PNG preview": default_preview(output)}
     )
     start = time.perf_counter()
-    with _workspace(Path(workdir) if workdir is not None else None) as work:
+    with workspace(Path(workdir) if workdir is not None else None) as work:
         (work / "raw").mkdir()
-        staged = [_stage(p, i, work / "raw") for i, p in enumerate(paths)]
-        montage = _montage()
+        staged = [stage_input(p, i, work / "raw") for i, p in enumerate(paths)]
+        montage = import_montage()
         matched = background_match and len(staged) > 1
-        image, area_path, corrections, overlaps = _run_montage(
+        image, area_path, corrections, overlaps = run_montage(
             montage, staged, work, background_match=matched, combine=combine
         )
         matched = matched and overlaps > 0
@@ -623,7 +316,7 @@ def mosaic(
             montage_hdr = hdul[0].header.copy()
         with fits.open(area_path, memmap=False) as hdul:
             area = np.nan_to_num(np.array(hdul[0].data, dtype=np.float64), nan=0.0)
-    names = _unique_names(staged)
+    names = unique_names(staged)
     scale = min(s.scale for s in staged)
     header = _output_header(
         montage_hdr,
@@ -635,16 +328,7 @@ def mosaic(
         corrections=corrections,
         scale=scale,
     )
-    covered = np.isfinite(data) & (area > 0)
-    weight = np.where(covered, area / area[covered].max() if covered.any() else 0.0, 0.0)
-    whdr = fits.Header()
-    whdr["EXTNAME"] = "WEIGHT"
-    whdr["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
-    hdul = fits.HDUList(
-        [fits.PrimaryHDU(data, header), fits.ImageHDU(weight.astype(np.float32), whdr)]
-    )
-    with io.atomic_write(output) as tmp:
-        hdul.writeto(tmp, overwrite=True)
+    _write_mosaic(output, data, header, area)
     preview = default_preview(output)
     summary, center, pixel_scale = _wcs_summary(header, data.shape)
     write_preview(data, preview, title=f"{output.name}: {len(staged)} {kind}")
@@ -666,9 +350,26 @@ def mosaic(
             "seconds": round(seconds, 3),
             "overlaps": overlaps,
             "combine": combine,
-            "montage": _montage_version(),
+            "montage": montage_version(),
         },
     )
+
+
+def _write_mosaic(output: Path, data: np.ndarray, header: Any, area: np.ndarray) -> None:
+    """Write the mosaic with a ``WEIGHT`` extension: each pixel's input area relative to
+    the largest (0 where nothing covers it)."""
+    from astropy.io import fits
+
+    covered = np.isfinite(data) & (area > 0)
+    weight = np.where(covered, area / area[covered].max() if covered.any() else 0.0, 0.0)
+    whdr = fits.Header()
+    whdr["EXTNAME"] = "WEIGHT"
+    whdr["WEIGHT"] = ("Y", "this HDU is a weight map (0 = bad pixel)")
+    hdul = fits.HDUList(
+        [fits.PrimaryHDU(data, header), fits.ImageHDU(weight.astype(np.float32), whdr)]
+    )
+    with io.atomic_write(output) as tmp:
+        hdul.writeto(tmp, overwrite=True)
 
 
 # --------------------------------------------------------------------------- prompts

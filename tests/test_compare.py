@@ -365,7 +365,8 @@ def test_auto_subtract_lists_unavailable_backends(sim_target_done):
 
 
 def test_combinations_skip_unavailable_and_reject_unknown(sim_target_done):
-    from oasis_apps.compare import _combinations, compare, parse_choices
+    from oasis_apps.compare import compare, parse_choices
+    from oasis_apps.compare_choices import combinations
     from oasis_core.contracts.errors import BackendUnavailable, InputError, UnknownBackend
     from oasis_core.engine import pipeline as pl
 
@@ -373,13 +374,13 @@ def test_combinations_skip_unavailable_and_reject_unknown(sim_target_done):
     assert parse_choices(["zogy", "ois"]) == ["zogy", "ois"]
     opts = {"subtract.hotpants.binary": "no-such-hotpants"}
     ctx = pl.make_context(sim_target_done.path, options=opts)
-    combos = _combinations(ctx, {"subtract": ["ois", "hotpants"], "extract": ["native"]})
+    combos = combinations(ctx, {"subtract": ["ois", "hotpants"], "extract": ["native"]})
     assert [c.name for c in combos] == ["ois+native", "hotpants+native"]
     assert combos[0].skipped == ""
     assert "no-such-hotpants" in combos[1].skipped
     assert combos[1].backends == {"subtract": "hotpants", "extract": "native"}
     with pytest.raises(UnknownBackend, match="'hotpant' is not installed; installed: "):
-        _combinations(ctx, {"subtract": ["hotpant"]})
+        combinations(ctx, {"subtract": ["hotpant"]})
     with pytest.raises(InputError, match="give the backends to compare"):
         compare(sim_target_done.path)
     with pytest.raises(BackendUnavailable, match="no combination can run here"):

@@ -11,7 +11,7 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from oasis_apps import lco
+from oasis_apps import lco, lco_client
 from oasis_core.contracts.errors import InputError, StageError
 from oasis_core.engine import io
 from oasis_core.engine.tree import Target, init_root
@@ -403,7 +403,7 @@ def test_token_over_plain_http_is_refused_before_any_request(api_url, target, mo
     def no_network(*args, **kwargs):
         raise AssertionError("a request was made")
 
-    monkeypatch.setattr(lco.urllib.request.OpenerDirector, "open", no_network)
+    monkeypatch.setattr(lco_client.urllib.request.OpenerDirector, "open", no_network)
     message = r"^LCO archive: api_url .* is not https and a token is given: the token would"
     with pytest.raises(InputError, match=message) as err:
         lco.query(object_name="M51", api_url=api_url, token="s3cret", backoff=0)
@@ -418,11 +418,11 @@ def test_token_over_plain_http_is_refused_before_any_request(api_url, target, mo
 
 def test_plain_http_is_allowed_without_a_token_or_on_the_loopback(archive, target):
     # public data over http: nothing secret to protect
-    lco._Client(
+    lco_client.Client(
         api_url="http://archive.example.org/frames/", token=None, retries=0, backoff=0, timeout=1
     )
     for host in ("127.0.0.1", "127.8.9.10", "[::1]", "localhost", "LOCALHOST"):
-        lco._Client(
+        lco_client.Client(
             api_url=f"http://{host}:8000/frames/", token="t", retries=0, backoff=0, timeout=1
         )
     archive.token = "tok"  # the local test server (http on 127.0.0.1) takes the token
@@ -432,7 +432,7 @@ def test_plain_http_is_allowed_without_a_token_or_on_the_loopback(archive, targe
 
 
 def test_the_token_goes_only_to_the_archive_origin_over_https():
-    client = lco._Client(
+    client = lco_client.Client(
         api_url="https://archive-api.lco.global/frames/",
         token="tok",
         retries=0,
@@ -468,7 +468,7 @@ def test_a_redirect_keeps_the_token_only_on_the_encrypted_origin(to, kept):
         "https://archive-api.lco.global/frames/1/",
         headers={"Authorization": "Token tok", "User-Agent": "x"},
     )
-    new = lco._KeepAuthOnOrigin().redirect_request(
+    new = lco_client.KeepAuthOnOrigin().redirect_request(
         req, None, 302, "Found", email.message.Message(), to
     )
     assert new is not None and new.full_url == to
@@ -562,7 +562,7 @@ def test_oasis_get_dl_with_a_nul_byte_name_one_line_per_frame(archive, tmp_path,
 
 def test_retries_back_off_exponentially(archive, monkeypatch):
     delays = []
-    monkeypatch.setattr(lco.time, "sleep", delays.append)
+    monkeypatch.setattr(lco_client.time, "sleep", delays.append)
     archive.add("a-e91.fits.fz", fits_bytes(compressed=True))
     archive.api_fail_first = 3
     lco.query(object_name="M51", api_url=archive.api_url, retries=3, backoff=0.5)

@@ -359,11 +359,11 @@ def test_oasis_mosaic_without_montagepy_says_which_extra_in_one_line(
 
 
 def test_montage_failure_is_a_one_line_stage_error():
-    from oasis_apps.mosaic import _check
+    from oasis_apps.mosaic_montage import check_result
 
     with pytest.raises(StageError, match=r"^mosaic: MontagePy mAdd failed: Bad template\.$"):
-        _check({"status": "1", "msg": b"Bad template.\n"}, "mAdd")
-    assert _check({"status": "0", "count": 2}, "mImgtbl")["count"] == 2
+        check_result({"status": "1", "msg": b"Bad template.\n"}, "mAdd")
+    assert check_result({"status": "0", "count": 2}, "mImgtbl")["count"] == 2
 
 
 def test_montage_header_uses_a_cd_matrix(shared_data):

@@ -149,11 +149,11 @@ def oasis_log(caplog):
 
 
 def fake_module(monkeypatch, name: str, **functions) -> types.ModuleType:
-    """Install a stand-in for ``oasis_core.<name>`` (slow or not yet written)."""
-    module = types.ModuleType(f"oasis_core.{name}")
+    """Install a stand-in for ``oasis_apps.<name>`` (slow or not yet written)."""
+    module = types.ModuleType(f"oasis_apps.{name}")
     for key, fn in functions.items():
         setattr(module, key, fn)
-    monkeypatch.setitem(sys.modules, f"oasis_core.{name}", module)
+    monkeypatch.setitem(sys.modules, f"oasis_apps.{name}", module)
     return module
 
 

@@ -7,8 +7,6 @@ import pytest
 from astropy.table import Table
 
 from oasis_apps.fakes import (
-    _next_range,
-    _pass_sizes,
     efficiency_bins,
     efficiency_figure,
     efficiency_limits,
@@ -16,6 +14,7 @@ from oasis_apps.fakes import (
     render_stamps,
     sim_fakes,
 )
+from oasis_apps.fakes_efficiency import next_range, pass_sizes
 from oasis_core.contracts.errors import InputError, StageError
 
 
@@ -111,22 +110,22 @@ def test_the_next_pass_goes_where_the_curve_rises():
     rng = np.random.default_rng(4)
     flux = 10 ** rng.uniform(3, 4, 80)  # 1000..10000 ADU
     # all found: look fainter, below the fakes and the 5-sigma flux
-    lo, hi = _next_range(flux, np.ones(80, bool), 400.0)
+    lo, hi = next_range(flux, np.ones(80, bool), 400.0)
     assert lo == pytest.approx(400 / 3 / 1.25) and hi < 2000
     # none found: look brighter, up to 3x the brightest fakes
-    lo, hi = _next_range(flux, np.zeros(80, bool), 400.0)
+    lo, hi = next_range(flux, np.zeros(80, bool), 400.0)
     assert lo > 5000 and hi == pytest.approx(3 * 1.25 * flux.max(), rel=0.1)
     # found from 3000 ADU on: from the last bin under 50 % to the first at 90 %
-    lo, hi = _next_range(flux, flux > 3000, 400.0)
+    lo, hi = next_range(flux, flux > 3000, 400.0)
     assert 1500 < lo < 3000 < hi < 6000
 
 
 def test_passes_keep_the_number_of_iterations():
     for n in range(1, 60):
-        sizes = _pass_sizes(n, True)
+        sizes = pass_sizes(n, True)
         assert sum(sizes) == n and sizes[0] >= n / 2 and all(s > 0 for s in sizes)
         assert len(sizes) == (1 if n == 1 else 2 if n < 4 else 3)
-    assert _pass_sizes(7, False) == [7]
+    assert pass_sizes(7, False) == [7]
 
 
 def _visible_tick_labels(fig, axis, which):

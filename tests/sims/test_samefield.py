@@ -56,11 +56,12 @@ def _frame_header(draw, shape, gain=2.0, saturation=6e4):
     """The header the simulation writes for a frame of ``draw`` (default real-frame WCS)."""
     from pathlib import Path
 
-    from oasis_apps.samefield import _header, _linear_wcs, _wcs_cards
+    from oasis_apps.samefield_draw import linear_wcs, wcs_cards
+    from oasis_apps.samefield_target import frame_header
 
-    ra0, dec0, cd0 = _linear_wcs(None, shape)
-    wcs = _wcs_cards(shape, ra0, dec0, cd0, draw)
-    return _header(
+    ra0, dec0, cd0 = linear_wcs(None, shape)
+    wcs = wcs_cards(shape, ra0, dec0, cd0, draw)
+    return frame_header(
         {},
         draw,
         wcs,
@@ -204,11 +205,11 @@ def test_rendered_frame_positions_and_wcs_follow_the_pointing(mode, tmp_path):
 
 
 def test_wcs_of_a_real_frame_is_linearised_at_its_centre(shared_data):
-    from oasis_apps.samefield import _linear_wcs
+    from oasis_apps.samefield_draw import linear_wcs
     from oasis_core.engine import io
 
     frame = io.read_frame(shared_data / "decam_n6" / "DEC-OBS04a.mini.fits")
-    ra0, dec0, cd = _linear_wcs(frame.header, frame.data.shape)
+    ra0, dec0, cd = linear_wcs(frame.header, frame.data.shape)
     wcs = io.header_wcs(frame.header)
     ra, dec = wcs.all_pix2world(127.5, 127.5, 0)
     assert (ra0, dec0) == pytest.approx((float(ra), float(dec)), abs=1e-9)
@@ -221,7 +222,7 @@ def test_sky_level_and_noise_match_bkg_mag_and_the_header(mode, tmp_path):
     from astropy.io import fits
     from astropy.table import Table
 
-    from oasis_apps.samefield import _write_fits
+    from oasis_apps.samefield_target import write_fits
     from oasis_core.engine import io
 
     if mode == "sky":
@@ -239,7 +240,7 @@ def test_sky_level_and_noise_match_bkg_mag_and_the_header(mode, tmp_path):
     assert data.std() == pytest.approx(sigma, rel=0.02)
     # the header's GAIN and RDNOISE describe those pixels exactly
     header = _frame_header(draw, shape, gain=gain, saturation=60000.0)
-    _write_fits(tmp_path / "f.fits", data.astype(np.float32), header)
+    write_fits(tmp_path / "f.fits", data.astype(np.float32), header)
     frame = io.read_frame(tmp_path / "f.fits")
     hdr = fits.getheader(tmp_path / "f.fits")
     model = math.sqrt(
@@ -383,25 +384,25 @@ def test_same_field_run_on_a_real_frame_has_few_false_detections(real_crop, tmp_
 
 
 def test_simulation_directory_is_reused_only_when_complete_and_identical(tmp_path):
-    from oasis_apps.samefield import _mark, _prepare_target
+    from oasis_apps.samefield_target import mark, prepare_target
     from oasis_core.engine.plugins import Registry
 
     registry = Registry()
     params = {"mode": "moffat", "fwhm": (3.0, 6.0), "seed": 0}
     sim = tmp_path / "x_samefield_moffat"
-    target, current = _prepare_target(sim, params, None, registry)
+    target, current = prepare_target(sim, params, None, registry)
     assert not current and target.config_file.is_file()
     (target.data / "x_sf000.fits").write_bytes(b"partial")
     # interrupted before every frame was written: redone from scratch
-    target, current = _prepare_target(sim, params, None, registry)
+    target, current = prepare_target(sim, params, None, registry)
     assert not current and not (target.data / "x_sf000.fits").exists()
-    _mark(target, params, complete=True)
-    assert _prepare_target(sim, params, None, registry)[1]
+    mark(target, params, complete=True)
+    assert prepare_target(sim, params, None, registry)[1]
     # other parameters: redone
-    assert not _prepare_target(sim, {**params, "seed": 1}, None, registry)[1]
+    assert not prepare_target(sim, {**params, "seed": 1}, None, registry)[1]
     # a directory that is not a simulation of ours is never removed
     other = tmp_path / "mine"
     (other / "data").mkdir(parents=True)
     with pytest.raises(InputError, match="not a same-field simulation"):
-        _prepare_target(other, params, None, registry)
+        prepare_target(other, params, None, registry)
     assert (other / "data").is_dir()
