@@ -102,14 +102,14 @@ def test_demo_command_prints_where_and_the_result(tmp_path):
 @pytest.fixture
 def failing_pair(monkeypatch):
     """``oasis subtract-pair`` whose work raises what the test sets."""
-    import oasis_core.engine.subtraction as subtraction
+    import oasis_core.engine.pair as pair
 
     raised: list[BaseException] = []
 
     def run(*args, **kwargs):
         raise raised[0]
 
-    monkeypatch.setattr(subtraction, "subtract_pair", run)
+    monkeypatch.setattr(pair, "subtract_pair", run)
     monkeypatch.delenv("OASIS_DEBUG", raising=False)
     return raised
 
@@ -123,7 +123,7 @@ def test_an_unexpected_exception_is_one_line_naming_where_and_what(failing_pair,
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert re.fullmatch(
-        r"error: oasis_core/cli\.py:\d+ in subtract_pair \(raised in tests/test_cli\.py:\d+ "
+        r"error: oasis_apps/cli_tools\.py:\d+ in subtract_pair \(raised in tests/test_cli\.py:\d+ "
         r"in run\): ValueError: bad value \(oasis --debug shows the traceback\)",
         lines[0],
     ), lines[0]
