@@ -29,7 +29,16 @@ def _toml(path: Path) -> dict:
 def test_root_ships_the_core_and_heavy_parts_are_extras():
     project = _toml(ROOT / "pyproject.toml")
     packages = project["tool"]["setuptools"]["packages"]
-    assert sorted(packages) == ["OasisPy", "oasis_core"]
+    # the core, its layers, the plugin author's kit, the applications, OasisPy's names;
+    # no plugin
+    assert sorted(packages) == [
+        "OasisPy",
+        "oasis_apps",
+        "oasis_core",
+        "oasis_core.contracts",
+        "oasis_core.engine",
+        "oasis_core.testing",
+    ]
     assert "entry-points" not in project["project"]  # no plugin rides with the core
     deps = " ".join(project["project"]["dependencies"]).lower()
     for heavy in ("montagepy", "galsim", "dask", "astroalign", "astroscrappy"):
