@@ -166,8 +166,8 @@ def _merge(xy: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
 def positions(ctx: Context, settings: Any, wcs: Any) -> Any:
     """The sources to measure: ``source_id`` (1, 2...), ``x``, ``y`` (0-based template
     pixels), ``ra``, ``dec`` (degrees; NaN without a WCS) and ``origin`` (``catalog``,
-    ``user`` or both), catalog sources merged by position within ``match_radius``, the
-    user's merged into them when that close."""
+    ``user`` or both), catalog sources merged by position within ``match_radius``; a
+    user's position that close to one replaces it."""
     from astropy.table import Table
 
     xy, snr = _catalog_positions(ctx) if settings.catalog else (np.zeros((0, 2)), np.zeros(0))
@@ -181,7 +181,8 @@ def positions(ctx: Context, settings: Any, wcs: Any) -> Any:
         if len(merged):
             d = np.hypot(merged[:, 0] - x, merged[:, 1] - y)
             i = int(np.argmin(d))
-            if d[i] <= settings.match_radius:
+            if d[i] <= settings.match_radius:  # the user's position is the source's
+                merged[i] = (x, y)
                 origin[i] = "catalog,user" if origin[i] == "catalog" else origin[i]
                 continue
         merged = np.vstack([merged.reshape(-1, 2), [[x, y]]])
