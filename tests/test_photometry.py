@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from astropy.io import fits
+from oasis_native.photometry import FLAG_EDGE, FLAG_MASKED, NativePhotometry, forced_psf_fit
 
 from oasis_core.contracts.errors import InputError
 from oasis_core.contracts.model import KernelSolution, PsfModel, Residual
@@ -20,7 +21,6 @@ from oasis_core.engine.photometry import (
     read_positions_file,
     residual_psf,
 )
-from oasis_native.photometry import FLAG_EDGE, FLAG_MASKED, NativePhotometry, forced_psf_fit
 
 
 def _gauss_psf(sigma: float, half: int = 10) -> np.ndarray:
@@ -33,8 +33,8 @@ def _scene(xy: np.ndarray, flux: np.ndarray, sigma: float, shape=(200, 200)) -> 
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     image = np.zeros(shape)
     for (x, y), f in zip(xy, flux, strict=True):  # the truth, built slowly on purpose
-        image += f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)) / (
-            2 * np.pi * sigma**2
+        image += (
+            f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
         )
     return image
 
@@ -52,8 +52,12 @@ def test_forced_fit_recovers_fluxes_with_honest_errors():
     for _ in range(4):
         data = clean + rng.normal(0, noise, clean.shape)
         fit = forced_psf_fit(
-            data, np.full(data.shape, noise), np.ones(data.shape), xy,
-            _gauss_psf(sigma_psf), fwhm=2.3548 * sigma_psf,
+            data,
+            np.full(data.shape, noise),
+            np.ones(data.shape),
+            xy,
+            _gauss_psf(sigma_psf),
+            fwhm=2.3548 * sigma_psf,
         )
         pulls.append((fit["flux"] - flux) / fit["flux_err"])
     pulls = np.concatenate(pulls)
@@ -88,8 +92,11 @@ def test_native_backend_returns_the_contract_columns_and_scales_errors(tmp_path)
     residual = Residual(data=data, noise=np.full(shape, 4.0), weight=np.ones(shape))
     options = backend.Options()
     table = backend.photometry(
-        residual, np.array([[64.0, 64.0]]), psf=PsfModel(image=_gauss_psf(1.5), fwhm=3.5),
-        options=options, workdir=tmp_path,
+        residual,
+        np.array([[64.0, 64.0]]),
+        psf=PsfModel(image=_gauss_psf(1.5), fwhm=3.5),
+        options=options,
+        workdir=tmp_path,
     )
     assert set(backend.COLUMNS) <= set(table.colnames) and len(table) == 1
     assert table.meta["ERRSCALE"] > 1.5  # the correlations are found and accounted for
@@ -159,8 +166,12 @@ def test_header_times_from_jd_and_hjd_and_barycentric_correction():
     from astropy.coordinates import EarthLocation, SkyCoord
     from astropy.time import Time
 
-    t = Time(60000.0, format="mjd", scale="utc",
-             location=EarthLocation.from_geocentric(1814303.745, -5214365.744, -3187340.566, unit=u.m))
+    t = Time(
+        60000.0,
+        format="mjd",
+        scale="utc",
+        location=EarthLocation.from_geocentric(1814303.745, -5214365.744, -3187340.566, unit=u.m),
+    )
     expected = (t.tdb + t.light_travel_time(SkyCoord(150.0, 2.0, unit="deg"))).mjd
     assert bary["a"] == pytest.approx(expected, abs=1e-8)
     assert abs(bary["a"] - 60000.0) * 86400 < 500 + 70  # light across 1 AU, TDB - UTC
@@ -187,5 +198,5 @@ def test_light_curve_statistics_kinds_and_period():
         classify(t, rising, err, ref_flux=10.0, ref_err=30.0, chi2_dof=300.0, periodic=False)
         == "transient"
     )
-    noise_period, noise_fap = period_search(t, flat, err, period_min=0.5)
+    _, noise_fap = period_search(t, flat, err, period_min=0.5)
     assert noise_fap > 0.01

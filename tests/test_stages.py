@@ -190,7 +190,14 @@ def test_stage_order_follows_after_and_skips_bad_records(caplog):
     names = [s.name for s in order]
     assert names[:3] == ["mask", "early", "psf"]
     assert names[3:] == [
-        "align", "combine", "subtract", "mr", "extract", "phot", "late", "photometry"
+        "align",
+        "combine",
+        "subtract",
+        "mr",
+        "extract",
+        "phot",
+        "late",
+        "photometry",
     ]
     assert "'lost': runs after 'nowhere', which is not a stage" in caplog.text
     assert "stage 'psf' is defined twice" in caplog.text

@@ -227,7 +227,8 @@ class PhotometrySettings:
         0.0, "longest period searched [days] (0 = half the time span)", range=non_negative
     )
     fap_max: float = option(
-        0.01, "a period is reported when its false-alarm probability is below this",
+        0.01,
+        "a period is reported when its false-alarm probability is below this",
         range=in_range(0, 1, lo_open=True),
     )
     plots: bool = option(True, "a PNG per source and lightcurves/index.html")

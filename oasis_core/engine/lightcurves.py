@@ -192,9 +192,7 @@ def period_search(
     fine = np.linspace(freq[max(best - 1, 0)], freq[min(best + 1, len(freq) - 1)], 201)
     fine_power = ls.power(fine)
     k = int(np.nanargmax(fine_power))
-    fap = ls.false_alarm_probability(
-        fine_power[k], minimum_frequency=fmin, maximum_frequency=fmax
-    )
+    fap = ls.false_alarm_probability(fine_power[k], minimum_frequency=fmin, maximum_frequency=fmax)
     return 1.0 / float(fine[k]), float(fap)
 
 
@@ -286,9 +284,7 @@ def variables(
         else:
             chi2 = amp = float("nan")
         period, fap = (
-            period_search(
-                t, f, e, period_min=settings.period_min, period_max=settings.period_max
-            )
+            period_search(t, f, e, period_min=settings.period_min, period_max=settings.period_max)
             if timed
             else (float("nan"), float("nan"))
         )
@@ -351,7 +347,12 @@ def _plot(path: Path, row: Any, curve: Any, timed: bool) -> None:
         p = float(period)
         phase = np.mod(t - t.min(), p) / p
         axes[1].errorbar(
-            np.r_[phase, phase + 1], np.r_[f, f], yerr=np.r_[e, e], fmt="o", ms=3, lw=0.8,
+            np.r_[phase, phase + 1],
+            np.r_[f, f],
+            yerr=np.r_[e, e],
+            fmt="o",
+            ms=3,
+            lw=0.8,
             color="tab:orange",
         )
         axes[1].set_xlabel(f"phase (P = {p:.5f} d)")
@@ -365,8 +366,21 @@ def _index_html(table: Any, images: Mapping[int, str], title: str) -> str:
     """The overview page: a table of the sources, linking and showing their PNGs."""
     head = "".join(
         f"<th>{c}</th>"
-        for c in ("source", "kind", "x", "y", "ra", "dec", "n", "chi2/dof", "J", "amplitude",
-                  "period [d]", "FAP", "light curve")
+        for c in (
+            "source",
+            "kind",
+            "x",
+            "y",
+            "ra",
+            "dec",
+            "n",
+            "chi2/dof",
+            "J",
+            "amplitude",
+            "period [d]",
+            "FAP",
+            "light curve",
+        )
     )
     lines = []
     for row in table:

@@ -269,14 +269,16 @@ def task(unit: tasks.Task) -> dict[str, Any]:
         image = tasks.readonly_inputs(io.read_residual(unit.inputs["residual"]))
         frame_psf = io.read_psf(unit.inputs["psf"]) if "psf" in unit.inputs else None
         psf = residual_psf(image, template_psf, frame_psf)
-    result = unit.backend.photometry(
-        image, xy, psf=psf, options=unit.options, workdir=unit.workdir
-    )
+    result = unit.backend.photometry(image, xy, psf=psf, options=unit.options, workdir=unit.workdir)
     missing = [c for c in ("flux", "flux_err", "flag") if c not in result.colnames]
     if missing or len(result) != len(xy):
         raise StageError(
             f"{unit.name}: photometry backend {unit.backend.name!r} returned "
-            + (f"no column {', '.join(missing)}" if missing else f"{len(result)} rows for {len(xy)}")
+            + (
+                f"no column {', '.join(missing)}"
+                if missing
+                else f"{len(result)} rows for {len(xy)}"
+            )
         )
     out = Table({"source_id": table["source_id"]})
     for name in result.colnames:
@@ -398,9 +400,7 @@ def _units(ctx: Context, names: Sequence[str], pos_path: Path) -> list[tasks.Tas
         }
         if outputs.psf_path(ctx, name).exists():
             inputs["psf"] = outputs.psf_path(ctx, name)
-        units.append(
-            tasks.stage_task(ctx, "photometry", name, inputs, frames_dir / f"{name}.ecsv")
-        )
+        units.append(tasks.stage_task(ctx, "photometry", name, inputs, frames_dir / f"{name}.ecsv"))
     return units
 
 
@@ -430,7 +430,9 @@ def run(ctx: Context) -> dict[str, Any]:
         raise StageError(f"photometry: the template could not be measured ({results['template']})")
     measured = [n for n in good if n not in failed]
     if not measured:
-        raise StageError(f"photometry: no residual could be measured ({tasks.first_failure(results)})")
+        raise StageError(
+            f"photometry: no residual could be measured ({tasks.first_failure(results)})"
+        )
     frame_tables = {u.name: u.output for u in units if u.name not in failed}
     prov = ctx.provenance("photometry", {"positions": pos_path, **frame_tables}, settings=settings)
     main = out_dir / "lightcurves.ecsv"

@@ -116,7 +116,10 @@ def _assert_every_kept_source_has_a_light_curve(path: Path) -> Table:
     variables = Table.read(path / "sources" / "variables.ecsv")
     residuals = sorted((path / "residuals").glob("*_residual.fits"))
     assert len(curves) == len(variables) * len(residuals)
-    kept = [Table.read(path / "sources" / f"{stem}.ecsv") for stem in ("filtered_sources", "MR_filtered_sources")]
+    kept = [
+        Table.read(path / "sources" / f"{stem}.ecsv")
+        for stem in ("filtered_sources", "MR_filtered_sources")
+    ]
     xs = np.concatenate([np.asarray(t["x"], float) for t in kept])
     ys = np.concatenate([np.asarray(t["y"], float) for t in kept])
     assert len(xs) > 0

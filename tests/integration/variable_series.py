@@ -34,8 +34,12 @@ POSITIONS = {
     "transient": (44.0, 88.0),
     "constant": (86.0, 86.0),
 }
-KINDS = {"variable": "variable", "fading": "fading", "transient": "transient",
-         "constant": "constant"}
+KINDS = {
+    "variable": "variable",
+    "fading": "fading",
+    "transient": "transient",
+    "constant": "constant",
+}
 
 
 def _functions(t0: float, t_on: float):  # type: ignore[no-untyped-def]
@@ -51,7 +55,12 @@ def simulate(**kwargs):  # type: ignore[no-untyped-def]
     from oasis_native.sim import simulate_series
 
     return simulate_series(
-        N_FRAMES, SHAPE, seed=SEED, n_transients=0, galaxy=False, max_rotation_deg=0.0,
+        N_FRAMES,
+        SHAPE,
+        seed=SEED,
+        n_transients=0,
+        galaxy=False,
+        max_rotation_deg=0.0,
         **kwargs,
     )
 
@@ -59,8 +68,9 @@ def simulate(**kwargs):  # type: ignore[no-untyped-def]
 def make_variable_target(directory: Path) -> tuple[Path, dict]:
     """The series in a target at ``directory/OASIS/targets/var``; returns its path and
     the truth ``{"mjd": [...], "frames": [...], name: {"xy": (x, y), "flux": [...]}}``."""
-    from oasis_core.engine.tree import Target, init_root
     from oasis_native.sim import write_series
+
+    from oasis_core.engine.tree import Target, init_root
 
     first = simulate(frame_fwhm=[3.0] * N_FRAMES)  # the times (the same whatever the PSFs)
     mjd = np.array([float(h["MJD-OBS"]) + 30.0 / 86400.0 for _, h in first.frames])

@@ -62,7 +62,8 @@ class NativePhotometryOptions:
         range=(0, None),
     )
     chi2_max: float = option(
-        4.0, "flag a fit whose reduced chi-square exceeds this (flag 8; 0 = off)",
+        4.0,
+        "flag a fit whose reduced chi-square exceeds this (flag 8; 0 = off)",
         range=(0, None),
     )
 
@@ -263,8 +264,13 @@ class NativePhotometry(PhotometryBackend):
         scale = 1.0
         if options.calibrate > 0 and not template:
             scale = error_scale(
-                image.data, image.noise, image.weight, psf.image,
-                fwhm=float(psf.fwhm), radius=options.radius, n=options.calibrate,
+                image.data,
+                image.noise,
+                image.weight,
+                psf.image,
+                fwhm=float(psf.fwhm),
+                radius=options.radius,
+                n=options.calibrate,
             )
             fit["flux_err"] = fit["flux_err"] * scale
         if options.chi2_max > 0:

@@ -1126,13 +1126,6 @@ def simulate_pair(
     wcs = _make_wcs(cards)
     t_ra, t_dec = wcs.wcs_pix2world(tx, ty, 0) if transients else (np.zeros(0),) * 2
     mjd = 60000.0 + float(frng.uniform(0.0, 1.0))
-    var_flux: list[list[float]] = [[] for _ in variables or ()]
-    if variables:
-        v_ra, v_dec = ref.wcs_pix2world(
-            np.array([v[0] for v in variables], float),
-            np.array([v[1] for v in variables], float),
-            0,
-        )
     gal = field.galaxy
     assert gal is not None
 
