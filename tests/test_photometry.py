@@ -75,6 +75,8 @@ def test_forced_fit_flags_masked_and_edge_positions_and_fits_a_local_sky():
     plain = forced_psf_fit(data - 300.0, noise, weight, xy, psf, fwhm=3.5)
     assert plain["flag"].tolist() == [0, FLAG_EDGE, FLAG_MASKED]
     np.testing.assert_allclose(plain["flux"][[0, 2]], 1000.0, rtol=1e-3)
+    none = forced_psf_fit(data, noise, weight, np.zeros((0, 2)), psf, fwhm=3.5, background=True)
+    assert all(len(v) == 0 for v in none.values())
     sky = forced_psf_fit(data, noise, weight, xy, psf, fwhm=3.5, background=True)
     np.testing.assert_allclose(sky["background"], 300.0, atol=1e-6)
     np.testing.assert_allclose(sky["flux"][0], 1000.0, rtol=1e-3)

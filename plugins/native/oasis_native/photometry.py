@@ -151,6 +151,16 @@ def forced_psf_fit(
     """
     positions = np.asarray(positions, float).reshape(-1, 2)
     n = len(positions)
+    if n == 0:
+        empty = np.zeros(0)
+        return {
+            "flux": empty,
+            "flux_err": empty.copy(),
+            "background": empty.copy(),
+            "chi2": empty.copy(),
+            "npix": np.zeros(0, np.int32),
+            "flag": np.zeros(0, np.int16),
+        }
     ny, nx = data.shape
     r = max(1.5, float(radius) * float(fwhm))
     half = math.ceil(r)
