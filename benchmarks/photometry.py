@@ -9,7 +9,7 @@ Run: ``python benchmarks/photometry.py [--frames 100] [--size 1024] [--positions
   process;
 - *stage tasks*: the photometry stage's per-residual task
   (:func:`oasis_core.engine.photometry.task`: read the residual FITS with its ``NOISE``,
-  ``WEIGHT`` and ``KERNEL`` extensions, build its PSF, fit, write the ECSV with its
+  ``WEIGHT`` and ``KERNEL`` extensions, build its PSF, fit, write its table with its
   provenance) on residual files in a temporary directory, through the local executor
   with ``--jobs`` worker processes (the target is <= 10 s on 2 cores).
 
@@ -81,11 +81,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from astropy.table import Table
+    from oasis_native.photometry import NativePhotometry
 
     from oasis_core.contracts.model import PsfModel
     from oasis_core.engine import io
     from oasis_core.engine.photometry import residual_psf
-    from oasis_native.photometry import NativePhotometry
 
     rng = np.random.default_rng(args.seed)
     margin = 20
@@ -121,10 +121,12 @@ def main() -> None:
         io.write_psf(tmpdir / "template.psf.fits", template_psf)
         positions = Table({"source_id": np.arange(1, len(xy) + 1), "x": xy[:, 0], "y": xy[:, 1]})
         io.write_table(positions, tmpdir / "positions.ecsv")
-        _stage_tasks(tmpdir, files, backend, options, args.jobs)
+        _stage_tasks(tmpdir, files, backend, options, args.jobs, positions)
 
 
-def _stage_tasks(tmpdir: Path, files: list[Path], backend: Any, options: Any, jobs: int) -> None:
+def _stage_tasks(
+    tmpdir: Path, files: list[Path], backend: Any, options: Any, jobs: int, positions: Any
+) -> None:
     from oasis_core.engine.executor import LocalExecutor
     from oasis_core.engine.provenance import Provenance
     from oasis_core.engine.tasks import Task, run_task
@@ -147,9 +149,10 @@ def _stage_tasks(tmpdir: Path, files: list[Path], backend: Any, options: Any, jo
             backend=backend,
             options=options,
             inputs=inputs,
-            output=out / f"{path.stem}.ecsv",
+            output=out / f"{path.stem}.fits",
             provenance=prov,
             workdir=tmpdir / "work" / path.stem,
+            extra={c: np.asarray(positions[c]) for c in ("source_id", "x", "y")},
         )
         todo.append((task.name, task))
     executor = LocalExecutor(jobs)
@@ -162,7 +165,7 @@ def _stage_tasks(tmpdir: Path, files: list[Path], backend: Any, options: Any, jo
         executor.close()
     failed = [o.key for o in outcomes if not o.ok]
     print(
-        f"  stage tasks ({jobs} worker processes; read FITS, PSF, fit, write ECSV): "
+        f"  stage tasks ({jobs} worker processes; read FITS, PSF, fit, write the FITS table): "
         f"{spent:.2f} s for {len(todo)} residuals"
         + (f"; FAILED: {', '.join(failed)}" if failed else "")
     )

@@ -43,9 +43,11 @@ __all__ = [
     "light_curves",
     "outputs_exist",
     "period_search",
+    "read_frame_table",
     "read_summary",
     "stetson_j",
     "variables",
+    "write_frame_table",
     "write_outputs",
 ]
 
@@ -101,6 +103,32 @@ def describe(table: Any) -> Any:
     return table
 
 
+def write_frame_table(
+    path: Path, table: Any, cards: Mapping[str, Any], meta: Mapping[str, Any]
+) -> None:
+    """One unit's photometry, atomically: an empty primary HDU with the provenance
+    ``cards`` (what :func:`~oasis_core.engine.provenance.is_current` reads) and the backend's
+    numbers (``meta``, e.g. ``ERRSCALE``), then the table (extension ``PHOT``)."""
+    from astropy.io import fits
+
+    header = fits.Header()
+    io.apply_cards(header, dict(cards))
+    for key, value in meta.items():
+        if isinstance(value, (int, float, str)) and len(key) <= 8:
+            io.set_card(header, key.upper(), value)
+    hdul = fits.HDUList([fits.PrimaryHDU(header=header), fits.table_to_hdu(table)])
+    hdul[1].name = "PHOT"
+    with io.atomic_write(path) as tmp:
+        hdul.writeto(tmp, overwrite=True)
+
+
+def read_frame_table(path: Path) -> Any:
+    """A table :func:`write_frame_table` wrote."""
+    from astropy.table import Table
+
+    return Table.read(path, hdu="PHOT")
+
+
 def light_curves(
     positions: Any,
     frame_tables: Mapping[str, Path],
@@ -112,13 +140,13 @@ def light_curves(
     a time last), with the reference flux from ``frame_tables["template"]``."""
     from astropy.table import MaskedColumn, Table
 
-    ref = Table.read(frame_tables["template"], format="ascii.ecsv")
+    ref = read_frame_table(frame_tables["template"])
     names = sorted(
         (n for n in frame_tables if n != "template"),
         key=lambda n: (times.get(n) is None, times.get(n) or 0.0, n),
     )
     n_src = len(positions)
-    tables = [Table.read(frame_tables[n], format="ascii.ecsv") for n in names]
+    tables = [read_frame_table(frame_tables[n]) for n in names]
     rep = len(names)
     idx = np.tile(np.arange(n_src), rep)
     col = {c: np.asarray(positions[c])[idx] for c in ("source_id", "x", "y", "ra", "dec")}

@@ -5,7 +5,7 @@ The runner (:func:`run`, the stage's ``runner``) gathers the positions to measur
 and ``MR_filtered_sources`` merged by position, and the user's ``[photometry] at`` /
 ``at_file``), writes them to ``lightcurves/positions.ecsv``, then runs one task per
 usable residual and one on the template (:func:`task`, the stage's ``task``), each
-writing ``lightcurves/frames/<name>.ecsv`` with a provenance header, so a rerun measures
+writing ``lightcurves/frames/<name>.fits`` with a provenance header, so a rerun measures
 only what changed. Each residual is measured with its own PSF (:func:`residual_psf`).
 The light curves, the variables and the pages are then made by
 :mod:`oasis_core.engine.lightcurves` from the per-frame tables and the frames' times
@@ -256,11 +256,20 @@ def template_image(path: Path) -> Residual:
 
 def task(unit: tasks.Task) -> dict[str, Any]:
     """One unit of the photometry stage: the backend on one residual (or the template),
-    at every position; ``lightcurves/frames/<name>.ecsv`` with the provenance cards."""
+    at every position (given in ``unit.extra``: ``source_id``, ``x``, ``y``, the contents
+    of the ``positions`` input); ``lightcurves/frames/<name>.fits``, a FITS table whose
+    primary header holds the provenance cards."""
     from astropy.table import Table
 
-    table = Table.read(unit.inputs["positions"], format="ascii.ecsv")
-    xy = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
+    if "x" in unit.extra:
+        ids = np.asarray(unit.extra["source_id"])
+        xy = np.column_stack(
+            [np.asarray(unit.extra["x"], float), np.asarray(unit.extra["y"], float)]
+        )
+    else:
+        table = Table.read(unit.inputs["positions"], format="ascii.ecsv")
+        ids = np.asarray(table["source_id"])
+        xy = np.column_stack([np.asarray(table["x"], float), np.asarray(table["y"], float)])
     template_psf = io.read_psf(unit.inputs["template_psf"])
     if "template" in unit.inputs:
         image = tasks.readonly_inputs(template_image(unit.inputs["template"]))
@@ -280,16 +289,14 @@ def task(unit: tasks.Task) -> dict[str, Any]:
                 else f"{len(result)} rows for {len(xy)}"
             )
         )
-    out = Table({"source_id": table["source_id"]})
+    out = Table({"source_id": ids})
     for name in result.colnames:
         out[name] = result[name]
     if str(image.header.get("OAS FLAG", "") or "").strip():  # the subtraction's own doubt
         out["flag"] = np.asarray(out["flag"], np.int16) | FLAG_RESIDUAL
-    out.meta.update({k: v for k, v in result.meta.items() if isinstance(v, (int, float, str))})
-    out.meta.update(
-        {k: str(v[0] if isinstance(v, tuple) else v) for k, v in unit.provenance.cards().items()}
-    )
-    io.write_table(out, unit.output)
+    from oasis_core.engine.lightcurves import write_frame_table
+
+    write_frame_table(unit.output, out, unit.provenance.header_cards(), result.meta)
     good = np.isfinite(np.asarray(out["flux"], float))
     return {"measured": int(good.sum())}
 
@@ -379,7 +386,14 @@ def frame_times(
     return corrected, "tdb-barycentric"
 
 
-def _units(ctx: Context, names: Sequence[str], pos_path: Path) -> list[tasks.Task]:
+def _units(ctx: Context, names: Sequence[str], pos_path: Path, positions: Any) -> list[tasks.Task]:
+    """The template's task and one per residual, the positions in each task's ``extra``
+    (the ``positions`` file is their provenance input)."""
+    where = {
+        "source_id": np.asarray(positions["source_id"]),
+        "x": np.asarray(positions["x"], float),
+        "y": np.asarray(positions["y"], float),
+    }
     template = outputs.template_path(ctx)
     template_psf = template.with_name("template.psf.fits")
     frames_dir = ctx.target.stage_dir("photometry") / "frames"
@@ -389,7 +403,7 @@ def _units(ctx: Context, names: Sequence[str], pos_path: Path) -> list[tasks.Tas
             "photometry",
             "template",
             {"template": template, "template_psf": template_psf, "positions": pos_path},
-            frames_dir / "template.ecsv",
+            frames_dir / "template.fits",
         )
     ]
     for name in names:
@@ -400,8 +414,8 @@ def _units(ctx: Context, names: Sequence[str], pos_path: Path) -> list[tasks.Tas
         }
         if outputs.psf_path(ctx, name).exists():
             inputs["psf"] = outputs.psf_path(ctx, name)
-        units.append(tasks.stage_task(ctx, "photometry", name, inputs, frames_dir / f"{name}.ecsv"))
-    return units
+        units.append(tasks.stage_task(ctx, "photometry", name, inputs, frames_dir / f"{name}.fits"))
+    return [attrs.evolve(u, extra={**u.extra, **where}) for u in units]
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -423,7 +437,7 @@ def run(ctx: Context) -> dict[str, Any]:
     table = positions(ctx, settings, wcs)
     pos_path = out_dir / "positions.ecsv"
     io.write_table(table, pos_path)
-    units = _units(ctx, good, pos_path)
+    units = _units(ctx, good, pos_path, table)
     results = tasks.execute(ctx, "photometry", units)
     failed = tasks.failures(results)
     if "template" in failed:

@@ -130,7 +130,7 @@ def test_outputs_have_units_descriptions_provenance_and_pages(variable_run):
 def test_rerun_resumes_and_a_changed_option_redoes(variable_run, tmp_path):
     path = copy_target(variable_run[0], tmp_path)
     main = path / "lightcurves" / "lightcurves.ecsv"
-    frame = path / "lightcurves" / "frames" / "sim_000.ecsv"
+    frame = path / "lightcurves" / "frames" / "sim_000.fits"
     stamps = (main.stat().st_mtime_ns, frame.stat().st_mtime_ns)
     again = photometry(path, jobs=1)
     assert (main.stat().st_mtime_ns, frame.stat().st_mtime_ns) == stamps
