@@ -141,9 +141,8 @@ def _psf_at(table: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     iy = np.minimum(fy.astype(np.int64), steps - 1)
     tx = (fx - ix)[:, None, None]
     ty = (fy - iy)[:, None, None]
-    return (
-        (1 - ty) * ((1 - tx) * table[iy, ix] + tx * table[iy, ix + 1])
-        + ty * ((1 - tx) * table[iy + 1, ix] + tx * table[iy + 1, ix + 1])
+    return (1 - ty) * ((1 - tx) * table[iy, ix] + tx * table[iy, ix + 1]) + ty * (
+        (1 - tx) * table[iy + 1, ix] + tx * table[iy + 1, ix + 1]
     )
 
 
