@@ -366,7 +366,21 @@ def _plot(path: Path, row: Any, curve: Any, timed: bool) -> None:
     folded = not np.ma.is_masked(period) and np.isfinite(float(period)) and timed
     fig = Figure(figsize=(9.0 if folded else 6.0, 3.2), dpi=80)
     axes = fig.subplots(1, 2 if folded else 1, squeeze=False)[0]
-    axes[0].errorbar(t, f, yerr=e, fmt="o", ms=3, lw=0.8, color="tab:blue")
+    clean = np.asarray(curve["flag"]) == 0
+    axes[0].errorbar(t[clean], f[clean], yerr=e[clean], fmt="o", ms=3, lw=0.8, color="tab:blue")
+    if (~clean).any():  # flagged measurements, in grey
+        axes[0].errorbar(
+            t[~clean],
+            f[~clean],
+            yerr=e[~clean],
+            fmt="o",
+            mfc="none",
+            ms=3,
+            lw=0.6,
+            color="0.6",
+            label="flagged",
+        )
+        axes[0].legend(fontsize=7, loc="best")
     axes[0].axhline(0.0, color="0.6", lw=0.8)
     axes[0].set_xlabel("MJD" if timed else "frame")
     axes[0].set_ylabel("difference flux [template ADU]")
@@ -374,6 +388,7 @@ def _plot(path: Path, row: Any, curve: Any, timed: bool) -> None:
     if folded:
         p = float(period)
         phase = np.mod(t - t.min(), p) / p
+        phase, f, e = phase[clean], f[clean], e[clean]
         axes[1].errorbar(
             np.r_[phase, phase + 1],
             np.r_[f, f],
