@@ -317,7 +317,7 @@ def variables(
             else (float("nan"), float("nan"))
         )
         periodic = bool(np.isfinite(fap) and fap < settings.fap_max)
-        ref = positions_ref(curves, here)
+        ref = _reference_flux(curves, here)
         kind = classify(t, f, e, ref[0], ref[1], chi2_dof=chi2, periodic=periodic)
         if image_kinds and int(source) in image_kinds:
             kind = image_kinds[int(source)]
@@ -345,7 +345,7 @@ def variables(
     return describe(out)
 
 
-def positions_ref(curves: Any, here: np.ndarray) -> tuple[float, float]:
+def _reference_flux(curves: Any, here: np.ndarray) -> tuple[float, float]:
     """The reference flux and its error of the rows ``here`` (one source)."""
     ref = np.asarray(curves["ref_flux"], float)[here]
     err = np.asarray(curves["ref_flux_err"], float)[here]
