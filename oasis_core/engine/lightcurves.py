@@ -362,6 +362,10 @@ def _plot(path: Path, row: Any, curve: Any, timed: bool) -> None:
     f = np.asarray(curve["flux"], float)
     e = np.asarray(curve["flux_err"], float)
     t = np.asarray(np.ma.getdata(curve["mjd"]), float) if timed else np.arange(len(curve))
+    xlabel = "MJD" if timed else "frame"
+    if timed and len(t) and np.ptp(t) == 0:  # the headers give every frame one time
+        xlabel = f"frame (every header: MJD {t[0]:.5f})"
+        t, timed = np.arange(len(curve), dtype=float), False
     period = row["period"]
     folded = not np.ma.is_masked(period) and np.isfinite(float(period)) and timed
     fig = Figure(figsize=(9.0 if folded else 6.0, 3.2), dpi=80)
@@ -382,7 +386,7 @@ def _plot(path: Path, row: Any, curve: Any, timed: bool) -> None:
         )
         axes[0].legend(fontsize=7, loc="best")
     axes[0].axhline(0.0, color="0.6", lw=0.8)
-    axes[0].set_xlabel("MJD" if timed else "frame")
+    axes[0].set_xlabel(xlabel)
     axes[0].set_ylabel("difference flux [template ADU]")
     axes[0].set_title(f"source {row['source_id']}: {row['kind']}", fontsize=10)
     if folded:
