@@ -212,10 +212,11 @@ def period_search(
     if span <= 0 or longest <= period_min:
         return float("nan"), float("nan")
     fmin, fmax = 1.0 / longest, 1.0 / period_min
-    ls = LombScargle(t, flux, err)
-    step = 1.0 / (10.0 * span)  # ten samples per peak
-    freq = np.arange(fmin, fmax + step, step)
-    power = ls.power(freq)
+    ls = LombScargle(t - t.min(), flux, err)  # no MJD offset: the fast method's grid is finer
+    # five samples per peak over the range (Press & Rybicki's fast method), then refined
+    freq, power = ls.autopower(
+        minimum_frequency=fmin, maximum_frequency=fmax, samples_per_peak=5, method="fast"
+    )
     best = int(np.nanargmax(power))
     fine = np.linspace(freq[max(best - 1, 0)], freq[min(best + 1, len(freq) - 1)], 201)
     fine_power = ls.power(fine)
@@ -294,11 +295,21 @@ def variables(
     rows: dict[str, list[Any]] = {
         k: [] for k in ("kind", "n_frames", "chi2_dof", "stetson_j", "amplitude", "period", "fap")
     }
+    ref_all = np.asarray(curves["ref_flux"], float)
+    ref_err_all = np.asarray(curves["ref_flux_err"], float)
+    by_source = np.argsort(sid, kind="stable")  # each source's rows, in frame order
+    sorted_sid = sid[by_source]
     for source in np.asarray(positions["source_id"]):  # one light curve each
-        here = sid == source
-        finite = here & np.isfinite(flux_all) & np.isfinite(err_all) & (err_all > 0)
-        use = finite & (flag_all == 0)
-        if use.sum() < 3:
+        rows_of = by_source[
+            np.searchsorted(sorted_sid, source, "left") : np.searchsorted(
+                sorted_sid, source, "right"
+            )
+        ]
+        finite = rows_of[
+            np.isfinite(flux_all[rows_of]) & np.isfinite(err_all[rows_of]) & (err_all[rows_of] > 0)
+        ]
+        use = finite[flag_all[finite] == 0]
+        if len(use) < 3:
             use = finite
         f, e = flux_all[use], err_all[use]
         n = len(f)
@@ -317,7 +328,11 @@ def variables(
             else (float("nan"), float("nan"))
         )
         periodic = bool(np.isfinite(fap) and fap < settings.fap_max)
-        ref = _reference_flux(curves, here)
+        ref = (
+            (float(ref_all[rows_of[0]]), float(ref_err_all[rows_of[0]]))
+            if len(rows_of)
+            else (float("nan"), float("nan"))
+        )
         kind = classify(t, f, e, ref[0], ref[1], chi2_dof=chi2, periodic=periodic)
         if image_kinds and int(source) in image_kinds:
             kind = image_kinds[int(source)]
@@ -343,13 +358,6 @@ def variables(
     for c in ("ra", "dec"):
         out[c].info.format = ".6f"
     return describe(out)
-
-
-def _reference_flux(curves: Any, here: np.ndarray) -> tuple[float, float]:
-    """The reference flux and its error of the rows ``here`` (one source)."""
-    ref = np.asarray(curves["ref_flux"], float)[here]
-    err = np.asarray(curves["ref_flux_err"], float)[here]
-    return (float(ref[0]), float(err[0])) if len(ref) else (float("nan"), float("nan"))
 
 
 def _plot(path: Path, row: Any, curve: Any, timed: bool) -> None:
