@@ -427,9 +427,13 @@ def run(ctx: Context) -> dict[str, Any]:
     settings = ctx.config.settings["photometry"]
     good, bad = outputs.usable_residuals(ctx)
     template = outputs.template_path(ctx)
-    if not good or not template.exists():
-        raise InputError(
-            f"{ctx.target.path}: no usable residual or no template; run `oasis subtract` first"
+    if not good or not template.exists():  # no light curve of an earlier run outlives it
+        raise outputs.stopped(
+            ctx,
+            "extract",
+            InputError(
+                f"{ctx.target.path}: no usable residual or no template; run `oasis subtract` first"
+            ),
         )
     wcs = outputs.template_wcs(ctx)
     out_dir = ctx.target.stage_dir("photometry")
@@ -441,11 +445,18 @@ def run(ctx: Context) -> dict[str, Any]:
     results = tasks.execute(ctx, "photometry", units)
     failed = tasks.failures(results)
     if "template" in failed:
-        raise StageError(f"photometry: the template could not be measured ({results['template']})")
+        reason = tasks.failure_reason(results["template"])
+        raise outputs.stopped(
+            ctx, "extract", StageError(f"photometry: the template could not be measured ({reason})")
+        )
     measured = [n for n in good if n not in failed]
     if not measured:
-        raise StageError(
-            f"photometry: no residual could be measured ({tasks.first_failure(results)})"
+        raise outputs.stopped(
+            ctx,
+            "extract",
+            StageError(
+                f"photometry: no residual could be measured ({tasks.first_failure(results)})"
+            ),
         )
     frame_tables = {u.name: u.output for u in units if u.name not in failed}
     prov = ctx.provenance("photometry", {"positions": pos_path, **frame_tables}, settings=settings)

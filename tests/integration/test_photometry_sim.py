@@ -204,3 +204,24 @@ def test_index_page_loads_every_image_in_headless_chromium(variable_run):
     assert 'data-images="ok"' in run.stdout, run.stdout[:2000]
     assert 'data-errors="0"' in run.stdout
     assert run.stdout.count("<img") == len(Table.read(path / "sources" / "variables.ecsv"))
+
+
+def test_a_failed_photometry_leaves_no_light_curve_of_an_earlier_run(
+    variable_run, tmp_path, monkeypatch
+):
+    from oasis_native.photometry import NativePhotometry
+
+    from oasis_core.contracts.errors import StageError
+
+    path = copy_target(variable_run[0], tmp_path)
+
+    def broken(self, image, positions, **kwargs):
+        raise StageError(f"{image.name}: broken on purpose")
+
+    monkeypatch.setattr(NativePhotometry, "photometry", broken)
+    with pytest.raises(StageError, match=r"the template could not be measured.*on purpose"):
+        photometry(path, jobs=1, force=True)
+    assert not (path / "lightcurves" / "lightcurves.ecsv").exists()
+    assert not (path / "lightcurves" / "index.html").exists()
+    assert not (path / "sources" / "variables.ecsv").exists()
+    assert (path / "sources" / "filtered_sources.ecsv").exists()  # extract's stay
