@@ -133,7 +133,9 @@ def _assert_every_kept_source_has_a_light_curve(path: Path) -> Table:
 
 
 def test_decam_every_kept_source_has_a_light_curve_with_header_times(decam_target):
-    """The light curves' times are the frames' mid-exposure MJD (MJD-OBS + EXPTIME/2)."""
+    """The light curves' times are the frames' mid-exposure MJD (MJD-OBS + EXPTIME/2).
+    (The shared cutouts all carry one header time, 2018-08-04T09:23:31.6, although they
+    come from two epochs: the times are the headers', as they are.)"""
     target, result = decam_target
     curves = _assert_every_kept_source_has_a_light_curve(target.path)
     assert result["photometry"]["frames"] == 10
