@@ -39,7 +39,7 @@ log = logging.getLogger("oasis")
 
 
 #: The modules whose commands make up ``oasis``, in the order ``oasis --help`` lists them.
-COMMAND_MODULES = ("cli_stages", "cli_menu", "cli_tools", "cli_sim")
+COMMAND_MODULES = ("cli_stages", "cli_menu", "cli_tools", "cli_sim", "cli_lightcurve")
 for _module in COMMAND_MODULES:
     importlib.import_module(f"oasis_apps.{_module}")
 for _stage in all_stages():  # built-in and third-party (``oasis.stages``) stages

@@ -187,7 +187,10 @@ def test_run_returns_the_catalogs_as_tables_with_units(tmp_path):
         "filtered_sources",
         "mr_sources",
         "mr_filtered_sources",
+        "variables",
+        "lightcurves",
     }
+    assert len(result["lightcurves"]) == len(result["variables"]) * 5
     found = result["sources"]
     on_disk = Table.read(target / "sources" / "sources.ecsv", format="ascii.ecsv")
     assert len(found) == len(on_disk) > 0

@@ -303,10 +303,12 @@ def test_json_run_and_stage_commands(tiny_target):
         "subtract",
         "mr",
         "extract",
+        "photometry",
     ]
     extract = summary["stages"]["extract"]
     assert extract["frames"] == len(summary["stages"]["subtract"]) == 5
     assert 0 < extract["mean_q"] <= 1
+    assert summary["stages"]["photometry"]["frames"] == 5  # the light curves, last
     assert "subtract: 5/5 done (5 already up to date)" in summary["summary"]
     one = json.loads(oasis("mr", str(target), "--json", "-q").stdout)
     assert one["stages"] == {"mr": str(target / "residuals" / "MR.fits")}

@@ -15,7 +15,7 @@ import pytest
 from oasis_core.contracts import stages
 from oasis_core.contracts.stages import Stage
 
-BUILTIN_ORDER = ("mask", "psf", "align", "combine", "subtract", "mr", "extract")
+BUILTIN_ORDER = ("mask", "psf", "align", "combine", "subtract", "mr", "extract", "photometry")
 
 # The throwaway distribution: one module (hookspec, base class, settings, runner, task
 # and the Stage record) and a plugin module with a backend.
@@ -160,7 +160,7 @@ def test_builtin_stages_are_one_record_each_and_the_tables_views_of_them():
 
     assert tuple(s.name for s in stages.BUILTIN) == BUILTIN_ORDER
     assert tuple(STAGES) == BUILTIN_ORDER
-    assert STAGES.index("mr") == 5 and STAGES[-1] == "extract"
+    assert STAGES.index("mr") == 5 and STAGES[-1] == "photometry"
     assert BASES["subtract"] is SubtractBackend
     assert list(SETTINGS) == ["run", *BUILTIN_ORDER]
     assert SETTINGS["subtract"] is SubtractSettings
@@ -189,7 +189,16 @@ def test_stage_order_follows_after_and_skips_bad_records(caplog):
         )
     names = [s.name for s in order]
     assert names[:3] == ["mask", "early", "psf"]
-    assert names[3:] == ["align", "combine", "subtract", "mr", "extract", "phot", "late"]
+    assert names[3:] == [
+        "align",
+        "combine",
+        "subtract",
+        "mr",
+        "extract",
+        "phot",
+        "late",
+        "photometry",
+    ]
     assert "'lost': runs after 'nowhere', which is not a stage" in caplog.text
     assert "stage 'psf' is defined twice" in caplog.text
 
@@ -231,14 +240,14 @@ def test_a_third_party_stage_runs_after_extract_with_provenance_and_resumes(toy_
     from oasis_core.engine.tree import STAGE_DIRS
     from tests.integration.pipeline_kit import make_target
 
-    assert tuple(STAGES) == (*BUILTIN_ORDER, "count")
+    assert tuple(STAGES) == (*BUILTIN_ORDER[:-1], "count", "photometry")
     assert BASES["count"].__name__ == "CountBackend"
     assert SETTINGS["count"]().backend == "simple"
     assert STAGE_DIRS["count"] == "count"
 
     path = make_target(tmp_path / "root")
     result = pipeline(path, jobs=1)
-    assert list(result)[-2:] == ["extract", "count"]
+    assert list(result)[-3:] == ["extract", "count", "photometry"]  # before the built-in
     n = len(list((path / "residuals").glob("*_residual.fits")))
     assert n > 0
     assert (path / "count" / "count.txt").read_text() == f"{n}\n"

@@ -17,6 +17,7 @@ Stage methods (all options keyword-only, after the data)::
     SubtractBackend.subtract(science, template, *, options, workdir) -> Residual
     MrBackend.master(residuals, *, options, workdir) -> Residual
     ExtractBackend.extract(residual, *, options, workdir) -> astropy Table
+    PhotometryBackend.photometry(image, positions, *, psf, options, workdir) -> astropy Table
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from oasis_core.contracts.model import Frame, Residual, Template
+from oasis_core.contracts.model import Frame, PsfModel, Residual, Template
 from oasis_core.contracts.stages import StageNames, StageTable
 from oasis_core.contracts.validators import Check, InRange, one_of
 
@@ -41,6 +42,7 @@ __all__ = [
     "MaskBackend",
     "MrBackend",
     "NoOptions",
+    "PhotometryBackend",
     "PsfBackend",
     "Simulator",
     "SubtractBackend",
@@ -309,6 +311,39 @@ class ExtractBackend(Backend):
         ``x``, ``y`` are 0-based pixel positions, ``flux`` in ADU (negative for negative
         sources when the backend detects them), ``snr`` the detection significance, ``a``
         and ``b`` the semi-axes in pixels. Filtering (majority, dipoles) is the core's job.
+        """
+        raise NotImplementedError
+
+
+class PhotometryBackend(Backend):
+    """Measures fluxes at given positions on a residual (or on the template): forced
+    photometry, one row per position."""
+
+    stage = "photometry"
+
+    #: Columns every photometry backend returns, one row per position, in their order.
+    COLUMNS: ClassVar[tuple[str, ...]] = ("flux", "flux_err", "flag")
+
+    def photometry(
+        self, image: Residual, positions: Any, *, psf: PsfModel, options: Any, workdir: Path
+    ) -> Any:
+        """Return an :class:`astropy.table.Table` with :attr:`COLUMNS`, row ``i`` for
+        ``positions[i]``.
+
+        ``image`` is a residual (or the template, given as a :class:`Residual` whose
+        ``noise`` is the template's noise image and whose ``data`` has its sky removed);
+        ``positions`` an ``(N, 2)`` float array of 0-based ``x``, ``y`` on its grid;
+        ``psf`` the image of a point source of unit flux *in template ADU* at the image
+        centre, built by the core (the template's PSF convolved with the residual's
+        kernel when the template was convolved, the template's PSF when the science
+        frame was, else the science frame's PSF), so that ``flux`` comes out in template
+        ADU whatever the frame's photometric scale. ``flux_err`` is the 1-sigma error
+        from ``image.noise`` (a backend may scale it for the noise correlations the
+        noise image misses, saying so in the table's ``meta``); ``flag`` an integer, 0
+        for a clean measurement (bit 1: a masked pixel near the position, 2: partly off
+        the image, 4: no usable pixel, flux NaN, 8: a poor fit; 16 is the core's: the
+        residual itself is flagged). More columns are allowed (``background``,
+        ``chi2``...).
         """
         raise NotImplementedError
 

@@ -26,6 +26,7 @@ from oasis_core.contracts.backends import (
     ExtractBackend,
     MaskBackend,
     MrBackend,
+    PhotometryBackend,
     PsfBackend,
     Simulator,
     SubtractBackend,
@@ -39,6 +40,7 @@ __all__ = [
     "oasis_extract_backends",
     "oasis_mask_backends",
     "oasis_mr_backends",
+    "oasis_photometry_backends",
     "oasis_psf_backends",
     "oasis_simulators",
     "oasis_subtract_backends",
@@ -115,6 +117,22 @@ def oasis_extract_backends() -> Iterable[ExtractBackend]:
     """Yield the source-extraction backends this plugin provides.
 
     An extract backend detects sources on one residual and returns a Table.
+    """
+
+
+@hookspec
+def oasis_photometry_backends() -> Iterable[PhotometryBackend]:
+    """Yield the photometry backends this plugin provides.
+
+    A photometry backend measures forced fluxes at given positions on one residual (and
+    on the template, for the reference flux) with the PSF the core gives it, and returns
+    a Table, one row per position (the light curves are the core's).
+
+    Examples
+    --------
+    >>> @hookimpl
+    ... def oasis_photometry_backends():
+    ...     yield MyPsfPhotometry()
     """
 
 

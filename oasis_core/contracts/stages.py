@@ -9,7 +9,7 @@ function run by the executor (if it has per-unit work) and its place in the run 
 (the command line reads the stage names from it for ``oasis --help``) and no cycle forms
 with the pipeline.
 
-The seven built-in stages are :data:`BUILTIN`. A third-party distribution adds a stage
+The eight built-in stages are :data:`BUILTIN`. A third-party distribution adds a stage
 with one module (its hookspec, base class, settings, runner) and one record, exposed in
 the ``oasis.stages`` entry-point group::
 
@@ -173,6 +173,16 @@ BUILTIN: tuple[Stage, ...] = (
     _builtin("subtract", "SubtractBackend", "residuals", "combine", True),
     _builtin("mr", "MrBackend", "residuals", "subtract", False),
     _builtin("extract", "ExtractBackend", "sources", "mr", True),
+    Stage(
+        name="photometry",
+        base="oasis_core.contracts.backends:PhotometryBackend",
+        settings="oasis_core.engine.config:PhotometrySettings",
+        folder="lightcurves",
+        runner="oasis_core.engine.photometry:run",
+        task="oasis_core.engine.photometry:task",
+        after="extract",
+        description="forced photometry on every residual: light curves and variables",
+    ),
 )
 
 _STAGES: tuple[Stage, ...] | None = None

@@ -239,6 +239,7 @@ CATALOG_FILES = {
     "filtered_sources": "filtered_sources.ecsv",
     "mr_sources": "MR_sources.ecsv",
     "mr_filtered_sources": "MR_filtered_sources.ecsv",
+    "variables": "variables.ecsv",
 }
 
 
@@ -255,8 +256,9 @@ class RunResult:
     catalogs : dict of str to astropy.table.Table
         ``sources``, ``filtered_sources``, ``mr_sources`` and ``mr_filtered_sources`` (the
         ECSV catalogs, with units: ``SkyCoord(t["ra"], t["dec"])`` and
-        ``Time(t["mjd"], format="mjd")`` work as they are); a catalog the run did not
-        write is absent.
+        ``Time(t["mjd"], format="mjd")`` work as they are), the photometry stage's
+        ``variables`` (one row per source) and ``lightcurves`` (one row per source per
+        frame); a catalog the run did not write is absent.
     """
 
     __slots__ = ("catalogs", "summary", "target")
@@ -328,4 +330,7 @@ def run(
         for key, name in CATALOG_FILES.items()
         if (folder / name).exists()
     }
+    curves = ctx.target.stage_dir("photometry") / "lightcurves.ecsv"
+    if curves.exists():
+        catalogs["lightcurves"] = Table.read(curves, format="ascii.ecsv")
     return RunResult(ctx.target.path, summary, catalogs)

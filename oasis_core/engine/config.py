@@ -200,6 +200,40 @@ class ExtractSettings:
     )
 
 
+@attrs.frozen(kw_only=True)
+class PhotometrySettings:
+    """Core settings of the photometry stage (where to measure, times, light-curve
+    statistics; the fit itself is the backend's)."""
+
+    backend: str = option("native", "photometry backend; see `oasis plugins`")
+    at: tuple[str, ...] = option(
+        (),
+        "further positions to measure: 'RA,DEC' (degrees or sexagesimal) or 'X,Ypx' "
+        "(0-based template pixels)",
+    )
+    at_file: str = option("", "a file of further positions, one a line ('' = none)", path=True)
+    catalog: bool = option(True, "measure the kept sources of the extract stage too")
+    match_radius: float = option(
+        1.5, "catalog positions closer than this are one source [pix]", range=positive
+    )
+    zero_point: float = option(
+        0.0, "magnitude zero point of the template (0 = no magnitude columns)", range=(0, None)
+    )
+    barycentric: bool = option(
+        False, "times as barycentric MJD (TDB) when the headers give coordinates and a site"
+    )
+    period_min: float = option(0.05, "shortest period searched [days]", range=positive)
+    period_max: float = option(
+        0.0, "longest period searched [days] (0 = half the time span)", range=non_negative
+    )
+    fap_max: float = option(
+        0.01,
+        "a period is reported when its false-alarm probability is below this",
+        range=in_range(0, 1, lo_open=True),
+    )
+    plots: bool = option(True, "a PNG per source and lightcurves/index.html")
+
+
 #: The settings class of ``[run]`` and of each stage's table: a view of
 #: :mod:`oasis_core.contracts.stages` (each stage's ``settings``).
 SETTINGS: Mapping[str, type] = StageTable(

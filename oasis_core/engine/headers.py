@@ -227,6 +227,8 @@ TIME_KEYS = (
     "TIME-OBS",
     "UTSTART",
     "UT",
+    "JD",
+    "HJD",
 )
 
 
@@ -241,9 +243,11 @@ def header_mjd(header: Any) -> float | None:
     otherwise the start, ``MJD-OBS`` (or ``MJD-BEG``), else ``DATE-OBS`` (or ``DATE-BEG``;
     a date alone is completed by ``TIME-OBS`` / ``UTSTART`` / ``UT``), plus half the
     exposure time (``EXPTIME`` / ``EXPOSURE`` / ``ITIME``, seconds; the start itself when
-    none is given). Dates are read by :class:`astropy.time.Time` in the header's
-    ``TIMESYS`` (UTC when absent or unknown), and the MJD is in that scale. A header
-    without a readable time gives None.
+    none is given); else ``JD`` (the start, as a Julian date) plus half the exposure
+    time; else ``HJD`` (taken as the heliocentric mid-exposure time, as it is). Dates
+    are read by :class:`astropy.time.Time` in the header's ``TIMESYS`` (UTC when absent
+    or unknown), and the MJD is in that scale. A header without a readable time gives
+    None.
     """
     from astropy.time import Time
 
@@ -281,8 +285,11 @@ def header_mjd(header: Any) -> float | None:
         start = from_date("DATE-OBS")
     if start is None:
         start = from_date("DATE-BEG")
+    if start is None and (jd := finite_value(header.get("JD"))) is not None:
+        start = jd - 2400000.5
     if start is None:
-        return None
+        hjd = finite_value(header.get("HJD"))  # heliocentric, at mid-exposure: as it is
+        return None if hjd is None else hjd - 2400000.5
     exptime = header_value(header, EXPTIME_KEYS)
     if exptime is not None and exptime > 0:
         return start + exptime / 2.0 / 86400.0

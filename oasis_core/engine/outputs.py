@@ -193,6 +193,12 @@ def summaries(ctx: Context, stage: str) -> list[Path]:
             directory / "total_sources.txt",
             directory / "detections",
         ]
+    if stage == "photometry":
+        return [
+            directory / "lightcurves.ecsv",
+            directory / "index.html",
+            ctx.target.stage_dir("extract") / "variables.ecsv",
+        ]
     return []
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "make_context",
     "mask",
     "mr",
+    "photometry",
     "pipeline",
     "psf",
     "residual_verdict",
@@ -158,6 +159,9 @@ mr = _stage_function("mr")
 extract = _stage_function("extract")
 
 
+photometry = _stage_function("photometry")
+
+
 def pipeline(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     """Run every stage on the target at ``path``; return each stage's result.
 
@@ -173,7 +177,8 @@ def pipeline(path: str | Path, **kwargs: Any) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``result["extract"]`` is the summary of the detections (counts, mean Q).
+        ``result["extract"]`` is the summary of the detections (counts, mean Q),
+        ``result["photometry"]`` that of the light curves (sources, frames, kinds).
     """
     ctx = make_context(path, **kwargs)
     with closing_executor(ctx, owned=kwargs.get("executor") is None):

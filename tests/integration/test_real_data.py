@@ -108,6 +108,44 @@ def test_decam_catalogs_have_sky_coordinates(decam_target):
     assert np.all((y > -0.5) & (y < header["NAXIS2"] - 0.5))
 
 
+def _assert_every_kept_source_has_a_light_curve(path: Path) -> Table:
+    """Every source kept by the extract stage (``filtered_sources``, ``MR_filtered_sources``)
+    lies within ``[photometry] match_radius`` of a source with a light curve: one row per
+    usable residual, a finite flux on most; returns the light curves."""
+    curves = Table.read(path / "lightcurves" / "lightcurves.ecsv")
+    variables = Table.read(path / "sources" / "variables.ecsv")
+    residuals = sorted((path / "residuals").glob("*_residual.fits"))
+    assert len(curves) == len(variables) * len(residuals)
+    kept = [
+        Table.read(path / "sources" / f"{stem}.ecsv")
+        for stem in ("filtered_sources", "MR_filtered_sources")
+    ]
+    xs = np.concatenate([np.asarray(t["x"], float) for t in kept])
+    ys = np.concatenate([np.asarray(t["y"], float) for t in kept])
+    assert len(xs) > 0
+    d = np.hypot(xs[:, None] - variables["x"][None, :], ys[:, None] - variables["y"][None, :])
+    assert np.all(d.min(axis=1) <= 1.5 + 1e-6)
+    for sid in variables["source_id"]:
+        curve = curves[curves["source_id"] == sid]
+        assert len(set(curve["frame"])) == len(residuals)
+        assert np.isfinite(np.asarray(curve["flux"], float)).mean() >= 0.5
+    return curves
+
+
+def test_decam_every_kept_source_has_a_light_curve_with_header_times(decam_target):
+    """The light curves' times are the frames' mid-exposure MJD (MJD-OBS + EXPTIME/2).
+    (The shared cutouts all carry one header time, 2018-08-04T09:23:31.6, although they
+    come from two epochs: the times are the headers', as they are.)"""
+    target, result = decam_target
+    curves = _assert_every_kept_source_has_a_light_curve(target.path)
+    assert result["photometry"]["frames"] == 10
+    for row in curves[:: max(1, len(curves) // 20)]:
+        header = fits.getheader(target.path / "data" / f"{row['frame']}.fits")
+        expected = header["MJD-OBS"] + header["EXPTIME"] / 2 / 86400
+        assert row["mjd"] == pytest.approx(expected, abs=1e-8)
+    assert (target.path / "lightcurves" / "index.html").is_file()
+
+
 def test_isis_unregistered_bare_headers_end_to_end(tmp_path, shared_data):
     """No WCS, gain or saturation; translations up to 5 x 6.7 px: alignment from pixels."""
     target = Target(tmp_path / "isis").create()
@@ -124,6 +162,10 @@ def test_isis_unregistered_bare_headers_end_to_end(tmp_path, shared_data):
     assert np.all((psf["fwhm"] > 3.5) & (psf["fwhm"] < 6.0))
     qs = [fits.getheader(p)["OASQ"] for p in (target.path / "residuals").glob("*_residual.fits")]
     assert len(qs) == 10 and min(qs) > 0.5
+    # light curves for every kept source; the bare headers give no time: mjd masked, the
+    # frames in name order
+    curves = _assert_every_kept_source_has_a_light_curve(target.path)
+    assert np.ma.getmaskarray(curves["mjd"]).all()
 
 
 def _prepared(path: Path, registry, cfg, workdir):

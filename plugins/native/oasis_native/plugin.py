@@ -16,6 +16,7 @@ __all__ = [
     "oasis_extract_backends",
     "oasis_mask_backends",
     "oasis_mr_backends",
+    "oasis_photometry_backends",
     "oasis_psf_backends",
     "oasis_simulators",
     "oasis_subtract_backends",
@@ -72,6 +73,13 @@ def oasis_extract_backends():  # type: ignore[no-untyped-def]
     from oasis_native.extract import NativeExtract
 
     yield NativeExtract()
+
+
+@hookimpl
+def oasis_photometry_backends():  # type: ignore[no-untyped-def]
+    from oasis_native.photometry import NativePhotometry
+
+    yield NativePhotometry()
 
 
 @hookimpl

@@ -27,7 +27,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -632,6 +632,7 @@ def simulate_series(
     frame_fwhm: Sequence[float] | None = None,
     frame_ellipticity: Sequence[float] | None = None,
     frame_angle: Sequence[float] | None = None,
+    variables: Sequence[tuple[float, float, Callable[[float], float]]] | None = None,
 ) -> SimSeries:
     """Simulate a series of frames of one field.
 
@@ -682,6 +683,13 @@ def simulate_series(
     frame_angle : sequence of float, optional
         The position angle (degrees, from +x towards +y) of each frame's major axis,
         instead of a random one (``SIMPA``).
+    variables : sequence of (x, y, function), optional
+        Point sources whose flux changes: ``(x, y)`` their 0-based position in frame 0's
+        pixels, ``function(mjd) -> flux`` (ADU, >= 0) of the frame's mid-exposure MJD.
+        Each is rendered with the frame's PSF into the scene before its noise is drawn,
+        so a variable's photon noise is the frame's; the fluxes used are in
+        ``stars.meta["variables"]`` (one list per source, one flux per frame). They use
+        no random draw: the rest of the series is the same with or without them.
 
         With none of the last four the series is exactly the one of earlier versions
         (the same draws, in the same order, for a given ``seed``). A crowded series of
@@ -785,6 +793,13 @@ def simulate_series(
     hot_val = np.exp(drng.uniform(math.log(500.0), math.log(20000.0), n_hot))
 
     mjd = 60000.0 + float(frng.uniform(0.0, 1.0))
+    var_flux: list[list[float]] = [[] for _ in variables or ()]
+    if variables:
+        v_ra, v_dec = ref.wcs_pix2world(
+            np.array([v[0] for v in variables], float),
+            np.array([v[1] for v in variables], float),
+            0,
+        )
     yy = (np.arange(ny, dtype=np.float64) - (ny - 1) / 2.0)[:, None] / ny
     xx = (np.arange(nx, dtype=np.float64) - (nx - 1) / 2.0)[None, :] / nx
     frames: list[tuple[np.ndarray, Any]] = []
@@ -837,6 +852,13 @@ def simulate_series(
         sigma = _sigma_pix(sky_k, gain, readnoise)
         sx, sy = wcs.wcs_world2pix(field.ra, field.dec, 0)
         model = sky_map + _render_points(shape, sx, sy, field.flux, psf, 0.3 * sigma)
+        if variables:
+            mid = mjd + 30.0 / 86400.0  # EXPTIME / 2
+            vflux = np.array([max(0.0, float(fn(mid))) for _, _, fn in variables])
+            for i, value in enumerate(vflux):
+                var_flux[i].append(float(value))
+            vx, vy = wcs.wcs_world2pix(v_ra, v_dec, 0)
+            model += _render_points(shape, vx, vy, vflux, psf, 0.3 * sigma)
         if field.galaxy is not None:
             gal = field.galaxy
             gx, gy = wcs.wcs_world2pix([gal["ra"]], [gal["dec"]], 0)
@@ -909,7 +931,10 @@ def simulate_series(
         frames.append((image.astype(np.float32), header))
         names.append(name)
     truth = _truth_table(rows)
-    return SimSeries(frames=frames, names=names, truth=truth, stars=_stars_table(field))
+    stars = _stars_table(field)
+    if variables:
+        stars.meta["variables"] = var_flux
+    return SimSeries(frames=frames, names=names, truth=truth, stars=stars)
 
 
 def _per_frame_psf(
