@@ -145,7 +145,8 @@ class NativeMask(MaskBackend):
     description = "cosmic rays (astroscrappy L.A.Cosmic), saturated stars and bleed trails"
 
     def check(self, options: NativeMaskOptions) -> None:
-        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` without sep/astroscrappy."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` without sep or
+        astroscrappy."""
         modules = ("sep", "astroscrappy") if options.cosmics else ("sep",)
         _require("mask", *modules)
 

@@ -1,4 +1,5 @@
-"""The native plugin's :class:`~oasis_core.contracts.backends.Simulator` (wraps :mod:`oasis_native.sim`)."""
+"""The native plugin's :class:`~oasis_core.contracts.backends.Simulator` (wraps
+:mod:`oasis_native.sim`)."""
 
 from __future__ import annotations
 

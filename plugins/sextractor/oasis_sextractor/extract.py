@@ -407,7 +407,8 @@ class SextractorExtract(ExtractBackend):
         )
 
     def check(self, options: SextractorExtractOptions) -> None:
-        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when SExtractor is missing."""
+        """Raise :class:`~oasis_core.contracts.errors.BackendUnavailable` when SExtractor is
+        missing."""
         self._program(options)
 
     def extract(
