@@ -14,6 +14,7 @@ import attrs
 import numpy as np
 
 from oasis_core.engine import io
+from oasis_core.engine.headers import tan_wcs_cards
 
 __all__ = [
     "DEFAULT_PIXEL_SCALE",
@@ -207,26 +208,10 @@ def linear_wcs(header: Any, shape: tuple[int, int]) -> tuple[float, float, np.nd
 def wcs_cards(
     shape: tuple[int, int], ra0: float, dec0: float, cd0: np.ndarray, draw: FrameDraw
 ) -> dict[str, Any]:
-    ny, nx = shape
-    t = math.radians(draw.rotation)
-    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
-    cd = cd0 @ rot.T  # R^-1 = R^T
-    return {
-        "CTYPE1": "RA---TAN",
-        "CTYPE2": "DEC--TAN",
-        "CUNIT1": "deg",
-        "CUNIT2": "deg",
-        "CRVAL1": ra0,
-        "CRVAL2": dec0,
-        "CRPIX1": (nx + 1) / 2.0 + draw.shift_x,  # 1-based centre, moved by the shift
-        "CRPIX2": (ny + 1) / 2.0 + draw.shift_y,
-        "CD1_1": float(cd[0, 0]),
-        "CD1_2": float(cd[0, 1]),
-        "CD2_1": float(cd[1, 0]),
-        "CD2_2": float(cd[1, 1]),
-        "RADESYS": "ICRS",
-        "EQUINOX": 2000.0,
-    }
+    """The frame's TAN WCS: the real frame's, moved and rotated as ``draw`` says."""
+    return tan_wcs_cards(
+        shape, ra0, dec0, cd0, shift=(draw.shift_x, draw.shift_y), rotation=draw.rotation
+    )
 
 
 def draw_frames(

@@ -274,3 +274,28 @@ def test_a_non_positive_gain_is_ignored_and_thin_images_refused(tmp_path, caplog
     fits.PrimaryHDU(np.ones((3, 128), np.float32)).writeto(tmp_path / "thin.fits")
     with pytest.raises(InputError, match=r"thin.fits: the image is 3x128 pixels; a frame needs"):
         io.read_frame(tmp_path / "thin.fits")
+
+
+def test_tan_wcs_cards_move_and_rotate_the_frame():
+    """One TAN WCS for every simulated frame: a point of the unmoved frame lands at
+    ``crpix + shift + R(rotation) (p - crpix)`` of the moved one."""
+    import math
+
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    from oasis_core.engine.headers import tan_wcs_cards
+
+    scale = 0.3 / 3600
+    cd = np.array([[-scale, 0.0], [0.0, scale]])
+    base = WCS(fits.Header(tan_wcs_cards((101, 121), 150.0, 2.0, cd)))
+    moved = WCS(
+        fits.Header(tan_wcs_cards((101, 121), 150.0, 2.0, cd, shift=(3.0, -2.0), rotation=30.0))
+    )
+    p = np.array([[80.0, 20.0]])  # 0-based pixel of the unmoved frame
+    centre = np.array([60.0, 50.0])  # 0-based centre of a 121 x 101 frame
+    t = math.radians(30.0)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    expected = centre + np.array([3.0, -2.0]) + (p - centre) @ rot.T
+    sky = base.all_pix2world(p, 0)
+    assert np.allclose(moved.all_world2pix(sky, 0), expected, atol=1e-6)

@@ -19,6 +19,7 @@ value's own type (never a number as a string).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "header_wcs",
     "sanitize_header",
     "set_card",
+    "tan_wcs_cards",
     "warn_dropped_cards",
 ]
 
@@ -319,3 +321,39 @@ MEASURED_KEYS = {
     "fwhm": ("FWHM", "PSF full width at half maximum [pix]"),
     "snr": ("OASSNR", "frame S/N figure (median PSF-star peak S/N)"),
 }
+
+
+def tan_wcs_cards(
+    shape: tuple[int, int],
+    ra0: float,
+    dec0: float,
+    cd: Any,
+    *,
+    shift: tuple[float, float] = (0.0, 0.0),
+    rotation: float = 0.0,
+) -> dict[str, Any]:
+    """The cards of a TAN WCS centred on ``(ra0, dec0)`` (deg) with the 2x2 matrix ``cd``
+    (deg/px), for a frame moved by ``shift`` px and rotated by ``rotation`` degrees: a point
+    at pixel p of the unmoved frame lands at ``crpix + shift + R(rotation) (p - crpix)``.
+    One definition for every simulated frame (the native simulator, same-field series).
+    """
+    ny, nx = shape
+    t = math.radians(rotation)
+    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+    moved = np.asarray(cd, float) @ rot.T  # CD_k = CD_0 R^-1
+    return {
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CUNIT1": "deg",
+        "CUNIT2": "deg",
+        "CRVAL1": float(ra0),
+        "CRVAL2": float(dec0),
+        "CRPIX1": (nx + 1) / 2.0 + shift[0],  # 1-based centre, moved by the shift
+        "CRPIX2": (ny + 1) / 2.0 + shift[1],
+        "CD1_1": float(moved[0, 0]),
+        "CD1_2": float(moved[0, 1]),
+        "CD2_1": float(moved[1, 0]),
+        "CD2_2": float(moved[1, 1]),
+        "RADESYS": "ICRS",
+        "EQUINOX": 2000.0,
+    }

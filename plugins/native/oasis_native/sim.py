@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import numpy as np
 
+from oasis_core.engine.headers import tan_wcs_cards
+
 if TYPE_CHECKING:
     from astropy.io.fits import Header
     from astropy.table import Table
@@ -341,32 +343,11 @@ def _peak_for_snr(snr: np.ndarray, b: np.ndarray, gain: float, readnoise: float)
 def _wcs_header(
     shape: tuple[int, int], ra0: float, dec0: float, shift: tuple[float, float], rot_deg: float
 ) -> dict[str, Any]:
-    """TAN WCS cards of a frame offset by ``shift`` px and rotated by ``rot_deg`` from frame 0.
-
-    A point at frame-0 pixel p0 lands at ``crpix0 + shift + R(rot) (p0 - crpix0)``.
-    """
-    ny, nx = shape
+    """TAN WCS cards of a frame offset by ``shift`` px and rotated by ``rot_deg`` from frame 0
+    (:func:`oasis_core.engine.headers.tan_wcs_cards`)."""
     scale = PIXEL_SCALE / 3600.0
     cd0 = np.array([[-scale, 0.0], [0.0, scale]])
-    t = math.radians(rot_deg)
-    rot = np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
-    cd = cd0 @ rot.T  # CD_k = CD_0 R^-1
-    return {
-        "CTYPE1": "RA---TAN",
-        "CTYPE2": "DEC--TAN",
-        "CUNIT1": "deg",
-        "CUNIT2": "deg",
-        "CRVAL1": ra0,
-        "CRVAL2": dec0,
-        "CRPIX1": (nx + 1) / 2.0 + shift[0],
-        "CRPIX2": (ny + 1) / 2.0 + shift[1],
-        "CD1_1": cd[0, 0],
-        "CD1_2": cd[0, 1],
-        "CD2_1": cd[1, 0],
-        "CD2_2": cd[1, 1],
-        "RADESYS": "ICRS",
-        "EQUINOX": 2000.0,
-    }
+    return tan_wcs_cards(shape, ra0, dec0, cd0, shift=shift, rotation=rot_deg)
 
 
 def _make_wcs(cards: dict[str, Any]) -> Any:
