@@ -1223,8 +1223,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """Console-script entry point (``oasis``)."""
-    sys.exit(main())
+    """Console-script entry point (``oasis``).
+
+    The process ends with the command: its objects are frozen (``gc.freeze``) so that the
+    interpreter's final cyclic collections do not walk every imported module's objects
+    (0.1-0.3 s with astropy loaded); the operating system takes the memory back.
+    """
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
