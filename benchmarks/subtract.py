@@ -607,7 +607,10 @@ def run_case(case: Case, names: list[str], args: argparse.Namespace, tmpdir: Pat
             f"{m['flux']:6.3f} {m['q']:6.3f} {m['good']:5.2f}{note}",
             flush=True,
         )
-    print(f"  wall min/median/max ({rounds} run(s)), vs hotpants (bare): " + "; ".join(summary))
+    what = f"  wall min/median/max over {rounds} round(s)"
+    if bare in walls:
+        what += " (in brackets: the ratio to hotpants (bare), min/median/max)"
+    print(f"{what}: " + "; ".join(summary))
 
 
 if __name__ == "__main__":
