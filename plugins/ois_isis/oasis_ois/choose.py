@@ -33,10 +33,11 @@ The image convolved is the one whose PSF is contained in the other's (the moment
 next one is used and the fallback recorded. The core's optimisation loop then tries the
 other models (:func:`other_models`) when Q stays below ``[subtract] q_ceiling``, keeping
 the best; with fewer than :data:`MIN_KERNEL_STARS` stars it tries nothing else (a model
-with free shape on one star would fit a transient away). From its second configuration
-on the same frames the prepared pair and its census are kept and reused by the next ones
-(they depend only on ``saturation``, ``pix_min``, ``min_stamp_snr`` and ``sigma_clip``),
-until the science frame is collected or another pair is tried.
+with free shape on one star would fit a transient away). From the second configuration
+on the same frames (any kernel model) the prepared pair and its census are kept and
+reused by the next ones (they depend only on ``saturation``, ``pix_min``,
+``min_stamp_snr`` and ``sigma_clip``), until the science frame is collected or another
+pair is tried.
 
 Every residual records (``meta``, hence ``OAS`` header cards and ``residuals/log.txt``):
 ``choice_kernel`` (the model used), ``kernel_reason`` (why), ``fallback`` (a sentence,
@@ -328,12 +329,26 @@ def _prepared_key(options: OisOptions) -> tuple[Any, ...]:
     return (options.saturation, options.pix_min, options.min_stamp_snr, options.sigma_clip)
 
 
+# The frames solve_model has prepared: (id(science), id(template)) -> weak references.
+_SEEN: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
 def _seen(science: Frame, template: Frame) -> bool:
-    """Whether :func:`solve_model` already ran on these very frames (the optimisation's
-    first configuration, ``kernel = "auto"``, remembered by :func:`_remember`)."""
+    """Whether :func:`solve_model` already prepared these very frames (the optimisation's
+    first configuration); the first call on a pair records it and returns False."""
+    key = (id(science), id(template))
     with _MEMO_LOCK:
-        entry = _MEMO.get((id(science), id(template)))
-    return entry is not None and entry[0]() is science and entry[1]() is template
+        entry = _SEEN.get(key)
+        if entry is not None and entry[0]() is science and entry[1]() is template:
+            return True
+        try:
+            refs = (weakref.ref(science), weakref.ref(template))
+        except TypeError:  # frames without weak references: never kept
+            return False
+        while len(_SEEN) >= _MEMO_SIZE:
+            _SEEN.pop(next(iter(_SEEN)))
+        _SEEN[key] = refs
+    return False
 
 
 def _keep_prepared(
