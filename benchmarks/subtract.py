@@ -2,7 +2,7 @@
 
 Run: ``python benchmarks/subtract.py [--sizes 1024 2048 4096] [--ratios 1.4]
 [--ratio-size 2048 --extra-ratios 1.1 1.8] [--kinds field cutout sparse crowded]
-[--cutouts 12] [--seed 3]``.
+[--cutouts 12] [--seed 3] [--repeat 5] [--no-bytecode-cache]``.
 
 Each pair comes from the project's simulator (``oasis_native.sim.simulate_pair``): a star
 field and a galaxy through Moffat PSFs, transients in the science frame. The kinds of
@@ -30,10 +30,22 @@ rows (``--kinds``):
 Every backend is run the way a user runs it, as a whole process (imports included):
 ``oasis subtract-pair SCI TPL OUT --subtract NAME``; when the ``hotpants`` program is on
 PATH it is also run bare, on the same pair, in the same table (its masked pixels are its
-fill value, 1e-30). Columns:
+fill value, 1e-30). With ``--repeat N`` every command runs N times, the commands of a
+pair in turn (all the backends, then hotpants, N rounds), so that a drift of the
+machine's speed hits them alike; the quality figures are those of the last round (the
+runs are deterministic).
 
-* ``wall s``: wall time of the process; ``peak MiB``: its peak resident memory
-  (GNU ``time``; for ``--subtract hotpants`` the program is a grandchild, not counted);
+The project's packages are compiled to bytecode first (``__pycache__`` beside the
+sources, which git ignores), as installing them does (pip compiles at install): in an
+environment with ``PYTHONDONTWRITEBYTECODE`` set (or a read-only checkout) every start
+would otherwise compile the project's modules again, about 0.25 s that no installed
+copy spends; ``--no-bytecode-cache`` skips this step. Columns:
+
+* ``wall s``: wall time of the process (the median of the ``--repeat`` runs);
+  ``peak MiB``: its peak resident memory (GNU ``time``; for ``--subtract hotpants`` the
+  program is a grandchild, not counted);
+* ``x hp``: the wall time over bare hotpants' on the same pair, the median of the
+  ratios of the runs of a round (1.00 on hotpants' own row; blank without hotpants);
 * ``bg noise``: robust std of residual / noise away from sources (1.0 = the noise image
   is right);
 * ``star rms``: normalised RMS inside 1-FWHM apertures on bright unsaturated stars (peak
@@ -60,6 +72,9 @@ fill value, 1e-30). Columns:
   of 4 FWHM, local background);
 * ``Q``: OasisPy's quality figure;
 * ``good``: fraction of the residual's pixels that are not masked.
+
+Under each pair's rows a line gives every backend's wall time (min / median / max over
+the runs) and its ratio to bare hotpants' (min / median / max over the rounds).
 
 Nothing here is asserted by the tests; the numbers are for this machine.
 """
@@ -259,6 +274,25 @@ def timed(cmd: list[str]) -> tuple[float, float, int, str]:
     return wall, peak, os.waitstatus_to_exitcode(status), err.strip()[-200:]
 
 
+def compile_bytecode() -> int:
+    """Compile the project's packages (``oasis_core`` and every installed backend's) to
+    bytecode beside their sources, as installing them does; return the number of
+    packages (see the module doc)."""
+    import compileall
+    import importlib.util
+
+    from oasis_core.engine.plugins import Registry
+
+    packages = {"oasis_core"}
+    for record in Registry().all_records():
+        packages.add(type(record.backend).__module__.split(".")[0])
+    for name in sorted(packages):
+        spec = importlib.util.find_spec(name)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            compileall.compile_dir(folder, quiet=1)
+    return len(packages)
+
+
 def hotpants_bare(sci: Path, tpl: Path, out: Path, noise: Path) -> list[str]:
     """The hotpants command line a user would type for this pair (valid levels from the
     data, so that hotpants does not mask the sky; noise image out)."""
@@ -451,6 +485,14 @@ def main() -> None:
         help="subtract backends to run (default: every available one)",
     )
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of every command, in rounds (medians)"
+    )
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="do not compile the project's bytecode first (see the module doc)",
+    )
     args = parser.parse_args()
 
     from oasis_core.engine.plugins import Registry
@@ -462,59 +504,113 @@ def main() -> None:
         if r.stage == "subtract" and registry.status(r) == "available"
     ]
     header = (
-        f"{'pair':<26} {'backend':<15} {'wall s':>7} {'peak MiB':>8} "
+        f"{'pair':<26} {'backend':<15} {'wall s':>7} {'x hp':>5} {'peak MiB':>8} "
         f"{'bg noise':>8} {'star rms':>8} {'star/bg':>7} {'bg (common)':>11} "
         f"{'star rms (common)':>17} {'flux':>6} {'Q':>6} {'good':>5}"
     )
-    print(header)
-    print("-" * len(header))
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
+        packages = 0 if args.no_bytecode_cache else compile_bytecode()
+        print(
+            "bytecode: "
+            + (f"{packages} packages compiled, as installed" if packages else "not compiled")
+            + f"; {max(1, args.repeat)} run(s) per command, in rounds"
+        )
+        print(header)
+        print("-" * len(header))
         for case in _cases(args, tmpdir):
-            labels = [*names, *(["hotpants (bare)"] if shutil.which("hotpants") else [])]
-            for label in labels:
-                rows, walls, peaks, failures = [], [], [], []
-                for i, (sci, tpl) in enumerate(case.pairs):
-                    out = tmpdir / f"out_{label.split()[0]}_{i}.fits"
-                    noise = out.with_suffix(".noise.fits")
-                    for stale in (out, noise):
-                        stale.unlink(missing_ok=True)
-                    if label == "hotpants (bare)":
-                        cmd = hotpants_bare(sci, tpl, out, noise)
-                    else:
-                        cmd = [
-                            sys.executable, "-m", "oasis_apps.cli", "subtract-pair",
-                            str(sci), str(tpl), str(out), "--subtract", label,
-                        ]  # fmt: skip
-                    wall, peak, code, err = timed(cmd)
-                    walls.append(wall)
-                    peaks.append(peak)
-                    if code != 0 or not out.exists():
-                        failures.append(err.splitlines()[-1] if err else f"exit {code}")
-                        continue
-                    rows.append(
-                        measure(
-                            out,
-                            noise if noise.exists() else None,
-                            case.truths[i],
-                            case.fwhm,
-                            case.templates[i],
-                            case.commons[i],
-                            min_snr=10.0 if len(case.pairs) > 1 else 20.0,
-                        )
-                    )
-                if not rows:
-                    print(f"{case.label:<26} {label:<15} failed: {failures[0][:120]}")
+            run_case(case, names, args, tmpdir)
+
+
+def run_case(case: Case, names: list[str], args: argparse.Namespace, tmpdir: Path) -> None:
+    """Run every command of ``case`` ``args.repeat`` times in rounds; print its rows and
+    its wall-time summary line."""
+    labels = [*names, *(["hotpants (bare)"] if shutil.which("hotpants") else [])]
+    bare = "hotpants (bare)"
+    # walls[label][round][pair], peaks[label], rows[label] (the last round's), failures
+    walls: dict[str, list[list[float]]] = {label: [] for label in labels}
+    peaks: dict[str, list[float]] = {label: [] for label in labels}
+    rows: dict[str, list[dict[str, float]]] = {}
+    failures: dict[str, list[str]] = {}
+    rounds = max(1, args.repeat)
+    for round_ in range(rounds):
+        last = round_ == rounds - 1
+        for label in labels:
+            if last:
+                rows[label], failures[label] = [], []
+            walls[label].append([])
+            for i, (sci, tpl) in enumerate(case.pairs):
+                out = tmpdir / f"out_{label.split()[0]}_{i}.fits"
+                noise = out.with_suffix(".noise.fits")
+                for stale in (out, noise):
+                    stale.unlink(missing_ok=True)
+                if label == bare:
+                    cmd = hotpants_bare(sci, tpl, out, noise)
+                else:
+                    cmd = [
+                        sys.executable, "-m", "oasis_apps.cli", "subtract-pair",
+                        str(sci), str(tpl), str(out), "--subtract", label,
+                    ]  # fmt: skip
+                wall, peak, code, err = timed(cmd)
+                walls[label][-1].append(wall)
+                peaks[label].append(peak)
+                if not last:
                     continue
-                m = {k: _median([r[k] for r in rows]) for k in rows[0]}
-                note = f"  ({len(failures)} failed)" if failures else ""
-                print(
-                    f"{case.label:<26} {label:<15} {_median(walls):7.2f} {max(peaks):8.0f} "
-                    f"{m['bg']:8.3f} {m['star']:8.3f} {m['star'] / m['bg']:7.3f} "
-                    f"{m['bg_common']:11.3f} {m['star_common']:17.3f} "
-                    f"{m['flux']:6.3f} {m['q']:6.3f} {m['good']:5.2f}{note}",
-                    flush=True,
+                if code != 0 or not out.exists():
+                    failures[label].append(err.splitlines()[-1] if err else f"exit {code}")
+                    continue
+                rows[label].append(
+                    measure(
+                        out,
+                        noise if noise.exists() else None,
+                        case.truths[i],
+                        case.fwhm,
+                        case.templates[i],
+                        case.commons[i],
+                        min_snr=10.0 if len(case.pairs) > 1 else 20.0,
+                    )
                 )
+
+    def ratios(label: str) -> list[float]:
+        """Per round, the median over the pairs of the wall time over hotpants'."""
+        if bare not in walls:
+            return []
+        return [
+            float(np.median(np.asarray(mine) / np.asarray(theirs)))
+            for mine, theirs in zip(walls[label], walls[bare], strict=True)
+        ]
+
+    summary = []
+    for label in labels:
+        per_round = [float(np.median(w)) for w in walls[label]]
+        ratio = ratios(label)
+        x_hp = f"{np.median(ratio):5.2f}" if ratio else " " * 5
+        times = f"{min(per_round):.2f}/{np.median(per_round):.2f}/{max(per_round):.2f} s"
+        summary.append(
+            f"{label} {times}"
+            + (
+                f" ({min(ratio):.2f}/{np.median(ratio):.2f}/{max(ratio):.2f}x)"
+                if ratio and label != bare
+                else ""
+            )
+        )
+        if not rows[label]:
+            print(f"{case.label:<26} {label:<15} failed: {failures[label][0][:120]}")
+            continue
+        m = {k: _median([r[k] for r in rows[label]]) for k in rows[label][0]}
+        note = f"  ({len(failures[label])} failed)" if failures[label] else ""
+        print(
+            f"{case.label:<26} {label:<15} {np.median(per_round):7.2f} {x_hp} "
+            f"{max(peaks[label]):8.0f} "
+            f"{m['bg']:8.3f} {m['star']:8.3f} {m['star'] / m['bg']:7.3f} "
+            f"{m['bg_common']:11.3f} {m['star_common']:17.3f} "
+            f"{m['flux']:6.3f} {m['q']:6.3f} {m['good']:5.2f}{note}",
+            flush=True,
+        )
+    what = f"  wall min/median/max over {rounds} round(s)"
+    if bare in walls:
+        what += " (in brackets: the ratio to hotpants (bare), min/median/max)"
+    print(f"{what}: " + "; ".join(summary))
 
 
 if __name__ == "__main__":

@@ -126,8 +126,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """Console-script entry point (``oasis``)."""
-    sys.exit(main())
+    """Console-script entry point (``oasis``).
+
+    The process ends with the command: the garbage left is collected once (so that every
+    unreachable object is finalized, open files closed), then what lives is frozen
+    (``gc.freeze``) so that the interpreter's final cyclic collections do not walk every
+    imported module's objects again (0.1-0.3 s with astropy loaded); the operating system
+    takes the memory back.
+    """
+    import gc
+
+    code = main()
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,11 @@ The image convolved is the one whose PSF is contained in the other's (the moment
 next one is used and the fallback recorded. The core's optimisation loop then tries the
 other models (:func:`other_models`) when Q stays below ``[subtract] q_ceiling``, keeping
 the best; with fewer than :data:`MIN_KERNEL_STARS` stars it tries nothing else (a model
-with free shape on one star would fit a transient away).
+with free shape on one star would fit a transient away). From the second configuration
+on the same frames (any kernel model) the prepared pair and its census are kept and
+reused by the next ones (they depend only on ``saturation``, ``pix_min``,
+``min_stamp_snr`` and ``sigma_clip``), until the science frame is collected or another
+pair is tried.
 
 Every residual records (``meta``, hence ``OAS`` header cards and ``residuals/log.txt``):
 ``choice_kernel`` (the model used), ``kernel_reason`` (why), ``fallback`` (a sentence,
@@ -234,8 +238,14 @@ def solve_model(science: Frame, template: Frame, options: OisOptions) -> OisSolu
         As the models do, when no model can subtract the pair.
     """
     with _single_threaded_blas():
-        sci, tpl = prepare_pair(science, template, options)
-        stars = census(sci, tpl, options)
+        prepared = _prepared(science, template, options)
+        if prepared is None:
+            sci, tpl = prepare_pair(science, template, options)
+            stars = census(sci, tpl, options)
+            if _seen(science, template):  # a further configuration: more may follow
+                _keep_prepared(science, template, options, (sci, tpl, stars))
+        else:
+            sci, tpl, stars = prepared
         choice = choose(options, stars, sci, tpl)
         if options.kernel == "auto":
             _remember(science, template, options, stars, choice.model)
@@ -306,3 +316,66 @@ def _run(
     return solve_low(
         science, template, sci, tpl, options, stars, direction=choice.direction, sources=sources
     )
+
+
+# The prepared pair and its census, kept from the second configuration the optimisation
+# tries on the same frames to the last (preparation and census depend only on these
+# options): id(science), id(template) -> (the options' values, (sci, tpl, census)).
+# An entry goes when its science frame is collected; one pair is kept at a time.
+_PREPARED: dict[tuple[int, int], tuple[Any, Any, tuple[Any, ...], tuple[Any, ...]]] = {}
+
+
+def _prepared_key(options: OisOptions) -> tuple[Any, ...]:
+    return (options.saturation, options.pix_min, options.min_stamp_snr, options.sigma_clip)
+
+
+# The frames solve_model has prepared: (id(science), id(template)) -> weak references.
+_SEEN: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def _seen(science: Frame, template: Frame) -> bool:
+    """Whether :func:`solve_model` already prepared these very frames (the optimisation's
+    first configuration); the first call on a pair records it and returns False."""
+    key = (id(science), id(template))
+    with _MEMO_LOCK:
+        entry = _SEEN.get(key)
+        if entry is not None and entry[0]() is science and entry[1]() is template:
+            return True
+        try:
+            refs = (weakref.ref(science), weakref.ref(template))
+        except TypeError:  # frames without weak references: never kept
+            return False
+        while len(_SEEN) >= _MEMO_SIZE:
+            _SEEN.pop(next(iter(_SEEN)))
+        _SEEN[key] = refs
+    return False
+
+
+def _keep_prepared(
+    science: Frame, template: Frame, options: OisOptions, pair: tuple[Any, ...]
+) -> None:
+    try:
+        refs = (weakref.ref(science), weakref.ref(template))
+    except TypeError:  # frames without weak references: nothing to keep
+        return
+    key = (id(science), id(template))
+    with _MEMO_LOCK:
+        _PREPARED.clear()
+        _PREPARED[key] = (*refs, _prepared_key(options), pair)
+    weakref.finalize(science, _drop_prepared, key)
+
+
+def _drop_prepared(key: tuple[int, int]) -> None:
+    with _MEMO_LOCK:
+        _PREPARED.pop(key, None)
+
+
+def _prepared(science: Frame, template: Frame, options: OisOptions) -> tuple[Any, ...] | None:
+    """The pair :func:`_keep_prepared` kept for these very frames and options, or None."""
+    with _MEMO_LOCK:
+        entry = _PREPARED.get((id(science), id(template)))
+    if entry is None or entry[0]() is not science or entry[1]() is not template:
+        return None
+    if entry[2] != _prepared_key(options):
+        return None
+    return entry[3]

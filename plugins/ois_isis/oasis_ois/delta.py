@@ -19,11 +19,13 @@ The fit (:func:`fit_delta`):
    all of them. Sky pixels enter only when the sources leave too few: there the
    convolved image's noise alone, uncorrelated with the reference's, would pull the
    kernel toward zero (errors in the variables), a bias that grows with their number.
-2. **Normal equations** from shifted copies of the convolved image: for a chunk of
-   pixels the ``(n, (2h+1)**2)`` matrix of shifted values ``C(x - u)`` is gathered
-   (float32) and ``F' diag(w m) F`` accumulated in float64 for every product ``m`` of
-   two spatial monomials (the distinct products only), then carried to Bramich's basis
-   and assembled. As in ISIS every pixel weighs the same (only the sampling weights):
+2. **Normal equations** from shifted copies of the convolved image: the pixels'
+   ``(n, n_groups)`` matrix ``F`` of the shifted values ``C(x - u)`` summed over each
+   group of kernel pixels is gathered (float32; a 2 x 2 or 3 x 3 block is one value of
+   the image's block sums), and ``F' diag(w m) F`` accumulated by chunks of pixels in
+   float64 for every product ``m`` of two spatial monomials (the distinct products only;
+   symmetric rank-k updates, two threads), then carried to Bramich's basis and
+   assembled. As in ISIS every pixel weighs the same (only the sampling weights):
    weighting by the variance gives the sky, where the template's noise rewards smooth
    kernels, too much say against the stars' cores.
 3. **Regularisation** (Becker et al. 2012; Bramich et al. 2016): ``lambda * |L k|**2``
@@ -320,26 +322,60 @@ def _signal_weight(conv: _Image, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
     return c * c / (c * c + s2)
 
 
-def _gather(image: np.ndarray, iy: np.ndarray, ix: np.ndarray, half: int) -> np.ndarray:
-    """``(n, (2h+1)**2)`` float32: ``image[y - v, x - u]`` for kernel pixel (v, u), row by
-    row: column ``k`` is kernel pixel ``k`` of a kernel image, for convolution."""
-    off = np.arange(-half, half + 1)
-    g = image[iy[:, None, None] - off[None, :, None], ix[:, None, None] - off[None, None, :]]
-    return g.reshape(iy.size, -1)
+def _box_sums(image: np.ndarray, size: int) -> np.ndarray:
+    """``B[p, q] = sum(image[p - dv, q - du] for dv, du in [0, size))`` (zero outside),
+    float32 from float64 sums: the sum over a ``size x size`` block of kernel pixels whose
+    smallest offsets are ``(v, u)`` is ``B[y - v, x - u]``."""
+    b = np.asarray(image, dtype=np.float64)
+    for axis in (0, 1):
+        acc = b.copy()
+        for shift in range(1, size):
+            if axis == 0:
+                acc[shift:] += b[:-shift]
+            else:
+                acc[:, shift:] += b[:, :-shift]
+        b = acc
+    return b.astype(np.float32)
 
 
 def _features(
     image: np.ndarray, iy: np.ndarray, ix: np.ndarray, half: int, groups: np.ndarray
 ) -> np.ndarray:
     """``(n, n_groups)`` float32: the shifted copies of ``image`` summed over each group of
-    kernel pixels (a group's feature is the image convolved by its indicator)."""
-    order = np.argsort(groups, kind="stable")
-    order = order[groups[order] >= 0]  # the corners outside the kernel
-    starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
-    out = np.empty((iy.size, starts.size), dtype=np.float32)
-    for lo in range(0, iy.size, CHUNK):
-        f = _gather(image, iy[lo : lo + CHUNK], ix[lo : lo + CHUNK], half)
-        out[lo : lo + CHUNK] = np.add.reduceat(f[:, order], starts, axis=1)
+    kernel pixels (a group's feature is the image convolved by its indicator).
+
+    A single pixel's feature is one shifted value; a group that fills an aligned square
+    block (the 2 x 2 and 3 x 3 blocks of :func:`kernel_groups`) is one value of the
+    image's block sums (:func:`_box_sums`); only the partial blocks (cut by the zones or
+    the circle) sum their pixels' values. One gather of a value per group and pixel.
+    """
+    nx = image.shape[1]
+    n = 2 * half + 1
+    off = np.arange(-half, half + 1)
+    v_of = np.repeat(off, n)  # kernel pixel k = (v, u), row by row
+    u_of = np.tile(off, n)
+    ng = int(groups.max()) + 1
+    flat = iy.astype(np.int64) * nx + ix
+    single = np.asarray(image, dtype=np.float32).ravel()
+    boxes: dict[int, np.ndarray] = {}
+    # column by column (Fortran order): each a gather of whole-image values at one shift
+    out = np.empty((iy.size, ng), dtype=np.float32, order="F")
+    for g in range(ng):
+        members = np.flatnonzero(groups == g)
+        v, u = v_of[members], u_of[members]
+        side = int(v.max() - v.min()) + 1
+        if members.size == 1:
+            np.take(single, flat - (int(v[0]) * nx + int(u[0])), out=out[:, g], mode="clip")
+        elif side * side == members.size and int(u.max() - u.min()) + 1 == side:
+            if side not in boxes:
+                boxes[side] = _box_sums(image, side).ravel()
+            shift = int(v.min()) * nx + int(u.min())
+            np.take(boxes[side], flat - shift, out=out[:, g], mode="clip")
+        else:  # a block cut by a zone boundary or the circle: its pixels one by one
+            acc = np.zeros(iy.size, dtype=np.float64)
+            for vm, um in zip(v, u, strict=True):
+                acc += single[flat - (int(vm) * nx + int(um))]
+            out[:, g] = acc
     return out
 
 
@@ -364,20 +400,49 @@ class _Equations:
     ) -> None:
         """Add (or with ``sign=-1`` remove) pixels: features ``f`` (n, nk), weights ``w``,
         monomial values ``mono`` (n, n_monos), data ``y``; float32 products of
-        :data:`CHUNK` pixels summed in float64."""
-        for lo in range(0, f.shape[0], CHUNK):
-            sl = slice(lo, lo + CHUNK)
-            fc, wc, mc, yc = f[sl], w[sl], mono[sl], y[sl]
-            wm = (wc[:, None] * mc).astype(np.float32)
-            for i in range(self.n_g):
-                fw = fc * wm[:, i : i + 1]
-                self.g[i] += sign * (fw.T @ fc).astype(np.float64)
-            self.h += sign * (wm[:, : self.n_h].T @ fc).astype(np.float64)
-            self.hh += sign * (wc[:, None] * mc).sum(axis=0)
-            nsp, nbg = _nterms(self.ds), _nterms(self.db)
-            wy = (wc * yc)[:, None] * mc[:, : max(nsp, nbg)]
-            self.rk += sign * (wy[:, :nsp].astype(np.float32).T @ fc).astype(np.float64)
-            self.rb += sign * wy[:, :nbg].sum(axis=0)
+        :data:`CHUNK` pixels summed in float64, the chunks shared by two threads.
+
+        Each ``F' diag(w m) F`` is a difference of two symmetric products (a BLAS rank-k
+        update, half a general product's work): ``A' A`` over the pixels where ``w m > 0``
+        (``A`` the rows scaled by ``sqrt(w m)``) minus ``B' B`` over those where it is
+        negative."""
+        from oasis_ois.ois import _in_two_threads
+
+        nsp, nbg = _nterms(self.ds), _nterms(self.db)
+        parts: dict[int, tuple[np.ndarray, ...]] = {}
+
+        def accumulate(start: int, stop: int) -> None:
+            g = np.zeros_like(self.g)
+            h = np.zeros_like(self.h)
+            hh = np.zeros_like(self.hh)
+            rk = np.zeros_like(self.rk)
+            rb = np.zeros_like(self.rb)
+            for lo in range(start, stop, CHUNK):
+                sl = slice(lo, min(lo + CHUNK, stop))
+                fc, wc, mc, yc = f[sl], w[sl], mono[sl], y[sl]
+                wm64 = wc[:, None] * mc
+                wm = wm64.astype(np.float32)
+                for i in range(self.n_g):
+                    col = wm[:, i]
+                    for rows, scale in ((col > 0, 1.0), (col < 0, -1.0)):
+                        if rows.any():
+                            a = fc[rows] * np.sqrt(scale * col[rows])[:, None]
+                            g[i] += scale * (a.T @ a).astype(np.float64)
+                h += (wm[:, : self.n_h].T @ fc).astype(np.float64)
+                hh += wm64.sum(axis=0)
+                wy = (wc * yc)[:, None] * mc[:, : max(nsp, nbg)]
+                rk += (wy[:, :nsp].astype(np.float32).T @ fc).astype(np.float64)
+                rb += wy[:, :nbg].sum(axis=0)
+            parts[start] = (g, h, hh, rk, rb)
+
+        _in_two_threads(accumulate, f.shape[0], CHUNK)
+        for start in sorted(parts):  # a fixed order: the same sums whichever thread ends first
+            g, h, hh, rk, rb = parts[start]
+            self.g += sign * g
+            self.h += sign * h
+            self.hh += sign * hh
+            self.rk += sign * rk
+            self.rb += sign * rb
 
 
 def _layout(nk: int, centre: int, nsp: int, const_ksum: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -394,6 +459,21 @@ def _layout(nk: int, centre: int, nsp: int, const_ksum: bool) -> tuple[np.ndarra
     return np.concatenate(ks), np.concatenate(ss)
 
 
+def _congruence(g: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``T' G_m T`` for each matrix of ``g`` (m, nk, nk). Bramich's ``T``
+    (:func:`_to_basis`) is the identity but for one row ``c``, ``T = I + e_c d'``: then
+    ``G T = G + G e_c d'`` and ``T' (G T) = G T + d e_c' G T``, two rank-one updates
+    instead of two matrix products per ``m``."""
+    eye = np.eye(t.shape[0])
+    rows = np.flatnonzero(np.any(t != eye, axis=1))
+    if rows.size != 1 or t[rows[0], rows[0]] != 1.0:
+        return t.T[None] @ g @ t[None]
+    c = int(rows[0])
+    d = t[c] - eye[c]
+    gt = g + g[:, :, c, None] * d[None, None, :]
+    return gt + d[None, :, None] * gt[:, c, None, :]
+
+
 def _assemble(
     eq: _Equations,
     t: np.ndarray,
@@ -405,7 +485,7 @@ def _assemble(
     k_idx, s_idx = layout
     sp = _monomials(eq.ds)
     bgm = _monomials(eq.db)
-    gb = t.T[None] @ eq.g @ t[None]  # T' G_m T
+    gb = _congruence(eq.g, t)  # T' G_m T
     hb = eq.h @ t  # (n_h, nk)
     rkb = eq.rk @ t
     prod = np.array(

@@ -16,8 +16,8 @@ lines and ``#`` comments. The names (:data:`ISIS_KEYS`) are ISIS's: ``nstamps_x`
 ``nstamps_y``, ``sub_x``, ``sub_y``, ``half_mesh_size``, ``half_stamp_size``, ``deg_bg``,
 ``saturation``, ``pix_min``, ``min_stamp_center``, ``ngauss``, ``deg_gauss1..3``,
 ``sigma_gauss1..3`` and ``deg_spatial``. Any other name is an error (a
-:class:`~oasis_core.contracts.errors.ConfigError` naming the file, the line and the key), and so is a
-value of the wrong type. ``sub_x`` and ``sub_y`` (ISIS cuts the image into that many
+:class:`~oasis_core.contracts.errors.ConfigError` naming the file, the line and the key), and
+so is a value of the wrong type. ``sub_x`` and ``sub_y`` (ISIS cuts the image into that many
 pieces, each with its own kernel) are accepted and ignored: the numpy fit always solves
 the whole image with a spatially varying kernel (``deg_spatial``), and the files written
 for ``mrj_phot`` ask for one piece.

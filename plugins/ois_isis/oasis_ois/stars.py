@@ -164,15 +164,17 @@ class Census:
 
 
 def _aperture_sums(
-    data: np.ndarray, var: np.ndarray, y: np.ndarray, x: np.ndarray, r: int
+    im: _Image, y: np.ndarray, x: np.ndarray, r: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Flux and variance of the prepared image ``im`` in a disk of radius ``r`` about
+    each (y, x); the variance only where the apertures are (not a whole image)."""
     off = np.arange(-r, r + 1)
     disk = (off[:, None] ** 2 + off[None, :] ** 2) <= r * r
     iy = (y[:, None] + off)[:, :, None]
     ix = (x[:, None] + off)[:, None, :]
     return (
-        (data[iy, ix] * disk).sum(axis=(1, 2), dtype=np.float64),
-        (var[iy, ix] * disk).sum(axis=(1, 2), dtype=np.float64),
+        (im.data[iy, ix] * disk).sum(axis=(1, 2), dtype=np.float64),
+        (im.variance((iy, ix)) * disk).sum(axis=(1, 2), dtype=np.float64),
     )
 
 
@@ -276,8 +278,8 @@ def census(sci: _Image, tpl: _Image, options: OisOptions) -> Census:
             radius=r,
         )
     snr = np.minimum(sci.data[y, x] / sci.noise, tpl.data[y, x] / tpl.noise)
-    fs, vs = _aperture_sums(sci.data, sci.variance(), y, x, r)
-    ft, vt = _aperture_sums(tpl.data, tpl.variance(), y, x, r)
+    fs, vs = _aperture_sums(sci, y, x, r)
+    ft, vt = _aperture_sums(tpl, y, x, r)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(ft > 0, fs / ft, np.nan)
         err = np.sqrt(vs / ft**2 + fs**2 * vt / ft**4)
