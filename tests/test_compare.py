@@ -338,7 +338,8 @@ def test_run_auto_order_stop_and_failures(pair, tmp_path):
     res = run_auto(auto, *pair, workdir=tmp_path, settings=settings)
     assert res.q == pytest.approx(0.9)  # stopped at the first past auto's ceiling
     assert res.meta["auto_choice"] == "high"
-    assert res.meta["auto_tried"].startswith("broken failed (sci: broken cannot")
+    # the frame is named once, by the caller: not again inside each backend's reason
+    assert res.meta["auto_tried"].startswith("broken failed (broken cannot")
     assert "never" not in res.meta["auto_tried"]
     assert res.meta["config"].startswith("auto: high")
     res = run_auto(auto, *pair, workdir=tmp_path, settings=settings, ceiling=1.0)

@@ -308,6 +308,7 @@ def test_PIPELINE_redoes_what_is_missing(target):
         "subtract",
         "mr",
         "extract",
+        "photometry",
     }
 
 
