@@ -50,3 +50,28 @@ def sim_target_done(tmp_path_factory):
     target = simulate_target(root, "sim", n_frames=8, shape=(384, 384), seed=7)
     pipeline(target.path, jobs=2)
     return target
+
+
+#: The test files that take longest (their module fixtures run whole pipelines): started
+#: first, so that the two workers (``-n 2 --dist loadfile``) end together.
+LONGEST_FIRST = (
+    "tests/test_compare.py",
+    "tests/sims/test_selftest.py",
+    "tests/integration/test_astromatic.py",
+    "tests/test_executor_dask.py",
+    "tests/integration/test_photometry_sim.py",
+    "tests/integration/test_cutouts.py",
+    "tests/integration/test_pipeline_sim.py",
+    "tests/hotpants/test_hotpants.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+
+    def key(item):
+        path = Path(str(item.path)).relative_to(root).as_posix()
+        return rank.get(path, len(rank))
+
+    items.sort(key=key)  # stable: the order within a file and among the others is kept
