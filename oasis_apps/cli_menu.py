@@ -1,7 +1,9 @@
 """``oasis run`` (also ``oasis pipeline``): every stage on a target, or, with no target,
 OasisPy's menu of methods (:func:`menu`), each asking for its inputs."""
 
+import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -38,13 +40,6 @@ def run(
         str | None,
         typer.Argument(help="Target; without it, `oasis run` opens an interactive menu."),
     ] = None,
-    mask: backend_option("mask") = None,
-    psf: backend_option("psf") = None,
-    align: backend_option("align") = None,
-    combine: backend_option("combine") = None,
-    subtract: backend_option("subtract") = None,
-    mr: backend_option("mr") = None,
-    extract: backend_option("extract") = None,
     option: OptionOpt = None,
     jobs: JobsOpt = None,
     force: ForceOpt = False,
@@ -54,30 +49,40 @@ def run(
     as_json: JsonOpt = False,
     executor: ExecutorOpt = None,
     scheduler: SchedulerOpt = None,
+    **backends: str | None,
 ) -> None:
-    """Run every stage on TARGET (mask, psf, align, combine, subtract, mr, extract); `oasis
-    run` with no TARGET chooses a method from a menu."""
+    """Run every stage on TARGET, in order; `oasis run` with no TARGET chooses a method
+    from a menu."""
     set_output(quiet, verbose, as_json)
     if target is None:
         if ctx.info_name == "pipeline":
             raise OasisError("oasis pipeline: give the TARGET (`oasis run` alone opens the menu)")
         menu()
         return
-    backends = {
-        "mask": mask,
-        "psf": psf,
-        "align": align,
-        "combine": combine,
-        "subtract": subtract,
-        "mr": mr,
-        "extract": extract,
-    }
     kwargs = context_kwargs(backends, option, jobs, force, no_config, quiet, executor, scheduler)
     run_and_report(target, None, **kwargs)
 
 
+def _with_stage_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with one ``--<stage> NAME`` option per stage of the registry (built-in
+    and third-party, in run order), taken in by its ``**backends``."""
+    signature = inspect.signature(command)
+    fixed = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    stage_params = [
+        inspect.Parameter(
+            stage.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=backend_option(stage.name),
+        )
+        for stage in all_stages()
+    ]
+    command.__signature__ = signature.replace(parameters=[*fixed, *stage_params])  # type: ignore[attr-defined]
+    return command
+
+
 # one command, two names: OasisPy's `oasis-run` habit and the explicit `pipeline`
-app.command("run")(run)
+app.command("run")(_with_stage_options(run))
 app.command("pipeline")(run)
 
 

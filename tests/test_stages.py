@@ -278,6 +278,12 @@ def test_a_third_party_stage_is_a_command_and_listed_by_oasis_plugins(toy_stage)
         [*run, "--help"], capture_output=True, text=True, check=True, env=env
     ).stdout
     assert "count" in help_text
+    # `oasis run` takes a backend choice for every stage of the registry, this one's too
+    run_help = subprocess.run(
+        [*run, "run", "--help"], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    for stage in ("mask", "extract", "photometry", "count"):
+        assert f"--{stage} " in run_help, stage
     out = subprocess.run(
         [*run, "plugins"], capture_output=True, text=True, check=True, env=env
     ).stdout
