@@ -204,21 +204,9 @@ def synthetic_pair(
     ValueError
         A parameter out of its range, naming it.
     """
-    from astropy.table import Table
 
     ny, nx = int(shape[0]), int(shape[1])
-    if min(ny, nx) < 64:
-        raise ValueError(f"synthetic_pair: shape {shape} is too small; use at least (64, 64)")
-    for label, value in (
-        ("fwhm_science", fwhm_science),
-        ("fwhm_template", fwhm_template),
-        ("sky", sky),
-        ("gain", gain),
-    ):
-        if not value > 0:
-            raise ValueError(f"synthetic_pair: {label} = {value}: must be > 0")
-    if int(depth) < 1:
-        raise ValueError(f"synthetic_pair: depth = {depth}: must be >= 1")
+    _check_parameters(shape, fwhm_science, fwhm_template, sky, gain, depth)
     depth = int(depth)
     rng = np.random.default_rng(seed)
     var_one = sky / gain + (readnoise / gain) ** 2  # one exposure's sky variance, ADU^2
@@ -242,12 +230,7 @@ def synthetic_pair(
             (nx / 3 + 0.3, ny / 3 + 0.7, 30.0 * sigma_sky * area / 2),
             (2 * nx / 3 - 0.4, 2 * ny / 3 + 0.2, 10.0 * sigma_sky * area / 2),
         ]
-    truth = Table(names=("x", "y", "flux", "peak_snr"), dtype=(float, float, float, float))
-    transient_image = np.zeros((ny, nx))
-    for x, y, flux in transients:
-        _add_gaussian(transient_image, float(x), float(y), float(flux), sci_sigma)
-        peak = float(flux) / (2 * math.pi * sci_sigma**2)
-        truth.add_row((float(x), float(y), float(flux), peak / sigma_sky))
+    transient_image, truth = _transients((ny, nx), transients, sci_sigma, sigma_sky)
 
     def observe(model: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         variance = (model / gain + (readnoise / gain) ** 2) / n
@@ -269,41 +252,31 @@ def synthetic_pair(
         exposure_data[0] = sci_noise_only
         names[0] = "science"
     header = _header((ny, nx), gain, readnoise, saturation)
-    for i, data in enumerate(exposure_data):
+    common = {"background": sky, "noise": sigma_sky, "gain": gain, "readnoise": readnoise}
+    for data, name in zip(exposure_data, names, strict=True):
+        fwhm = fwhm_science if name == "science" else fwhm_template
         exposures.append(
             readonly_frame(
                 Frame(
                     data=data,
                     header=header.copy(),
-                    name=names[i],
-                    background=sky,
-                    noise=sigma_sky,
-                    gain=gain,
-                    readnoise=readnoise,
+                    name=name,
                     saturation=saturation,
-                    fwhm=fwhm_template if names[i] != "science" else fwhm_science,
-                    psf=_psf_model(fwhm_template if names[i] != "science" else fwhm_science),
+                    fwhm=fwhm,
+                    psf=_psf_model(fwhm),
+                    **common,
                 )
             )
         )
-    tpl_data = np.mean(exposure_data, axis=0)
     var_tpl = (tpl_model / gain + (readnoise / gain) ** 2) / depth
-    tpl_header = _header((ny, nx), gain * depth, readnoise * math.sqrt(depth), saturation)
-    template = Template(
-        data=tpl_data,
-        header=tpl_header,
-        name="template",
-        background=sky,
-        noise=sigma_sky / math.sqrt(depth),
-        gain=gain * depth,
-        readnoise=readnoise * math.sqrt(depth),
-        saturation=saturation,
-        fwhm=fwhm_template if not science_in_template else None,
-        psf=_psf_model(fwhm_template),
-        inputs=tuple(names),
+    # the mean of two PSFs when the science frame is in: its FWHM is the measured one's job
+    tpl_fwhm = (
+        _mean_fwhm(fwhm_science, fwhm_template, depth) if science_in_template else fwhm_template
     )
-    if science_in_template:  # the mean of two PSFs: its FWHM is the measured one's job
-        template = attrs.evolve(template, fwhm=_mean_fwhm(fwhm_science, fwhm_template, depth))
+    template = _stacked(
+        exposure_data, names, sky=sky, sigma_sky=sigma_sky, gain=gain, readnoise=readnoise,
+        saturation=saturation, fwhm=tpl_fwhm, psf_fwhm=fwhm_template,
+    )  # fmt: skip
     science = Frame(
         data=science_data,
         header=header.copy(),
@@ -339,3 +312,74 @@ def readonly_frame(frame: Frame) -> Frame:
     readonly(frame.data)
     readonly(frame.weight)
     return frame
+
+
+def _check_parameters(
+    shape: tuple[int, int],
+    fwhm_science: float,
+    fwhm_template: float,
+    sky: float,
+    gain: float,
+    depth: int,
+) -> None:
+    """Raise :class:`ValueError` naming the first parameter of :func:`synthetic_pair` out
+    of its range."""
+    if min(int(shape[0]), int(shape[1])) < 64:
+        raise ValueError(f"synthetic_pair: shape {shape} is too small; use at least (64, 64)")
+    for label, value in (
+        ("fwhm_science", fwhm_science),
+        ("fwhm_template", fwhm_template),
+        ("sky", sky),
+        ("gain", gain),
+    ):
+        if not value > 0:
+            raise ValueError(f"synthetic_pair: {label} = {value}: must be > 0")
+    if int(depth) < 1:
+        raise ValueError(f"synthetic_pair: depth = {depth}: must be >= 1")
+
+
+def _transients(
+    shape: tuple[int, int], transients: Sequence[Any], sigma: float, sigma_sky: float
+) -> tuple[np.ndarray, Any]:
+    """The image of the transients (Gaussians of ``sigma``) and their truth table (x, y,
+    flux, peak S/N against the sky noise)."""
+    from astropy.table import Table
+
+    truth = Table(names=("x", "y", "flux", "peak_snr"), dtype=(float, float, float, float))
+    transient_image = np.zeros(shape)
+    for x, y, flux in transients:
+        _add_gaussian(transient_image, float(x), float(y), float(flux), sigma)
+        peak = float(flux) / (2 * math.pi * sigma**2)
+        truth.add_row((float(x), float(y), float(flux), peak / sigma_sky))
+    return transient_image, truth
+
+
+def _stacked(
+    exposures: Sequence[np.ndarray],
+    names: Sequence[str],
+    *,
+    sky: float,
+    sigma_sky: float,
+    gain: float,
+    readnoise: float,
+    saturation: float,
+    fwhm: float,
+    psf_fwhm: float,
+) -> Template:
+    """The mean of ``exposures`` as a template: gain and read noise of a sum of
+    ``len(exposures)`` exposures, sky noise down by its square root."""
+    depth = len(exposures)
+    shape = exposures[0].shape
+    return Template(
+        data=np.mean(exposures, axis=0),
+        header=_header(shape, gain * depth, readnoise * math.sqrt(depth), saturation),
+        name="template",
+        background=sky,
+        noise=sigma_sky / math.sqrt(depth),
+        gain=gain * depth,
+        readnoise=readnoise * math.sqrt(depth),
+        saturation=saturation,
+        fwhm=fwhm,
+        psf=_psf_model(psf_fwhm),
+        inputs=tuple(names),
+    )
