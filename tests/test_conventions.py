@@ -73,7 +73,7 @@ def test_catalogs_load_into_skycoord_and_time(run_target):
     for row in tables["sources"]:
         assert row["mjd"] == pytest.approx(want[row["frame"]], abs=1e-6)
     for name, t in tables.items():
-        if name.startswith("detections/") and name != "detections/MR":
+        if name.startswith("detections/") and name not in ("detections/MR", "detections/VAR"):
             assert np.allclose(np.asarray(t["mjd"]), want[name.split("/")[1]], atol=1e-6)
     # the master residual has no single time: masked, and Time still loads it
     mr = tables["MR_sources"]
@@ -91,8 +91,9 @@ def test_every_catalog_column_has_a_unit_and_description(run_target):
                 assert col.unit is not None, (name, col.name)
         assert t["x"].unit == u.pix and t["y"].unit == u.pix, name
         assert t["snr"].unit == u.dimensionless_unscaled, name
-        # fluxes in the residual's unit: adu for a frame's, sigma (dimensionless) for MR's
-        flux_unit = u.dimensionless_unscaled if "MR" in name else u.adu
+        # fluxes in the residual's unit: adu for a frame's, sigma (dimensionless) for the
+        # master residual's and the variability image's
+        flux_unit = u.dimensionless_unscaled if "MR" in name or "VAR" in name else u.adu
         assert t["flux"].unit == flux_unit and t["flux_err"].unit == flux_unit, name
         if "ra" in t.colnames:
             assert t["ra"].unit == u.deg and t["dec"].unit == u.deg
@@ -102,10 +103,12 @@ def test_every_catalog_column_has_a_unit_and_description(run_target):
 def test_bunit_of_every_image(run_target):
     residuals = sorted((run_target / "residuals").glob("*.fits"))
     mr = run_target / "residuals" / "MR.fits"
-    assert mr in residuals and len(residuals) > 1
+    var = run_target / "residuals" / "VAR.fits"
+    assert mr in residuals and var in residuals and len(residuals) > 2
     for path in residuals:
         with fits.open(path) as hdul:
-            image = "" if path == mr else "adu"  # the master residual is in sigma units
+            # the master residual and the variability image are in sigma units
+            image = "" if path in (mr, var) else "adu"
             assert hdul[0].header["BUNIT"] == image, path
             assert hdul["NOISE"].header["BUNIT"] == image, path
             assert hdul["WEIGHT"].header["BUNIT"] == "", path

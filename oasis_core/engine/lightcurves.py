@@ -15,9 +15,9 @@ and their pages.
   self-contained page linking them, which marks ``<body data-images="ok">`` once every
   image has loaded (a headless browser checks it).
 
-The kind comes from the light curve alone for now; a detection on a variability image
-(issue 14, item 1) would hand its own verdicts to :func:`variables` (``image_kinds``),
-which take precedence.
+The kind comes from the light curve (:func:`classify`); a source found on the
+variability image (:mod:`oasis_core.engine.variability`) is never called ``constant``:
+when its light curve does not show the variation, the image's kind stands.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ COLUMNS: dict[str, tuple[str | None, str]] = {
     "ra": ("deg", "right ascension (template WCS; NaN without one)"),
     "dec": ("deg", "declination (template WCS; NaN without one)"),
     "origin": (None, "where the position comes from: catalog (extract stage), user (--at)"),
+    "image_kind": (
+        None,
+        "kind of the variability image's source there (extract stage); '' when none",
+    ),
     "frame": (None, "the frame whose residual was measured"),
     "mjd": ("d", "the frame's mid-exposure time, MJD (scale in the table's TIMESCALE)"),
     "flux": ("adu", "difference flux (frame minus template), template ADU"),
@@ -279,8 +283,9 @@ def variables(
     """One row per source: its statistics, period and kind (see :data:`COLUMNS`).
 
     Statistics use the clean measurements (flag 0; all finite ones when fewer than three
-    are clean). ``image_kinds`` (source id to kind), from a detection on a variability
-    image, overrides the light curve's verdict.
+    are clean). ``image_kinds`` (source id to kind), from a detection on the variability
+    image, replaces the light curve's verdict when that is ``constant``: the image saw
+    the source vary.
     """
     from astropy.table import MaskedColumn, Table
 
@@ -334,7 +339,7 @@ def variables(
             else (float("nan"), float("nan"))
         )
         kind = classify(t, f, e, ref[0], ref[1], chi2_dof=chi2, periodic=periodic)
-        if image_kinds and int(source) in image_kinds:
+        if kind == "constant" and image_kinds and image_kinds.get(int(source)):
             kind = image_kinds[int(source)]
         rows["kind"].append(kind)
         rows["n_frames"].append(n)

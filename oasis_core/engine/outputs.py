@@ -13,7 +13,7 @@ Stage order and outputs (see :mod:`oasis_core.engine.tree`)::
     align    + psf, ref     -> aligned/NAME.fits, aligned/reference.txt
     combine  best seeing    -> templates/template.fits, template.psf.fits, log.txt
     subtract aligned, tmpl  -> residuals/NAME_residual.fits, residuals/log.txt
-    mr       residuals      -> residuals/MR.fits
+    mr       residuals      -> residuals/MR.fits, residuals/VAR.fits
     extract  residuals, MR  -> sources/*.txt, *.ecsv
 """
 
@@ -64,6 +64,7 @@ __all__ = [
     "template_path",
     "template_wcs",
     "usable_residuals",
+    "var_path",
     "with_psf",
 ]
 
@@ -119,6 +120,12 @@ def subtract_inputs(ctx: Context, name: str) -> dict[str, Path]:
 
 def mr_path(ctx: Context) -> Path:
     return ctx.target.stage_dir("mr") / "MR.fits"
+
+
+def var_path(ctx: Context) -> Path:
+    """The variability image (:mod:`oasis_core.engine.variability`), beside the master
+    residual."""
+    return ctx.target.stage_dir("mr") / "VAR.fits"
 
 
 def read_header(path: Path) -> Any:
@@ -185,9 +192,16 @@ def summaries(ctx: Context, stage: str) -> list[Path]:
         template = template_path(ctx)
         return [template, template.with_name("template.psf.fits")]
     if stage == "mr":
-        return [mr_path(ctx)]
+        return [mr_path(ctx), var_path(ctx)]
     if stage == "extract":
-        stems = ("sources", "filtered_sources", "MR_sources", "MR_filtered_sources")
+        stems = (
+            "sources",
+            "filtered_sources",
+            "MR_sources",
+            "MR_filtered_sources",
+            "VAR_sources",
+            "VAR_filtered_sources",
+        )
         return [
             *(directory / f"{stem}{suffix}" for stem in stems for suffix in (".txt", ".ecsv")),
             directory / "total_sources.txt",

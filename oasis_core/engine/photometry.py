@@ -126,7 +126,7 @@ def _catalog_positions(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     from astropy.table import Table
 
     xs, ys, snrs = [], [], []
-    for stem in ("MR_filtered_sources", "filtered_sources"):
+    for stem in ("MR_filtered_sources", "filtered_sources", "VAR_filtered_sources"):
         path = ctx.target.stage_dir("extract") / f"{stem}.ecsv"
         if not path.is_file():
             continue
@@ -140,6 +140,25 @@ def _catalog_positions(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     if not xs:
         return np.zeros((0, 2)), np.zeros(0)
     return np.column_stack([np.concatenate(xs), np.concatenate(ys)]), np.concatenate(snrs)
+
+
+def _image_kinds(ctx: Context, xy: np.ndarray, radius: float) -> np.ndarray:
+    """For each position, the ``kind`` of the kept source of the variability image within
+    ``radius`` pixels (``VAR_filtered_sources``), or ''."""
+    from astropy.table import Table
+
+    from oasis_core.engine.sources import match_catalogs
+
+    kinds = np.full(len(xy), "", dtype="U9")
+    path = ctx.target.stage_dir("extract") / "VAR_filtered_sources.ecsv"
+    if not len(xy) or not path.is_file():
+        return kinds
+    varying = Table.read(path, format="ascii.ecsv")
+    if not len(varying) or "kind" not in varying.colnames:
+        return kinds
+    hit = match_catalogs(Table({"x": xy[:, 0], "y": xy[:, 1]}), varying, radius)
+    kinds[hit >= 0] = np.asarray(varying["kind"], dtype="U9")[hit[hit >= 0]]
+    return kinds
 
 
 def _merge(xy: np.ndarray, weight: np.ndarray, radius: float) -> np.ndarray:
@@ -188,6 +207,7 @@ def positions(ctx: Context, settings: Any, wcs: Any) -> Any:
         merged = np.vstack([merged.reshape(-1, 2), [[x, y]]])
         origin.append("user")
     merged = merged.reshape(-1, 2)
+    image_kind = _image_kinds(ctx, merged, settings.match_radius)
     if wcs is not None and len(merged):
         ra, dec = wcs.all_pix2world(merged[:, 0], merged[:, 1], 0)
     else:
@@ -200,6 +220,7 @@ def positions(ctx: Context, settings: Any, wcs: Any) -> Any:
             "ra": np.asarray(ra, float),
             "dec": np.asarray(dec, float),
             "origin": np.asarray(origin, dtype="U12"),
+            "image_kind": image_kind,
         }
     )
     from oasis_core.engine.lightcurves import describe
@@ -480,6 +501,11 @@ def run(ctx: Context) -> dict[str, Any]:
             times,
             settings=settings,
             scale=scale,
+            image_kinds={
+                int(sid): str(kind)
+                for sid, kind in zip(table["source_id"], table["image_kind"], strict=True)
+                if kind
+            },
             provenance={
                 k: str(v[0] if isinstance(v, tuple) else v) for k, v in prov.cards().items()
             },

@@ -34,7 +34,7 @@ import numpy as np
 
 from oasis_core.contracts.errors import InputError, StageError
 from oasis_core.contracts.model import Template
-from oasis_core.engine import io, outputs, tasks
+from oasis_core.engine import io, outputs, tasks, variability
 from oasis_core.engine.provenance import Provenance, is_current
 
 if TYPE_CHECKING:
@@ -397,19 +397,22 @@ def mr(ctx: Context) -> Path:
     good, bad = outputs.usable_residuals(ctx)
     if not good:
         outputs.invalidate(outputs.mr_path(ctx))
+        outputs.invalidate(outputs.var_path(ctx))
         raise outputs.stopped(ctx, "mr", _no_residual(ctx, bad))
     inputs = {n: outputs.residual_path(ctx, n) for n in good}
     prov = ctx.provenance(
         "mr", {**inputs, **tasks.named_inputs(tasks.backend_user_files(ctx, ctx.backend("mr")))}
     )
     out = outputs.mr_path(ctx)
-    if not ctx.force and is_current(out, prov):
+    var_current = len(good) < variability.MIN_RESIDUALS or is_current(outputs.var_path(ctx), prov)
+    if not ctx.force and is_current(out, prov) and var_current:
         ctx.reporter.result("mr: master residual up to date")
         return out
     try:
         return _make_master(ctx, inputs, prov, bad)
     except Exception:  # the old master residual must not outlive a failed mr
         outputs.invalidate(out)
+        outputs.invalidate(outputs.var_path(ctx))
         outputs.drop_after(ctx, "mr")
         raise
 
@@ -448,11 +451,30 @@ def _make_master(
     cards = prov.header_cards()
     cards["NCOMBINE"] = (len(good), "residuals combined")
     io.write_residual(out, master, header_extra=cards)
+    _make_variability(ctx, residuals, header, cards)
     ctx.reporter.result(
         f"mr: master residual of {len(good)} residuals"
         + (f" ({len(bad)} left out: {', '.join(bad)})" if bad else "")
     )
     return out
+
+
+def _make_variability(
+    ctx: Context, residuals: Sequence[Any], header: Any, cards: Mapping[str, Any]
+) -> None:
+    """The variability image beside the master residual (``VAR.fits``), from the same
+    residuals, for every mr backend alike; none from fewer than
+    :data:`~oasis_core.engine.variability.MIN_RESIDUALS`."""
+    path = outputs.var_path(ctx)
+    if len(residuals) < variability.MIN_RESIDUALS:
+        outputs.invalidate(path)
+        return
+    image = variability.variability_image(residuals)
+    fwhm = image.header["FWHM"]
+    image = attrs.evolve(image, header=header.copy())
+    image.header["FWHM"] = (fwhm, "[pix] a point source on the variability image")
+    image.header["BUNIT"] = ("", "dimensionless: Gaussian significance of the chi-square")
+    io.write_residual(path, image, header_extra=cards)
 
 
 def extract(ctx: Context) -> dict[str, Any]:
@@ -463,7 +485,7 @@ def extract(ctx: Context) -> dict[str, Any]:
     units = _extract_units(ctx, settings.method, good)
     tables, failed = _detections(ctx, units)
     summary: dict[str, Any] = {
-        "frames": len([n for n in tables if n != "MR"]),
+        "frames": len([n for n in tables if n not in ("MR", "VAR")]),
         "not_subtracted": bad,
         "not_extracted": failed,
     }
@@ -511,6 +533,7 @@ def _extract_units(ctx: Context, method: str, good: Sequence[str]) -> list[tuple
                 ),
             )
         units.append(("MR", mr_path))
+        units += _variability_unit(ctx, good)
     if not units:
         raise outputs.stopped(
             ctx,
@@ -518,6 +541,28 @@ def _extract_units(ctx: Context, method: str, good: Sequence[str]) -> list[tuple
             InputError(f"{ctx.target.path}: nothing to extract from; run `oasis subtract`"),
         )
     return units
+
+
+def _variability_unit(ctx: Context, good: Sequence[str]) -> list[tuple[str, Path]]:
+    """``[("VAR", path)]`` when the variability image was made from the usable residuals
+    as they are now; none from fewer than
+    :data:`~oasis_core.engine.variability.MIN_RESIDUALS` residuals."""
+    if len(good) < variability.MIN_RESIDUALS:
+        return []
+    path = outputs.var_path(ctx)
+    header = outputs.read_header(path) if path.exists() else None
+    if header is None or not outputs.made_from(
+        path, {n: outputs.residual_path(ctx, n) for n in good}, header
+    ):
+        raise outputs.stopped(
+            ctx,
+            "mr",
+            InputError(
+                f"{path}: missing or not made from the {len(good)} usable residuals as they "
+                "are now; run `oasis mr`"
+            ),
+        )
+    return [("VAR", path)]
 
 
 def _detections(ctx: Context, units: Sequence[tuple[str, Path]]) -> tuple[dict[str, Any], list]:
@@ -531,7 +576,9 @@ def _detections(ctx: Context, units: Sequence[tuple[str, Path]]) -> tuple[dict[s
     for n, p in units:
         inputs = {"residual": p}
         psf = template_psf if n == "MR" else outputs.psf_path(ctx, n)
-        if psf.exists():  # the PSF of the residual's sources, for backends that use it
+        # the PSF of the residual's sources, for backends that use it (none describes
+        # the variability image)
+        if n != "VAR" and psf.exists():
             inputs["psf"] = psf
         todo.append(tasks.stage_task(ctx, "extract", n, inputs, det_dir / f"{n}.ecsv"))
     results = tasks.execute(ctx, "extract", todo)
@@ -554,15 +601,17 @@ def _catalogs(
     ctx: Context, tables: Mapping[str, Any], units: Sequence[tuple[str, Path]], settings: Any
 ) -> dict[str, Any]:
     """The core's filters on every detection table, the catalogs written (``sources``,
-    ``filtered_sources``, ``MR_sources``, ``MR_filtered_sources``, text and ECSV), and
-    their counts."""
+    ``filtered_sources``, ``MR_sources``, ``MR_filtered_sources``, ``VAR_sources``,
+    ``VAR_filtered_sources``, text and ECSV), and their counts. A detection at a kept
+    source of the variability image is kept even when negative or found in most
+    residuals (:func:`~oasis_core.engine.variability.exempt_varying`)."""
     from astropy.table import vstack
 
     from oasis_core.engine.sources import match_catalogs
 
     out_dir = ctx.target.stage_dir("extract")
-    indiv_names = [n for n in tables if n != "MR"]
-    positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n != "MR"]
+    indiv_names = [n for n in tables if n not in ("MR", "VAR")]
+    positives = [t[np.asarray(t["sign"]) > 0] for n, t in tables.items() if n in indiv_names]
     common: dict[str, Any] = {
         "settings": settings,
         "catalogs": positives,
@@ -573,21 +622,35 @@ def _catalogs(
         k: str(v[0] if isinstance(v, tuple) else v)
         for k, v in ctx.provenance("extract", dict(units), settings=settings).cards().items()
     }
-    indiv = [tasks.filter_sources(tables[name], frame=name, **common) for name in indiv_names]
+    counts: dict[str, Any] = {}
+    varying = _varying(ctx, tables, indiv_names, common, out_dir, prov, counts)
+
+    def judged(name: str, frame: str | None) -> Any:
+        table = tasks.filter_sources(tables[name].copy(), frame=frame, **common)
+        if varying is None:
+            return table
+        lenient = tasks.filter_sources(
+            tables[name].copy(),
+            settings=attrs.evolve(settings, keep_negative=True),
+            catalogs=(),
+            n_residuals=0,
+        )
+        return variability.exempt_varying(table, varying, settings.match_radius, lenient)
+
+    indiv = [judged(name, name) for name in indiv_names]
     if len({str(t["flux"].unit) for t in indiv}) > 1:  # frames in different units
         for t in indiv:
             for c in ("flux", "flux_err", "peak"):
                 if c in t.colnames:
                     t[c].unit = None
     sources = vstack(indiv) if indiv else None
-    counts: dict[str, Any] = {}
     if sources is not None:
         filtered = sources[sources["reason"] == "kept"]
         _write_catalog(out_dir, "sources", sources, prov)
         _write_catalog(out_dir, "filtered_sources", filtered, prov)
         counts.update(found=len(sources), filtered=len(filtered))
     if "MR" in tables:
-        mr_t = tasks.filter_sources(tables["MR"], **common)
+        mr_t = judged("MR", None)
         mr_f = mr_t[mr_t["reason"] == "kept"]
         _write_catalog(out_dir, "MR_sources", mr_t, prov)
         _write_catalog(out_dir, "MR_filtered_sources", mr_f, prov)
@@ -597,6 +660,40 @@ def _catalogs(
             confirmed = mr_f[match_catalogs(mr_f, kept, settings.match_radius) >= 0]
             counts["confirmed"] = len(confirmed)
     return counts
+
+
+def _varying(
+    ctx: Context,
+    tables: Mapping[str, Any],
+    indiv_names: Sequence[str],
+    common: Mapping[str, Any],
+    out_dir: Path,
+    prov: Mapping[str, str],
+    counts: dict[str, Any],
+) -> Any:
+    """The kept sources of the variability image with their ``kind``
+    (:func:`~oasis_core.engine.variability.detection_kinds`), its catalogs written
+    (``VAR_sources``, ``VAR_filtered_sources``); None without a variability image. Its
+    detections have no sign, so the ``negative``, ``majority`` and ``dipole`` filters do
+    not apply to them."""
+    if "VAR" not in tables:
+        return None
+    settings = common["settings"]
+    table = tasks.filter_sources(
+        tables["VAR"].copy(),
+        settings=attrs.evolve(settings, keep_negative=True, dipole_min=1e30),  # no dipole
+        catalogs=(),
+        n_residuals=0,
+        wcs=common["wcs"],
+    )
+    table["kind"] = variability.detection_kinds(
+        table, {n: tables[n] for n in indiv_names}, settings.match_radius
+    )
+    kept = table[table["reason"] == "kept"]
+    _write_catalog(out_dir, "VAR_sources", table, prov)
+    _write_catalog(out_dir, "VAR_filtered_sources", kept, prov)
+    counts.update(var_found=len(table), var_filtered=len(kept))
+    return kept
 
 
 def _mean_q(ctx: Context, good: Sequence[str]) -> float:
@@ -628,6 +725,8 @@ def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> Non
         f"sources after filtering: {summary.get('filtered', 0)}",
         f"sources found in the master residual: {summary.get('mr_found', 0)}",
         f"master-residual sources after filtering: {summary.get('mr_filtered', 0)}",
+        f"sources found in the variability image: {summary.get('var_found', 0)}",
+        f"variability-image sources after filtering: {summary.get('var_filtered', 0)}",
         f"confirmed (master residual and a residual): {summary.get('confirmed', 0)}",
         f"frames that could not be subtracted: {len(bad)}"
         + (f" ({', '.join(bad)})" if bad else ""),

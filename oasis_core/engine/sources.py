@@ -98,6 +98,11 @@ CATALOG_COLUMNS: dict[str, tuple[str | None, str]] = {
     "fwhm": ("pix", "FWHM of the residual's PSF"),
     "n_frames": ("", "number of individual residuals with a positive detection there"),
     "reason": (None, "'kept', or why the source was filtered out (oasis_core.engine.sources)"),
+    "kind": (
+        None,
+        "transient, fading or variable: the kind of a source of the variability image "
+        "there, else transient (positive) or fading (negative)",
+    ),
     "ra": ("deg", "right ascension from the template's WCS (its RADESYS, ICRS when absent)"),
     "dec": ("deg", "declination from the template's WCS (its RADESYS, ICRS when absent)"),
 }

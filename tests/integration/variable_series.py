@@ -1,13 +1,17 @@
 """A simulated series with known light curves, for the photometry stage's tests.
 
-40 frames of 128x128 (``oasis_native.sim``) with four injected sources:
+40 frames of 128x128 (``oasis_native.sim``), a field of constant stars, with five injected
+sources:
 
 - ``variable``: a sinusoid (period :data:`PERIOD` days) that is bright on the template
   nights (the best-seeing frames are those where it is near maximum);
 - ``fading``: an exponential decline through the series;
 - ``transient``: nothing until the last :data:`N_TRANSIENT` frames (never on a template
   night), then on;
-- ``constant``: a constant star.
+- ``constant``: a constant star;
+- ``microlensing``: a star that brightens in a Paczynski bump (Einstein time
+  :data:`T_E` days, impact parameter :data:`U0`) over a few nights that are not template
+  nights, then returns to its level.
 
 :func:`make_variable_target` writes it into a target and returns the truth: per source
 its frame-0 pixel position and, per frame, its flux.
@@ -22,6 +26,10 @@ import numpy as np
 
 __all__ = ["KINDS", "N_FRAMES", "PERIOD", "SHAPE", "make_variable_target", "simulate"]
 
+T_E = 4.0  # days
+U0 = 0.15
+MICRO_BASE = 1500.0
+
 N_FRAMES = 40
 SHAPE = (128, 128)
 SEED = 11
@@ -33,21 +41,29 @@ POSITIONS = {
     "fading": (88.0, 40.0),
     "transient": (44.0, 88.0),
     "constant": (86.0, 86.0),
+    "microlensing": (64.0, 64.0),
 }
 KINDS = {
     "variable": "variable",
     "fading": "fading",
     "transient": "transient",
     "constant": "constant",
+    "microlensing": "transient",  # appears on a star: only ever brighter than the template
 }
 
 
-def _functions(t0: float, t_on: float):  # type: ignore[no-untyped-def]
+def _paczynski(t: float, t_peak: float) -> float:
+    u = math.hypot(U0, (t - t_peak) / T_E)
+    return (u * u + 2.0) / (u * math.sqrt(u * u + 4.0))
+
+
+def _functions(t0: float, t_on: float, t_peak: float = 0.0):  # type: ignore[no-untyped-def]
     return {
         "variable": lambda t: 4000.0 + 2500.0 * math.sin(2 * math.pi * (t - t0) / PERIOD),
         "fading": lambda t: 9000.0 * math.exp(-(t - t0) / 25.0),
         "transient": lambda t: 5000.0 if t >= t_on else 0.0,
         "constant": lambda t: 5000.0,
+        "microlensing": lambda t: MICRO_BASE * _paczynski(t, t_peak),
     }
 
 
@@ -87,6 +103,17 @@ def make_variable_target(directory: Path) -> tuple[Path, dict]:
         float(rng.uniform(2.6, 2.9)) if k in best else float(rng.uniform(3.2, 4.2))
         for k in range(N_FRAMES)
     ]
+    # the bump's peak on the middle night of the longest run of non-template nights
+    # before the transient
+    free = [k for k in range(N_FRAMES - N_TRANSIENT) if k not in best]
+    runs: list[list[int]] = []
+    for k in free:
+        if runs and runs[-1][-1] == k - 1:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    longest = max(runs, key=len)
+    fns = _functions(float(mjd[0]), t_on, float(mjd[longest[len(longest) // 2]]))
     order = list(POSITIONS)
     series = simulate(
         frame_fwhm=fwhm,

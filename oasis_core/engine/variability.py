@@ -1,0 +1,262 @@
+"""The variability image: where the residuals vary, whichever way.
+
+The master residual is a signed mean: a source that is bright on the template nights is
+negative in most residuals and shows there as a negative source; one that goes up and
+down averages out. The variability image looks at the spread instead. For residual ``i``
+with data ``R_i`` (its median removed), noise ``sigma_i`` and PSF width ``s_i`` (its
+``FWHM`` card over 2.3548), the PSF-weighted flux at every pixel and its variance are::
+
+    f_i = G_i * R_i                   (G_i: a unit-sum Gaussian of width s_i)
+    v_i = (G_i**2 * sigma_i**2) c_i**2
+
+where ``c_i`` is the robust spread of ``f_i / sqrt(v_i)`` when above 1 (noise correlated
+between neighbouring pixels, as in a residual whose science frame was convolved). The
+statistic is the chi-square of the ``f_i`` about their weighted mean::
+
+    chi2 = sum(f_i**2 / v_i) - sum(f_i / v_i)**2 / sum(1 / v_i)
+
+over the ``n`` residuals with data there but the one farthest from zero (a single
+frame's artefact, a cosmic ray or a satellite trail, is not variability; a pixel is left
+out of a residual when more than 5 % of its PSF weight falls on masked pixels), with
+``n - 2`` degrees of freedom, turned into the Gaussian significance of the same tail
+probability, then centred and scaled by the image's own median and robust spread (leaving
+the largest term out shifts the null), so that the image is about N(0, 1) where nothing
+varies and detection on it works like detection on a residual in sigma units.
+A constant source that was subtracted well is flat; a transient, a fading source and a
+variable that is brighter on the template all stand out, with no sign.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from oasis_core.contracts.model import Residual
+
+__all__ = [
+    "MIN_RESIDUALS",
+    "chi2_significance",
+    "detection_kinds",
+    "exempt_varying",
+    "variability_image",
+]
+
+#: Fewest residuals a variability image is made from (a spread of two means little).
+MIN_RESIDUALS = 3
+
+#: Largest fraction of a pixel's PSF weight that may fall on masked pixels.
+MASKED_WEIGHT_MAX = 0.05
+
+
+def chi2_significance(chi2: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """The Gaussian significance z with the same upper-tail probability as ``chi2`` for
+    ``dof`` degrees of freedom (0 where ``dof`` < 1), clipped to [-8, 1000]: exact (the
+    upper tail computed directly) while the tail is above 1e-300 (z below 37), the
+    Wilson-Hilferty cube-root approximation beyond, where the tail underflows (any such
+    source is far above a threshold).
+
+    >>> z = chi2_significance(np.array([28.0, 1000.0]), np.array([10, 10]))
+    >>> [round(float(v), 2) for v in z]
+    [2.91, 30.79]
+    """
+    from scipy.special import gammaincc, ndtri
+
+    chi2 = np.maximum(np.asarray(chi2, np.float64), 0.0)
+    dof = np.asarray(dof, np.float64)
+    ok = dof >= 1
+    k = np.where(ok, dof, 1.0)
+    tail = gammaincc(k / 2.0, chi2 / 2.0)
+    exact = -ndtri(np.clip(tail, 1e-300, 1.0))
+    c = 2.0 / (9.0 * k)
+    cube_root = (np.cbrt(chi2 / k) - (1.0 - c)) / np.sqrt(c)
+    z = np.where(tail > 1e-300, exact, cube_root)
+    z = np.where(ok, z, 0.0)
+    return np.clip(np.nan_to_num(z, nan=0.0, posinf=1000.0, neginf=-8.0), -8.0, 1000.0)
+
+
+def _robust_spread(values: np.ndarray) -> float:
+    """IQR / 1.349 of a sample of ``values`` (nan for fewer than 100)."""
+    if values.size < 100:
+        return float("nan")
+    step = max(1, values.size // 50_000)
+    q25, q75 = np.percentile(values[::step], [25, 75])
+    return float((q75 - q25) / 1.349)
+
+
+def _flux_and_variance(residual: Residual) -> tuple[np.ndarray, np.ndarray]:
+    """(f, v) of one residual as in the module docstring; v = 0 where it has no data."""
+    from scipy.ndimage import gaussian_filter
+
+    data = np.asarray(residual.data, np.float32)
+    noise = np.asarray(residual.noise, np.float32)
+    good = (np.asarray(residual.weight) > 0) & (noise > 0) & np.isfinite(data)
+    zeros = np.zeros(data.shape, np.float32)
+    if good.sum() < 100:
+        return zeros, zeros
+    fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
+    sigma = max(fwhm, 1.0) / 2.3548
+    values = data[good]
+    level = np.median(values[:: max(1, values.size // 50_000)])  # a sample's: the level
+    centred = np.where(good, data - np.float32(level), np.float32(0.0))
+    flux = gaussian_filter(centred, sigma, mode="constant", truncate=3.0)
+    # G**2 is a Gaussian of width sigma / sqrt(2) scaled by 1 / (4 pi sigma**2)
+    narrow = sigma / np.sqrt(2.0)
+    var = gaussian_filter(np.where(good, noise * noise, np.float32(0.0)), narrow, truncate=3.0)
+    var /= np.float32(4.0 * np.pi * sigma**2)
+    usable = var > 0
+    if not good.all():
+        cover = gaussian_filter(good.astype(np.float32), narrow, mode="nearest", truncate=3.0)
+        usable &= cover >= 1.0 - MASKED_WEIGHT_MAX
+    z = flux[usable] / np.sqrt(var[usable])
+    spread = _robust_spread(z)
+    if np.isfinite(spread) and spread > 1.0:
+        var *= np.float32(spread**2)
+    return np.where(usable, flux, 0.0), np.where(usable, var, 0.0)
+
+
+def variability_image(residuals: Sequence[Residual]) -> Residual:
+    """The variability image of ``residuals`` (see the module docstring) as a
+    :class:`Residual` in sigma units: ``data`` the significance, ``noise`` 1 where at
+    least :data:`MIN_RESIDUALS` residuals have data (0 elsewhere), ``weight`` the fraction
+    of residuals used (0 below that), header the first residual's with ``FWHM`` the
+    width of a point source on the image (the residuals' median FWHM times sqrt(2): the
+    PSF-weighted flux is the PSF smoothed once more), ``BUNIT`` '' and ``NCOMBINE``, plus
+    ``header``'s cards.
+
+    One pass over the residuals; seven images of the image's size in memory.
+    """
+    if not residuals:
+        raise ValueError("variability_image: no residual")
+    shape = residuals[0].data.shape
+    s0 = np.zeros(shape, np.float64)
+    s1 = np.zeros(shape, np.float64)
+    s2 = np.zeros(shape, np.float64)
+    count = np.zeros(shape, np.int32)
+    worst = np.zeros(shape, np.float64)  # the largest f**2 / v so far, and its terms
+    worst_inv = np.zeros(shape, np.float64)
+    worst_flux = np.zeros(shape, np.float64)
+    for residual in residuals:  # one residual at a time, whole arrays
+        flux, var = _flux_and_variance(residual)
+        has = var > 0
+        inv = np.divide(1.0, var, out=np.zeros(shape, np.float64), where=has)
+        term = flux.astype(np.float64) ** 2 * inv
+        s0 += inv
+        s1 += flux * inv
+        s2 += term
+        count += has
+        larger = term > worst
+        worst[larger] = term[larger]
+        worst_inv[larger] = inv[larger]
+        worst_flux[larger] = flux[larger]
+    # without the most deviant residual: one frame's artefact (a cosmic ray, a trail, a
+    # bad column) is not variability
+    s0 -= worst_inv
+    s1 -= worst_flux * worst_inv
+    s2 -= worst
+    count -= (worst_inv > 0).astype(np.int32)
+    enough = count >= MIN_RESIDUALS - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi2 = np.where(enough, s2 - s1**2 / np.where(s0 > 0, s0, 1.0), 0.0)
+    z = chi2_significance(chi2, np.where(enough, count - 1, 0))
+    # leaving one residual out shifts and narrows the null a little: centre and scale it
+    # on the image itself (most pixels vary not at all)
+    sample = z[enough]
+    sample = sample[:: max(1, sample.size // 200_000)]
+    if sample.size >= 100:
+        q25, q50, q75 = np.percentile(sample, [25, 50, 75])
+        spread = (q75 - q25) / 1.349
+        if spread > 0:
+            z = (z - q50) / spread
+    z = np.where(enough, z, 0.0)
+    fwhms = [float(r.header.get("FWHM", 3.0) or 3.0) for r in residuals]
+    out_header = residuals[0].header.copy()
+    out_header["FWHM"] = (
+        round(float(np.median(fwhms)) * np.sqrt(2.0), 3),
+        "[pix] a point source on the variability image",
+    )
+    out_header["BUNIT"] = ("", "dimensionless: Gaussian significance of the chi-square")
+    out_header["NCOMBINE"] = (len(residuals), "residuals combined")
+    weight = np.where(enough, (count + 1) / len(residuals), 0.0)
+    return Residual(
+        data=z.astype(np.float32),
+        noise=enough.astype(np.float32),
+        weight=weight.astype(np.float32),
+        header=out_header,
+        name="VAR",
+        science="VAR",
+        template=residuals[0].template,
+    )
+
+
+def _time_order(detections: Mapping[str, Any]) -> dict[str, int]:
+    """Each residual's rank in time (by its ``mjd`` column; the given order where a
+    residual has no time)."""
+    names = list(detections)
+    times = []
+    for name in names:
+        table = detections[name]
+        mjd = table["mjd"] if "mjd" in table.colnames and len(table) else None
+        known = mjd is not None and not np.ma.getmaskarray(mjd)[0]
+        times.append(float(np.ma.getdata(mjd)[0]) if known else np.nan)
+    if not np.isfinite(times).all():
+        return {name: k for k, name in enumerate(names)}
+    return {name: int(r) for r, name in zip(np.argsort(np.argsort(times)), names, strict=True)}
+
+
+def detection_kinds(sources: Any, detections: Mapping[str, Any], radius: float) -> np.ndarray:
+    """The kind of each source found on the variability image, from the signs of the
+    individual residuals' detections within ``radius`` pixels and their order in time:
+    ``transient`` when only positive ones (or the negative ones all came first: it
+    appeared), ``fading`` when the positive ones all came first, else ``variable``
+    (both ways, only negative ones: brighter on the template, or none). The light curve
+    of the photometry stage refines this."""
+    from oasis_core.engine.sources import match_catalogs
+
+    n = len(sources)
+    first_pos = np.full(n, np.inf)
+    last_pos = np.full(n, -np.inf)
+    first_neg = np.full(n, np.inf)
+    last_neg = np.full(n, -np.inf)
+    order = _time_order(detections)
+    for name, table in detections.items():  # one catalog per residual
+        hit = match_catalogs(sources, table, radius)
+        found = hit >= 0
+        if not found.any():
+            continue
+        sign = np.asarray(table["sign"], float)[hit[found]]
+        rank = float(order[name])
+        for lo, hi, which in ((first_pos, last_pos, sign > 0), (first_neg, last_neg, sign < 0)):
+            idx = np.flatnonzero(found)[which]
+            lo[idx] = np.minimum(lo[idx], rank)
+            hi[idx] = np.maximum(hi[idx], rank)
+    pos, neg = np.isfinite(first_pos), np.isfinite(first_neg)
+    kind = np.full(n, "variable", dtype="U9")
+    kind[pos & (~neg | (last_neg < first_pos))] = "transient"
+    kind[pos & neg & (last_pos < first_neg)] = "fading"
+    return kind
+
+
+def exempt_varying(table: Any, varying: Any, radius: float, lenient: Any) -> Any:
+    """Give ``table`` (a filtered catalog of a residual or of the master residual) a
+    ``kind`` column and keep its sources that vary: a detection within ``radius`` pixels
+    of a kept source of the variability image (``varying``, with its ``kind``) takes that
+    kind and the ``reason`` of ``lenient`` (the same detections filtered without the
+    ``negative`` and ``majority`` filters: those serve a transient search, and a variable
+    is dimmer than the template on some nights and found on most). Other detections are
+    ``transient`` when positive, ``fading`` when negative."""
+    from oasis_core.engine.sources import match_catalogs
+
+    n = len(table)
+    sign = np.asarray(table["sign"], float) if n else np.zeros(0)
+    kind = np.where(sign < 0, "fading", "transient").astype("U9")
+    if n and varying is not None and len(varying):
+        hit = match_catalogs(table, varying, radius)
+        matched = hit >= 0
+        kind[matched] = np.asarray(varying["kind"], dtype="U9")[hit[matched]]
+        reason = np.asarray(table["reason"], dtype="U10")
+        reason[matched] = np.asarray(lenient["reason"], dtype="U10")[matched]
+        table["reason"] = reason
+    table["kind"] = kind
+    return table

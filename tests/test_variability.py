@@ -1,0 +1,171 @@
+"""Tests of oasis_core.engine.variability: the variability image, the kinds it gives and
+the exemption of varying sources from the ``negative`` and ``majority`` filters.
+
+The image is checked against its claims: about N(0, 1) on residuals of pure noise (also
+with correlated noise and masked pixels), a source that varies either way stands out
+while a constant one and a single frame's artefact do not; the chi-square significance
+equals scipy's exact one where both can be computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+from scipy.ndimage import gaussian_filter
+from scipy.stats import chi2 as chi2_dist
+from scipy.stats import norm
+
+from oasis_core.contracts.model import Residual
+from oasis_core.engine.variability import (
+    MIN_RESIDUALS,
+    chi2_significance,
+    detection_kinds,
+    exempt_varying,
+    variability_image,
+)
+
+SHAPE = (160, 160)
+NOISE = 10.0
+FWHM = 3.0
+
+
+def _psf(x: float, y: float) -> np.ndarray:
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    s = FWHM / 2.3548
+    g = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+    return g / g.sum()
+
+
+def _series(fluxes, *, seed=0, position=(80.0, 80.0), correlated=False, mask=None):
+    """Residuals of white (or correlated) noise plus a point source of the given
+    difference flux in each."""
+    rng = np.random.default_rng(seed)
+    psf = _psf(*position)
+    out = []
+    for k, flux in enumerate(fluxes):
+        noise = rng.normal(0.0, NOISE, SHAPE)
+        if correlated:  # a science frame that was convolved: neighbours correlated
+            noise = gaussian_filter(noise, 1.0) * (2 * np.sqrt(np.pi))
+        data = noise + flux * psf + 3.0 * k  # a level of its own in each
+        weight = np.ones(SHAPE, np.float32)
+        if mask is not None:
+            weight[mask] = 0
+        out.append(
+            Residual(
+                data=data,
+                noise=np.full(SHAPE, NOISE, np.float32),
+                weight=weight,
+                header={"FWHM": FWHM},
+                name=f"r{k}",
+            )
+        )
+    return out
+
+
+def _away(image: np.ndarray, position=(80, 80), radius=12) -> np.ndarray:
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    return np.hypot(xx - position[0], yy - position[1]) > radius
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_noise_alone_gives_unit_normal(correlated):
+    image = variability_image(_series([0.0] * 20, correlated=correlated))
+    z = image.data[_away(image.data)]
+    assert abs(np.median(z)) < 0.05
+    spread = (np.percentile(z, 75) - np.percentile(z, 25)) / 1.349
+    assert 0.95 < spread < 1.05
+    assert z.max() < 5.5  # no false variable in 25,000 pixels of smoothed noise
+    assert image.header["BUNIT"] == "" and image.header["NCOMBINE"] == 20
+    assert image.header["FWHM"] == pytest.approx(FWHM * np.sqrt(2), abs=1e-3)
+    np.testing.assert_array_equal(image.noise, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "fluxes"),
+    [
+        ("both ways", [800.0 * np.sin(k) for k in range(20)]),
+        ("brighter on the template", [-900.0] * 14 + [0.0] * 6),  # negative in most
+        ("appears", [0.0] * 14 + [900.0] * 6),
+    ],
+)
+def test_a_source_that_varies_stands_out(name, fluxes):
+    z = variability_image(_series(fluxes)).data
+    assert z[80, 80] > 8, name
+
+
+def test_constant_source_and_single_frame_artefact_do_not():
+    """A source at the same difference flux in every residual (badly subtracted but
+    steady) and one frame's cosmic ray are not variability."""
+    steady = variability_image(_series([700.0] * 20)).data
+    assert steady[78:83, 78:83].max() < 4
+    fluxes = [0.0] * 20
+    fluxes[7] = 3000.0  # 30 sigma in one frame only
+    spike = variability_image(_series(fluxes)).data
+    assert spike[78:83, 78:83].max() < 4
+
+
+def test_masked_pixels_are_left_out_and_too_few_residuals_give_nothing():
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :40] = True
+    image = variability_image(_series([0.0] * 10, mask=mask))
+    assert (image.weight[:, :38] == 0).all() and (image.data[:, :38] == 0).all()
+    assert (image.weight[:, 60:] == 1.0).all()
+    few = variability_image(_series([0.0, 500.0]))  # two: below MIN_RESIDUALS
+    assert MIN_RESIDUALS > 2 and not few.weight.any() and not few.data.any()
+
+
+def test_chi2_significance_is_exact_where_computable():
+    dof = np.array([1, 5, 19, 39, 39, 99])
+    chi2 = np.array([4.0, 20.0, 40.0, 80.0, 150.0, 300.0])
+    expected = norm.isf(chi2_dist.sf(chi2, dof))
+    np.testing.assert_allclose(chi2_significance(chi2, dof), expected, rtol=1e-6)
+    huge = chi2_significance(np.array([1e6, 1e7]), np.array([10, 10]))
+    assert np.all(np.isfinite(huge)) and huge[1] > huge[0] > 37  # past the underflow
+    assert chi2_significance(np.array([5.0]), np.array([0]))[0] == 0  # no dof: nothing
+
+
+def _catalog(x, y, sign, mjd, reason="kept"):
+    n = len(x)
+    return Table(
+        {
+            "x": np.asarray(x, float),
+            "y": np.asarray(y, float),
+            "sign": np.asarray(sign, int),
+            "mjd": np.full(n, mjd, float),
+            "reason": np.full(n, reason, dtype="U10"),
+        }
+    )
+
+
+def test_detection_kinds_follow_the_signs_in_time():
+    # four sources at x = 10, 20, 30, 40: only positive; positive then negative;
+    # negative only; negative then positive
+    signs_by_time = {
+        50.0: [1, 1, -1, -1],
+        51.0: [1, 1, -1, -1],
+        52.0: [1, -1, -1, 1],
+        53.0: [1, -1, -1, 1],
+    }
+    detections = {
+        f"f{int(t)}": _catalog([10, 20, 30, 40], [5, 5, 5, 5], s, t)
+        for t, s in reversed(signs_by_time.items())  # given out of time order
+    }
+    sources = Table({"x": [10.2, 20.0, 30.0, 40.0, 90.0], "y": [5.0, 5.0, 5.0, 5.0, 90.0]})
+    kinds = detection_kinds(sources, detections, radius=1.5)
+    assert list(kinds) == ["transient", "fading", "variable", "transient", "variable"]
+
+
+def test_exempt_varying_keeps_a_varying_source_and_only_that():
+    table = _catalog([10, 50, 80], [5, 5, 5], [-1, -1, 1], 50.0)
+    table["reason"] = ["negative", "negative", "majority"]
+    lenient = table.copy()
+    lenient["reason"] = ["kept", "kept", "faint"]
+    varying = Table({"x": [10.5, 80.0], "y": [5.0, 5.0], "kind": ["variable", "variable"]})
+    out = exempt_varying(table, varying, 1.5, lenient)
+    # the varying negative source is kept; the other negative one is not; a varying
+    # source that fails another filter stays out
+    assert list(out["reason"]) == ["kept", "negative", "faint"]
+    assert list(out["kind"]) == ["variable", "fading", "variable"]
+    plain = exempt_varying(_catalog([1], [1], [1], 50.0), None, 1.5, None)
+    assert list(plain["kind"]) == ["transient"] and list(plain["reason"]) == ["kept"]
