@@ -4,7 +4,8 @@ bright on the template nights, a fading source, a transient, a microlensing bump
 and a constant star): the four that vary are found by detection (the variability image)
 and kept whichever their sign, the light curves match the injected difference flux within
 their errors, the kinds and the period are right, the outputs carry units, descriptions
-and provenance, a rerun resumes, ``oasis lightcurve --at`` adds positions, and ``index.html`` loads in headless Chromium."""
+and provenance, a rerun resumes, ``oasis lightcurve --at`` adds positions, and
+``index.html`` loads in headless Chromium."""
 
 from __future__ import annotations
 
