@@ -169,3 +169,39 @@ def test_exempt_varying_keeps_a_varying_source_and_only_that():
     assert list(out["kind"]) == ["variable", "fading", "variable"]
     plain = exempt_varying(_catalog([1], [1], [1], 50.0), None, 1.5, None)
     assert list(plain["kind"]) == ["transient"] and list(plain["reason"]) == ["kept"]
+
+
+def test_a_star_left_by_a_kernel_slightly_off_is_not_variable_but_a_varying_star_is():
+    """A field of bright constant stars that two residuals over-subtract by 2 % (their
+    kernels scaled the template a little high) would pass as variables; with the
+    template, the residuals' own mismatch at stars is a term of the variance, and only the
+    star that truly varies (by 30 %) stands out."""
+    rng = np.random.default_rng(3)
+    positions = [(30.0 + 25.0 * i, 40.0 + 20.0 * (i % 3)) for i in range(5)]
+    stars = sum(200_000.0 * _psf(x, y) for x, y in positions)  # peaks ~13,000 ADU
+    varying = positions[2]
+    residuals = []
+    for k in range(12):
+        off = -0.02 if k in (0, 2) else 0.0
+        data = rng.normal(0.0, NOISE, SHAPE) + off * stars
+        data += (0.3 if k % 2 else -0.3) * 200_000.0 * _psf(*varying)
+        residuals.append(
+            Residual(
+                data=data,
+                noise=np.full(SHAPE, NOISE, np.float32),
+                weight=np.ones(SHAPE, np.float32),
+                header={"FWHM": FWHM},
+                name=f"r{k}",
+            )
+        )
+    template = stars + 500.0 + rng.normal(0.0, NOISE, SHAPE)
+    bare = variability_image(residuals).data
+    with_template = variability_image(residuals, template).data
+
+    def peak(z, x, y):
+        return float(z[int(y) - 2 : int(y) + 3, int(x) - 2 : int(x) + 3].max())
+
+    constant = [p for p in positions if p != varying]
+    assert min(peak(bare, *p) for p in constant) > 8  # the artefact without the template
+    assert max(peak(with_template, *p) for p in constant) < 5
+    assert peak(with_template, *varying) > 8

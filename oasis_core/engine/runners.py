@@ -469,7 +469,9 @@ def _make_variability(
     if len(residuals) < variability.MIN_RESIDUALS:
         outputs.invalidate(path)
         return
-    image = variability.variability_image(residuals)
+    template = outputs.template_path(ctx)
+    stars = io.read_output_frame(template).data if template.exists() else None
+    image = variability.variability_image(residuals, stars)
     fwhm = image.header["FWHM"]
     image = attrs.evolve(image, header=header.copy())
     image.header["FWHM"] = (fwhm, "[pix] a point source on the variability image")

@@ -7,10 +7,14 @@ with data ``R_i`` (its median removed), noise ``sigma_i`` and PSF width ``s_i`` 
 ``FWHM`` card over 2.3548), the PSF-weighted flux at every pixel and its variance are::
 
     f_i = G_i * R_i                   (G_i: a unit-sum Gaussian of width s_i)
-    v_i = (G_i**2 * sigma_i**2) c_i**2
+    v_i = (G_i**2 * sigma_i**2) c_i**2 + (eps_i t_i)**2
 
 where ``c_i`` is the robust spread of ``f_i / sqrt(v_i)`` when above 1 (noise correlated
-between neighbouring pixels, as in a residual whose science frame was convolved). The
+between neighbouring pixels, as in a residual whose science frame was convolved), ``t_i``
+the template's sources weighted the same way (``G_i * T``, its sky removed) and ``eps_i``
+the residual's own mismatch at stars (:func:`mismatch`: a kernel that scaled the stars a
+percent wrong leaves that percent of every star in the residual, which is not
+variability; without a template the term is left out). The
 statistic is the chi-square of the ``f_i`` about their weighted mean::
 
     chi2 = sum(f_i**2 / v_i) - sum(f_i / v_i)**2 / sum(1 / v_i)
@@ -40,6 +44,7 @@ __all__ = [
     "chi2_significance",
     "detection_kinds",
     "exempt_varying",
+    "mismatch",
     "variability_image",
 ]
 
@@ -85,8 +90,12 @@ def _robust_spread(values: np.ndarray) -> float:
     return float((q75 - q25) / 1.349)
 
 
-def _flux_and_variance(residual: Residual) -> tuple[np.ndarray, np.ndarray]:
-    """(f, v) of one residual as in the module docstring; v = 0 where it has no data."""
+def _flux_and_variance(
+    residual: Residual, template: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(f, v) of one residual as in the module docstring; v = 0 where it has no data.
+    With ``template`` (its sources above a sky of 0), ``v`` also holds the residual's
+    mismatch at stars, ``(eps t)**2`` (see :func:`mismatch`)."""
     from scipy.ndimage import gaussian_filter
 
     data = np.asarray(residual.data, np.float32)
@@ -113,10 +122,35 @@ def _flux_and_variance(residual: Residual) -> tuple[np.ndarray, np.ndarray]:
     spread = _robust_spread(z)
     if np.isfinite(spread) and spread > 1.0:
         var *= np.float32(spread**2)
+    if template is not None and template.shape == data.shape:
+        stars = gaussian_filter(template, sigma, mode="constant", truncate=3.0)
+        eps = mismatch(flux, var, stars, usable)
+        if eps > 0:
+            var += np.float32(eps * eps) * stars * stars
     return np.where(usable, flux, 0.0), np.where(usable, var, 0.0)
 
 
-def variability_image(residuals: Sequence[Residual]) -> Residual:
+def mismatch(flux: np.ndarray, var: np.ndarray, stars: np.ndarray, usable: np.ndarray) -> float:
+    """The residual's mismatch at stars, ``eps``: the robust spread of ``f / t`` (the
+    residual's PSF-weighted flux over the template's, ``stars``) where the template's
+    star stands 30 times above the residual's noise, less what that noise explains; 0
+    with fewer than 20 such pixels. A residual whose kernel scaled or shaped the stars a
+    little wrong leaves ``eps t`` at each star (a constant star, dimmed or brightened a
+    percent or two in one frame); as a term of the variance it keeps such stars from
+    passing as variables, while a star that truly varies by more stands out."""
+    bright = usable & (stars > 30.0 * np.sqrt(np.where(var > 0, var, np.inf)))
+    if bright.sum() < 20:
+        return 0.0
+    t = stars[bright].astype(np.float64)
+    ratio = flux[bright] / t
+    noise_part = np.median(np.sqrt(var[bright]) / t)
+    spread = 1.4826 * float(np.median(np.abs(ratio)))
+    return float(np.sqrt(max(spread**2 - noise_part**2, 0.0)))
+
+
+def variability_image(
+    residuals: Sequence[Residual], template: np.ndarray | None = None
+) -> Residual:
     """The variability image of ``residuals`` (see the module docstring) as a
     :class:`Residual` in sigma units: ``data`` the significance, ``noise`` 1 where at
     least :data:`MIN_RESIDUALS` residuals have data (0 elsewhere), ``weight`` the fraction
@@ -130,6 +164,12 @@ def variability_image(residuals: Sequence[Residual]) -> Residual:
     if not residuals:
         raise ValueError("variability_image: no residual")
     shape = residuals[0].data.shape
+    stars = None
+    if template is not None:  # the template's sources above its sky
+        stars = np.asarray(template, np.float32)
+        finite = np.isfinite(stars)
+        sky = np.median(stars[finite][:: max(1, int(finite.sum()) // 50_000)])
+        stars = np.where(finite, stars - np.float32(sky), np.float32(0.0))
     s0 = np.zeros(shape, np.float64)
     s1 = np.zeros(shape, np.float64)
     s2 = np.zeros(shape, np.float64)
@@ -138,7 +178,7 @@ def variability_image(residuals: Sequence[Residual]) -> Residual:
     worst_inv = np.zeros(shape, np.float64)
     worst_flux = np.zeros(shape, np.float64)
     for residual in residuals:  # one residual at a time, whole arrays
-        flux, var = _flux_and_variance(residual)
+        flux, var = _flux_and_variance(residual, stars)
         has = var > 0
         inv = np.divide(1.0, var, out=np.zeros(shape, np.float64), where=has)
         term = flux.astype(np.float64) ** 2 * inv
