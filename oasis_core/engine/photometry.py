@@ -121,12 +121,23 @@ def read_positions_file(path: Path) -> list[str]:
     return out
 
 
+#: The weight of a catalog's positions when positions closer than ``match_radius`` are
+#: merged: the variability image's are the least precise (a chi-square map, the most
+#: deviant residual left out), so they only place a source no other catalog has.
+_POSITION_WEIGHT = {
+    "MR_filtered_sources": 1.0,
+    "filtered_sources": 1.0,
+    "VAR_filtered_sources": 1e-3,
+}
+
+
 def _catalog_positions(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) and S/N of the kept sources of the extract stage's catalogs."""
+    """(x, y) and weight (S/N, less for the variability image's) of the kept sources of
+    the extract stage's catalogs."""
     from astropy.table import Table
 
     xs, ys, snrs = [], [], []
-    for stem in ("MR_filtered_sources", "filtered_sources", "VAR_filtered_sources"):
+    for stem, factor in _POSITION_WEIGHT.items():
         path = ctx.target.stage_dir("extract") / f"{stem}.ecsv"
         if not path.is_file():
             continue
@@ -136,7 +147,7 @@ def _catalog_positions(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
         xs.append(np.asarray(table["x"], float))
         ys.append(np.asarray(table["y"], float))
         snr = table["snr"] if "snr" in table.colnames else np.ones(len(table))
-        snrs.append(np.abs(np.asarray(snr, float)))
+        snrs.append(factor * np.abs(np.asarray(snr, float)))
     if not xs:
         return np.zeros((0, 2)), np.zeros(0)
     return np.column_stack([np.concatenate(xs), np.concatenate(ys)]), np.concatenate(snrs)
