@@ -200,5 +200,15 @@ def test_light_curve_statistics_kinds_and_period():
         classify(t, rising, err, ref_flux=10.0, ref_err=30.0, chi2_dof=300.0, periodic=False)
         == "transient"
     )
+    # on during two template nights: the template holds a little of it, so the other
+    # frames dip a few sigma (2 % of its peak) below it; still a transient
+    dipped = np.where(t > 40, 20_000.0, -400.0) + flat
+    assert (
+        classify(t, dipped, err, ref_flux=10.0, ref_err=30.0, chi2_dof=3000.0, periodic=False)
+        == "transient"
+    )
+    both = np.where(t > 40, 20_000.0, -4000.0) + flat  # dips by a fifth: varies both ways
+    kinds = classify(t, both, err, ref_flux=10.0, ref_err=30.0, chi2_dof=3e3, periodic=False)
+    assert kinds == "variable"
     _, noise_fap = period_search(t, flat, err, period_min=0.5)
     assert noise_fap > 0.01

@@ -253,16 +253,22 @@ def classify(
 
     ``constant`` unless it varies (reduced chi-square above 3, or a significant period);
     ``transient`` when it rises from about nothing on the template (reference flux below
-    3 sigma or a fifth of the peak difference) and never falls significantly below it;
+    3 sigma or a fifth of the peak difference) and never falls significantly below it
+    (by more than 3 sigma and a tenth of its peak: a transient that was on during a
+    template night leaves a little of itself in the template);
     ``fading`` when it declines through the series (rank correlation with time below
     -0.6); ``transient`` again when it only ever rises above the template (it appears on
     a star); else ``variable`` (varies both ways, or is brighter on the template).
     """
     if not (chi2_dof > 3.0 or periodic) or len(flux) < 2:
         return "constant"
-    up = int(np.sum(flux > 3.0 * err))
-    down = int(np.sum(flux < -3.0 * err))
     peak = float(np.max(flux))
+    up = int(np.sum(flux > 3.0 * err))
+    # a transient that was on during some template nights leaves a little of itself in
+    # the template (a median of a few frames, two of them bright, is pulled up by about a
+    # pixel's noise): its other frames dip below the template by a few percent of its
+    # peak, which is not a source that varies both ways
+    down = int(np.sum(flux < -np.maximum(3.0 * err, 0.1 * max(peak, 0.0))))
     nothing = not np.isfinite(ref_flux) or ref_flux < max(3.0 * ref_err, 0.2 * peak)
     if nothing and up and not down:
         return "transient"

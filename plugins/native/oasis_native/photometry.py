@@ -68,6 +68,13 @@ class NativePhotometryOptions:
         "flag a fit whose reduced chi-square exceeds this (flag 8; 0 = off)",
         range=(0, None),
     )
+    profile_error: float = option(
+        0.05,
+        "fraction of the fitted PSF at each pixel added to its noise when judging the fit "
+        "(chi2_max): no PSF model is exact, and a bright source would otherwise be "
+        "flagged for the model's error (DAOPHOT's profile error)",
+        range=(0, None),
+    )
 
 
 def _shifted_psfs(psf: np.ndarray, dx: np.ndarray, dy: np.ndarray, half: int) -> np.ndarray:
@@ -157,6 +164,7 @@ def forced_psf_fit(
     radius: float = 1.5,
     background: bool = False,
     table: np.ndarray | None = None,
+    profile_error: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """Forced PSF fluxes at ``positions`` on ``data`` (whole-array numpy).
 
@@ -176,13 +184,16 @@ def forced_psf_fit(
         Subtract a local sky first: the median of an annulus around each position.
     table : ndarray, optional
         :func:`psf_table` of ``psf`` for this fit's stamp size (made when not given).
+    profile_error : float
+        For ``chi2`` only: this fraction of the fitted model at each pixel is added (in
+        quadrature) to the pixel's noise, the model's own error.
 
     Returns
     -------
     dict of ndarray
         ``flux``, ``flux_err`` (NaN where no pixel is usable), ``background``, ``chi2``
-        (reduced chi-square of the fit), ``npix`` and ``flag`` (see :data:`FLAG_MASKED`,
-        :data:`FLAG_EDGE`, :data:`FLAG_EMPTY`).
+        (reduced chi-square of the fit against the noise and the profile error), ``npix``
+        and ``flag`` (see :data:`FLAG_MASKED`, :data:`FLAG_EDGE`, :data:`FLAG_EMPTY`).
     """
     positions = np.asarray(positions, float).reshape(-1, 2)
     n = len(positions)
@@ -226,7 +237,10 @@ def forced_psf_fit(
         flux = spd / spp
         err = 1.0 / np.sqrt(spp)
         resid = d - flux[:, None, None] * p
-        chi2 = np.einsum("nij,nij->n", ivar * resid, resid) / np.maximum(npix - nfree, 1)
+        # the fit is judged against the noise plus the model's own error, a fraction of it
+        model = profile_error * np.nan_to_num(flux)[:, None, None] * p
+        judged = np.where(use, 1.0 / (1.0 / np.where(use, ivar, 1.0) + model * model), 0.0)
+        chi2 = np.einsum("nij,nij->n", judged * resid, resid) / np.maximum(npix - nfree, 1)
     flux[~np.isfinite(bkg)] = np.nan
     empty = (npix <= nfree) | ~np.isfinite(flux) | ~np.isfinite(err) | (err <= 0)
     flux[empty] = np.nan
@@ -311,6 +325,7 @@ class NativePhotometry(PhotometryBackend):
             radius=options.radius,
             background=background,
             table=table,
+            profile_error=options.profile_error,
         )
         scale = 1.0
         if options.calibrate > 0 and not template:
