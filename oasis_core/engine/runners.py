@@ -476,6 +476,7 @@ def _make_variability(
     image = attrs.evolve(image, header=header.copy())
     image.header["FWHM"] = (fwhm, "[pix] a point source on the variability image")
     image.header["BUNIT"] = ("", "dimensionless: Gaussian significance of the chi-square")
+    image.header["PSFWTD"] = (True, "PSF-weighted: detected unsmoothed")
     io.write_residual(path, image, header_extra=cards)
 
 
@@ -675,15 +676,15 @@ def _varying(
 ) -> Any:
     """The kept sources of the variability image with their ``kind``
     (:func:`~oasis_core.engine.variability.detection_kinds`), its catalogs written
-    (``VAR_sources``, ``VAR_filtered_sources``); None without a variability image. Its
-    detections have no sign, so the ``negative``, ``majority`` and ``dipole`` filters do
-    not apply to them."""
+    (``VAR_sources``, ``VAR_filtered_sources``); None without a variability image. The
+    ``majority`` and ``dipole`` filters do not apply to a map without sign; a negative
+    detection there (residuals that vary less than their noise says) is no variable."""
     if "VAR" not in tables:
         return None
     settings = common["settings"]
     table = tasks.filter_sources(
         tables["VAR"].copy(),
-        settings=attrs.evolve(settings, keep_negative=True, dipole_min=1e30),  # no dipole
+        settings=attrs.evolve(settings, keep_negative=False, dipole_min=1e30),  # no dipole
         catalogs=(),
         n_residuals=0,
         wcs=common["wcs"],

@@ -231,12 +231,14 @@ def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> 
     if "sign" not in table.colnames:
         table["sign"] = np.where(np.asarray(table["flux"], float) < 0, -1, 1)
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
+    # an image that is a PSF-weighted significance already (the variability image, card
+    # PSFWTD) is not smoothed again
     add_lobe_columns(
         table,
         residual.normalized,
         radius=max(3.0, 1.5 * fwhm),
         weight=residual.weight,
-        smooth=fwhm / 2.3548,
+        smooth=0.0 if residual.header.get("PSFWTD") else fwhm / 2.3548,
     )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
     _add_mjd(table, io.header_mjd(residual.header))

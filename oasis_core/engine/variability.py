@@ -228,6 +228,7 @@ def variability_image(
     )
     out_header["BUNIT"] = ("", "dimensionless: Gaussian significance of the chi-square")
     out_header["NCOMBINE"] = (len(residuals), "residuals combined")
+    out_header["PSFWTD"] = (True, "PSF-weighted: detected unsmoothed")
     weight = np.where(enough, (count + 1) / len(residuals), 0.0)
     return Residual(
         data=z.astype(np.float32),
