@@ -21,7 +21,8 @@ statistic is the chi-square of the ``f_i`` about their weighted mean::
 
 over the ``n`` residuals with data there but the one farthest from zero (a single
 frame's artefact, a cosmic ray or a satellite trail, is not variability; a pixel is left
-out of a residual when more than 5 % of its PSF weight falls on masked pixels), with
+out of a residual when more than 5 % of its PSF weight falls on pixels of weight below
+0.5, where less than half the data behind it is good), with
 ``n - 2`` degrees of freedom, turned into the Gaussian significance of the same tail
 probability, then centred and scaled by the image's own median and robust spread (leaving
 the largest term out shifts the null), so that the image is about N(0, 1) where nothing
@@ -50,6 +51,10 @@ __all__ = [
 
 #: Fewest residuals a variability image is made from (a spread of two means little).
 MIN_RESIDUALS = 3
+
+#: Smallest weight of a residual's pixel that the image uses: below, less than half of the
+#: data behind it is good (the template's median of a few frames around a saturated star).
+MIN_WEIGHT = 0.5
 
 #: Largest fraction of a pixel's PSF weight that may fall on masked pixels.
 MASKED_WEIGHT_MAX = 0.05
@@ -103,7 +108,7 @@ def _flux_and_variance(
 
     data = np.asarray(residual.data, np.float32)
     noise = np.asarray(residual.noise, np.float32)
-    good = (np.asarray(residual.weight) > 0) & (noise > 0) & np.isfinite(data)
+    good = (np.asarray(residual.weight) >= MIN_WEIGHT) & (noise > 0) & np.isfinite(data)
     zeros = np.zeros(data.shape, np.float32)
     if good.sum() < 100:
         return zeros, zeros
