@@ -7,14 +7,16 @@ with data ``R_i`` (its median removed), noise ``sigma_i`` and PSF width ``s_i`` 
 ``FWHM`` card over 2.3548), the PSF-weighted flux at every pixel and its variance are::
 
     f_i = G_i * R_i                   (G_i: a unit-sum Gaussian of width s_i)
-    v_i = (G_i**2 * sigma_i**2) c_i**2 + (eps_i t_i)**2
+    v_i = (G_i**2 * sigma_i**2) c_i**2 + (eps_i t_i)**2 + (w_i u_i)**2
 
 where ``c_i`` is the robust spread of ``f_i / sqrt(v_i)`` when above 1 (noise correlated
 between neighbouring pixels, as in a residual whose science frame was convolved), ``t_i``
 the template's sources weighted the same way (``G_i * T``, its sky removed) and ``eps_i``
 the residual's own mismatch at stars (:func:`mismatch`: a kernel that scaled the stars a
 percent wrong leaves that percent of every star in the residual, which is not
-variability; without a template the term is left out). The
+variability), and ``w_i u_i`` the same in the stars' wings, where a kernel that matched
+the cores leaves a ring: ``u_i`` the template smoothed three times wider, ``w_i`` measured
+where ``u_i`` outshines ``t_i`` (without a template both terms are left out). The
 statistic is the chi-square of the ``f_i`` about their weighted mean::
 
     chi2 = sum(f_i**2 / v_i) - sum(f_i / v_i)**2 / sum(1 / v_i)
@@ -55,6 +57,11 @@ MIN_RESIDUALS = 3
 #: Smallest weight of a residual's pixel that the image uses: below, less than half of the
 #: data behind it is good (the template's median of a few frames around a saturated star).
 MIN_WEIGHT = 0.5
+
+#: Width of the wings' envelope, in units of the PSF's sigma: a kernel that matches the
+#: stars' cores leaves its errors out to a few FWHM (a ring), where the star smoothed to
+#: the PSF is faint but smoothed this wide is not.
+WING_WIDTH = 3.0
 
 #: Largest fraction of a pixel's PSF weight that may fall on masked pixels.
 MASKED_WEIGHT_MAX = 0.05
@@ -133,14 +140,19 @@ def _flux_and_variance(
     if np.isfinite(spread) and spread > 1.0:
         var *= np.float32(spread**2)
     if template is not None and template.shape == data.shape:
-        width = round(sigma, 2)
         cache = smoothed if smoothed is not None else {}
-        if width not in cache:
-            cache[width] = gaussian_filter(template, width, mode="constant", truncate=3.0)
-        stars = cache[width]
+        for width in (round(sigma, 2), round(WING_WIDTH * sigma, 2)):
+            if width not in cache:
+                cache[width] = gaussian_filter(template, width, mode="constant", truncate=3.0)
+        stars = cache[round(sigma, 2)]
         eps = mismatch(flux, var, stars, usable)
         if eps > 0:
             var += np.float32(eps * eps) * stars * stars
+        # the wings: where the star smoothed wide outshines it smoothed to the PSF
+        wide = cache[round(WING_WIDTH * sigma, 2)]
+        eps_wing = mismatch(flux, var, wide, usable & (stars < wide))
+        if eps_wing > 0:
+            var += np.float32(eps_wing * eps_wing) * wide * wide
     return np.where(usable, flux, 0.0), np.where(usable, var, 0.0)
 
 
