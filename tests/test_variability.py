@@ -205,3 +205,47 @@ def test_a_star_left_by_a_kernel_slightly_off_is_not_variable_but_a_varying_star
     assert min(peak(bare, *p) for p in constant) > 8  # the artefact without the template
     assert max(peak(with_template, *p) for p in constant) < 5
     assert peak(with_template, *varying) > 8
+
+
+def test_a_ring_a_kernel_leaves_around_bright_stars_is_not_variable():
+    """Residuals whose kernel matched the stars' cores but not their wings leave a ring a
+    few pixels out (here: +-3 % of the star, the difference of a wider and a narrower
+    profile, its sign changing from frame to frame); the wing term keeps it from passing
+    as a variable, while a transient beside a star still stands out."""
+    rng = np.random.default_rng(9)
+    positions = [(40.0, 40.0), (110.0, 50.0), (60.0, 115.0), (120.0, 120.0)]
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+
+    def profile(x, y, s):
+        g = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+        return g / g.sum()
+
+    stars = sum(300_000.0 * _psf(x, y) for x, y in positions)
+    ring = sum(
+        300_000.0 * (profile(x, y, 3.5) - profile(x, y, 1.6)) for x, y in positions
+    )  # zero total flux: a ring of one sign around a core of the other
+    transient = (100.0, 85.0)
+    residuals = []
+    for k in range(12):
+        data = rng.normal(0.0, NOISE, SHAPE) + (0.03 if k % 3 else -0.05) * ring
+        if k >= 8:
+            data += 1500.0 * _psf(*transient)
+        residuals.append(
+            Residual(
+                data=data,
+                noise=np.full(SHAPE, NOISE, np.float32),
+                weight=np.ones(SHAPE, np.float32),
+                header={"FWHM": FWHM},
+                name=f"r{k}",
+            )
+        )
+    template = stars + 300.0 + rng.normal(0.0, NOISE, SHAPE)
+    bare = variability_image(residuals).data
+    with_template = variability_image(residuals, template).data
+    near_stars = np.zeros(SHAPE, bool)
+    for x, y in positions:
+        near_stars |= np.hypot(xx - x, yy - y) < 12
+    assert bare[near_stars].max() > 8  # the ring passes for a variable without the template
+    assert with_template[near_stars].max() < 5
+    tx, ty = int(transient[0]), int(transient[1])
+    assert with_template[ty - 2 : ty + 3, tx - 2 : tx + 3].max() > 8
