@@ -108,17 +108,32 @@ def decam_target_done(tmp_path_factory, shared_data):
     return Target(root / "OASIS" / "targets" / "decam"), result
 
 
-#: The test files that take longest (their module fixtures run whole pipelines): started
-#: first, so that the two workers (``-n 2 --dist loadfile``) end together.
+#: The test files that take longest (their module fixtures run whole pipelines), longest
+#: first as measured (``--durations``): started first, so that the two workers
+#: (``-n 2 --dist loadfile --no-loadscope-reorder``) end together.
 LONGEST_FIRST = (
     "tests/test_compare.py",
-    "tests/sims/test_selftest.py",
     "tests/integration/test_astromatic.py",
-    "tests/test_executor_dask.py",
-    "tests/integration/test_photometry_sim.py",
+    "tests/sims/test_selftest.py",
+    "tests/integration/test_probes.py",
+    "tests/test_cli.py",
     "tests/integration/test_cutouts.py",
-    "tests/integration/test_pipeline_sim.py",
+    "tests/integration/test_photometry_sim.py",
+    "tests/integration/test_real_data.py",
+    "tests/integration/test_stale.py",
+    "tests/sims/test_fakes.py",
+    "tests/integration/test_resume.py",
+    "tests/integration/test_resume_files.py",
+    "tests/test_fuzz.py",
     "tests/hotpants/test_hotpants.py",
+    "tests/test_mosaic.py",
+    "tests/test_executor_dask.py",
+    "tests/native/test_psf.py",
+    "tests/integration/test_kill.py",
+    "tests/test_oasispy.py",
+    "tests/integration/test_pipeline_sim.py",
+    "tests/integration/test_selection.py",
+    "tests/test_plugins.py",
 )
 
 
