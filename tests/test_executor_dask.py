@@ -214,22 +214,25 @@ def test_killed_worker_run_still_completes(executor, tmp_path):
 def test_pipeline_gives_the_local_executors_catalogs(tmp_path):
     from astropy.table import Table
 
-    from oasis_apps.demo import simulate_target
     from oasis_core.engine.executor_dask import DaskExecutor
     from oasis_core.engine.pipeline import make_context, run_stages
+    from tests.integration.pipeline_kit import make_target
 
-    target = simulate_target(tmp_path, "sim", n_frames=8, shape=(256, 256), seed=7)
+    # the pipeline kit's small target (5 frames of 160x160, with transients)
+    target = make_target(tmp_path)
     catalogs = ("sources.ecsv", "MR_sources.ecsv")
-    run_stages(make_context(target.path, jobs=2))
-    local = {c: Table.read(target.path / "sources" / c) for c in catalogs}
-    residuals = sorted(target.path.glob("residuals/*_residual.fits"))
+    run_stages(make_context(target, jobs=2))
+    local = {c: Table.read(target / "sources" / c) for c in catalogs}
+    residuals = sorted(target.glob("residuals/*_residual.fits"))
     before = {p: p.stat().st_mtime_ns for p in residuals}
     with DaskExecutor(workers=2) as ex:
-        run_stages(make_context(target.path, executor=ex, force=True))
-    assert all(p.stat().st_mtime_ns != before[p] for p in residuals), "force redoes the work"
+        run_stages(make_context(target, executor=ex, force=True))
+    assert residuals and all(p.stat().st_mtime_ns != before[p] for p in residuals), (
+        "force redoes the work"
+    )
     assert len(local["sources.ecsv"]) > 0
     for name in catalogs:
-        dask_t = Table.read(target.path / "sources" / name)
+        dask_t = Table.read(target / "sources" / name)
         ref = local[name]
         assert dask_t.colnames == ref.colnames, name
         assert len(dask_t) == len(ref), name
@@ -239,4 +242,4 @@ def test_pipeline_gives_the_local_executors_catalogs(tmp_path):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9, err_msg=f"{name}:{col}")
             else:
                 assert np.array_equal(a, b), f"{name}:{col}"
-    assert not list(target.path.rglob(".*.part"))
+    assert not list(target.rglob(".*.part"))

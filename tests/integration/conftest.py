@@ -10,11 +10,14 @@ import pytest
 def small_target(tmp_path_factory):
     """``(pristine, done)``: the small target before any run (inside an OASIS root), and a
     copy of it after a full run with the defaults. Copy them before changing anything."""
-    from oasis_core.engine.pipeline import pipeline
-    from tests.integration.pipeline_kit import copy_target, make_target
+    from tests.conftest import built_once
 
-    root = tmp_path_factory.mktemp("small")
-    pristine = make_target(root / "pristine")
-    done = copy_target(pristine, root / "done")
-    pipeline(done, jobs=1)
-    return pristine, done
+    def build(root):
+        from oasis_core.engine.pipeline import pipeline
+        from tests.integration.pipeline_kit import copy_target, make_target
+
+        pristine = make_target(root / "pristine")
+        pipeline(copy_target(pristine, root / "done"), jobs=1)
+
+    root = built_once(tmp_path_factory, "small", build)  # once per session, workers included
+    return root / "pristine" / "OASIS" / "targets" / "t", root / "done" / "t"

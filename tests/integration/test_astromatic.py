@@ -125,14 +125,16 @@ def test_astromatic_transients_agree_with_native(sim_pair):
 
 
 @pytest.fixture(scope="module")
-def decam_pair(tmp_path_factory, shared_data):
+def decam_pair(tmp_path_factory, shared_data, decam_target_done):
+    """The DECam frames run with the default (native) backends, the session's run shared
+    with the real-data tests, and with the AstrOmatic ones."""
     frames = sorted((shared_data / "decam_n6").glob("*.fits"))
-    out = {}
-    for name, backends in (("native", {}), ("astro", ASTRO)):
-        target = Target(tmp_path_factory.mktemp(name) / "decam").create()
-        unpack(frames, target)
-        out[name] = (target, pipeline(target.path, backends=backends, jobs=2))
-    return out
+    target = Target(tmp_path_factory.mktemp("astro") / "decam").create()
+    unpack(frames, target)
+    return {
+        "native": decam_target_done,
+        "astro": (target, pipeline(target.path, backends=ASTRO, jobs=2)),
+    }
 
 
 def test_astromatic_on_decam_agrees_with_native(decam_pair):

@@ -36,10 +36,11 @@ def test_self_test_succeeds(selftest_dir):
     assert controls.exists()
 
 
-def test_self_test_fails_without_one_control(selftest_dir):
-    directory, _ = selftest_dir
-    # control 2 left out (12 frames: enough for the others, in half the time)
-    result = run_selftest(directory, controls=(0, 2), jobs=2, n_frames=12)
+def test_self_test_fails_without_one_control(tmp_path):
+    # control 2 left out (12 frames: enough for the others, in half the time); a folder of
+    # its own, or the default run's 30 simulated frames would be reused
+    result = run_selftest(tmp_path, controls=(0, 2), jobs=2, n_frames=12)
+    assert len(list((result.target / "data").glob("*.fits"))) == 12
     assert not result.ok
     assert result.lines()[0] == FAILURE
     missing = [r for r in result.reasons if r.startswith("control 2 ")]
