@@ -467,8 +467,9 @@ def extract(ctx: Context) -> dict[str, Any]:
         "not_subtracted": bad,
         "not_extracted": failed,
     }
+    thresholds = _thresholds(tables, settings)  # before the filters clear the metadata
     summary.update(_catalogs(ctx, tables, units, settings))
-    summary.update(_thresholds(tables, settings))
+    summary.update(thresholds)
     summary["mean_q"] = _mean_q(ctx, good)
     _write_totals(ctx.target.stage_dir("extract"), summary, settings.method)
     ctx.reporter.result(

@@ -465,7 +465,8 @@ def mismatch_map(
         float32 map, 0 away from stars (and everywhere when fewer than
         :data:`WING_MIN_STARS` stars calibrate it).
     info : dict
-        ``wing_stars`` (calibration stars used) and ``wing_peak`` (the largest ``c(r)``
+        ``wing_stars`` (calibration stars found; used when at least
+        :data:`WING_MIN_STARS`) and ``wing_peak`` (the largest ``c(r)``
         over ``r``, per unit of peak / noise).
     """
     from scipy.ndimage import maximum_filter
@@ -501,6 +502,7 @@ def mismatch_map(
     unmasked = valid[:, core].all(axis=1)
     keep = np.flatnonzero(unmasked)[:WING_STARS]
     cx, cy, cp, valid = cx[keep], cy[keep], cp[keep], valid[keep]
+    info["wing_stars"] = len(cp)
     if len(cp) < WING_MIN_STARS:
         return wing, info
     ratio2 = _excess_by_distance(
