@@ -148,7 +148,8 @@ def test_mismatch_map_follows_the_ring_and_ignores_one_variable_star():
     ring = (r >= 10) & (r < 12)
     own = math.sqrt(np.mean(sig[sl][ring] ** 2) - 1)
     assert own > 5
-    assert wing[y, x + 10] == pytest.approx(own, rel=0.35)
+    # a trimmed estimate (robust to compact sources in the annulus): up to 1.5 x for a ring
+    assert 0.8 * own < wing[y, x + 10] < 1.6 * own
     assert wing[y, x + 20] < 0.1 * wing[y, x + 10]  # beyond the ring: little
     # a star that brightened a lot (a variable) does not raise the others' mismatch
     _, residual_v, _, _ = _scene(brighten=[(_star_near(stars, 1000 * NOISE), 1.0)])

@@ -518,9 +518,11 @@ def mismatch_map(
     c = np.zeros((n_groups, nbins + 1), np.float32)  # the last column: beyond the radius
     group_peak = np.zeros(n_groups)
     for g in range(n_groups):  # a handful of groups
-        with np.errstate(all="ignore"):
-            c2 = np.nanmedian(ratio2[group == g], axis=0)
-        c[g, :nbins] = np.sqrt(np.clip(np.nan_to_num(c2, nan=0.0), 0, None))
+        members = ratio2[group == g]
+        measured = np.isfinite(members).any(axis=0)  # bins with a valid star (cutouts)
+        c2 = np.zeros(nbins)
+        c2[measured] = np.nanmedian(members[:, measured], axis=0)
+        c[g, :nbins] = np.sqrt(np.clip(c2, 0, None))
         group_peak[g] = np.median(cp[group == g])
     info = {"wing_stars": len(cp), "wing_peak": float(c.max())}
     if not c.max() > 0:
@@ -547,20 +549,36 @@ def _excess_by_distance(
     """Per star and distance bin, the excess variance of the significance over unit in
     units of (peak / mean noise)**2; ``nan`` where fewer than half the bin's pixels are
     valid. ``sig``, ``noise``, ``valid``: ``(star, y, x)`` stamps; ``bins``: each offset's
-    bin (``nbins`` beyond the radius)."""
+    bin (``nbins`` beyond the radius).
+
+    The variance is a trimmed mean: the highest :data:`WING_TRIM` of each bin's squared
+    significances left out and the rest divided by what unit Gaussian noise gives
+    (:data:`TRIMMED_CHI2`; for a coherent ring that overstates its spread by up to 1.5,
+    which makes up for the lumps the trim leaves out), so a compact source in a star's annulus (a transient, a
+    neighbour: crowded fields, cutouts) does not pass for that star's mismatch, while a
+    ring or a crescent does."""
     n = len(peaks)
-    index = (np.arange(n)[:, None, None] * (nbins + 1) + bins[None]).ravel()
-    length = n * (nbins + 1)
-    w = valid.ravel().astype(np.float64)
-    count = np.bincount(index, weights=w, minlength=length).reshape(n, -1)
-    excess = np.bincount(index, weights=w * (sig.ravel() ** 2 - 1.0), minlength=length)
-    mean_noise = np.bincount(index, weights=w * noise.ravel(), minlength=length)
-    full = np.bincount(bins.ravel(), minlength=nbins + 1)[None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        excess = excess.reshape(n, -1) / count
-        scale = mean_noise.reshape(n, -1) / count / peaks[:, None]
-        out = np.where(count >= 0.5 * full, excess * scale**2, np.nan)
-    return np.where(np.isfinite(out), out, np.nan)[:, :nbins]
+    out = np.full((n, nbins), np.nan)
+    squared = np.where(valid, sig.astype(np.float64) ** 2, np.nan)
+    noise = np.where(valid, noise, 0.0)
+    for b in range(nbins):  # a dozen distance bins, each whole-array over stars
+        where = bins == b
+        values = np.sort(squared[:, where], axis=1)  # nan last
+        count = valid[:, where].sum(axis=1)
+        kept = np.floor((1.0 - WING_TRIM) * count).astype(int)
+        sums = np.nancumsum(values, axis=1)
+        trimmed = sums[np.arange(n), np.maximum(kept - 1, 0)] / np.maximum(kept, 1)
+        scale = noise[:, where].sum(axis=1) / np.maximum(count, 1) / peaks
+        enough = (count >= 0.5 * where.sum()) & (kept > 0)
+        out[:, b] = np.where(enough, (trimmed / TRIMMED_CHI2 - 1.0) * scale**2, np.nan)
+    return out
+
+
+#: The fraction of each distance bin's highest squared significances
+#: :func:`_excess_by_distance` leaves out, and the trimmed mean of a squared unit Gaussian
+#: (``P - 2 c phi(c)`` over ``P`` for ``P = 1 - WING_TRIM``, ``c`` its two-sided quantile).
+WING_TRIM = 0.2
+TRIMMED_CHI2 = 0.4377
 
 
 def _paint(
