@@ -195,6 +195,12 @@ class ExtractSettings:
         "gives them, never below snr_min (0 = snr_min alone)",
         range=non_negative,
     )
+    wing_sigma: float = option(
+        4.0,
+        "reject sources near template stars that do not stand out of the residual imperfect "
+        "PSF matching leaves there by this many of its sigmas (the wing column; 0 = off)",
+        range=non_negative,
+    )
     extent_max: float = option(
         1.1,
         "reject sources whose significance through a filter twice the PSF's exceeds this "

@@ -26,8 +26,9 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
   :func:`detection_threshold`), measured by the core the same way for every backend (see
   :func:`add_lobe_columns`);
 * ``"wing"`` — above the threshold against the noise alone but not against the noise
-  and the residual imperfect PSF matching leaves around the template's stars,
-  ``peak_norm / sqrt(1 + wing**2)`` (see :func:`mismatch_map`): the rings of bright stars;
+  and the residual imperfect PSF matching leaves around the template's stars:
+  ``peak_norm`` below ``sqrt(threshold**2 + (wing_sigma * wing)**2)`` (see
+  :func:`mismatch_map`): the rings of bright stars;
 * ``"sharp"`` — the peak pixel holds more than ``sharp_max`` times the fraction of the flux
   that the PSF puts in its peak, 1 / (2 pi sigma^2) for the residual's FWHM (cosmic rays
   and hot pixels that escaped the mask; the point-source test of the native backends).
@@ -72,6 +73,7 @@ FILTER_KEYS = (
     "snr_min",
     "sharp_max",
     "false_per_mpix",
+    "wing_sigma",
 )
 
 
@@ -554,9 +556,9 @@ def _excess_by_distance(
     The variance is a trimmed mean: the highest :data:`WING_TRIM` of each bin's squared
     significances left out and the rest divided by what unit Gaussian noise gives
     (:data:`TRIMMED_CHI2`; for a coherent ring that overstates its spread by up to 1.5,
-    which makes up for the lumps the trim leaves out), so a compact source in a star's annulus (a transient, a
-    neighbour: crowded fields, cutouts) does not pass for that star's mismatch, while a
-    ring or a crescent does."""
+    which makes up for the lumps the trim leaves out), so a compact source in a star's
+    annulus (a transient, a neighbour: crowded fields, cutouts) does not pass for that
+    star's mismatch, while a ring or a crescent does."""
     n = len(peaks)
     out = np.full((n, nbins), np.nan)
     squared = np.where(valid, sig.astype(np.float64) ** 2, np.nan)
@@ -698,6 +700,7 @@ def filter_detections(
     dipole_min: float = 0.0,
     extent_max: float = 0.0,
     false_per_mpix: float = 0.0,
+    wing_sigma: float = 0.0,
 ) -> Any:
     """Return ``table`` with ``n_frames`` (residuals where the source is found),
     ``threshold`` (the residual's detection threshold, :func:`detection_threshold` of
@@ -716,6 +719,10 @@ def filter_detections(
         False detections per megapixel the threshold allows on the residual's own null
         (``table.meta["null_density"]``, see :func:`add_null_columns`); 0: ``snr_min``
         alone.
+    wing_sigma : float
+        How many times its expected mismatch spread (the ``wing`` column) a detection
+        must stand out by, beside the threshold against the noise: ``wing`` when
+        ``peak_norm < sqrt(threshold**2 + (wing_sigma * wing)**2)``; 0: no wing test.
     """
     n = len(table)
     threshold, _ = detection_threshold(table.meta, snr_min=snr_min, false_per_mpix=false_per_mpix)
@@ -742,9 +749,9 @@ def filter_detections(
             point = np.isfinite(sm) & ((sm < -margin) | (sm > 0.1 + margin))
         reason[point] = "point"
         reason[peak < threshold] = "faint"
-        if "wing" in table.colnames:
-            wing = np.nan_to_num(np.asarray(table["wing"], float), nan=0.0)
-            reason[(peak >= threshold) & (peak < threshold * np.sqrt(1.0 + wing**2))] = "wing"
+        if wing_sigma > 0 and "wing" in table.colnames:
+            wing = wing_sigma * np.nan_to_num(np.asarray(table["wing"], float), nan=0.0)
+            reason[(peak >= threshold) & (peak < np.sqrt(threshold**2 + wing**2))] = "wing"
         if sharp_max > 0 and {"peak", "flux", "fwhm"} <= set(table.colnames):
             sigma = np.asarray(table["fwhm"], float) / 2.3548
             psf_peak = 1.0 / (2.0 * np.pi * sigma**2)
