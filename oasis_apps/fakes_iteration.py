@@ -86,7 +86,11 @@ def run_iteration(it: FakesIteration) -> dict[str, Any]:
         usable = bool(residual.meta.get("usable", True)) and bool((residual.weight > 0).any())
         if usable:
             found = detect(
-                it.extract_backend, residual, options=it.extract_options, workdir=it.workdir
+                it.extract_backend,
+                residual,
+                options=it.extract_options,
+                workdir=it.workdir,
+                template=template.data,
             )
             others = [Table.read(p, format="ascii.ecsv") for p in it.catalogs]
             positives = [t[np.asarray(t["sign"]) > 0] for t in others]

@@ -184,7 +184,21 @@ class ExtractSettings:
     )
     snr_min: float = option(
         6.0,
-        "reject sources whose PSF-weighted significance (peak_norm) is below this",
+        "reject sources whose PSF-weighted significance (peak_norm) is below this (the "
+        "floor of the detection threshold)",
+        range=non_negative,
+    )
+    false_per_mpix: float = option(
+        0.45,
+        "false detections per megapixel per residual allowed on the residual's own null "
+        "(its sign-flipped significance map): the detection threshold is the level that "
+        "gives them, never below snr_min (0 = snr_min alone)",
+        range=non_negative,
+    )
+    wing_sigma: float = option(
+        4.0,
+        "reject sources near template stars that do not stand out of the residual imperfect "
+        "PSF matching leaves there by this many of its sigmas (the wing column; 0 = off)",
         range=non_negative,
     )
     extent_max: float = option(

@@ -276,7 +276,14 @@ def subtract_frames(
             if sci.psf is None:
                 sci = _measure_psf(sci, registry, config, workdir)
             _pair_catalog(
-                Path(output), Path(catalog), sci, plan.extractor, registry, config, workdir
+                Path(output),
+                Path(catalog),
+                sci,
+                plan.extractor,
+                registry,
+                config,
+                workdir,
+                template=tpl.data,
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -344,9 +351,12 @@ def _pair_catalog(
     registry: Any,
     config: Any,
     workdir: Path,
+    *,
+    template: np.ndarray | None = None,
 ) -> None:
     """Detect and filter on the residual as written (as the pipeline's extract stage reads
-    it, with the science frame's PSF) and write the catalog."""
+    it, with the science frame's PSF, and the ``template``'s stars for the wing test) and
+    write the catalog."""
     from astropy.table import Table
 
     from oasis_core.engine import io
@@ -371,7 +381,11 @@ def _pair_catalog(
     note = ""
     if bool(residual.meta.get("usable", True)) and bool((residual.weight > 0).any()):
         table = detect(
-            extractor, residual, options=config.backend_options("extract"), workdir=workdir
+            extractor,
+            residual,
+            options=config.backend_options("extract"),
+            workdir=workdir,
+            template=template,
         )
         positives = table[np.asarray(table["sign"]) > 0]
         table = filter_sources(

@@ -492,7 +492,9 @@ def extract(ctx: Context) -> dict[str, Any]:
         "not_subtracted": bad,
         "not_extracted": failed,
     }
+    thresholds = _thresholds(tables, settings)  # before the filters clear the metadata
     summary.update(_catalogs(ctx, tables, units, settings))
+    summary.update(thresholds)
     summary["mean_q"] = _mean_q(ctx, good)
     _write_totals(ctx.target.stage_dir("extract"), summary, settings.method)
     ctx.reporter.result(
@@ -574,10 +576,13 @@ def _detections(ctx: Context, units: Sequence[tuple[str, Path]]) -> tuple[dict[s
     from astropy.table import Table
 
     det_dir = ctx.target.stage_dir("extract") / "detections"
-    template_psf = outputs.template_path(ctx).with_name("template.psf.fits")
+    template = outputs.template_path(ctx)
+    template_psf = template.with_name("template.psf.fits")
     todo = []
     for n, p in units:
         inputs = {"residual": p}
+        if template.exists():  # the template's stars, for the core's wing test
+            inputs["template"] = template
         psf = template_psf if n == "MR" else outputs.psf_path(ctx, n)
         # the PSF of the residual's sources, for backends that use it (none describes
         # the variability image)
@@ -699,6 +704,30 @@ def _varying(
     return kept
 
 
+def _thresholds(tables: Mapping[str, Any], settings: Any) -> dict[str, Any]:
+    """The detection threshold on ``peak_norm`` the individual residuals were searched at
+    (the median over them, see :func:`oasis_core.engine.sources.detection_threshold`) and
+    the level their own nulls alone gave for ``[extract] false_per_mpix`` (``nan``: no
+    calibration)."""
+    from oasis_core.engine.sources import detection_threshold
+
+    pairs = [
+        detection_threshold(
+            t.meta, snr_min=settings.snr_min, false_per_mpix=settings.false_per_mpix
+        )
+        for n, t in tables.items()
+        if n not in ("MR", "VAR")
+    ]
+    if not pairs:
+        return {}
+    used, null = np.array(pairs, dtype=float).T
+    finite = null[np.isfinite(null)]
+    return {
+        "threshold": float(np.median(used)),
+        "null_threshold": float(np.median(finite)) if finite.size else float("nan"),
+    }
+
+
 def _mean_q(ctx: Context, good: Sequence[str]) -> float:
     """The mean Q of the usable residuals (from their ``OASQ`` cards)."""
     from astropy.io import fits
@@ -731,6 +760,7 @@ def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> Non
         f"sources found in the variability image: {summary.get('var_found', 0)}",
         f"variability-image sources after filtering: {summary.get('var_filtered', 0)}",
         f"confirmed (master residual and a residual): {summary.get('confirmed', 0)}",
+        *_threshold_lines(summary),
         f"frames that could not be subtracted: {len(bad)}"
         + (f" ({', '.join(bad)})" if bad else ""),
         f"mean Q: {summary.get('mean_q', float('nan')):.3f}",
@@ -739,6 +769,18 @@ def _write_totals(out_dir: Path, summary: Mapping[str, Any], method: str) -> Non
     if failed:
         lines.append(f"residuals whose extraction failed: {len(failed)} ({', '.join(failed)})")
     io.write_text(out_dir / "total_sources.txt", "\n".join(lines) + "\n")
+
+
+def _threshold_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The ``total_sources.txt`` lines of the detection threshold (none when unknown)."""
+    if "threshold" not in summary:
+        return []
+    null = summary.get("null_threshold", float("nan"))
+    return [
+        f"detection threshold (peak_norm, median over residuals): {summary['threshold']:.2f}",
+        "threshold from the residuals' null alone ([extract] false_per_mpix): "
+        + (f"{null:.2f}" if np.isfinite(null) else "none (too few null peaks)"),
+    ]
 
 
 def _need(ctx: Context, stage: str, n: int, what: str, results: Mapping[str, Any]) -> None:

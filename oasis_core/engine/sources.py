@@ -21,8 +21,14 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
   two-sided point-source test of backends that measure no SPREAD_MODEL;
 * ``"masked"`` — more than ``masked_max`` of the pixels within 1.5 FWHM are masked (the
   wings of saturated stars and bleed trails, frame edges, cosmic-ray holes);
-* ``"faint"`` — PSF-weighted significance ``peak_norm`` below ``snr_min``, measured by the
-  core the same way for every backend (see :func:`add_lobe_columns`);
+* ``"faint"`` — PSF-weighted significance ``peak_norm`` below the detection threshold:
+  ``snr_min``, or higher where the residual's own null says so (``false_per_mpix``, see
+  :func:`detection_threshold`), measured by the core the same way for every backend (see
+  :func:`add_lobe_columns`);
+* ``"wing"`` — above the threshold against the noise alone but not against the noise
+  and the residual imperfect PSF matching leaves around the template's stars:
+  ``peak_norm`` below ``sqrt(threshold**2 + (wing_sigma * wing)**2)`` (see
+  :func:`mismatch_map`): the rings of bright stars;
 * ``"sharp"`` — the peak pixel holds more than ``sharp_max`` times the fraction of the flux
   that the PSF puts in its peak, 1 / (2 pi sigma^2) for the residual's FWHM (cosmic rays
   and hot pixels that escaped the mask; the point-source test of the native backends).
@@ -39,12 +45,17 @@ __all__ = [
     "CATALOG_COLUMNS",
     "FILTER_KEYS",
     "add_lobe_columns",
+    "add_null_columns",
     "count_matches",
     "describe_columns",
+    "detection_threshold",
     "filter_detections",
     "filter_options",
     "match_catalogs",
     "matched_significance",
+    "mismatch_map",
+    "null_peak_density",
+    "peak_count_threshold",
 ]
 
 #: Margin on the SPREAD_MODEL interval [0, 0.1] (the |SPREAD_MODEL| DES calls stellar).
@@ -61,6 +72,8 @@ FILTER_KEYS = (
     "masked_max",
     "snr_min",
     "sharp_max",
+    "false_per_mpix",
+    "wing_sigma",
 )
 
 
@@ -96,6 +109,12 @@ CATALOG_COLUMNS: dict[str, tuple[str | None, str]] = {
     "masked_frac": ("", "fraction of the pixels within 1.5 FWHM that are masked"),
     "extent": ("", "significance through a filter twice the PSF over the PSF's (~0.8 point)"),
     "fwhm": ("pix", "FWHM of the residual's PSF"),
+    "wing": (
+        "",
+        "expected matched-filter spread (sigmas) of the imperfect PSF matching around the "
+        "template's stars at the source; 0 away from them",
+    ),
+    "threshold": ("", "the residual's detection threshold on peak_norm (sigmas)"),
     "n_frames": ("", "number of individual residuals with a positive detection there"),
     "reason": (None, "'kept', or why the source was filtered out (oasis_core.engine.sources)"),
     "kind": (
@@ -278,6 +297,376 @@ def _clipped_spread(sample: np.ndarray) -> float:
     return spread
 
 
+#: Levels (matched-filter sigmas) between which :func:`null_peak_density` counts the peaks
+#: of the sign-flipped significance map: where a Gaussian field's peaks are plentiful and
+#: sources few.
+NULL_LEVELS = (3.0, 4.5)
+
+#: Fewest null peaks between :data:`NULL_LEVELS` for a calibration (fewer: none).
+NULL_MIN_PEAKS = 20
+
+#: Pixels whose expected mismatch spread (:func:`mismatch_map`) exceeds this are left out
+#: of the null count: there the residual is not noise alone.
+NULL_WING_MAX = 0.5
+
+#: How far from a star :func:`mismatch_map` measures and paints, in FWHM of the residual.
+WING_RADIUS = 6.0
+
+#: Stars that calibrate :func:`mismatch_map`: the brightest this many whose core is
+#: unmasked and whose peak is at least :data:`WING_MIN_PEAK` times the residual's noise,
+#: in groups of :data:`WING_GROUP` of like brightness (the mismatch is not quite
+#: proportional to brightness: the brightest stars leave relatively more).
+WING_STARS = 64
+WING_MIN_PEAK = 30.0
+WING_GROUP = 8
+
+#: Fewest calibration stars for a mismatch model (fewer: no ``wing`` test).
+WING_MIN_STARS = 5
+
+#: Stars whose expected mismatch spread stays below this everywhere are not painted.
+WING_PAINT_MIN = 0.2
+
+
+def _peak_law(u: Any) -> Any:
+    """The shape of the number of peaks above ``u`` of a smooth Gaussian field (its Euler
+    characteristic density at high levels): ``u exp(-u**2 / 2)``."""
+    u = np.asarray(u, float)
+    return u * np.exp(-0.5 * u**2)
+
+
+def null_peak_density(
+    significance: np.ndarray,
+    clean: np.ndarray,
+    *,
+    levels: tuple[float, float] = NULL_LEVELS,
+    min_peaks: int = NULL_MIN_PEAKS,
+) -> tuple[float, int, float]:
+    """The amplitude ``A`` of the residual's own null: peaks per megapixel above level
+    ``u`` are ``A u exp(-u**2 / 2)``.
+
+    The null is the significance map with its sign flipped (transients are positive;
+    what is negative there is noise, fading sources aside): its local maxima on the
+    ``clean`` pixels between ``levels`` are counted and ``A`` is the maximum-likelihood
+    amplitude of the Gaussian-field peak-count law (the Euler-characteristic density,
+    which holds whatever the noise's correlation; the correlation sets ``A``).
+
+    Parameters
+    ----------
+    significance : ndarray
+        Matched-filter significance map (:func:`matched_significance`).
+    clean : ndarray of bool
+        The pixels to count on (away from masked pixels and from bright stars' wings).
+    levels : (float, float)
+        The range of levels counted.
+    min_peaks : int
+        Fewer peaks in range: no calibration (``nan``).
+
+    Returns
+    -------
+    amplitude : float
+        ``A``, per megapixel (``nan`` when there are too few peaks or pixels).
+    n_peaks : int
+        Peaks counted.
+    area : float
+        Clean area, megapixels.
+    """
+    from scipy.ndimage import maximum_filter
+
+    flipped = -np.asarray(significance, np.float32)
+    clean = np.asarray(clean, bool)
+    area = float(clean.sum()) / 1e6
+    lo, hi = levels
+    local = (flipped == maximum_filter(flipped, size=3)) & clean
+    values = flipped[local]
+    n_peaks = int(((values >= lo) & (values < hi)).sum())
+    expected = float(_peak_law(lo) - _peak_law(hi))
+    if n_peaks < min_peaks or area <= 0:
+        return float("nan"), n_peaks, area
+    return n_peaks / expected / area, n_peaks, area
+
+
+def peak_count_threshold(amplitude: float, rate: float) -> float:
+    """The level ``u`` at which ``amplitude * u * exp(-u**2 / 2)`` peaks per megapixel
+    (:func:`null_peak_density`) are expected: ``rate``. ``nan`` when either is not
+    positive and finite; at least the lower of :data:`NULL_LEVELS`.
+
+    Examples
+    --------
+    >>> round(peak_count_threshold(5000.0, 0.45), 2)
+    4.65
+    """
+    if not (np.isfinite(amplitude) and np.isfinite(rate) and amplitude > 0 and rate > 0):
+        return float("nan")
+    u = 5.0
+    for _ in range(60):  # u = sqrt(2 ln(A u / rate)) converges fast for u > 1
+        arg = amplitude * u / rate
+        if arg <= np.e ** (0.5 * NULL_LEVELS[0] ** 2):
+            return NULL_LEVELS[0]
+        u = float(np.sqrt(2.0 * np.log(arg)))
+    return max(u, NULL_LEVELS[0])
+
+
+def detection_threshold(meta: Any, *, snr_min: float, false_per_mpix: float) -> tuple[float, float]:
+    """A residual's detection threshold on ``peak_norm``: the level its own null gives
+    ``false_per_mpix`` false detections per megapixel at (:func:`peak_count_threshold` of
+    ``meta["null_density"]``, which :func:`add_null_columns` records), never below
+    ``snr_min`` (the floor; ``false_per_mpix`` 0 or no calibration: ``snr_min`` alone).
+
+    Returns
+    -------
+    threshold, calibrated : float
+        The threshold and the null's level alone (``nan`` without one).
+    """
+    density = float(meta.get("null_density", np.nan)) if meta is not None else np.nan
+    calibrated = peak_count_threshold(density, false_per_mpix) if false_per_mpix > 0 else np.nan
+    threshold = max(snr_min, calibrated) if np.isfinite(calibrated) else snr_min
+    return float(threshold), float(calibrated)
+
+
+def _stamps(image: np.ndarray, xs: np.ndarray, ys: np.ndarray, r: int, fill: Any) -> np.ndarray:
+    """``(n, 2r+1, 2r+1)`` cutouts of ``image`` centred on integer ``xs``, ``ys``, ``fill``
+    beyond its edges."""
+    padded = np.pad(image, r, mode="constant", constant_values=fill)
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    return padded[ys[:, None, None] + r + dy[None], xs[:, None, None] + r + dx[None]]
+
+
+def mismatch_map(
+    significance: np.ndarray,
+    template: np.ndarray,
+    noise: np.ndarray,
+    weight: np.ndarray,
+    *,
+    fwhm: float,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The spread, in matched-filter sigmas, that imperfect PSF matching adds around the
+    template's stars, measured on the residual itself.
+
+    A kernel never reproduces the science PSF exactly: its support and basis reach only
+    so far into the wings, so every star leaves a ring whose amplitude is a fixed fraction
+    of the star's brightness at each distance (about 1e-3 of its peak 2.5-4 FWHM out in
+    the demo, as bright as the template's own wing there; so not a fraction of the local
+    template brightness). So for each distance ``r`` (bins of half a FWHM out to
+    :data:`WING_RADIUS` FWHM) the excess variance of the significance map over unit,
+    in units of (star peak / local noise)**2, is the median over groups of
+    :data:`WING_GROUP` of the brightest unmasked template stars of like brightness,
+    ``c(r)**2``; each star of template peak ``T`` then adds ``c(r) T / noise`` at
+    distance ``r`` with the profile of the group nearest its brightness (the largest
+    where stars overlap). The median ignores a star that varied: a brightening centred
+    on a star is judged against the mismatch of the stars like it, not its own.
+
+    Parameters
+    ----------
+    significance : ndarray
+        Matched-filter significance map of the residual (:func:`matched_significance`).
+    template : ndarray
+        The template, on the residual's grid (its sky is taken as its median).
+    noise, weight : ndarray
+        The residual's noise image and weight.
+    fwhm : float
+        FWHM of the residual's PSF, pixels.
+
+    Returns
+    -------
+    wing : ndarray
+        float32 map, 0 away from stars (and everywhere when fewer than
+        :data:`WING_MIN_STARS` stars calibrate it).
+    info : dict
+        ``wing_stars`` (calibration stars found; used when at least
+        :data:`WING_MIN_STARS`) and ``wing_peak`` (the largest ``c(r)``
+        over ``r``, per unit of peak / noise).
+    """
+    from scipy.ndimage import maximum_filter
+
+    template = np.asarray(template, np.float32)
+    noise = np.asarray(noise, np.float32)
+    good = (np.asarray(weight) > 0) & (noise > 0) & np.isfinite(template)
+    wing = np.zeros(template.shape, np.float32)
+    info: dict[str, Any] = {"wing_stars": 0, "wing_peak": 0.0}
+    if good.sum() < 100:
+        return wing, info
+    stars = np.where(good, template - np.float32(np.median(template[good])), 0)
+    n0 = float(np.median(noise[good]))
+    size = max(3, 2 * round(fwhm / 2) + 1)
+    local = (stars == maximum_filter(stars, size=size)) & good & (stars > 3 * n0)
+    ys, xs = np.nonzero(local)
+    peaks = stars[ys, xs]
+    order = np.argsort(peaks)[::-1]
+    ys, xs, peaks = ys[order], xs[order], peaks[order]
+
+    step = max(1.0, fwhm / 2)
+    r = int(np.ceil(WING_RADIUS * fwhm))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    dist = np.hypot(dx, dy)
+    nbins = int(np.ceil(r / step))
+    bins = np.minimum((dist / step).astype(int), nbins)  # nbins: beyond the radius
+    core = dist <= fwhm
+
+    # calibration: the brightest stars with an unmasked core, in groups of like brightness
+    bright = peaks >= WING_MIN_PEAK * n0
+    cx, cy, cp = xs[bright], ys[bright], peaks[bright]
+    valid = _stamps(good, cx, cy, r, False)
+    unmasked = valid[:, core].all(axis=1)
+    keep = np.flatnonzero(unmasked)[:WING_STARS]
+    cx, cy, cp, valid = cx[keep], cy[keep], cp[keep], valid[keep]
+    info["wing_stars"] = len(cp)
+    if len(cp) < WING_MIN_STARS:
+        return wing, info
+    ratio2 = _excess_by_distance(
+        _stamps(np.asarray(significance, np.float32), cx, cy, r, 0),
+        _stamps(noise, cx, cy, r, 0),
+        valid,
+        cp,
+        bins,
+        nbins,
+    )
+    group = np.minimum(np.arange(len(cp)) // WING_GROUP, max(len(cp) // WING_GROUP - 1, 0))
+    n_groups = int(group.max()) + 1
+    c = np.zeros((n_groups, nbins + 1), np.float32)  # the last column: beyond the radius
+    group_peak = np.zeros(n_groups)
+    for g in range(n_groups):  # a handful of groups
+        members = ratio2[group == g]
+        measured = np.isfinite(members).any(axis=0)  # bins with a valid star (cutouts)
+        c2 = np.zeros(nbins)
+        c2[measured] = np.nanmedian(members[:, measured], axis=0)
+        c[g, :nbins] = np.sqrt(np.clip(c2, 0, None))
+        group_peak[g] = np.median(cp[group == g])
+    info = {"wing_stars": len(cp), "wing_peak": float(c.max())}
+    if not c.max() > 0:
+        return wing, info
+
+    # every star whose mismatch can reach WING_PAINT_MIN, with its group's profile
+    nearest = np.abs(np.log(peaks)[:, None] - np.log(group_peak)[None]).argmin(axis=1)
+    paint = peaks * c.max(axis=1)[nearest] / n0 >= WING_PAINT_MIN
+    profiles = c[:, bins]  # (group, offset): per unit of peak / noise
+    for lo in range(0, int(paint.sum()), 512):  # in chunks, to bound memory
+        idx = np.flatnonzero(paint)[lo : lo + 512]
+        _paint(wing, noise, n0, xs[idx], ys[idx], peaks[idx], profiles[nearest[idx]], r)
+    return wing, info
+
+
+def _excess_by_distance(
+    sig: np.ndarray,
+    noise: np.ndarray,
+    valid: np.ndarray,
+    peaks: np.ndarray,
+    bins: np.ndarray,
+    nbins: int,
+) -> np.ndarray:
+    """Per star and distance bin, the excess variance of the significance over unit in
+    units of (peak / mean noise)**2; ``nan`` where fewer than half the bin's pixels are
+    valid. ``sig``, ``noise``, ``valid``: ``(star, y, x)`` stamps; ``bins``: each offset's
+    bin (``nbins`` beyond the radius).
+
+    The variance is a trimmed mean: the highest :data:`WING_TRIM` of each bin's squared
+    significances left out and the rest divided by what unit Gaussian noise gives
+    (:data:`TRIMMED_CHI2`; for a coherent ring that overstates its spread by up to 1.5,
+    which makes up for the lumps the trim leaves out), so a compact source in a star's
+    annulus (a transient, a neighbour: crowded fields, cutouts) does not pass for that
+    star's mismatch, while a ring or a crescent does."""
+    n = len(peaks)
+    out = np.full((n, nbins), np.nan)
+    squared = np.where(valid, sig.astype(np.float64) ** 2, np.nan)
+    noise = np.where(valid, noise, 0.0)
+    for b in range(nbins):  # a dozen distance bins, each whole-array over stars
+        where = bins == b
+        values = np.sort(squared[:, where], axis=1)  # nan last
+        count = valid[:, where].sum(axis=1)
+        kept = np.floor((1.0 - WING_TRIM) * count).astype(int)
+        sums = np.nancumsum(values, axis=1)
+        trimmed = sums[np.arange(n), np.maximum(kept - 1, 0)] / np.maximum(kept, 1)
+        scale = noise[:, where].sum(axis=1) / np.maximum(count, 1) / peaks
+        enough = (count >= 0.5 * where.sum()) & (kept > 0)
+        out[:, b] = np.where(enough, (trimmed / TRIMMED_CHI2 - 1.0) * scale**2, np.nan)
+    return out
+
+
+#: The fraction of each distance bin's highest squared significances
+#: :func:`_excess_by_distance` leaves out, and the trimmed mean of a squared unit Gaussian
+#: (``P - 2 c phi(c)`` over ``P`` for ``P = 1 - WING_TRIM``, ``c`` its two-sided quantile).
+WING_TRIM = 0.2
+TRIMMED_CHI2 = 0.4377
+
+
+def _paint(
+    wing: np.ndarray,
+    noise: np.ndarray,
+    n0: float,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    peaks: np.ndarray,
+    profiles: np.ndarray,
+    r: int,
+) -> None:
+    """``wing`` raised (in place) to ``profile * peak / noise`` around each star, within
+    ``r`` pixels (``profiles``: ``(star, 2r+1, 2r+1)``)."""
+    ny, nx = wing.shape
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    ty, tx = ys[:, None, None] + dy[None], xs[:, None, None] + dx[None]
+    inside = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx) & (profiles > 0)
+    ty, tx = ty[inside], tx[inside]
+    local_noise = noise[ty, tx]
+    local_noise = np.where(local_noise > 0, local_noise, np.float32(n0))
+    scale = np.broadcast_to(peaks[:, None, None].astype(np.float32), inside.shape)[inside]
+    np.maximum.at(wing, (ty, tx), (profiles[inside] * scale / local_noise).astype(np.float32))
+
+
+def add_null_columns(
+    table: Any,
+    norm: np.ndarray,
+    *,
+    fwhm: float,
+    weight: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
+    template: np.ndarray | None = None,
+) -> Any:
+    """Add ``wing``, the mismatch spread at each source (:func:`mismatch_map`; 0 without a
+    ``template``), and record the residual's null in ``table.meta``: ``null_density``
+    (:func:`null_peak_density`, on the pixels away from masked ones and where ``wing``
+    is below :data:`NULL_WING_MAX`), ``null_peaks``, ``null_area`` (megapixels),
+    ``wing_stars`` and ``wing_peak`` (in place; ``table`` is returned).
+
+    Parameters
+    ----------
+    table : astropy.table.Table
+        Detections with ``x``, ``y``.
+    norm : ndarray
+        The residual in sigmas (:attr:`Residual.normalized`).
+    fwhm : float
+        FWHM of the residual's PSF, pixels.
+    weight, noise : ndarray, optional
+        The residual's weight and noise image.
+    template : ndarray, optional
+        The template on the residual's grid.
+    """
+    from scipy.ndimage import binary_dilation
+
+    sigma = fwhm / 2.3548
+    bad = None if weight is None else np.asarray(weight) <= 0
+    significance, _ = matched_significance(norm, bad, sigma)
+    wing = np.zeros(significance.shape, np.float32)
+    info: dict[str, Any] = {"wing_stars": 0, "wing_peak": 0.0}
+    if template is not None and noise is not None and np.shape(template) == np.shape(norm):
+        w = np.ones(significance.shape, np.float32) if weight is None else weight
+        wing, info = mismatch_map(significance, template, noise, w, fwhm=fwhm)
+    clean = wing < NULL_WING_MAX
+    if bad is not None:
+        clean &= ~binary_dilation(bad, iterations=max(1, int(np.ceil(2 * sigma))))
+    density, n_peaks, area = null_peak_density(significance, clean)
+    ny, nx = significance.shape
+    xs = np.rint(np.asarray(table["x"], float)).astype(int).clip(0, nx - 1)
+    ys = np.rint(np.asarray(table["y"], float)).astype(int).clip(0, ny - 1)
+    table["wing"] = wing[ys, xs].astype(np.float32)
+    table.meta.update(
+        null_density=round(density, 3) if np.isfinite(density) else float("nan"),
+        null_peaks=n_peaks,
+        null_area=round(area, 4),
+        wing_stars=int(info["wing_stars"]),
+        wing_peak=round(float(info["wing_peak"]), 6),
+    )
+    return table
+
+
 def match_catalogs(a: Any, b: Any, radius: float) -> np.ndarray:
     """For each row of ``a``, the index of the nearest row of ``b`` within ``radius``
     pixels, or -1."""
@@ -315,9 +704,12 @@ def filter_detections(
     sharp_max: float = 0.0,
     dipole_min: float = 0.0,
     extent_max: float = 0.0,
+    false_per_mpix: float = 0.0,
+    wing_sigma: float = 0.0,
 ) -> Any:
-    """Return ``table`` with ``n_frames`` (residuals where the source is found) and
-    ``reason`` columns.
+    """Return ``table`` with ``n_frames`` (residuals where the source is found),
+    ``threshold`` (the residual's detection threshold, :func:`detection_threshold` of
+    ``table.meta``, with ``snr_min`` as its floor) and ``reason`` columns.
 
     Parameters
     ----------
@@ -328,12 +720,22 @@ def filter_detections(
         The positive detections of every individual residual (for the majority test).
     n_residuals : int
         Number of residuals searched.
+    false_per_mpix : float
+        False detections per megapixel the threshold allows on the residual's own null
+        (``table.meta["null_density"]``, see :func:`add_null_columns`); 0: ``snr_min``
+        alone.
+    wing_sigma : float
+        How many times its expected mismatch spread (the ``wing`` column) a detection
+        must stand out by, beside the threshold against the noise: ``wing`` when
+        ``peak_norm < sqrt(threshold**2 + (wing_sigma * wing)**2)``; 0: no wing test.
     """
     n = len(table)
+    threshold, _ = detection_threshold(table.meta, snr_min=snr_min, false_per_mpix=false_per_mpix)
     reason = np.full(n, "kept", dtype="U10")
     sign = np.asarray(table["sign"]) if "sign" in table.colnames else np.ones(n)
     counts = count_matches(table, catalogs, match_radius) if n else np.zeros(0, int)
     table["n_frames"] = counts
+    table["threshold"] = np.full(n, threshold, dtype=np.float32)
     if n:
         peak = np.asarray(table["peak_norm"], float)
         lobe = np.asarray(table["lobe_min"], float)
@@ -351,7 +753,10 @@ def filter_detections(
             margin = SPREAD_TOLERANCE + 2 * err
             point = np.isfinite(sm) & ((sm < -margin) | (sm > 0.1 + margin))
         reason[point] = "point"
-        reason[np.asarray(table["peak_norm"], float) < snr_min] = "faint"
+        reason[peak < threshold] = "faint"
+        if wing_sigma > 0 and "wing" in table.colnames:
+            wing = wing_sigma * np.nan_to_num(np.asarray(table["wing"], float), nan=0.0)
+            reason[(peak >= threshold) & (peak < np.sqrt(threshold**2 + wing**2))] = "wing"
         if sharp_max > 0 and {"peak", "flux", "fwhm"} <= set(table.colnames):
             sigma = np.asarray(table["fwhm"], float) / 2.3548
             psf_peak = 1.0 / (2.0 * np.pi * sigma**2)

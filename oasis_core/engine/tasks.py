@@ -191,12 +191,24 @@ def extract(task: Task) -> dict[str, Any]:
     psf_path = task.inputs.get("psf")
     if psf_path is not None and Path(psf_path).exists():
         residual = attrs.evolve(residual, psf=io.read_psf(psf_path))
-    table = detect(task.backend, residual, options=task.options, workdir=task.workdir)
+    template = _template_data(task.inputs.get("template"), residual.data.shape)
+    table = detect(
+        task.backend, residual, options=task.options, workdir=task.workdir, template=template
+    )
     table.meta.update(
         {k: str(v[0] if isinstance(v, tuple) else v) for k, v in task.provenance.cards().items()}
     )
     io.write_table(table, task.output)
     return {"n": len(table)}
+
+
+def _template_data(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The template's pixels (for the ``wing`` test), when given and on the residual's
+    grid."""
+    if path is None or not Path(path).exists():
+        return None
+    data = io.read_frame(Path(path)).data
+    return data if data.shape == tuple(shape) else None
 
 
 def keep_psf_files(model: PsfModel, directory: Path, stem: str, cards: dict[str, Any]) -> list[str]:
@@ -213,13 +225,23 @@ def keep_psf_files(model: PsfModel, directory: Path, stem: str, cards: dict[str,
     return kept
 
 
-def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> Any:
+def detect(
+    backend: Any,
+    residual: Residual,
+    *,
+    options: Any,
+    workdir: Path,
+    template: np.ndarray | None = None,
+) -> Any:
     """Run an extract backend on ``residual`` and add the columns the core's filters use
-    (``sign``, ``peak_norm``, ``lobe_min``, ``masked_frac``, ``fwhm``) and the frame's
-    mid-exposure ``mjd`` (:func:`oasis_core.engine.io.header_mjd` of the residual's header), with
-    the units and descriptions of :data:`oasis_core.engine.sources.CATALOG_COLUMNS` (fluxes in
-    the residual's ``BUNIT``)."""
-    from oasis_core.engine.sources import add_lobe_columns, describe_columns
+    (``sign``, ``peak_norm``, ``lobe_min``, ``masked_frac``, ``wing``, ``fwhm``) and the
+    frame's mid-exposure ``mjd`` (:func:`oasis_core.engine.io.header_mjd` of the residual's
+    header), with the units and descriptions of
+    :data:`oasis_core.engine.sources.CATALOG_COLUMNS` (fluxes in the residual's ``BUNIT``);
+    the residual's null (for the detection threshold) goes in the table's metadata
+    (:func:`oasis_core.engine.sources.add_null_columns`). ``template``, the template's
+    pixels on the residual's grid, gives the ``wing`` column (0 without it)."""
+    from oasis_core.engine.sources import add_lobe_columns, add_null_columns, describe_columns
 
     table = backend.extract(residual, options=options, workdir=workdir)
     missing = [c for c in ("x", "y", "flux", "snr") if c not in table.colnames]
@@ -231,15 +253,27 @@ def detect(backend: Any, residual: Residual, *, options: Any, workdir: Path) -> 
     if "sign" not in table.colnames:
         table["sign"] = np.where(np.asarray(table["flux"], float) < 0, -1, 1)
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
+    norm = residual.normalized
     # an image that is a PSF-weighted significance already (the variability image, card
-    # PSFWTD) is not smoothed again
+    # PSFWTD) is not smoothed again; it carries its own mismatch terms and is searched at
+    # snr_min (no wing column, no null of its own)
+    weighted = bool(residual.header.get("PSFWTD"))
     add_lobe_columns(
         table,
-        residual.normalized,
+        norm,
         radius=max(3.0, 1.5 * fwhm),
         weight=residual.weight,
-        smooth=0.0 if residual.header.get("PSFWTD") else fwhm / 2.3548,
+        smooth=0.0 if weighted else fwhm / 2.3548,
     )
+    if not weighted:
+        add_null_columns(
+            table,
+            norm,
+            fwhm=fwhm,
+            weight=residual.weight,
+            noise=residual.noise,
+            template=template,
+        )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
     _add_mjd(table, io.header_mjd(residual.header))
     return describe_columns(table, flux_unit=io.header_unit(residual.header))

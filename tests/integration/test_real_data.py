@@ -18,7 +18,7 @@ from oasis_core.engine.config import load_config
 from oasis_core.engine.pipeline import detect, pipeline
 from oasis_core.engine.plugins import Registry
 from oasis_core.engine.quality import normalized_noise
-from oasis_core.engine.sources import filter_detections, filter_options
+from oasis_core.engine.sources import detection_threshold, filter_detections, filter_options
 from oasis_core.engine.subtraction import residual_cards
 from oasis_core.engine.tree import Target
 
@@ -189,7 +189,11 @@ def _subtract_pair(science: Path, template: Path, tmp_path):
         header[key] = value
     residual = attrs.evolve(residual, header=header)
     table = detect(
-        ext, residual, options=cfg.backend_options("extract", "native"), workdir=tmp_path
+        ext,
+        residual,
+        options=cfg.backend_options("extract", "native"),
+        workdir=tmp_path,
+        template=tmpl.data,
     )
     filtered = filter_detections(
         table,
@@ -210,6 +214,12 @@ def test_properimage_null_pair_has_almost_no_false_detections(tmp_path, shared_d
     assert 0.8 <= residual.meta["nnoise"] <= 1.2
     kept = table[table["reason"] == "kept"]
     assert len(kept) <= 3, kept
+    # the pair's own null (0.47 Mpix away from masks and stars' wings) puts 0.45 false
+    # detections per Mpix at about 4.9 sigma: snr_min (6) is the threshold
+    assert table.meta["wing_stars"] >= 5
+    _, level = detection_threshold(table.meta, snr_min=6.0, false_per_mpix=0.45)
+    assert 4.5 < level < 5.5
+    assert np.all(table["threshold"] == 6.0)
     # saturated stars (65535) are masked, never fitted nor detected
     data = fits.getdata(folder / "aligned_eso085-030-004.fit")
     assert np.all(residual.weight[data >= 65535] == 0)
