@@ -106,7 +106,7 @@ CATALOG_COLUMNS: dict[str, tuple[str | None, str]] = {
     "spread_model_err": ("", "1-sigma error of spread_model"),
     "peak_norm": ("", "PSF-weighted (matched-filter) significance at the source, sigmas"),
     "lobe_min": ("", "opposite extreme of the matched-filter significance nearby, sigmas"),
-    "masked_frac": ("", "fraction of the pixels within 1.5 FWHM that are masked"),
+    "masked_frac": ("", "fraction of the pixels within 1.5 FWHM that are masked (weight < 0.5)"),
     "extent": ("", "significance through a filter twice the PSF over the PSF's (~0.8 point)"),
     "fwhm": ("pix", "FWHM of the residual's PSF"),
     "wing": (
@@ -178,7 +178,7 @@ def add_lobe_columns(
 ) -> Any:
     """Add ``peak_norm`` and ``lobe_min``: the extreme normalised pixel at each source and
     the opposite extreme within ``radius`` pixels, and ``masked_frac``: the fraction of
-    pixels within ``radius`` whose ``weight`` is 0 (vectorised over sources).
+    pixels within ``radius`` whose ``weight`` is below 0.5 (vectorised over sources).
 
     With ``smooth`` > 0 the normalised residual is first smoothed with a Gaussian of that
     sigma and rescaled to unit noise (white noise smoothed so loses a factor
@@ -231,7 +231,9 @@ def add_lobe_columns(
         with np.errstate(divide="ignore", invalid="ignore"):
             table["extent"] = (wide_at / np.where(peak > 0, peak, np.nan)).astype(np.float32)
     if weight is not None:
-        bad = np.pad(weight <= 0, r, mode="constant", constant_values=True)
+        # below half weight, less than half the data behind a pixel is good (the
+        # template's median of one frame of five around a saturated star): masked
+        bad = np.pad(weight < 0.5, r, mode="constant", constant_values=True)
         stamps_bad = bad[ys[:, None, None] + dy[None], xs[:, None, None] + dx[None]]
         frac = (stamps_bad & inside).sum(axis=(1, 2)) / inside.sum()
         table["masked_frac"] = frac.astype(np.float32)
