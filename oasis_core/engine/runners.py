@@ -475,7 +475,7 @@ def _make_variability(
     fwhm = image.header["FWHM"]
     image = attrs.evolve(image, header=header.copy())
     image.header["FWHM"] = (fwhm, "[pix] a point source on the variability image")
-    image.header["BUNIT"] = ("", "dimensionless: Gaussian significance of the chi-square")
+    image.header["BUNIT"] = ("", "Gaussian significance of the chi-square")
     image.header["PSFWTD"] = (True, "PSF-weighted: detected unsmoothed")
     io.write_residual(path, image, header_extra=cards)
 

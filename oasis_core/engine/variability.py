@@ -243,7 +243,7 @@ def variability_image(
         round(float(np.median(fwhms)) * np.sqrt(2.0), 3),
         "[pix] a point source on the variability image",
     )
-    out_header["BUNIT"] = ("", "dimensionless: Gaussian significance of the chi-square")
+    out_header["BUNIT"] = ("", "Gaussian significance of the chi-square")
     out_header["NCOMBINE"] = (len(residuals), "residuals combined")
     out_header["PSFWTD"] = (True, "PSF-weighted: detected unsmoothed")
     weight = np.where(enough, (count + 1) / len(residuals), 0.0)
