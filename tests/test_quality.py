@@ -426,3 +426,34 @@ def test_source_footprint_covers_the_sources_and_their_surroundings():
     assert not mask[70, 10] and mask.mean() < 0.1
     assert source_footprint(np.full((80, 80), 3.0), weight) is None  # flat: no sigma
     assert source_footprint(data, np.zeros_like(data)) is None  # nothing good
+
+
+def test_star_flux_left_measures_the_scale_on_the_science_and_skips_bad_stars():
+    """The fraction is against the stars' flux in the science's system, the scale measured
+    on the science frame's stars (not a backend's, which may be the wrong one); saturated
+    stars and stars with a masked pixel in their aperture are not measured."""
+    from oasis_core.engine.quality import star_flux_left
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:128, :128]
+    places = [(25, 30), (90, 25), (60, 64), (30, 100), (100, 95)]
+    psfs = [np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.5) / (4.5 * np.pi) for x, y in places]
+    fluxes = [1e5, 2e5, 3e5, 4e5, 5e5]
+    stars = sum(f * p for f, p in zip(fluxes, psfs, strict=True))
+    tpl = stars + rng.normal(0, 5, stars.shape)
+    science = 2.0 * stars + rng.normal(0, 10, stars.shape)  # twice the exposure time
+    residual = -0.25 * 2.0 * stars + rng.normal(0, 10, stars.shape)
+    weight = np.ones(stars.shape)
+    left = star_flux_left(residual, weight, tpl, fwhm=3.5, science=science, scale=1.5)
+    assert left.n == 5 and left.scale == pytest.approx(2.0, rel=0.01)
+    assert left.fraction == pytest.approx(-0.25, abs=0.01)
+    # without the science frame, the scale given
+    assert star_flux_left(residual, weight, tpl, fwhm=3.5, scale=2.0).fraction == (
+        pytest.approx(-0.25, abs=0.01)
+    )
+    weight[25, 90] = 0  # a masked pixel on the second star
+    left = star_flux_left(residual, weight, tpl, fwhm=3.5, science=science, saturation=3.5e4)
+    # the brightest's peak (5e5 / 14.1 = 3.5e4 ADU) is saturated: three stars left
+    assert left.n == 3 and sorted(left.x.tolist()) == [25.0, 30.0, 60.0]
+    # pure noise: no star
+    assert star_flux_left(residual, weight, rng.normal(0, 5, tpl.shape), fwhm=3.5).n == 0

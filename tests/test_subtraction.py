@@ -399,3 +399,96 @@ def test_subtract_pair_noise_file_is_the_residuals_noise_extension(sim_pair, tmp
         assert WCS(alone[0].header).has_celestial == WCS(res[0].header).has_celestial
         assert WCS(res[0].header).has_celestial
         assert alone[0].header["CRVAL1"] == res[0].header["CRVAL1"]
+
+
+class LeavesStars(SubtractBackend):
+    """Returns the stars left at ``left`` of their flux, over pure noise, with a high Q
+    (as the ``ois`` delta basis did on DECam frames sharper than their template)."""
+
+    name = "leaves-stars"
+    Options = ScriptedOptions
+
+    def __init__(self, stars, left, q=0.98):
+        self.stars, self.left, self.q = stars, left, q
+
+    def subtract(self, science, template, *, options, workdir):
+        rng = np.random.default_rng(5)
+        shape = science.data.shape
+        data = self.left * self.stars + rng.normal(0.0, 10.0, shape)
+        return Residual(
+            data=data,
+            noise=np.full(shape, 10.0),
+            weight=np.ones(shape),
+            q=self.q,
+            meta={"config": "fixed", "fscale": 1.0 / (1.0 + self.left), "fwhm": 3.5},
+        )
+
+
+@pytest.fixture
+def star_pair():
+    """Six stars of 1e5-5e5 ADU on a sky-subtracted 128 x 128 pair (noise 10 ADU)."""
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:128, :128]
+    places = [(25, 30), (90, 25), (60, 64), (30, 100), (100, 95), (64, 20)]
+    sigma = 3.5 / 2.3548
+    stars = sum(
+        f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2)) / (2 * np.pi * sigma**2)
+        for (x, y), f in zip(places, np.linspace(1e5, 5e5, len(places)), strict=True)
+    )
+    science = Frame(data=stars + rng.normal(0, 10, stars.shape), name="sci", fwhm=3.5)
+    template = Template(data=stars + rng.normal(0, 5, stars.shape), name="tpl", fwhm=3.5)
+    return science, template, stars
+
+
+def test_stars_left_at_tens_of_percent_are_masked_flagged_and_logged(star_pair, tmp_path, caplog):
+    """A wrong flux scale leaves every star at the same fraction of its flux; Q (0.98
+    here) does not see it on a frame of few stars, the star check does."""
+    science, template, stars = star_pair
+    with caplog.at_level(logging.WARNING, logger="oasis"):
+        res = run_subtraction(
+            LeavesStars(stars, -0.3),
+            science,
+            template,
+            options=ScriptedOptions(),
+            workdir=tmp_path,
+            settings=SETTINGS,
+        )
+    assert res.q == 0.98  # Q alone would have shipped it
+    assert res.meta["star_left"] == pytest.approx(-0.3, abs=0.01)
+    assert res.meta["star_left_n"] == 6
+    assert "stars left at -30% of their flux" in res.meta["flag"]
+    assert res.meta["usable"] is False and not res.weight.any()
+    assert any("sci: stars left at -30%" in r.getMessage() for r in caplog.records)
+
+
+def test_stars_left_at_a_few_percent_pass_and_the_limit_can_be_lifted(star_pair, tmp_path):
+    science, template, stars = star_pair
+    args = {"options": ScriptedOptions(), "workdir": tmp_path}
+    res = run_subtraction(LeavesStars(stars, 0.02), science, template, settings=SETTINGS, **args)
+    assert res.meta["star_left"] == pytest.approx(0.02, abs=0.005)
+    assert res.meta["flag"] == "" and res.meta["usable"] and res.weight.all()
+    off = {**SETTINGS, "star_left_max": 0.0}
+    res = run_subtraction(LeavesStars(stars, -0.3), science, template, settings=off, **args)
+    assert res.meta["star_left"] == pytest.approx(-0.3, abs=0.01)  # measured all the same
+    assert res.meta["flag"] == "" and res.weight.all()
+
+
+def test_the_star_check_is_in_the_header_and_the_residuals_log(star_pair, tmp_path):
+    from oasis_core.engine import io
+    from oasis_core.engine.runners import _star_left_text
+
+    science, template, stars = star_pair
+    res = run_subtraction(
+        LeavesStars(stars, -0.3),
+        science,
+        template,
+        options=ScriptedOptions(),
+        workdir=tmp_path,
+        settings=SETTINGS,
+    )
+    io.write_residual(tmp_path / "r.fits", res)
+    header = fits.getheader(tmp_path / "r.fits")
+    assert header["OAS STAR_LEFT"] == pytest.approx(-0.3, abs=0.01)
+    assert "stars left at -30%" in header["OAS FLAG"] and header["OAS USABLE"] is False
+    assert _star_left_text(header["OAS STAR_LEFT"]).startswith("-30.")
+    assert _star_left_text(None) == "-"

@@ -264,14 +264,17 @@ def run_auto(
         honest = bool(np.isfinite(scatter) and abs(scatter - 1.0) <= tolerance)
         tried.append(f"{name} {residual.q:.3f} (noise {scatter:.2f})")
         results.append((residual, name, honest))
-        if honest and np.isfinite(residual.q) and residual.q >= ceiling:
+        if honest and _usable(residual) and np.isfinite(residual.q) and residual.q >= ceiling:
             break
     if not results:
         raise StageError(f"{science.name}: subtract backend 'auto': {'; '.join(tried)}")
-    ranked = [r for r in results if r[2]]
+    # a residual the core's rules made unusable (a wrong flux scale...) is never ranked
+    # above one they kept, however high its Q
+    kept = [r for r in results if _usable(r[0])] or results
+    ranked = [r for r in kept if r[2]]
     note = ""
     if not ranked:
-        ranked = results
+        ranked = kept
         note = f"no residual's background scatter within {tolerance:g} of 1; ranked all by Q"
         log.warning("%s: subtract backend 'auto': %s", science.name, note)
     residual, choice, _ = ranked[0]
@@ -290,6 +293,11 @@ def run_auto(
     if note:
         meta["auto_note"] = note
     return attrs.evolve(residual, meta=meta)
+
+
+def _usable(residual: Residual) -> bool:
+    """The core's verdict on ``residual`` (``meta["usable"]``; true when not judged)."""
+    return residual.meta.get("usable") is not False
 
 
 def auto_cards(residual: Residual) -> dict[str, Any]:

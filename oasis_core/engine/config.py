@@ -134,6 +134,13 @@ class SubtractSettings:
     q_ceiling: float = option(
         0.75, "Q at which the optimisation stops: the subtraction is good enough", range=fraction
     )
+    star_left_max: float = option(
+        0.1,
+        "residuals that leave the template's brightest stars (3 or more, their median) at more "
+        "than this fraction of their flux, a wrong flux scale, are fully masked and logged like "
+        "a Q below q_floor (0 = keep all)",
+        range=fraction,
+    )
     optimize: bool = option(
         True, "try the backend's further configurations until Q reaches q_ceiling"
     )

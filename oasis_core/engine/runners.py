@@ -350,32 +350,32 @@ def write_subtract_log(
     ctx: Context, names: Sequence[str], results: Mapping[str, Any] | None = None
 ) -> Path:
     """``residuals/log.txt``: per frame the backend, Q, the configuration chosen by the
-    optimisation (choice / tries and the backend's description), run time, the choices
-    the backends made (``OAS CHOICE_*``: kernel, PSF, alignment...) and flag; a
-    frame whose subtraction failed in this run is listed as ``failed: <reason>``."""
+    optimisation (choice / tries and the backend's description), run time, the fraction
+    of the good pixels, the flux the template's brightest stars left in the residual
+    (``left``, ``OAS STAR_LEFT``: the median fraction of their flux, ``-`` when no star
+    was measured), the choices the backends made (``OAS CHOICE_*``: kernel, PSF,
+    alignment...) and flag; a frame whose subtraction failed in this run is listed as
+    ``failed: <reason>``."""
     from astropy.io import fits
 
     head = (
         f"# {'frame':<24} {'backend':<10} {'Q':>6} {'choice':>6} {'seconds':>8} "
-        f"{'good':>5}  configuration | choices | flag"
+        f"{'good':>5} {'left':>6}  configuration | choices | flag"
     )
     lines = [head]
     results = results or {}
     chosen = ctx.config.backend("subtract")
+    blank = f"{'-':>6} {'-':>6} {'-':>8} {'-':>5} {'-':>6}"  # Q choice seconds good left
     for name in names:
         path = outputs.residual_path(ctx, name)
         outcome = results.get(name)
         if isinstance(outcome, BaseException):
             reason = tasks.failure_reason(outcome)  # the row names the frame: not its message again
             reason = reason.removeprefix(f"{name}: ")
-            lines.append(
-                f"  {name:<24} {chosen:<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  failed: {reason}"
-            )
+            lines.append(f"  {name:<24} {chosen:<10} {blank}  failed: {reason}")
             continue
         if not path.exists():
-            lines.append(
-                f"  {name:<24} {'-':<10} {'-':>6} {'-':>6} {'-':>8} {'-':>5}  not subtracted"
-            )
+            lines.append(f"  {name:<24} {'-':<10} {blank}  not subtracted")
             continue
         hdr = fits.getheader(path)
         choice = f"{hdr.get('OAS CHOICE', 1)}/{hdr.get('OAS TRIES', 1)}"
@@ -384,13 +384,21 @@ def write_subtract_log(
             f"  {name:<24} {backend:<10} "
             f"{float(hdr.get('OASQ', 'nan')):6.3f} {choice:>6} "
             f"{float(hdr.get('OAS SECONDS', np.nan)):8.2f} "
-            f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f}  "
+            f"{float(hdr.get('OAS GOOD_FRACTION', np.nan)):5.2f} "
+            f"{_star_left_text(hdr.get('OAS STAR_LEFT')):>6}  "
             f"{hdr.get('OAS CONFIG', '')} | {outputs.header_choices(hdr) or '-'} | "
             f"{hdr.get('OAS FLAG', '')}"
         )
     log_path = ctx.target.stage_dir("subtract") / "log.txt"
     io.write_text(log_path, "\n".join(lines) + "\n")
     return log_path
+
+
+def _star_left_text(value: Any) -> str:
+    """``OAS STAR_LEFT`` for the log: a signed percentage (``-35.4%``), ``-`` when absent."""
+    if isinstance(value, (int, float)) and np.isfinite(value):
+        return f"{100 * float(value):+.1f}%"
+    return "-"
 
 
 def mr(ctx: Context) -> Path:

@@ -7,7 +7,9 @@
   first, up to ``max_tries``; the first whose Q reaches ``q_ceiling`` stops the search and
   the best Q is kept. ``meta`` records ``tries``, ``choice`` (1-based) and the backend's
   ``config``;
-* **judgement**: a Q below ``q_floor`` fully masks the residual; a mostly masked residual
+* **judgement**: a Q below ``q_floor`` fully masks the residual, and so does a residual
+  that leaves the template's brightest stars at more than ``star_left_max`` of their flux
+  (a wrong flux scale, which Q does not see: :func:`star_check`); a mostly masked residual
   or a backend's own flag (too few stamps) is recorded in ``meta["flag"]`` and logged.
 
 A bound selector (the backend ``auto``, :mod:`oasis_core.engine.auto`) runs its own
@@ -53,6 +55,7 @@ __all__ = [
     "new_sources",
     "residual_cards",
     "run_subtraction",
+    "star_check",
     "subtract_settings",
     "unnamed",
 ]
@@ -236,7 +239,14 @@ def run_subtraction(
     }
     params = {k: v for k, v in options_dict(opts).items() if isinstance(v, (int, float, str, bool))}
     residual = attrs.evolve(residual, meta=meta, params=params or residual.params)
-    return judge_residual(residual, science.name, float(settings.q_floor), template=template)
+    return judge_residual(
+        residual,
+        science.name,
+        float(settings.q_floor),
+        template=template,
+        science=science,
+        star_left_max=float(settings.star_left_max),
+    )
 
 
 def new_sources(residual: Residual, template: Frame, fwhm: float) -> np.ndarray:
@@ -289,20 +299,66 @@ def new_sources(residual: Residual, template: Frame, fwhm: float) -> np.ndarray:
     return out
 
 
+def star_check(residual: Residual, template: Frame, science: Frame | None = None) -> dict[str, Any]:
+    """The residual's flux at the template's brightest stars, as a fraction of their flux
+    (:func:`oasis_core.engine.quality.star_flux_left`, the flux scale measured on the
+    stars in ``science`` when it is given, else the backend's ``meta["fscale"]``, else 1):
+    ``meta`` entries ``star_left`` (the median fraction, signed) and ``star_left_n`` (the
+    stars measured); none without a usable star."""
+    from oasis_core.engine.quality import star_flux_left
+
+    scale = residual.meta.get("fscale", 1.0)
+    scale = float(scale) if isinstance(scale, (int, float)) and np.isfinite(scale) else 1.0
+    sky = template.background
+    left = star_flux_left(
+        residual.data,
+        residual.weight,
+        template.data,
+        fwhm=_residual_fwhm(residual, template),
+        template_weight=template.weight,
+        template_sky=sky if sky is not None and np.isfinite(sky) else None,
+        science=None if science is None else science.data,
+        science_sky=None if science is None else science.background,
+        scale=scale if scale > 0 else 1.0,
+        saturation=template.saturation,
+    )
+    if left.n == 0:
+        return {}
+    return {"star_left": round(left.fraction, 4), "star_left_n": left.n}
+
+
+#: Fewest stars whose median fraction left (:func:`star_check`) can mask a residual: one
+#: or two may be variable.
+STAR_CHECK_MIN = 3
+
+
 def judge_residual(
-    residual: Residual, name: str, q_floor: float, *, template: Frame | None = None
+    residual: Residual,
+    name: str,
+    q_floor: float,
+    *,
+    template: Frame | None = None,
+    science: Frame | None = None,
+    star_left_max: float = 0.0,
 ) -> Residual:
     """Apply the core's quality rules: never ship a bad residual quietly.
 
     The flag (``meta["flag"]``, ``OAS FLAG``) gathers the backend's own flag, the
     fallback it or the align stage reported (``meta["fallback"]``: flagged, not masked), a
-    mostly masked residual and a Q below ``q_floor`` (which also masks it fully).
+    mostly masked residual, a Q below ``q_floor`` and stars left at more than
+    ``star_left_max`` of their flux (both of which also mask it fully).
 
     Q measures how well the template's content was subtracted; on a small frame a bright
     transient weighs on it as much as a poor subtraction. So when Q is below ``q_floor``
     and the ``template`` is given, Q is measured again away from the residual's new
     sources (:func:`new_sources`: significant where the template has nothing); that Q,
-    recorded as ``meta["q_new_excluded"]``, then decides."""
+    recorded as ``meta["q_new_excluded"]``, then decides.
+
+    Q does not see a wrong flux scale when the stars are few: with the ``template`` the
+    residual's flux at its brightest stars is measured (:func:`star_check`, with the flux
+    scale measured on ``science``'s stars when given; ``meta["star_left"]``,
+    ``meta["star_left_n"]``) and, with :data:`STAR_CHECK_MIN` stars or more, a median
+    beyond ``star_left_max`` (0: no limit) flags and masks the residual."""
     flags = [str(residual.meta["flag"])] if residual.meta.get("flag") else []
     fallback = str(residual.meta.get(FALLBACK_KEY) or "")
     if fallback and not any(fallback in f for f in flags):
@@ -325,6 +381,16 @@ def judge_residual(
     if not usable:
         flags.append(f"Q {residual.q:.3f} below the floor {q_floor}")
         weight = np.zeros_like(residual.weight)
+    if template is not None and good > 0:
+        extra.update(star_check(residual, template, science))
+        left, n_stars = extra.get("star_left", 0.0), int(extra.get("star_left_n", 0))
+        if star_left_max > 0 and n_stars >= STAR_CHECK_MIN and abs(left) > star_left_max:
+            flags.append(
+                f"stars left at {100 * left:+.0f}% of their flux (median of {n_stars}; "
+                f"limit {100 * star_left_max:g}%): a wrong flux scale"
+            )
+            usable = False
+            weight = np.zeros_like(residual.weight)
     flag = "; ".join(flags)
     if flag:
         log.warning("%s: %s", name, flag)

@@ -58,6 +58,26 @@ def test_decam_residuals_are_noise_limited(decam_target):
     assert result["extract"]["not_subtracted"] == []
 
 
+def test_decam_residuals_keep_the_flux_scale(decam_target):
+    """Two epochs of one night, same exposure time and photometric scale: every frame's
+    kernel keeps the flux scale whichever image it convolves, and the residual's star
+    check (``OAS STAR_LEFT``, the log's ``left``) finds the stars subtracted to a few
+    percent. The frames sharper than the template (18c, 18e: the science convolved) had
+    kernel sums of 0.75 and their stars left at -34 %, with Q 0.98 and no flag."""
+    target, _ = decam_target
+    log = (target.path / "residuals" / "log.txt").read_text()
+    assert " left " in log.splitlines()[0]
+    directions = set()
+    for path in sorted((target.path / "residuals").glob("*_residual.fits")):
+        res = io.read_residual(path)
+        directions.add(res.kernel.direction)
+        assert res.meta["fscale"] == pytest.approx(1.0, abs=0.08), path.name
+        assert res.meta["star_left_n"] >= 3, path.name
+        assert abs(res.meta["star_left"]) < 0.05, f"{path.name}: {res.meta['star_left']}"
+        assert "stars left" not in str(res.meta.get("flag", ""))
+    assert directions == {"template", "science"}
+
+
 def test_decam_frames_get_a_full_kernel_model_or_the_log_says_why(decam_target):
     """256x256 cutouts with 4-6 stars each: ISIS's stamps were too few for its spatial
     degree on every frame ("few stamps: 2-5", degree 0). The default kernel now fits at

@@ -332,3 +332,71 @@ def test_real_decam_pair_gives_a_noise_limited_residual(shared_data):
     assert res.q > 0.75
     assert res.header["EXPTIME"] == science.header["EXPTIME"]  # a copy of the science's
     assert res.meta["fscale"] == pytest.approx(1.0, abs=0.05)  # same night, same field
+
+
+def _decam_stack(folder: Path, names: tuple[str, ...]) -> Template:
+    """The mean of raw DECam cutouts (already on one grid) as a template."""
+    frames = [_decam(folder / f"{name}.mini.fits", Frame) for name in names]
+    first = frames[0]
+    return Template(
+        data=np.mean([f.data for f in frames], axis=0).astype(np.float32),
+        header=first.header,
+        name="stack",
+        gain=first.gain * len(frames),
+        readnoise=first.readnoise / np.sqrt(len(frames)),
+        saturation=first.saturation,
+        inputs=tuple(f.name for f in frames),
+    )
+
+
+#: DEC-OBS18e and 18c are sharper than the stack of 18a, 18b and 18d (FWHM 3.4 against
+#: 3.6-3.8 px): the science frame is the one convolved. Same night, exposure time and
+#: photometric scale: their stars' aperture fluxes agree with the stack's to 1-2 %.
+DECAM_STACK = ("DEC-OBS18a", "DEC-OBS18b", "DEC-OBS18d")
+
+
+@pytest.mark.parametrize("science_name", ["DEC-OBS18e", "DEC-OBS18c"])
+@pytest.mark.parametrize("kernel", ["auto", "delta", "low", "isis", "cross"])
+def test_real_decam_sharper_science_keeps_the_flux_scale(shared_data, science_name, kernel):
+    """Convolving the science frame kept the kernel sum at the stars' flux ratio (~1).
+
+    The delta basis gave sums of 0.75-0.84 here (every star left at -20..-35 % of its
+    flux, while Q stayed at 0.98): its pixel clipping took the bright stars' cores, where
+    every kernel leaves its largest mismatch, and with them went what fixes the kernel's
+    sum; the wings and the regularisation then pulled it toward zero. A star now enters
+    or leaves the fit whole."""
+    from oasis_core.engine.subtraction import star_check
+
+    folder = shared_data / "decam_n6"
+    science = _decam(folder / f"{science_name}.mini.fits", Frame)
+    template = _decam_stack(folder, DECAM_STACK)
+    res = subtract(science, template, kernel=kernel)
+    if kernel != "cross":  # cross-convolution convolves both, "template" by convention
+        assert res.kernel.direction == "science"
+    assert res.meta["fscale"] == pytest.approx(1.0, abs=0.05)
+    check = star_check(res, template, science)
+    assert check["star_left_n"] >= 4
+    assert abs(check["star_left"]) < 0.05, check
+    # the brightest star, (58, 181): 4e5 ADU in the stack
+    r = 2.0 * res.meta["fwhm"]
+    left = aperture(res.data, 58, 181, r) / aperture(template.data, 58, 181, r)
+    assert abs(left) < 0.05
+
+
+@pytest.mark.parametrize("kernel", ["delta", "low"])
+def test_real_decam_science_convolved_by_choice_keeps_the_flux_scale(shared_data, kernel):
+    """``convolve = "science"`` on a science frame broader than its template (18d, FWHM
+    3.8 px, against the stack of the sharper 18c, 18e and 18a): the kernel must sharpen,
+    which it can only partly, but its sum is still the stars' flux ratio. The delta and
+    low models' pixel clipping took the stars' cores here and gave flux scales of 1.55
+    and 3.0 (stars left at -57 % and -200 %)."""
+    from oasis_core.engine.subtraction import star_check
+
+    folder = shared_data / "decam_n6"
+    science = _decam(folder / "DEC-OBS18d.mini.fits", Frame)
+    template = _decam_stack(folder, ("DEC-OBS18c", "DEC-OBS18e", "DEC-OBS18a"))
+    res = subtract(science, template, kernel=kernel, convolve="science")
+    assert res.kernel.direction == "science"
+    assert res.meta["fscale"] == pytest.approx(1.0, abs=0.05)
+    check = star_check(res, template, science)
+    assert check["star_left_n"] >= 4 and abs(check["star_left"]) < 0.05, check

@@ -39,7 +39,10 @@ The fit (:func:`fit_delta`):
    from the equations), and so are the stars whose flux in the residual is off the
    other stars' (:func:`deviant_objects`: a transient on a star makes its star the
    odd one even when the fit followed it), and the fit redone, up to ``max_iter``
-   times: transients, variables and cosmic rays never drive the kernel.
+   times: transients, variables and cosmic rays never drive the kernel. The pixels of
+   the census's stars still in the fit are never clipped one by one
+   (:func:`star_pixels`): a star enters or leaves the fit whole, because its core,
+   where every kernel leaves its largest mismatch, is also what fixes the kernel's sum.
 
 :func:`solve_delta` runs it on a prepared pair and applies the kernel to the whole
 image (:func:`oasis_ois.ois.apply_kernel`).
@@ -81,6 +84,7 @@ __all__ = [
     "object_labels",
     "outer_half",
     "solve_delta",
+    "star_pixels",
 ]
 
 #: At most about this many pixels enter the normal equations (sampled above it).
@@ -635,13 +639,14 @@ def fit_delta(
             label, y_all - model, y_all, var, kept, active, options.sigma_clip
         )
         active[dropped] = False
-        bad = kept & (z2 > options.pixel_clip**2)
+        on_star = star_pixels(label, active)
+        bad = kept & (z2 > options.pixel_clip**2) & ~on_star
         if not bad.any() and not dropped.size:
             break
         bad = _worst(bad, z2, int(kept.sum()) // (4 * (2 * clip_radius + 1) ** 2))
         clipped_img[iy[bad], ix[bad]] = True
         grown = _sliding_max(clipped_img, clip_radius) if clip_radius > 0 else clipped_img
-        new = kept & (grown[iy, ix] | np.isin(label, dropped))
+        new = kept & ((grown[iy, ix] & ~on_star) | np.isin(label, dropped))
         if kept.sum() - new.sum() < 4 * ng:
             break
         sel = np.flatnonzero(new)
@@ -695,6 +700,29 @@ def object_labels(
         inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
         image[yy[inside], xx[inside]] = len(good) - 1 - rank
     return image[iy, ix]
+
+
+def star_pixels(label: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """The fit pixels in the aperture of a star still in the fit (``label >= 0`` and
+    ``active``): pixel clipping leaves them alone, a star enters or leaves the fit whole
+    (:func:`deviant_objects`).
+
+    The bright stars' cores are where every real kernel leaves its largest mismatch
+    (a tenth of a pixel of misregistration, the PSF's variation over the field: several
+    sigmas at a bright core) and they are also what fixes the kernel's sum, the flux
+    scale: clipped for that mismatch, they leave the sum to the stars' wings and the
+    regularisation, which pull it toward zero (a DECam frame sharper than its template
+    came out at 0.75 instead of 1.0).
+
+    Examples
+    --------
+    >>> star_pixels(np.array([-1, 0, 1, 1]), np.array([True, False])).tolist()
+    [False, True, False, False]
+    """
+    on = label >= 0
+    out = np.zeros(label.shape, dtype=bool)
+    out[on] = active[label[on]]
+    return out
 
 
 def deviant_objects(

@@ -6,8 +6,8 @@ fits best, or the one matching the two FWHMs when there is no star; a unit delta
 the PSFs are alike or unknown), ``a`` the flux scale and ``b`` a sub-pixel shift (to
 first order), plus a differential background polynomial (degree at most 1). It is
 fitted on every usable pixel with the same clipping as the delta basis
-(:mod:`oasis_ois.delta`), and what is fitted depends on the stars (:mod:`oasis_ois.stars`,
-found in both frames):
+(:mod:`oasis_ois.delta`; a star enters or leaves the fit whole), and what is fitted
+depends on the stars (:mod:`oasis_ois.stars`, found in both frames):
 
 * 3 stars or more: the scale, the shift and the background, a star whose flux is off
   the others' leaving the fit (:func:`oasis_ois.delta.deviant_objects`);
@@ -44,6 +44,7 @@ from oasis_ois.delta import (
     finish,
     object_labels,
     rejected_mask,
+    star_pixels,
 )
 from oasis_ois.ois import (
     FWHM_PER_SIGMA,
@@ -213,11 +214,15 @@ def solve_low(
             if fit_scale:  # a star off the others leaves the fit (3 or more)
                 dropped = deviant_objects(label, resid, y, var, kept, active, options.sigma_clip)
                 active[dropped] = False
-            bad = kept & (z2 > options.pixel_clip**2)
+            # with the scale fitted a star enters or leaves whole (its core fixes the
+            # scale); with the scale held, a star's worst pixels may go as any others
+            on_star = star_pixels(label, active) if fit_scale else np.zeros(iy.size, bool)
+            bad = kept & (z2 > options.pixel_clip**2) & ~on_star
             if not bad.any() and not dropped.size:
                 break
             clipped[iy[bad], ix[bad]] = True
-            new = kept & (_sliding_max(clipped, radius)[iy, ix] | np.isin(label, dropped))
+            grown = _sliding_max(clipped, radius)[iy, ix] & ~on_star
+            new = kept & (grown | np.isin(label, dropped))
             if (kept & ~new).sum() < design.shape[1] + 8:
                 break
             kept &= ~new
