@@ -93,7 +93,8 @@ def test_astromatic_pipeline_on_the_simulation(sim_pair):
         }.get(stage)
         if path is not None:
             assert fits.getheader(path)["OASBACK"] == name, stage
-    det = Table.read(next((astro.path / "sources" / "detections").glob("*.ecsv")))
+    frames = sorted((astro.path / "sources" / "detections").glob("*.ecsv"))
+    det = Table.read(next(p for p in frames if p.stem not in ("MR", "VAR")))
     assert det.meta["OASBACK"] == "sextractor"
     assert "spread_model" in det.colnames  # measured with the frame's PSFEx model
     # PSFEx's own files are kept beside each PSF
