@@ -37,6 +37,17 @@ def _psf(x: float, y: float) -> np.ndarray:
     return g / g.sum()
 
 
+def _residual(data, k, weight=None):
+    """A residual of noise ``NOISE`` and PSF ``FWHM`` holding ``data``."""
+    return Residual(
+        data=data,
+        noise=np.full(SHAPE, NOISE, np.float32),
+        weight=np.ones(SHAPE, np.float32) if weight is None else weight,
+        header={"FWHM": FWHM},
+        name=f"r{k}",
+    )
+
+
 def _series(fluxes, *, seed=0, position=(80.0, 80.0), correlated=False, mask=None):
     """Residuals of white (or correlated) noise plus a point source of the given
     difference flux in each."""
@@ -51,15 +62,7 @@ def _series(fluxes, *, seed=0, position=(80.0, 80.0), correlated=False, mask=Non
         weight = np.ones(SHAPE, np.float32)
         if mask is not None:
             weight[mask] = 0
-        out.append(
-            Residual(
-                data=data,
-                noise=np.full(SHAPE, NOISE, np.float32),
-                weight=weight,
-                header={"FWHM": FWHM},
-                name=f"r{k}",
-            )
-        )
+        out.append(_residual(data, k, weight))
     return out
 
 
@@ -185,15 +188,7 @@ def test_a_star_left_by_a_kernel_slightly_off_is_not_variable_but_a_varying_star
         off = -0.02 if k in (0, 2) else 0.0
         data = rng.normal(0.0, NOISE, SHAPE) + off * stars
         data += (0.3 if k % 2 else -0.3) * 200_000.0 * _psf(*varying)
-        residuals.append(
-            Residual(
-                data=data,
-                noise=np.full(SHAPE, NOISE, np.float32),
-                weight=np.ones(SHAPE, np.float32),
-                header={"FWHM": FWHM},
-                name=f"r{k}",
-            )
-        )
+        residuals.append(_residual(data, k))
     template = stars + 500.0 + rng.normal(0.0, NOISE, SHAPE)
     bare = variability_image(residuals).data
     with_template = variability_image(residuals, template).data
@@ -230,15 +225,7 @@ def test_a_ring_a_kernel_leaves_around_bright_stars_is_not_variable():
         data = rng.normal(0.0, NOISE, SHAPE) + (0.03 if k % 3 else -0.05) * ring
         if k >= 8:
             data += 1500.0 * _psf(*transient)
-        residuals.append(
-            Residual(
-                data=data,
-                noise=np.full(SHAPE, NOISE, np.float32),
-                weight=np.ones(SHAPE, np.float32),
-                header={"FWHM": FWHM},
-                name=f"r{k}",
-            )
-        )
+        residuals.append(_residual(data, k))
     template = stars + 300.0 + rng.normal(0.0, NOISE, SHAPE)
     bare = variability_image(residuals).data
     with_template = variability_image(residuals, template).data

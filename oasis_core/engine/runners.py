@@ -479,12 +479,7 @@ def _make_variability(
         return
     template = outputs.template_path(ctx)
     stars = io.read_output_frame(template).data if template.exists() else None
-    image = variability.variability_image(residuals, stars)
-    fwhm = image.header["FWHM"]
-    image = attrs.evolve(image, header=header.copy())
-    image.header["FWHM"] = (fwhm, "[pix] a point source on the variability image")
-    image.header["BUNIT"] = ("", "Gaussian significance of the chi-square")
-    image.header["PSFWTD"] = (True, "PSF-weighted: detected unsmoothed")
+    image = variability.variability_image(residuals, stars, header)
     io.write_residual(path, image, header_extra=cards)
 
 

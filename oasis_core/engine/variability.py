@@ -175,15 +175,18 @@ def mismatch(flux: np.ndarray, var: np.ndarray, stars: np.ndarray, usable: np.nd
 
 
 def variability_image(
-    residuals: Sequence[Residual], template: np.ndarray | None = None
+    residuals: Sequence[Residual],
+    template: np.ndarray | None = None,
+    header: Any = None,
 ) -> Residual:
     """The variability image of ``residuals`` (see the module docstring) as a
     :class:`Residual` in sigma units: ``data`` the significance, ``noise`` 1 where at
     least :data:`MIN_RESIDUALS` residuals have data (0 elsewhere), ``weight`` the fraction
-    of residuals used (0 below that), header the first residual's with ``FWHM`` the
-    width of a point source on the image (the residuals' median FWHM times sqrt(2): the
-    PSF-weighted flux is the PSF smoothed once more), ``BUNIT`` '' and ``NCOMBINE``, plus
-    ``header``'s cards.
+    of residuals used (0 below that), header ``header`` (default: the first residual's)
+    with ``FWHM`` the width of a point source on the image (the residuals' median FWHM
+    times sqrt(2): the PSF-weighted flux is the PSF smoothed once more), ``BUNIT`` '',
+    ``NCOMBINE`` and ``PSFWTD`` (true: the extract stage detects on it without smoothing
+    it again). ``template`` (the template's pixels) adds the stars' mismatch terms.
 
     One pass over the residuals; seven images of the image's size in memory.
     """
@@ -238,7 +241,7 @@ def variability_image(
             z = (z - q50) / spread
     z = np.where(enough, z, 0.0)
     fwhms = [float(r.header.get("FWHM", 3.0) or 3.0) for r in residuals]
-    out_header = residuals[0].header.copy()
+    out_header = (residuals[0].header if header is None else header).copy()
     out_header["FWHM"] = (
         round(float(np.median(fwhms)) * np.sqrt(2.0), 3),
         "[pix] a point source on the variability image",
