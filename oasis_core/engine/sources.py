@@ -44,6 +44,7 @@ import numpy as np
 __all__ = [
     "CATALOG_COLUMNS",
     "FILTER_KEYS",
+    "MIN_WEIGHT",
     "add_lobe_columns",
     "add_null_columns",
     "count_matches",
@@ -60,6 +61,10 @@ __all__ = [
 
 #: Margin on the SPREAD_MODEL interval [0, 0.1] (the |SPREAD_MODEL| DES calls stellar).
 SPREAD_TOLERANCE = 0.003
+
+#: Smallest weight of a pixel that counts as data: below, less than half of the data
+#: behind it is good (the template's median of a few frames around a saturated star).
+MIN_WEIGHT = 0.5
 
 #: The ``[extract]`` settings that :func:`filter_detections` takes.
 FILTER_KEYS = (
@@ -233,7 +238,7 @@ def add_lobe_columns(
     if weight is not None:
         # below half weight, less than half the data behind a pixel is good (the
         # template's median of one frame of five around a saturated star): masked
-        bad = np.pad(weight < 0.5, r, mode="constant", constant_values=True)
+        bad = np.pad(weight < MIN_WEIGHT, r, mode="constant", constant_values=True)
         stamps_bad = bad[ys[:, None, None] + dy[None], xs[:, None, None] + dx[None]]
         frac = (stamps_bad & inside).sum(axis=(1, 2)) / inside.sum()
         table["masked_frac"] = frac.astype(np.float32)

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from oasis_core.contracts.model import Residual
+from oasis_core.engine.sources import MIN_WEIGHT
 
 __all__ = [
     "MIN_RESIDUALS",
@@ -54,9 +55,6 @@ __all__ = [
 #: Fewest residuals a variability image is made from (a spread of two means little).
 MIN_RESIDUALS = 3
 
-#: Smallest weight of a residual's pixel that the image uses: below, less than half of the
-#: data behind it is good (the template's median of a few frames around a saturated star).
-MIN_WEIGHT = 0.5
 
 #: Width of the wings' envelope, in units of the PSF's sigma: a kernel that matches the
 #: stars' cores leaves its errors out to a few FWHM (a ring), where the star smoothed to
