@@ -114,6 +114,53 @@ def test_shift_rotation_subpixel(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def _moffat_pair(beta_frame: float, beta_reference: float, fwhm: float = 3.0):
+    """One field twice, the same stars at the same transparency and seeing, shifted,
+    through Moffat PSFs of different wings; each frame carries its PSF model."""
+    from oasis_native.psf import moffat_profile
+
+    from oasis_core.contracts.model import PsfModel
+
+    rng = np.random.default_rng(5)
+    ref_xy = rng.uniform(12, SHAPE[0] - 12, (150, 2))
+    flux = 10 ** rng.uniform(3, 5, 150)
+    shift = np.array([2.3, -1.6])
+    frames = []
+    for name, beta, xy in (
+        ("frm", beta_frame, ref_xy - shift),
+        ("ref", beta_reference, ref_xy),
+    ):
+        alpha = fwhm / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+        g = np.arange(-30, 31)
+        ix = np.round(xy[:, 0]).astype(int)[:, None, None] + g[None, None, :]
+        iy = np.round(xy[:, 1]).astype(int)[:, None, None] + g[None, :, None]
+        ix, iy = np.broadcast_arrays(ix, iy)
+        r2 = (ix - xy[:, 0, None, None]) ** 2 + (iy - xy[:, 1, None, None]) ** 2
+        norm = (beta - 1.0) / (np.pi * alpha**2)
+        val = flux[:, None, None] * norm * moffat_profile(r2, alpha, beta)
+        inside = (ix >= 0) & (ix < SHAPE[1]) & (iy >= 0) & (iy < SHAPE[0])
+        img = np.zeros(SHAPE)
+        np.add.at(img, (iy[inside], ix[inside]), val[inside])
+        img += 100.0 + rng.normal(0, 3, SHAPE)
+        psf = moffat_profile(g[:, None] ** 2 + g[None, :] ** 2, alpha, beta)
+        model = PsfModel(image=psf / psf.sum(), fwhm=fwhm, model="moffat")
+        frame = Frame(data=img, name=name, psf=model, fwhm=fwhm, gain=2.0, noise=3.0)
+        readonly(frame.data)
+        readonly(frame.weight)
+        frames.append(frame)
+    return frames
+
+
+def test_photometric_scale_of_frames_with_different_wings():
+    """Same transparency, same FWHM, different Moffat beta: the scale is 1. Apertures of
+    2 FWHM alone hold 5 % less of the beta 2.5 frame's light than of the beta 4
+    reference's and put it 5 % too bright; each frame's PSF model says how much."""
+    frame, reference = _moffat_pair(2.5, 4.0)
+    out = align(frame, reference)
+    assert out.meta["phot_nstars"] >= 20
+    assert out.meta["phot_scale"] == pytest.approx(1.0, abs=0.01)
+
+
 def test_photometric_scale_and_offset():
     frame, reference, _, _ = make_pair(scale=1.7, sky_ref=100.0, sky_frm=30.0)
     out = align(frame, reference)

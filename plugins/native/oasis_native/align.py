@@ -40,7 +40,11 @@ The steps, for a frame and the reference:
    touches a masked pixel or leaves the frame gets weight 0.
 5. **Photometric alignment** (IRAF ``linmatch`` done on stars). Aperture fluxes of the
    paired stars on the warped frame and on the reference (after a local sep background)
-   give ``scale`` = robust mean of ``flux_ref / flux_frame``; the sky levels give
+   give ``scale`` = robust mean of ``flux_ref / flux_frame``, each aperture flux first
+   divided by the share of a star's light its frame's PSF model puts in the aperture (the
+   radius is ``phot_radius`` times the larger FWHM: frames whose PSFs differ in width or
+   wings lose different shares outside it, which biased the scale by several per cent
+   between frames of one seeing and different Moffat beta); the sky levels give
    ``offset = sky_ref - scale * sky_frame``; the data become ``scale * data + offset`` and
    ``gain``, ``saturation``, ``background`` and ``noise`` follow.
 
@@ -60,6 +64,7 @@ not checked on stars or the flux scale not measured: the residual is flagged),
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -838,6 +843,23 @@ def _warp(
     return data, weight
 
 
+def _encircled(frame: Frame, radius: float) -> float:
+    """The share of a star's light within ``radius`` pixels of its centre, by the frame's
+    PSF model (1 without one)."""
+    import sep
+
+    if frame.psf is None:
+        return 1.0
+    image = np.ascontiguousarray(np.asarray(frame.psf.image, np.float64))
+    total = float(image.sum())
+    if not (math.isfinite(total) and total > 0):
+        return 1.0
+    c = (image.shape[0] - 1) / 2.0
+    inside, _, _ = sep.sum_circle(image, [c], [c], radius, subpix=5)
+    share = float(inside[0]) / total
+    return share if 0.3 < share <= 1.0 else 1.0
+
+
 def _photometry(
     frame: Frame,
     reference: Frame,
@@ -849,10 +871,11 @@ def _photometry(
     ref_sat: np.ndarray,
     frm_sat: np.ndarray,
     options: NativeAlignOptions,
+    magnification: float = 1.0,
 ) -> tuple[float, float, int, float, float, str]:
     """(scale, offset, nstars, sky_frame, noise_frame, flag) of the warped frame; with
     fewer than ``min_phot_stars`` stars the scale is 1 and only the sky levels are
-    matched (``flag`` says so)."""
+    matched (``flag`` says so). ``magnification``: reference pixels per frame pixel."""
     import sep
 
     bad = ~(weight > 0)
@@ -887,7 +910,11 @@ def _photometry(
             "scale 1, sky levels matched"
         )
         return 1.0, sky_r - sky_f, n, sky_f, rms_f, flag
-    ratio = f_r[ok] / f_f[ok]
+    # the apertures' light as totals: each frame's PSF model says what share of a star's
+    # light falls within the radius (frames of different seeing, or of one seeing and
+    # different wings, lose different shares outside it)
+    shares = _encircled(frame, radius / magnification) / _encircled(reference, radius)
+    ratio = f_r[ok] / f_f[ok] * shares
     var = ratio**2 * ((e_r[ok] / f_r[ok]) ** 2 + (e_f[ok] / f_f[ok]) ** 2)
     keep = np.ones(n, bool)
     for _ in range(5):
@@ -939,7 +966,17 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
     if not (weight > 0).any():
         raise _err(frame, "no pixel of the frame lands on the reference grid")
     scale, offset, nphot, sky_f, rms_f, phot_flag = _photometry(
-        frame, reference, rs, fs, data, weight, rs.xy[j], rs.saturated[j], fs.saturated[i], options
+        frame,
+        reference,
+        rs,
+        fs,
+        data,
+        weight,
+        rs.xy[j],
+        rs.saturated[j],
+        fs.saturated[i],
+        options,
+        magnification=math.sqrt(abs(float(np.linalg.det(matrix[:2, :2])))),
     )
     if options.photometric:
         data = (data * np.float32(scale) + np.float32(offset)).astype(np.float32)
