@@ -91,25 +91,7 @@ def test_every_varying_source_is_found_kept_and_nothing_else_varies(variable_run
     assert "variability-image sources after filtering: 4" in total
 
 
-#: Measured on this series (the stop's closing note): the template's PSF model puts too
-#: much light in its core (Moffat FWHM 2.79 px, beta 3.51, where a fit of the whole
-#: template at the simulation's known stars gives 2.76 px, beta 2.83): the median stack of
-#: star stamps it is fitted to is dominated by faint stars, whose cores come out too
-#: sharp. PSF fluxes on the template are 0.94 of the truth, the brightest light curves
-#: come out 4-7 % low; with a PSF of the right flux scale all five give reduced
-#: chi-square 0.81-1.24.
-PEAKED_TEMPLATE_PSF = pytest.mark.xfail(
-    strict=True, reason="template PSF model too peaked (beta 3.5 for 2.8): fluxes 4-7 % low"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=PEAKED_TEMPLATE_PSF) if n in ("fading", "transient") else n
-        for n in KINDS
-    ],
-)
+@pytest.mark.parametrize("name", list(KINDS))
 def test_light_curves_match_the_injected_flux_kind_and_period(variable_run, name):
     """Difference flux = injected flux - its level on the template (one constant, fitted):
     reduced chi-square 0.7-1.5 against the reported errors on the clean frames; the kind
