@@ -51,6 +51,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -452,14 +453,11 @@ def _joint_solve(
     gain: float | None,
     start: np.ndarray | None = None,
 ) -> tuple[Any, np.ndarray]:
-    """One joint least-squares fit (scipy's ``least_squares`` result) from the first
-    ``shape``, and each star's reduced chi-square; with ``start`` (an earlier fit's
-    parameters), a Huber loss: from there, pixels more than :data:`_HUBER` sigmas off that
-    fit count linearly. The Jacobian is analytic and sparse:
-    a pixel depends on the shape and on its own star's flux, centre and sky."""
-    from scipy import sparse
-    from scipy.optimize import least_squares
-
+    """One joint least-squares fit (its parameters ``x`` and weighted residuals ``fun``)
+    from the first ``shape``, and each star's reduced chi-square; with ``start`` (an
+    earlier fit's parameters), a Huber loss: from there, pixels more than :data:`_HUBER`
+    sigmas off that fit count linearly. The Jacobian is analytic: a pixel depends on the
+    shape and on its own star's flux, centre and sky, which :func:`_block_lm` uses."""
     k, n, use = len(shape), len(stamps.data), stamps.use
     # first fluxes: the linear fit of the first shape; the pixels' variances from that model
     p0 = np.where(use, _unit_profile(model, shape, stamps.dx**2 + stamps.dy**2)[0], 0.0)
@@ -469,10 +467,6 @@ def _joint_solve(
     w = 1.0 / np.sqrt(var[use])
     d, dx, dy = stamps.data[use], stamps.dx[use], stamps.dy[use]
     star_of = np.broadcast_to(np.arange(n)[:, None, None], use.shape)[use]
-    rows = np.repeat(np.arange(len(d)), k + 4)
-    cols = np.column_stack(
-        [np.broadcast_to(np.arange(k), (len(d), k)), k + 4 * star_of[:, None] + np.arange(4)]
-    ).ravel()
 
     def parts(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
         q = p[k:].reshape(n, 4)[star_of]  # flux, x, y, sky of each pixel's star
@@ -483,16 +477,13 @@ def _joint_solve(
         q, _, _, (f, _, _) = parts(p)
         return (q[:, 0] * f + q[:, 3] - d) * w
 
-    def jac(p: np.ndarray) -> Any:
+    def rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         q, ex, ey, (f, f_r2, f_shape) = parts(p)
         flux = q[:, 0]
-        values = np.column_stack(
-            [flux * g for g in f_shape]
-            + [f, -2.0 * flux * f_r2 * ex, -2.0 * flux * f_r2 * ey, np.ones_like(f)]
-        )
-        return sparse.csr_matrix(
-            ((values * w[:, None]).ravel(), (rows, cols)), shape=(len(d), k + 4 * n)
-        )
+        r = (flux * f + q[:, 3] - d) * w
+        a = np.column_stack([flux * g for g in f_shape]) * w[:, None]
+        b = np.column_stack([f, -2.0 * flux * f_r2 * ex, -2.0 * flux * f_r2 * ey, np.ones_like(f)])
+        return r, a, b * w[:, None]
 
     lower = np.concatenate([bounds[0], np.tile([0.0, -1.5, -1.5, -np.inf], n)])
     upper = np.concatenate([bounds[1], np.tile([np.inf, 1.5, 1.5, np.inf], n)])
@@ -504,20 +495,63 @@ def _joint_solve(
         z = np.abs(resid(first))
         down = np.sqrt(np.where(z > _HUBER, _HUBER / np.maximum(z, 1e-30), 1.0))
         w = w * down
-    fitted = least_squares(
-        resid,
-        first,
-        jac=jac,
-        bounds=(lower, upper),
-        tr_solver="lsmr",
-        x_scale="jac",
-        ftol=1e-6,
-        xtol=1e-6,
-    )
+    starts = np.flatnonzero(np.diff(star_of, prepend=-1))
+    x = _block_lm(rows, first, (lower, upper), k, starts)
+    fitted = SimpleNamespace(x=x, fun=resid(x))
     full = fitted.fun / down  # without the down-weighting: the stars' own misfit
     pixels = np.bincount(star_of, minlength=n)
     chi2 = np.bincount(star_of, full**2, n) / np.maximum(pixels - 4, 1)
     return fitted, chi2
+
+
+def _block_lm(
+    rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    first: np.ndarray,
+    bounds: tuple[np.ndarray, np.ndarray],
+    k: int,
+    starts: np.ndarray,
+    max_iter: int = 200,
+    ftol: float = 1e-9,
+) -> np.ndarray:
+    """Levenberg-Marquardt for the joint fit's block-arrow normal matrix: ``k`` shared
+    parameters, then 4 of each star's own, whose pixels are the consecutive runs of
+    ``rows`` starting at ``starts``. ``rows(p)`` gives the weighted residuals ``r`` and
+    the Jacobian's shared columns ``a`` (N, k) and star columns ``b`` (N, 4). Each
+    step eliminates the stars' 4x4 blocks (a Schur complement: all stars at once, no
+    loop over them) and solves the k x k system left; steps are projected onto
+    ``bounds``. Marquardt's diagonal scaling makes it blind to the parameters' units."""
+    lower, upper = bounds
+    p = first.copy()
+    r, a, b = rows(p)
+    cost = float(r @ r)
+    lam = 1e-3
+    for _ in range(max_iter):
+        hss, gs = a.T @ a, a.T @ r
+        hsb = np.add.reduceat(a[:, :, None] * b[:, None, :], starts)  # (n, k, 4)
+        hbb = np.add.reduceat(b[:, :, None] * b[:, None, :], starts)  # (n, 4, 4)
+        gb = np.add.reduceat(b * r[:, None], starts)  # (n, 4)
+        dss, dbb = np.diag(hss).copy(), np.diagonal(hbb, axis1=1, axis2=2).copy()
+        dbb = np.maximum(dbb, 1e-12 * dbb.max(axis=1, keepdims=True) + 1e-300)
+        while True:
+            inv = np.linalg.inv(hbb + (lam * dbb + 1e-12 * dbb)[:, :, None] * np.eye(4))
+            hsb_inv = hsb @ inv  # (n, k, 4)
+            schur = hss + np.diag(lam * dss) - np.einsum("nki,nli->kl", hsb_inv, hsb)
+            rhs = -gs + np.einsum("nki,ni->k", hsb_inv, gb)
+            ds = np.linalg.solve(schur, rhs)
+            db = -np.einsum("nij,nj->ni", inv, gb + np.einsum("nki,k->ni", hsb, ds))
+            trial = np.clip(p + np.concatenate([ds, db.ravel()]), lower, upper)
+            r_new, a_new, b_new = rows(trial)
+            new_cost = float(r_new @ r_new)
+            if np.isfinite(new_cost) and new_cost <= cost:
+                break
+            lam *= 4.0
+            if lam > 1e12:
+                return p
+        gain, p, r, a, b, cost = cost - new_cost, trial, r_new, a_new, b_new, new_cost
+        lam = max(lam / 3.0, 1e-9)
+        if gain <= ftol * max(cost, 1e-300):
+            break
+    return p
 
 
 # --------------------------------------------------------------------------- moments
