@@ -163,6 +163,42 @@ def test_residual_round_trip(tmp_path):
     assert "score" in back.extra
 
 
+def test_residual_series_reads_on_demand_and_caches_what_fits(tmp_path, monkeypatch):
+    from oasis_core.contracts.model import Residual
+    from oasis_core.engine import products
+
+    paths = []
+    for i in range(4):
+        res = Residual(
+            data=np.full((8, 8), i), noise=np.ones((8, 8)), weight=np.ones((8, 8)), name=f"r{i}"
+        )
+        paths.append(tmp_path / f"r{i}_residual.fits")
+        io.write_residual(paths[-1], res)
+    reads = []
+    real = products.read_residual
+
+    def counting(path):
+        reads.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(products, "read_residual", counting)
+    prepared = []
+    # room for two residuals (3 images of 8x8 float32 each)
+    series = io.ResidualSeries(
+        paths, prepare=lambda r: prepared.append(r.name) or r, cache_bytes=2 * 768
+    )
+    assert len(series) == 4 and not reads  # nothing read yet
+    assert [r.data[0, 0] for r in series] == [0, 1, 2, 3]
+    assert [r.data[0, 0] for r in series] == [0, 1, 2, 3]
+    # the first two stay in memory, the others are read at every pass
+    assert reads == [f"r{i}_residual.fits" for i in (0, 1, 2, 3, 2, 3)]
+    assert prepared == [f"r{i}_residual" for i in (0, 1, 2, 3, 2, 3)]
+    tail = series[1:]
+    assert isinstance(tail, io.ResidualSeries) and len(tail) == 3
+    assert tail[0] is series[1]  # one cache
+    assert series[-1].name == "r3_residual"
+
+
 def test_atomic_outputs_are_readable_like_normal_files(tmp_path):
     import os
     import stat

@@ -51,6 +51,8 @@ from oasis_core.engine.headers import (
     warn_dropped_cards,
 )
 from oasis_core.engine.products import (
+    RESIDUAL_CACHE_BYTES,
+    ResidualSeries,
     attrs_evolve,
     image_extension,
     read_output_frame,
@@ -70,9 +72,11 @@ __all__ = [
     "MEASURED_KEYS",
     "MIN_SIDE",
     "RDNOISE_KEYS",
+    "RESIDUAL_CACHE_BYTES",
     "SATURATE_KEYS",
     "TIME_KEYS",
     "WCS_KEY_RE",
+    "ResidualSeries",
     "apply_cards",
     "atomic_write",
     "attrs_evolve",

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -26,6 +26,8 @@ from oasis_core.engine.headers import (
 )
 
 __all__ = [
+    "RESIDUAL_CACHE_BYTES",
+    "ResidualSeries",
     "attrs_evolve",
     "image_extension",
     "read_output_frame",
@@ -337,3 +339,76 @@ def read_residual(path: Path) -> Residual:
         extra=extra,
         meta=meta,
     )
+
+
+#: Bytes of residuals a :class:`ResidualSeries` keeps in memory (the first ones read).
+RESIDUAL_CACHE_BYTES = 64 * 2**20
+
+
+class ResidualSeries(Sequence[Residual]):
+    """The residuals at ``paths``, read from their files when asked for.
+
+    A stage that goes through a series one residual at a time (the master residual, the
+    variability image) holds one residual and what it accumulates, not the whole series:
+    memory stays flat in the number of frames. The first residuals read are kept while
+    they fit in ``cache_bytes`` (a short series is read once); the others are read again
+    at every pass. A slice is a series over the same files and cache.
+
+    Parameters
+    ----------
+    paths : iterable of Path
+        Residual files (:func:`write_residual`).
+    prepare : callable, optional
+        Applied to every residual read (e.g. making its arrays read-only).
+    cache_bytes : int
+        See above; 0 keeps none.
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[Path],
+        *,
+        prepare: Callable[[Residual], Residual] | None = None,
+        cache_bytes: int = RESIDUAL_CACHE_BYTES,
+        _cache: dict[Path, Residual] | None = None,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        self._prepare = prepare
+        self._budget = cache_bytes
+        self._cache: dict[Path, Residual] = {} if _cache is None else _cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, index: int) -> Residual: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ResidualSeries: ...
+
+    def __getitem__(self, index: int | slice) -> Residual | ResidualSeries:
+        if isinstance(index, slice):
+            return ResidualSeries(
+                self.paths[index],
+                prepare=self._prepare,
+                cache_bytes=self._budget,
+                _cache=self._cache,
+            )
+        path = self.paths[index]
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
+        residual = read_residual(path)
+        if self._prepare is not None:
+            residual = self._prepare(residual)
+        size = _nbytes(residual)
+        if sum(_nbytes(r) for r in self._cache.values()) + size <= self._budget:
+            self._cache[path] = residual
+        return residual
+
+
+def _nbytes(residual: Residual) -> int:
+    arrays = [residual.data, residual.noise, residual.weight, *residual.extra.values()]
+    if residual.kernel is not None and residual.kernel.image is not None:
+        arrays.append(residual.kernel.image)
+    return sum(int(np.asarray(a).nbytes) for a in arrays)

@@ -438,7 +438,9 @@ def _make_master(
     out = outputs.mr_path(ctx)
     good = list(inputs)
     backend = ctx.backend("mr")
-    residuals = [tasks.readonly_inputs(io.read_residual(p)) for p in inputs.values()]
+    # read as they are used: the backend and the variability image each go through the
+    # series once, so memory stays flat in the number of frames
+    residuals = io.ResidualSeries(inputs.values(), prepare=tasks.readonly_inputs)
     workdir = tasks.workdir(ctx, "mr", "MR")
     tasks.prepare_workdir(workdir, tasks.backend_user_files(ctx, backend))
     with ctx.reporter.progress("mr", 1) as advance:

@@ -284,6 +284,40 @@ def test_error_messages_name_the_residuals():
     assert str(err.value) == "mr: residual 'odd' has shape (3, 2), residual 'r1' has (2, 2)"
 
 
+def test_one_pass_over_a_series_read_from_disk(tmp_path, monkeypatch):
+    """The master of residuals read as they are used (the mr stage's series) is that of
+    the residuals in memory, and each residual is read once."""
+    from oasis_core.engine import io, products
+
+    rng = np.random.default_rng(4)
+    residuals = [
+        residual(rng.normal(size=(6, 5)), np.full((6, 5), 1 + i), np.ones((6, 5)), f"r{i}")
+        for i in range(4)
+    ]
+    paths = [tmp_path / f"r{i}.fits" for i in range(4)]
+    for r, p in zip(residuals, paths, strict=True):
+        io.write_residual(p, r)
+    reads = []
+    real = products.read_residual
+
+    def counting(path):
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(products, "read_residual", counting)
+    lazy = run(io.ResidualSeries(paths, cache_bytes=0))
+    assert reads == [paths[0], *paths]  # the first for its header and shape, then one pass
+    eager = run(residuals)
+    np.testing.assert_allclose(lazy.data, eager.data, rtol=1e-6)
+    np.testing.assert_allclose(lazy.noise, eager.noise, rtol=1e-6)
+    assert lazy.meta == eager.meta
+    assert lazy.header["NCOMBINE"] == 4
+    odd = tmp_path / "odd.fits"
+    io.write_residual(odd, residual(np.zeros((3, 2)), np.ones((3, 2)), np.ones((3, 2)), "odd"))
+    with pytest.raises(StageError, match="residual 'odd' has shape"):
+        run(io.ResidualSeries([paths[0], odd]))
+
+
 @pytest.mark.parametrize("method", ["sos", "sos_abs", "sigma_clip"])
 def test_stack_methods_leave_pixels_without_data_empty(method):
     from oasis_native.mr import SigmaClipMr, SosAbsMr, SosMr

@@ -201,6 +201,49 @@ def test_disagreeing_wcs_falls_back_to_synthetic():
     assert header["CRVAL1"] == 180.0
 
 
+def test_inputs_from_a_generator_are_written_as_they_come(stand_in, tmp_path):
+    """A generator of inputs (the mr backend's residuals read one at a time) gives the
+    files and the result a list gives, the grid's WCS included: here the third input's
+    WCS disagrees, so the two written before it are rewritten on the synthetic grid."""
+    from oasis_swarp.swarp import SwarpImage, run_swarp
+
+    shifted = tan_header((20, 30))
+    shifted["CRPIX1"] += 2.0
+    headers = [tan_header((20, 30)), tan_header((20, 30)), shifted]
+    rng = np.random.default_rng(1)
+    images = [
+        SwarpImage(
+            name=f"im{i}", data=rng.normal(size=(20, 30)), weight=np.ones((20, 30)), header=h
+        )
+        for i, h in enumerate(headers)
+    ]
+    runs = {}
+    for label, given in (("list", images), ("generator", iter(images))):
+        work = tmp_path / label
+        runs[label] = run_swarp(
+            stand_in("numpy"),
+            given,
+            settings={},
+            combine_type="WEIGHTED",
+            workdir=work,
+            where="test",
+        )
+        for i in range(3):
+            assert fits.getheader(work / f"in_00{i}.fits")["CRVAL1"] == 180.0
+            assert fits.getheader(work / f"in_00{i}.weight.fits")["CRVAL1"] == 180.0
+            np.testing.assert_allclose(
+                fits.getdata(work / f"in_00{i}.fits"), images[i].data, rtol=1e-6
+            )
+        assert "in_002.fits=im2" in (work / FILES["log"]).read_text()
+    assert runs["generator"].wcs == runs["list"].wcs
+    assert runs["list"].wcs.startswith("synthetic: input 2's WCS differs")
+    np.testing.assert_array_equal(runs["generator"].data, runs["list"].data)
+    with pytest.raises(StageError, match="test: nothing to combine"):
+        run_swarp(
+            "SWarp", iter([]), settings={}, combine_type="WEIGHTED", workdir=tmp_path, where="test"
+        )
+
+
 def test_output_header_fixes_the_shape_and_wcs():
     h = tan_header((20, 30))
     text = output_header_text(h, (20, 30))

@@ -329,6 +329,33 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     )
 
 
+#: The last reference's stars, by a digest of its pixels and of the options (per process):
+#: every frame of a series is aligned to one reference, whose detection then runs once per
+#: worker rather than once per frame.
+_REFERENCE: dict[str, _Stars] = {}
+
+
+def _reference_stars(reference: Frame, options: NativeAlignOptions) -> _Stars:
+    """:func:`_detect` of ``reference``, computed once per process for a given reference
+    and options (see :data:`_REFERENCE`). Its arrays are shared by the frames aligned
+    after it: nothing may write into them (sep cannot take read-only arrays)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (reference.data, reference.weight):
+        a = np.ascontiguousarray(array)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(memoryview(a).cast("B"))
+    digest.update(repr((reference.fwhm, reference.saturation, options)).encode())
+    key = digest.hexdigest()
+    stars = _REFERENCE.get(key)
+    if stars is None:
+        stars = _detect(reference, options)
+        _REFERENCE.clear()
+        _REFERENCE[key] = stars
+    return stars
+
+
 def _apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return xy @ matrix[:2, :2].T + matrix[:2, 2]
 
@@ -955,7 +982,7 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
             f"is {frame.shape} and the reference {reference.shape}; choose another "
             "align.native.initial",
         )
-    rs = _detect(reference, options)
+    rs = _reference_stars(reference, options)
     fs = _detect(frame, options)
     if options.initial == "none":
         found, data, weight = _registered(frame, fs, rs, options)

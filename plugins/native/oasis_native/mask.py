@@ -5,7 +5,9 @@ bad-pixel mask; those stay 0. On top of it this backend zeroes
 
 * saturated pixels (``>= frame.saturation``), grown by a few pixels, and their bleed
   trails: the vertical runs of pixels above the noise that touch a saturated pixel;
-* cosmic rays found by L.A.Cosmic (:func:`astroscrappy.detect_cosmics`).
+* cosmic rays found by L.A.Cosmic (:func:`astroscrappy.detect_cosmics`) on the frame
+  mirrored by a few pixels at its edges, run only in windows around the pixels sharp
+  enough to hold one (:mod:`oasis_native.cosmics`: the same mask, about 10 times faster).
 
 Frames may be sky-subtracted (background near 0, negative pixels valid), so the noise
 model given to astroscrappy is not taken from the pixel values: it is the measured sky
@@ -46,6 +48,11 @@ class NativeMaskOptions:
         range=positive,
     )
     niter: int = option(4, "L.A.Cosmic iterations", range=(1, None))
+    cosmic_windows: bool = option(
+        True,
+        "run L.A.Cosmic only in windows around the pixels sharp enough to hold a cosmic ray "
+        "(the same mask as on the whole frame, about 10 times faster); false: the whole frame",
+    )
     cosmic_grow: int = option(0, "grow every cosmic-ray pixel by this many pixels", range=(0, None))
     saturation_grow: int = option(
         2, "grow saturated regions by this radius (pixels)", range=(0, None)
@@ -135,6 +142,24 @@ def _require(stage: str, *modules: str) -> None:
 def _disk(radius: int) -> np.ndarray:
     r = np.arange(-radius, radius + 1)
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius * radius
+
+
+def _grow(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` dilated by a disk of ``radius`` (:func:`scipy.ndimage.binary_dilation`);
+    a sparse mask by writing the disk around each of its pixels, which is much faster."""
+    from scipy import ndimage
+
+    disk = _disk(radius)
+    ys, xs = np.nonzero(mask)
+    if ys.size * disk.sum() > mask.size // 4:
+        return ndimage.binary_dilation(mask, structure=disk)
+    dy, dx = np.nonzero(disk)
+    yy = ys[:, None] + (dy - radius)[None, :]
+    xx = xs[:, None] + (dx - radius)[None, :]
+    inside = (yy >= 0) & (yy < mask.shape[0]) & (xx >= 0) & (xx < mask.shape[1])
+    out = np.zeros(mask.shape, dtype=bool)
+    out[yy[inside], xx[inside]] = True
+    return out
 
 
 class NativeMask(MaskBackend):
@@ -228,42 +253,32 @@ class NativeMask(MaskBackend):
                 touched[0] = False
                 saturated = touched[runs]
             if options.saturation_grow > 0:
-                saturated = ndimage.binary_dilation(
-                    saturated, structure=_disk(options.saturation_grow)
-                )
+                saturated = _grow(saturated, options.saturation_grow)
 
         # cosmic rays
         cosmic = np.zeros(data.shape, dtype=bool)
         if options.cosmics:
-            import astroscrappy
+            from oasis_native.cosmics import detect_cosmics
 
             gain = float(frame.gain) if frame.gain else options.default_gain
             # sky variance as measured + Poisson variance of what is above the sky (ADU^2)
             var = (rms * rms + np.clip(above, 0.0, None) / gain).astype(np.float32)
-            inmask = (bad | saturated).astype(np.uint8)
+            inmask = bad | saturated
             indat = np.ascontiguousarray(np.where(bad, 0.0, above), dtype=np.float32)
-            crmask, _ = astroscrappy.detect_cosmics(
+            crmask = detect_cosmics(
                 indat,
-                inmask=inmask,
-                invar=np.ascontiguousarray(var),
+                var,
+                inmask,
+                gain=gain,
                 sigclip=options.sigclip,
                 sigfrac=options.sigfrac,
                 objlim=options.objlim,
-                gain=gain,
-                readnoise=0.0,
-                satlevel=np.inf,
                 niter=options.niter,
-                sepmed=True,
-                cleantype="meanmask",
-                fsmode="median",
+                windows=options.cosmic_windows,
             )
             cosmic = np.asarray(crmask, dtype=bool) & ~bad & ~saturated
             if options.cosmic_grow > 0:
-                cosmic = (
-                    ndimage.binary_dilation(cosmic, structure=_disk(options.cosmic_grow))
-                    & ~bad
-                    & ~saturated
-                )
+                cosmic = _grow(cosmic, options.cosmic_grow) & ~bad & ~saturated
             fraction = cosmic.mean()
             if fraction > options.max_cosmic_fraction:
                 msg = (

@@ -102,12 +102,17 @@ class NativeMr(MrBackend):
         StageError
             When no residual is given or the shapes differ.
         """
-        return _master(list(residuals), options)
+        return _master(residuals, options)
 
 
-def _master(residuals: list[Residual], options: NativeMrOptions) -> Residual:
-    _check_shapes(residuals)
-    shape = residuals[0].data.shape
+def _master(residuals: Sequence[Residual], options: NativeMrOptions) -> Residual:
+    # one pass, one residual at a time: the series may be read from disk as it goes
+    if not residuals:
+        raise StageError("mr: no residual to combine")
+    first = residuals[0]
+    shape = first.data.shape
+    names: list[str] = []
+    templates: set[str] = set()
     sum_w = np.zeros(shape, np.float64)
     sum_wr = np.zeros(shape, np.float64)
     sum_w2 = np.zeros(shape, np.float64)
@@ -121,15 +126,19 @@ def _master(residuals: list[Residual], options: NativeMrOptions) -> Residual:
         else:
             values = np.where(good, np.asarray(r.data, np.float64), 0.0)
             var = np.where(good, np.asarray(r.noise, np.float64) ** 2, 0.0)
+        _check_shape(r, first)
         sum_w += w
         sum_wr += w * values
         sum_w2 += w**2 * var
         count += good
+        names.append(r.name)
+        templates.add(r.template)
     has = sum_w > 0
     safe = np.where(has, sum_w, 1.0)
     data = np.where(has, sum_wr / safe, 0.0)
     noise = np.where(has, np.sqrt(sum_w2) / safe, 0.0)
-    return _finish(residuals, data, noise, count, {"normalize": bool(options.normalize)})
+    params = {"normalize": bool(options.normalize)}
+    return _finish([first], data, noise, count, params, names=names, templates=templates)
 
 
 # ------------------------------------------------------------------ OasisPy's other methods
@@ -264,13 +273,16 @@ class SigmaClipMr(_StackMr):
 def _check_shapes(residuals: list[Residual]) -> None:
     if not residuals:
         raise StageError("mr: no residual to combine")
-    shape = residuals[0].data.shape
     for r in residuals[1:]:
-        if r.data.shape != shape:
-            raise StageError(
-                f"mr: residual {r.name!r} has shape {r.data.shape}, residual "
-                f"{residuals[0].name!r} has {shape}"
-            )
+        _check_shape(r, residuals[0])
+
+
+def _check_shape(residual: Residual, first: Residual) -> None:
+    if residual.data.shape != first.data.shape:
+        raise StageError(
+            f"mr: residual {residual.name!r} has shape {residual.data.shape}, residual "
+            f"{first.name!r} has {first.data.shape}"
+        )
 
 
 def _finish(
@@ -279,14 +291,19 @@ def _finish(
     noise: np.ndarray,
     count: np.ndarray,
     params: dict[str, Any],
+    *,
+    names: list[str] | None = None,
+    templates: set[str] | None = None,
 ) -> Residual:
-    """The master residual with the header, weight and meta every mr backend gives."""
+    """The master residual with the header, weight and meta every mr backend gives;
+    ``names`` and ``templates`` (default: those of ``residuals``) when ``residuals`` holds
+    only the first one."""
     from astropy.io import fits
 
-    names = [r.name for r in residuals]
+    names = [r.name for r in residuals] if names is None else names
     first = residuals[0].header
     header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
-    header["NCOMBINE"] = (len(residuals), "number of residuals in the master residual")
+    header["NCOMBINE"] = (len(names), "number of residuals in the master residual")
     if "method" in params:
         header["MRMETHOD"] = (str(params["method"]), "master-residual method")
     if "normalize" in params:
@@ -295,18 +312,18 @@ def _finish(
         header["BUNIT"] = ("", "dimensionless: residuals in units of their noise")
     for name in names:
         header.add_history(f"oasis mr input: {name}")
-    templates = {r.template for r in residuals}
+    templates = {r.template for r in residuals} if templates is None else templates
     return Residual(
         data=np.asarray(data, np.float32),
         noise=np.asarray(noise, np.float32),
-        weight=(count / len(residuals)).astype(np.float32),
+        weight=(count / len(names)).astype(np.float32),
         header=header,
         name="MR",
         science="",
         template=templates.pop() if len(templates) == 1 else "",
         params=params,
         meta={
-            "n_residuals": len(residuals),
+            "n_residuals": len(names),
             "inputs": ",".join(names),
             "frac_no_data": float(1.0 - (count > 0).mean()),
         },

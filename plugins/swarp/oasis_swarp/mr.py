@@ -23,7 +23,7 @@ input; ``meta`` holds ``n_residuals``, ``inputs``, ``frac_no_data`` and SWarp's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -114,25 +114,30 @@ class SwarpMr(MrBackend):
         from astropy.io import fits
 
         where = "mr backend 'swarp'"
-        residuals = list(residuals)
         if not residuals:
             raise StageError(f"{where}: no residual to combine")
         program = find_program(options.binary, "mr.swarp")
-        images = []
-        for r in residuals:
-            data = np.asarray(r.data)
-            good = (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(data)
-            images.append(
-                SwarpImage(
+        names: list[str] = []
+        templates: set[str] = set()
+
+        def images() -> Iterator[SwarpImage]:
+            # one residual at a time, written by run_swarp as it comes: the series may be
+            # read from disk as it goes (memory flat in the number of residuals)
+            for r in residuals:
+                names.append(r.name)
+                templates.add(r.template)
+                data = np.asarray(r.data)
+                good = (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(data)
+                yield SwarpImage(
                     name=r.name,
                     data=r.normalized,
                     weight=good.astype(np.float32),
                     header=r.header,
                 )
-            )
+
         out = run_swarp(
             program,
-            images,
+            images(),
             settings=mr_settings(options),
             combine_type="WEIGHTED",
             workdir=workdir,
@@ -145,17 +150,15 @@ class SwarpMr(MrBackend):
         safe = np.where(has, count, 1.0)
         data = np.where(has, out.data, 0.0).astype(np.float32)
         noise = np.where(has, 1.0 / np.sqrt(safe), 0.0).astype(np.float32)
-        weight = np.where(has, count / len(residuals), 0.0).astype(np.float32)
+        weight = np.where(has, count / len(names), 0.0).astype(np.float32)
 
-        names = [r.name for r in residuals]
         first = residuals[0].header
         header = first.copy() if isinstance(first, fits.Header) else fits.Header(dict(first or {}))
-        header["NCOMBINE"] = (len(residuals), "number of residuals in the master residual")
+        header["NCOMBINE"] = (len(names), "number of residuals in the master residual")
         header["MRNORM"] = (True, "residuals normalised by their noise")
         header["BUNIT"] = ("", "dimensionless: residuals in units of their noise")
         for name in names:
             header.add_history(f"oasis mr input: {name}")
-        templates = {r.template for r in residuals}
         return Residual(
             data=data,
             noise=noise,
@@ -166,7 +169,7 @@ class SwarpMr(MrBackend):
             template=templates.pop() if len(templates) == 1 else "",
             params={"normalize": True},
             meta={
-                "n_residuals": len(residuals),
+                "n_residuals": len(names),
                 "inputs": ",".join(names),
                 "frac_no_data": float(1.0 - has.mean()),
                 "swarp_seconds": out.seconds,

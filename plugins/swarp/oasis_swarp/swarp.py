@@ -28,7 +28,7 @@ import re
 import shlex
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -242,43 +242,68 @@ def grid_wcs_header(headers: Sequence[Any], shape: tuple[int, int]) -> tuple[Any
         ``"own"`` or ``"synthetic"`` and, for a synthetic WCS chosen because the headers
         disagree, the reason (``"synthetic: ..."``).
     """
-    from astropy.wcs import WCS
+    grid = _GridWcs(shape)
+    for header in headers:
+        grid.add(header)
+    return grid.header(), grid.source
 
-    from oasis_core.engine.io import header_wcs
 
-    ny, nx = shape
-    ref = header_wcs(headers[0]) if headers else None
-    source = "own"
-    if ref is not None:
+class _GridWcs:
+    """:func:`grid_wcs_header` one header at a time (for inputs written as they come):
+    :meth:`add` says whether the choice changed from the first header's WCS."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.ref: Any = None
+        self.source = "own"
+        self.n = 0
+
+    def add(self, header: Any) -> bool:
+        from oasis_core.engine.io import header_wcs
+
+        self.n += 1
+        if self.n == 1:
+            self.ref = header_wcs(header)
+            return False
+        if self.ref is None:
+            return False
+        wcs = header_wcs(header)
+        if wcs is None:
+            return False
+        ny, nx = self.shape
         xs = np.array([0.0, nx - 1.0, 0.0, nx - 1.0, (nx - 1) / 2.0])
         ys = np.array([0.0, 0.0, ny - 1.0, ny - 1.0, (ny - 1) / 2.0])
-        for i, header in enumerate(headers[1:], start=1):
-            wcs = header_wcs(header)
-            if wcs is None:
-                continue
-            try:
-                world = wcs.celestial.wcs_pix2world(xs, ys, 0)
-                px, py = ref.celestial.wcs_world2pix(world[0], world[1], 0)
-                off = float(np.nanmax(np.hypot(px - xs, py - ys)))
-            except Exception as err:  # wcslib raises many types on odd WCS; keep the cause
-                off, why = float("inf"), f"{type(err).__name__}: {err}"
-            else:
-                why = f"{off:.3g} px"
-            if not off <= 0.01:
-                source = f"synthetic: input {i}'s WCS differs from input 0's by {why}"
-                ref = None
-                break
-    if ref is None:
-        wcs = WCS(naxis=2)
-        wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
-        wcs.wcs.crval = [180.0, 0.0]
-        wcs.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]
-        wcs.wcs.cd = np.array([[-1.0 / 3600.0, 0.0], [0.0, 1.0 / 3600.0]])
-        return wcs.to_header(), source if source != "own" else "synthetic"
-    header = ref.celestial.to_header(relax=True)
-    for key in ("DATE-OBS", "MJD-OBS", "MJDREF", "DATEREF", "MJD-AVG", "DATE-AVG"):
-        header.remove(key, ignore_missing=True, remove_all=True)
-    return header, source
+        try:
+            world = wcs.celestial.wcs_pix2world(xs, ys, 0)
+            px, py = self.ref.celestial.wcs_world2pix(world[0], world[1], 0)
+            off = float(np.nanmax(np.hypot(px - xs, py - ys)))
+        except Exception as err:  # wcslib raises many types on odd WCS; keep the cause
+            off, why = float("inf"), f"{type(err).__name__}: {err}"
+        else:
+            why = f"{off:.3g} px"
+        if off <= 0.01:
+            return False
+        self.source = f"synthetic: input {self.n - 1}'s WCS differs from input 0's by {why}"
+        self.ref = None
+        return True
+
+    def header(self) -> Any:
+        from astropy.wcs import WCS
+
+        ny, nx = self.shape
+        if self.ref is None:
+            wcs = WCS(naxis=2)
+            wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+            wcs.wcs.crval = [180.0, 0.0]
+            wcs.wcs.crpix = [(nx + 1) / 2.0, (ny + 1) / 2.0]
+            wcs.wcs.cd = np.array([[-1.0 / 3600.0, 0.0], [0.0, 1.0 / 3600.0]])
+            if self.source == "own":
+                self.source = "synthetic"
+            return wcs.to_header()
+        header = self.ref.celestial.to_header(relax=True)
+        for key in ("DATE-OBS", "MJD-OBS", "MJDREF", "DATEREF", "MJD-AVG", "DATE-AVG"):
+            header.remove(key, ignore_missing=True, remove_all=True)
+        return header
 
 
 def output_header_text(wcs_header: Any, shape: tuple[int, int]) -> str:
@@ -377,17 +402,17 @@ class SwarpResult:
     seconds: float
 
 
-def _names(images: Sequence[SwarpImage], limit: int = 4) -> str:
-    shown = ", ".join(repr(im.name) for im in images[:limit])
-    return shown if len(images) <= limit else f"{shown}, ... ({len(images)} in all)"
+def _names(names: Sequence[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
-def _with_names(message: str, images: Sequence[SwarpImage]) -> str:
+def _with_names(message: str, names: Sequence[str]) -> str:
     """Follow each ``in_NNN[.weight].fits`` of the workdir with its input's name."""
 
     def name(match: re.Match[str]) -> str:
         i = int(match.group(1))
-        label = images[i].name if i < len(images) else "?"
+        label = names[i] if i < len(names) else "?"
         return f"{match.group(0)} ({label!r})"
 
     return re.sub(r"in_(\d{3,})(?:\.weight)?\.fits", name, message)
@@ -395,7 +420,7 @@ def _with_names(message: str, images: Sequence[SwarpImage]) -> str:
 
 def run_swarp(
     program: str,
-    images: Sequence[SwarpImage],
+    images: Iterable[SwarpImage],
     *,
     settings: Mapping[str, str],
     combine_type: str,
@@ -409,8 +434,10 @@ def run_swarp(
     ----------
     program : str
         The SWarp program (see :func:`find_program`).
-    images : sequence of SwarpImage
-        The inputs; ``weight`` 0 excludes a pixel. Non-finite pixels get weight 0.
+    images : iterable of SwarpImage
+        The inputs; ``weight`` 0 excludes a pixel. Non-finite pixels get weight 0. Each
+        is written to the workdir as it comes, so a generator (e.g. of residuals read one
+        at a time) keeps one input in memory, not all of them.
     settings : mapping
         Settings from the backend's options, written to ``oasis.swarp``; ignored (the
         user's file holds its own) when ``workdir/default.swarp`` exists.
@@ -434,39 +461,60 @@ def run_swarp(
     """
     from astropy.io import fits
 
-    if not images:
-        raise StageError(f"{where}: nothing to combine")
-    where = f"{where}: {_names(images)}"
-    shape = images[0].data.shape
-    for im in images[1:]:
-        if im.data.shape != shape:
-            msg = (
-                f"{where}: {im.name!r} has shape {im.data.shape}, {images[0].name!r} has "
-                f"{shape}; the inputs must be registered on one grid"
-            )
-            raise StageError(msg)
+    # the names up front when the inputs are a sequence; else those seen so far
+    known = isinstance(images, Sequence)
+    names: list[str] = [im.name for im in images] if isinstance(images, Sequence) else []
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    inputs: list[str] = []
+    weights: list[str] = []
+    cards: list[Mapping[str, Any]] = []
+    shape: tuple[int, ...] = ()
+    grid: _GridWcs | None = None
+    wcs_header: Any = None
+    first = ""
 
-    wcs_header, wcs_source = grid_wcs_header([im.header for im in images], shape)
-    inputs, weights = [], []
-    for i, im in enumerate(images):
+    def write(i: int, data: np.ndarray, weight: np.ndarray, extra: Mapping[str, Any]) -> None:
+        header = wcs_header.copy()
+        for key, value in extra.items():
+            if value is not None:
+                header[key] = value
+        fits.PrimaryHDU(data, header).writeto(workdir / inputs[i], overwrite=True)
+        fits.PrimaryHDU(weight, wcs_header).writeto(workdir / weights[i], overwrite=True)
+
+    for i, im in enumerate(images):  # one input at a time, written as it comes
+        if not known:
+            names.append(im.name)
+        if grid is None:
+            shape, first = im.data.shape, im.name
+            grid = _GridWcs(shape)
+        elif im.data.shape != shape:
+            msg = (
+                f"{where}: {_names(names)}: {im.name!r} has shape {im.data.shape}, "
+                f"{first!r} has {shape}; the inputs must be registered on one grid"
+            )
+            raise StageError(msg)
+        changed = grid.add(im.header)
+        wcs_header = grid.header()
+        if changed:  # the inputs already written get the synthetic grid too
+            for j in range(i):
+                data = np.asarray(fits.getdata(workdir / inputs[j]), np.float32)
+                weight = np.asarray(fits.getdata(workdir / weights[j]), np.float32)
+                write(j, data, weight, cards[j])
         data = np.asarray(im.data, np.float32)
         weight = np.asarray(im.weight, np.float32)
         finite = np.isfinite(data) & np.isfinite(weight) & (weight > 0)
         data = np.where(finite, data, np.float32(0))
         weight = np.where(finite, weight, np.float32(0))
-        header = wcs_header.copy()
-        for key, value in im.cards.items():
-            if value is not None:
-                header[key] = value
-        name = f"in_{i:03d}.fits"
-        fits.PrimaryHDU(data, header).writeto(workdir / name, overwrite=True)
-        fits.PrimaryHDU(weight, wcs_header).writeto(
-            workdir / f"in_{i:03d}.weight.fits", overwrite=True
-        )
-        inputs.append(name)
+        inputs.append(f"in_{i:03d}.fits")
         weights.append(f"in_{i:03d}.weight.fits")
+        cards.append(dict(im.cards))
+        write(i, data, weight, cards[i])
+        del data, weight, finite
+    if grid is None:
+        raise StageError(f"{where}: nothing to combine")
+    where = f"{where}: {_names(names)}"
+    wcs_source = grid.source
     (workdir / FILES["head"]).write_text(output_header_text(wcs_header, shape))
 
     user = (workdir / USER_CONFIG).is_file()
@@ -486,12 +534,12 @@ def run_swarp(
     seconds = time.perf_counter() - start
     (workdir / FILES["log"]).write_text(
         f"# {shown}\n# config: {config}; inputs: "
-        + ", ".join(f"{n}={im.name}" for n, im in zip(inputs, images, strict=True))
+        + ", ".join(f"{n}={name}" for n, name in zip(inputs, names, strict=True))
         + f"\n# exit code {proc.returncode} after {seconds:.2f} s\n"
         + f"--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}"
     )
 
-    said = _with_names(swarp_error(proc.stderr, proc.stdout), images)
+    said = _with_names(swarp_error(proc.stderr, proc.stdout), names)
     if proc.returncode != 0:
         msg = f"{where}: SWarp exited with code {proc.returncode}: {said!r}"
         raise StageError(msg, metadata={"command": shown, "returncode": proc.returncode})
