@@ -4,6 +4,11 @@
 transient counts as recovered in a frame when a kept source of that frame's residual lies
 within ``radius`` pixels of its true position (mapped onto the template grid through the
 WCS); every other kept source is a false detection.
+
+:func:`null_false_detections` and :func:`near_bright_star` judge a run on a null series
+(``simulate_target(..., transients=0)``: nothing varies, every kept source is false): how
+many of its false detections lie by bright stars (issue 14's check, in
+``tests/integration/test_null_series.py`` and ``benchmarks/null_series.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ __all__ = [
     "check_demo",
     "demo_needs",
     "evaluate",
+    "near_bright_star",
+    "null_false_detections",
     "physical_memory",
     "run_demo",
     "simulate_target",
@@ -184,10 +191,13 @@ def simulate_target(
     seed: int,
     simulator: str = "native",
     registry: Any = None,
+    transients: int | None = None,
 ) -> Target:
     """Simulate a series into ``root/OASIS/simulations/name`` and unpack it into a target.
 
-    The truth table is saved as ``OASIS/simulations/<name>/truth.ecsv``.
+    The truth table is saved as ``OASIS/simulations/<name>/truth.ecsv``. ``transients``
+    is the simulator's number of transients (None: its default; 0: a null series, where
+    nothing varies).
     """
     from oasis_core.engine.plugins import Registry
 
@@ -197,7 +207,7 @@ def simulate_target(
     truth_path = sim_dir / "truth.ecsv"
     if not truth_path.exists():
         truth = registry.simulator(simulator).simulate(
-            sim_dir / "frames", n_frames=n_frames, shape=shape, seed=seed
+            sim_dir / "frames", n_frames=n_frames, shape=shape, seed=seed, transients=transients
         )
         io.write_table(truth, truth_path)
     target = Target(base / "targets" / name).create()
@@ -269,6 +279,41 @@ def evaluate(
         recoverable=recoverable,
         false_per_frame=false_per_frame,
     )
+
+
+def near_bright_star(
+    target: Path | Target, row: Any, *, factor: float = 100.0, fwhms: float = 4.0
+) -> bool:
+    """Whether a source (a catalog ``row``: ``frame``, ``x``, ``y``, ``fwhm``,
+    ``threshold``) lies within ``fwhms`` FWHM of a template star whose peak above the
+    template's median is ``factor`` times the row's detection threshold, in the noise of
+    the row's residual: the stars whose imperfect subtraction a null series' false
+    detections gather around, when they do (issue 14's check).
+    """
+    from scipy.ndimage import maximum_filter
+
+    path = target.path if isinstance(target, Target) else Path(target)
+    template = io.read_frame(path / "templates" / "template.fits").data
+    stars = template - np.median(template)
+    residual = io.read_residual(path / "residuals" / f"{row['frame']}_residual.fits")
+    noise = float(np.median(residual.noise[residual.weight > 0]))
+    bright = (stars == maximum_filter(stars, 5)) & (stars > factor * row["threshold"] * noise)
+    ys, xs = np.nonzero(bright)
+    return bool((np.hypot(xs - row["x"], ys - row["y"]) <= fwhms * row["fwhm"]).any())
+
+
+def null_false_detections(
+    target: Path | Target, *, factor: float = 100.0, fwhms: float = 4.0
+) -> Any:
+    """The kept sources of a finished run on a null series (nothing varies, so every one
+    is false), with a column ``near``: :func:`near_bright_star` of each."""
+    from astropy.table import Table
+
+    path = target.path if isinstance(target, Target) else Path(target)
+    sources = Table.read(path / "sources" / "sources.ecsv")
+    kept = sources[sources["reason"] == "kept"]
+    kept["near"] = [near_bright_star(path, r, factor=factor, fwhms=fwhms) for r in kept]
+    return kept
 
 
 @holds_targets

@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from astropy.table import Table
-from scipy.ndimage import maximum_filter
 
-from oasis_core.engine import io
+from oasis_apps.demo import near_bright_star, null_false_detections, simulate_target
 from oasis_core.engine.config import ExtractSettings
 
 pytestmark = pytest.mark.slow
@@ -22,49 +21,27 @@ FRAMES = 3
 
 @pytest.fixture(scope="module")
 def null_target(tmp_path_factory):
-    from oasis_apps.get import unpack
-    from oasis_core.engine.config import render_config
     from oasis_core.engine.pipeline import pipeline
-    from oasis_core.engine.plugins import Registry
-    from oasis_core.engine.tree import Target, init_root
 
-    registry = Registry()
-    base = init_root(tmp_path_factory.mktemp("null"))
-    frames = base / "simulations" / "null" / "frames"
-    simulator = registry.simulator("native")
-    simulator.simulate(frames, n_frames=FRAMES, shape=SHAPE, seed=1, transients=0)
-    target = Target(base / "targets" / "null").create()
-    unpack([frames], target)
-    io.write_text(target.config_file, render_config(registry))
+    target = simulate_target(
+        tmp_path_factory.mktemp("null"), "null", n_frames=FRAMES, shape=SHAPE, seed=1, transients=0
+    )
     pipeline(target.path, jobs=1)
     return target.path
-
-
-def _near_bright_star(target, row, *, factor=100.0, fwhms=4.0) -> bool:
-    """Within ``fwhms`` FWHM of a template star whose peak is ``factor`` times the
-    threshold (in the residual's noise)."""
-    template = io.read_frame(target / "templates" / "template.fits").data
-    stars = template - np.median(template)
-    residual = io.read_residual(target / "residuals" / f"{row['frame']}_residual.fits")
-    noise = float(np.median(residual.noise[residual.weight > 0]))
-    bright = (stars == maximum_filter(stars, 5)) & (stars > factor * row["threshold"] * noise)
-    ys, xs = np.nonzero(bright)
-    return bool((np.hypot(xs - row["x"], ys - row["y"]) <= fwhms * row["fwhm"]).any())
 
 
 def test_null_series_false_detections_within_the_rate_and_away_from_stars(null_target):
     sources = Table.read(null_target / "sources" / "sources.ecsv")
     rate = ExtractSettings().false_per_mpix
-    kept = sources[sources["reason"] == "kept"]
+    kept = null_false_detections(null_target)
     mpix_frames = FRAMES * SHAPE[0] * SHAPE[1] / 1e6
     # expected: rate * 0.2 Mpix-frames = 0.09; two would already be a 0.4 % fluke
     assert len(kept) <= max(1, round(rate * mpix_frames)), kept
-    near = [_near_bright_star(null_target, row) for row in kept]
-    assert sum(near) <= 0.1 * len(kept), kept
+    assert sum(kept["near"]) <= 0.1 * len(kept), kept
     # the rings are there, and the wing test is what rejects them: around stars
     wing = sources[sources["reason"] == "wing"]
     assert len(wing) >= 1
-    assert all(_near_bright_star(null_target, r, factor=5.0, fwhms=6.0) for r in wing)
+    assert all(near_bright_star(null_target, r, factor=5.0, fwhms=6.0) for r in wing)
     # nothing varies: the variability image finds nothing either
     assert len(Table.read(null_target / "sources" / "VAR_filtered_sources.ecsv")) == 0
 
