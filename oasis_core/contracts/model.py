@@ -10,7 +10,11 @@ Pixel conventions
   are sky-subtracted).
 * ``weight`` is float32 in [0, 1]; 0 means "do not use this pixel" (masked, saturated,
   outside the field after alignment), 1 means a fully good pixel. Intermediate values are
-  allowed (relative inverse variance, as SWarp uses them).
+  allowed (relative inverse variance, as SWarp uses them). A pixel of weight below
+  :data:`MIN_WEIGHT` (0.5) has less than half of its data behind it (a template's median
+  of one or two frames of five beside a saturated star): the core counts it as masked
+  (the ``masked`` filter, the master residual, the variability image), so a backend that
+  combines residuals leaves it out.
 * ``noise`` on a :class:`Residual` is the 1-sigma uncertainty of each residual pixel in ADU.
 * Coordinates are 0-based pixel coordinates, ``x`` along the last numpy axis.
 """
@@ -27,6 +31,7 @@ import attrs
 import numpy as np
 
 __all__ = [
+    "MIN_WEIGHT",
     "Frame",
     "KernelSolution",
     "PsfModel",
@@ -37,6 +42,12 @@ __all__ = [
 ]
 
 MetaValue = float | int | str | bool
+
+#: Smallest weight of a pixel that counts as data: below, less than half of the data
+#: behind it is good (the template's median of one or two frames of five around a
+#: saturated star). The one definition; :mod:`oasis_core.engine.sources` and the backends
+#: import it.
+MIN_WEIGHT = 0.5
 
 
 def readonly(array: np.ndarray | None) -> np.ndarray | None:

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from oasis_core.contracts.model import MIN_WEIGHT
+
 __all__ = [
     "CATALOG_COLUMNS",
     "FILTER_KEYS",
@@ -62,9 +64,6 @@ __all__ = [
 #: Margin on the SPREAD_MODEL interval [0, 0.1] (the |SPREAD_MODEL| DES calls stellar).
 SPREAD_TOLERANCE = 0.003
 
-#: Smallest weight of a pixel that counts as data: below, less than half of the data
-#: behind it is good (the template's median of a few frames around a saturated star).
-MIN_WEIGHT = 0.5
 
 #: The ``[extract]`` settings that :func:`filter_detections` takes.
 FILTER_KEYS = (

@@ -40,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from oasis_core.contracts.model import Residual
-from oasis_core.engine.sources import MIN_WEIGHT
+from oasis_core.contracts.model import MIN_WEIGHT, Residual
 
 __all__ = [
     "MIN_RESIDUALS",

@@ -82,6 +82,34 @@ def test_pixels_without_data_get_weight_zero():
     assert mr.template == ""  # two different templates
 
 
+@pytest.mark.parametrize("method", ["native", "sos", "sos_abs", "sigma_clip"])
+def test_pixels_below_min_weight_are_not_stacked(method):
+    # weight below MIN_WEIGHT (0.5): the core counts the pixel as masked (less than half
+    # of the data behind it, a template's median of one frame of five beside a saturated
+    # star), so it is not in the master residual; at MIN_WEIGHT it is
+    from oasis_native.mr import SigmaClipMr, SosAbsMr, SosMr
+
+    from oasis_core.contracts.model import MIN_WEIGHT
+
+    shape = (4, 5)
+    w1 = np.ones(shape)
+    w1[1, 2] = 0.2
+    w1[2, 3] = MIN_WEIGHT
+    w1[3, 0] = np.nextafter(np.float32(MIN_WEIGHT), np.float32(0))
+    data1 = np.zeros(shape)
+    data1[1, 2] = data1[3, 0] = 100.0  # a star left in a template of one frame
+    r1 = residual(data1, np.ones(shape), w1, "r1")
+    r2 = residual(np.zeros(shape), np.ones(shape), np.ones(shape), "r2")
+    backend = {"native": NativeMr(), "sos": SosMr(), "sos_abs": SosAbsMr()}.get(
+        method, SigmaClipMr()
+    )
+    mr = run_method(backend, [r1, r2])
+    for y, x in ((1, 2), (3, 0)):  # r2 alone: 0, weight 1 of 2
+        assert mr.data[y, x] == 0.0
+        assert mr.weight[y, x] == pytest.approx(0.5)
+    assert mr.weight[2, 3] == 1.0  # at MIN_WEIGHT: data
+
+
 def test_master_is_in_sigma_units():
     rng = np.random.default_rng(11)
     shape = (128, 128)

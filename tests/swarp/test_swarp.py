@@ -362,7 +362,8 @@ def test_mr_writes_normalised_residuals_with_unit_weights(stand_in, tmp_path):
     rng = np.random.default_rng(5)
     w = np.ones((16, 16))
     w[3, 4] = 0.0
-    w[5, 5] = 0.5  # any positive weight counts as data
+    w[5, 5] = 0.5  # MIN_WEIGHT counts as data
+    w[6, 7] = 0.3  # below it the core counts a pixel as masked: not stacked
     r1 = make_residual(rng.normal(3, 2, (16, 16)), np.full((16, 16), 2.0), w, "r1")
     r2 = make_residual(rng.normal(0, 1, (16, 16)), np.ones((16, 16)), np.ones((16, 16)), "r2")
     mr = SwarpMr().master(
@@ -373,13 +374,17 @@ def test_mr_writes_normalised_residuals_with_unit_weights(stand_in, tmp_path):
     assert "SUBTRACT_BACK          N" in args["config_text"]
     weight = fits.getdata(tmp_path / "in_000.weight.fits")
     assert weight[3, 4] == 0 and weight[5, 5] == 1 and set(np.unique(weight)) == {0.0, 1.0}
-    np.testing.assert_allclose(fits.getdata(tmp_path / "in_000.fits"), r1.normalized)
+    assert weight[6, 7] == 0
+    written = np.where(weight > 0, r1.normalized, 0)  # pixels of weight 0 are written as 0
+    np.testing.assert_allclose(fits.getdata(tmp_path / "in_000.fits"), written)
     expected = (r1.normalized + r2.normalized) / 2
     expected[3, 4] = r2.normalized[3, 4]
+    expected[6, 7] = r2.normalized[6, 7]
     np.testing.assert_allclose(mr.data, expected, rtol=1e-5, atol=1e-6)
     assert mr.noise[3, 4] == pytest.approx(1.0)
     assert mr.noise[0, 0] == pytest.approx(1 / np.sqrt(2))
     assert mr.weight[3, 4] == pytest.approx(0.5)
+    assert mr.weight[6, 7] == pytest.approx(0.5)
     assert mr.name == "MR" and mr.template == "template"
     assert mr.meta["n_residuals"] == 2 and mr.meta["inputs"] == "r1,r2"
 

@@ -5,7 +5,13 @@ For residuals ``R_i`` with noise images ``sigma_i`` and weight maps ``w_i``::
     Rn_i   = (R_i - median(R_i)) / sigma_i           (Residual.normalized; 0 where w_i = 0)
     master = sum(w_i Rn_i) / sum(w_i)
     noise  = sqrt(sum(w_i**2)) / sum(w_i)
-    weight = (number of residuals with w_i > 0) / N
+    weight = (number of residuals with data) / N
+
+where a residual has data at a pixel when its weight there is at least
+:data:`~oasis_core.contracts.model.MIN_WEIGHT` (0.5; below, the core counts the pixel as
+masked: less than half of the data behind it, a template's median of one or two frames
+beside a saturated star), its noise is positive and its value finite; the sums run over
+those residuals.
 
 so the master is in sigma units and its noise image is its exact 1-sigma level when the
 ``Rn_i`` are independent unit-variance noise (1/sqrt(N) for N equal weights): a source
@@ -21,7 +27,7 @@ Which residuals go in (flags, Q floor) is the core's choice: every residual give
 OasisPy's other stacking methods are backends of their own, selected as ``--mr=NAME``. They
 combine the same normalised residuals ``Rn_i`` pixel by pixel over the ``n`` residuals that
 have data there (OasisPy stacked the raw residuals; in sigma units every frame counts alike
-and the noise image below is exact for unit Gaussian noise):
+and the noise image below is exact for unit Gaussian noise; "have data" as above):
 
 * ``sos``: ``sum(Rn_i**2)``, noise ``sqrt(2 n)`` (the spread of a chi-square with ``n``
   degrees of freedom; its mean ``n`` is the background);
@@ -46,7 +52,7 @@ import numpy as np
 
 from oasis_core.contracts.backends import MrBackend, option
 from oasis_core.contracts.errors import StageError
-from oasis_core.contracts.model import Residual
+from oasis_core.contracts.model import MIN_WEIGHT, Residual
 from oasis_core.contracts.validators import non_negative, positive
 
 __all__ = [
@@ -118,7 +124,7 @@ def _master(residuals: Sequence[Residual], options: NativeMrOptions) -> Residual
     sum_w2 = np.zeros(shape, np.float64)
     count = np.zeros(shape, np.int32)
     for r in residuals:  # one pass per residual, whole arrays
-        good = (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(r.data)
+        good = _has_data(r)
         w = np.where(good, np.asarray(r.weight, np.float64), 0.0)
         if options.normalize:
             values = np.asarray(r.normalized, np.float64)
@@ -178,10 +184,7 @@ class _StackMr(MrBackend):
         count = np.zeros(shape, np.int32)
         step = max(1, (1 << 22) // max(1, len(residuals) * shape[1]))  # ~16 MB per block
         norms = [r.normalized for r in residuals]
-        goods = [
-            (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(r.data)
-            for r in residuals
-        ]
+        goods = [_has_data(r) for r in residuals]
         for y0 in range(0, shape[0], step):  # row blocks: whole-array work, bounded memory
             rows = slice(y0, y0 + step)
             stack = np.stack([n[rows] for n in norms])
@@ -268,6 +271,17 @@ class SigmaClipMr(_StackMr):
         data = gaussian_filter(data, sigma, mode="constant").astype(np.float32)
         noise = gaussian_filter(noise, sigma, mode="nearest") / (2.0 * np.sqrt(np.pi) * sigma)
         return data, np.where(count > 0, noise, 0.0).astype(np.float32)
+
+
+def _has_data(residual: Residual) -> np.ndarray:
+    """The pixels where ``residual`` has data to stack: weight at least
+    :data:`~oasis_core.contracts.model.MIN_WEIGHT` (the core counts lower weights as
+    masked), positive noise, finite value."""
+    return (
+        (np.asarray(residual.weight) >= MIN_WEIGHT)
+        & (np.asarray(residual.noise) > 0)
+        & np.isfinite(residual.data)
+    )
 
 
 def _check_shapes(residuals: list[Residual]) -> None:

@@ -3,7 +3,8 @@
 OasisPy's default master residual is the weighted average of the noise-normalised
 residuals. Each residual's ``Residual.normalized`` image (``(R - median(R)) / sigma``, 0
 where its weight is 0) is written with a weight map that is 1 where the residual has data
-(``weight > 0``, ``noise > 0``, finite) and 0 elsewhere, and SWarp co-adds them with
+(weight at least :data:`~oasis_core.contracts.model.MIN_WEIGHT`, 0.5, below which the core
+counts a pixel as masked; ``noise > 0``; finite) and 0 elsewhere, and SWarp co-adds them with
 ``COMBINE_TYPE WEIGHTED`` on their own grid (``RESAMPLING_TYPE NEAREST`` by default: the
 residuals are registered, see :mod:`oasis_swarp.combine`). SWarp's output weight is then
 the number ``n`` of residuals with data at each pixel, so, as the native ``mr`` backend::
@@ -13,7 +14,7 @@ the number ``n`` of residuals with data at each pixel, so, as the native ``mr`` 
     weight = n / N
 
 The native backend weights each residual by its weight map instead; both give the same
-master residual when the weights are 0 or 1 (which is what the subtract backends write).
+master residual when the weights are 0 or 1, and both leave out the same pixels.
 
 The result is named ``MR``; its header is the first residual's plus ``NCOMBINE``,
 ``MRNORM``, ``BUNIT = ''`` (dimensionless: sigma units) and one ``HISTORY`` line per
@@ -32,7 +33,7 @@ import numpy as np
 
 from oasis_core.contracts.backends import MrBackend, option
 from oasis_core.contracts.errors import StageError
-from oasis_core.contracts.model import Residual
+from oasis_core.contracts.model import MIN_WEIGHT, Residual
 from oasis_core.contracts.validators import non_negative
 from oasis_swarp.swarp import (
     RESAMPLING_TYPES,
@@ -127,7 +128,8 @@ class SwarpMr(MrBackend):
                 names.append(r.name)
                 templates.add(r.template)
                 data = np.asarray(r.data)
-                good = (np.asarray(r.weight) > 0) & (np.asarray(r.noise) > 0) & np.isfinite(data)
+                good = (np.asarray(r.weight) >= MIN_WEIGHT) & (np.asarray(r.noise) > 0)
+                good &= np.isfinite(data)
                 yield SwarpImage(
                     name=r.name,
                     data=r.normalized,
