@@ -10,6 +10,16 @@ from its inputs and from how they were combined, whatever program combined them:
   median), in electrons at that effective gain;
 * ``saturation``: the lowest of the inputs'; ``fwhm``: their median; ``noise``: the
   stack's own sky noise (sep's global background RMS, a MAD on tiny images).
+
+And one property of a stack that the core checks on every residual
+(:func:`incomplete_sources`, applied by
+:func:`oasis_core.engine.subtraction.judge_residual`): where frames are missing from the
+stack (their pixels masked) over a source brighter than :data:`INCOMPLETE_SNR` times the
+template's sky noise, the template is a stack of other frames than around it, with their
+PSF. A star that saturates in the sharpest frames is, in the template, the median of the
+broader ones only (about 10 % fainter at its core in a simulated night), which no kernel
+matched on the rest of the template reproduces: every residual keeps a star-shaped
+excess there (issue 14), so the residuals get weight 0 there.
 """
 
 from __future__ import annotations
@@ -21,7 +31,19 @@ import numpy as np
 
 from oasis_core.contracts.model import Frame, Template
 
-__all__ = ["frame_noise", "median_or_none", "stack_template"]
+__all__ = [
+    "INCOMPLETE_SNR",
+    "frame_noise",
+    "incomplete_sources",
+    "median_or_none",
+    "stack_template",
+]
+
+#: Template pixels at least this many times its sky noise above its local sky, where the
+#: stack misses frames, are not used (:func:`incomplete_sources`): the missing frames
+#: would move a star's pixel by a fraction of its signal (about a tenth at the core for
+#: seeing that varies by a few tenths of a pixel), more than the noise from here up.
+INCOMPLETE_SNR = 10.0
 
 
 def median_or_none(values: Sequence[float | None]) -> float | None:
@@ -124,3 +146,56 @@ def stack_template(
         saturation=float(min(saturations)) if saturations else None,
         meta={"ncombine": len(frames), "frac_no_data": float(1.0 - good.mean()), **meta},
     )
+
+
+def incomplete_sources(template: Frame, *, snr: float = INCOMPLETE_SNR) -> np.ndarray:
+    """The template's pixels whose stack misses frames over a source: weight below the
+    full stack's, by more than half a frame's share (``1 / (2 N)`` of it for ``N``
+    inputs; the full weight is the 99th percentile of the positive weights), and at
+    least ``snr`` times the template's sky noise above its local sky (a sep background
+    mesh of 64 px; the median on tiny images).
+
+    Parameters
+    ----------
+    template : Template or Frame
+        A stack: its ``inputs`` give ``N``, else its header's ``NCOMBINE``, else 1 (a
+        frame whose weights are 0 or 1 has none).
+    snr : float
+        The threshold, in the template's sky noise (``template.noise``, else measured).
+
+    Returns
+    -------
+    ndarray of bool
+        Where the template is not one stack with the rest of it (see the module doc).
+    """
+    data = np.asarray(template.data, np.float32)
+    weight = np.asarray(template.weight, np.float32)
+    good = (weight > 0) & np.isfinite(data)
+    out = np.zeros(data.shape, bool)
+    if good.sum() < 100:
+        return out
+    inputs = getattr(template, "inputs", ())
+    n = len(inputs) or int((template.header or {}).get("NCOMBINE", 1) or 1)
+    full = float(np.percentile(weight[good], 99))
+    partial = good & (weight < full * (1.0 - 0.5 / max(n, 1)))
+    if not partial.any():
+        return out
+    noise = template.noise
+    if noise is None or not (np.isfinite(noise) and noise > 0):
+        noise = _stack_noise(data, good)
+    if noise is None or not noise > 0:
+        return out
+    sky = _local_sky(data, good)
+    return partial & (data - sky > snr * noise)
+
+
+def _local_sky(data: np.ndarray, good: np.ndarray) -> np.ndarray | float:
+    """The sky under every pixel: a sep background mesh (64 px boxes, fewer on small
+    images) of the good pixels; their median on images under 32 px."""
+    if min(data.shape) < 32:
+        return float(np.median(data[good]))
+    import sep
+
+    image = np.ascontiguousarray(np.where(good, data, np.median(data[good])), np.float32)
+    box = int(max(8, min(64, data.shape[0] // 2, data.shape[1] // 2)))
+    return np.asarray(sep.Background(image, mask=~good, bw=box, bh=box).back(), np.float32)

@@ -11,6 +11,9 @@
   that leaves the template's brightest stars at more than ``star_left_max`` of their flux
   (a wrong flux scale, which Q does not see: :func:`star_check`); a mostly masked residual
   or a backend's own flag (too few stamps) is recorded in ``meta["flag"]`` and logged.
+  Where the template's stack misses frames over a source (a star saturated in the
+  sharpest frames: :func:`oasis_core.engine.stacking.incomplete_sources`) the residual
+  gets weight 0, whatever the backend.
 
 A bound selector (the backend ``auto``, :mod:`oasis_core.engine.auto`) runs its own
 candidates, each through :func:`run_subtraction`. One pair outside a target
@@ -358,7 +361,14 @@ def judge_residual(
     residual's flux at its brightest stars is measured (:func:`star_check`, with the flux
     scale measured on ``science``'s stars when given; ``meta["star_left"]``,
     ``meta["star_left_n"]``) and, with :data:`STAR_CHECK_MIN` stars or more, a median
-    beyond ``star_left_max`` (0: no limit) flags and masks the residual."""
+    beyond ``star_left_max`` (0: no limit) flags and masks the residual.
+
+    With the ``template``, the residual also gets weight 0 where the template's stack
+    misses frames over a source (:func:`oasis_core.engine.stacking.incomplete_sources`:
+    there the template has other frames' PSF than around it, and the kernel leaves a
+    star-shaped excess); ``meta["incomplete_masked"]`` counts those pixels (of the
+    residual's weight > 0). The backend's kernel is fitted as it was: only the verdict on
+    those pixels changes."""
     flags = [str(residual.meta["flag"])] if residual.meta.get("flag") else []
     fallback = str(residual.meta.get(FALLBACK_KEY) or "")
     if fallback and not any(fallback in f for f in flags):
@@ -391,6 +401,13 @@ def judge_residual(
             )
             usable = False
             weight = np.zeros_like(residual.weight)
+    if template is not None and good > 0 and np.shape(template.data) == weight.shape:
+        from oasis_core.engine.stacking import incomplete_sources
+
+        incomplete = incomplete_sources(template) & (weight > 0)
+        extra["incomplete_masked"] = int(incomplete.sum())
+        if incomplete.any():
+            weight = np.where(incomplete, np.float32(0), weight)
     flag = "; ".join(flags)
     if flag:
         log.warning("%s: %s", name, flag)

@@ -11,6 +11,7 @@ import pytest
 from astropy.table import Table
 
 from oasis_apps.demo import near_bright_star, null_false_detections, simulate_target
+from oasis_core.engine import io
 from oasis_core.engine.config import ExtractSettings
 
 pytestmark = pytest.mark.slow
@@ -60,3 +61,50 @@ def test_null_series_reports_its_threshold(null_target):
     metas = [Table.read(p).meta for p in detections if p.stem != "VAR"]
     assert all(m["wing_stars"] >= 5 for m in metas)
     assert any(m["null_density"] > 0 for m in metas)  # 0.065 Mpix: not always 20 peaks
+
+
+@pytest.fixture(scope="module")
+def sharp_saturated_target(tmp_path_factory):
+    """A null series of 3 frames of 256x256 whose seeing is 2.5, 4 and 4.5 px: the star
+    at (46, 214) saturates, and bleeds, in the sharpest frame only, so the template's
+    median there is of the two broader frames alone (weight 2/3)."""
+    from oasis_native.sim import simulate_series, write_series
+
+    from oasis_apps.get import unpack
+    from oasis_core.engine.config import render_config
+    from oasis_core.engine.pipeline import pipeline
+    from oasis_core.engine.plugins import Registry
+    from oasis_core.engine.tree import Target, init_root
+
+    base = init_root(tmp_path_factory.mktemp("sharp"))
+    frames = base / "simulations" / "sharp" / "frames"
+    series = simulate_series(
+        n_frames=3, shape=SHAPE, seed=29, n_transients=0, frame_fwhm=(2.5, 4.0, 4.5)
+    )
+    write_series(series, frames)
+    target = Target(base / "targets" / "sharp").create()
+    unpack([frames], target)
+    io.write_text(target.config_file, render_config(Registry()))
+    pipeline(target.path, jobs=1)
+    return target.path
+
+
+def test_a_star_saturated_in_the_sharpest_frame_only_leaves_no_false_source(
+    sharp_saturated_target,
+):
+    # issue 14: the template's median of the broader frames is broader than the template
+    # around it at that star, and every residual kept a star-shaped excess there (a
+    # 'kept' source 80 sigma up, within 4 FWHM of a star > 100x the threshold); the core
+    # masks the residuals where the template's stack misses frames over a source
+    target = sharp_saturated_target
+    kept = null_false_detections(target)
+    assert not any(kept["near"]), kept
+    assert len(kept) <= 1, kept
+    raw = io.read_frame(target / "data" / "sim_000.fits")
+    assert raw.data[200:220, 40:60].max() >= raw.saturation  # the star saturates there...
+    template = io.read_frame(target / "templates" / "template.fits")
+    assert (template.data[200:220, 40:60] < template.saturation).all()  # ...not here
+    for name in ("sim_001", "sim_002"):  # the broader frames: not saturated there
+        residual = io.read_residual(target / "residuals" / f"{name}_residual.fits")
+        assert residual.header["OAS INCOMPLETE_MASKED"] > 0
+        assert (residual.weight[200:220, 40:60] == 0).sum() >= 10

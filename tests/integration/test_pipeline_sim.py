@@ -52,9 +52,15 @@ def test_outputs_exist_with_provenance(sim_target_done):
     assert header["OASIN0"].count(":") == 1 and len(header["OASOPTH"]) == 16
     with fits.open(residuals[0]) as hdul:
         assert {"NOISE", "WEIGHT"} <= {h.name for h in hdul}
-        # the recorded Q is that of the residual written with it, and a noise-limited one
+        # the recorded Q is that of the residual written with it, and a noise-limited one;
+        # Q is the backend's (docs/plugins.md), and the core then masks the pixels where
+        # the template's stack misses frames over a source: Q on the written pixels
+        # differs by no more than what those few weigh
         q = q_value(hdul[0].data, hdul["NOISE"].data, hdul["WEIGHT"].data)
-    assert header["OASQ"] == pytest.approx(q, rel=1e-6)
+        good = int((hdul["WEIGHT"].data > 0).sum())
+    masked = header.get("OAS INCOMPLETE_MASKED", 0)
+    assert masked < 0.01 * good
+    assert header["OASQ"] == pytest.approx(q, rel=1e-6 + masked / good)
     assert header["OASQ"] > 0.9
     assert (path / "templates" / "log.txt").read_text().count("template from") >= 1
     assert "Q" in (path / "residuals" / "log.txt").read_text()

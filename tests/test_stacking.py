@@ -1,0 +1,105 @@
+"""The core's rule on every template (oasis_core.engine.stacking): where the stack misses
+frames over a source, the template is not one stack with the rest of it (issue 14)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oasis_core.contracts.model import Template, readonly
+from oasis_core.engine.stacking import INCOMPLETE_SNR, incomplete_sources
+
+SKY, NOISE = 300.0, 10.0
+
+
+def star(shape, x, y, peak, fwhm=4.0):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    sigma = fwhm / 2.3548
+    return peak * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+
+
+def template(weight, *, n=5, shape=(96, 96), seed=3):
+    rng = np.random.default_rng(seed)
+    data = SKY + rng.normal(0, NOISE, shape)
+    data += star(shape, 30, 30, 5000.0)  # bright: 500 sigma
+    data += star(shape, 70, 70, 5000.0)
+    data += star(shape, 30, 70, 4.0 * NOISE)  # faint: 4 sigma
+    t = Template(
+        data=data.astype(np.float32),
+        weight=np.asarray(weight, np.float32),
+        inputs=tuple(f"f{i}" for i in range(n)),
+        background=SKY,
+        noise=NOISE,
+    )
+    readonly(t.data)
+    readonly(t.weight)
+    return t
+
+
+def patch(weight, x, y, value, r=3):
+    weight[y - r : y + r + 1, x - r : x + r + 1] = value
+
+
+def test_a_star_missing_frames_is_masked_and_nothing_else():
+    w = np.ones((96, 96))
+    patch(w, 30, 30, 0.6)  # 3 of 5 frames over a bright star (saturated in the other two)
+    patch(w, 50, 20, 0.2)  # one frame on the sky (a bleed trail in the others)
+    patch(w, 30, 70, 0.4)  # two frames over a faint star
+    w[0:3, :] = 0  # no data: stays 0, not counted
+    found = incomplete_sources(template(w))
+    core = star(w.shape, 30, 30, 5000.0) > INCOMPLETE_SNR * NOISE
+    patch_30 = np.zeros(w.shape, bool)
+    patch_30[27:34, 27:34] = True
+    np.testing.assert_array_equal(found, patch_30 & core)
+    assert found.sum() > 20
+
+
+def test_complete_stacks_and_small_weight_differences_are_left_alone():
+    w = np.ones((96, 96))
+    patch(w, 30, 30, 0.95)  # less than half a frame's share (0.1 of 5) lower: complete
+    assert not incomplete_sources(template(w)).any()
+
+
+def test_the_full_weight_is_the_stacks_own_not_one():
+    # a backend whose weights are relative (every complete pixel at 0.4): only the pixels
+    # below that level count as missing frames
+    w = np.full((96, 96), 0.4)
+    patch(w, 70, 70, 0.24)
+    found = incomplete_sources(template(w))
+    assert found[70, 70]
+    assert not found[:, :50].any()
+
+
+def test_a_frame_missing_over_a_star_in_a_stack_of_three():
+    w = np.ones((96, 96))
+    patch(w, 70, 70, 2 / 3)  # the saturated core of the sharpest frame of three
+    found = incomplete_sources(template(w, n=3))
+    assert found[70, 70]
+    assert found.sum() == 49  # the whole 7x7 patch is bright
+
+
+def test_judge_residual_masks_the_residual_there_and_nothing_else():
+    # the rule applies to every backend's residual; the backend's pixels are left as
+    # they are (its kernel was fitted as before), only their weight is 0
+    from oasis_core.contracts.model import Residual
+    from oasis_core.engine.subtraction import judge_residual
+
+    w = np.ones((96, 96))
+    patch(w, 30, 30, 0.6)
+    t = template(w)
+    rng = np.random.default_rng(4)
+    residual = Residual(
+        data=rng.normal(0, 1, w.shape),
+        noise=np.ones(w.shape),
+        weight=np.ones(w.shape),
+        q=0.99,
+        meta={"fwhm": 4.0},
+    )
+    judged = judge_residual(residual, "r", 0.5, template=t)
+    found = incomplete_sources(t)
+    np.testing.assert_array_equal(judged.weight == 0, found)
+    np.testing.assert_array_equal(judged.data, residual.data)
+    assert judged.meta["incomplete_masked"] == int(found.sum()) > 20
+    assert judged.meta["usable"]
+    assert residual.weight.all()  # the input is not changed
+    complete = judge_residual(residual, "r", 0.5, template=template(np.ones(w.shape)))
+    assert complete.weight.all() and complete.meta["incomplete_masked"] == 0
