@@ -53,11 +53,10 @@ import numpy as np
 
 __all__ = ["EDGE", "PAD", "REACH", "detect_cosmics", "laplacian_plus"]
 
-#: Margin (pixels) around a pixel within which astroscrappy reads the image to decide it:
-#: ``S'`` uses ``S`` within 3 pixels (a 7-pixel separable median), ``S`` the Laplacian
-#: within 1 and the noise (a 7-pixel median of the variance) within 3 - though the
-#: variance's own reach adds nothing to the window, the noise being valid 3 pixels in;
-#: the fine structure uses a 5-pixel then a 9-pixel median (2 + 4).
+#: Margin (pixels) a cut-out needs around the pixels it decides: astroscrappy's values are
+#: those of the whole frame from this far inside a cut-out's edge on: ``S`` from 3 pixels
+#: in (the noise is a 7-pixel median of the variance), ``S' = S - median7(S)`` from 3 more,
+#: the fine structure from 6 (a 5-pixel median, then a 9-pixel one).
 PAD = 6
 
 #: How far (pixels) a change of the cleaned image or variance at one pixel can change the
@@ -69,7 +68,9 @@ REACH = 8
 #: astroscrappy's border and the reach of its decisions.
 EDGE = REACH
 
-_BLOCK = 8  # block size of the variance minima (>= REACH + 2 - 2: a block and its neighbours)
+# block size of the variance minima: a block and its neighbours cover 8 pixels or more
+# around every pixel, more than the noise reads (3; 5 once the variance is cleaned)
+_BLOCK = 8
 _CORE = 2  # a flagged pixel lies within this many pixels of a core
 
 
