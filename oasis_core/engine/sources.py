@@ -459,7 +459,10 @@ def mismatch_map(
     ``c(r)**2``; each star of template peak ``T`` then adds ``c(r) T / noise`` at
     distance ``r`` with the profile of the group nearest its brightness (the largest
     where stars overlap). The median ignores a star that varied: a brightening centred
-    on a star is judged against the mismatch of the stars like it, not its own.
+    on a star is judged against the mismatch of the stars like it, not its own. Every
+    star of the template is painted, its core masked in the residual or not (a star
+    saturated there, or where the template misses frames): its rings reach the
+    residual's pixels around the mask all the same.
 
     Parameters
     ----------
@@ -491,10 +494,13 @@ def mismatch_map(
     info: dict[str, Any] = {"wing_stars": 0, "wing_peak": 0.0}
     if good.sum() < 100:
         return wing, info
-    stars = np.where(good, template - np.float32(np.median(template[good])), 0)
+    # every star of the template, its core masked in the residual or not (a saturated
+    # star, a template that misses frames there): its rings are in the residual anyway
+    finite = np.isfinite(template)
+    stars = np.where(finite, template - np.float32(np.median(template[good])), 0)
     n0 = float(np.median(noise[good]))
     size = max(3, 2 * round(fwhm / 2) + 1)
-    local = (stars == maximum_filter(stars, size=size)) & good & (stars > 3 * n0)
+    local = (stars == maximum_filter(stars, size=size)) & finite & (stars > 3 * n0)
     ys, xs = np.nonzero(local)
     peaks = stars[ys, xs]
     order = np.argsort(peaks)[::-1]
