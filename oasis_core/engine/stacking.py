@@ -19,7 +19,7 @@ template's sky noise, the template is a stack of other frames than around it, wi
 PSF. A star that saturates in the sharpest frames is, in the template, the median of the
 broader ones only (about 10 % fainter at its core in a simulated night), which no kernel
 matched on the rest of the template reproduces: every residual keeps a star-shaped
-excess there (issue 14), so the residuals get weight 0 there.
+excess there (issue 14), so the residuals get weight 0 there (and within a FWHM).
 """
 
 from __future__ import annotations

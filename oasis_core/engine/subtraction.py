@@ -13,7 +13,7 @@
   or a backend's own flag (too few stamps) is recorded in ``meta["flag"]`` and logged.
   Where the template's stack misses frames over a source (a star saturated in the
   sharpest frames: :func:`oasis_core.engine.stacking.incomplete_sources`) the residual
-  gets weight 0, whatever the backend.
+  gets weight 0, and within a FWHM of it, whatever the backend.
 
 A bound selector (the backend ``auto``, :mod:`oasis_core.engine.auto`) runs its own
 candidates, each through :func:`run_subtraction`. One pair outside a target
@@ -366,9 +366,10 @@ def judge_residual(
     With the ``template``, the residual also gets weight 0 where the template's stack
     misses frames over a source (:func:`oasis_core.engine.stacking.incomplete_sources`:
     there the template has other frames' PSF than around it, and the kernel leaves a
-    star-shaped excess); ``meta["incomplete_masked"]`` counts those pixels (of the
-    residual's weight > 0). The backend's kernel is fitted as it was: only the verdict on
-    those pixels changes."""
+    star-shaped excess) and within one FWHM of those pixels (the kernel and the PSF carry
+    the excess that far); ``meta["incomplete_masked"]`` counts the pixels so masked (of
+    the residual's weight > 0). The backend's kernel is fitted as it was: only the
+    verdict on those pixels changes."""
     flags = [str(residual.meta["flag"])] if residual.meta.get("flag") else []
     fallback = str(residual.meta.get(FALLBACK_KEY) or "")
     if fallback and not any(fallback in f for f in flags):
@@ -404,7 +405,14 @@ def judge_residual(
     if template is not None and good > 0 and np.shape(template.data) == weight.shape:
         from oasis_core.engine.stacking import incomplete_sources
 
-        incomplete = incomplete_sources(template) & (weight > 0)
+        incomplete = incomplete_sources(template)
+        if incomplete.any():  # and as far as the kernel and the PSF carry it: 1 FWHM
+            from scipy.ndimage import binary_dilation
+
+            radius = max(1, int(np.ceil(_residual_fwhm(residual, template))))
+            yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+            incomplete = binary_dilation(incomplete, structure=xx**2 + yy**2 <= radius**2)
+        incomplete &= weight > 0
         extra["incomplete_masked"] = int(incomplete.sum())
         if incomplete.any():
             weight = np.where(incomplete, np.float32(0), weight)
