@@ -48,6 +48,8 @@ data, which are sky-subtracted, and the median variance).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 
@@ -192,6 +194,21 @@ def _pack(heights: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, np.ndarr
         x += w
         shelf = max(shelf, h)
     return cy, cx, y + shelf, width
+
+
+def _one_thread() -> AbstractContextManager[Any]:
+    """OpenMP limited to one thread (threadpoolctl, when installed): astroscrappy opens a
+    dozen parallel regions per call, which on cut-outs of a few hundred pixels cost far
+    more than they share, and much more when the other cores are busy (a 256x256 frame:
+    0.04 s of L.A.Cosmic on one thread, 0.5-11 s on two). Pipeline workers run one
+    thread each anyway; this is for frames masked in the main process."""
+    import astroscrappy  # noqa: F401 - its OpenMP runtime loaded, for threadpoolctl to find
+
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="openmp")
 
 
 def _lacosmic_once(
@@ -366,7 +383,8 @@ def detect_cosmics(
     inmask = mirrored(inmask, bool)
     params = {"sigclip": sigclip, "sigfrac": sigfrac, "objlim": objlim}
     if windows:
-        crmask = _detect(data, var, inmask, gain=gain, params=params, niter=niter)
+        with _one_thread():
+            crmask = _detect(data, var, inmask, gain=gain, params=params, niter=niter)
     else:
         crmask = _lacosmic_once(data, var, inmask, gain, {**params, "niter": niter})
     return crmask[EDGE:-EDGE, EDGE:-EDGE]
