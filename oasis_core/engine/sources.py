@@ -515,12 +515,17 @@ def mismatch_map(
     core = dist <= fwhm
 
     # calibration: the brightest stars with an unmasked core, in groups of like brightness
-    bright = peaks >= WING_MIN_PEAK * n0
-    cx, cy, cp = xs[bright], ys[bright], peaks[bright]
+    bright = np.flatnonzero(peaks >= WING_MIN_PEAK * n0)
+    keep: list[np.ndarray] = []
+    for lo in range(0, len(bright), 4 * WING_STARS):  # brightest first, until enough
+        chunk = bright[lo : lo + 4 * WING_STARS]  # (a master residual in sigma units
+        # makes every template pixel "bright": its stamps at once took gigabytes)
+        keep.append(chunk[_stamps(good, xs[chunk], ys[chunk], r, False)[:, core].all(axis=1)])
+        if sum(len(k) for k in keep) >= WING_STARS:
+            break
+    chosen = np.concatenate(keep)[:WING_STARS] if keep else np.zeros(0, np.int64)
+    cx, cy, cp = xs[chosen], ys[chosen], peaks[chosen]
     valid = _stamps(good, cx, cy, r, False)
-    unmasked = valid[:, core].all(axis=1)
-    keep = np.flatnonzero(unmasked)[:WING_STARS]
-    cx, cy, cp, valid = cx[keep], cy[keep], cp[keep], valid[keep]
     info["wing_stars"] = len(cp)
     if len(cp) < WING_MIN_STARS:
         return wing, info
