@@ -948,3 +948,40 @@ def test_the_better_small_frame_kernel_is_kept_and_a_poor_one_flagged():
     alone = _choose_kernel([("full", poor)], template, 1.0)
     assert alone.meta["q_honest"] < POOR_Q
     assert alone.meta["flag"].startswith("poor fit: honest Q") and "HPFLAG" in alone.header
+
+
+@pytest.mark.parametrize(("fwhm_s", "fwhm_t", "ways"), [(4.48, 4.34, "ti"), (5.0, 4.0, "a")])
+def test_small_frame_with_close_fwhms_does_both_directions_and_keeps_the_better(
+    monkeypatch, tmp_path, fwhm_s, fwhm_t, ways
+):
+    """FWHMs from a few stars within 10 %: both directions are done and the better by the
+    honest Q kept (hotpants' own ``-c b`` kept Q 0.14 on an ISIS cutout where convolving
+    the template gives 0.85); far apart, one run in the configured direction."""
+    from types import SimpleNamespace
+
+    from oasis_hotpants.backend import HotpantsOptions, HotpantsSubtract
+
+    from oasis_core.contracts.model import Residual
+
+    shape = (8, 8)
+    calls: list[str] = []
+    q = {"t": 0.85, "i": 0.14, "auto": 0.7}
+
+    def one(self, science, template, sci, tpl, options, layout, program, workdir):
+        calls.append(options.convolve)
+        return Residual(
+            data=np.zeros(shape), noise=np.ones(shape), weight=np.ones(shape),
+            meta={"q_honest": q[options.convolve], "convolve": options.convolve},
+        )  # fmt: skip
+
+    monkeypatch.setattr(HotpantsSubtract, "_small_one", one)
+    sci, tpl = SimpleNamespace(fwhm=fwhm_s), SimpleNamespace(fwhm=fwhm_t)
+    kept = HotpantsSubtract()._small(
+        None, None, sci, tpl, HotpantsOptions(), None, "hotpants", tmp_path
+    )
+    if ways == "ti":
+        assert calls == ["t", "i"]
+        assert kept.meta["convolve"] == "t"
+        assert kept.meta["choice_convolve"] == "honest Q 0.850 (vs 0.140)"
+    else:
+        assert calls == ["auto"] and "choice_convolve" not in kept.meta
