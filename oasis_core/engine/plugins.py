@@ -26,7 +26,7 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -97,8 +97,10 @@ def _unit(args: tuple[Any, ...]) -> str:
     if not args:
         return "?"
     first = args[0]
-    if isinstance(first, (list, tuple)):
-        names = [str(getattr(x, "name", "?")) for x in first]
+    if isinstance(first, Sequence) and not isinstance(first, (str, bytes)):
+        # a lazy series (residuals read when asked for) names its items without reading
+        names = list(getattr(first, "names", None) or [getattr(x, "name", "?") for x in first])
+        names = [str(n) for n in names]
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         kind = type(first[0]).__name__.lower() + "s" if first else "inputs"
         return f"{len(names)} {kind} ({shown})"

@@ -380,6 +380,11 @@ class ResidualSeries(Sequence[Residual]):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def names(self) -> list[str]:
+        """The residuals' frame names, from their file names (nothing is read)."""
+        return [p.name.removesuffix(".fits").removesuffix("_residual") for p in self.paths]
+
     @overload
     def __getitem__(self, index: int) -> Residual: ...
 
