@@ -117,7 +117,9 @@ done in two runs (:func:`small_frame_layout`):
   ``r / 2``) but degrees 2, 2 and 0 (13 basis functions instead of hotpants' 49, which a
   few stars cannot constrain; unless ``ng`` is set);
 * with ``convolve = "auto"`` and FWHMs within 10 % of each other (from a few stars, the
-  narrower may be either), hotpants fits both directions and keeps the better (``-c b``);
+  narrower may be either), the whole small-frame subtraction is done in both directions
+  and the better by the honest Q kept (``choice_convolve`` in ``meta``; hotpants' own
+  ``-c b`` kept a kernel of Q 0.14 on an ISIS cutout where the other way gives 0.85);
 * after the fit, a star whose residual stands out from the others' is left out and the
   kernel refitted once (:func:`deviant_star`: extra flux, a transient on a star); then,
   while 3 stars or more remain, the star whose substamp the kernel fits far worse than
@@ -1122,9 +1124,6 @@ def _plan(
     layout: SmallLayout | None = None,
 ) -> _Plan:
     convolve = _direction(sci, tpl, options)
-    close = convolve != "b" and abs(float(sci.fwhm) / float(tpl.fwhm) - 1.0) < 0.1  # type: ignore[arg-type]
-    if layout is not None and options.convolve == "auto" and close:
-        convolve = "b"  # FWHMs from a few stars within 10 %: hotpants tries both ways
     ng, r, rss = _kernel_shape(sci.fwhm, tpl.fwhm, options)
     ko, bgo, nsx, nsy, nss, ft = (
         options.ko,
@@ -1885,11 +1884,9 @@ class HotpantsSubtract(SubtractBackend):
         workdir: Path,
     ) -> Residual:
         """A small frame: fit the kernel on the mosaic of its stars (the full basis and the
-        low-order one), apply each to the frame and keep the better by the honest Q (see
-        "Small frames" in the module doc). With ``convolve = "auto"`` and FWHMs within
-        10 % of each other (from a few stars, the narrower may be either), both
-        directions are done and the better by the honest Q kept (hotpants' own ``-c b``
-        choice can keep a kernel of Q 0.14 where the other direction gives 0.6)."""
+        low-order one), apply each to the frame and keep the better by the honest Q; with
+        ``convolve = "auto"`` and FWHMs within 10 % of each other, in both directions
+        (see "Small frames" in the module doc)."""
         close = (
             options.convolve == "auto"
             and sci.fwhm is not None
@@ -1901,17 +1898,11 @@ class HotpantsSubtract(SubtractBackend):
         done: list[Residual] = []
         errors: list[StageError] = []
         for way in ("t", "i"):  # in turn in one workdir: each residual is read into memory
+            way_options = attrs.evolve(options, convolve=way)
             try:
                 done.append(
                     self._small_one(
-                        science,
-                        template,
-                        sci,
-                        tpl,
-                        attrs.evolve(options, convolve=way),
-                        layout,
-                        program,
-                        workdir,
+                        science, template, sci, tpl, way_options, layout, program, workdir
                     )
                 )
             except StageError as err:
@@ -1919,14 +1910,10 @@ class HotpantsSubtract(SubtractBackend):
         if not done:
             raise errors[0]
         qs = [float(r.meta.get("q_honest", "nan")) for r in done]
-        best = max(range(len(done)), key=lambda i: qs[i] if np.isfinite(qs[i]) else -np.inf)
-        residual = done[best]
+        best = int(np.argmax([q if np.isfinite(q) else -np.inf for q in qs]))
         others = "; ".join(f"{q:.3f}" for i, q in enumerate(qs) if i != best)
-        meta = {
-            **residual.meta,
-            "choice_convolve": f"honest Q {qs[best]:.3f} (vs {others or 'none'})",
-        }
-        return attrs.evolve(residual, meta=meta)
+        choice = f"honest Q {qs[best]:.3f} (vs {others or 'none'})"
+        return attrs.evolve(done[best], meta={**done[best].meta, "choice_convolve": choice})
 
     def _small_one(
         self,
