@@ -301,15 +301,19 @@ def _fit_model(
     else:
         out.update(sigma=fwhm * _SIGMA_PER_FWHM, sky=float(p[4]), fwhm=fwhm)
     out["rms_residual"] = float(np.sqrt(np.mean(res.fun**2)) / max(amp0, 1e-30))
-    at_bound = ""
-    if not math.isfinite(fwhm) or fwhm <= lo_fwhm * 1.01:
-        at_bound = f"its smallest FWHM ({lo_fwhm:.3g} px)"
-    elif fwhm >= hi_fwhm * 0.99:
-        at_bound = f"its largest FWHM ({hi_fwhm:.3g} px)"
-    elif model == "moffat" and out["beta"] <= _BETA_MIN * 1.01:
-        at_bound = f"its smallest beta ({_BETA_MIN:g})"
-    out["at_bound"] = at_bound
+    out["at_bound"] = _at_bound(fwhm, out.get("beta"), (lo_fwhm, hi_fwhm))
     return out
+
+
+def _at_bound(fwhm: float, beta: float | None, bounds: tuple[float, float]) -> str:
+    """Which bound of the fit the shape sits at ("" when none): the FWHM's or beta's."""
+    if not math.isfinite(fwhm) or fwhm <= bounds[0] * 1.01:
+        return f"its smallest FWHM ({bounds[0]:.3g} px)"
+    if fwhm >= bounds[1] * 0.99:
+        return f"its largest FWHM ({bounds[1]:.3g} px)"
+    if beta is not None and beta <= _BETA_MIN * 1.01:
+        return f"its smallest beta ({_BETA_MIN:g})"
+    return ""
 
 
 def _unit_profile(
@@ -433,14 +437,7 @@ def _joint_fit(
         rejected_stars=rejected,
         fit_chi2=float(np.sum(fitted.fun**2) / dof),
     )
-    at_bound = ""
-    if not math.isfinite(fwhm) or fwhm <= bounds[0] * 1.01:
-        at_bound = f"its smallest FWHM ({bounds[0]:.3g} px)"
-    elif fwhm >= bounds[1] * 0.99:
-        at_bound = f"its largest FWHM ({bounds[1]:.3g} px)"
-    elif model == "moffat" and out["beta"] <= _BETA_MIN * 1.01:
-        at_bound = f"its smallest beta ({_BETA_MIN:g})"
-    out["at_bound"] = at_bound
+    out["at_bound"] = _at_bound(fwhm, out.get("beta"), bounds)
     return out
 
 
