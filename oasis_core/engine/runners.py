@@ -526,22 +526,7 @@ def _extract_units(ctx: Context, method: str, good: Sequence[str]) -> list[tuple
             raise outputs.stopped(
                 ctx, "mr", InputError(f"{mr_path}: missing; run `oasis mr` first")
             )
-        header = outputs.read_header(mr_path)
-        if (
-            header is None
-            or int(header.get("NCOMBINE", -1)) != len(good)
-            or not outputs.made_from(
-                mr_path, {n: outputs.residual_path(ctx, n) for n in good}, header
-            )
-        ):
-            raise outputs.stopped(
-                ctx,
-                "mr",
-                InputError(
-                    f"{mr_path}: not made from the {len(good)} usable residuals as they are "
-                    "now; run `oasis mr`"
-                ),
-            )
+        _check_made_from(ctx, mr_path, good, count=True)
         units.append(("MR", mr_path))
         units += _variability_unit(ctx, good)
     if not units:
@@ -560,19 +545,28 @@ def _variability_unit(ctx: Context, good: Sequence[str]) -> list[tuple[str, Path
     if len(good) < variability.MIN_RESIDUALS:
         return []
     path = outputs.var_path(ctx)
+    _check_made_from(ctx, path, good, count=False)
+    return [("VAR", path)]
+
+
+def _check_made_from(ctx: Context, path: Path, good: Sequence[str], *, count: bool) -> None:
+    """Stop unless the stacked image at ``path`` was made from the usable residuals
+    ``good`` as they are now (and, with ``count``, its NCOMBINE says as many)."""
     header = outputs.read_header(path) if path.exists() else None
-    if header is None or not outputs.made_from(
-        path, {n: outputs.residual_path(ctx, n) for n in good}, header
+    if (
+        header is None
+        or (count and int(header.get("NCOMBINE", -1)) != len(good))
+        or not outputs.made_from(path, {n: outputs.residual_path(ctx, n) for n in good}, header)
     ):
+        missing = "" if path.exists() else "missing or "
         raise outputs.stopped(
             ctx,
             "mr",
             InputError(
-                f"{path}: missing or not made from the {len(good)} usable residuals as they "
+                f"{path}: {missing}not made from the {len(good)} usable residuals as they "
                 "are now; run `oasis mr`"
             ),
         )
-    return [("VAR", path)]
 
 
 def _detections(ctx: Context, units: Sequence[tuple[str, Path]]) -> tuple[dict[str, Any], list]:
