@@ -55,7 +55,7 @@ def test_a_star_missing_frames_is_masked_and_nothing_else():
 
 def test_complete_stacks_and_small_weight_differences_are_left_alone():
     w = np.ones((96, 96))
-    patch(w, 30, 30, 0.95)  # less than half a frame's share (0.1 of 5) lower: complete
+    patch(w, 30, 30, 0.95)  # 5 % lower, under HOLE_FRACTION: complete
     assert not incomplete_sources(template(w)).any()
 
 
@@ -75,6 +75,25 @@ def test_a_frame_missing_over_a_star_in_a_stack_of_three():
     found = incomplete_sources(template(w, n=3))
     assert found[70, 70]
     assert found.sum() == 49  # the whole 7x7 patch is bright
+
+
+def test_one_frame_of_many_missing_over_a_star_is_not_a_hole():
+    # a cosmic ray masked in one frame of 14: the median stack's PSF is the same
+    w = np.ones((96, 96))
+    patch(w, 30, 30, 13 / 14)
+    assert not incomplete_sources(template(w, n=14)).any()
+
+
+def test_a_dither_edge_across_a_star_is_a_step_not_a_hole():
+    # frames offset by 30 px: the left part has 3 of 5 frames, the edge crosses a star
+    w = np.ones((96, 96))
+    w[:, :30] = 0.6
+    found = incomplete_sources(template(w))
+    assert not found.any()
+    # the same star in a hole of the coverage is one
+    w = np.ones((96, 96))
+    patch(w, 30, 30, 0.6)
+    assert incomplete_sources(template(w))[30, 30]
 
 
 def test_judge_residual_masks_the_residual_there_and_a_fwhm_around():
