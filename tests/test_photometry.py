@@ -212,3 +212,19 @@ def test_light_curve_statistics_kinds_and_period():
     assert kinds == "variable"
     _, noise_fap = period_search(t, flat, err, period_min=0.5)
     assert noise_fap > 0.01
+
+
+def test_real_decam_headers_give_every_frame_one_time(shared_data):
+    """The shared DECam cutouts' headers were copied from one frame: all ten give MJD
+    58334.39134 (start), so the series has no time axis and the stage says so; frames of
+    different times, or some without one, are not reported."""
+    from oasis_core.engine.lightcurves import one_time
+    from oasis_core.engine.photometry import frame_times
+
+    paths = sorted((shared_data / "decam_n6").glob("*.fits"))
+    times, _ = frame_times({p.stem: fits.getheader(p) for p in paths})
+    assert len(times) == 10
+    assert one_time(times) == pytest.approx(58334.39133794 + 330 / 2 / 86400, abs=1e-7)
+    assert one_time({**times, "late": 58335.0}) is None
+    assert one_time({**times, "none": None}) is None
+    assert one_time({"alone": 58334.0}) is None

@@ -41,6 +41,7 @@ __all__ = [
     "classify",
     "describe",
     "light_curves",
+    "one_time",
     "outputs_exist",
     "period_search",
     "read_frame_table",
@@ -531,6 +532,14 @@ def _summary(table: Any) -> dict[str, Any]:
     return {"kinds": {k: counts[k] for k in KINDS if counts[k]}, "periods": periods}
 
 
+def one_time(times: Mapping[str, float | None]) -> float | None:
+    """The time every frame of ``times`` has, when there are several frames and their
+    headers all give the same one (cutouts whose headers were copied from one frame):
+    such a series has no time axis. ``None`` otherwise."""
+    known = set(times.values())
+    return next(iter(known)) if len(times) > 1 and len(known) == 1 and None not in known else None
+
+
 def write_outputs(
     target: Any,
     positions: Any,
@@ -545,6 +554,14 @@ def write_outputs(
     """Write the light curves, the variables and (with ``settings.plots``) the PNGs and
     ``index.html`` of a target; return ``{"kinds": {...}, "periods": n}``."""
     out_dir = target.stage_dir("photometry")
+    same = one_time(times)
+    if same is not None:
+        log.warning(
+            "%s: every frame's header gives the same time (MJD %.5f): the light curves "
+            "are in frame order and no period can be searched",
+            target.path,
+            same,
+        )
     curves = light_curves(positions, frame_tables, times, zero_point=settings.zero_point)
     curves.meta["TIMESCALE"] = scale
     table = variables(curves, positions, settings=settings, image_kinds=image_kinds)
