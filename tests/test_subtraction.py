@@ -492,3 +492,25 @@ def test_the_star_check_is_in_the_header_and_the_residuals_log(star_pair, tmp_pa
     assert "stars left at -30%" in header["OAS FLAG"] and header["OAS USABLE"] is False
     assert _star_left_text(header["OAS STAR_LEFT"]).startswith("-30.")
     assert _star_left_text(None) == "-"
+
+
+def test_judge_records_how_correlated_every_residuals_noise_is():
+    # white noise: 1; noise smoothed (a convolved science frame) but with a noise image
+    # of its pixels' spread: at the PSF's scale (sigma 1.7 px) it spreads ~4x as much
+    # (||G_k * G_m|| / (||G_k|| ||G_m||) for Gaussians of 1.5 and 1.7 px: 3.99)
+    from scipy.ndimage import gaussian_filter
+
+    from oasis_core.contracts.model import Residual
+    from oasis_core.engine.subtraction import judge_residual
+
+    rng = np.random.default_rng(7)
+    smooth = gaussian_filter(rng.normal(0, 1, (300, 300)), 1.5)
+    ones = np.ones((300, 300))
+    for data, low, high in (
+        (rng.normal(0, 1, (300, 300)), 0.99, 1.1),
+        (smooth / smooth.std(), 3.5, 4.5),
+    ):
+        residual = Residual(data=data, noise=ones, weight=ones, q=0.99, meta={"fwhm": 4.0})
+        judged = judge_residual(residual, "r", 0.5)
+        assert low < judged.meta["noise_correlation"] < high
+        assert judged.noise_correlation == max(1.0, judged.meta["noise_correlation"])

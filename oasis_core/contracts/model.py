@@ -265,6 +265,18 @@ class Residual:
     psf: PsfModel | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
+    def noise_correlation(self) -> float:
+        """How many times more the residual's noise spreads at its PSF's scale than its
+        noise image says (``meta["noise_correlation"]``, which the core measures on every
+        residual it judges; 1 when not recorded, never below 1). A residual whose
+        science frame was convolved shares noise between neighbouring pixels: in a mean
+        of residuals its pixels deserve ``weight / noise_correlation**2``."""
+        value = self.meta.get("noise_correlation")
+        if isinstance(value, (int, float)) and np.isfinite(value) and value > 1:
+            return float(value)
+        return 1.0
+
+    @property
     def normalized(self) -> np.ndarray:
         """R_norm = (R - mu_R) / sigma, 0 where the weight is 0.
 

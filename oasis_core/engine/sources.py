@@ -275,6 +275,44 @@ def matched_significance(
     return smoothed / np.float32(factor), factor
 
 
+#: Side (px) of the central crop on which :func:`noise_correlation` measures a residual.
+CORRELATION_CROP = 512
+
+
+def noise_correlation(residual: Any, fwhm: float | None = None) -> float:
+    """How much more a residual's noise spreads at the PSF's scale than white noise of
+    its noise image would: :func:`matched_significance`'s factor (at least 1), measured
+    on a central :data:`CORRELATION_CROP`-px crop (the correlation is a property of the
+    convolution, the same across the frame). A residual whose science frame was
+    convolved (or both frames, as in cross-convolution) has neighbouring pixels that
+    share noise: at the PSF's scale its noise is this many times its pixels' noise, so in
+    a mean of residuals it deserves ``1 / factor**2`` of the weight its pixels suggest.
+
+    ``fwhm``: the residual's PSF FWHM (default: its ``FWHM`` card, else
+    ``meta["fwhm"]``, else 3 px). 1 when fewer than 400 pixels are usable.
+    """
+    data = np.asarray(residual.data)
+    ny, nx = data.shape
+    half = CORRELATION_CROP // 2
+    y0, x0 = max(0, ny // 2 - half), max(0, nx // 2 - half)
+    crop = np.s_[y0 : y0 + CORRELATION_CROP, x0 : x0 + CORRELATION_CROP]
+    values = np.asarray(data[crop], np.float32)
+    noise = np.asarray(residual.noise[crop], np.float32)
+    good = (np.asarray(residual.weight[crop]) > 0) & (noise > 0) & np.isfinite(values)
+    if good.sum() < 400:
+        return 1.0
+    if fwhm is None:
+        header = residual.header or {}
+        for value in (header.get("FWHM"), residual.meta.get("fwhm"), 3.0):
+            if isinstance(value, (int, float)) and np.isfinite(value) and value > 0:
+                fwhm = float(value)
+                break
+    level = np.median(values[good])
+    z = np.where(good, (values - level) / np.where(good, noise, 1.0), np.float32(0.0))
+    _, factor = matched_significance(z, ~good, float(fwhm) / 2.3548)
+    return float(factor)
+
+
 def _sample(smoothed: np.ndarray, bad: np.ndarray | None, step: int, grow: int) -> np.ndarray:
     """Every ``step``-th pixel of ``smoothed`` farther than ``grow`` (in sampled pixels)
     from a ``bad`` one, or, without ``bad``, its non-zero ones."""

@@ -369,7 +369,12 @@ def judge_residual(
     star-shaped excess) and within one FWHM of those pixels (the kernel and the PSF carry
     the excess that far); ``meta["incomplete_masked"]`` counts the pixels so masked (of
     the residual's weight > 0). The backend's kernel is fitted as it was: only the
-    verdict on those pixels changes."""
+    verdict on those pixels changes.
+
+    ``meta["noise_correlation"]`` (``OAS NOISE_CORRELATION``) records how much more the
+    residual's noise spreads at the PSF's scale than its noise image says
+    (:func:`oasis_core.engine.sources.noise_correlation`): the mr stage weighs the
+    residual by its inverse square."""
     flags = [str(residual.meta["flag"])] if residual.meta.get("flag") else []
     fallback = str(residual.meta.get(FALLBACK_KEY) or "")
     if fallback and not any(fallback in f for f in flags):
@@ -416,6 +421,12 @@ def judge_residual(
         extra["incomplete_masked"] = int(incomplete.sum())
         if incomplete.any():
             weight = np.where(incomplete, np.float32(0), weight)
+    if good > 0:  # what its pixels' noise is worth at the PSF's scale (the mr stage's weight)
+        from oasis_core.engine.sources import noise_correlation
+
+        extra["noise_correlation"] = round(
+            noise_correlation(residual, _matched_fwhm(residual, science, template)), 3
+        )
     flag = "; ".join(flags)
     if flag:
         log.warning("%s: %s", name, flag)
@@ -440,6 +451,17 @@ def _residual_fwhm(residual: Residual, template: Frame) -> float:
     return 3.0
 
 
+def _matched_fwhm(
+    residual: Residual, science: Frame | None, template: Frame | None
+) -> float | None:
+    """The residual's PSF FWHM: the backend's, else the broader of the two frames'."""
+    matched = residual.meta.get("fwhm")
+    if isinstance(matched, (int, float)) and np.isfinite(matched) and matched > 0:
+        return float(matched)
+    widths = [f.fwhm for f in (science, template) if f is not None and f.fwhm]
+    return float(max(widths)) if widths else None
+
+
 def residual_cards(residual: Residual, science: Frame, template: Frame) -> dict[str, Any]:
     """Header cards the core adds to every residual: the PSF widths it carries."""
     cards: dict[str, Any] = {}
@@ -447,9 +469,7 @@ def residual_cards(residual: Residual, science: Frame, template: Frame) -> dict[
         cards["SFWHM"] = (float(science.fwhm), "science PSF FWHM [pix]")
     if template.fwhm:
         cards["TFWHM"] = (float(template.fwhm), "template PSF FWHM [pix]")
-    matched = residual.meta.get("fwhm")
-    if not (isinstance(matched, (int, float)) and np.isfinite(matched) and matched > 0):
-        matched = max(science.fwhm or 0.0, template.fwhm or 0.0) or None
+    matched = _matched_fwhm(residual, science, template)
     if matched:
         cards["FWHM"] = (float(matched), "PSF FWHM of the residual [pix]")
     return cards

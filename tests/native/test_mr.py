@@ -411,3 +411,26 @@ def test_sigma_clip_smoothing_at_edges_and_small_widths():
         raw_noise[:, 13] = np.sqrt(np.pi / 2)  # the median of one value
         smoothed = gaussian_filter(raw_noise, sig, mode="nearest") / (2 * np.sqrt(np.pi) * sig)
         np.testing.assert_allclose(mr.noise[:, :14], smoothed[:, :14], rtol=1e-5)
+
+
+def test_a_residual_with_correlated_noise_weighs_by_its_psf_scale_noise():
+    """A residual whose noise is shared between pixels (its science frame convolved) is
+    worth ``1 / c**2`` of a clean one at the PSF's scale: weighted by its pixels alone,
+    one in six put a 9-sigma ring at a bright star into a null night's master residual."""
+    import attrs
+
+    r1, r2 = hand_residuals()
+    r1 = attrs.evolve(r1, meta={"noise_correlation": 2.0})
+    mr = run([r1, r2])
+    n1, n2 = r1.normalized, r2.normalized
+    a1 = 0.25  # 1 / c**2; r2 has no record: 1
+    # (0,0): weights a1 and 1; (0,1): a1 and 0.5; (1,1): r2 alone
+    np.testing.assert_allclose(mr.data[0, 0], (a1 * n1[0, 0] + n2[0, 0]) / (a1 + 1), rtol=1e-6)
+    np.testing.assert_allclose(mr.data[0, 1], (a1 * n1[0, 1] + 0.5 * n2[0, 1]) / (a1 + 0.5))
+    np.testing.assert_allclose(mr.noise[0, 0], np.sqrt(a1**2 + 1) / (a1 + 1), rtol=1e-6)
+    np.testing.assert_allclose(mr.data[1, 1], n2[1, 1], rtol=1e-6)
+    np.testing.assert_allclose(mr.weight, [[1, 1], [1, 0.5]])  # residuals with data, as ever
+    assert mr.meta["noise_correlation_max"] == 2.0
+    # a record below 1 (or none, or not a number) counts as white noise
+    for value in (0.5, None, "x"):
+        assert attrs.evolve(r1, meta={"noise_correlation": value}).noise_correlation == 1.0

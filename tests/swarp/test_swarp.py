@@ -407,6 +407,28 @@ def test_failing_program_gives_one_line_naming_the_inputs(stand_in, tmp_path):
     assert "exit code 2" in (tmp_path / FILES["log"]).read_text()
 
 
+def test_mr_weighs_a_residual_with_correlated_noise_by_its_psf_scale_noise(stand_in, tmp_path):
+    import attrs
+
+    rng = np.random.default_rng(6)
+    w = np.ones((16, 16))
+    w[3, 4] = 0.0
+    r1 = make_residual(rng.normal(0, 1, (16, 16)), np.ones((16, 16)), w, "r1")
+    r1 = attrs.evolve(r1, meta={"noise_correlation": 2.0})  # as the core records it
+    r2 = make_residual(rng.normal(0, 1, (16, 16)), np.ones((16, 16)), np.ones((16, 16)), "r2")
+    mr = SwarpMr().master(
+        [r1, r2], options=SwarpMrOptions(binary=stand_in("numpy")), workdir=tmp_path
+    )
+    weight = fits.getdata(tmp_path / "in_000.weight.fits")
+    assert weight[3, 4] == 0 and weight[0, 0] == pytest.approx(0.25)
+    expected = (0.25 * r1.normalized + r2.normalized) / 1.25
+    expected[3, 4] = r2.normalized[3, 4]
+    np.testing.assert_allclose(mr.data, expected, rtol=1e-5, atol=1e-6)
+    assert mr.noise[0, 0] == pytest.approx(np.sqrt(0.25**2 + 1) / 1.25)
+    assert mr.noise[3, 4] == pytest.approx(1.0)
+    assert mr.weight[0, 0] == 1.0 and mr.weight[3, 4] == 0.5  # residuals with data, as ever
+
+
 def test_mr_failure_names_the_residuals(stand_in, tmp_path):
     res = [make_residual(np.ones((8, 8)), np.ones((8, 8)), np.ones((8, 8)), f"r{i}") for i in "ab"]
     with pytest.raises(StageError, match=r"^mr backend 'swarp': 'ra', 'rb': SWarp exited"):

@@ -1,11 +1,22 @@
 """Native master-residual backend: the weighted mean of the residuals in sigma units.
 
-For residuals ``R_i`` with noise images ``sigma_i`` and weight maps ``w_i``::
+For residuals ``R_i`` with noise images ``sigma_i``, weight maps ``w_i`` and noise
+correlation ``c_i``::
 
     Rn_i   = (R_i - median(R_i)) / sigma_i           (Residual.normalized; 0 where w_i = 0)
-    master = sum(w_i Rn_i) / sum(w_i)
-    noise  = sqrt(sum(w_i**2)) / sum(w_i)
+    a_i    = w_i / c_i**2
+    master = sum(a_i Rn_i) / sum(a_i)
+    noise  = sqrt(sum(a_i**2)) / sum(a_i)
     weight = (number of residuals with data) / N
+
+``c_i`` is how much more the residual's noise spreads at the PSF's scale than its noise
+image says (:attr:`~oasis_core.contracts.model.Residual.noise_correlation`, which the core
+measures on every residual: :func:`oasis_core.engine.sources.noise_correlation`).
+A residual whose science frame was convolved, or both frames (cross-convolution), has
+noise shared between neighbouring pixels: its pixels are unit-variance in ``Rn_i`` but a
+point source's flux on it is ``c_i`` times noisier, and so are its kernel's wing errors.
+Weighted by its pixels alone, one such residual in six put a 9-sigma ring at a bright
+star into the master residual of a simulated null night (issue 14).
 
 where a residual has data at a pixel when its weight there is at least
 :data:`~oasis_core.contracts.model.MIN_WEIGHT` (0.5; below, the core counts the pixel as
@@ -123,9 +134,12 @@ def _master(residuals: Sequence[Residual], options: NativeMrOptions) -> Residual
     sum_wr = np.zeros(shape, np.float64)
     sum_w2 = np.zeros(shape, np.float64)
     count = np.zeros(shape, np.int32)
+    correlations: list[float] = []
     for r in residuals:  # one pass per residual, whole arrays
         good = _has_data(r)
-        w = np.where(good, np.asarray(r.weight, np.float64), 0.0)
+        c = r.noise_correlation
+        correlations.append(c)
+        w = np.where(good, np.asarray(r.weight, np.float64) / (c * c), 0.0)
         if options.normalize:
             values = np.asarray(r.normalized, np.float64)
             var = 1.0
@@ -144,7 +158,10 @@ def _master(residuals: Sequence[Residual], options: NativeMrOptions) -> Residual
     data = np.where(has, sum_wr / safe, 0.0)
     noise = np.where(has, np.sqrt(sum_w2) / safe, 0.0)
     params = {"normalize": bool(options.normalize)}
-    return _finish([first], data, noise, count, params, names=names, templates=templates)
+    out = _finish([first], data, noise, count, params, names=names, templates=templates)
+    return attrs.evolve(
+        out, meta={**out.meta, "noise_correlation_max": round(max(correlations), 3)}
+    )
 
 
 # ------------------------------------------------------------------ OasisPy's other methods

@@ -2,19 +2,23 @@
 
 OasisPy's default master residual is the weighted average of the noise-normalised
 residuals. Each residual's ``Residual.normalized`` image (``(R - median(R)) / sigma``, 0
-where its weight is 0) is written with a weight map that is 1 where the residual has data
-(weight at least :data:`~oasis_core.contracts.model.MIN_WEIGHT`, 0.5, below which the core
-counts a pixel as masked; ``noise > 0``; finite) and 0 elsewhere, and SWarp co-adds them with
-``COMBINE_TYPE WEIGHTED`` on their own grid (``RESAMPLING_TYPE NEAREST`` by default: the
-residuals are registered, see :mod:`oasis_swarp.combine`). SWarp's output weight is then
-the number ``n`` of residuals with data at each pixel, so, as the native ``mr`` backend::
+where its weight is 0) is written with a weight map that is ``a_i = 1 / c_i**2`` where the
+residual has data (weight at least :data:`~oasis_core.contracts.model.MIN_WEIGHT`, 0.5,
+below which the core counts a pixel as masked; ``noise > 0``; finite) and 0 elsewhere,
+``c_i`` being its noise correlation at the PSF's scale
+(:attr:`~oasis_core.contracts.model.Residual.noise_correlation`: 1 for a residual whose
+science frame was not convolved), and SWarp co-adds them with ``COMBINE_TYPE WEIGHTED`` on
+their own grid (``RESAMPLING_TYPE NEAREST`` by default: the residuals are registered, see
+:mod:`oasis_swarp.combine`). So, as the native ``mr`` backend, over the ``n`` residuals
+with data at a pixel::
 
-    master = sum(Rn_i over residuals with data) / n     (sigma units; 0 where n = 0)
-    noise  = 1 / sqrt(n)                                 (its 1-sigma level; 0 where n = 0)
+    master = sum(a_i Rn_i) / sum(a_i)        (sigma units; 0 where n = 0)
+    noise  = sqrt(sum(a_i**2)) / sum(a_i)    (its 1-sigma level, 1 / sqrt(n) for equal a_i)
     weight = n / N
 
-The native backend weights each residual by its weight map instead; both give the same
-master residual when the weights are 0 or 1, and both leave out the same pixels.
+(``n`` and ``sum(a_i**2)`` are counted here as the residuals go by). The native backend
+also weights each residual by its weight map; both give the same master residual when the
+weights are 0 or 1, and both leave out the same pixels.
 
 The result is named ``MR``; its header is the first residual's plus ``NCOMBINE``,
 ``MRNORM``, ``BUNIT = ''`` (dimensionless: sigma units) and one ``HISTORY`` line per
@@ -120,6 +124,9 @@ class SwarpMr(MrBackend):
         program = find_program(options.binary, "mr.swarp")
         names: list[str] = []
         templates: set[str] = set()
+        shape = residuals[0].data.shape
+        count = np.zeros(shape, np.int32)
+        sum_a2 = np.zeros(shape, np.float64)
 
         def images() -> Iterator[SwarpImage]:
             # one residual at a time, written by run_swarp as it comes: the series may be
@@ -130,10 +137,14 @@ class SwarpMr(MrBackend):
                 data = np.asarray(r.data)
                 good = (np.asarray(r.weight) >= MIN_WEIGHT) & (np.asarray(r.noise) > 0)
                 good &= np.isfinite(data)
+                a = 1.0 / r.noise_correlation**2
+                if good.shape == shape:  # else run_swarp names the odd one
+                    count[good] += 1
+                    sum_a2[good] += a * a
                 yield SwarpImage(
                     name=r.name,
                     data=r.normalized,
-                    weight=good.astype(np.float32),
+                    weight=np.where(good, np.float32(a), np.float32(0.0)),
                     header=r.header,
                 )
 
@@ -147,11 +158,11 @@ class SwarpMr(MrBackend):
             timeout=options.timeout,
         )
 
-        count = np.rint(np.where(np.isfinite(out.weight), out.weight, 0.0))
-        has = (count > 0) & np.isfinite(out.data)
-        safe = np.where(has, count, 1.0)
+        sum_a = np.where(np.isfinite(out.weight), out.weight, 0.0)  # run_swarp: one grid
+        has = (count > 0) & (sum_a > 0) & np.isfinite(out.data)
+        safe = np.where(has, sum_a, 1.0)
         data = np.where(has, out.data, 0.0).astype(np.float32)
-        noise = np.where(has, 1.0 / np.sqrt(safe), 0.0).astype(np.float32)
+        noise = np.where(has, np.sqrt(sum_a2) / safe, 0.0).astype(np.float32)
         weight = np.where(has, count / len(names), 0.0).astype(np.float32)
 
         first = residuals[0].header
