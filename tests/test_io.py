@@ -335,3 +335,23 @@ def test_tan_wcs_cards_move_and_rotate_the_frame():
     expected = centre + np.array([3.0, -2.0]) + (p - centre) @ rot.T
     sky = base.all_pix2world(p, 0)
     assert np.allclose(moved.all_world2pix(sky, 0), expected, atol=1e-6)
+
+
+def test_a_residual_of_frames_with_long_names_writes_without_a_warning(shared_data, tmp_path):
+    # the NIRCam pair's names (59 characters) left no room for the cards' comments:
+    # astropy warned "Card is too long, comment will be truncated" on every write
+    import warnings
+
+    from astropy.io.fits.verify import VerifyWarning
+
+    from oasis_core.contracts.model import Residual
+
+    names = [p.name[:-5] for p in sorted((shared_data / "jwst_nircam").glob("jw0*_stamp.fits"))]
+    assert len(names) == 2 and min(len(n) for n in names) > 55
+    ones = np.ones((8, 8), np.float32)
+    residual = Residual(data=ones, noise=ones, weight=ones, science=names[0], template=names[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VerifyWarning)
+        io.write_residual(tmp_path / "r.fits", residual)
+    back = io.read_residual(tmp_path / "r.fits")
+    assert (back.science, back.template) == tuple(names)

@@ -185,10 +185,19 @@ class Template(Frame):
     ----------
     inputs : tuple of str
         Names of the frames that went into it.
+    psf_change : ndarray or None
+        Where the stack misses frames, the relative change of a star's peak that the
+        missing frames' seeing makes (0 where every frame is behind the pixel). The core
+        computes it from the inputs for every combine backend
+        (:func:`oasis_core.engine.stacking.psf_change`) and stores it as the template's
+        ``PSFCHG`` extension; None when the inputs' FWHMs are not known.
     """
 
     name: str = "template"
     inputs: tuple[str, ...] = ()
+    psf_change: np.ndarray | None = attrs.field(
+        default=None, eq=False, repr=False, converter=_opt_float32
+    )
 
 
 @attrs.frozen(kw_only=True)

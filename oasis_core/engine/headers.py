@@ -210,10 +210,26 @@ def set_card(header: Any, key: str, value: Any, comment: str | None = None) -> A
     if value is None or (isinstance(value, (float, complex)) and not np.isfinite(value)):
         header.remove(name, ignore_missing=True, remove_all=True)
         return header
+    if comment is not None and not _fits_with_comment(name, value, comment):
+        comment = None  # a long value keeps its card; astropy would cut the comment on write
     with _w.catch_warnings():
         _w.simplefilter("ignore", VerifyWarning)
         header[name] = value if comment is None else (value, comment)
     return header
+
+
+def _fits_with_comment(name: str, value: Any, comment: str) -> bool:
+    """Whether ``value`` and ``comment`` fit one card (else astropy warns, on writing the
+    file, that it truncates the comment)."""
+    import warnings as _w
+
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
+
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always", VerifyWarning)
+        str(fits.Card(name, value, comment))
+    return not any(issubclass(w.category, VerifyWarning) for w in caught)
 
 
 #: Header keys that give the time of an exposure (see :func:`header_mjd`).

@@ -191,6 +191,11 @@ def write_frame(
                 ),
             ]
         )
+        change = getattr(frame, "psf_change", None)
+        if change is not None:  # a template's: see Template.psf_change
+            hdul.append(
+                image_extension(change, "PSFCHG", wcs_from=header, grid=frame.data.shape, bunit="")
+            )
     with atomic_write(path) as tmp:
         hdul.writeto(tmp, overwrite=True)
 
@@ -199,8 +204,14 @@ def read_output_frame(path: Path, *, cls: type[Frame] = Frame, **fields: Any) ->
     """Read a frame the core wrote with :func:`write_frame` (data + ``WEIGHT``)."""
     frame = read_frame(path)
     if cls is Template:
+        from astropy.io import fits
+
         inputs = tuple(str(v) for k, v in frame.header.items() if k.startswith("OASTIN"))
-        return Template(**{**_frame_fields(frame), "inputs": inputs, **fields})
+        with fits.open(path, memmap=False) as hdul:
+            change = np.array(hdul["PSFCHG"].data, np.float32) if "PSFCHG" in hdul else None
+        return Template(
+            **{**_frame_fields(frame), "inputs": inputs, "psf_change": change, **fields}
+        )
     return attrs_evolve(frame, **fields) if fields else frame
 
 
@@ -260,8 +271,8 @@ def residual_header(residual: Residual, header_extra: Mapping[str, Any] | None =
     ``header_extra``."""
     header = _clean_header(residual.header)
     set_card(header, "OASQ", float(residual.q), "quality Q = 1/(1+chi2/Npix); none: unknown")
-    header["OASSCI"] = (residual.science, "science frame")
-    header["OASTMPL"] = (residual.template, "template")
+    set_card(header, "OASSCI", residual.science, "science frame")
+    set_card(header, "OASTMPL", residual.template, "template")
     _put_meta(header, residual.meta)
     _put_meta(header, {f"PAR_{k}": v for k, v in residual.params.items()})
     if residual.kernel is not None:

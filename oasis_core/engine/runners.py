@@ -266,7 +266,12 @@ def _make_template(
             raise StageError(
                 f"combine backend {backend.name!r} returned {type(template)}, not a Template"
             )
-        template = attrs.evolve(template, inputs=tuple(chosen), name="template")
+        from oasis_core.engine.stacking import psf_change
+
+        # where frames are missing, what their seeing changes: the core's, for every backend
+        template = attrs.evolve(
+            template, inputs=tuple(chosen), name="template", psf_change=psf_change(frames)
+        )
         # measure the template's PSF with the psf stage's backend
         measured = psf_backend.psf(
             tasks.readonly_inputs(template),

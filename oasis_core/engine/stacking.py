@@ -14,8 +14,11 @@ from its inputs and from how they were combined, whatever program combined them:
 And one property of a stack that the core checks on every residual
 (:func:`incomplete_sources`, applied by
 :func:`oasis_core.engine.subtraction.judge_residual`): where frames are missing from the
-stack (their pixels masked) over a source brighter than :data:`INCOMPLETE_SNR` times the
-template's sky noise, the template is a stack of other frames than around it, with their
+stack (their pixels masked) over a source that their seeing changes by more than
+:data:`HOLE_SNR` times the template's sky noise (:func:`psf_change`, which the core
+computes from the inputs of every combine backend; without it, a source brighter than
+:data:`INCOMPLETE_SNR` times that noise where more than :data:`HOLE_FRACTION` of the
+frames are missing), the template is a stack of other frames than around it, with their
 PSF. A star that saturates in the sharpest frames is, in the template, the median of the
 broader ones only (about 10 % fainter at its core in a simulated night), which no kernel
 matched on the rest of the template reproduces: every residual keeps a star-shaped
@@ -36,6 +39,7 @@ __all__ = [
     "frame_noise",
     "incomplete_sources",
     "median_or_none",
+    "psf_change",
     "stack_template",
 ]
 
@@ -156,13 +160,62 @@ HOLE_RADIUS = 8
 HOLE_FRACTION = 0.25
 
 
+#: A template pixel where frames are missing is a hole when the missing frames' seeing
+#: changes it by more than this many times the template's sky noise
+#: (``|psf_change| x (data - sky)``): a residual keeps about that excess at the pixel,
+#: and the master residual stacks it from every residual.
+HOLE_SNR = 2.0
+
+
+def psf_change(frames: Sequence[Frame]) -> np.ndarray | None:
+    """For a stack of ``frames``, the relative change of a star's peak at each pixel that
+    the frames missing there make (0 where every frame has data): a star's peak in frame
+    ``i`` goes as ``1 / fwhm_i**2`` (same flux), the stack's peak as their median (the
+    frames there, against all of them). A star saturated in the sharpest frames, stacked
+    from the broader ones alone, is fainter at its core by this much, which no kernel
+    fitted on the rest of the template reproduces; a cosmic ray masked in a frame of
+    typical seeing changes little. None when a frame's FWHM is not known or there is
+    one frame.
+
+    Parameters
+    ----------
+    frames : sequence of Frame
+        The stack's inputs, on its grid; a frame has data where its weight is positive and
+        its pixel finite.
+    """
+    fwhms = np.array([f.fwhm if f.fwhm else np.nan for f in frames], float)
+    if len(frames) < 2 or not (np.isfinite(fwhms).all() and (fwhms > 0).all()):
+        return None
+    shape = frames[0].data.shape
+
+    def has(frame: Frame) -> np.ndarray:
+        return (np.asarray(frame.weight) > 0) & np.isfinite(np.asarray(frame.data))
+
+    count = np.zeros(shape, np.int16)
+    for frame in frames:  # one frame at a time
+        count += has(frame)
+    change = np.zeros(shape, np.float32)
+    where = np.flatnonzero((count > 0) & (count < len(frames)))  # few: holes and edges
+    peak = 1.0 / fwhms**2
+    full = float(np.median(peak))
+    chunk = max(1, (1 << 22) // len(frames))
+    for lo in range(0, where.size, chunk):
+        idx = where[lo : lo + chunk]
+        present = np.stack([has(frame).ravel()[idx] for frame in frames])
+        values = np.where(present, peak[:, None], np.nan)
+        change.ravel()[idx] = np.nanmedian(values, axis=0) / full - 1.0
+    return change
+
+
 def incomplete_sources(template: Frame, *, snr: float = INCOMPLETE_SNR) -> np.ndarray:
     """The template's pixels whose stack misses frames over a source: weight below the
-    full stack's by more than :data:`HOLE_FRACTION` of it (the full weight is the
-    coverage's grey closing over ``2 HOLE_RADIUS + 1`` px, so a hole is filled and the
-    dither's edges stay where they are), and at
-    least ``snr`` times the template's sky noise above its local sky (a sep background
-    mesh of 64 px; the median on tiny images).
+    full stack's (the coverage's grey closing over ``2 HOLE_RADIUS + 1`` px, so a hole is
+    filled and the dither's edges stay where they are) by at least half a frame, where
+    the missing frames' seeing changes the source by more than :data:`HOLE_SNR` times
+    the template's sky noise (``|template.psf_change| x (data - sky)``, the sky a sep
+    background mesh of 64 px, the median on tiny images). A template without
+    ``psf_change``: by more than :data:`HOLE_FRACTION` of the full weight, at least
+    ``snr`` times the sky noise above the sky.
 
     Parameters
     ----------
@@ -190,7 +243,13 @@ def incomplete_sources(template: Frame, *, snr: float = INCOMPLETE_SNR) -> np.nd
     from scipy.ndimage import grey_closing
 
     full = grey_closing(np.where(good, weight, 0), size=2 * HOLE_RADIUS + 1)
-    partial = good & (weight < full * (1.0 - HOLE_FRACTION))
+    change = getattr(template, "psf_change", None)
+    n = len(getattr(template, "inputs", ()) or ())
+    seeing = change is not None and np.shape(change) == data.shape and n > 1
+    if seeing:  # any frame missing, weighed by what its seeing does there
+        partial = good & (weight < full - 0.5 / n) & (np.asarray(change) != 0)
+    else:
+        partial = good & (weight < full * (1.0 - HOLE_FRACTION))
     if not partial.any():
         return out
     noise = template.noise
@@ -199,6 +258,8 @@ def incomplete_sources(template: Frame, *, snr: float = INCOMPLETE_SNR) -> np.nd
     if noise is None or not noise > 0:
         return out
     sky = _local_sky(data, good)
+    if seeing:
+        return partial & (np.abs(change) * (data - sky) > HOLE_SNR * noise)
     return partial & (data - sky > snr * noise)
 
 
