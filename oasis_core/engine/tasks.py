@@ -241,7 +241,12 @@ def detect(
     the residual's null (for the detection threshold) goes in the table's metadata
     (:func:`oasis_core.engine.sources.add_null_columns`). ``template``, the template's
     pixels on the residual's grid, gives the ``wing`` column (0 without it)."""
-    from oasis_core.engine.sources import add_lobe_columns, add_null_columns, describe_columns
+    from oasis_core.engine.sources import (
+        add_lobe_columns,
+        add_null_columns,
+        describe_columns,
+        matched_significance,
+    )
 
     table = backend.extract(residual, options=options, workdir=workdir)
     missing = [c for c in ("x", "y", "flux", "snr") if c not in table.colnames]
@@ -258,14 +263,18 @@ def detect(
     # PSFWTD) is not smoothed again; it carries its own mismatch terms and is searched at
     # snr_min (no wing column, no null of its own)
     weighted = bool(residual.header.get("PSFWTD"))
+    significance = None  # made once, for both
+    if not weighted:
+        significance = matched_significance(norm, residual.weight <= 0, fwhm / 2.3548)
     add_lobe_columns(
         table,
         norm,
         radius=max(3.0, 1.5 * fwhm),
         weight=residual.weight,
         smooth=0.0 if weighted else fwhm / 2.3548,
+        significance=significance,
     )
-    if not weighted:
+    if significance is not None:
         add_null_columns(
             table,
             norm,
@@ -273,6 +282,7 @@ def detect(
             weight=residual.weight,
             noise=residual.noise,
             template=template,
+            significance=significance[0],
         )
     table["fwhm"] = np.full(len(table), fwhm, dtype=np.float32)
     _add_mjd(table, io.header_mjd(residual.header))
