@@ -132,10 +132,12 @@ def test_backend_preference_list_takes_the_first_that_can_run(registry, plugin_m
     assert load_config(None, reg, arguments={"mr.backend": "sos_abs"}).backend("mr") == "sos_abs"
 
 
-def test_default_master_residual_is_swarp_where_it_runs(registry):
+def test_default_master_residual_is_native_and_a_list_prefers_swarp_where_it_runs(registry):
     import shutil
 
-    chosen = load_config(None, registry).backend("mr")
+    # native: the same master residual as SWarp's, without writing every residual twice
+    assert load_config(None, registry).backend("mr") == "native"
+    chosen = load_config(None, registry, arguments={"mr.backend": "swarp, native"}).backend("mr")
     has_swarp = "swarp" in registry.names("mr") and (shutil.which("SWarp") or shutil.which("swarp"))
     assert chosen == ("swarp" if has_swarp else "native")
 

@@ -236,3 +236,30 @@ def test_a_ring_a_kernel_leaves_around_bright_stars_is_not_variable():
     assert with_template[near_stars].max() < 5
     tx, ty = int(transient[0]), int(transient[1])
     assert with_template[ty - 2 : ty + 3, tx - 2 : tx + 3].max() > 8
+
+
+def test_terms_made_on_workers_from_the_files_give_the_same_image(tmp_path):
+    # the mr stage sends each residual's (f, v) to the executor's workers, which read the
+    # residual and the template themselves; summed in any order, the image is the same
+    from oasis_core.contracts.model import Frame
+    from oasis_core.engine import io
+    from oasis_core.engine.executor import LocalExecutor
+    from oasis_core.engine.variability import residual_terms
+
+    residuals = _series([0, 400, 0, 900, 0, 0], seed=3)
+    template = np.full(residuals[0].data.shape, 100.0, np.float32)
+    template += 5000 * _psf(40.0, 40.0).astype(np.float32)
+    paths = []
+    for r in residuals:
+        paths.append(tmp_path / f"{r.name}_residual.fits")
+        io.write_residual(paths[-1], r)
+    io.write_frame(tmp_path / "template.fits", Frame(data=template))
+    series = io.ResidualSeries(paths)
+    here = variability_image(series, template)
+    with LocalExecutor(2) as executor:
+        outcomes = executor.run(
+            residual_terms, [(p.name, (p, tmp_path / "template.fits")) for p in paths[::-1]]
+        )
+        there = variability_image(series, None, terms=(o.value for o in outcomes))
+    np.testing.assert_allclose(there.data, here.data, atol=1e-5)
+    assert there.header["FWHM"] == here.header["FWHM"]

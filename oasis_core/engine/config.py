@@ -152,7 +152,7 @@ class MrSettings:
     """Core settings of the master-residual stage."""
 
     backend: str = option(
-        "swarp, native",
+        "native",
         "master-residual backend; see `oasis plugins` (a list: the first that can run here)",
     )
 

@@ -391,6 +391,12 @@ class ResidualSeries(Sequence[Residual]):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def headers(self) -> list[Any]:
+        """The residuals' primary headers, read without their pixels."""
+        from astropy.io import fits
+
+        return [fits.getheader(p) for p in self.paths]
+
     @property
     def names(self) -> list[str]:
         """The residuals' frame names, from their file names (nothing is read)."""

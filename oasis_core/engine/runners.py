@@ -25,7 +25,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -485,8 +485,23 @@ def _make_variability(
         outputs.invalidate(path)
         return
     template = outputs.template_path(ctx)
-    stars = io.read_output_frame(template).data if template.exists() else None
-    image = variability.variability_image(residuals, stars, header)
+    paths = getattr(residuals, "paths", None)
+    if paths is None:  # residuals in memory: made here
+        stars = io.read_output_frame(template).data if template.exists() else None
+        image = variability.variability_image(residuals, stars, header)
+    else:  # each residual's terms on the executor's workers, summed here as they come
+        where = template if template.exists() else None
+        tasks_ = [(Path(p).name, (Path(p), where)) for p in paths]
+
+        def terms() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for outcome in ctx.executor.run(variability.residual_terms, tasks_):
+                if not outcome.ok:
+                    raise StageError(
+                        f"mr: variability image: {outcome.key}: {outcome.error}"
+                    ) from outcome.error
+                yield outcome.value
+
+        image = variability.variability_image(residuals, None, header, terms=terms())
     io.write_residual(path, image, header_extra=cards)
 
 

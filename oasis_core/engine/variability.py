@@ -35,7 +35,7 @@ variable that is brighter on the template all stand out, with no sign.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,6 +48,8 @@ __all__ = [
     "detection_kinds",
     "exempt_varying",
     "mismatch",
+    "residual_terms",
+    "template_stars",
     "variability_image",
 ]
 
@@ -171,10 +173,36 @@ def mismatch(flux: np.ndarray, var: np.ndarray, stars: np.ndarray, usable: np.nd
     return float(np.sqrt(max(spread**2 - noise_part**2, 0.0)))
 
 
+def template_stars(template: np.ndarray | None) -> np.ndarray | None:
+    """The template's sources above its sky (its median), 0 where it is not finite: what
+    :func:`variability_image` weighs the stars' mismatch with."""
+    if template is None:
+        return None
+    stars = np.asarray(template, np.float32)
+    finite = np.isfinite(stars)
+    sky = np.median(stars[finite][:: max(1, int(finite.sum()) // 50_000)])
+    return np.where(finite, stars - np.float32(sky), np.float32(0.0))
+
+
+def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """One residual's ``(f, v)`` (module docstring) from ``(residual_path,
+    template_path)``: a task an executor runs where the files are (the template path may
+    be None)."""
+    from oasis_core.engine import io
+
+    residual_path, template_path = args
+    stars = None
+    if template_path is not None:
+        stars = template_stars(io.read_output_frame(template_path).data)
+    return _flux_and_variance(io.read_residual(residual_path), stars)
+
+
 def variability_image(
     residuals: Sequence[Residual],
     template: np.ndarray | None = None,
     header: Any = None,
+    *,
+    terms: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> Residual:
     """The variability image of ``residuals`` (see the module docstring) as a
     :class:`Residual` in sigma units: ``data`` the significance, ``noise`` 1 where at
@@ -185,18 +213,18 @@ def variability_image(
     ``NCOMBINE`` and ``PSFWTD`` (true: the extract stage detects on it without smoothing
     it again). ``template`` (the template's pixels) adds the stars' mismatch terms.
 
-    One pass over the residuals; seven images of the image's size in memory.
+    ``terms``: every residual's ``(f, v)`` in any order, made elsewhere (by
+    :func:`residual_terms` on an executor's workers); then ``residuals`` give only the
+    shape and headers. One pass over the residuals; seven images of the image's size in
+    memory.
     """
     if not residuals:
         raise ValueError("variability_image: no residual")
     shape = residuals[0].data.shape
-    stars = None
-    if template is not None:  # the template's sources above its sky
-        stars = np.asarray(template, np.float32)
-        finite = np.isfinite(stars)
-        sky = np.median(stars[finite][:: max(1, int(finite.sum()) // 50_000)])
-        stars = np.where(finite, stars - np.float32(sky), np.float32(0.0))
-    smoothed: dict[float, np.ndarray] = {}
+    if terms is None:
+        stars = template_stars(template)
+        smoothed: dict[float, np.ndarray] = {}
+        terms = (_flux_and_variance(r, stars, smoothed) for r in residuals)
     s0 = np.zeros(shape, np.float64)
     s1 = np.zeros(shape, np.float64)
     s2 = np.zeros(shape, np.float64)
@@ -204,8 +232,7 @@ def variability_image(
     worst = np.zeros(shape, np.float64)  # the largest f**2 / v so far, and its terms
     worst_inv = np.zeros(shape, np.float64)
     worst_flux = np.zeros(shape, np.float64)
-    for residual in residuals:  # one residual at a time, whole arrays
-        flux, var = _flux_and_variance(residual, stars, smoothed)
+    for flux, var in terms:  # one residual at a time, whole arrays
         has = var > 0
         inv = np.divide(1.0, var, out=np.zeros(shape, np.float64), where=has)
         term = flux.astype(np.float64) ** 2 * inv
@@ -237,7 +264,7 @@ def variability_image(
         if spread > 0:
             z = (z - q50) / spread
     z = np.where(enough, z, 0.0)
-    fwhms = [float(r.header.get("FWHM", 3.0) or 3.0) for r in residuals]
+    fwhms = [float(h.get("FWHM", 3.0) or 3.0) for h in _headers(residuals)]
     out_header = (residuals[0].header if header is None else header).copy()
     out_header["FWHM"] = (
         round(float(np.median(fwhms)) * np.sqrt(2.0), 3),
@@ -256,6 +283,12 @@ def variability_image(
         science="VAR",
         template=residuals[0].template,
     )
+
+
+def _headers(residuals: Sequence[Any]) -> list[Any]:
+    """The residuals' headers (a series read from disk gives them without the pixels)."""
+    headers = getattr(residuals, "headers", None)
+    return list(headers()) if callable(headers) else [r.header for r in residuals]
 
 
 def _time_order(detections: Mapping[str, Any]) -> dict[str, int]:
