@@ -247,3 +247,27 @@ def test_wing_sigma_zero_turns_the_wing_test_off():
     )
     out = filter_detections(table, catalogs=[], n_residuals=1, **{**DEFAULTS, "wing_sigma": 0.0})
     assert list(out["reason"]) == ["kept"]
+
+
+def test_the_mismatch_is_calibrated_on_stars_of_every_brightness():
+    # a median template leaves faint stars relatively more than bright ones (a null
+    # night: -1 % at 300-3,000 ADU, +3 % above 30,000): the brightest 64 alone told
+    # nothing of the faint stars the master residual then kept as sources (seed 3 of
+    # benchmarks/null_series.py: 37, now 2)
+    from oasis_core.engine.sources import WING_GROUP, WING_STARS, _calibration_stars
+
+    peaks = np.geomspace(1e5, 10.0, 400)  # brightest first, as mismatch_map sorts them
+    xs = np.tile(np.arange(20, 380, 18), 20)[:400]
+    ys = np.repeat(np.arange(20, 380, 18), 20)[:400]
+    good = np.ones((400, 400), bool)
+    core = np.ones((5, 5), bool)
+    chosen = _calibration_stars(peaks, xs, ys, good, 2, core, 30.0)
+    assert len(chosen) == WING_STARS and (np.diff(chosen) > 0).all()  # brightest first
+    faintest_bin = 30.0 * (1e5 / 30.0) ** (1 / 8)  # 83: the brightest 64 stop at 23,000
+    assert peaks[chosen].max() == peaks[0] and peaks[chosen].min() < faintest_bin
+    # every bin of log brightness gives its group
+    bins = np.digitize(np.log(peaks[chosen]), np.linspace(np.log(30), np.log(1e5), 9)[1:-1])
+    assert (np.bincount(bins, minlength=8) == WING_GROUP).all()
+    # a star whose core is masked is not a calibration star
+    good[ys[0] - 1 : ys[0] + 2, xs[0] - 1 : xs[0] + 2] = False
+    assert 0 not in _calibration_stars(peaks, xs, ys, good, 2, core, 30.0)

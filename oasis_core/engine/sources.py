@@ -367,10 +367,11 @@ NULL_WING_MAX = 0.5
 #: How far from a star :func:`mismatch_map` measures and paints, in FWHM of the residual.
 WING_RADIUS = 6.0
 
-#: Stars that calibrate :func:`mismatch_map`: the brightest this many whose core is
-#: unmasked and whose peak is at least :data:`WING_MIN_PEAK` times the residual's noise,
-#: in groups of :data:`WING_GROUP` of like brightness (the mismatch is not quite
-#: proportional to brightness: the brightest stars leave relatively more).
+#: Stars that calibrate :func:`mismatch_map`: this many whose core is unmasked and whose
+#: peak is at least :data:`WING_MIN_PEAK` times the residual's noise, the brightest
+#: :data:`WING_GROUP` of each of ``WING_STARS // WING_GROUP`` bins equal in log
+#: brightness (the mismatch is not proportional to brightness: the brightest stars leave
+#: relatively more with some kernels, the faint ones with a median template).
 WING_STARS = 64
 WING_MIN_PEAK = 30.0
 WING_GROUP = 8
@@ -504,7 +505,8 @@ def mismatch_map(
     template brightness). So for each distance ``r`` (bins of half a FWHM out to
     :data:`WING_RADIUS` FWHM) the excess variance of the significance map over unit,
     in units of (star peak / local noise)**2, is the median over groups of
-    :data:`WING_GROUP` of the brightest unmasked template stars of like brightness,
+    :data:`WING_GROUP` unmasked template stars of like brightness, from the brightest
+    down to :data:`WING_MIN_PEAK` times the noise (:func:`_calibration_stars`),
     ``c(r)**2``; each star of template peak ``T`` then adds ``c(r) T / noise`` at
     distance ``r`` with the profile of the group nearest its brightness (the largest
     where stars overlap). The median ignores a star that varied: a brightening centred
@@ -563,16 +565,10 @@ def mismatch_map(
     bins = np.minimum((dist / step).astype(int), nbins)  # nbins: beyond the radius
     core = dist <= fwhm
 
-    # calibration: the brightest stars with an unmasked core, in groups of like brightness
-    bright = np.flatnonzero(peaks >= WING_MIN_PEAK * n0)
-    keep: list[np.ndarray] = []
-    for lo in range(0, len(bright), 4 * WING_STARS):  # brightest first, until enough
-        chunk = bright[lo : lo + 4 * WING_STARS]  # (a master residual in sigma units
-        # makes every template pixel "bright": its stamps at once took gigabytes)
-        keep.append(chunk[_stamps(good, xs[chunk], ys[chunk], r, False)[:, core].all(axis=1)])
-        if sum(len(k) for k in keep) >= WING_STARS:
-            break
-    chosen = np.concatenate(keep)[:WING_STARS] if keep else np.zeros(0, np.int64)
+    # calibration: stars with an unmasked core, in groups of like brightness spread over
+    # the whole range from the brightest down to WING_MIN_PEAK (the mismatch is not
+    # proportional to brightness: a median template leaves faint stars relatively more)
+    chosen = _calibration_stars(peaks, xs, ys, good, r, core, WING_MIN_PEAK * n0)
     cx, cy, cp = xs[chosen], ys[chosen], peaks[chosen]
     valid = _stamps(good, cx, cy, r, False)
     info["wing_stars"] = len(cp)
@@ -609,6 +605,40 @@ def mismatch_map(
         idx = np.flatnonzero(paint)[lo : lo + 512]
         _paint(wing, noise, n0, xs[idx], ys[idx], peaks[idx], profiles[nearest[idx]], r)
     return wing, info
+
+
+def _calibration_stars(
+    peaks: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    good: np.ndarray,
+    r: int,
+    core: np.ndarray,
+    floor: float,
+) -> np.ndarray:
+    """Indices (brightest first) of up to :data:`WING_STARS` stars of peak at least
+    ``floor`` whose core is unmasked: up to :data:`WING_GROUP` from each of
+    ``WING_STARS // WING_GROUP`` bins equal in log brightness between ``floor`` and the
+    brightest, the brightest of each bin; ``peaks`` are sorted brightest first."""
+    bright = np.flatnonzero(peaks >= floor)
+    if bright.size == 0:
+        return np.zeros(0, np.int64)
+    n_bins = max(1, WING_STARS // WING_GROUP)
+    edges = np.geomspace(floor, float(peaks[bright[0]]) * (1 + 1e-6), n_bins + 1)
+    which = np.clip(np.searchsorted(edges, peaks[bright], side="right") - 1, 0, n_bins - 1)
+    keep: list[np.ndarray] = []
+    for b in range(n_bins - 1, -1, -1):  # brightest bin first
+        members = bright[which == b]
+        found: list[np.ndarray] = []
+        for lo in range(0, len(members), 4 * WING_GROUP):  # (a master residual in sigma
+            # units makes every template pixel "bright": its stamps at once took GBs)
+            chunk = members[lo : lo + 4 * WING_GROUP]
+            found.append(chunk[_stamps(good, xs[chunk], ys[chunk], r, False)[:, core].all(axis=1)])
+            if sum(len(f) for f in found) >= WING_GROUP:
+                break
+        if found:
+            keep.append(np.concatenate(found)[:WING_GROUP])
+    return np.concatenate(keep) if keep else np.zeros(0, np.int64)
 
 
 def _excess_by_distance(
