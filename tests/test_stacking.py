@@ -162,8 +162,6 @@ def test_one_frame_of_five_missing_is_a_hole_when_its_seeing_changes_the_star():
     # a star saturated in the sharpest frame only: 4 of 5 frames (under HOLE_FRACTION,
     # so the count alone does not see it) stack a core ~10 % fainter; the master
     # residual and the variability image of a null night showed it at 15-20 sigma
-    import attrs
-
     from oasis_core.engine.stacking import psf_change
 
     w = np.ones((96, 96))
@@ -171,26 +169,39 @@ def test_one_frame_of_five_missing_is_a_hole_when_its_seeing_changes_the_star():
     fwhms = [3.0, 3.3, 3.6, 3.9, 4.2]
     t = template(w)
     assert not incomplete_sources(t).any()  # no seeing known: the count rule
-    found = incomplete_sources(attrs.evolve(t, psf_change=psf_change(frames_for(fwhms, 0))))
+    found = incomplete_sources(t, change=psf_change(frames_for(fwhms, 0)))
     assert found[30, 30] and found.sum() > 20 and not found[60:, :].any()
     # a frame of typical seeing missing changes the star less: its core alone
-    faint = incomplete_sources(attrs.evolve(t, psf_change=psf_change(frames_for(fwhms, 2))))
+    faint = incomplete_sources(t, change=psf_change(frames_for(fwhms, 2)))
     assert faint[30, 30] and faint.sum() < found.sum()
 
 
-def test_the_template_keeps_its_psf_change_on_disk(tmp_path):
+def test_the_template_keeps_its_holes_and_every_residual_is_masked_by_them(tmp_path):
+    # judged once, when the template is combined (the core's combine runner), read with
+    # the template by every subtraction task: not judged again per frame
     import attrs
 
+    from oasis_core.contracts.model import Residual
     from oasis_core.engine import io
     from oasis_core.engine.stacking import psf_change
+    from oasis_core.engine.subtraction import judge_residual
 
     w = np.ones((96, 96))
     patch(w, 30, 30, 0.8)
-    change = psf_change(frames_for([3.0, 3.3, 3.6, 3.9, 4.2], 0))
-    t = attrs.evolve(template(w), psf_change=change)
+    t = template(w)
+    holes = incomplete_sources(t, change=psf_change(frames_for([3.0, 3.3, 3.6, 3.9, 4.2], 0)))
+    t = attrs.evolve(t, holes=holes)
     io.write_frame(tmp_path / "template.fits", t)
     back = io.read_output_frame(tmp_path / "template.fits", cls=Template)
-    np.testing.assert_array_equal(back.psf_change, change)
-    assert back.inputs == ()  # OASTIN cards are the runner's
+    np.testing.assert_array_equal(back.holes, holes)
+    assert back.holes.sum() > 20 and back.inputs == ()  # OASTIN cards are the runner's
     plain = io.read_output_frame(tmp_path / "template.fits")  # a Frame: the data and weight
     np.testing.assert_array_equal(plain.weight, t.weight)
+    ones = np.ones(w.shape)
+    residual = Residual(data=ones, noise=ones, weight=ones, q=0.99, meta={"fwhm": 2.0})
+    judged = judge_residual(residual, "r", 0.5, template=back)
+    assert (judged.weight[holes] == 0).all() and judged.meta["incomplete_masked"] > holes.sum()
+    # the count rule alone (no holes recorded) does not see one frame of five missing
+    alone = judge_residual(residual, "r", 0.5, template=attrs.evolve(back, holes=None))
+    assert alone.meta["incomplete_masked"] == 0
+    np.testing.assert_array_equal(back.holes, holes)  # judging left the template's mask

@@ -77,6 +77,10 @@ def _float32(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+def _opt_bool(value: Any) -> np.ndarray | None:
+    return None if value is None else np.asarray(value, dtype=bool)
+
+
 def _opt_float32(value: Any) -> np.ndarray | None:
     return None if value is None else np.asarray(value, dtype=np.float32)
 
@@ -185,19 +189,18 @@ class Template(Frame):
     ----------
     inputs : tuple of str
         Names of the frames that went into it.
-    psf_change : ndarray or None
-        Where the stack misses frames, the relative change of a star's peak that the
-        missing frames' seeing makes (0 where every frame is behind the pixel). The core
-        computes it from the inputs for every combine backend
-        (:func:`oasis_core.engine.stacking.psf_change`) and stores it as the template's
-        ``PSFCHG`` extension; None when the inputs' FWHMs are not known.
+    holes : ndarray of bool or None
+        Where the template is not one stack with the rest of it: a hole in its coverage
+        over a source whose peak the missing frames' seeing changes
+        (:func:`oasis_core.engine.stacking.incomplete_sources`). The core computes it once,
+        from the inputs of every combine backend, and stores it as the template's
+        ``HOLES`` extension; every residual is then masked there. None: not computed (the
+        core then judges the template's weight alone).
     """
 
     name: str = "template"
     inputs: tuple[str, ...] = ()
-    psf_change: np.ndarray | None = attrs.field(
-        default=None, eq=False, repr=False, converter=_opt_float32
-    )
+    holes: np.ndarray | None = attrs.field(default=None, eq=False, repr=False, converter=_opt_bool)
 
 
 @attrs.frozen(kw_only=True)

@@ -182,11 +182,13 @@ def _integer_saturation(hdu: Any) -> float | None:
 def _weight_from_extensions(hdul: Any, index: int, shape: tuple[int, int], path: Path) -> Any:
     weight = np.ones(shape, dtype=np.float32)
     for i, hdu in enumerate(hdul):
-        if i == index or hdu.data is None or getattr(hdu.data, "ndim", 0) != 2:
+        if i == index:
             continue
         flag = str(hdu.header.get("WEIGHT", "")).strip().upper()
         extname = str(hdu.header.get("EXTNAME", "")).strip().upper()
         if not flag and extname not in BPM_NAMES:
+            continue  # decided by the header: the pixels of other extensions are not read
+        if hdu.data is None or getattr(hdu.data, "ndim", 0) != 2:
             continue
         if hdu.data.shape != shape:
             raise InputError(

@@ -129,6 +129,7 @@ def image_extension(
     """An image extension of an output: the one way the core builds one.
 
     ``EXTNAME`` is ``name``; ``BUNIT`` is ``bunit`` (``''``: dimensionless; None: no card);
+    the pixels are float32, or bytes (uint8) when ``data`` is boolean (a mask);
     ``cards`` go through :func:`set_card`; when the image lies on the primary image's
     grid (its shape is ``grid``, or no ``grid`` is given) it carries the WCS cards
     (:data:`WCS_KEY_RE`) of ``wcs_from``, the primary header, so that every image of a
@@ -136,7 +137,8 @@ def image_extension(
     """
     from astropy.io import fits
 
-    data = np.asarray(data, np.float32)
+    data = np.asarray(data)
+    data = data.astype(np.uint8) if data.dtype == bool else data.astype(np.float32, copy=False)
     h = fits.Header()
     h["EXTNAME"] = name
     if bunit is not None:
@@ -191,10 +193,16 @@ def write_frame(
                 ),
             ]
         )
-        change = getattr(frame, "psf_change", None)
-        if change is not None:  # a template's: see Template.psf_change
+        holes = getattr(frame, "holes", None)
+        if holes is not None:  # a template's: see Template.holes
             hdul.append(
-                image_extension(change, "PSFCHG", wcs_from=header, grid=frame.data.shape, bunit="")
+                image_extension(
+                    np.asarray(holes, bool),
+                    "HOLES",
+                    wcs_from=header,
+                    grid=frame.data.shape,
+                    bunit="",
+                )
             )
     with atomic_write(path) as tmp:
         hdul.writeto(tmp, overwrite=True)
@@ -208,10 +216,8 @@ def read_output_frame(path: Path, *, cls: type[Frame] = Frame, **fields: Any) ->
 
         inputs = tuple(str(v) for k, v in frame.header.items() if k.startswith("OASTIN"))
         with fits.open(path, memmap=False) as hdul:
-            change = np.array(hdul["PSFCHG"].data, np.float32) if "PSFCHG" in hdul else None
-        return Template(
-            **{**_frame_fields(frame), "inputs": inputs, "psf_change": change, **fields}
-        )
+            holes = np.array(hdul["HOLES"].data, bool) if "HOLES" in hdul else None
+        return Template(**{**_frame_fields(frame), "inputs": inputs, "holes": holes, **fields})
     return attrs_evolve(frame, **fields) if fields else frame
 
 

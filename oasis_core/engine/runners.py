@@ -266,12 +266,7 @@ def _make_template(
             raise StageError(
                 f"combine backend {backend.name!r} returned {type(template)}, not a Template"
             )
-        from oasis_core.engine.stacking import psf_change
-
-        # where frames are missing, what their seeing changes: the core's, for every backend
-        template = attrs.evolve(
-            template, inputs=tuple(chosen), name="template", psf_change=psf_change(frames)
-        )
+        template = attrs.evolve(template, inputs=tuple(chosen), name="template")
         # measure the template's PSF with the psf stage's backend
         measured = psf_backend.psf(
             tasks.readonly_inputs(template),
@@ -285,6 +280,13 @@ def _make_template(
             snr=measured.snr,
             background=measured.background,
             noise=measured.noise,
+        )
+        # where the stack misses frames over a source their seeing changes: judged once
+        # here, from the inputs, for every combine backend; every residual is masked there
+        from oasis_core.engine.stacking import incomplete_sources, psf_change
+
+        template = attrs.evolve(
+            template, holes=incomplete_sources(template, change=psf_change(frames))
         )
         advance()
     psf_cards: dict[str, Any] = {"OASSTAGE": "combine"}

@@ -15,8 +15,9 @@ And one property of a stack that the core checks on every residual
 (:func:`incomplete_sources`, applied by
 :func:`oasis_core.engine.subtraction.judge_residual`): where frames are missing from the
 stack (their pixels masked) over a source that their seeing changes by more than
-:data:`HOLE_SNR` times the template's sky noise (:func:`psf_change`, which the core
-computes from the inputs of every combine backend; without it, a source brighter than
+:data:`HOLE_SNR` times the template's sky noise (:func:`psf_change` of the inputs; the
+core computes the mask once, when it combines, for every combine backend:
+``Template.holes``; without the inputs' seeing, a source brighter than
 :data:`INCOMPLETE_SNR` times that noise where more than :data:`HOLE_FRACTION` of the
 frames are missing), the template is a stack of other frames than around it, with their
 PSF. A star that saturates in the sharpest frames is, in the template, the median of the
@@ -207,15 +208,17 @@ def psf_change(frames: Sequence[Frame]) -> np.ndarray | None:
     return change
 
 
-def incomplete_sources(template: Frame, *, snr: float = INCOMPLETE_SNR) -> np.ndarray:
+def incomplete_sources(
+    template: Frame, *, change: np.ndarray | None = None, snr: float = INCOMPLETE_SNR
+) -> np.ndarray:
     """The template's pixels whose stack misses frames over a source: weight below the
     full stack's (the coverage's grey closing over ``2 HOLE_RADIUS + 1`` px, so a hole is
     filled and the dither's edges stay where they are) by at least half a frame, where
     the missing frames' seeing changes the source by more than :data:`HOLE_SNR` times
-    the template's sky noise (``|template.psf_change| x (data - sky)``, the sky a sep
-    background mesh of 64 px, the median on tiny images). A template without
-    ``psf_change``: by more than :data:`HOLE_FRACTION` of the full weight, at least
-    ``snr`` times the sky noise above the sky.
+    the template's sky noise (``|change| x (data - sky)``, ``change`` the inputs'
+    :func:`psf_change`; the sky a sep background mesh of 64 px, the median on tiny
+    images). Without ``change``: by more than :data:`HOLE_FRACTION` of the full weight,
+    at least ``snr`` times the sky noise above the sky.
 
     Parameters
     ----------
@@ -243,7 +246,6 @@ def incomplete_sources(template: Frame, *, snr: float = INCOMPLETE_SNR) -> np.nd
     from scipy.ndimage import grey_closing
 
     full = grey_closing(np.where(good, weight, 0), size=2 * HOLE_RADIUS + 1)
-    change = getattr(template, "psf_change", None)
     n = len(getattr(template, "inputs", ()) or ())
     seeing = change is not None and np.shape(change) == data.shape and n > 1
     if seeing:  # any frame missing, weighed by what its seeing does there

@@ -410,14 +410,16 @@ def judge_residual(
     if template is not None and good > 0 and np.shape(template.data) == weight.shape:
         from oasis_core.engine.stacking import incomplete_sources
 
-        incomplete = incomplete_sources(template)
+        incomplete = getattr(template, "holes", None)  # judged once, when it was combined
+        if incomplete is None or np.shape(incomplete) != weight.shape:
+            incomplete = incomplete_sources(template)
         if incomplete.any():  # and as far as the kernel and the PSF carry it: 1 FWHM
             from scipy.ndimage import binary_dilation
 
             radius = max(1, int(np.ceil(_residual_fwhm(residual, template))))
             yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
             incomplete = binary_dilation(incomplete, structure=xx**2 + yy**2 <= radius**2)
-        incomplete &= weight > 0
+        incomplete = incomplete & (weight > 0)  # the template's own mask stays as it is
         extra["incomplete_masked"] = int(incomplete.sum())
         if incomplete.any():
             weight = np.where(incomplete, np.float32(0), weight)

@@ -191,10 +191,25 @@ def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
     from oasis_core.engine import io
 
     residual_path, template_path = args
-    stars = None
-    if template_path is not None:
-        stars = template_stars(io.read_output_frame(template_path).data)
+    stars = None if template_path is None else _worker_stars(template_path)
     return _flux_and_variance(io.read_residual(residual_path), stars)
+
+
+#: The template's stars a worker process read last: (path, mtime_ns, stars). A worker
+#: serves many residuals of one template: it reads the template once.
+_STARS: list[Any] = [None, None, None]
+
+
+def _worker_stars(path: Any) -> np.ndarray | None:
+    from pathlib import Path
+
+    from oasis_core.engine import io
+
+    path = Path(path)
+    stamp = path.stat().st_mtime_ns
+    if _STARS[0] != path or _STARS[1] != stamp:
+        _STARS[:] = [path, stamp, template_stars(io.read_output_frame(path).data)]
+    return _STARS[2]
 
 
 def variability_image(
