@@ -9,6 +9,7 @@ equals scipy's exact one where both can be computed.
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 from astropy.table import Table
@@ -263,3 +264,36 @@ def test_terms_made_on_workers_from_the_files_give_the_same_image(tmp_path):
         there = variability_image(series, None, terms=(o.value for o in outcomes))
     np.testing.assert_allclose(there.data, here.data, atol=1e-5)
     assert there.header["FWHM"] == here.header["FWHM"]
+
+
+def test_the_template_s_own_frames_tell_its_sources_from_the_sky_s():
+    # A source of the template (a median of frames of different seeing gives its faint
+    # stars another PSF than its bright ones) is in every residual alike, the
+    # template's own frames' too: the master residual stacks it into a source no frame
+    # holds. A source of the sky is not in the template frames' residuals (the template
+    # is their stack), or not as much as in the others'.
+    from oasis_core.engine.variability import template_artifacts
+
+    rng = np.random.default_rng(5)
+    n, members = 12, {f"f{k}" for k in range(5)}
+    defect, transient, late = (80.0, 80.0), (40.0, 40.0), (120.0, 120.0)
+    residuals = []
+    for k in range(n):
+        data = rng.normal(0.0, NOISE, SHAPE)
+        data += 60.0 * _psf(*defect)  # every frame: about 2 sigma each, 7 stacked
+        if k >= 5:  # not a template night: on from the first frame after them
+            data += 400.0 * _psf(*transient)
+        if k >= 3:  # on in two of the five template nights (not in their median)
+            data += 200.0 * _psf(*late)
+        residuals.append(attrs.evolve(_residual(data.astype(np.float32), k), science=f"f{k}"))
+    image = variability_image(residuals, members=members)
+    assert set(image.extra) == {"tplsig", "tpldiff"}
+    assert image.header["NTPLMEM"] == 5
+    table = Table({"x": [80.0, 40.0, 120.0], "y": [80.0, 40.0, 120.0], "sign": [1, 1, 1]})
+    assert list(template_artifacts(table, image.extra)) == [True, False, False]
+    # and a source with the other sign is the sky's: the sign must agree
+    table["sign"] = [-1, 1, 1]
+    assert not template_artifacts(table, image.extra)[0]
+    # without the template's frames named there is nothing to tell them by
+    plain = variability_image(residuals)
+    assert plain.extra == {} and not template_artifacts(table, plain.extra).any()

@@ -468,7 +468,7 @@ def _make_master(
     cards = prov.header_cards()
     cards["NCOMBINE"] = (len(good), "residuals combined")
     io.write_residual(out, master, header_extra=cards)
-    _make_variability(ctx, residuals, header, cards)
+    _make_variability(ctx, residuals, header, cards, names=good)
     ctx.reporter.result(
         f"mr: master residual of {len(good)} residuals"
         + (f" ({len(bad)} left out: {', '.join(bad)})" if bad else "")
@@ -477,33 +477,45 @@ def _make_master(
 
 
 def _make_variability(
-    ctx: Context, residuals: Sequence[Any], header: Any, cards: Mapping[str, Any]
+    ctx: Context,
+    residuals: Sequence[Any],
+    header: Any,
+    cards: Mapping[str, Any],
+    *,
+    names: Sequence[str],
 ) -> None:
     """The variability image beside the master residual (``VAR.fits``), from the same
-    residuals, for every mr backend alike; none from fewer than
-    :data:`~oasis_core.engine.variability.MIN_RESIDUALS`."""
+    residuals (of the frames ``names``), for every mr backend alike; none from fewer than
+    :data:`~oasis_core.engine.variability.MIN_RESIDUALS`. The template's own frames
+    (its ``OASTIN`` cards) give its ``TPLSIG``/``TPLDIFF`` images."""
     path = outputs.var_path(ctx)
     if len(residuals) < variability.MIN_RESIDUALS:
         outputs.invalidate(path)
         return
     template = outputs.template_path(ctx)
+    members: set[str] = set()
+    if template.exists():
+        tpl_header = outputs.read_header(template) or {}
+        members = {str(tpl_header[k]) for k in tpl_header if k.startswith("OASTIN")}
     paths = getattr(residuals, "paths", None)
     if paths is None:  # residuals in memory: made here
         stars = io.read_output_frame(template).data if template.exists() else None
-        image = variability.variability_image(residuals, stars, header)
+        image = variability.variability_image(residuals, stars, header, members=members)
     else:  # each residual's terms on the executor's workers, summed here as they come
         where = template if template.exists() else None
-        tasks_ = [(Path(p).name, (Path(p), where)) for p in paths]
+        tasks_ = [(name, (Path(p), where)) for name, p in zip(names, paths, strict=True)]
 
-        def terms() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def terms() -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
             for outcome in ctx.executor.run(variability.residual_terms, tasks_):
                 if not outcome.ok:
                     raise StageError(
                         f"mr: variability image: {outcome.key}: {outcome.error}"
                     ) from outcome.error
-                yield outcome.value
+                yield (*outcome.value, outcome.key in members)
 
-        image = variability.variability_image(residuals, None, header, terms=terms())
+        image = variability.variability_image(
+            residuals, None, header, terms=terms(), members=members
+        )
     io.write_residual(path, image, header_extra=cards)
 
 
@@ -656,6 +668,8 @@ def _catalogs(
 
     def judged(name: str, frame: str | None) -> Any:
         table = tasks.filter_sources(tables[name].copy(), frame=frame, **common)
+        if name == "MR":
+            _template_test(ctx, table)
         if varying is None:
             return table
         lenient = tasks.filter_sources(
@@ -689,6 +703,39 @@ def _catalogs(
             confirmed = mr_f[match_catalogs(mr_f, kept, settings.match_radius) >= 0]
             counts["confirmed"] = len(confirmed)
     return counts
+
+
+def _template_test(ctx: Context, table: Any) -> None:
+    """The master residual's sources that the template's own frames show as much as the
+    others, in place: ``tpl_sig`` (their residuals' mean there, sigmas, signed like the
+    source; NaN without the variability image's ``TPLSIG``) and ``reason`` ``template``
+    for the kept ones (:func:`~oasis_core.engine.variability.template_artifacts`)."""
+    images: dict[str, np.ndarray] = {}
+    path = outputs.var_path(ctx)
+    if path.exists():
+        from astropy.io import fits
+
+        with fits.open(path, memmap=False) as hdul:
+            images = {
+                k: np.asarray(hdul[k.upper()].data)
+                for k in ("tplsig", "tpldiff")
+                if k.upper() in hdul
+            }
+    n = len(table)
+    sig = np.full(n, np.nan, np.float32)
+    if n and "tplsig" in images:
+        ny, nx = images["tplsig"].shape
+        x = np.clip(np.rint(np.asarray(table["x"], float)).astype(int), 0, nx - 1)
+        y = np.clip(np.rint(np.asarray(table["y"], float)).astype(int), 0, ny - 1)
+        sign = np.sign(np.asarray(table["sign"], float)) if "sign" in table.colnames else 1.0
+        sig = (images["tplsig"][y, x] * sign).astype(np.float32)
+    table["tpl_sig"] = sig
+    table["tpl_sig"].info.format = ".3f"
+    from oasis_core.engine.sources import describe_columns
+
+    describe_columns(table)
+    artifact = variability.template_artifacts(table, images) & (table["reason"] == "kept")
+    table["reason"][artifact] = "template"
 
 
 def _varying(

@@ -29,6 +29,11 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
   and the residual imperfect PSF matching leaves around the template's stars:
   ``peak_norm`` below ``sqrt(threshold**2 + (wing_sigma * wing)**2)`` (see
   :func:`mismatch_map`): the rings of bright stars;
+* ``"template"`` — (master residual) the template's own frames show the source in their
+  residuals' mean as much as the other residuals do (``tpl_sig``,
+  :func:`oasis_core.engine.variability.template_artifacts`): a source of the template (its
+  PSF at some brightness, a hole), not of the sky, which the template's frames cannot
+  show since the template is their stack;
 * ``"sharp"`` — the peak pixel holds more than ``sharp_max`` times the fraction of the flux
   that the PSF puts in its peak, 1 / (2 pi sigma^2) for the residual's FWHM (cosmic rays
   and hot pixels that escaped the mask; the point-source test of the native backends).
@@ -119,6 +124,11 @@ CATALOG_COLUMNS: dict[str, tuple[str | None, str]] = {
         "template's stars at the source; 0 away from them",
     ),
     "threshold": ("", "the residual's detection threshold on peak_norm (sigmas)"),
+    "tpl_sig": (
+        "",
+        "(master residual) the template's own frames' residuals' mean there, PSF-weighted, "
+        "sigmas, signed like the source: a source of the sky is about 0 there",
+    ),
     "n_frames": ("", "number of individual residuals with a positive detection there"),
     "reason": (None, "'kept', or why the source was filtered out (oasis_core.engine.sources)"),
     "kind": (

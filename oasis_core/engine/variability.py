@@ -35,7 +35,7 @@ variable that is brighter on the template all stand out, with no sign.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,7 @@ __all__ = [
     "exempt_varying",
     "mismatch",
     "residual_terms",
+    "template_artifacts",
     "template_stars",
     "variability_image",
 ]
@@ -64,6 +65,11 @@ WING_WIDTH = 3.0
 
 #: Largest fraction of a pixel's PSF weight that may fall on masked pixels.
 MASKED_WEIGHT_MAX = 0.05
+
+#: A source the template's own frames show, in their residuals' mean, at least this many
+#: sigmas (and no differently from the other residuals) is the template's (see
+#: :func:`template_artifacts`).
+TEMPLATE_SIGMA = 3.0
 
 
 def chi2_significance(chi2: np.ndarray, dof: np.ndarray) -> np.ndarray:
@@ -217,7 +223,8 @@ def variability_image(
     template: np.ndarray | None = None,
     header: Any = None,
     *,
-    terms: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+    terms: Iterable[tuple[Any, ...]] | None = None,
+    members: Collection[str] = (),
 ) -> Residual:
     """The variability image of ``residuals`` (see the module docstring) as a
     :class:`Residual` in sigma units: ``data`` the significance, ``noise`` 1 where at
@@ -228,18 +235,28 @@ def variability_image(
     ``NCOMBINE`` and ``PSFWTD`` (true: the extract stage detects on it without smoothing
     it again). ``template`` (the template's pixels) adds the stars' mismatch terms.
 
-    ``terms``: every residual's ``(f, v)`` in any order, made elsewhere (by
-    :func:`residual_terms` on an executor's workers); then ``residuals`` give only the
-    shape and headers. One pass over the residuals; seven images of the image's size in
-    memory.
+    ``members``: the science frames stacked into the template. A source that is the
+    template's, not the sky's (its PSF at some brightness, a hole), is in every residual
+    alike, the template's own frames' too; a source of the sky is not in theirs, since
+    the template is their stack (their residuals' mean there is about 0). With members,
+    two more images (``extra``): ``tplsig``, the significance of the members' residuals'
+    PSF-weighted mean, and ``tpldiff``, that of its difference from the other residuals'
+    mean (NaN where either has none); both without the most deviant residual, like the
+    chi-square. :func:`template_artifacts` reads them.
+
+    ``terms``: every residual's ``(f, v)`` or ``(f, v, member)`` in any order, made
+    elsewhere (by :func:`residual_terms` on an executor's workers); then ``residuals``
+    give only the shape and headers. One pass over the residuals; seven images of the
+    image's size in memory (ten with members).
     """
     if not residuals:
         raise ValueError("variability_image: no residual")
     shape = residuals[0].data.shape
+    members = frozenset(members)
     if terms is None:
         stars = template_stars(template)
         smoothed: dict[float, np.ndarray] = {}
-        terms = (_flux_and_variance(r, stars, smoothed) for r in residuals)
+        terms = ((*_flux_and_variance(r, stars, smoothed), r.science in members) for r in residuals)
     s0 = np.zeros(shape, np.float64)
     s1 = np.zeros(shape, np.float64)
     s2 = np.zeros(shape, np.float64)
@@ -247,7 +264,13 @@ def variability_image(
     worst = np.zeros(shape, np.float64)  # the largest f**2 / v so far, and its terms
     worst_inv = np.zeros(shape, np.float64)
     worst_flux = np.zeros(shape, np.float64)
-    for flux, var in terms:  # one residual at a time, whole arrays
+    m0 = m1 = worst_member = None
+    if members:
+        m0, m1 = np.zeros(shape, np.float64), np.zeros(shape, np.float64)
+        worst_member = np.zeros(shape, bool)
+    for term_ in terms:  # one residual at a time, whole arrays
+        flux, var = term_[0], term_[1]
+        member = bool(term_[2]) if len(term_) > 2 else False
         has = var > 0
         inv = np.divide(1.0, var, out=np.zeros(shape, np.float64), where=has)
         term = flux.astype(np.float64) ** 2 * inv
@@ -259,6 +282,11 @@ def variability_image(
         worst[larger] = term[larger]
         worst_inv[larger] = inv[larger]
         worst_flux[larger] = flux[larger]
+        if worst_member is not None:
+            worst_member[larger] = member
+            if member:
+                m0 += inv
+                m1 += flux * inv
     # without the most deviant residual: one frame's artefact (a cosmic ray, a trail, a
     # bad column) is not variability
     s0 -= worst_inv
@@ -279,6 +307,9 @@ def variability_image(
         if spread > 0:
             z = (z - q50) / spread
     z = np.where(enough, z, 0.0)
+    extra = {}
+    if m0 is not None and m1 is not None and worst_member is not None:
+        extra = _template_images(s0, s1, m0, m1, worst_inv, worst_flux, worst_member)
     fwhms = [float(h.get("FWHM", 3.0) or 3.0) for h in _headers(residuals)]
     out_header = (residuals[0].header if header is None else header).copy()
     out_header["FWHM"] = (
@@ -288,6 +319,8 @@ def variability_image(
     out_header["BUNIT"] = ("", "Gaussian significance of the chi-square")
     out_header["NCOMBINE"] = (len(residuals), "residuals combined")
     out_header["PSFWTD"] = (True, "PSF-weighted: detected unsmoothed")
+    if extra:
+        out_header["NTPLMEM"] = (len(members), "residuals of the template's own frames")
     weight = np.where(enough, (count + 1) / len(residuals), 0.0)
     return Residual(
         data=z.astype(np.float32),
@@ -297,7 +330,55 @@ def variability_image(
         name="VAR",
         science="VAR",
         template=residuals[0].template,
+        extra=extra,
     )
+
+
+def _template_images(
+    s0: np.ndarray,
+    s1: np.ndarray,
+    m0: np.ndarray,
+    m1: np.ndarray,
+    worst_inv: np.ndarray,
+    worst_flux: np.ndarray,
+    worst_member: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """``tplsig`` and ``tpldiff`` (see :func:`variability_image`) from the sums over all
+    residuals without the worst (``s0``, ``s1``) and over the members with it."""
+    m0 -= np.where(worst_member, worst_inv, 0.0)
+    m1 -= np.where(worst_member, worst_flux * worst_inv, 0.0)
+    o0 = s0 - m0
+    o1 = s1 - m1
+    tiny = 1e-12 * np.maximum(s0, 1e-300)
+    has_m, has_o = m0 > tiny, o0 > tiny
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sig = np.where(has_m, m1 / np.sqrt(m0), np.nan)
+        diff = np.where(has_m & has_o, (m1 / m0 - o1 / o0) / np.sqrt(1.0 / m0 + 1.0 / o0), np.nan)
+    return {"tplsig": sig.astype(np.float32), "tpldiff": diff.astype(np.float32)}
+
+
+def template_artifacts(table: Any, images: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """Which sources of ``table`` (a master residual's detections: ``x``, ``y``,
+    ``sign``) are the template's, not the sky's: where the template's own frames show
+    them in their residuals' mean, at :data:`TEMPLATE_SIGMA` or more with their sign, no
+    differently from the other residuals (``tplsig``, ``tpldiff`` of
+    :func:`variability_image`). A template stacked from frames of different seeing
+    gives faint stars another PSF than bright ones (a median is not linear in the
+    noise); the kernel, fitted on the bright ones, leaves the faint ones in every
+    residual, and the master residual stacks them into sources that no frame holds.
+    All False without the images."""
+    n = len(table)
+    out = np.zeros(n, bool)
+    if not n or not images or "tplsig" not in images:
+        return out
+    sig, diff = images["tplsig"], images.get("tpldiff")
+    ny, nx = sig.shape
+    x = np.clip(np.rint(np.asarray(table["x"], float)).astype(int), 0, nx - 1)
+    y = np.clip(np.rint(np.asarray(table["y"], float)).astype(int), 0, ny - 1)
+    sign = np.sign(np.asarray(table["sign"], float)) if "sign" in table.colnames else np.ones(n)
+    s = np.nan_to_num(sig[y, x] * sign, nan=0.0)
+    d = np.abs(diff[y, x]) if diff is not None else np.full(n, np.nan)
+    return (s >= TEMPLATE_SIGMA) & ~(d >= TEMPLATE_SIGMA)
 
 
 def _headers(residuals: Sequence[Any]) -> list[Any]:

@@ -47,6 +47,20 @@ def test_null_series_false_detections_within_the_rate_and_away_from_stars(null_t
     assert len(Table.read(null_target / "sources" / "VAR_filtered_sources.ecsv")) == 0
 
 
+def test_null_series_master_residual_is_judged_against_the_template_frames(null_target):
+    # every residual is a template frame's here (3 frames, 5 wanted): the variability
+    # image holds their mean, and every master-residual source is given its value there
+    from astropy.io import fits
+
+    with fits.open(null_target / "residuals" / "VAR.fits") as hdul:
+        assert hdul[0].header["NTPLMEM"] == FRAMES
+        assert {"TPLSIG", "TPLDIFF"} <= {h.name for h in hdul}
+        assert np.isnan(hdul["TPLDIFF"].data).all()  # no other residual to differ from
+    mr = Table.read(null_target / "sources" / "MR_sources.ecsv")
+    assert mr["tpl_sig"].info.description
+    assert len(mr) and np.isfinite(mr["tpl_sig"]).mean() > 0.5  # NaN: no data there
+
+
 def test_null_series_reports_its_threshold(null_target):
     totals = (null_target / "sources" / "total_sources.txt").read_text()
     assert "detection threshold (peak_norm, median over residuals): 6.00" in totals
