@@ -666,10 +666,11 @@ def _catalogs(
     counts: dict[str, Any] = {}
     varying = _varying(ctx, tables, indiv_names, common, out_dir, prov, counts)
 
+    template_images = _template_images(ctx)
+
     def judged(name: str, frame: str | None) -> Any:
         table = tasks.filter_sources(tables[name].copy(), frame=frame, **common)
-        if name == "MR":
-            _template_test(ctx, table)
+        _template_test(table, template_images)
         if varying is None:
             return table
         lenient = tasks.filter_sources(
@@ -705,22 +706,26 @@ def _catalogs(
     return counts
 
 
-def _template_test(ctx: Context, table: Any) -> None:
-    """The master residual's sources that the template's own frames show as much as the
-    others, in place: ``tpl_sig`` (their residuals' mean there, sigmas, signed like the
-    source; NaN without the variability image's ``TPLSIG``) and ``reason`` ``template``
-    for the kept ones (:func:`~oasis_core.engine.variability.template_artifacts`)."""
-    images: dict[str, np.ndarray] = {}
+def _template_images(ctx: Context) -> dict[str, np.ndarray]:
+    """The variability image's ``TPLSIG`` and ``TPLDIFF`` (none without them)."""
     path = outputs.var_path(ctx)
-    if path.exists():
-        from astropy.io import fits
+    if not path.exists():
+        return {}
+    from astropy.io import fits
 
-        with fits.open(path, memmap=False) as hdul:
-            images = {
-                k: np.asarray(hdul[k.upper()].data)
-                for k in ("tplsig", "tpldiff")
-                if k.upper() in hdul
-            }
+    with fits.open(path, memmap=False) as hdul:
+        names = {h.name for h in hdul}
+        return {
+            k: np.asarray(hdul[k.upper()].data) for k in ("tplsig", "tpldiff") if k.upper() in names
+        }
+
+
+def _template_test(table: Any, images: Mapping[str, np.ndarray]) -> None:
+    """The sources of a residual or of the master residual that the template's own frames
+    show as much as the other residuals do, in place: ``tpl_sig`` (their residuals' mean
+    there, sigmas, signed like the source; NaN without ``images``, the variability
+    image's ``TPLSIG``/``TPLDIFF``) and ``reason`` ``template`` for the kept ones
+    (:func:`~oasis_core.engine.variability.template_artifacts`)."""
     n = len(table)
     sig = np.full(n, np.nan, np.float32)
     if n and "tplsig" in images:

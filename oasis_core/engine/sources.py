@@ -29,7 +29,7 @@ The extract backend detects; the core decides. Each detection gets a ``reason``:
   and the residual imperfect PSF matching leaves around the template's stars:
   ``peak_norm`` below ``sqrt(threshold**2 + (wing_sigma * wing)**2)`` (see
   :func:`mismatch_map`): the rings of bright stars;
-* ``"template"`` — (master residual) the template's own frames show the source in their
+* ``"template"`` — the template's own frames show the source in their
   residuals' mean as much as the other residuals do (``tpl_sig``,
   :func:`oasis_core.engine.variability.template_artifacts`): a source of the template (its
   PSF at some brightness, a hole), not of the sky, which the template's frames cannot
@@ -126,7 +126,7 @@ CATALOG_COLUMNS: dict[str, tuple[str | None, str]] = {
     "threshold": ("", "the residual's detection threshold on peak_norm (sigmas)"),
     "tpl_sig": (
         "",
-        "(master residual) the template's own frames' residuals' mean there, PSF-weighted, "
+        "the template's own frames' residuals' mean there, PSF-weighted, "
         "sigmas, signed like the source: a source of the sky is about 0 there",
     ),
     "n_frames": ("", "number of individual residuals with a positive detection there"),

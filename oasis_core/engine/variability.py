@@ -358,14 +358,16 @@ def _template_images(
 
 
 def template_artifacts(table: Any, images: Mapping[str, np.ndarray] | None) -> np.ndarray:
-    """Which sources of ``table`` (a master residual's detections: ``x``, ``y``,
-    ``sign``) are the template's, not the sky's: where the template's own frames show
+    """Which sources of ``table`` (a residual's or the master residual's detections:
+    ``x``, ``y``, ``sign``) are the template's, not the sky's: where the template's own frames show
     them in their residuals' mean, at :data:`TEMPLATE_SIGMA` or more with their sign, no
     differently from the other residuals (``tplsig``, ``tpldiff`` of
     :func:`variability_image`). A template stacked from frames of different seeing
     gives faint stars another PSF than bright ones (a median is not linear in the
     noise); the kernel, fitted on the bright ones, leaves the faint ones in every
-    residual, and the master residual stacks them into sources that no frame holds.
+    residual, and the master residual stacks them into sources that no frame holds. A
+    single residual's detection on such a structure (by a bright star, where it stands
+    out in one frame's noise) is the template's too.
     All False without the images."""
     n = len(table)
     out = np.zeros(n, bool)
