@@ -297,3 +297,32 @@ def test_the_template_s_own_frames_tell_its_sources_from_the_sky_s():
     # without the template's frames named there is nothing to tell them by
     plain = variability_image(residuals)
     assert plain.extra == {} and not template_artifacts(table, plain.extra).any()
+
+
+def test_a_varying_place_whose_every_residual_detection_is_an_artefact_takes_their_reason():
+    # the variability image sees that the residuals differ by a bright star whose halo a
+    # kernel left in the broadest frames only; the residuals called each of their
+    # detections there an artefact, so the source is theirs; a source with one good
+    # detection, or none at all (too faint for a single frame), stays kept
+    from oasis_core.engine.variability import artefact_verdict
+
+    var = Table(
+        {
+            "x": [100.0, 40.0, 200.0],
+            "y": [100.0, 40.0, 200.0],
+            "fwhm": [5.0, 5.0, 5.0],
+            "reason": np.array(["kept"] * 3, dtype="U10"),
+        }
+    )
+    a = Table({"x": [103.0, 41.0], "y": [98.0, 40.0], "reason": ["masked", "wing"]})
+    b = Table({"x": [104.0, 40.5], "y": [101.0, 39.0], "reason": np.array(["wing", "kept"], "U10")})
+    c = Table({"x": [96.5], "y": [102.0], "reason": ["wing"]})
+    reason = artefact_verdict(var, {"a": a, "b": b, "c": c}, radius=1.5)
+    assert list(reason) == ["wing", "kept", "kept"]
+    # a faint or negative detection is no artefact: the source stays
+    b["reason"][0] = "faint"
+    assert artefact_verdict(var, {"a": a, "b": b, "c": c}, radius=1.5)[0] == "kept"
+    # and a source already rejected keeps its own reason
+    var["reason"][0] = "faint"
+    b["reason"][0] = "wing"
+    assert artefact_verdict(var, {"a": a, "b": b, "c": c}, radius=1.5)[0] == "faint"

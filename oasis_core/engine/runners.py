@@ -756,7 +756,9 @@ def _varying(
     (:func:`~oasis_core.engine.variability.detection_kinds`), its catalogs written
     (``VAR_sources``, ``VAR_filtered_sources``); None without a variability image. The
     ``majority`` and ``dipole`` filters do not apply to a map without sign; a negative
-    detection there (residuals that vary less than their noise says) is no variable."""
+    detection there (residuals that vary less than their noise says) is no variable; a
+    source whose every detection in the residuals is an artefact takes their reason
+    (:func:`~oasis_core.engine.variability.artefact_verdict`)."""
     if "VAR" not in tables:
         return None
     settings = common["settings"]
@@ -770,6 +772,12 @@ def _varying(
     table["kind"] = variability.detection_kinds(
         table, {n: tables[n] for n in indiv_names}, settings.match_radius
     )
+    lenient = attrs.evolve(settings, keep_negative=True)  # a variable is negative at times
+    judged = {
+        n: tasks.filter_sources(tables[n].copy(), settings=lenient, catalogs=(), n_residuals=0)
+        for n in indiv_names
+    }
+    table["reason"] = variability.artefact_verdict(table, judged, settings.match_radius)
     kept = table[table["reason"] == "kept"]
     _write_catalog(out_dir, "VAR_sources", table, prov)
     _write_catalog(out_dir, "VAR_filtered_sources", kept, prov)

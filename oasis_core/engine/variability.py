@@ -43,7 +43,9 @@ import numpy as np
 from oasis_core.contracts.model import MIN_WEIGHT, Residual
 
 __all__ = [
+    "ARTEFACTS",
     "MIN_RESIDUALS",
+    "artefact_verdict",
     "chi2_significance",
     "detection_kinds",
     "exempt_varying",
@@ -435,6 +437,42 @@ def detection_kinds(sources: Any, detections: Mapping[str, Any], radius: float) 
     kind[pos & (~neg | (last_neg < first_pos))] = "transient"
     kind[pos & neg & (last_pos < first_neg)] = "fading"
     return kind
+
+
+#: The reasons that call a residual's detection an artefact of the subtraction or of the
+#: mask (:mod:`oasis_core.engine.sources`), not a faint or negative source.
+ARTEFACTS = ("wing", "masked", "dipole", "extended", "sharp", "point", "template")
+
+
+def artefact_verdict(sources: Any, detections: Mapping[str, Any], radius: float) -> np.ndarray:
+    """The ``reason`` of each source of the variability image: its own, unless the
+    residuals detected it and called every one of those detections an artefact
+    (:data:`ARTEFACTS`; within one FWHM of the source, the ``fwhm`` column, at least
+    ``radius`` px): then their most common reason. The variability image sees that the
+    residuals differ there; the residuals say why: the halo a kernel left around a bright
+    star in the broadest frames only, its core masked. ``detections``: each residual's
+    detections, judged without the ``negative`` and ``majority`` filters (a variable is
+    fainter than the template at times, and found in most frames)."""
+    reason = np.asarray(sources["reason"], dtype="U10").copy()
+    if not len(sources):
+        return reason
+    xs, ys = np.asarray(sources["x"], float), np.asarray(sources["y"], float)
+    width = np.asarray(sources["fwhm"], float) if "fwhm" in sources.colnames else np.zeros(len(xs))
+    reach = np.maximum(np.nan_to_num(width, nan=0.0), radius)
+    found: list[list[str]] = [[] for _ in range(len(xs))]
+    for table in detections.values():
+        if not len(table):
+            continue
+        tx, ty = np.asarray(table["x"], float), np.asarray(table["y"], float)
+        why = np.asarray(table["reason"], dtype="U10")
+        near = np.hypot(tx[None] - xs[:, None], ty[None] - ys[:, None]) <= reach[:, None]
+        for i, j in zip(*np.nonzero(near), strict=True):
+            found[i].append(str(why[j]))
+    for i, whys in enumerate(found):
+        if reason[i] == "kept" and whys and all(w in ARTEFACTS for w in whys):
+            values, counts = np.unique(whys, return_counts=True)
+            reason[i] = values[np.argmax(counts)]
+    return reason
 
 
 def exempt_varying(table: Any, varying: Any, radius: float, lenient: Any) -> Any:
