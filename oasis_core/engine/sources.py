@@ -561,7 +561,12 @@ def mismatch_map(
     stars = np.where(finite, template - np.float32(np.median(template[good])), 0)
     n0 = float(np.median(noise[good]))
     size = max(3, 2 * round(fwhm / 2) + 1)
-    local = (stars == maximum_filter(stars, size=size)) & finite & (stars > 3 * n0)
+    # the template's stars, 3 times the template's own sky noise above its sky: in the
+    # template's units (a master residual's noise, in sigmas, would make every bump of
+    # the template's sky a star)
+    sample = stars[good][:: max(1, int(good.sum()) // 200_000)]
+    t0 = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
+    local = (stars == maximum_filter(stars, size=size)) & finite & (stars > 3 * t0)
     ys, xs = np.nonzero(local)
     peaks = stars[ys, xs]
     order = np.argsort(peaks)[::-1]
@@ -613,7 +618,10 @@ def mismatch_map(
     profiles = c[:, bins]  # (group, offset): per unit of peak / noise
     for lo in range(0, int(paint.sum()), 512):  # in chunks, to bound memory
         idx = np.flatnonzero(paint)[lo : lo + 512]
-        _paint(wing, noise, n0, xs[idx], ys[idx], peaks[idx], profiles[nearest[idx]], r)
+        _paint(wing, xs[idx], ys[idx], peaks[idx], profiles[nearest[idx]], r, n0)
+    # the largest peak x profile over the stars, in the noise of each pixel: the noise is
+    # the pixel's, whichever star paints it, so it divides once, at the end
+    wing /= np.where(noise > 0, noise, np.float32(n0))
     return wing, info
 
 
@@ -696,25 +704,24 @@ TRIMMED_CHI2 = 0.4377
 
 def _paint(
     wing: np.ndarray,
-    noise: np.ndarray,
-    n0: float,
     xs: np.ndarray,
     ys: np.ndarray,
     peaks: np.ndarray,
     profiles: np.ndarray,
     r: int,
+    n0: float,
 ) -> None:
-    """``wing`` raised (in place) to ``profile * peak / noise`` around each star, within
-    ``r`` pixels (``profiles``: ``(star, 2r+1, 2r+1)``)."""
+    """``wing`` raised (in place) to ``profile * peak`` around each star, within ``r``
+    pixels (``profiles``: ``(star, 2r+1, 2r+1)``, per unit of peak / noise), where that
+    reaches :data:`WING_PAINT_MIN` at the median noise ``n0`` (the rule that leaves a
+    star out altogether, applied to each pixel: fainter rings change no verdict)."""
     ny, nx = wing.shape
-    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
-    ty, tx = ys[:, None, None] + dy[None], xs[:, None, None] + dx[None]
-    inside = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx) & (profiles > 0)
-    ty, tx = ty[inside], tx[inside]
-    local_noise = noise[ty, tx]
-    local_noise = np.where(local_noise > 0, local_noise, np.float32(n0))
-    scale = np.broadcast_to(peaks[:, None, None].astype(np.float32), inside.shape)[inside]
-    np.maximum.at(wing, (ty, tx), (profiles[inside] * scale / local_noise).astype(np.float32))
+    values = profiles * peaks[:, None, None].astype(np.float32)
+    star, oy, ox = np.nonzero(values >= np.float32(WING_PAINT_MIN * n0))
+    ty, tx = ys[star] + oy - r, xs[star] + ox - r
+    inside = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx)
+    star, oy, ox = star[inside], oy[inside], ox[inside]
+    np.maximum.at(wing, (ty[inside], tx[inside]), values[star, oy, ox])
 
 
 def add_null_columns(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oasis_native.align import NativeAlign, NativeAlignOptions
 
 from oasis_core.contracts.errors import StageError
@@ -589,3 +591,31 @@ def test_isis_offsets_agree_with_the_inventory(shared_data):
     largest = np.abs(shifts).max(axis=0)
     assert largest[0] == pytest.approx(5.0, abs=0.15)
     assert largest[1] == pytest.approx(6.7, abs=0.2)
+
+
+@given(
+    angle=st.floats(-0.6, 0.6),
+    scale=st.floats(0.8, 1.25),
+    shift=st.tuples(st.floats(-30, 30), st.floats(-30, 30)),
+    frame=st.tuples(st.integers(3, 50), st.integers(3, 50)),
+    out=st.tuples(st.integers(3, 50), st.integers(3, 50)),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_rows_inside_the_frame_are_those_whose_every_pixel_maps_onto_it(
+    angle, scale, shift, frame, out
+):
+    # the warp fills the output pixels whose input position is off the frame with the
+    # sky, row by row (an affine map keeps a row's inside one interval): the same pixels
+    # as testing every one of them
+    from oasis_native.align import _inside_columns
+
+    c, s = scale * np.cos(angle), scale * np.sin(angle)
+    inv = np.array([[c, -s, shift[0]], [s, c, shift[1]], [0.0, 0.0, 1.0]])
+    yy, xx = np.mgrid[: out[0], : out[1]].astype(float)
+    xin = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
+    yin = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
+    outside = (xin < -0.5) | (xin > frame[1] - 0.5) | (yin < -0.5) | (yin > frame[0] - 0.5)
+    got = np.ones(out, bool)
+    for row, (lo, hi) in enumerate(_inside_columns(inv, frame, out)):
+        got[row, lo:hi] = False
+    assert (got == outside).all()

@@ -860,14 +860,44 @@ def _warp(
     weight[touched > 1e-3] = 0.0
     np.clip(weight, 0.0, 1.0, out=weight)
     # outside the frame: sky level rather than the edge pixels smeared by mode="nearest"
-    yy = np.arange(shape[0], dtype=np.float32)[:, None]
-    xx = np.arange(shape[1], dtype=np.float32)[None, :]
-    xin = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
-    yin = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
-    ny, nx = fs.bad.shape
-    outside = (xin < -0.5) | (xin > nx - 0.5) | (yin < -0.5) | (yin > ny - 0.5)
-    data[outside] = float(np.median(fs.back))
+    sky = float(np.median(fs.back))
+    for row, (lo, hi) in enumerate(_inside_columns(inv, fs.bad.shape, shape)):
+        data[row, :lo] = sky
+        data[row, hi:] = sky
     return data, weight
+
+
+def _inside_columns(
+    inv: np.ndarray, frame_shape: tuple[int, int], shape: tuple[int, int]
+) -> np.ndarray:
+    """For each output row, the columns ``[lo, hi)`` whose input position (``inv`` maps
+    output (x, y) to input) lies on the frame, within half a pixel of its edge pixels'
+    centres: an affine map keeps a row's inside one interval, solved row by row."""
+    ny_in, nx_in = frame_shape
+    ny, nx = shape
+    y = np.arange(ny, dtype=np.float64)
+    lo = np.zeros(ny)
+    hi = np.full(ny, float(nx - 1))
+    empty = np.zeros(ny, bool)
+    # input coordinate = a x + (b y + c) must lie in [-0.5, n_in - 0.5]
+    for a, b, c, n_in in (
+        (inv[0, 0], inv[0, 1], inv[0, 2], nx_in),
+        (inv[1, 0], inv[1, 1], inv[1, 2], ny_in),
+    ):
+        start = b * y + c
+        if abs(a) < 1e-12:  # constant along the row: all in or all out
+            empty |= (start < -0.5) | (start > n_in - 0.5)
+            continue
+        x1 = (-0.5 - start) / a
+        x2 = (n_in - 0.5 - start) / a
+        lo = np.maximum(lo, np.minimum(x1, x2))
+        hi = np.minimum(hi, np.maximum(x1, x2))
+    first = np.ceil(lo - 1e-9).astype(np.int64)
+    last = np.floor(hi + 1e-9).astype(np.int64) + 1
+    first = np.clip(first, 0, nx)
+    last = np.clip(last, 0, nx)
+    last = np.where(empty | (last < first), first, last)
+    return np.stack([first, last], axis=1)
 
 
 def _encircled(frame: Frame, radius: float) -> float:

@@ -72,6 +72,10 @@ _SHARP_MAX = 50.0  # Laplacian / fine structure above which a peak is a cosmic r
 _CROSS = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # grows each stamp by 1 px
 # least zero-lag S/N of the sources' autocorrelation (about a star of matched-filter S/N 20)
 _AC_MIN_SNR = 25.0
+#: The pixel-difference sky noise is measured on bands of rows holding about this many
+#: pixels (:func:`oasis_core.engine.stats.sky_noise`): the same statistic on a regular
+#: sample of a large frame, a quarter of a 2048x2048 one.
+_NOISE_PIXELS = 1 << 20
 #: Fraction of the model added (in quadrature) to each pixel's noise in the joint fit of
 #: the PSF stars: no real PSF is exactly the profile, and without it the brightest star
 #: would decide the shape alone.
@@ -1077,7 +1081,7 @@ class NativePsf(PsfBackend):
         # crowding inflates sep's RMS: keep the pixel-difference estimate when lower
         from oasis_core.engine.stats import sky_noise
 
-        diff_noise = sky_noise(frame.data, ~bad)
+        diff_noise = sky_noise(frame.data, ~bad, max_pixels=_NOISE_PIXELS)
         if math.isfinite(diff_noise) and 0 < diff_noise < noise:
             noise = diff_noise
         if not (math.isfinite(noise) and noise > 0):
