@@ -8,6 +8,8 @@ import attrs
 import numpy as np
 import pytest
 from astropy.io import fits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oasis_core.contracts.backends import SubtractBackend, option
 from oasis_core.contracts.errors import StageError
@@ -514,3 +516,23 @@ def test_judge_records_how_correlated_every_residuals_noise_is():
         judged = judge_residual(residual, "r", 0.5)
         assert low < judged.meta["noise_correlation"] < high
         assert judged.noise_correlation == max(1.0, judged.meta["noise_correlation"])
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    density=st.sampled_from([0.0, 1e-4, 1e-2, 0.3]),
+    radius=st.integers(1, 6),
+    shape=st.tuples(st.integers(1, 80), st.integers(1, 80)),
+)
+@settings(max_examples=60, deadline=None)
+def test_holes_grow_by_a_disk_as_a_binary_dilation_would(seed, density, radius, shape):
+    # judge_residual grows the template's holes by a FWHM; sparse holes are grown by
+    # placing the disk at each pixel, which must be scipy's dilation exactly
+    from scipy.ndimage import binary_dilation
+
+    from oasis_core.engine.subtraction import grow_disk
+
+    mask = np.random.default_rng(seed).random(shape) < density
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    want = binary_dilation(mask, structure=xx**2 + yy**2 <= radius**2)
+    assert (grow_disk(mask, radius) == want).all()

@@ -414,11 +414,8 @@ def judge_residual(
         if incomplete is None or np.shape(incomplete) != weight.shape:
             incomplete = incomplete_sources(template)
         if incomplete.any():  # and as far as the kernel and the PSF carry it: 1 FWHM
-            from scipy.ndimage import binary_dilation
-
             radius = max(1, int(np.ceil(_residual_fwhm(residual, template))))
-            yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-            incomplete = binary_dilation(incomplete, structure=xx**2 + yy**2 <= radius**2)
+            incomplete = grow_disk(incomplete, radius)
         incomplete = incomplete & (weight > 0)  # the template's own mask stays as it is
         extra["incomplete_masked"] = int(incomplete.sum())
         if incomplete.any():
@@ -443,6 +440,32 @@ def judge_residual(
         "q_floor": float(q_floor),
     }
     return attrs.evolve(residual, weight=weight, meta=meta)
+
+
+def grow_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` grown by a disk of ``radius`` px: :func:`scipy.ndimage.binary_dilation`
+    with that structure (nothing beyond the edges), made by placing the disk at each
+    pixel of a sparse mask (a template's holes: thousands of pixels of millions, where
+    the whole-image dilation costs a quarter of a second on 2048x2048)."""
+    mask = np.asarray(mask, bool)
+    dy, dx = np.nonzero(
+        np.add.outer(np.arange(-radius, radius + 1) ** 2, np.arange(-radius, radius + 1) ** 2)
+        <= radius**2
+    )
+    ys, xs = np.nonzero(mask)
+    if ys.size * dy.size > mask.size // 4:  # not sparse: the dilation is cheaper
+        from scipy.ndimage import binary_dilation
+
+        disk = np.zeros((2 * radius + 1, 2 * radius + 1), bool)
+        disk[dy, dx] = True
+        return binary_dilation(mask, structure=disk)
+    ny, nx = mask.shape
+    ty = (ys[:, None] + (dy - radius)[None]).ravel()
+    tx = (xs[:, None] + (dx - radius)[None]).ravel()
+    inside = (ty >= 0) & (ty < ny) & (tx >= 0) & (tx < nx)
+    out = np.zeros(mask.shape, bool)
+    out[ty[inside], tx[inside]] = True
+    return out
 
 
 def _residual_fwhm(residual: Residual, template: Frame) -> float:
