@@ -450,25 +450,40 @@ def _make_master(
     residuals = io.ResidualSeries(inputs.values(), prepare=tasks.readonly_inputs)
     workdir = tasks.workdir(ctx, "mr", "MR")
     tasks.prepare_workdir(workdir, tasks.backend_user_files(ctx, backend))
-    with ctx.reporter.progress("mr", 1) as advance:
-        master = backend.master(
-            residuals, options=ctx.config.backend_options("mr"), workdir=workdir
-        )
-        advance()
-    shutil.rmtree(workdir, ignore_errors=True)
     header = residuals[0].header.copy()
     for key in io.TIME_KEYS:  # the master residual has no single time of observation
         header.remove(key, ignore_missing=True, remove_all=True)
+    cards = prov.header_cards()
+    cards["NCOMBINE"] = (len(good), "residuals combined")
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    # the backend stacks the series in a thread of this process while the executor's
+    # workers make the variability image's terms and this thread sums them: the two
+    # passes overlap (each with its own series: the two threads share no cache)
+    with (
+        ctx.reporter.progress("mr", 1) as advance,
+        ThreadPoolExecutor(1, thread_name_prefix="oasis-mr") as pool,
+    ):
+        made = pool.submit(
+            backend.master, residuals, options=ctx.config.backend_options("mr"), workdir=workdir
+        )
+        try:
+            series = io.ResidualSeries(inputs.values(), prepare=tasks.readonly_inputs)
+            _make_variability(ctx, series, header.copy(), cards, names=good)
+        except BaseException:
+            made.cancel()
+            wait([made])  # the backend's thread ends before this error goes up
+            raise
+        master = made.result()  # raises what the backend raised
+        advance()
+    shutil.rmtree(workdir, ignore_errors=True)
     # the backend's unit: '' (dimensionless) for residuals combined in sigma units
     unit = str(master.header["BUNIT"]) if "BUNIT" in master.header else ""
     header["BUNIT"] = (unit, "dimensionless: sigma units" if unit == "" else "image unit")
     master = attrs.evolve(
         master, header=header, name="MR", science="MR", template=residuals[0].template
     )
-    cards = prov.header_cards()
-    cards["NCOMBINE"] = (len(good), "residuals combined")
     io.write_residual(out, master, header_extra=cards)
-    _make_variability(ctx, residuals, header, cards, names=good)
     ctx.reporter.result(
         f"mr: master residual of {len(good)} residuals"
         + (f" ({len(bad)} left out: {', '.join(bad)})" if bad else "")
@@ -504,6 +519,9 @@ def _make_variability(
     else:  # each residual's terms on the executor's workers, summed here as they come
         where = template if template.exists() else None
         tasks_ = [(name, (Path(p), where)) for name, p in zip(names, paths, strict=True)]
+        # in order of seeing: a worker smooths the template once for residuals alike
+        seeing = [float(h.get("FWHM", 0.0) or 0.0) for h in residuals.headers()]
+        tasks_ = [t for _, t in sorted(zip(seeing, tasks_, strict=True), key=lambda p: p[0])]
 
         def terms() -> Iterator[tuple[np.ndarray, np.ndarray, bool]]:
             for outcome in ctx.executor.run(variability.residual_terms, tasks_):

@@ -148,15 +148,16 @@ def _flux_and_variance(
         var *= np.float32(spread**2)
     if template is not None and template.shape == data.shape:
         cache = smoothed if smoothed is not None else {}
-        for width in (round(sigma, 2), round(WING_WIDTH * sigma, 2)):
+        narrow_width, wide_width = _width(sigma), _width(WING_WIDTH * sigma)
+        for width in (narrow_width, wide_width):
             if width not in cache:
                 cache[width] = gaussian_filter(template, width, mode="constant", truncate=3.0)
-        stars = cache[round(sigma, 2)]
+        stars = cache[narrow_width]
         eps = mismatch(flux, var, stars, usable)
         if eps > 0:
             var += np.float32(eps * eps) * stars * stars
         # the wings: where the star smoothed wide outshines it smoothed to the PSF
-        wide = cache[round(WING_WIDTH * sigma, 2)]
+        wide = cache[wide_width]
         eps_wing = mismatch(flux, var, wide, usable & (stars < wide))
         if eps_wing > 0:
             var += np.float32(eps_wing * eps_wing) * wide * wide
@@ -192,6 +193,19 @@ def template_stars(template: np.ndarray | None) -> np.ndarray | None:
     return np.where(finite, stars - np.float32(sky), np.float32(0.0))
 
 
+#: The template is smoothed at widths a step of this many per cent apart (the nearest
+#: to the residual's PSF): residuals of like seeing share one smoothed template, and the
+#: mismatch's amplitude, fitted, absorbs the difference.
+WIDTH_STEP = 5.0
+
+
+def _width(sigma: float) -> float:
+    """``sigma`` rounded to the nearest width of a geometric ladder of :data:`WIDTH_STEP`
+    per cent steps."""
+    step = np.log1p(WIDTH_STEP / 100.0)
+    return round(float(np.exp(step * round(np.log(max(sigma, 1e-3)) / step))), 4)
+
+
 def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
     """One residual's ``(f, v)`` (module docstring) from ``(residual_path,
     template_path)``: a task an executor runs where the files are (the template path may
@@ -200,12 +214,19 @@ def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
 
     residual_path, template_path = args
     stars = None if template_path is None else _worker_stars(template_path)
-    return _flux_and_variance(io.read_residual(residual_path), stars)
+    smoothed = _STARS[3]
+    terms = _flux_and_variance(io.read_residual(residual_path), stars, smoothed)
+    while len(smoothed) > SMOOTHED_KEPT:  # the oldest first
+        smoothed.pop(next(iter(smoothed)))
+    return terms
 
 
-#: The template's stars a worker process read last: (path, mtime_ns, stars). A worker
-#: serves many residuals of one template: it reads the template once.
-_STARS: list[Any] = [None, None, None]
+#: The template's stars a worker process read last: (path, mtime_ns, stars, smoothed).
+#: A worker serves many residuals of one template: it reads the template once, and keeps
+#: it smoothed at the last :data:`SMOOTHED_KEPT` widths (residuals of like seeing share
+#: them; the mr stage sends the residuals in order of seeing).
+_STARS: list[Any] = [None, None, None, {}]
+SMOOTHED_KEPT = 4
 
 
 def _worker_stars(path: Any) -> np.ndarray | None:
@@ -216,7 +237,7 @@ def _worker_stars(path: Any) -> np.ndarray | None:
     path = Path(path)
     stamp = path.stat().st_mtime_ns
     if _STARS[0] != path or _STARS[1] != stamp:
-        _STARS[:] = [path, stamp, template_stars(io.read_output_frame(path).data)]
+        _STARS[:] = [path, stamp, template_stars(io.read_output_frame(path).data), {}]
     return _STARS[2]
 
 
@@ -259,40 +280,45 @@ def variability_image(
         stars = template_stars(template)
         smoothed: dict[float, np.ndarray] = {}
         terms = ((*_flux_and_variance(r, stars, smoothed), r.science in members) for r in residuals)
+    # sums in float64 (the chi-square is a difference of two of them); each residual's
+    # terms, and the most deviant one's, in float32
     s0 = np.zeros(shape, np.float64)
     s1 = np.zeros(shape, np.float64)
     s2 = np.zeros(shape, np.float64)
     count = np.zeros(shape, np.int32)
-    worst = np.zeros(shape, np.float64)  # the largest f**2 / v so far, and its terms
-    worst_inv = np.zeros(shape, np.float64)
-    worst_flux = np.zeros(shape, np.float64)
+    worst = np.zeros(shape, np.float32)  # the largest f**2 / v so far, and its terms
+    worst_inv = np.zeros(shape, np.float32)
+    worst_flux = np.zeros(shape, np.float32)
     m0 = m1 = worst_member = None
     if members:
         m0, m1 = np.zeros(shape, np.float64), np.zeros(shape, np.float64)
         worst_member = np.zeros(shape, bool)
     for term_ in terms:  # one residual at a time, whole arrays
-        flux, var = term_[0], term_[1]
+        flux = np.asarray(term_[0], np.float32)
+        var = np.asarray(term_[1], np.float32)
         member = bool(term_[2]) if len(term_) > 2 else False
         has = var > 0
-        inv = np.divide(1.0, var, out=np.zeros(shape, np.float64), where=has)
-        term = flux.astype(np.float64) ** 2 * inv
+        inv = np.zeros(shape, np.float32)
+        np.divide(np.float32(1.0), var, out=inv, where=has)
+        weighted = flux * inv
+        term = weighted * flux
         s0 += inv
-        s1 += flux * inv
+        s1 += weighted
         s2 += term
         count += has
         larger = term > worst
-        worst[larger] = term[larger]
-        worst_inv[larger] = inv[larger]
-        worst_flux[larger] = flux[larger]
-        if worst_member is not None:
-            worst_member[larger] = member
+        np.copyto(worst, term, where=larger)
+        np.copyto(worst_inv, inv, where=larger)
+        np.copyto(worst_flux, flux, where=larger)
+        if worst_member is not None and m0 is not None and m1 is not None:
+            np.copyto(worst_member, member, where=larger)
             if member:
                 m0 += inv
-                m1 += flux * inv
+                m1 += weighted
     # without the most deviant residual: one frame's artefact (a cosmic ray, a trail, a
     # bad column) is not variability
     s0 -= worst_inv
-    s1 -= worst_flux * worst_inv
+    s1 -= worst_flux * worst_inv.astype(np.float64)
     s2 -= worst
     count -= (worst_inv > 0).astype(np.int32)
     enough = count >= MIN_RESIDUALS - 1

@@ -135,21 +135,22 @@ def _master(residuals: Sequence[Residual], options: NativeMrOptions) -> Residual
     sum_w2 = np.zeros(shape, np.float64)
     count = np.zeros(shape, np.int32)
     correlations: list[float] = []
-    for r in residuals:  # one pass per residual, whole arrays
+    zero = np.float32(0.0)
+    for r in residuals:  # one pass per residual, whole arrays (its terms in float32)
         good = _has_data(r)
         c = r.noise_correlation
         correlations.append(c)
-        w = np.where(good, np.asarray(r.weight, np.float64) / (c * c), 0.0)
+        w = np.where(good, np.asarray(r.weight, np.float32) * np.float32(1.0 / (c * c)), zero)
         if options.normalize:
-            values = np.asarray(r.normalized, np.float64)
-            var = 1.0
+            values = np.asarray(r.normalized, np.float32)
+            w2 = w * w
         else:
-            values = np.where(good, np.asarray(r.data, np.float64), 0.0)
-            var = np.where(good, np.asarray(r.noise, np.float64) ** 2, 0.0)
+            values = np.where(good, np.asarray(r.data, np.float32), zero)
+            w2 = w * w * np.where(good, np.asarray(r.noise, np.float32) ** 2, zero)
         _check_shape(r, first)
         sum_w += w
         sum_wr += w * values
-        sum_w2 += w**2 * var
+        sum_w2 += w2
         count += good
         names.append(r.name)
         templates.add(r.template)
