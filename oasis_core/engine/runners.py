@@ -468,7 +468,9 @@ def _make_master(
             backend.master, residuals, options=ctx.config.backend_options("mr"), workdir=workdir
         )
         try:
-            series = io.ResidualSeries(inputs.values(), prepare=tasks.readonly_inputs)
+            series = io.ResidualSeries(
+                inputs.values(), prepare=tasks.readonly_inputs, cache_bytes=0
+            )
             _make_variability(ctx, series, header.copy(), cards, names=good)
         except BaseException:
             made.cancel()

@@ -226,7 +226,7 @@ def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
 #: it smoothed at the last :data:`SMOOTHED_KEPT` widths (residuals of like seeing share
 #: them; the mr stage sends the residuals in order of seeing).
 _STARS: list[Any] = [None, None, None, {}]
-SMOOTHED_KEPT = 4
+SMOOTHED_KEPT = 2
 
 
 def _worker_stars(path: Any) -> np.ndarray | None:
