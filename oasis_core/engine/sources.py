@@ -558,8 +558,10 @@ def mismatch_map(
     # every star of the template, its core masked in the residual or not (a saturated
     # star, a template that misses frames there): its rings are in the residual anyway
     finite = np.isfinite(template)
-    stars = np.where(finite, template - np.float32(np.median(template[good])), 0)
-    n0 = float(np.median(noise[good]))
+    from oasis_core.engine.stats import exact_median
+
+    stars = np.where(finite, template - np.float32(exact_median(template[good])), 0)
+    n0 = exact_median(noise[good])
     size = max(3, 2 * round(fwhm / 2) + 1)
     # the template's stars, 3 times the template's own sky noise above its sky: in the
     # template's units (a master residual's noise, in sigmas, would make every bump of

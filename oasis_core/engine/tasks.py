@@ -204,11 +204,21 @@ def extract(task: Task) -> dict[str, Any]:
 
 def _template_data(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """The template's pixels (for the ``wing`` test), when given and on the residual's
-    grid."""
+    grid: read once per worker process while the file stays the same (read-only)."""
     if path is None or not Path(path).exists():
         return None
-    data = io.read_frame(Path(path)).data
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    if _TEMPLATE[0] != key:
+        data = np.asarray(io.read_frame(Path(path)).data)
+        data.flags.writeable = False
+        _TEMPLATE[:] = [key, data]
+    data = _TEMPLATE[1]
     return data if data.shape == tuple(shape) else None
+
+
+#: The template a worker process read last for the extract tasks: (file key, pixels).
+_TEMPLATE: list[Any] = [None, None]
 
 
 def keep_psf_files(model: PsfModel, directory: Path, stem: str, cards: dict[str, Any]) -> list[str]:

@@ -48,6 +48,7 @@ from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Residual
 from oasis_core.contracts.validators import fraction, non_negative, positive
 from oasis_core.engine.sources import matched_significance
+from oasis_core.engine.stats import exact_median
 
 __all__ = ["NativeExtract", "NativeExtractOptions"]
 
@@ -214,9 +215,9 @@ def _extract(residual: Residual, options: NativeExtractOptions) -> Any:
         bad |= ~np.isfinite(score)
     if bad.all():
         raise StageError(f"extract {residual.name!r}: every pixel has weight 0")
-    data -= np.median(data[~bad])
+    data -= exact_median(data[~bad])
     data[bad] = 0.0
-    noise[bad] = np.median(noise[~bad])
+    noise[bad] = exact_median(noise[~bad])
     fwhm = _fwhm(residual, options)
     radius = options.radius if options.radius > 0 else 1.5 * fwhm
     if score is not None:
