@@ -113,11 +113,12 @@ def _flux_and_variance(
     residual: Residual,
     template: np.ndarray | None = None,
     smoothed: dict[float, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(f, v) of one residual as in the module docstring; v = 0 where it has no data.
-    With ``template`` (its sources above a sky of 0), ``v`` also holds the residual's
-    mismatch at stars, ``(eps t)**2`` (see :func:`mismatch`); ``smoothed`` keeps the
-    template smoothed at each width (residuals share their widths)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(f, v, v0) of one residual as in the module docstring; v = 0 where it has no
+    data. With ``template`` (its sources above a sky of 0), ``v`` also holds the
+    residual's mismatch at stars, ``(eps t)**2`` (see :func:`mismatch`), and ``v0`` is
+    the noise's alone; ``smoothed`` keeps the template smoothed at each width
+    (residuals share their widths)."""
     from scipy.ndimage import gaussian_filter
 
     data = np.asarray(residual.data, np.float32)
@@ -125,7 +126,7 @@ def _flux_and_variance(
     good = (np.asarray(residual.weight) >= MIN_WEIGHT) & (noise > 0) & np.isfinite(data)
     zeros = np.zeros(data.shape, np.float32)
     if good.sum() < 100:
-        return zeros, zeros
+        return zeros, zeros, zeros
     fwhm = float(residual.header.get("FWHM", 3.0) or 3.0)
     sigma = max(fwhm, 1.0) / 2.3548
     values = data[good]
@@ -146,6 +147,7 @@ def _flux_and_variance(
     spread = _robust_spread(z)
     if np.isfinite(spread) and spread > 1.0:
         var *= np.float32(spread**2)
+    noise_var = np.where(usable, var, np.float32(0.0))
     if template is not None and template.shape == data.shape:
         cache = smoothed if smoothed is not None else {}
         narrow_width, wide_width = _width(sigma), _width(WING_WIDTH * sigma)
@@ -161,7 +163,7 @@ def _flux_and_variance(
         eps_wing = mismatch(flux, var, wide, usable & (stars < wide))
         if eps_wing > 0:
             var += np.float32(eps_wing * eps_wing) * wide * wide
-    return np.where(usable, flux, 0.0), np.where(usable, var, 0.0)
+    return np.where(usable, flux, 0.0), np.where(usable, var, 0.0), noise_var
 
 
 def mismatch(flux: np.ndarray, var: np.ndarray, stars: np.ndarray, usable: np.ndarray) -> float:
@@ -206,10 +208,10 @@ def _width(sigma: float) -> float:
     return round(float(np.exp(step * round(np.log(max(sigma, 1e-3)) / step))), 4)
 
 
-def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """One residual's ``(f, v)`` (module docstring) from ``(residual_path,
-    template_path)``: a task an executor runs where the files are (the template path may
-    be None)."""
+def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One residual's ``(f, v, v0)`` (module docstring, :func:`_flux_and_variance`) from
+    ``(residual_path, template_path)``: a task an executor runs where the files are (the
+    template path may be None)."""
     from oasis_core.engine import io
 
     residual_path, template_path = args
@@ -267,7 +269,12 @@ def variability_image(
     mean (NaN where either has none); both without the most deviant residual, like the
     chi-square. :func:`template_artifacts` reads them.
 
-    ``terms``: every residual's ``(f, v)`` or ``(f, v, member)`` in any order, made
+    The template test weighs the residuals by their noise alone (``v0``, without the
+    stars' mismatch terms): a structure every residual shares, the template's frames'
+    too, is the template's however bright the star under it.
+
+    ``terms``: every residual's ``(f, v)``, ``(f, v, v0)`` or ``(f, v, v0, member)``
+    in any order, made
     elsewhere (by :func:`residual_terms` on an executor's workers); then ``residuals``
     give only the shape and headers. One pass over the residuals; seven images of the
     image's size in memory (ten with members).
@@ -289,14 +296,16 @@ def variability_image(
     worst = np.zeros(shape, np.float32)  # the largest f**2 / v so far, and its terms
     worst_inv = np.zeros(shape, np.float32)
     worst_flux = np.zeros(shape, np.float32)
-    m0 = m1 = worst_member = None
+    tpl: dict[str, np.ndarray] = {}  # the template test's sums, weighed by the noise alone
     if members:
-        m0, m1 = np.zeros(shape, np.float64), np.zeros(shape, np.float64)
-        worst_member = np.zeros(shape, bool)
+        tpl = {k: np.zeros(shape, np.float64) for k in ("a0", "a1", "m0", "m1")}
+        tpl["worst_inv0"] = np.zeros(shape, np.float32)
+        tpl["worst_member"] = np.zeros(shape, bool)
     for term_ in terms:  # one residual at a time, whole arrays
         flux = np.asarray(term_[0], np.float32)
         var = np.asarray(term_[1], np.float32)
-        member = bool(term_[2]) if len(term_) > 2 else False
+        var0 = np.asarray(term_[2], np.float32) if len(term_) > 2 else var
+        member = bool(term_[3]) if len(term_) > 3 else False
         has = var > 0
         inv = np.zeros(shape, np.float32)
         np.divide(np.float32(1.0), var, out=inv, where=has)
@@ -310,11 +319,17 @@ def variability_image(
         np.copyto(worst, term, where=larger)
         np.copyto(worst_inv, inv, where=larger)
         np.copyto(worst_flux, flux, where=larger)
-        if worst_member is not None and m0 is not None and m1 is not None:
-            np.copyto(worst_member, member, where=larger)
+        if tpl:
+            inv0 = np.zeros(shape, np.float32)
+            np.divide(np.float32(1.0), var0, out=inv0, where=var0 > 0)
+            weighted0 = flux * inv0
+            tpl["a0"] += inv0
+            tpl["a1"] += weighted0
+            np.copyto(tpl["worst_inv0"], inv0, where=larger)
+            np.copyto(tpl["worst_member"], member, where=larger)
             if member:
-                m0 += inv
-                m1 += weighted
+                tpl["m0"] += inv0
+                tpl["m1"] += weighted0
     # without the most deviant residual: one frame's artefact (a cosmic ray, a trail, a
     # bad column) is not variability
     s0 -= worst_inv
@@ -335,9 +350,7 @@ def variability_image(
         if spread > 0:
             z = (z - q50) / spread
     z = np.where(enough, z, 0.0)
-    extra = {}
-    if m0 is not None and m1 is not None and worst_member is not None:
-        extra = _template_images(s0, s1, m0, m1, worst_inv, worst_flux, worst_member)
+    extra = _template_images(tpl, worst_flux) if tpl else {}
     fwhms = [float(h.get("FWHM", 3.0) or 3.0) for h in _headers(residuals)]
     out_header = (residuals[0].header if header is None else header).copy()
     out_header["FWHM"] = (
@@ -362,19 +375,15 @@ def variability_image(
     )
 
 
-def _template_images(
-    s0: np.ndarray,
-    s1: np.ndarray,
-    m0: np.ndarray,
-    m1: np.ndarray,
-    worst_inv: np.ndarray,
-    worst_flux: np.ndarray,
-    worst_member: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """``tplsig`` and ``tpldiff`` (see :func:`variability_image`) from the sums over all
-    residuals without the worst (``s0``, ``s1``) and over the members with it."""
-    m0 -= np.where(worst_member, worst_inv, 0.0)
-    m1 -= np.where(worst_member, worst_flux * worst_inv, 0.0)
+def _template_images(tpl: dict[str, np.ndarray], worst_flux: np.ndarray) -> dict[str, np.ndarray]:
+    """``tplsig`` and ``tpldiff`` (see :func:`variability_image`) from the sums, weighed
+    by the noise alone (``a0``, ``a1``: all residuals; ``m0``, ``m1``: the members), the
+    most deviant residual taken out."""
+    worst_inv0, worst_member = tpl["worst_inv0"], tpl["worst_member"]
+    s0 = tpl["a0"] - worst_inv0
+    s1 = tpl["a1"] - worst_flux * worst_inv0.astype(np.float64)
+    m0 = tpl["m0"] - np.where(worst_member, worst_inv0, 0.0)
+    m1 = tpl["m1"] - np.where(worst_member, worst_flux * worst_inv0, 0.0)
     o0 = s0 - m0
     o1 = s1 - m1
     tiny = 1e-12 * np.maximum(s0, 1e-300)
