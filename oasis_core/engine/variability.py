@@ -269,9 +269,11 @@ def variability_image(
     mean (NaN where either has none); both without the most deviant residual, like the
     chi-square. :func:`template_artifacts` reads them.
 
-    The template test weighs the residuals by their noise alone (``v0``, without the
-    stars' mismatch terms): a structure every residual shares, the template's frames'
-    too, is the template's however bright the star under it.
+    The template test asks whether the members show a source against their noise alone
+    (``v0``, without the stars' mismatch terms: a structure every residual shares, the
+    template's frames' too, is the template's however bright the star under it), and
+    whether they differ from the others against the noise and the mismatch (each
+    frame's kernel leaves a star's mismatch a little differently).
 
     ``terms``: every residual's ``(f, v)``, ``(f, v, v0)`` or ``(f, v, v0, member)``
     in any order, made
@@ -298,7 +300,7 @@ def variability_image(
     worst_flux = np.zeros(shape, np.float32)
     tpl: dict[str, np.ndarray] = {}  # the template test's sums, weighed by the noise alone
     if members:
-        tpl = {k: np.zeros(shape, np.float64) for k in ("a0", "a1", "m0", "m1")}
+        tpl = {k: np.zeros(shape, np.float64) for k in ("m0", "m1", "f0", "f1")}
         tpl["worst_inv0"] = np.zeros(shape, np.float32)
         tpl["worst_member"] = np.zeros(shape, bool)
     for term_ in terms:  # one residual at a time, whole arrays
@@ -322,14 +324,13 @@ def variability_image(
         if tpl:
             inv0 = np.zeros(shape, np.float32)
             np.divide(np.float32(1.0), var0, out=inv0, where=var0 > 0)
-            weighted0 = flux * inv0
-            tpl["a0"] += inv0
-            tpl["a1"] += weighted0
             np.copyto(tpl["worst_inv0"], inv0, where=larger)
             np.copyto(tpl["worst_member"], member, where=larger)
             if member:
                 tpl["m0"] += inv0
-                tpl["m1"] += weighted0
+                tpl["m1"] += flux * inv0
+                tpl["f0"] += inv
+                tpl["f1"] += weighted
     # without the most deviant residual: one frame's artefact (a cosmic ray, a trail, a
     # bad column) is not variability
     s0 -= worst_inv
@@ -350,7 +351,7 @@ def variability_image(
         if spread > 0:
             z = (z - q50) / spread
     z = np.where(enough, z, 0.0)
-    extra = _template_images(tpl, worst_flux) if tpl else {}
+    extra = _template_images(tpl, s0, s1, worst_inv, worst_flux) if tpl else {}
     fwhms = [float(h.get("FWHM", 3.0) or 3.0) for h in _headers(residuals)]
     out_header = (residuals[0].header if header is None else header).copy()
     out_header["FWHM"] = (
@@ -375,22 +376,31 @@ def variability_image(
     )
 
 
-def _template_images(tpl: dict[str, np.ndarray], worst_flux: np.ndarray) -> dict[str, np.ndarray]:
-    """``tplsig`` and ``tpldiff`` (see :func:`variability_image`) from the sums, weighed
-    by the noise alone (``a0``, ``a1``: all residuals; ``m0``, ``m1``: the members), the
-    most deviant residual taken out."""
-    worst_inv0, worst_member = tpl["worst_inv0"], tpl["worst_member"]
-    s0 = tpl["a0"] - worst_inv0
-    s1 = tpl["a1"] - worst_flux * worst_inv0.astype(np.float64)
-    m0 = tpl["m0"] - np.where(worst_member, worst_inv0, 0.0)
-    m1 = tpl["m1"] - np.where(worst_member, worst_flux * worst_inv0, 0.0)
-    o0 = s0 - m0
-    o1 = s1 - m1
+def _template_images(
+    tpl: dict[str, np.ndarray],
+    s0: np.ndarray,
+    s1: np.ndarray,
+    worst_inv: np.ndarray,
+    worst_flux: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """``tplsig`` and ``tpldiff`` (see :func:`variability_image`), the most deviant
+    residual taken out: whether the members show the source, against their noise alone
+    (``m0``, ``m1``: their sums weighed by ``1 / v0``); whether they differ from the
+    others, against the noise and the stars' mismatch (``f0``, ``f1``: their sums weighed
+    by ``1 / v``, and ``s0``, ``s1`` those of all residuals, the worst out already):
+    each frame's kernel leaves a star's mismatch a little differently."""
+    worst_inv0, member = tpl["worst_inv0"], tpl["worst_member"]
+    m0 = tpl["m0"] - np.where(member, worst_inv0, 0.0)
+    m1 = tpl["m1"] - np.where(member, worst_flux * worst_inv0, 0.0)
+    f0 = tpl["f0"] - np.where(member, worst_inv, 0.0)
+    f1 = tpl["f1"] - np.where(member, worst_flux * worst_inv, 0.0)
+    o0 = s0 - f0
+    o1 = s1 - f1
     tiny = 1e-12 * np.maximum(s0, 1e-300)
-    has_m, has_o = m0 > tiny, o0 > tiny
+    has_m, has_f, has_o = m0 > 0, f0 > tiny, o0 > tiny
     with np.errstate(divide="ignore", invalid="ignore"):
         sig = np.where(has_m, m1 / np.sqrt(m0), np.nan)
-        diff = np.where(has_m & has_o, (m1 / m0 - o1 / o0) / np.sqrt(1.0 / m0 + 1.0 / o0), np.nan)
+        diff = np.where(has_f & has_o, (f1 / f0 - o1 / o0) / np.sqrt(1.0 / f0 + 1.0 / o0), np.nan)
     return {"tplsig": sig.astype(np.float32), "tpldiff": diff.astype(np.float32)}
 
 
