@@ -325,7 +325,7 @@ def template_current(ctx: Context, aligned: Sequence[str]) -> bool:
     header = read_header(template) if template.exists() else None
     if header is None or not template.with_name("template.psf.fits").exists():
         return False
-    used = [str(header[k]) for k in header if k.startswith("OASTIN") and k[6:].isdigit()]
+    used = list(io.template_inputs(header))
     align_dir = ctx.target.stage_dir("align")
     return (
         bool(used)

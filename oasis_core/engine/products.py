@@ -34,6 +34,7 @@ __all__ = [
     "read_psf",
     "read_residual",
     "residual_header",
+    "template_inputs",
     "write_frame",
     "write_psf",
     "write_residual",
@@ -208,13 +209,18 @@ def write_frame(
         hdul.writeto(tmp, overwrite=True)
 
 
+def template_inputs(header: Any) -> tuple[str, ...]:
+    """The names of the frames a template was stacked from: its ``OASTINn`` cards."""
+    return tuple(str(header[k]) for k in header if k.startswith("OASTIN") and k[6:].isdigit())
+
+
 def read_output_frame(path: Path, *, cls: type[Frame] = Frame, **fields: Any) -> Frame:
     """Read a frame the core wrote with :func:`write_frame` (data + ``WEIGHT``)."""
     frame = read_frame(path)
     if cls is Template:
         from astropy.io import fits
 
-        inputs = tuple(str(v) for k, v in frame.header.items() if k.startswith("OASTIN"))
+        inputs = template_inputs(frame.header)
         with fits.open(path, memmap=False) as hdul:
             holes = np.array(hdul["HOLES"].data, bool) if "HOLES" in hdul else None
         return Template(**{**_frame_fields(frame), "inputs": inputs, "holes": holes, **fields})

@@ -512,8 +512,7 @@ def _make_variability(
     template = outputs.template_path(ctx)
     members: set[str] = set()
     if template.exists():
-        tpl_header = outputs.read_header(template) or {}
-        members = {str(tpl_header[k]) for k in tpl_header if k.startswith("OASTIN")}
+        members = set(io.template_inputs(outputs.read_header(template) or {}))
     paths = getattr(residuals, "paths", None)
     if paths is None:  # residuals in memory: made here
         stars = io.read_output_frame(template).data if template.exists() else None
@@ -684,7 +683,16 @@ def _catalogs(
         for k, v in ctx.provenance("extract", dict(units), settings=settings).cards().items()
     }
     counts: dict[str, Any] = {}
-    varying = _varying(ctx, tables, indiv_names, common, out_dir, prov, counts)
+    # every table filtered without the negative and majority filters (which serve a
+    # transient search; a variable is fainter than the template at times): once, for the
+    # variability image's artefact verdict and for the exemption of what varies
+    loose = attrs.evolve(settings, keep_negative=True)
+    lenient = {
+        n: tasks.filter_sources(t.copy(), settings=loose, catalogs=(), n_residuals=0)
+        for n, t in tables.items()
+        if n != "VAR"
+    }
+    varying = _varying(tables, lenient, indiv_names, common, out_dir, prov, counts)
 
     template_images = _template_images(ctx)
 
@@ -693,13 +701,7 @@ def _catalogs(
         _template_test(table, template_images)
         if varying is None:
             return table
-        lenient = tasks.filter_sources(
-            tables[name].copy(),
-            settings=attrs.evolve(settings, keep_negative=True),
-            catalogs=(),
-            n_residuals=0,
-        )
-        return variability.exempt_varying(table, varying, settings.match_radius, lenient)
+        return variability.exempt_varying(table, varying, settings.match_radius, lenient[name])
 
     indiv = [judged(name, name) for name in indiv_names]
     if len({str(t["flux"].unit) for t in indiv}) > 1:  # frames in different units
@@ -746,14 +748,7 @@ def _template_test(table: Any, images: Mapping[str, np.ndarray]) -> None:
     there, sigmas, signed like the source; NaN without ``images``, the variability
     image's ``TPLSIG``/``TPLDIFF``) and ``reason`` ``template`` for the kept ones
     (:func:`~oasis_core.engine.variability.template_artifacts`)."""
-    n = len(table)
-    sig = np.full(n, np.nan, np.float32)
-    if n and "tplsig" in images:
-        ny, nx = images["tplsig"].shape
-        x = np.clip(np.rint(np.asarray(table["x"], float)).astype(int), 0, nx - 1)
-        y = np.clip(np.rint(np.asarray(table["y"], float)).astype(int), 0, ny - 1)
-        sign = np.sign(np.asarray(table["sign"], float)) if "sign" in table.colnames else 1.0
-        sig = (images["tplsig"][y, x] * sign).astype(np.float32)
+    sig = variability.template_sigma(table, images)
     table["tpl_sig"] = sig
     table["tpl_sig"].info.format = ".3f"
     from oasis_core.engine.sources import describe_columns
@@ -764,8 +759,8 @@ def _template_test(table: Any, images: Mapping[str, np.ndarray]) -> None:
 
 
 def _varying(
-    ctx: Context,
     tables: Mapping[str, Any],
+    lenient: Mapping[str, Any],
     indiv_names: Sequence[str],
     common: Mapping[str, Any],
     out_dir: Path,
@@ -792,11 +787,7 @@ def _varying(
     table["kind"] = variability.detection_kinds(
         table, {n: tables[n] for n in indiv_names}, settings.match_radius
     )
-    lenient = attrs.evolve(settings, keep_negative=True)  # a variable is negative at times
-    judged = {
-        n: tasks.filter_sources(tables[n].copy(), settings=lenient, catalogs=(), n_residuals=0)
-        for n in indiv_names
-    }
+    judged = {n: lenient[n] for n in indiv_names}
     table["reason"] = variability.artefact_verdict(table, judged, settings.match_radius)
     kept = table[table["reason"] == "kept"]
     _write_catalog(out_dir, "VAR_sources", table, prov)

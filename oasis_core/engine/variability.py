@@ -52,6 +52,7 @@ __all__ = [
     "mismatch",
     "residual_terms",
     "template_artifacts",
+    "template_sigma",
     "template_stars",
     "variability_image",
 ]
@@ -276,10 +277,9 @@ def variability_image(
     frame's kernel leaves a star's mismatch a little differently).
 
     ``terms``: every residual's ``(f, v)``, ``(f, v, v0)`` or ``(f, v, v0, member)``
-    in any order, made
-    elsewhere (by :func:`residual_terms` on an executor's workers); then ``residuals``
-    give only the shape and headers. One pass over the residuals; seven images of the
-    image's size in memory (ten with members).
+    in any order, made elsewhere (by :func:`residual_terms` on an executor's workers);
+    then ``residuals`` give only the shape and headers. One pass over the residuals;
+    seven images of the image's size in memory (thirteen with members).
     """
     if not residuals:
         raise ValueError("variability_image: no residual")
@@ -406,8 +406,8 @@ def _template_images(
 
 def template_artifacts(table: Any, images: Mapping[str, np.ndarray] | None) -> np.ndarray:
     """Which sources of ``table`` (a residual's or the master residual's detections:
-    ``x``, ``y``, ``sign``) are the template's, not the sky's: where the template's own frames show
-    them in their residuals' mean, at :data:`TEMPLATE_SIGMA` or more with their sign, no
+    ``x``, ``y``, ``sign``) are the template's, not the sky's: where the template's own
+    frames show them in their residuals' mean, at :data:`TEMPLATE_SIGMA` or more with their sign, no
     differently from the other residuals (``tplsig``, ``tpldiff`` of
     :func:`variability_image`). A template stacked from frames of different seeing
     gives faint stars another PSF than bright ones (a median is not linear in the
@@ -416,18 +416,29 @@ def template_artifacts(table: Any, images: Mapping[str, np.ndarray] | None) -> n
     single residual's detection on such a structure (by a bright star, where it stands
     out in one frame's noise) is the template's too.
     All False without the images."""
-    n = len(table)
-    out = np.zeros(n, bool)
-    if not n or not images or "tplsig" not in images:
-        return out
-    sig, diff = images["tplsig"], images.get("tpldiff")
-    ny, nx = sig.shape
+    sig = template_sigma(table, images)
+    if images is None or "tpldiff" not in images:
+        return sig >= TEMPLATE_SIGMA  # NaN (no image there) is False
+    diff = np.abs(_at(table, images["tpldiff"]))
+    return (sig >= TEMPLATE_SIGMA) & ~(diff >= TEMPLATE_SIGMA)
+
+
+def template_sigma(table: Any, images: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The template's own frames' residuals' mean at each source of ``table`` (``x``,
+    ``y``, ``sign``), in sigmas, signed like the source (``tplsig`` of
+    :func:`variability_image`, at the nearest pixel); NaN without the image."""
+    if not images or "tplsig" not in images:
+        return np.full(len(table), np.nan, np.float32)
+    sign = np.sign(np.asarray(table["sign"], float)) if "sign" in table.colnames else 1.0
+    return (_at(table, images["tplsig"]) * sign).astype(np.float32)
+
+
+def _at(table: Any, image: np.ndarray) -> np.ndarray:
+    """``image`` at the nearest pixel to each source of ``table`` (clipped to the image)."""
+    ny, nx = image.shape
     x = np.clip(np.rint(np.asarray(table["x"], float)).astype(int), 0, nx - 1)
     y = np.clip(np.rint(np.asarray(table["y"], float)).astype(int), 0, ny - 1)
-    sign = np.sign(np.asarray(table["sign"], float)) if "sign" in table.colnames else np.ones(n)
-    s = np.nan_to_num(sig[y, x] * sign, nan=0.0)
-    d = np.abs(diff[y, x]) if diff is not None else np.full(n, np.nan)
-    return (s >= TEMPLATE_SIGMA) & ~(d >= TEMPLATE_SIGMA)
+    return np.asarray(image[y, x], np.float64)
 
 
 def _headers(residuals: Sequence[Any]) -> list[Any]:
