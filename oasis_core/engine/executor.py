@@ -182,6 +182,11 @@ def _init_worker(threads: int, main_pid: int, main_start: str) -> None:
     ).start()
 
 
+#: Tasks in flight per worker process (:meth:`LocalExecutor.run`): enough to keep every
+#: worker busy while the caller consumes the outcomes.
+IN_FLIGHT = 2
+
+
 @attrs.define(eq=False)
 class LocalExecutor:
     """Run tasks in this process (``jobs == 1``) or in a pool of worker processes.
@@ -235,21 +240,50 @@ class LocalExecutor:
                 except Exception as err:  # reported per task; the others go on
                     yield Outcome(key, error=err)
             return
-        from concurrent.futures import as_completed
+        from concurrent.futures import FIRST_COMPLETED, wait
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._get_pool()
-        futures = {pool.submit(_call, fn, arg): key for key, arg in args}
-        try:
-            for future in as_completed(futures):
-                key = futures[future]
+        todo = iter(args)
+        futures: dict[Any, str] = {}
+        refused: list[Outcome] = []
+
+        def submit() -> None:
+            for key, arg in todo:
                 try:
-                    yield Outcome(key, future.result())
-                except BrokenProcessPool as err:  # a worker died: a new pool next time
+                    futures[pool.submit(_call, fn, arg)] = key
+                except (BrokenProcessPool, RuntimeError) as err:  # the pool broke
                     self._pool = None
-                    yield Outcome(key, error=err)
-                except Exception as err:
-                    yield Outcome(key, error=err)
+                    refused.append(Outcome(key, error=err))
+                return
+
+        # A window of tasks in flight, each outcome let go once yielded: what the caller
+        # has not consumed yet stays bounded (a stage whose tasks return images, e.g. the
+        # variability image's terms, holds a few, never the whole series).
+        for _ in range(IN_FLIGHT * self.workers):
+            submit()
+        try:
+            while futures or refused:
+                while refused:
+                    yield refused.pop(0)
+                    submit()
+                if not futures:
+                    continue
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                while done:
+                    future = done.pop()
+                    key = futures.pop(future)
+                    submit()
+                    try:
+                        outcome = Outcome(key, future.result())
+                    except BrokenProcessPool as err:  # a worker died: a new pool next time
+                        self._pool = None
+                        outcome = Outcome(key, error=err)
+                    except Exception as err:
+                        outcome = Outcome(key, error=err)
+                    del future
+                    yield outcome
+                    del outcome
         finally:
             for future in futures:  # the caller stopped early: drop what has not started
                 future.cancel()
