@@ -52,6 +52,7 @@ from oasis_core.engine.headers import (
 )
 from oasis_core.engine.products import (
     RESIDUAL_CACHE_BYTES,
+    FrameSeries,
     ResidualSeries,
     attrs_evolve,
     image_extension,
@@ -77,6 +78,7 @@ __all__ = [
     "SATURATE_KEYS",
     "TIME_KEYS",
     "WCS_KEY_RE",
+    "FrameSeries",
     "ResidualSeries",
     "apply_cards",
     "atomic_write",

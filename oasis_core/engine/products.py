@@ -27,6 +27,7 @@ from oasis_core.engine.headers import (
 
 __all__ = [
     "RESIDUAL_CACHE_BYTES",
+    "FrameSeries",
     "ResidualSeries",
     "attrs_evolve",
     "image_extension",
@@ -366,6 +367,103 @@ def read_residual(path: Path) -> Residual:
 
 #: Bytes of residuals a :class:`ResidualSeries` keeps in memory (the first ones read).
 RESIDUAL_CACHE_BYTES = 64 * 2**20
+
+
+class FrameSeries(Sequence[Frame]):
+    """The frames at ``paths`` (files :func:`write_frame` wrote: data and ``WEIGHT``),
+    read from their files when asked for, never kept.
+
+    What the combine stage hands its backend: a backend that goes through the frames one
+    at a time holds one; one that needs every frame at each pixel reads them by blocks of
+    rows (:meth:`rows`) and takes what it needs of each frame from :meth:`described`.
+    Memory then stays flat in the number of frames. A plain sequence of frames does as
+    well for a backend that only iterates (a list of them is what tests and callers
+    outside a target give).
+
+    Parameters
+    ----------
+    paths : iterable of Path
+        Frame files.
+    psf_paths : iterable of Path or None, optional
+        Each frame's PSF model file (:func:`write_psf`), None (or a missing file) for none.
+    prepare : callable, optional
+        Applied to every frame read (e.g. making its arrays read-only).
+    """
+
+    def __init__(
+        self,
+        paths: Iterable[Path],
+        psf_paths: Iterable[Path | None] | None = None,
+        *,
+        prepare: Callable[[Frame], Frame] | None = None,
+    ) -> None:
+        self.paths = [Path(p) for p in paths]
+        psfs = [None] * len(self.paths) if psf_paths is None else list(psf_paths)
+        if len(psfs) != len(self.paths):
+            raise ValueError("FrameSeries: one PSF path (or None) per frame")
+        self.psf_paths = [None if p is None else Path(p) for p in psfs]
+        self._prepare = prepare
+        self._described: list[Frame] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @overload
+    def __getitem__(self, index: int) -> Frame: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> FrameSeries: ...
+
+    def __getitem__(self, index: int | slice) -> Frame | FrameSeries:
+        if isinstance(index, slice):
+            return FrameSeries(self.paths[index], self.psf_paths[index], prepare=self._prepare)
+        frame = read_output_frame(self.paths[index])
+        psf = self.psf_paths[index]
+        if psf is not None and psf.exists():
+            frame = attrs_evolve(frame, psf=read_psf(psf))
+        return self._prepare(frame) if self._prepare is not None else frame
+
+    def described(self) -> list[Frame]:
+        """Every frame without its pixels: its header, name, gain, PSF... as read, and
+        its ``noise`` measured when the file gives none
+        (:func:`oasis_core.engine.stacking.frame_noise`) and its sky level in
+        ``meta["sky_median"]`` (``frame_background``, for a file without one), each
+        frame read once (the first call; later ones reuse it). The ``data`` of each is a
+        NaN image and its ``weight`` 0 of the frame's shape that take no memory: what
+        the pixels are, :meth:`rows` reads."""
+        if self._described is None:
+            from oasis_core.engine.stacking import frame_background, frame_noise
+
+            out = []
+            for frame in self:  # one at a time
+                shape = frame.shape
+                out.append(
+                    attrs_evolve(
+                        frame,
+                        data=np.broadcast_to(np.float32(np.nan), shape),
+                        weight=np.broadcast_to(np.float32(0.0), shape),
+                        noise=frame_noise(frame),
+                        meta={**frame.meta, "sky_median": frame_background(frame)},
+                    )
+                )
+                del frame
+            self._described = out
+        return self._described
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``start:stop`` of every frame: ``(data, weight)``, float32 arrays of shape
+        ``(len(self), stop - start, nx)``, each file read only there."""
+        from astropy.io import fits
+
+        data, weight = [], []
+        for path in self.paths:
+            with fits.open(path, memmap=False) as hdul:
+                data.append(np.asarray(hdul[0].section[start:stop], np.float32))
+                if "WEIGHT" in hdul:
+                    weight.append(np.asarray(hdul["WEIGHT"].section[start:stop], np.float32))
+                else:
+                    weight.append(np.isfinite(data[-1]).astype(np.float32))
+        return np.stack(data), np.stack(weight)
 
 
 class ResidualSeries(Sequence[Residual]):

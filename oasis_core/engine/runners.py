@@ -247,10 +247,12 @@ def _make_template(
     out = outputs.template_path(ctx)
     psf_out = out.with_name("template.psf.fits")
     backend = ctx.backend("combine")
-    frames = [
-        tasks.readonly_inputs(outputs.load_output(p, outputs.psf_path(ctx, n)))
-        for n, p in inputs.items()
-    ]
+    # read when the backend asks, never all at once (io.FrameSeries)
+    frames = io.FrameSeries(
+        inputs.values(),
+        [outputs.psf_path(ctx, n) for n in inputs],
+        prepare=tasks.readonly_inputs,
+    )
     psf_backend = ctx.backend("psf")
     workdir = tasks.workdir(ctx, "combine", "template")
     tasks.prepare_workdir(

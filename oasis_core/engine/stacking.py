@@ -37,6 +37,7 @@ from oasis_core.contracts.model import Frame, Template
 
 __all__ = [
     "INCOMPLETE_SNR",
+    "frame_background",
     "frame_noise",
     "incomplete_sources",
     "median_or_none",
@@ -68,6 +69,20 @@ def frame_noise(frame: Frame) -> float:
         return 1.0
     mad = 1.4826 * float(np.median(np.abs(values - np.median(values))))
     return mad if mad > 0 else 1.0
+
+
+def frame_background(frame: Frame) -> float:
+    """The frame's sky level: ``Frame.background``, else its ``meta["sky_median"]`` (a
+    :meth:`~oasis_core.engine.products.FrameSeries.described` frame's), else the median of
+    its good pixels, else 0."""
+    if frame.background is not None and np.isfinite(frame.background):
+        return float(frame.background)
+    known = frame.meta.get("sky_median")
+    if isinstance(known, (int, float)) and np.isfinite(known):
+        return float(known)
+    data = np.asarray(frame.data)
+    good = (np.asarray(frame.weight) > 0) & np.isfinite(data)
+    return float(np.median(data[good])) if good.any() else 0.0
 
 
 def _stack_noise(data: np.ndarray, good: np.ndarray) -> float | None:
@@ -182,19 +197,22 @@ def psf_change(frames: Sequence[Frame]) -> np.ndarray | None:
     ----------
     frames : sequence of Frame
         The stack's inputs, on its grid; a frame has data where its weight is positive and
-        its pixel finite.
+        its pixel finite. Each is read once (a :class:`~oasis_core.engine.products.
+        FrameSeries` reads them one at a time).
     """
-    fwhms = np.array([f.fwhm if f.fwhm else np.nan for f in frames], float)
+    # a FrameSeries says what each frame is without reading its pixels
+    described = frames.described() if hasattr(frames, "described") else frames
+    fwhms = np.array([f.fwhm if f.fwhm else np.nan for f in described], float)
     if len(frames) < 2 or not (np.isfinite(fwhms).all() and (fwhms > 0).all()):
         return None
-    shape = frames[0].data.shape
-
-    def has(frame: Frame) -> np.ndarray:
-        return (np.asarray(frame.weight) > 0) & np.isfinite(np.asarray(frame.data))
-
+    shape = described[0].shape
     count = np.zeros(shape, np.int16)
+    packed = []  # each frame's coverage, a bit a pixel: one pass over frames read lazily
     for frame in frames:  # one frame at a time
-        count += has(frame)
+        has = (np.asarray(frame.weight) > 0) & np.isfinite(np.asarray(frame.data))
+        count += has
+        packed.append(np.packbits(has.ravel()))
+        del frame, has
     change = np.zeros(shape, np.float32)
     where = np.flatnonzero((count > 0) & (count < len(frames)))  # few: holes and edges
     peak = 1.0 / fwhms**2
@@ -202,7 +220,7 @@ def psf_change(frames: Sequence[Frame]) -> np.ndarray | None:
     chunk = max(1, (1 << 22) // len(frames))
     for lo in range(0, where.size, chunk):
         idx = where[lo : lo + chunk]
-        present = np.stack([has(frame).ravel()[idx] for frame in frames])
+        present = np.stack([(bits[idx >> 3] >> (7 - (idx & 7))) & 1 for bits in packed]) > 0
         values = np.where(present, peak[:, None], np.nan)
         change.ravel()[idx] = np.nanmedian(values, axis=0) / full - 1.0
     return change

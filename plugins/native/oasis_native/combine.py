@@ -42,7 +42,12 @@ from oasis_core.contracts.backends import CombineBackend, option
 from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Frame, Template
 from oasis_core.contracts.validators import non_negative, positive
-from oasis_core.engine.stacking import frame_noise, median_or_none, stack_template
+from oasis_core.engine.stacking import (
+    frame_background,
+    frame_noise,
+    median_or_none,
+    stack_template,
+)
 
 __all__ = ["NativeCombine", "NativeCombineOptions", "weighted_median"]
 
@@ -100,7 +105,7 @@ class NativeCombine(CombineBackend):
         StageError
             When no frame is given or the shapes differ.
         """
-        return _combine(list(frames), options)
+        return _combine(frames, options)
 
 
 def weighted_median(
@@ -143,17 +148,22 @@ def weighted_median(
     return med, total
 
 
-def _frame_background(frame: Frame) -> float:
-    if frame.background is not None and np.isfinite(frame.background):
-        return float(frame.background)
-    good = (np.asarray(frame.weight) > 0) & np.isfinite(frame.data)
-    return float(np.median(np.asarray(frame.data)[good])) if good.any() else 0.0
-
-
-def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
-
-    if not frames:
+def _combine(series: Sequence[Frame], options: NativeCombineOptions) -> Template:
+    if not len(series):
         raise StageError("combine: no frame to combine")
+    # frames on disk (the core's FrameSeries): read by blocks of rows, each frame's
+    # figures from its description; frames in memory: sliced
+    described = getattr(series, "described", None)
+    frames = described() if described is not None else list(series)
+    rows_of = getattr(series, "rows", None)
+    if rows_of is None:
+
+        def rows_of(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            return (
+                np.stack([np.asarray(f.data[start:stop]) for f in frames]),
+                np.stack([np.asarray(f.weight[start:stop]) for f in frames]),
+            )
+
     shape = frames[0].shape
     for f in frames[1:]:
         if f.shape != shape:
@@ -165,7 +175,7 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
     ny, nx = shape
     mean = options.method == "mean"
     noise = np.array([frame_noise(f) for f in frames], np.float64)[:, None, None]
-    backs = np.array([_frame_background(f) for f in frames], np.float64)[:, None, None]
+    backs = np.array([frame_background(f) for f in frames], np.float64)[:, None, None]
     inv_gain = np.array([1.0 / f.gain if f.gain else 0.0 for f in frames], np.float64)[
         :, None, None
     ]
@@ -177,8 +187,7 @@ def _combine(frames: list[Frame], options: NativeCombineOptions) -> Template:
     rows = max(1, _CHUNK // max(1, n * nx))
     for r0 in range(0, ny, rows):  # blocks of rows bound the memory (n x rows x nx)
         sl = slice(r0, min(ny, r0 + rows))
-        d = np.stack([np.asarray(f.data[sl], np.float64) for f in frames])
-        w = np.stack([np.asarray(f.weight[sl], np.float64) for f in frames])
+        d, w = (np.asarray(a, np.float64) for a in rows_of(sl.start, sl.stop))
         w = np.where(np.isfinite(d), np.clip(w, 0.0, 1.0), 0.0)
         d = np.where(w > 0, d, 0.0)
         centre, total = weighted_median(d, w)
