@@ -35,7 +35,7 @@ variable that is brighter on the template all stand out, with no sign.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -338,9 +338,14 @@ def variability_image(
     s2 -= worst
     count -= (worst_inv > 0).astype(np.int32)
     enough = count >= MIN_RESIDUALS - 1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi2 = np.where(enough, s2 - s1**2 / np.where(s0 > 0, s0, 1.0), 0.0)
-    z = chi2_significance(chi2, np.where(enough, count - 1, 0))
+    # the significance by blocks of rows: a dozen whole-image temporaries otherwise
+    z = np.empty(shape, np.float64)
+    for sl in _row_blocks(shape):
+        e = enough[sl]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            chi2 = np.where(e, s2[sl] - s1[sl] ** 2 / np.where(s0[sl] > 0, s0[sl], 1.0), 0.0)
+        z[sl] = chi2_significance(chi2, np.where(e, count[sl] - 1, 0))
+    del chi2
     # leaving one residual out shifts and narrows the null a little: centre and scale it
     # on the image itself (most pixels vary not at all)
     sample = z[enough]
@@ -389,19 +394,35 @@ def _template_images(
     others, against the noise and the stars' mismatch (``f0``, ``f1``: their sums weighed
     by ``1 / v``, and ``s0``, ``s1`` those of all residuals, the worst out already):
     each frame's kernel leaves a star's mismatch a little differently."""
-    worst_inv0, member = tpl["worst_inv0"], tpl["worst_member"]
-    m0 = tpl["m0"] - np.where(member, worst_inv0, 0.0)
-    m1 = tpl["m1"] - np.where(member, worst_flux * worst_inv0, 0.0)
-    f0 = tpl["f0"] - np.where(member, worst_inv, 0.0)
-    f1 = tpl["f1"] - np.where(member, worst_flux * worst_inv, 0.0)
-    o0 = s0 - f0
-    o1 = s1 - f1
-    tiny = 1e-12 * np.maximum(s0, 1e-300)
-    has_m, has_f, has_o = m0 > 0, f0 > tiny, o0 > tiny
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sig = np.where(has_m, m1 / np.sqrt(m0), np.nan)
-        diff = np.where(has_f & has_o, (f1 / f0 - o1 / o0) / np.sqrt(1.0 / f0 + 1.0 / o0), np.nan)
-    return {"tplsig": sig.astype(np.float32), "tpldiff": diff.astype(np.float32)}
+    sig = np.empty(s0.shape, np.float32)
+    diff = np.empty(s0.shape, np.float32)
+    for sl in _row_blocks(s0.shape):  # by blocks of rows: no whole-image temporaries
+        worst_inv0, member = tpl["worst_inv0"][sl], tpl["worst_member"][sl]
+        w_inv, w_flux = worst_inv[sl], worst_flux[sl]
+        m0 = tpl["m0"][sl] - np.where(member, worst_inv0, 0.0)
+        m1 = tpl["m1"][sl] - np.where(member, w_flux * worst_inv0, 0.0)
+        f0 = tpl["f0"][sl] - np.where(member, w_inv, 0.0)
+        f1 = tpl["f1"][sl] - np.where(member, w_flux * w_inv, 0.0)
+        o0 = s0[sl] - f0
+        o1 = s1[sl] - f1
+        tiny = 1e-12 * np.maximum(s0[sl], 1e-300)
+        has_m, has_f, has_o = m0 > 0, f0 > tiny, o0 > tiny
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sig[sl] = np.where(has_m, m1 / np.sqrt(m0), np.nan)
+            diff[sl] = np.where(
+                has_f & has_o, (f1 / f0 - o1 / o0) / np.sqrt(1.0 / f0 + 1.0 / o0), np.nan
+            )
+    return {"tplsig": sig, "tpldiff": diff}
+
+
+#: Rows per block of the variability image's last steps (about 1 Mpix of 2048 columns).
+_BLOCK_PIXELS = 1 << 20
+
+
+def _row_blocks(shape: tuple[int, ...]) -> Iterator[slice]:
+    rows = max(1, _BLOCK_PIXELS // max(1, int(shape[1])))
+    for r0 in range(0, int(shape[0]), rows):
+        yield slice(r0, min(int(shape[0]), r0 + rows))
 
 
 def template_artifacts(table: Any, images: Mapping[str, np.ndarray] | None) -> np.ndarray:
