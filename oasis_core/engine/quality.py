@@ -40,6 +40,7 @@ from oasis_core.engine.stats import exact_median as _median
 __all__ = [
     "MIN_PIXELS",
     "StarFluxLeft",
+    "bright_stars",
     "normalized_noise",
     "q_value",
     "source_footprint",
@@ -226,6 +227,22 @@ def normalized_noise(
     z -= _median(z)
     np.abs(z, out=z)
     return float(1.4826 * _median(z))
+
+
+def bright_stars(
+    image: np.ndarray, *, nsigma: float = 50.0, peak_max: float = 30000.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ``(x, y)`` of the bright, unsaturated, unflagged stars of ``image`` (a
+    template), on which :func:`star_aperture_rms` is measured: sep's detections at
+    ``nsigma`` times the sky noise over its default background mesh, peak below
+    ``peak_max`` above the sky, no sep flag (blends, truncated)."""
+    import sep
+
+    data = np.ascontiguousarray(image, dtype=np.float64)
+    back = sep.Background(data)
+    objects = sep.extract(data - back.back(), nsigma, err=back.globalrms)
+    objects = objects[(objects["peak"] < peak_max) & (objects["flag"] == 0)]
+    return np.asarray(objects["x"]), np.asarray(objects["y"])
 
 
 def star_aperture_rms(

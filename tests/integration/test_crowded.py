@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from oasis_core.contracts.model import Frame
-from oasis_core.engine.quality import star_aperture_rms
+from oasis_core.engine.quality import bright_stars, star_aperture_rms
 from oasis_core.engine.subtraction import run_subtraction
 
 pytestmark = pytest.mark.slow
@@ -88,16 +88,6 @@ def crowded():
     return series, frames, template
 
 
-def _bright_stars(template) -> tuple[np.ndarray, np.ndarray]:
-    import sep
-
-    data = np.ascontiguousarray(template.data, dtype=np.float64)
-    bkg = sep.Background(data)
-    objs = sep.extract(data - bkg.back(), 50.0, err=bkg.globalrms)
-    bright = objs[(objs["peak"] < 30000) & (objs["flag"] == 0)]
-    return bright["x"], bright["y"]
-
-
 def test_crowded_elongated_series_is_noise_limited_on_every_frame(crowded):
     from oasis_core.engine.plugins import Registry
 
@@ -110,7 +100,7 @@ def test_crowded_elongated_series_is_noise_limited_on_every_frame(crowded):
     registry = Registry()
     backend = registry.select("subtract", "ois", registry.get("subtract", "ois").backend.Options())
     options = backend.Options()  # the defaults: kernel "auto"
-    x, y = _bright_stars(template)
+    x, y = bright_stars(template.data)
     assert x.size >= 15
     figures = {}
     for frame, (fwhm, _, _) in zip(frames, FRAMES, strict=True):

@@ -18,7 +18,7 @@ from oasis_ois.stars import outliers
 from scipy.signal import fftconvolve
 
 from oasis_core.contracts.model import Frame, Residual, Template
-from oasis_core.engine.quality import star_aperture_rms
+from oasis_core.engine.quality import bright_stars, star_aperture_rms
 from oasis_core.engine.subtraction import run_subtraction
 
 WORKDIR = Path("unused")
@@ -207,13 +207,7 @@ def crossed_pair():
     )
     science = Frame(data=s, name="sci", gain=sh["GAIN"], saturation=sh["SATURATE"])
     template = Template(data=t, name="tpl", gain=th["GAIN"], saturation=th["SATURATE"])
-    import sep
-
-    tt = t.astype(np.float64)
-    bkg = sep.Background(tt)
-    objs = sep.extract(tt - bkg.back(), 50.0, err=bkg.globalrms)
-    bright = objs[(objs["peak"] < 30000) & (objs["flag"] == 0)]
-    return science, template, bright
+    return science, template, bright_stars(t)
 
 
 def test_cross_convolution_removes_the_dipoles_of_one_way_convolution(crossed_pair):
@@ -221,7 +215,7 @@ def test_cross_convolution_removes_the_dipoles_of_one_way_convolution(crossed_pa
     radius = 3.5 / math.sqrt(0.5)
 
     def rms(res: Residual) -> float:
-        return star_aperture_rms(res.data, res.noise, res.weight, bright["x"], bright["y"], radius)
+        return star_aperture_rms(res.data, res.noise, res.weight, *bright, radius)
 
     cross = subtract(science, template, kernel="cross")
     assert cross.header["KMODEL"] == "cross" and cross.header["CONVOLVE"] == "template"
@@ -278,16 +272,11 @@ def test_a_slight_crossing_is_subtracted_one_way_without_rings_around_bright_sta
     assert res.kernel.direction == "template"  # the science is broader on the whole
     # around the bright stars the residual is noise: RMS of the normalised residual in
     # annuli of 1.5-3 FWHM about the template's bright unsaturated stars
-    import sep
-
-    tt = t.astype(np.float64)
-    bkg = sep.Background(tt)
-    objs = sep.extract(tt - bkg.back(), 50.0, err=bkg.globalrms)
-    bright = objs[(objs["peak"] < 30000) & (objs["flag"] == 0)]
-    assert len(bright) >= 15
+    xs, ys = bright_stars(t)
+    assert len(xs) >= 15
     yy, xx = np.mgrid[:512, :512]
     ring = np.zeros(t.shape, dtype=bool)
-    for x, y in zip(bright["x"], bright["y"], strict=True):
+    for x, y in zip(xs, ys, strict=True):
         r2 = (xx - x) ** 2 + (yy - y) ** 2
         ring |= (r2 > (1.5 * 4.4) ** 2) & (r2 < (3.0 * 4.4) ** 2)
     z = (res.data / res.noise)[ring & (res.weight > 0)]

@@ -11,7 +11,7 @@ from oasis_ois.backend import OisSubtract
 from oasis_ois.ois import OisOptions
 
 from oasis_core.contracts.model import Frame, Template
-from oasis_core.engine.quality import star_aperture_rms
+from oasis_core.engine.quality import bright_stars, star_aperture_rms
 
 RATIO = 1.1  # science seeing / template seeing
 
@@ -34,17 +34,6 @@ def _pair(seed: int) -> tuple[Frame, Template]:
     return science, template
 
 
-def _bright_stars(template: Template) -> tuple[np.ndarray, np.ndarray]:
-    """Bright unsaturated isolated stars of the template, as the benchmark picks them."""
-    import sep
-
-    data = np.asarray(template.data, dtype=np.float64)
-    back = sep.Background(data)
-    objects = sep.extract(data - back.back(), 50.0, err=back.globalrms)
-    objects = objects[(objects["peak"] < 30000) & (objects["flag"] == 0)]
-    return objects["x"], objects["y"]
-
-
 def test_near_delta_kernel_leaves_noise_limited_stars(tmp_path):
     # Before the fit weighed every stamp pixel the same (it weighed them by their inverse
     # variance, stars' photon noise included) and used one star per cell, these pairs gave
@@ -54,7 +43,7 @@ def test_near_delta_kernel_leaves_noise_limited_stars(tmp_path):
     for seed in range(3):
         science, template = _pair(seed)
         res = OisSubtract().subtract(science, template, options=OisOptions(), workdir=tmp_path)
-        x, y = _bright_stars(template)
+        x, y = bright_stars(template.data)
         assert x.size > 20
         star = star_aperture_rms(res.data, res.noise, res.weight, x, y, 3.0 * RATIO)
         bg = res.meta["nnoise"]
