@@ -30,6 +30,7 @@ __all__ = [
     "FITS_SUFFIXES",
     "atomic_write",
     "check_outputs",
+    "file_key",
     "frame_name",
     "is_fits_name",
     "sha256",
@@ -56,6 +57,15 @@ def frame_name(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+def file_key(path: Path) -> tuple[str, int, int, int, int, int]:
+    """What says a file is still the one read before: its path, device, inode, size,
+    modification *and* status-change times. An edit that keeps the size and restores the
+    modification time (``cp -p``, ``rsync -t``, ``touch -r``) still changes the
+    status-change time, which no user can set; an atomic rewrite changes the inode."""
+    st = Path(path).stat()
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def sha256(path: Path) -> str:

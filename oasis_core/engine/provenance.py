@@ -23,9 +23,10 @@ files in the target's ``configs/`` (a backend's ``user_files``) are inputs of th
 that use them, with the same effect.
 
 File digests are cached per process by path, device, inode, size, modification *and*
-status-change time: an edit that keeps the size and restores the modification time
-(``cp -p``, ``rsync -t``, ``tar``, ``touch -r``) still changes the status-change time,
-which no user can set, so it is never mistaken for the old content.
+status-change time (:func:`oasis_core.engine.files.file_key`): an edit that keeps the
+size and restores the modification time (``cp -p``, ``rsync -t``, ``tar``,
+``touch -r``) still changes the status-change time, which no user can set, so it is
+never mistaken for the old content.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 import attrs
 
 from oasis_core import __version__
+from oasis_core.engine.files import file_key
 from oasis_core.engine.io import sha256
 
 __all__ = [
@@ -72,8 +74,7 @@ _HASH_CACHE: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 def _file_hash(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = file_key(path)
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = sha256(path)
     return _HASH_CACHE[key]

@@ -26,6 +26,7 @@ from oasis_core.contracts.errors import OasisError, StageError
 from oasis_core.contracts.model import PsfModel, Residual, Template, readonly
 from oasis_core.contracts.stages import StageTable
 from oasis_core.engine import io, outputs
+from oasis_core.engine.files import file_key
 from oasis_core.engine.lock import scratch_dir
 from oasis_core.engine.provenance import Provenance, is_current, options_dict
 
@@ -207,8 +208,7 @@ def _template_data(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | No
     grid: read once per worker process while the file stays the same (read-only)."""
     if path is None or not Path(path).exists():
         return None
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+    key = file_key(Path(path))
     if _TEMPLATE[0] != key:
         data = np.asarray(io.read_frame(Path(path)).data)
         data.flags.writeable = False

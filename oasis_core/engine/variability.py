@@ -217,18 +217,18 @@ def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray, np.nd
 
     residual_path, template_path = args
     stars = None if template_path is None else _worker_stars(template_path)
-    smoothed = _STARS[3]
+    smoothed = _STARS[2]
     terms = _flux_and_variance(io.read_residual(residual_path), stars, smoothed)
     while len(smoothed) > SMOOTHED_KEPT:  # the oldest first
         smoothed.pop(next(iter(smoothed)))
     return terms
 
 
-#: The template's stars a worker process read last: (path, mtime_ns, stars, smoothed).
+#: The template's stars a worker process read last: (its file key, stars, smoothed).
 #: A worker serves many residuals of one template: it reads the template once, and keeps
 #: it smoothed at the last :data:`SMOOTHED_KEPT` widths (residuals of like seeing share
 #: them; the mr stage sends the residuals in order of seeing).
-_STARS: list[Any] = [None, None, None, {}]
+_STARS: list[Any] = [None, None, {}]
 SMOOTHED_KEPT = 2
 
 
@@ -236,12 +236,12 @@ def _worker_stars(path: Any) -> np.ndarray | None:
     from pathlib import Path
 
     from oasis_core.engine import io
+    from oasis_core.engine.files import file_key
 
-    path = Path(path)
-    stamp = path.stat().st_mtime_ns
-    if _STARS[0] != path or _STARS[1] != stamp:
-        _STARS[:] = [path, stamp, template_stars(io.read_output_frame(path).data), {}]
-    return _STARS[2]
+    key = file_key(Path(path))
+    if _STARS[0] != key:
+        _STARS[:] = [key, template_stars(io.read_output_frame(Path(path)).data), {}]
+    return _STARS[1]
 
 
 def variability_image(
