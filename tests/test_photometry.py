@@ -5,6 +5,7 @@ statistics and kinds, the periods."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -228,3 +229,25 @@ def test_real_decam_headers_give_every_frame_one_time(shared_data):
     assert one_time({**times, "late": 58335.0}) is None
     assert one_time({**times, "none": None}) is None
     assert one_time({"alone": 58334.0}) is None
+
+
+def test_real_isis_headers_give_no_time_and_the_stage_says_so(shared_data):
+    """ISIS's example frames have bare headers (no MJD-OBS, DATE-OBS, JD or HJD): their
+    light curves are in frame order, which the log said nothing of (decam_n6's headers,
+    all of one time, were reported)."""
+    from oasis_core.engine.lightcurves import time_axis_problem
+    from oasis_core.engine.photometry import frame_times
+
+    paths = sorted((shared_data / "isis_example").glob("*.fits"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the files lack their last block's padding
+        times, _ = frame_times({p.stem: fits.getheader(p) for p in paths})
+    assert len(times) == 10 and set(times.values()) == {None}
+    assert time_axis_problem(times).startswith("no frame's header gives a time")
+    some = {**dict.fromkeys(("a", "b"), 58334.1), "c": None}
+    assert time_axis_problem(some).startswith("1 of 3 frames' headers give no time")
+    assert "e.g. c" in time_axis_problem(some)
+    assert time_axis_problem({"a": 58334.1, "b": 58334.2}) is None
+    decam = sorted((shared_data / "decam_n6").glob("*.fits"))
+    same, _ = frame_times({p.stem: fits.getheader(p) for p in decam})
+    assert time_axis_problem(same).startswith("every frame's header gives the same time")

@@ -47,6 +47,7 @@ __all__ = [
     "read_frame_table",
     "read_summary",
     "stetson_j",
+    "time_axis_problem",
     "variables",
     "write_frame_table",
     "write_outputs",
@@ -540,6 +541,29 @@ def one_time(times: Mapping[str, float | None]) -> float | None:
     return next(iter(known)) if len(times) > 1 and len(known) == 1 and None not in known else None
 
 
+def time_axis_problem(times: Mapping[str, float | None]) -> str | None:
+    """What keeps the light curves of frames of ``times`` (their MJD, None when the
+    header gives none) from a time axis, as a sentence; None when nothing does."""
+    missing = sorted(n for n, t in times.items() if t is None)
+    same = one_time(times)
+    if same is not None:
+        return (
+            f"every frame's header gives the same time (MJD {same:.5f}): the light curves "
+            "are in frame order and no period can be searched"
+        )
+    if missing and len(missing) == len(times):
+        return (
+            "no frame's header gives a time (MJD-OBS, DATE-OBS, JD or HJD): the light "
+            "curves are in frame order and no period can be searched"
+        )
+    if missing:
+        return (
+            f"{len(missing)} of {len(times)} frames' headers give no time (MJD-OBS, "
+            f"DATE-OBS, JD or HJD), e.g. {missing[0]}: their rows have no mjd"
+        )
+    return None
+
+
 def write_outputs(
     target: Any,
     positions: Any,
@@ -554,14 +578,9 @@ def write_outputs(
     """Write the light curves, the variables and (with ``settings.plots``) the PNGs and
     ``index.html`` of a target; return ``{"kinds": {...}, "periods": n}``."""
     out_dir = target.stage_dir("photometry")
-    same = one_time(times)
-    if same is not None:
-        log.warning(
-            "%s: every frame's header gives the same time (MJD %.5f): the light curves "
-            "are in frame order and no period can be searched",
-            target.path,
-            same,
-        )
+    why = time_axis_problem(times)
+    if why is not None:
+        log.warning("%s: %s", target.path, why)
     curves = light_curves(positions, frame_tables, times, zero_point=settings.zero_point)
     curves.meta["TIMESCALE"] = scale
     table = variables(curves, positions, settings=settings, image_kinds=image_kinds)
