@@ -33,3 +33,16 @@ def test_a_template_written_again_is_read_again_whatever_its_times(tmp_path):
     assert again[31, 31] == 9000.0 and first_data[31, 31] == 5000.0
     stars = variability._worker_stars(path)
     assert stars.max() > first_stars.max() + 3000.0
+
+
+def test_the_subtract_tasks_get_one_template_object_while_its_file_stays(tmp_path):
+    """Every subtract task of a worker gets the very same template object (so the
+    backend may keep what it prepared of it) until the file is written again."""
+    path = tmp_path / "template.fits"
+    _write(path, 5000.0)
+    first = tasks.worker_template(path)
+    assert tasks.worker_template(path) is first
+    assert not first.data.flags.writeable
+    _write(path, 9000.0)
+    again = tasks.worker_template(path)
+    assert again is not first and again.data[31, 31] == 9000.0

@@ -30,6 +30,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from oasis_core.contracts.numeric import exact_median
+
 __all__ = [
     "MIN_WEIGHT",
     "Frame",
@@ -296,12 +298,14 @@ class Residual:
         sqrt(B_S + B_T) in Poisson units (OasisPy's normalisation); ``mu_R`` is the
         median of the good pixels.
         """
-        good = (self.weight > 0) & (self.noise > 0) & np.isfinite(self.data)
-        out = np.zeros(self.data.shape, dtype=np.float32)
+        data, noise = np.asarray(self.data), np.asarray(self.noise)
+        good = (np.asarray(self.weight) > 0) & (noise > 0) & np.isfinite(data)
+        out = np.zeros(data.shape, dtype=np.float32)
         if not good.any():
             return out
-        mu = np.median(self.data[good])
-        out[good] = (self.data[good] - mu) / self.noise[good]
+        mu = np.float32(exact_median(data[good]))
+        np.subtract(data, mu, out=out, where=good)
+        np.divide(out, noise, out=out, where=good)
         return out
 
 

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from oasis_core.engine.stats import exact_median as _median
+from oasis_core.engine.stats import local_maxima
 
 __all__ = [
     "MIN_PIXELS",
@@ -460,8 +461,7 @@ def star_flux_left(
     if not sigma > 0:
         return empty
     smooth = ndimage.uniform_filter(np.where(good_t, tpl - np.float32(sky), np.float32(0)), size=3)
-    peak = (smooth == ndimage.maximum_filter(smooth, size=2 * ri + 1)) & (smooth > 5 * sigma / 3)
-    py, px = np.nonzero(peak)
+    py, px = local_maxima(smooth, *np.nonzero(smooth > 5 * sigma / 3), ri)
     inside = (px >= ri) & (px < nx - ri) & (py >= ri) & (py < ny - ri)
     py, px = py[inside], px[inside]
     if px.size == 0:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from oasis_core.contracts.model import MIN_WEIGHT
+from oasis_core.engine.stats import exact_median, local_maxima
 
 __all__ = [
     "CATALOG_COLUMNS",
@@ -436,14 +437,13 @@ def null_peak_density(
     area : float
         Clean area, megapixels.
     """
-    from scipy.ndimage import maximum_filter
-
     flipped = -np.asarray(significance, np.float32)
     clean = np.asarray(clean, bool)
     area = float(clean.sum()) / 1e6
     lo, hi = levels
-    local = (flipped == maximum_filter(flipped, size=3)) & clean
-    values = flipped[local]
+    # the peaks below ``lo`` are not counted: only the pixels above it are candidates
+    ys, xs = local_maxima(flipped, *np.nonzero(clean & (flipped >= lo)), 1)
+    values = flipped[ys, xs]
     n_peaks = int(((values >= lo) & (values < hi)).sum())
     expected = float(_peak_law(lo) - _peak_law(hi))
     if n_peaks < min_peaks or area <= 0:
@@ -546,8 +546,6 @@ def mismatch_map(
         :data:`WING_MIN_STARS`) and ``wing_peak`` (the largest ``c(r)``
         over ``r``, per unit of peak / noise).
     """
-    from scipy.ndimage import maximum_filter
-
     template = np.asarray(template, np.float32)
     noise = np.asarray(noise, np.float32)
     good = (np.asarray(weight) > 0) & (noise > 0) & np.isfinite(template)
@@ -558,8 +556,6 @@ def mismatch_map(
     # every star of the template, its core masked in the residual or not (a saturated
     # star, a template that misses frames there): its rings are in the residual anyway
     finite = np.isfinite(template)
-    from oasis_core.engine.stats import exact_median
-
     stars = np.where(finite, template - np.float32(exact_median(template[good])), 0)
     n0 = exact_median(noise[good])
     size = max(3, 2 * round(fwhm / 2) + 1)
@@ -568,8 +564,7 @@ def mismatch_map(
     # the template's sky a star)
     sample = stars[good][:: max(1, int(good.sum()) // 200_000)]
     t0 = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
-    local = (stars == maximum_filter(stars, size=size)) & finite & (stars > 3 * t0)
-    ys, xs = np.nonzero(local)
+    ys, xs = local_maxima(stars, *np.nonzero(finite & (stars > 3 * t0)), size // 2)
     peaks = stars[ys, xs]
     order = np.argsort(peaks)[::-1]
     ys, xs, peaks = ys[order], xs[order], peaks[order]

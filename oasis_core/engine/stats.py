@@ -9,34 +9,46 @@ it is barely lowered by the correlation that resampling leaves between neighbour
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-__all__ = ["exact_median", "sky_noise"]
+from oasis_core.contracts.numeric import exact_median
+
+__all__ = ["exact_median", "local_maxima", "sky_noise"]
 
 
-def exact_median(values: np.ndarray) -> float:
-    """``np.median`` of a 1-D array of finite values, exactly, at a fraction of the cost
-    for large arrays: the middle values are selected within a bracket taken from a
-    sorted sample (a few whole-array comparisons instead of a copy and a partition)."""
-    n = values.size
-    if n < 1 << 16:
-        return float(np.median(values.astype(np.float64, copy=False)))
-    k_lo, k_hi = (n - 1) // 2, n // 2
-    sample = np.sort(values[:: max(1, n // 16384)])
-    m = sample.size
-    # the sample median's rank scatters by sqrt(m) / 2 about the population's: +-5 of it
-    reach = int(2.5 * math.sqrt(m)) + 2
-    lo = sample[max(m // 2 - reach, 0)]
-    hi = sample[min(m // 2 + reach, m - 1)]
-    below = int(np.count_nonzero(values < lo))
-    inside = values[(values >= lo) & (values <= hi)]
-    if not below <= k_lo or not below + inside.size > k_hi:  # the bracket missed
-        return float(np.median(values.astype(np.float64, copy=False)))
-    kth = [k_lo - below, k_hi - below]
-    part = np.partition(inside, kth)
-    return float(np.mean(part[kth], dtype=np.float64))
+def local_maxima(
+    image: np.ndarray, y: np.ndarray, x: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pixels ``(y, x)`` that equal the maximum of the ``(2 radius + 1)**2``
+    square around them, clipped to the image: ``image == maximum_filter(image,
+    2 radius + 1)`` (scipy's default ``reflect`` edges give the clipped square) at those
+    pixels, in their order. The 8 neighbours are compared first, the rest of the square
+    for the survivors only, so the cost goes with the candidates (the pixels above a
+    threshold), not with the image.
+
+    Examples
+    --------
+    >>> im = np.zeros((5, 6), np.float32)
+    >>> im[1, 1], im[3, 4], im[3, 3] = 3.0, 2.0, 1.0
+    >>> local_maxima(im, *np.nonzero(im > 0), 1)
+    (array([1, 3]), array([1, 4]))
+    """
+    ny, nx = image.shape
+    y, x = np.asarray(y), np.asarray(x)
+    value = image[y, x]
+    rings = [(1, lambda dy, dx: (dy, dx) != (0, 0))]
+    if radius > 1:
+        rings.append((radius, lambda dy, dx: max(abs(dy), abs(dx)) > 1))
+    for r, wanted in rings:
+        keep = np.ones(y.size, dtype=bool)
+        rows = {dy: np.clip(y + dy, 0, ny - 1) for dy in range(-r, r + 1)}
+        cols = {dx: np.clip(x + dx, 0, nx - 1) for dx in range(-r, r + 1)}
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                if wanted(dy, dx):
+                    keep &= image[rows[dy], cols[dx]] <= value
+        y, x, value = y[keep], x[keep], value[keep]
+    return y, x
 
 
 #: Height (rows) of the bands :func:`sky_noise` samples with ``max_pixels``.

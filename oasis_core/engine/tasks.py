@@ -55,6 +55,7 @@ __all__ = [
     "stage_task",
     "subtract",
     "workdir",
+    "worker_template",
 ]
 
 log = logging.getLogger("oasis")
@@ -159,9 +160,7 @@ def subtract(task: Task) -> dict[str, Any]:
     from oasis_core.engine.subtraction import residual_cards, run_subtraction
 
     science = readonly_inputs(outputs.load_output(task.inputs["science"], task.inputs.get("psf")))
-    template = readonly_inputs(
-        outputs.load_output(task.inputs["template"], task.inputs.get("template_psf"), cls=Template)
-    )
+    template = worker_template(task.inputs["template"], task.inputs.get("template_psf"))
     residual = run_subtraction(
         task.backend,
         science,
@@ -205,19 +204,30 @@ def extract(task: Task) -> dict[str, Any]:
 
 def _template_data(path: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
     """The template's pixels (for the ``wing`` test), when given and on the residual's
-    grid: read once per worker process while the file stays the same (read-only)."""
+    grid (:func:`worker_template`)."""
     if path is None or not Path(path).exists():
         return None
-    key = file_key(Path(path))
-    if _TEMPLATE[0] != key:
-        data = np.asarray(io.read_frame(Path(path)).data)
-        data.flags.writeable = False
-        _TEMPLATE[:] = [key, data]
-    data = _TEMPLATE[1]
+    data = np.asarray(worker_template(Path(path)).data)
     return data if data.shape == tuple(shape) else None
 
 
-#: The template a worker process read last for the extract tasks: (file key, pixels).
+def worker_template(path: Path, psf_path: Path | None = None) -> Template:
+    """The template (with its PSF model when ``psf_path`` names one), read once per worker
+    process while its files stay the same (:func:`oasis_core.engine.files.file_key`),
+    its arrays read-only. Every frame of a series is subtracted from one template: a
+    worker reads it once rather than once per frame, and a backend sees the very same
+    object from one frame to the next (so it may keep what it prepared of it, keyed by
+    the object, as the ``ois`` backend does)."""
+    psf = Path(psf_path) if psf_path is not None and Path(psf_path).exists() else None
+    key = (file_key(Path(path)), None if psf is None else file_key(psf))
+    if _TEMPLATE[0] != key:
+        _TEMPLATE[:] = [None, None]  # the old one let go before the new one is read
+        template = readonly_inputs(outputs.load_output(Path(path), psf, cls=Template))
+        _TEMPLATE[:] = [key, template]
+    return _TEMPLATE[1]
+
+
+#: The template a worker process read last: (file keys of it and its PSF, Template).
 _TEMPLATE: list[Any] = [None, None]
 
 

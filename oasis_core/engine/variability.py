@@ -199,7 +199,7 @@ def template_stars(template: np.ndarray | None) -> np.ndarray | None:
 #: The template is smoothed at widths a step of this many per cent apart (the nearest
 #: to the residual's PSF): residuals of like seeing share one smoothed template, and the
 #: mismatch's amplitude, fitted, absorbs the difference.
-WIDTH_STEP = 5.0
+WIDTH_STEP = 10.0
 
 
 def _width(sigma: float) -> float:

@@ -8,6 +8,7 @@ arithmetic (smoothing, convolutions).
 
 from __future__ import annotations
 
+import attrs
 import numpy as np
 import pytest
 from oasis_ois import ois
@@ -59,7 +60,7 @@ def test_sliding_max_and_local_maxima_equal_ndimage():
             ois._sliding_max(image, radius), ndimage.maximum_filter(image, size=size)
         )
         mask = image > 0.05
-        y, x = ois._local_maxima(image, *np.nonzero(mask), radius)
+        y, x = stats.local_maxima(image, *np.nonzero(mask), radius)
         want = np.nonzero(mask & (image == ndimage.maximum_filter(image, size=size)))
         np.testing.assert_array_equal(y, want[0])
         np.testing.assert_array_equal(x, want[1])
@@ -331,3 +332,38 @@ def test_weighted_normal_equations_are_the_explicit_sums():
     np.testing.assert_allclose(yy, np.einsum("np,np,np->n", y, y, w), rtol=1e-10)
     _, _, yy1 = ois._normal_equations(feats, y, None)
     np.testing.assert_allclose(yy1, (y.astype(np.float64) ** 2).sum(axis=1), rtol=1e-10)
+
+
+def test_a_template_is_prepared_once_for_every_frame_subtracted_from_it(monkeypatch):
+    """The core hands a worker the same template object for every frame of a series
+    (``tasks.worker_template``): its sky, noise, smoothing and transform are made once,
+    and forgotten with the object. Before, every frame prepared the template again."""
+    import gc
+
+    from oasis_ois.choose import solve_model
+
+    from .conftest import make_pair
+
+    made = []
+    real = ois._prepare_now
+    monkeypatch.setattr(
+        ois, "_prepare_now", lambda f, o, what: made.append(f.name) or real(f, o, what)
+    )
+    sci1, template = make_pair(1)
+    sci2, _ = make_pair(2)
+    sci2 = attrs.evolve(sci2, name="sci2")
+    options = ois.OisOptions()
+    first = solve_model(sci1, template, options)
+    second = solve_model(sci2, template, options)
+    assert made.count("tpl") == 1
+    assert made.count("sci") == 1 and made.count("sci2") == 1
+    # the same result as from a template prepared afresh
+    again = solve_model(sci2, attrs.evolve(template), options)
+    assert made.count("tpl") == 2
+    np.testing.assert_array_equal(second.residual, again.residual)
+    assert np.isfinite(first.residual).any()
+    ident = id(template)
+    assert ident in ois._PREPARED
+    del template, sci1, sci2, first, second, again
+    gc.collect()
+    assert ident not in ois._PREPARED

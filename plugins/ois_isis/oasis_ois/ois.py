@@ -73,6 +73,7 @@ from oasis_core.contracts.backends import option
 from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Frame
 from oasis_core.contracts.validators import in_range, non_negative, positive
+from oasis_core.engine.stats import local_maxima
 
 __all__ = [
     "OisOptions",
@@ -840,7 +841,44 @@ def _effective_gain(frame: Frame, sky: float, noise: float) -> float:
     return math.inf
 
 
+# id(frame) -> (weak reference to the frame, the options and the frame's figures, _Image):
+# the frames prepared and still alive (an entry goes with its frame)
+_PREPARED: dict[int, tuple[Any, tuple[Any, ...], _Image]] = {}
+_PREPARED_LOCK = threading.Lock()
+
+
 def _prepare(frame: Frame, options: OisOptions, what: str) -> _Image:
+    """``frame`` prepared for a fit (:class:`_Image`): sky removed, bad pixels, noise,
+    gain, FWHM, Fourier transform. Remembered while the frame object lives, its arrays
+    read-only: a worker that subtracts a series from one template is handed the same
+    template object for every frame (the core keeps it per process), and prepares it
+    once."""
+    import weakref
+
+    key = (options, _fwhm_key(frame, options))
+    with _PREPARED_LOCK:
+        entry = _PREPARED.get(id(frame))
+    if entry is not None and entry[0]() is frame and entry[1] == key:
+        return entry[2]
+    image = _prepare_now(frame, options, what)
+    for array in (image.data, image.smooth, image.bad, image.spectrum):
+        if array is not None:
+            array.flags.writeable = False
+
+    def forget(_: Any, ident: int = id(frame)) -> None:
+        with _PREPARED_LOCK:
+            _PREPARED.pop(ident, None)
+
+    try:
+        ref = weakref.ref(frame, forget)
+    except TypeError:  # a frame type without weak references: nothing to remember
+        return image
+    with _PREPARED_LOCK:
+        _PREPARED[id(frame)] = (ref, key, image)
+    return image
+
+
+def _prepare_now(frame: Frame, options: OisOptions, what: str) -> _Image:
     data = np.asarray(frame.data, dtype=np.float32)
     weight = np.asarray(frame.weight)
     finite = np.isfinite(data)
@@ -990,33 +1028,9 @@ def _find_peaks(
     above = smooth > 0.4 * nsigma * noise
     above &= ~bad
     y, x = np.nonzero(above)
-    y, x = _local_maxima(smooth, y, x, radius)
+    y, x = local_maxima(smooth, y, x, radius)
     keep = data[y, x] > nsigma * noise
     return y[keep], x[keep]
-
-
-def _local_maxima(
-    image: np.ndarray, y: np.ndarray, x: np.ndarray, radius: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The pixels (y, x) that equal the maximum of the ``(2 radius + 1)**2`` square around
-    them, clipped to the image (``image == ndimage.maximum_filter(image, 2 radius + 1)``
-    at those pixels), comparing with the 8 neighbours first, then with the rest of the
-    square for the survivors."""
-    ny, nx = image.shape
-    value = image[y, x]
-    rings = [(1, lambda dy, dx: (dy, dx) != (0, 0))]
-    if radius > 1:
-        rings.append((radius, lambda dy, dx: max(abs(dy), abs(dx)) > 1))
-    for r, wanted in rings:
-        keep = np.ones(y.size, dtype=bool)
-        rows = {dy: np.clip(y + dy, 0, ny - 1) for dy in range(-r, r + 1)}
-        cols = {dx: np.clip(x + dx, 0, nx - 1) for dx in range(-r, r + 1)}
-        for dy in range(-r, r + 1):
-            for dx in range(-r, r + 1):
-                if wanted(dy, dx):
-                    keep &= image[rows[dy], cols[dx]] <= value
-        y, x, value = y[keep], x[keep], value[keep]
-    return y, x
 
 
 def _measure_fwhm(
