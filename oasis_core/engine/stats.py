@@ -13,7 +13,7 @@ import numpy as np
 
 from oasis_core.contracts.numeric import exact_median
 
-__all__ = ["exact_median", "local_maxima", "sky_noise"]
+__all__ = ["box_mean", "exact_median", "local_maxima", "sky_noise"]
 
 
 def local_maxima(
@@ -55,7 +55,7 @@ def local_maxima(
 BAND_ROWS = 32
 
 
-def _box_mean(a: np.ndarray, box: int) -> np.ndarray:
+def box_mean(a: np.ndarray, box: int) -> np.ndarray:
     """Mean over ``box`` x ``box`` squares of the last two axes, edges repeated
     (``scipy.ndimage.uniform_filter(..., mode="nearest")`` per 2-D slice, in float32)."""
     lo, hi = box // 2, box - 1 - box // 2
@@ -131,7 +131,7 @@ def sky_noise(
         fill = float(np.median(data[good]))
     filled = np.where(good, data, np.float32(fill))
     if bands:
-        local = _box_mean(filled.reshape(-1, BAND_ROWS, nx), box).reshape(filled.shape)
+        local = box_mean(filled.reshape(-1, BAND_ROWS, nx), box).reshape(filled.shape)
     else:
         from scipy import ndimage
 

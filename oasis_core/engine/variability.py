@@ -235,12 +235,13 @@ SMOOTHED_KEPT = 2
 def _worker_stars(path: Any) -> np.ndarray | None:
     from pathlib import Path
 
-    from oasis_core.engine import io
     from oasis_core.engine.files import file_key
+    from oasis_core.engine.tasks import worker_template
 
     key = file_key(Path(path))
     if _STARS[0] != key:
-        _STARS[:] = [key, template_stars(io.read_output_frame(Path(path)).data), {}]
+        _STARS[:] = [None, None, {}]  # the old ones let go before the new ones are made
+        _STARS[:] = [key, template_stars(worker_template(Path(path)).data), {}]
     return _STARS[1]
 
 
