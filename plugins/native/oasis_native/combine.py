@@ -31,6 +31,7 @@ Template properties
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ __all__ = ["NativeCombine", "NativeCombineOptions", "weighted_median"]
 
 _METHODS = ("median", "mean")
 _CHUNK = 1 << 22  # values per block (frames x pixels) processed at once
+_THREADS = 2  # blocks combined at once (threads), at most one per core
 
 
 @attrs.frozen(kw_only=True)
@@ -185,7 +187,8 @@ def _combine(series: Sequence[Frame], options: NativeCombineOptions) -> Template
     out = np.empty(shape, np.float32)
     wout = np.empty(shape, np.float32)
     rows = max(1, _CHUNK // max(1, n * nx))
-    for r0 in range(0, ny, rows):  # blocks of rows bound the memory (n x rows x nx)
+
+    def block(r0: int) -> None:  # blocks of rows bound the memory (n x rows x nx)
         sl = slice(r0, min(ny, r0 + rows))
         d, w = (np.asarray(a, np.float64) for a in rows_of(sl.start, sl.stop))
         w = np.where(np.isfinite(d), np.clip(w, 0.0, 1.0), 0.0)
@@ -209,6 +212,18 @@ def _combine(series: Sequence[Frame], options: NativeCombineOptions) -> Template
             total = np.sum(use, axis=0)
         out[sl] = np.where(total > 0, centre, fill)
         wout[sl] = total / n
+
+    starts = range(0, ny, rows)
+    threads = min(_THREADS, len(os.sched_getaffinity(0)), len(starts))
+    if threads > 1:  # numpy's sorts and sums release the GIL: blocks side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(block, starts):
+                pass
+    else:
+        for r0 in starts:
+            block(r0)
 
     return stack_template(
         frames,
