@@ -731,3 +731,27 @@ def test_dipole_filter_on_a_misaligned_star(tmp_path):
     [src] = np.flatnonzero((np.abs(table["x"] - 70) < 1) & (np.abs(table["y"] - 60) < 1))
     assert table["reason"][src] == "kept"
     assert table["lobe_min"][src] > -3.0
+
+
+@pytest.mark.parametrize("shape", [(1100, 1200), (300, 260), (40, 30)])
+def test_significance_at_a_few_pixels_is_the_whole_maps_there(shape):
+    """The ``extent`` column's wide map is made at the peaks only (and on the grid its
+    spread is measured on): the values of the whole map there, to float32 rounding,
+    edges, masked rows and cutouts included."""
+    from scipy import ndimage
+
+    from oasis_core.engine.sources import matched_significance, matched_significance_at
+
+    rng = np.random.default_rng(3)
+    z = (2 * ndimage.gaussian_filter(rng.normal(size=shape), 0.8)).astype(np.float32)
+    bad = np.zeros(shape, bool)
+    bad[:5] = True
+    bad[shape[0] // 2, shape[1] // 3] = True
+    z[bad] = 0
+    ys, xs = rng.integers(0, shape[0], 200), rng.integers(0, shape[1], 200)
+    ys[:3], xs[3:6] = 0, shape[1] - 1
+    for sigma in (1.2, 2.6):
+        whole, factor = matched_significance(z, bad, sigma)
+        assert factor > 1.0  # the correlated noise is rescaled: the factor is used
+        at = matched_significance_at(z, bad, sigma, ys, xs)
+        np.testing.assert_allclose(at, whole[ys, xs], rtol=0, atol=1e-6 * np.abs(whole).max())
