@@ -224,6 +224,106 @@ def test_moments_match_the_profile() -> None:
         assert got == pytest.approx(fwhm, rel=1e-3) and clipped == ""
 
 
+def test_stamps_match_the_whole_frame_spline() -> None:
+    """The stamps, resampled on boxes around the stars, match cubic-spline resampling of
+    the whole frame (scipy's map_coordinates), NaN where a masked pixel, the frame edge
+    or another source is within reach, stars on the edges included."""
+    from oasis_native.psf import _CROSS, _cut_stamps
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    ny, nx = 120, 130
+    sub = rng.normal(0.0, 10.0, (ny, nx)).astype(np.float32)
+    sub[rng.integers(0, ny, 40), rng.integers(0, nx, 40)] += 3000.0
+    bad = rng.random((ny, nx)) < 0.002
+    seg = np.where(rng.random((ny, nx)) < 0.01, rng.integers(1, 9, (ny, nx)), 0)
+    xc = np.concatenate([rng.uniform(0, nx - 1, 30), [-0.5, 0.0, 3.0, nx - 1.0, nx - 0.7]])
+    yc = np.concatenate([rng.uniform(0, ny - 1, 30), [5.2, ny - 1.0, -0.3, 0.0, 60.0]])
+    labels = rng.integers(1, 9, len(xc))
+    for half in (4, 9):
+        got = _cut_stamps(sub, bad, xc, yc, half, seg, labels)
+        # the reference: the whole frame resampled
+        grid = np.arange(-half, half + 1, dtype=np.float64)
+        shape3 = (len(xc), 2 * half + 1, 2 * half + 1)
+        cy = np.broadcast_to(yc[:, None, None] + grid[None, :, None], shape3).ravel()
+        cx = np.broadcast_to(xc[:, None, None] + grid[None, None, :], shape3).ravel()
+        want = ndimage.map_coordinates(sub, [cy, cx], order=3, mode="nearest").reshape(shape3)
+        reach = ndimage.binary_dilation(bad, iterations=2).astype(np.float32)
+        lost = ndimage.map_coordinates(reach, [cy, cx], order=1, mode="constant", cval=1.0)
+        want[lost.reshape(shape3) > 0] = np.nan
+        iy = np.clip(np.rint(cy).astype(np.int64), 0, ny - 1)
+        ix = np.clip(np.rint(cx).astype(np.int64), 0, nx - 1)
+        lab = seg[iy, ix]
+        other = ((lab > 0) & (lab != np.repeat(labels, shape3[1] * shape3[2]))).reshape(shape3)
+        want[ndimage.binary_dilation(other, structure=_CROSS)] = np.nan
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert np.isnan(got).any() and not np.isnan(got).all()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.nanmax(np.abs(want)))
+
+
+def test_cosmic_and_locus_match_their_definitions() -> None:
+    """The cosmic-ray test (3x3 median, 7x7 median of that) and the stellar locus's
+    neighbour counts, computed the short way, match the plain definitions."""
+    from oasis_native.psf import _LOCUS_WIDTH, _SHARP_MAX, _cosmic, _stellar_locus
+    from scipy import ndimage
+
+    rng = np.random.default_rng(12)
+    sub = rng.normal(0.0, 10.0, (80, 90)).astype(np.float32)
+    hits = (rng.integers(0, 80, 60), rng.integers(0, 90, 60))
+    sub[hits] += rng.uniform(50.0, 5000.0, 60).astype(np.float32)
+    objs = np.zeros(200, dtype=[("xpeak", np.int64), ("ypeak", np.int64)])
+    objs["ypeak"][:60], objs["xpeak"][:60] = hits
+    objs["ypeak"][60:], objs["xpeak"][60:] = rng.integers(0, 80, 140), rng.integers(0, 90, 140)
+    g = np.arange(-4, 5)
+    iy = np.clip(objs["ypeak"][:, None, None] + g[None, :, None], 0, 79)
+    ix = np.clip(objs["xpeak"][:, None, None] + g[None, None, :], 0, 89)
+    st = sub[iy, ix].astype(np.float64)
+    lap = 4.0 * st[:, 4, 4] - st[:, 3, 4] - st[:, 5, 4] - st[:, 4, 3] - st[:, 4, 5]
+    med3 = ndimage.median_filter(st, size=(1, 3, 3), mode="nearest")
+    fine = med3[:, 4, 4] - ndimage.median_filter(med3, size=(1, 7, 7), mode="nearest")[:, 4, 4]
+    want = lap > _SHARP_MAX * np.maximum(fine, 0.0)
+    assert want.any() and not want.all()
+    np.testing.assert_array_equal(_cosmic(sub, objs), want)
+
+    def locus(size: np.ndarray) -> float:
+        logr = np.log(size)
+        counts = (np.abs(logr[:, None] - logr[None, :]) < np.log(1.15)).sum(axis=1)
+        need = max(3, int(np.ceil(counts.max() / 3.0)))
+        if counts.max() < need:
+            return float("nan")
+        r0 = min(size[counts >= need])
+        return float(np.median(size[(size >= r0) & (size <= r0 * _LOCUS_WIDTH)]))
+
+    for n in (2, 5, 40, 500):
+        size = np.exp(rng.normal(0.5, 0.3, n))
+        np.testing.assert_equal(_stellar_locus(size), locus(size))
+
+
+@pytest.mark.parametrize(("model", "shape"), [("moffat", (3.2, 2.7)), ("gaussian", (2.5,))])
+def test_joint_fit_derivatives(model: str, shape: tuple[float, ...]) -> None:
+    """The joint fit's analytic derivatives of the unit-flux profile (in r**2 and in its
+    shape) match finite differences, and its integral is 1."""
+    from oasis_native.psf import _unit_profile
+
+    r2 = np.linspace(0.0, 60.0, 41)
+    _, d_r2, d_shape = _unit_profile(model, shape, r2)
+    h = 1e-6
+    num = (_unit_profile(model, shape, r2 + h)[0] - _unit_profile(model, shape, r2 - h)[0]) / (
+        2 * h
+    )
+    np.testing.assert_allclose(d_r2, num, rtol=1e-5, atol=1e-12)
+    for i, got in enumerate(d_shape):
+        up, down = list(shape), list(shape)
+        up[i] += h
+        down[i] -= h
+        num = (_unit_profile(model, up, r2)[0] - _unit_profile(model, down, r2)[0]) / (2 * h)
+        np.testing.assert_allclose(got, num, rtol=1e-5, atol=1e-12)
+    g = np.arange(-200, 201, dtype=np.float64)
+    total = _unit_profile(model, shape, g[:, None] ** 2 + g[None, :] ** 2)[0].sum()
+    assert total == pytest.approx(1.0, rel=2e-3)  # (a Moffat's far wings: off the grid)
+
+
 def test_no_usable_star_gives_a_recorded_autocorrelation_moffat(tmp_path: Path) -> None:
     """Every source too faint to be a PSF star (peak S/N < min_snr): a Moffat of the FWHM
     of their autocorrelation, recorded as such."""

@@ -329,13 +329,20 @@ def _unit_profile(
     if model == "moffat":
         fwhm, beta = shape
         alpha = _moffat_alpha(fwhm, beta)
-        u = 1.0 + r2 / (alpha * alpha)
-        f = u ** (-beta) * ((beta - 1.0) / (math.pi * alpha * alpha))
-        d_r2 = -beta * f / (u * alpha * alpha)
-        d_alpha = f * (2.0 * beta * r2 / (alpha**3 * u) - 2.0 / alpha)
+        a2 = alpha * alpha
+        u = r2 * (1.0 / a2)
+        u += 1.0
+        lu = np.log(u)
+        f = np.exp(lu * -beta)
+        f *= (beta - 1.0) / (math.pi * a2)
+        f_u = f / u
+        d_r2 = f_u * (-beta / a2)
+        # d f / d alpha = f (2 beta r2 / (alpha**3 u) - 2 / alpha)
+        #               = (2 / alpha) (beta (f - f / u) - f)
+        d_alpha = (f - f_u) * (2.0 * beta / alpha) - f * (2.0 / alpha)
         t = 2.0 ** (1.0 / beta)
         alpha_beta = alpha * t * math.log(2.0) / (2.0 * beta * beta * (t - 1.0))
-        d_beta = f * (1.0 / (beta - 1.0) - np.log(u)) + d_alpha * alpha_beta
+        d_beta = f * (1.0 / (beta - 1.0)) - f * lu + d_alpha * alpha_beta
         return f, d_r2, [d_alpha * (alpha / fwhm), d_beta]
     sigma = shape[0] * _SIGMA_PER_FWHM
     f = gaussian_profile(r2, sigma) / (2.0 * math.pi * sigma * sigma)
@@ -345,24 +352,32 @@ def _unit_profile(
 
 @attrs.frozen(kw_only=True)
 class _Stamps:
-    """The PSF stars' pixels for the joint fit (internal): ``(n, s, s)`` arrays."""
+    """The PSF stars' pixels for the joint fit (internal): ``(n, p)`` arrays, one row of
+    ``p`` pixels (a square box, flattened) per star."""
 
-    data: np.ndarray = attrs.field(eq=False)
+    data: np.ndarray = attrs.field(eq=False)  # 0 where not used
     use: np.ndarray = attrs.field(eq=False)  # pixels that enter the fit
     dx: np.ndarray = attrs.field(eq=False)  # pixel centre minus the star's first centre
     dy: np.ndarray = attrs.field(eq=False)
+
+    def __getitem__(self, keep: np.ndarray) -> _Stamps:
+        return _Stamps(data=self.data[keep], use=self.use[keep], dx=self.dx[keep], dy=self.dy[keep])
 
 
 def _star_pixels(
     sub: np.ndarray, bad: np.ndarray, seg: np.ndarray, stars: _Stars, radius: float
 ) -> _Stamps:
-    """The stars' own pixels, not resampled: the ``(2 half + 1)**2`` boxes around their
-    nearest pixels, within ``radius`` of their centres, left out where masked, off the
-    frame or on another source's segment (grown by 1 px)."""
+    """The stars' own pixels, not resampled: the boxes around their nearest pixels (half
+    size ``stars.half``, less when ``radius`` is smaller), within ``radius`` of their
+    centres, left out where masked, off the frame or on another source's segment (grown
+    by 1 px)."""
     from scipy import ndimage
 
     ny, nx = sub.shape
-    g = np.arange(-stars.half, stars.half + 1)
+    # a pixel more than ceil(radius) + 1 px from the nearest pixel is further than radius
+    # from the centre, and so is what its segment grows onto
+    half = stars.half if not math.isfinite(radius) else min(stars.half, math.ceil(radius) + 1)
+    g = np.arange(-half, half + 1)
     iy = np.rint(stars.y).astype(np.int64)[:, None, None] + g[None, :, None]
     ix = np.rint(stars.x).astype(np.int64)[:, None, None] + g[None, None, :]
     inside = (iy >= 0) & (iy < ny) & (ix >= 0) & (ix < nx)
@@ -375,7 +390,13 @@ def _star_pixels(
     dx, dy = np.broadcast_arrays(dx, dy)
     use = inside & ~bad[iyc, ixc] & ~other & (dx * dx + dy * dy <= radius * radius)
     data = np.where(use, sub[iyc, ixc], 0.0).astype(np.float64)
-    return _Stamps(data=data, use=use, dx=dx, dy=dy)
+    n = len(data)
+    return _Stamps(
+        data=data.reshape(n, -1),
+        use=use.reshape(n, -1),
+        dx=np.ascontiguousarray(dx).reshape(n, -1),
+        dy=np.ascontiguousarray(dy).reshape(n, -1),
+    )
 
 
 def _joint_fit(
@@ -414,12 +435,12 @@ def _joint_fit(
     radius = 1.5 * start["fwhm"] if model == "gaussian" else math.inf
     pix = _star_pixels(sub, bad, seg, stars, max(radius, 2.0))
     lo, hi = np.array([bounds[0], _BETA_MIN][:k]), np.array([bounds[1], 30.0][:k])
-    keep = pix.use.sum(axis=(1, 2)) > k + 4
+    keep = pix.use.sum(axis=1) > k + 4
     rejected = 0
     for _ in range(_REJECT_ROUNDS + 1):
         if not keep.any():
             raise ValueError("no star with enough unmasked pixels")
-        stamps = _Stamps(data=pix.data[keep], use=pix.use[keep], dx=pix.dx[keep], dy=pix.dy[keep])
+        stamps = pix[keep]
         fitted, chi2 = _joint_solve(stamps, model, shape, (lo, hi), noise, gain)
         worse = chi2 > _REJECT * np.median(chi2)
         if not worse.any() or len(chi2) - int(worse.sum()) < max(min_stars, 1):
@@ -454,23 +475,24 @@ def _joint_solve(
     gain: float | None,
     start: np.ndarray | None = None,
 ) -> tuple[Any, np.ndarray]:
-    """One joint least-squares fit (its parameters ``x`` and weighted residuals ``fun``)
-    from the first ``shape``, and each star's reduced chi-square; with ``start`` (an
-    earlier fit's parameters), a Huber loss: from there, pixels more than :data:`_HUBER`
-    sigmas off that fit count linearly. The Jacobian is analytic: a pixel depends on the
-    shape and on its own star's flux, centre and sky, which :func:`_block_lm` uses."""
+    """One joint least-squares fit (its parameters ``x`` and the used pixels' weighted
+    residuals ``fun``) from the first ``shape``, and each star's reduced chi-square; with
+    ``start`` (an earlier fit's parameters), a Huber loss: from there, pixels more than
+    :data:`_HUBER` sigmas off that fit count linearly. The Jacobian is analytic: a pixel
+    depends on the shape and on its own star's flux, centre and sky, which
+    :func:`_block_lm` uses. The stars' pixels stay in their ``(n, p)`` rows, those not
+    used weighted 0."""
     k, n, use = len(shape), len(stamps.data), stamps.use
+    d, dx, dy = stamps.data, stamps.dx, stamps.dy
     # first fluxes: the linear fit of the first shape; the pixels' variances from that model
-    p0 = np.where(use, _unit_profile(model, shape, stamps.dx**2 + stamps.dy**2)[0], 0.0)
-    flux0 = np.maximum((p0 * stamps.data).sum(axis=(1, 2)) / (p0 * p0).sum(axis=(1, 2)), 0.0)
-    m0 = flux0[:, None, None] * p0
+    p0 = np.where(use, _unit_profile(model, shape, dx * dx + dy * dy)[0], 0.0)
+    flux0 = np.maximum((p0 * d).sum(axis=1) / (p0 * p0).sum(axis=1), 0.0)
+    m0 = flux0[:, None] * p0
     var = noise * noise + (_PROFILE_ERROR * m0) ** 2 + (m0 / gain if gain else 0.0)
-    w = 1.0 / np.sqrt(var[use])
-    d, dx, dy = stamps.data[use], stamps.dx[use], stamps.dy[use]
-    star_of = np.broadcast_to(np.arange(n)[:, None, None], use.shape)[use]
+    w = np.where(use, 1.0 / np.sqrt(var), 0.0)
 
     def parts(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-        q = p[k:].reshape(n, 4)[star_of]  # flux, x, y, sky of each pixel's star
+        q = p[k:].reshape(n, 4, 1)  # flux, x, y, sky of each star
         ex, ey = dx - q[:, 1], dy - q[:, 2]
         return q, ex, ey, _unit_profile(model, p[:k], ex * ex + ey * ey)
 
@@ -478,13 +500,20 @@ def _joint_solve(
         q, _, _, (f, _, _) = parts(p)
         return (q[:, 0] * f + q[:, 3] - d) * w
 
-    def rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q, ex, ey, (f, f_r2, f_shape) = parts(p)
-        flux = q[:, 0]
-        r = (flux * f + q[:, 3] - d) * w
-        a = np.column_stack([flux * g for g in f_shape]) * w[:, None]
-        b = np.column_stack([f, -2.0 * flux * f_r2 * ex, -2.0 * flux * f_r2 * ey, np.ones_like(f)])
-        return r, a, b * w[:, None]
+        fw = q[:, 0] * w  # flux x weight
+        jac = np.empty((n, k + 4, d.shape[1]))
+        for i, g in enumerate(f_shape):
+            np.multiply(g, fw, out=jac[:, i])
+        np.multiply(f, w, out=jac[:, k])
+        r = q[:, 0] * jac[:, k] + (q[:, 3] - d) * w
+        g = f_r2 * fw
+        g *= -2.0
+        np.multiply(g, ex, out=jac[:, k + 1])
+        np.multiply(g, ey, out=jac[:, k + 2])
+        jac[:, k + 3] = w
+        return r, jac
 
     lower = np.concatenate([bounds[0], np.tile([0.0, -1.5, -1.5, -np.inf], n)])
     upper = np.concatenate([bounds[1], np.tile([np.inf, 1.5, 1.5, np.inf], n)])
@@ -496,59 +525,58 @@ def _joint_solve(
         z = np.abs(resid(first))
         down = np.sqrt(np.where(z > _HUBER, _HUBER / np.maximum(z, 1e-30), 1.0))
         w = w * down
-    starts = np.flatnonzero(np.diff(star_of, prepend=-1))
-    x = _block_lm(rows, first, (lower, upper), k, starts)
-    fitted = SimpleNamespace(x=x, fun=resid(x))
-    full = fitted.fun / down  # without the down-weighting: the stars' own misfit
-    pixels = np.bincount(star_of, minlength=n)
-    chi2 = np.bincount(star_of, full**2, n) / np.maximum(pixels - 4, 1)
-    return fitted, chi2
+    x = _block_lm(rows, first, (lower, upper), k)
+    fun = resid(x)
+    full = fun / down  # without the down-weighting: the stars' own misfit
+    pixels = use.sum(axis=1)
+    chi2 = (full * full).sum(axis=1) / np.maximum(pixels - 4, 1)
+    return SimpleNamespace(x=x, fun=fun[use]), chi2
 
 
 def _block_lm(
-    rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     first: np.ndarray,
     bounds: tuple[np.ndarray, np.ndarray],
     k: int,
-    starts: np.ndarray,
     max_iter: int = 200,
     ftol: float = 1e-9,
 ) -> np.ndarray:
     """Levenberg-Marquardt for the joint fit's block-arrow normal matrix: ``k`` shared
-    parameters, then 4 of each star's own, whose pixels are the consecutive runs of
-    ``rows`` starting at ``starts``. ``rows(p)`` gives the weighted residuals ``r`` and
-    the Jacobian's shared columns ``a`` (N, k) and star columns ``b`` (N, 4). Each
-    step eliminates the stars' 4x4 blocks (a Schur complement: all stars at once, no
-    loop over them) and solves the k x k system left; steps are projected onto
+    parameters, then 4 of each of ``n`` stars' own. ``rows(p)`` gives the weighted
+    residuals ``r`` (n, p), one row of pixels per star, and the Jacobian (n, k + 4, p):
+    the shared columns, then the star's own (each star's pixels depend on its own 4
+    only). Each step eliminates the stars' 4x4 blocks (a Schur complement: all stars at
+    once, no loop over them) and solves the k x k system left; steps are projected onto
     ``bounds``. Marquardt's diagonal scaling makes it blind to the parameters' units."""
     lower, upper = bounds
     p = first.copy()
-    r, a, b = rows(p)
-    cost = float(r @ r)
+    r, jac = rows(p)
+    cost = float(np.vdot(r, r))
     lam = 1e-3
+    eye = np.eye(4)
     for _ in range(max_iter):
-        hss, gs = a.T @ a, a.T @ r
-        hsb = np.add.reduceat(a[:, :, None] * b[:, None, :], starts)  # (n, k, 4)
-        hbb = np.add.reduceat(b[:, :, None] * b[:, None, :], starts)  # (n, 4, 4)
-        gb = np.add.reduceat(b * r[:, None], starts)  # (n, 4)
+        h = jac @ jac.transpose(0, 2, 1)  # (n, k + 4, k + 4), one block per star
+        g = (jac @ r[:, :, None])[:, :, 0]  # (n, k + 4)
+        hss, gs = h[:, :k, :k].sum(axis=0), g[:, :k].sum(axis=0)
+        hsb, hbb, gb = h[:, :k, k:], h[:, k:, k:], g[:, k:]
         dss, dbb = np.diag(hss).copy(), np.diagonal(hbb, axis1=1, axis2=2).copy()
         dbb = np.maximum(dbb, 1e-12 * dbb.max(axis=1, keepdims=True) + 1e-300)
         while True:
-            inv = np.linalg.inv(hbb + (lam * dbb + 1e-12 * dbb)[:, :, None] * np.eye(4))
+            inv = np.linalg.inv(hbb + (lam * dbb + 1e-12 * dbb)[:, :, None] * eye)
             hsb_inv = hsb @ inv  # (n, k, 4)
             schur = hss + np.diag(lam * dss) - np.einsum("nki,nli->kl", hsb_inv, hsb)
             rhs = -gs + np.einsum("nki,ni->k", hsb_inv, gb)
             ds = np.linalg.solve(schur, rhs)
             db = -np.einsum("nij,nj->ni", inv, gb + np.einsum("nki,k->ni", hsb, ds))
             trial = np.clip(p + np.concatenate([ds, db.ravel()]), lower, upper)
-            r_new, a_new, b_new = rows(trial)
-            new_cost = float(r_new @ r_new)
+            r_new, jac_new = rows(trial)
+            new_cost = float(np.vdot(r_new, r_new))
             if np.isfinite(new_cost) and new_cost <= cost:
                 break
             lam *= 4.0
             if lam > 1e12:
                 return p
-        gain, p, r, a, b, cost = cost - new_cost, trial, r_new, a_new, b_new, new_cost
+        gain, p, r, jac, cost = cost - new_cost, trial, r_new, jac_new, new_cost
         lam = max(lam / 3.0, 1e-9)
         if gain <= ftol * max(cost, 1e-300):
             break
@@ -712,16 +740,17 @@ def _cosmic(sub: np.ndarray, objs: np.ndarray) -> np.ndarray:
     near 20, of 2 px near 4; a cosmic ray 1-3 px wide thousands (the medians remove it),
     and a noise-level fine structure when it is faint: above :data:`_SHARP_MAX` it is one.
     """
-    from scipy import ndimage
-
     ny, nx = sub.shape
     g = np.arange(-4, 5)
     iy = np.clip(objs["ypeak"].astype(np.int64)[:, None, None] + g[None, :, None], 0, ny - 1)
     ix = np.clip(objs["xpeak"].astype(np.int64)[:, None, None] + g[None, None, :], 0, nx - 1)
     st = sub[iy, ix].astype(np.float64)
     lap = 4.0 * st[:, 4, 4] - st[:, 3, 4] - st[:, 5, 4] - st[:, 4, 3] - st[:, 4, 5]
-    med3 = ndimage.median_filter(st, size=(1, 3, 3), mode="nearest")
-    fine = med3[:, 4, 4] - ndimage.median_filter(med3, size=(1, 7, 7), mode="nearest")[:, 4, 4]
+    # the 3x3 medians over the central 7x7 (all the 7x7 median at the peak needs), then that
+    m = len(st)
+    win = np.lib.stride_tricks.sliding_window_view(st, (3, 3), axis=(1, 2)).reshape(m, 7, 7, 9)
+    med3 = np.partition(win, 4, axis=-1)[..., 4].reshape(m, 49)
+    fine = med3[:, 24] - np.partition(med3, 24, axis=1)[:, 24]
     return lap > _SHARP_MAX * np.maximum(fine, 0.0)
 
 
@@ -745,9 +774,11 @@ def _adaptive_sizes(
     dy = iy - objs["y"][idx][:, None, None]
     dx = ix - objs["x"][idx][:, None, None]
     r2 = dx * dx + dy * dy
+    half_r2 = -0.5 * r2
     s2 = np.clip(guess, 0.5, h / 2.0) ** 2
     for _ in range(30):
-        w = np.exp(-0.5 * r2 / s2[:, None, None]) * img
+        w = np.exp(half_r2 / s2[:, None, None])
+        w *= img
         total = w.sum(axis=(1, 2))
         new = np.where(total > 0, (w * r2).sum(axis=(1, 2)) / np.where(total > 0, total, 1.0), s2)
         new = np.clip(new, 0.05, (h / 1.5) ** 2)
@@ -765,7 +796,11 @@ def _stellar_locus(size: np.ndarray) -> float:
     rhalf = size
     logr = np.log(rhalf)
     width = math.log(1.15)
-    counts = (np.abs(logr[:, None] - logr[None, :]) < width).sum(axis=1)
+    # how many sizes lie within the width of each (in the sorted sizes: no n x n matrix)
+    ranked = np.sort(logr)
+    counts = np.searchsorted(ranked, logr + width, "left") - np.searchsorted(
+        ranked, logr - width, "right"
+    )
     need = max(3, math.ceil(counts.max() / 3.0))
     if counts.max() < need:  # no clump of sizes: no locus
         return math.nan
@@ -836,6 +871,24 @@ def _isolated(
     return ~crowded, float(radius)
 
 
+#: Margin (px) of the boxes whose cubic-spline coefficients :func:`_cut_stamps` computes
+#: around each stamp: a pixel's coefficient feels a value d px away by 0.268**d, so 12 px
+#: (as scipy pads a frame's edge for mode "nearest") match the whole frame's to 1e-7.
+_SPLINE_MARGIN = 12
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Cubic B-spline weights (n, 4) of the coefficients at offsets -1, 0, 1, 2 from
+    ``floor(x)`` for fractional parts ``t = x - floor(x)``."""
+    t2, t3 = t * t, t * t * t
+    return (
+        np.column_stack(
+            [(1.0 - t) ** 3, 3.0 * t3 - 6.0 * t2 + 4.0, -3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0, t3]
+        )
+        / 6.0
+    )
+
+
 def _cut_stamps(
     sub: np.ndarray,
     bad: np.ndarray,
@@ -848,22 +901,51 @@ def _cut_stamps(
     """(n, 2*half+1, 2*half+1) stamps of ``sub`` centred on the sub-pixel positions
     (cubic-spline resampling, all stars at once); NaN where a masked pixel or the frame
     edge is within reach of the spline, and, with a segmentation map ``seg`` and the
-    stars' ``labels`` in it, on the other sources' pixels (grown by 1 px)."""
+    stars' ``labels`` in it, on the other sources' pixels (grown by 1 px).
+
+    As :func:`scipy.ndimage.map_coordinates` (``order=3, mode="nearest"``) on the whole
+    frame, but the spline coefficients are computed on a box around each stamp only
+    (:data:`_SPLINE_MARGIN`), and as every pixel of a stamp has the same sub-pixel
+    offset, the interpolation is a separable sum of 4 x 4 shifted boxes."""
     from scipy import ndimage
 
-    grid = np.arange(-half, half + 1, dtype=np.float64)
-    shape3 = (len(xc), 2 * half + 1, 2 * half + 1)
-    cy = np.broadcast_to(yc[:, None, None] + grid[None, :, None], shape3).ravel()
-    cx = np.broadcast_to(xc[:, None, None] + grid[None, None, :], shape3).ravel()
-    stamps = ndimage.map_coordinates(sub, [cy, cx], order=3, mode="nearest").reshape(shape3)
-    reach = ndimage.binary_dilation(bad, iterations=2).astype(np.float32)
-    lost = ndimage.map_coordinates(reach, [cy, cx], order=1, mode="constant", cval=1.0)
-    stamps[lost.reshape(shape3) > 0] = np.nan
+    ny, nx = sub.shape
+    n, size = len(xc), 2 * half + 1
+    if n == 0:
+        return np.zeros((0, size, size), dtype=sub.dtype)
+    x0, y0 = np.floor(xc), np.floor(yc)
+    wx, wy = _cubic_weights(xc - x0), _cubic_weights(yc - y0)
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    m = _SPLINE_MARGIN
+    g = np.arange(-half - 1 - m, half + 3 + m)  # spline support of the stamp, plus margin
+    iy, ix = y0[:, None] + g, x0[:, None] + g  # (n, size + 3 + 2 m)
+    boxes = sub[np.clip(iy, 0, ny - 1)[:, :, None], np.clip(ix, 0, nx - 1)[:, None, :]]
+    coef = ndimage.spline_filter1d(boxes, 3, axis=1, output=np.float64, mode="nearest")
+    coef = ndimage.spline_filter1d(coef, 3, axis=2, output=np.float64, mode="nearest")
+    coef = coef[:, m:-m, m:-m]  # (n, size + 3, size + 3): offset -half - 1 first
+    rows = sum(wy[:, a, None, None] * coef[:, a : a + size, :] for a in range(4))
+    stamps = sum(wx[:, b, None, None] * rows[:, :, b : b + size] for b in range(4))
+    # a masked pixel (grown by 2 px) or the frame edge within reach of the (linear) spline
+    r = np.arange(-half - 2, half + 4)  # the bilinear support, plus the growth
+    ry, rx = y0[:, None] + r, x0[:, None] + r
+    in_y, in_x = (ry >= 0) & (ry < ny), (rx >= 0) & (rx < nx)
+    near = bad[np.clip(ry, 0, ny - 1)[:, :, None], np.clip(rx, 0, nx - 1)[:, None, :]]
+    near &= in_y[:, :, None] & in_x[:, None, :]
+    reach = ndimage.binary_dilation(near, structure=_CROSS, iterations=2)
+    reach |= ~(in_y[:, :, None] & in_x[:, None, :])  # off the frame
+    reach = reach[:, 2:-2, 2:-2].astype(np.float64)  # (n, size + 1, size + 1): offset -half first
+    ty, tx = (yc - y0)[:, None, None], (xc - x0)[:, None, None]
+    lost = (1.0 - ty) * ((1.0 - tx) * reach[:, :-1, :-1] + tx * reach[:, :-1, 1:]) + ty * (
+        (1.0 - tx) * reach[:, 1:, :-1] + tx * reach[:, 1:, 1:]
+    )
+    stamps = stamps.astype(sub.dtype)
+    stamps[lost > 0] = np.nan
     if seg is not None and labels is not None:  # (outside the frame: NaN already)
-        iy = np.clip(np.rint(cy).astype(np.int64), 0, sub.shape[0] - 1)
-        ix = np.clip(np.rint(cx).astype(np.int64), 0, sub.shape[1] - 1)
-        lab = seg[iy, ix]
-        other = ((lab > 0) & (lab != np.repeat(labels, shape3[1] * shape3[2]))).reshape(shape3)
+        grid = np.arange(-half, half + 1, dtype=np.float64)
+        sy = np.clip(np.rint(yc[:, None] + grid).astype(np.int64), 0, ny - 1)
+        sx = np.clip(np.rint(xc[:, None] + grid).astype(np.int64), 0, nx - 1)
+        lab = seg[sy[:, :, None], sx[:, None, :]]
+        other = (lab > 0) & (lab != np.asarray(labels)[:, None, None])
         stamps[ndimage.binary_dilation(other, structure=_CROSS)] = np.nan
     return stamps
 
@@ -1074,7 +1156,9 @@ class NativePsf(PsfBackend):
 
         sat = saturation_level(data, ~bad, frame.saturation)
         sat_level = math.inf if sat is None else sat
-        data[bad] = float(np.median(data[~bad]))
+        # sep leaves the masked pixels out of the background, whatever their value: any
+        # finite one will do
+        data[bad] = 0.0
         size = int(max(8, min(options.back_size, ny, nx)))
         bkg = sep.Background(data, mask=bad, bw=size, bh=size, fw=3, fh=3)
         background, noise = float(bkg.globalback), float(bkg.globalrms)
@@ -1086,7 +1170,8 @@ class NativePsf(PsfBackend):
             noise = diff_noise
         if not (math.isfinite(noise) and noise > 0):
             raise StageError(f"{where}: the sky noise is {noise} (blank or constant frame?)")
-        sub = data - bkg.back()
+        sub = data  # (the copy above: subtracted in place)
+        bkg.subfrom(sub)
         sub[bad] = 0.0
         if sep.get_extract_pixstack() < min(data.size, 3_000_000):
             sep.set_extract_pixstack(min(data.size, 3_000_000))
