@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from oasis_core.engine import quality
 from oasis_core.engine.quality import MIN_PIXELS, normalized_noise, q_value
 
 SHAPE = (200, 200)
@@ -457,3 +458,35 @@ def test_star_flux_left_measures_the_scale_on_the_science_and_skips_bad_stars():
     assert left.n == 3 and sorted(left.x.tolist()) == [25.0, 30.0, 60.0]
     # pure noise: no star
     assert star_flux_left(residual, weight, rng.normal(0, 5, tpl.shape), fwhm=3.5).n == 0
+
+
+def test_star_flux_left_measures_a_read_only_template_once_and_a_new_one_again(monkeypatch):
+    """The template's stars (its sky, noise and local maxima) are the same for every
+    frame of a series: measured once for the core's read-only template, again for
+    another template or a writeable one, with the same result as measured afresh."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :96]
+    stars = [(20, 30), (70, 25), (50, 70), (30, 75)]
+    psf = sum(np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / 4.5) for x, y in stars)
+    tpl = (1e4 * psf + rng.normal(0, 10, psf.shape)).astype(np.float32)
+    res = (-3e3 * psf + rng.normal(0, 10, psf.shape)).astype(np.float32)
+    weight = np.ones(psf.shape, np.float32)
+    measured = []
+    real = quality.box_mean
+    monkeypatch.setattr(quality, "box_mean", lambda *a: measured.append(1) or real(*a))
+    fresh = quality.star_flux_left(res, weight, tpl, fwhm=3.5)
+    frozen = tpl.copy()
+    frozen.flags.writeable = False
+    first = quality.star_flux_left(res, weight, frozen, fwhm=3.5)
+    again = quality.star_flux_left(res * 0.5, weight, frozen, fwhm=3.5)
+    assert len(measured) == 2  # the writeable template, then the read-only one once
+    assert (
+        (first.n, first.fraction) == (fresh.n, fresh.fraction) == (4, pytest.approx(-0.3, abs=0.01))
+    )
+    assert again.fraction == pytest.approx(0.5 * first.fraction, rel=1e-3)
+    other = (2 * tpl).copy()
+    other.flags.writeable = False
+    assert quality.star_flux_left(res, weight, other, fwhm=3.5).fraction == pytest.approx(
+        0.5 * first.fraction, rel=1e-3
+    )
+    assert len(measured) == 3

@@ -31,7 +31,7 @@ the residual's flux at the template's brightest stars, as a fraction of their fl
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -370,6 +370,49 @@ def _sky_and_sigma(data: np.ndarray, good: np.ndarray) -> tuple[float, float]:
     return med, float(1.4826 * _median(np.abs(values - med)))
 
 
+def _template_stars(
+    tpl: np.ndarray, template_weight: np.ndarray | None, template_sky: float | None, ri: int
+) -> tuple[np.ndarray, float, float, np.ndarray, np.ndarray] | None:
+    """What :func:`star_flux_left` takes of the template alone: its good pixels, sky and
+    sky noise, and its stars (the local maxima of the 3 x 3 mean, ``ri`` px from the
+    edges); None when it has too few good pixels or no noise. Remembered for the last
+    read-only template (the core's, the same for every frame of a series)."""
+    import weakref
+
+    arrays = (tpl,) if template_weight is None else (tpl, template_weight)
+    frozen = all(isinstance(a, np.ndarray) and not a.flags.writeable for a in arrays)
+    key = (tuple(id(a) for a in arrays), template_sky, ri)
+    if (
+        frozen
+        and _TEMPLATE_STARS[0] == key
+        and all(ref() is a for ref, a in zip(_TEMPLATE_STARS[1], arrays, strict=True))
+    ):
+        return _TEMPLATE_STARS[2]
+    ny, nx = tpl.shape
+    good_t = np.isfinite(tpl)
+    if template_weight is not None:
+        good_t &= np.asarray(template_weight) > 0
+    found = None
+    if good_t.sum() >= MIN_PIXELS:
+        sky, sigma = _sky_and_sigma(tpl, good_t)
+        if template_sky is not None and np.isfinite(template_sky):
+            sky = float(template_sky)
+        if sigma > 0:
+            # the 3 x 3 mean (scipy's uniform_filter: its reflected edge is the edge pixel)
+            smooth = box_mean(np.where(good_t, tpl - np.float32(sky), np.float32(0)), 3)
+            py, px = local_maxima(smooth, *np.nonzero(smooth > 5 * sigma / 3), ri)
+            inside = (px >= ri) & (px < nx - ri) & (py >= ri) & (py < ny - ri)
+            found = (good_t, sky, sigma, py[inside], px[inside])
+    if frozen:
+        _TEMPLATE_STARS[:] = [key, [weakref.ref(a) for a in arrays], found]
+    return found
+
+
+#: The last read-only template :func:`_template_stars` measured: (key, weak references to
+#: its pixels and weight, what it found).
+_TEMPLATE_STARS: list[Any] = [None, [], None]
+
+
 def star_flux_left(
     residual: np.ndarray,
     weight: np.ndarray,
@@ -449,21 +492,12 @@ def star_flux_left(
     ri = math.ceil(r)
     empty = StarFluxLeft(float("nan"), 0, np.zeros(0), np.zeros(0), np.zeros(0), float(scale))
     good_r = (np.asarray(weight) > 0) & np.isfinite(res)
-    good_t = np.isfinite(tpl)
-    if template_weight is not None:
-        good_t &= np.asarray(template_weight) > 0
-    if good_r.sum() < MIN_PIXELS or good_t.sum() < MIN_PIXELS or min(ny, nx) <= 2 * ri:
+    if good_r.sum() < MIN_PIXELS or min(ny, nx) <= 2 * ri:
         return empty
-    sky, sigma = _sky_and_sigma(tpl, good_t)
-    if template_sky is not None and np.isfinite(template_sky):
-        sky = float(template_sky)
-    if not sigma > 0:
+    found = _template_stars(tpl, template_weight, template_sky, ri)
+    if found is None:
         return empty
-    # the 3 x 3 mean (scipy's uniform_filter; its reflected edge is the edge pixel itself)
-    smooth = box_mean(np.where(good_t, tpl - np.float32(sky), np.float32(0)), 3)
-    py, px = local_maxima(smooth, *np.nonzero(smooth > 5 * sigma / 3), ri)
-    inside = (px >= ri) & (px < nx - ri) & (py >= ri) & (py < ny - ri)
-    py, px = py[inside], px[inside]
+    good_t, sky, sigma, py, px = found
     if px.size == 0:
         return empty
     dy, dx = np.mgrid[-ri : ri + 1, -ri : ri + 1]
