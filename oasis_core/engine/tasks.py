@@ -55,6 +55,8 @@ __all__ = [
     "stage_task",
     "subtract",
     "workdir",
+    "worker_cache_clear",
+    "worker_cached",
     "worker_template",
 ]
 
@@ -142,7 +144,10 @@ def psf(task: Task) -> dict[str, Any]:
 
 def align(task: Task) -> dict[str, Any]:
     frame = readonly_inputs(outputs.load_frame(task.inputs))
-    reference = readonly_inputs(outputs.load_frame(task.inputs, "ref_"))
+    ref = {k: task.inputs[k] for k in ("ref_data", "ref_mask", "ref_psf") if k in task.inputs}
+    reference = worker_cached(
+        "reference", ref, lambda: readonly_inputs(outputs.load_frame(task.inputs, "ref_"))
+    )
     out = task.backend.align(frame, reference, options=task.options, workdir=task.workdir)
     if out.shape != reference.shape:
         raise StageError(
@@ -219,16 +224,35 @@ def worker_template(path: Path, psf_path: Path | None = None) -> Template:
     object from one frame to the next (so it may keep what it prepared of it, keyed by
     the object, as the ``ois`` backend does)."""
     psf = Path(psf_path) if psf_path is not None and Path(psf_path).exists() else None
-    key = (file_key(Path(path)), None if psf is None else file_key(psf))
-    if _TEMPLATE[0] != key:
-        _TEMPLATE[:] = [None, None]  # the old one let go before the new one is read
-        template = readonly_inputs(outputs.load_output(Path(path), psf, cls=Template))
-        _TEMPLATE[:] = [key, template]
-    return _TEMPLATE[1]
+    files = {"template": Path(path)} if psf is None else {"template": Path(path), "psf": psf}
+    return worker_cached(
+        "template",
+        files,
+        lambda: readonly_inputs(outputs.load_output(Path(path), psf, cls=Template)),
+    )
 
 
-#: The template a worker process read last: (file keys of it and its PSF, Template).
-_TEMPLATE: list[Any] = [None, None]
+def worker_cached(slot: str, files: Mapping[str, Path], load: Callable[[], Any]) -> Any:
+    """What ``load`` makes of ``files``, made once per worker process while the files
+    stay the same (:func:`oasis_core.engine.files.file_key`). A worker keeps one such
+    object, the last asked for (the align tasks' reference; the template of the
+    subtract, mr and extract tasks): the previous one is let go before the next is
+    made, so memory does not grow from stage to stage. ``slot`` names what it is."""
+    key = (slot, tuple(sorted((name, file_key(Path(p))) for name, p in files.items())))
+    if _WORKER_CACHE[0] != key:
+        _WORKER_CACHE[:] = [None, None]
+        _WORKER_CACHE[:] = [key, load()]
+    return _WORKER_CACHE[1]
+
+
+def worker_cache_clear() -> None:
+    """Let go of what :func:`worker_cached` keeps (a task that keeps only what it made
+    of it, as the mr tasks keep the template's stars)."""
+    _WORKER_CACHE[:] = [None, None]
+
+
+#: Per worker process: (slot and the files' keys, the object made of them).
+_WORKER_CACHE: list[Any] = [None, None]
 
 
 def keep_psf_files(model: PsfModel, directory: Path, stem: str, cards: dict[str, Any]) -> list[str]:

@@ -235,13 +235,16 @@ SMOOTHED_KEPT = 2
 def _worker_stars(path: Any) -> np.ndarray | None:
     from pathlib import Path
 
+    from oasis_core.engine import io
     from oasis_core.engine.files import file_key
-    from oasis_core.engine.tasks import worker_template
+    from oasis_core.engine.tasks import worker_cache_clear
 
     key = file_key(Path(path))
     if _STARS[0] != key:
-        _STARS[:] = [None, None, {}]  # the old ones let go before the new ones are made
-        _STARS[:] = [key, template_stars(worker_template(Path(path)).data), {}]
+        # the old ones, and what the worker kept for other stages, let go first
+        _STARS[:] = [None, None, {}]
+        worker_cache_clear()
+        _STARS[:] = [key, template_stars(io.read_output_frame(Path(path)).data), {}]
     return _STARS[1]
 
 

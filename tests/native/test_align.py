@@ -619,3 +619,42 @@ def test_the_rows_inside_the_frame_are_those_whose_every_pixel_maps_onto_it(
     for row, (lo, hi) in enumerate(_inside_columns(inv, frame, out)):
         got[row, lo:hi] = False
     assert (got == outside).all()
+
+
+def test_bad_pixels_grow_as_scipys_binary_dilation_with_bad_edges():
+    """The spline's footprint grows the warp's bad pixels by slices of the mask, as
+    ``binary_dilation(..., border_value=1)`` did (edges counted bad), at a fraction of
+    its cost."""
+    from scipy import ndimage
+
+    from oasis_native.align import _grown
+
+    rng = np.random.default_rng(0)
+    for shape in [(50, 60), (7, 3), (1, 5)]:
+        bad = rng.random(shape) > 0.9
+        for steps in (1, 2):
+            want = ndimage.binary_dilation(bad, iterations=steps, border_value=1)
+            np.testing.assert_array_equal(_grown(bad, steps), want)
+
+
+def test_the_reference_is_searched_once_per_worker_and_let_go_with_it(monkeypatch):
+    """The core hands a worker the same reference object for every frame
+    (``tasks.worker_cached``): its stars are found once, and forgotten with it."""
+    import gc
+
+    from oasis_native import align
+
+    frame, reference, _, _ = make_pair()
+    searched = []
+    real = align._detect
+    monkeypatch.setattr(
+        align, "_detect", lambda f, o: searched.append(f is reference) or real(f, o)
+    )
+    backend, options = NativeAlign(), NativeAlignOptions()
+    first = backend.align(frame, reference, options=options, workdir=Path("unused"))
+    again = backend.align(frame, reference, options=options, workdir=Path("unused"))
+    assert searched.count(True) == 1 and searched.count(False) == 2
+    np.testing.assert_array_equal(first.data, again.data)
+    del reference
+    gc.collect()
+    assert align._REFERENCE == []

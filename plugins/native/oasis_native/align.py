@@ -76,6 +76,7 @@ from oasis_core.contracts.backends import AlignBackend, option
 from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Frame
 from oasis_core.contracts.validators import non_negative, positive
+from oasis_core.engine.stats import exact_median
 
 __all__ = ["NativeAlign", "NativeAlignOptions"]
 
@@ -272,7 +273,7 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     bad = ~(np.isfinite(data) & (np.asarray(frame.weight) > 0))
     if bad.all():
         raise _err(frame, "every pixel has weight 0")
-    data[bad] = np.median(data[~bad])
+    data[bad] = exact_median(data[~bad])
     ny, nx = data.shape
     size = int(max(8, min(options.back_size, ny // 2, nx // 2)))
     sep.set_extract_pixstack(max(sep.get_extract_pixstack(), data.size))
@@ -329,30 +330,28 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     )
 
 
-#: The last reference's stars, by a digest of its pixels and of the options (per process):
-#: every frame of a series is aligned to one reference, whose detection then runs once per
-#: worker rather than once per frame.
-_REFERENCE: dict[str, _Stars] = {}
+#: The last reference's stars (per process): (weak reference to the reference frame, the
+#: options, its stars). Every frame of a series is aligned to one reference, which the
+#: core hands a worker as the same object for every frame: its detection runs once per
+#: worker rather than once per frame, and is let go with the reference.
+_REFERENCE: list[Any] = []
 
 
 def _reference_stars(reference: Frame, options: NativeAlignOptions) -> _Stars:
-    """:func:`_detect` of ``reference``, computed once per process for a given reference
-    and options (see :data:`_REFERENCE`). Its arrays are shared by the frames aligned
-    after it: nothing may write into them (sep cannot take read-only arrays)."""
-    import hashlib
+    """:func:`_detect` of ``reference``, computed once per process for the same reference
+    object and options (see :data:`_REFERENCE`). Its arrays are shared by the frames
+    aligned after it: nothing may write into them (sep cannot take read-only arrays)."""
+    import weakref
 
-    digest = hashlib.blake2b(digest_size=16)
-    for array in (reference.data, reference.weight):
-        a = np.ascontiguousarray(array)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(memoryview(a).cast("B"))
-    digest.update(repr((reference.fwhm, reference.saturation, options)).encode())
-    key = digest.hexdigest()
-    stars = _REFERENCE.get(key)
-    if stars is None:
-        stars = _detect(reference, options)
-        _REFERENCE.clear()
-        _REFERENCE[key] = stars
+    if _REFERENCE and _REFERENCE[0]() is reference and _REFERENCE[1] == options:
+        return _REFERENCE[2]
+    _REFERENCE.clear()
+    stars = _detect(reference, options)
+    try:
+        ref = weakref.ref(reference, lambda _: _REFERENCE.clear())
+    except TypeError:  # a frame type without weak references: nothing to remember
+        return stars
+    _REFERENCE[:] = [ref, options, stars]
     return stars
 
 
@@ -842,7 +841,7 @@ def _warp(
     )
     bad = fs.bad
     if order >= 2:  # the spline footprint reaches one (two) pixels beyond the linear one
-        bad = ndimage.binary_dilation(bad, iterations=order // 2, border_value=1)
+        bad = _grown(bad, order // 2)
     weight = np.where(fs.bad, 0.0, np.asarray(frame.weight, np.float32)).astype(np.float32)
     weight = ndimage.affine_transform(
         weight, mat, off, output_shape=shape, order=1, mode="constant", cval=0.0, output=np.float32
@@ -860,11 +859,26 @@ def _warp(
     weight[touched > 1e-3] = 0.0
     np.clip(weight, 0.0, 1.0, out=weight)
     # outside the frame: sky level rather than the edge pixels smeared by mode="nearest"
-    sky = float(np.median(fs.back))
+    sky = exact_median(fs.back.ravel())
     for row, (lo, hi) in enumerate(_inside_columns(inv, fs.bad.shape, shape)):
         data[row, :lo] = sky
         data[row, hi:] = sky
     return data, weight
+
+
+def _grown(bad: np.ndarray, steps: int) -> np.ndarray:
+    """``bad`` grown ``steps`` times by its 4 neighbours, pixels beyond the edges counted
+    bad (``scipy.ndimage.binary_dilation(bad, iterations=steps, border_value=1)``), by
+    whole-array ORs of shifted slices."""
+    for _ in range(steps):
+        out = bad.copy()
+        out[1:] |= bad[:-1]
+        out[:-1] |= bad[1:]
+        out[:, 1:] |= bad[:, :-1]
+        out[:, :-1] |= bad[:, 1:]
+        out[0], out[-1], out[:, 0], out[:, -1] = True, True, True, True
+        bad = out
+    return bad
 
 
 def _inside_columns(
@@ -937,7 +951,7 @@ def _photometry(
 
     bad = ~(weight > 0)
     img = np.array(data, dtype=np.float32, order="C")
-    img[bad] = np.median(img[~bad]) if (~bad).any() else 0.0
+    img[bad] = exact_median(img[~bad]) if (~bad).any() else 0.0
     size = int(max(8, min(options.back_size, img.shape[0] // 2, img.shape[1] // 2)))
     bkg = sep.Background(img, mask=bad, bw=size, bh=size)
     back = bkg.back()
@@ -946,8 +960,8 @@ def _photometry(
     both = ~bad & ~rs.bad
     if not both.any():
         raise _err(frame, "no pixel overlaps the reference after warping")
-    sky_f = float(np.median(back[both]))
-    sky_r = float(np.median(rs.back[both]))
+    sky_f = exact_median(back[both])
+    sky_r = exact_median(rs.back[both])
     rms_f = float(bkg.globalrms)
     if not options.photometric:
         return 1.0, 0.0, 0, sky_f, rms_f, ""
