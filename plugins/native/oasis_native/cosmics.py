@@ -140,7 +140,8 @@ def _variance_floor(var: np.ndarray) -> np.ndarray:
     for dy in (0, 1, 2):
         for dx in (0, 1, 2):
             np.minimum(near, ext[dy : dy + by, dx : dx + bx], out=near)
-    return np.repeat(np.repeat(near, _BLOCK, axis=0), _BLOCK, axis=1)[:ny, :nx]
+    tiles = np.broadcast_to(near[:, None, :, None], (by, _BLOCK, bx, _BLOCK))
+    return tiles.reshape(by * _BLOCK, bx * _BLOCK)[:ny, :nx]
 
 
 def _squares(

@@ -27,6 +27,7 @@ import numpy as np
 from oasis_core.contracts.backends import MaskBackend, option
 from oasis_core.contracts.model import Frame
 from oasis_core.contracts.validators import fraction, in_range, positive
+from oasis_core.engine.stats import exact_median
 
 __all__ = ["NativeMask", "NativeMaskOptions", "saturation_level"]
 
@@ -235,7 +236,7 @@ class NativeMask(MaskBackend):
         if level is not None:
             saturated = finite & (data >= level)
         # background and noise maps; saturated cores kept out of them
-        fill = float(np.median(data[good]))
+        fill = exact_median(data[good])
         data[bad] = fill
         size = int(max(8, min(options.back_size, *data.shape)))
         bkg = sep.Background(data, mask=bad | saturated, bw=size, bh=size, fw=3, fh=3)
