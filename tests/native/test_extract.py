@@ -159,3 +159,73 @@ def test_all_masked_fails_naming_the_residual():
     data = np.zeros((32, 32))
     with pytest.raises(StageError, match="'res-7'"):
         run(residual(data, weight=np.zeros((32, 32), np.float32), name="res-7"))
+
+
+def test_sep_on_the_hot_lines_gives_sep_on_the_whole_map():
+    """The rows and columns with a pixel above the threshold (and their neighbours) give
+    sep's objects of the whole map: the same pixels, order, flags (truncated at the
+    image's edges) and deblending, for both signs, with masked pixels."""
+    import sep
+    from oasis_native.extract import _sep_extract
+
+    shape = (160, 200)
+    # blended pairs, sources on every edge and corner, isolated ones, both signs
+    xy = np.array(
+        [
+            [40.0, 40.0],
+            [45.5, 41.0],
+            [0.3, 80.2],
+            [199.6, 20.0],
+            [100.0, 0.2],
+            [120.4, 159.7],
+            [0.0, 0.0],
+            [150.2, 100.7],
+            [154.0, 104.0],
+            [70.3, 120.6],
+            [180.0, 140.0],
+        ]
+    )
+    flux = np.array([900, 700, 800, 800, 800, 800, 600, -900, -500, 400, -300], float)
+    rng = np.random.default_rng(11)
+    search = (render(shape, xy, flux) / 4 + rng.normal(0, 0.5, shape)).astype(np.float32)
+    bad = np.zeros(shape, bool)
+    bad[:, 60] = True
+    bad[70:80, 150:160] = True
+    opts = NativeExtractOptions(thresh=2.5, minarea=3)
+    flags = 0
+    for sign in (1, -1):
+        objs = _sep_extract(search, bad, sign, opts)
+        ref = sep.extract(
+            np.ascontiguousarray(sign * search),
+            opts.thresh,
+            mask=bad,
+            minarea=opts.minarea,
+            filter_kernel=None,
+            deblend_nthresh=opts.deblend_nthresh,
+            deblend_cont=opts.deblend_cont,
+        )
+        assert len(ref) >= 2
+        assert objs.dtype == ref.dtype
+        for name in ref.dtype.names:
+            np.testing.assert_allclose(objs[name], ref[name], rtol=1e-12, atol=1e-9)
+        flags |= np.bitwise_or.reduce(ref["flag"])
+    assert flags & sep.OBJ_TRUNC
+    assert flags & sep.OBJ_MERGED
+    assert _sep_extract(search, bad, 1, NativeExtractOptions(thresh=50.0)) is None
+
+
+def test_sep_pixel_stack_fits_the_detections_and_is_restored():
+    """The detections fit whatever sep's global pixel stack was set to, and extraction
+    leaves it as it found it."""
+    import sep
+
+    rng = np.random.default_rng(12)
+    data = rng.normal(0, 1, (128, 128))
+    previous = sep.get_extract_pixstack()
+    try:
+        sep.set_extract_pixstack(100)
+        t = run(residual(data), fwhm=FWHM, thresh=0.5, minarea=1)  # thousands of pixels
+        assert len(t) > 10
+        assert sep.get_extract_pixstack() == 100
+    finally:
+        sep.set_extract_pixstack(previous)
