@@ -229,3 +229,29 @@ def test_sep_pixel_stack_fits_the_detections_and_is_restored():
         assert sep.get_extract_pixstack() == 100
     finally:
         sep.set_extract_pixstack(previous)
+
+
+def test_sep_runs_with_a_small_stack_and_a_full_one_only_when_needed():
+    """``sepstack.extract``: sep's default stack first (its whole stack is allocated at
+    every call), the image's size only when a crowded image fills it; the same objects
+    as with the large stack, and the process's setting restored either way."""
+    import sep
+    from oasis_native import sepstack
+
+    rng = np.random.default_rng(0)
+    sparse = rng.normal(size=(300, 300)).astype(np.float32)
+    sparse[100:103, 50:53] += 50.0
+    crowded = (rng.normal(size=(700, 700)) + 5.0).astype(np.float32)  # all above 1 sigma
+    before = sep.get_extract_pixstack()
+    for image, thresh in ((sparse, 5.0), (crowded, 1.0)):
+        args = {"err": 1.0, "filter_kernel": None, "deblend_nthresh": 1}
+        got = sepstack.extract(image, thresh, **args)
+        sep.set_extract_pixstack(image.size)
+        want = sep.extract(image, thresh, **args)
+        sep.set_extract_pixstack(before)
+        assert len(got) == len(want) >= 1
+        np.testing.assert_array_equal(got["x"], want["x"])
+        assert sep.get_extract_pixstack() == before
+    with pytest.raises(Exception, match="pixel buffer full"):
+        sepstack.extract(crowded, 1.0, largest=1000, err=1.0, filter_kernel=None, deblend_nthresh=1)
+    assert sep.get_extract_pixstack() == before

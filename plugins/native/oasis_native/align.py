@@ -77,6 +77,7 @@ from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Frame
 from oasis_core.contracts.validators import non_negative, positive
 from oasis_core.engine.stats import exact_median
+from oasis_native import sepstack
 
 __all__ = ["NativeAlign", "NativeAlignOptions"]
 
@@ -276,7 +277,6 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     data[bad] = exact_median(data[~bad])
     ny, nx = data.shape
     size = int(max(8, min(options.back_size, ny // 2, nx // 2)))
-    sep.set_extract_pixstack(max(sep.get_extract_pixstack(), data.size))
     sep.set_sub_object_limit(max(sep.get_sub_object_limit(), 4096))
     bkg = sep.Background(data, mask=bad, bw=size, bh=size)
     back = bkg.back()
@@ -286,7 +286,7 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     sub = data - back
     sub[bad] = 0.0
     try:
-        objs = sep.extract(sub, options.thresh, err=rms, mask=bad, minarea=options.minarea)
+        objs = sepstack.extract(sub, options.thresh, err=rms, mask=bad, minarea=options.minarea)
     except Exception as err:  # sep raises a bare Exception on buffer overflows
         raise _err(frame, f"sep star detection failed ({err}); raise align.native.thresh") from err
     # truncated (2) or singular (8) objects, and non-positive fluxes, are unusable

@@ -60,6 +60,7 @@ import numpy as np
 from oasis_core.contracts.backends import PsfBackend, option
 from oasis_core.contracts.model import Frame, PsfModel
 from oasis_core.contracts.validators import fraction, in_range, non_negative, positive
+from oasis_native import sepstack
 
 __all__ = ["NativePsf", "NativePsfOptions", "gaussian_profile", "moffat_profile"]
 
@@ -1136,8 +1137,8 @@ class NativePsf(PsfBackend):
 
         Notes
         -----
-        Raises sep's global extraction pixel stack (``sep.set_extract_pixstack``) to fit
-        the frame, up to 3 million pixels, for crowded fields.
+        sep's extraction pixel stack is raised to fit the frame, up to 3 million pixels,
+        only when a crowded field needs it (:func:`oasis_native.sepstack.extract`).
         """
         import sep
 
@@ -1173,10 +1174,14 @@ class NativePsf(PsfBackend):
         sub = data  # (the copy above: subtracted in place)
         bkg.subfrom(sub)
         sub[bad] = 0.0
-        if sep.get_extract_pixstack() < min(data.size, 3_000_000):
-            sep.set_extract_pixstack(min(data.size, 3_000_000))
-        objs, seg = sep.extract(
-            sub, options.threshold, err=noise, mask=bad, minarea=5, segmentation_map=True
+        objs, seg = sepstack.extract(
+            sub,
+            options.threshold,
+            largest=min(data.size, 3_000_000),
+            err=noise,
+            mask=bad,
+            minarea=5,
+            segmentation_map=True,
         )
 
         def fail(n: int, why: str) -> StageError:
