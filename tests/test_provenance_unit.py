@@ -313,3 +313,28 @@ def test_history_lines_of_named_files_fit_a_card(tmp_path):
     line = p.header_cards()["HISTORY"][-1]
     assert line == f"subtract.{backend}.inner.table: sha256 {p.files['inner.table']}"[:72]
     assert len(line) == 72
+
+
+def test_digests_handed_over_are_used_while_the_file_stays_the_same(tmp_path, monkeypatch):
+    """A worker hashes the file it wrote and hands the digest back; the main process
+    hands the digests it knows to the next tasks: nobody hashes that file again, until
+    it changes."""
+    from oasis_core.engine import provenance
+
+    path = tmp_path / "a.fits"
+    path.write_bytes(b"x" * 5000)
+    handed = provenance.digest_of(path)  # the writer's
+    provenance._HASH_CACHE.clear()  # another process
+    assert provenance.digests_known([path]) == {}
+    provenance.remember_digests(handed)
+    assert provenance.digests_known([path]) == handed
+
+    def no_hashing(p):
+        raise AssertionError(f"{p} hashed again")
+
+    monkeypatch.setattr(provenance, "sha256", no_hashing)
+    cards = provenance.Provenance(stage="s", backend="b", plugin="p", inputs={"a": path})
+    assert cards.input_cards() == [f"a:{next(iter(handed.values()))[:32]}"]
+    path.write_bytes(b"y" * 5000)  # rewritten: its key changes, the digest is made again
+    with pytest.raises(AssertionError, match="hashed again"):
+        cards.input_cards()

@@ -46,11 +46,14 @@ from oasis_core.engine.io import sha256
 __all__ = [
     "MISSING",
     "Provenance",
+    "digest_of",
+    "digests_known",
     "is_current",
     "option_files",
     "options_dict",
     "options_hash",
     "recorded",
+    "remember_digests",
 ]
 
 #: The digest recorded for a file an option names that does not exist.
@@ -71,6 +74,35 @@ def options_hash(*options: Any) -> str:
 
 
 _HASH_CACHE: dict[tuple[str, int, int, int, int, int], str] = {}
+
+
+def digests_known(paths: Any) -> dict[tuple[str, int, int, int, int, int], str]:
+    """The digests this process knows of ``paths`` as they are now (by their file keys),
+    without reading any: what a task takes to its worker, which then hashes none of its
+    inputs again (:func:`remember_digests`)."""
+    out = {}
+    for p in paths:
+        try:
+            key = file_key(Path(p))
+        except OSError:
+            continue
+        if key in _HASH_CACHE:
+            out[key] = _HASH_CACHE[key]
+    return out
+
+
+def remember_digests(digests: Mapping[Any, str]) -> None:
+    """Take digests made elsewhere (a worker that wrote a file and hashed it, the main
+    process that knew a task's inputs), by file key: a file whose key has changed since
+    is hashed again when asked for."""
+    for key, digest in digests.items():
+        _HASH_CACHE[tuple(key)] = str(digest)
+
+
+def digest_of(path: Path) -> dict[tuple[str, int, int, int, int, int], str]:
+    """``{file key: sha256}`` of ``path`` (hashed now unless known): what a worker that
+    wrote the file hands back with its result."""
+    return {file_key(Path(path)): _file_hash(Path(path))}
 
 
 def _file_hash(path: Path) -> str:

@@ -28,7 +28,13 @@ from oasis_core.contracts.stages import StageTable
 from oasis_core.engine import io, outputs
 from oasis_core.engine.files import file_key
 from oasis_core.engine.lock import scratch_dir
-from oasis_core.engine.provenance import Provenance, is_current, options_dict
+from oasis_core.engine.provenance import (
+    Provenance,
+    digests_known,
+    is_current,
+    options_dict,
+    remember_digests,
+)
 
 if TYPE_CHECKING:
     from oasis_core.engine.context import Context
@@ -77,6 +83,14 @@ class Task:
     workdir: Path
     extra: Mapping[str, Any] = attrs.field(factory=dict)
     user_files: tuple[Path, ...] = ()
+    #: The inputs' digests the main process knew (by file key): the worker hashes none
+    #: of them again for the output's provenance cards.
+    digests: Mapping[Any, str] = attrs.field(factory=dict)
+
+
+#: The key of a task's summary that carries its output's digest to the main process
+#: (taken out before the summary is kept).
+DIGESTS = "_digests"
 
 
 def readonly_inputs(obj: Any) -> Any:
@@ -96,6 +110,9 @@ def prepare_workdir(workdir: Path, user_files: Sequence[Path]) -> None:
 
 def run_task(task: Task) -> dict[str, Any]:
     """Execute one task (in a worker process or in this one)."""
+    from oasis_core.engine.provenance import digest_of
+
+    remember_digests(task.digests)
     prepare_workdir(task.workdir, task.user_files)
     start = time.perf_counter()
     try:
@@ -103,6 +120,8 @@ def run_task(task: Task) -> dict[str, Any]:
     finally:
         shutil.rmtree(task.workdir, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - start, 3)
+    if task.output.is_file():  # hashed here, once, while its pages are fresh
+        summary[DIGESTS] = digest_of(task.output)
     return summary
 
 
@@ -436,10 +455,13 @@ def execute(ctx: Context, label: str, tasks: Sequence[Task]) -> dict[str, Any]:
     with ctx.reporter.progress(label, len(tasks)) as advance:
         for _ in range(len(tasks) - len(todo)):
             advance()
+        todo = [attrs.evolve(t, digests=digests_known(t.inputs.values())) for t in todo]
         by_name = {t.name: t for t in todo}
         for outcome in ctx.executor.run(run_task, [(t.name, t) for t in todo]):
             advance()
             if outcome.ok:
+                if isinstance(outcome.value, dict):
+                    remember_digests(outcome.value.pop(DIGESTS, {}))
                 results[outcome.key] = outcome.value
                 log.debug("%s: %s: %s", label, outcome.key, _brief(outcome.value))
             else:
