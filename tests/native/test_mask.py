@@ -229,3 +229,36 @@ def test_properimage_saturated_stars(index: int, tmp_path: Path, shared_data: Pa
     assert (out.weight[saturated] == 0).all()
     assert out.meta["saturation"] == pytest.approx(0.98 * 65535)
     assert out.meta["masked_fraction"] < 0.02
+
+
+def test_bleed_trails_masked_other_columns_not(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    data = rng.normal(100.0, 5.0, (120, 90)).astype(np.float32)
+    data[50:54, 40:43] = 1000.0  # a saturated core
+    data[20:50, 41] = 400.0  # its bleed trail, above the noise up to the core
+    data[54:70, 41] = 400.0
+    data[20:70, 70] = 400.0  # a bright column that touches no saturated pixel
+    frame = Frame(data=readonly(data), name="bleed", saturation=1000.0, gain=1.0)
+    out = _mask(frame, tmp_path, cosmics=False, saturation_grow=0)
+    masked = out.weight == 0
+    assert masked[20:70, 41].all()
+    assert masked[50:54, 40:43].all()
+    assert not masked[:, 70].any()
+    assert out.meta["n_saturated"] == 12 + 30 + 16
+    no_bleed = _mask(frame, tmp_path, cosmics=False, saturation_grow=0, bleed=False)
+    assert no_bleed.meta["n_saturated"] == 12
+
+
+def test_windows_give_the_whole_frame_mask(series: SimSeries, tmp_path: Path) -> None:
+    # an odd shape (partial blocks and strips), bad pixels and a NaN patch
+    data, header = series.frames[1]
+    data = np.array(data[3:250, 5:243])
+    data[60:64, 100:103] = np.nan
+    weight = np.ones(data.shape, np.float32)
+    weight[:, 17] = 0.0
+    frame = attrs.evolve(_frame(data, header), data=readonly(data), weight=readonly(weight))
+    fast = _mask(frame, tmp_path)
+    whole = _mask(frame, tmp_path, cosmic_windows=False)
+    assert fast.meta["n_cosmic"] >= 10
+    np.testing.assert_array_equal(fast.weight, whole.weight)
+    assert fast.meta == whole.meta

@@ -4,16 +4,22 @@ astroscrappy runs every iteration of L.A.Cosmic over the whole frame: four media
 a subsampled Laplacian and two dilations per iteration, about 2 CPU-s per iteration on a
 2048x2048 frame. Yet a pixel can only be flagged next to a pixel whose Laplacian is large
 against the noise. :func:`detect_cosmics` uses that to give the same mask for a tenth of
-the cost:
+the cost; apart from the search for seeds, it handles pixels as lists, not as whole-frame
+masks:
 
 1. **Seeds.** A cosmic-ray *core* needs ``S' > sigclip``, where ``S' = S - median(S)`` and
    ``S = L+ / (2 noise)``. ``S >= 0``, so ``S' <= S``; the noise is a median of the
    variance within 3 pixels, so at least the smallest variance there. ``L+``
    (astroscrappy's subsampled, clipped Laplacian, :func:`laplacian_plus`) costs a few array
    operations and the smallest variance comes from block minima: together they bound
-   ``S`` from above, and the pixels where the bound exceeds ``sigclip`` (the *seeds*)
-   hold every core. A flagged pixel lies within 2 pixels of a core (astroscrappy's two
-   3x3 dilations), so only the *region* of pixels within 2 of a seed needs deciding.
+   ``S`` from above, and the pixels where the bound exceeds ``sigclip`` hold every core.
+   Most of them are the cores of stars, which L.A.Cosmic's contrast test against the
+   fine structure rejects; that test and ``S' > sigclip`` are then taken at those pixels
+   alone (:func:`_screen`, from the pixels within :data:`PAD`), with a margin for
+   astroscrappy's float32 rounding, and the pixels that pass (the *seeds*) hold every
+   core, and not many more. A flagged pixel lies within 2 pixels of a core
+   (astroscrappy's two 3x3 dilations), so only the *region* of pixels within 2 of a seed
+   needs deciding.
 2. **Windows.** astroscrappy's decision on a pixel depends on the pixels within
    :data:`PAD` of it (median filters of 7 and 9 pixels after a 5-pixel one, and the
    Laplacian). Each connected part of the region is cut out with that margin; the pixels
@@ -27,8 +33,8 @@ the cost:
    again. Only cleaned pixels change, and a change reaches the decision of pixels at
    most :data:`REACH` away, through a core at most ``REACH + 2`` away; so the next
    iteration's seeds are the pixels within ``REACH + 2`` of a change that pass the same
-   bound on the cleaned image. The loop stops as soon as an iteration adds nothing (the
-   following ones would repeat it exactly).
+   tests on the cleaned image (cleaned in place). The loop stops as soon as an iteration
+   adds nothing (the following ones would repeat it exactly).
 
 4. **Edges.** astroscrappy leaves a border of its median filters uncomputed (it copies
    the input there), so on its own it never flags a cosmic ray within about 4 pixels of
@@ -74,6 +80,9 @@ EDGE = REACH
 # around every pixel, more than the noise reads (3; 5 once the variance is cleaned)
 _BLOCK = 8
 _CORE = 2  # a flagged pixel lies within this many pixels of a core
+_STRIP = 1 << 16  # pixels of one strip of rows in :func:`_sharp` (its arrays stay in cache)
+_FINE = 6  # the core tests read the image and the variance this far (:data:`PAD`)
+_CHUNK = 2048  # pixels screened at once by :func:`_screen`
 
 
 def laplacian_plus(image: np.ndarray) -> np.ndarray:
@@ -107,41 +116,216 @@ def _laplacian_at(image: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarr
     return (0.25 * out).astype(np.float32)
 
 
-def _sharp(image: np.ndarray, threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The pixels where :func:`laplacian_plus` exceeds ``threshold``: computed exactly only
-    where its cheap upper bound ``2 d - min(left, right) - min(up, down)`` does."""
+def _sharp(image: np.ndarray, floor: _Floor) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels where the cheap upper bound ``2 d - min(left, right) - min(up, down)``
+    of :func:`laplacian_plus` exceeds ``floor``'s threshold (:func:`_seeds` tests ``L+``
+    itself there), row-major. The bound is taken in strips of rows that stay in the
+    processor's cache."""
     d = image
-    low = np.empty_like(d)  # min(left, right), then that plus min(up, down)
-    np.minimum(d[:, :-2], d[:, 2:], out=low[:, 1:-1])
-    low[:, 0] = np.minimum(d[:, 1], 0.0)
-    low[:, -1] = np.minimum(d[:, -2], 0.0)
-    vert = np.empty_like(d)
-    np.minimum(d[:-2], d[2:], out=vert[1:-1])
-    vert[0] = np.minimum(d[1], 0.0)
-    vert[-1] = np.minimum(d[-2], 0.0)
-    low += vert
-    del vert
-    hi = d + d
-    hi -= low
-    ys, xs = np.nonzero(hi > threshold)
-    keep = _laplacian_at(d, ys, xs) > threshold[ys, xs]
-    return ys[keep], xs[keep]
+    ny, nx = d.shape
+    step = _BLOCK * max(1, _STRIP // (_BLOCK * nx))
+    found = []
+    low = np.empty((step, nx), d.dtype)
+    vert = np.empty((step, nx), d.dtype)
+    hi = np.empty((step, nx), d.dtype)
+    for r0 in range(0, ny, step):
+        r1 = min(r0 + step, ny)
+        h = r1 - r0
+        rows = d[r0:r1]
+        lo, ve, up = low[:h], vert[:h], hi[:h]
+        # min(left, right), then that plus min(up, down); outside the image counts as 0
+        np.minimum(rows[:, :-2], rows[:, 2:], out=lo[:, 1:-1])
+        np.minimum(rows[:, 1], 0.0, out=lo[:, 0])
+        np.minimum(rows[:, -2], 0.0, out=lo[:, -1])
+        a, b = max(r0, 1), min(r1, ny - 1)
+        np.minimum(d[a - 1 : b - 1], d[a + 1 : b + 1], out=ve[a - r0 : b - r0])
+        if r0 == 0:
+            np.minimum(d[1], 0.0, out=ve[0])
+        if r1 == ny:
+            np.minimum(d[ny - 2], 0.0, out=ve[h - 1])
+        lo += ve
+        np.add(rows, rows, out=up)
+        up -= lo
+        limit = floor.rows(r0, r1)
+        if h % _BLOCK == 0:
+            above = up.reshape(-1, _BLOCK, nx) > limit[:, None, :]
+        else:  # the last strip, a partial block
+            above = up > np.repeat(limit, _BLOCK, axis=0)[:h]
+        idx = np.flatnonzero(above)
+        if idx.size:
+            found.append(idx + r0 * nx)
+    if not found:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    return np.divmod(np.concatenate(found), nx)
 
 
-def _variance_floor(var: np.ndarray) -> np.ndarray:
-    """A lower bound, at every pixel, of the variance within :data:`_BLOCK` pixels: the
-    minimum over the pixel's block and the blocks around it."""
-    ny, nx = var.shape
-    by, bx = -(-ny // _BLOCK), -(-nx // _BLOCK)
-    padded = np.pad(var, ((0, by * _BLOCK - ny), (0, bx * _BLOCK - nx)), mode="edge")
-    blocks = padded.reshape(by, _BLOCK, bx, _BLOCK).min(axis=(1, 3))
-    ext = np.pad(blocks, 1, mode="edge")
-    near = blocks.copy()
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            np.minimum(near, ext[dy : dy + by, dx : dx + bx], out=near)
-    tiles = np.broadcast_to(near[:, None, :, None], (by, _BLOCK, bx, _BLOCK))
-    return tiles.reshape(by * _BLOCK, bx * _BLOCK)[:ny, :nx]
+def _median5(
+    a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray, e: np.ndarray
+) -> np.ndarray:
+    """The elementwise median of five arrays (a network of minima and maxima)."""
+    low = np.maximum(np.minimum(a, b), np.minimum(c, d))
+    high = np.minimum(np.maximum(a, b), np.maximum(c, d))
+    return np.maximum(np.minimum(e, low), np.minimum(np.maximum(e, low), high))
+
+
+# Devillard's median networks (astroscrappy's, ``medutils.c``): the pairs put in order
+_NETWORKS = {
+    7: "05 03 16 24 01 35 26 23 36 45 14 13 34",
+    9: "12 45 78 01 34 67 12 45 78 03 58 47 36 14 25 47 42 64 42",
+}
+
+
+def _median_of(arrays: list[np.ndarray]) -> np.ndarray:
+    """The elementwise median of 5, 7 or 9 arrays."""
+    if len(arrays) == 5:
+        return _median5(*arrays)
+    p = list(arrays)
+    for i, j in _NETWORKS[len(p)].split():
+        a, b = int(i), int(j)
+        p[a], p[b] = np.minimum(p[a], p[b]), np.maximum(p[a], p[b])
+    return p[len(p) // 2]
+
+
+def _separable_median(values: np.ndarray, size: int) -> np.ndarray:
+    """astroscrappy's separable median of ``size`` (the rows first, then the columns) of
+    stacked patches ``(n, h, w)``, where it is defined: ``(n, h - size + 1, w - size + 1)``."""
+    w = values.shape[2] - size + 1
+    rows = _median_of([values[:, :, k : k + w] for k in range(size)])
+    h = values.shape[1] - size + 1
+    return _median_of([rows[:, k : k + h, :] for k in range(size)])
+
+
+def _screen(
+    image: np.ndarray,
+    var: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    lap: np.ndarray,
+    *,
+    gain: float,
+    sigclip: float,
+    objlim: float,
+) -> np.ndarray:
+    """False at the pixels ``(ys, xs)`` (``lap``: their ``L+``) that cannot be cores.
+
+    A core needs ``S' > sigclip`` and ``S' / F > objlim``, where ``S = L+ / (2 noise)``,
+    ``S' = S - m7(S)``, ``noise = sqrt(m7(var))``, ``F = max((m5 - m9) / noise, 0.01)``,
+    ``m5`` the 5x5 separable median of the image, ``m9`` the 9x9 one of ``m5`` and ``m7``
+    the 7x7 one (astroscrappy's, with ``sepmed=True``). These read the image and the
+    variance within :data:`_FINE` of the pixel, so they are computed here, in float64,
+    at the pixels only, in two steps:
+
+    1. as ``S' <= S``, the contrast test asks ``L+ > 2 objlim (m5 - m9)``, in which the
+       noise cancels: cheap, and it rejects the cores of stars;
+    2. the pixels left get both tests in full.
+
+    Each test allows generously for astroscrappy's float32 rounding, so a pixel it
+    rejects is no core; pixels nearer the edge than :data:`_FINE` (where astroscrappy
+    copies instead of filtering) are kept.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    ny, nx = image.shape
+    keep = np.ones(ys.size, dtype=bool)
+    inside = np.flatnonzero((ys >= _FINE) & (ys < ny - _FINE) & (xs >= _FINE) & (xs < nx - _FINE))
+    if inside.size == 0:
+        return keep
+    side = 2 * _FINE + 1
+    image_patches = sliding_window_view(image, (side, side))
+    var_patches = sliding_window_view(var, (side, side))
+    g = _FINE - 3  # the 7x7 pixels whose S the median of S at the pixel reads
+    for start in range(0, inside.size, _CHUNK):
+        chunk = inside[start : start + _CHUNK]
+        cy, cx = ys[chunk] - _FINE, xs[chunk] - _FINE
+        patch = image_patches[cy, cx]
+        # 1. the contrast test with S' <= S
+        m5 = _separable_median(patch, 5)
+        m9 = _separable_median(m5, 9)[:, 0, 0].astype(np.float64)
+        m5 = m5[:, 4, 4].astype(np.float64)
+        amp = np.abs(patch).max(axis=(1, 2)).astype(np.float64)
+        fine = m5 - m9 - 1e-4 * (np.abs(m5) + np.abs(m9))  # a lower bound
+        here = lap[chunk].astype(np.float64)
+        ok = here + 1e-4 * (here + 8.0 * amp) > 2.0 * objlim * fine
+        sub = np.flatnonzero(ok)
+        if sub.size:
+            # 2. both tests in full; in astroscrappy's units (the image times the gain)
+            p = patch[sub].astype(np.float64)
+            v = var_patches[cy[sub], cx[sub]].astype(np.float64)
+            noise = np.sqrt(np.maximum(_separable_median(v, 7) * (gain * gain), 1e-5))
+            d = p[:, g:-g, g:-g]
+            dl = d - p[:, g:-g, g - 1 : -g - 1]
+            dr = d - p[:, g:-g, g + 1 : side - g + 1]
+            du = d - p[:, g - 1 : -g - 1, g:-g]
+            dd = d - p[:, g + 1 : side - g + 1, g:-g]
+            lap7 = np.maximum(dl + du, 0.0)
+            lap7 += np.maximum(dr + du, 0.0)
+            lap7 += np.maximum(dl + dd, 0.0)
+            lap7 += np.maximum(dr + dd, 0.0)
+            sig = (0.25 * gain) * lap7 / (2.0 * noise)
+            med = _separable_median(sig, 7)[:, 0, 0]
+            sharp = sig[:, 3, 3] - med
+            sharp += 1e-4 * (sig.max(axis=(1, 2)) + 4.0 * gain * amp[sub] / noise.min(axis=(1, 2)))
+            contrast = np.maximum(gain * fine[sub] / noise[:, 3, 3], 0.01) * (1.0 - 1e-4)
+            ok[sub] = (sharp > sigclip) & (sharp > objlim * contrast)
+        keep[chunk] = ok
+    return keep
+
+
+def _seeds(
+    image: np.ndarray,
+    var: np.ndarray,
+    ys: np.ndarray,
+    xs: np.ndarray,
+    floor: _Floor,
+    *,
+    gain: float,
+    params: Mapping,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of the pixels ``(ys, xs)``: those whose ``L+`` exceeds ``floor``'s threshold, and
+    among them (a mask) those that :func:`_screen` keeps."""
+    lap = _laplacian_at(image, ys, xs)
+    sharp = lap > floor.at(ys, xs)
+    ys, xs, lap = ys[sharp], xs[sharp], lap[sharp]
+    keep = _screen(
+        image, var, ys, xs, lap, gain=gain, sigclip=params["sigclip"], objlim=params["objlim"]
+    )
+    return ys, xs, keep
+
+
+class _Floor:
+    """The seed threshold ``2 sigclip sqrt(variance floor)``, held per block of
+    :data:`_BLOCK` x :data:`_BLOCK` pixels: the variance floor of a block is the minimum of
+    the variance over it and the blocks around it, a lower bound, at every pixel, of the
+    variance within :data:`_BLOCK` pixels."""
+
+    def __init__(self, var: np.ndarray, scale: float) -> None:
+        nx = var.shape[1]
+        rows = var[::_BLOCK].copy()
+        for k in range(1, _BLOCK):
+            more = var[k::_BLOCK]
+            np.minimum(rows[: len(more)], more, out=rows[: len(more)])
+        blocks = np.minimum.reduceat(rows, np.arange(0, nx, _BLOCK), axis=1)
+        by, bx = blocks.shape
+        ext = np.pad(blocks, 1, mode="edge")
+        near = blocks.copy()
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                np.minimum(near, ext[dy : dy + by, dx : dx + bx], out=near)
+        near = np.sqrt(np.maximum(near, 0.0))
+        near *= scale
+        #: per block
+        self.blocks = near
+        #: per block row and pixel column
+        self.columns = np.ascontiguousarray(np.repeat(near, _BLOCK, axis=1)[:, :nx])
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """The threshold of the block rows covering image rows ``r0:r1`` (``r0`` a
+        multiple of :data:`_BLOCK`), per pixel column."""
+        return self.columns[r0 // _BLOCK : -(-r1 // _BLOCK)]
+
+    def at(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """The threshold at the pixels ``(ys, xs)``."""
+        return self.blocks[ys // _BLOCK, xs // _BLOCK]
 
 
 def _squares(
@@ -155,11 +339,17 @@ def _squares(
     return yy.ravel(), xx.ravel()
 
 
+def _pixels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``numpy.nonzero`` of a 2-D mask, in the same order, several times faster on a
+    large sparse one (through flat indices)."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """``mask`` grown by a (2 radius + 1)^2 square (astroscrappy's dilations)."""
     from scipy import ndimage
 
-    ys, xs = np.nonzero(mask)
+    ys, xs = _pixels(mask)
     side = 2 * radius + 1
     if ys.size * side * side > mask.size // 4:
         return ndimage.maximum_filter(mask, size=side, mode="constant", cval=False)
@@ -273,7 +463,7 @@ def _iteration(
         # pixels 2 or more from the part masked: astroscrappy grows its mask by 1
         outside = ~_dilate(own, 1)
         hit = _lacosmic_once(data[ys, xs], var[ys, xs], inmask[ys, xs] | outside, gain, params)
-        hy, hx = np.nonzero(hit & own)
+        hy, hx = _pixels(hit & own)
         found_y.append(hy + y0[j])
         found_x.append(hx + x0[j])
     inner = np.flatnonzero(~edge)
@@ -303,7 +493,7 @@ def _iteration(
         )
         m_mask |= ~_dilate(m_own, 1)
         hit = _lacosmic_once(m_data, m_var, m_mask, gain, params)
-        hy, hx = np.nonzero(hit & m_own)
+        hy, hx = _pixels(hit & m_own)
         j = m_part[hy, hx]
         k = where[j]
         found_y.append(hy - cy[k] + y0[j])
@@ -400,44 +590,46 @@ def _detect(
     params: Mapping,
     niter: int,
 ) -> np.ndarray:
-    """:func:`detect_cosmics` on the mirrored frame."""
+    """:func:`detect_cosmics` on the mirrored frame; ``data`` and ``var`` are cleaned in
+    place. Pixels are handled as lists (flat indices): only the seed search reads the
+    whole frame."""
     ny, nx = data.shape
-    crmask = np.zeros(data.shape, dtype=bool)
+    shape = data.shape
+    crmask = np.zeros(shape, dtype=bool)
     # S <= L+ / (2 sqrt(variance floor)); a margin for float rounding
-    threshold = np.sqrt(np.maximum(_variance_floor(var), 0.0))
-    threshold *= 2.0 * params["sigclip"] * (1.0 - 1e-4)
+    floor = _Floor(var, 2.0 * params["sigclip"] * (1.0 - 1e-4))
     grown = _dilate(inmask, 1)  # astroscrappy's own mask: the input mask grown by 1
-    sy, sx = _sharp(data, threshold)
+    flat_grown = grown.ravel()
+    sy, sx = _sharp(data, floor)
     good = ~grown[sy, sx]
-    sharp0 = np.zeros(data.shape, dtype=bool)
-    sharp0[sy[good], sx[good]] = True
-    new = _iteration(data, var, inmask, (sy[good], sx[good]), gain, params)
+    sy, sx, fine = _seeds(data, var, sy[good], sx[good], floor, gain=gain, params=params)
+    sharp0 = sy * nx + sx  # sorted; L+ changes only next to a cleaned pixel
+    new = _iteration(data, var, inmask, (sy[fine], sx[fine]), gain, params)
     crmask[new] = True
-    clean = var_clean = None
+    flagged = [new[0] * nx + new[1]]
     fill = (0.0, float(np.median(var[::_BLOCK, ::_BLOCK])))
     for _ in range(1, niter):
         if new[0].size == 0:
             break
-        if clean is None:
-            clean, var_clean = data.copy(), var.copy()
         # cleaned now: the new pixels, and flagged pixels whose mean loses a neighbour;
-        # astroscrappy cleans none within 2 of the edge
-        cy, cx = _squares(*new, 2, data.shape)
+        # astroscrappy cleans none within 2 of the edge. Unflagged pixels are never
+        # cleaned, so the cleaning reads the same values in place.
+        cy, cx = _squares(*new, 2, shape)
         keep = crmask[cy, cx] & (cy >= 2) & (cy < ny - 2) & (cx >= 2) & (cx < nx - 2)
-        changed = np.zeros(data.shape, dtype=bool)
-        changed[cy[keep], cx[keep]] = True
-        cy, cx = np.nonzero(changed)
-        _clean(data, var, crmask, grown, (cy, cx), fill, (clean, var_clean))
+        cy, cx = np.divmod(np.unique(cy[keep] * nx + cx[keep]), nx)
+        _clean(data, var, crmask, grown, (cy, cx), fill, (data, var))
         # seeds: within REACH + 2 of a change and sharp on the cleaned image; L+ differs
         # from the first iteration's only next to a cleaned (flagged) pixel
-        near = np.zeros(data.shape, dtype=bool)
-        near[_squares(*np.nonzero(crmask), 1, data.shape)] = True
-        reach = np.zeros(data.shape, dtype=bool)
-        reach[_squares(cy, cx, REACH + _CORE, data.shape)] = True
-        sy, sx = np.nonzero(reach & (sharp0 | near) & ~grown)
-        keep = _laplacian_at(clean, sy, sx) > threshold[sy, sx]
-        found = _iteration(clean, var_clean, inmask, (sy[keep], sx[keep]), gain, params)
+        near_y, near_x = _squares(*np.divmod(np.concatenate(flagged), nx), 1, shape)
+        candidates = np.union1d(sharp0, near_y * nx + near_x)
+        reach = np.zeros(shape, dtype=bool)
+        reach[_squares(cy, cx, REACH + _CORE, shape)] = True
+        candidates = candidates[reach.ravel()[candidates] & ~flat_grown[candidates]]
+        sy, sx = np.divmod(candidates, nx)
+        sy, sx, fine = _seeds(data, var, sy, sx, floor, gain=gain, params=params)
+        found = _iteration(data, var, inmask, (sy[fine], sx[fine]), gain, params)
         fresh = ~crmask[found]
         new = (found[0][fresh], found[1][fresh])
         crmask[new] = True
+        flagged.append(new[0] * nx + new[1])
     return crmask
