@@ -657,3 +657,89 @@ def test_the_reference_is_searched_once_per_worker_and_let_go_with_it(monkeypatc
     del reference
     gc.collect()
     assert align._REFERENCE == []
+
+
+def _weight_case(rng):
+    """A weight map (mostly 1; masked pixels, maybe fractional weights), its bad pixels
+    (grown as the warp grows them for a spline of a random order) and a transform (any
+    rotation and scale, with whole-pixel shifts and right angles that put output pixels
+    exactly on the frame's edges)."""
+    from oasis_native.align import _grown
+
+    shape_in = tuple(rng.integers(1, 60, 2))
+    shape_out = tuple(rng.integers(1, 60, 2))
+    weight = np.ones(shape_in, np.float32)
+    bad = rng.random(shape_in) < rng.choice([0.0, 0.01, 0.05])
+    if rng.random() < 0.5:
+        some = rng.random(shape_in) < 0.02
+        weight[some] = rng.random(int(some.sum())).astype(np.float32) * 1.5
+    weight[bad] = 0.0
+    order = int(rng.choice([0, 1, 3, 5]))
+    grown = _grown(bad, order // 2) if order >= 2 else bad
+    angle = rng.choice([0.0, rng.normal(0, 0.01), rng.uniform(-np.pi, np.pi), np.pi / 2])
+    scale = rng.choice([1.0, rng.uniform(0.5, 2.0)])
+    matrix = np.eye(3)
+    matrix[:2, :2] = scale * rotation(np.degrees(angle))
+    matrix[:2, 2] = rng.choice([0.0, 1.0]) * rng.uniform(-30, 30, 2) + rng.integers(-5, 5, 2)
+    return weight, grown, matrix, shape_out
+
+
+def test_weight_interpolated_near_bad_pixels_alone_is_ndimages(monkeypatch):
+    """The warp interpolates the weight map only where it is not 1 or a bad pixel is near
+    (and along the frame's edges), and sets the rest to 1: the same map, bit for bit, as
+    ``ndimage.affine_transform`` of the weight and of the bad pixels over every pixel."""
+    from oasis_native import align as mod
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        weight, bad, matrix, shape = _weight_case(rng)
+        monkeypatch.setattr(mod, "_SPARSE_SHARE", 0.0)  # ndimage on every pixel
+        dense = mod._linear_weight(weight, bad, matrix, shape)
+        monkeypatch.setattr(mod, "_SPARSE_SHARE", 1.0)  # the special pixels alone
+        sparse = mod._linear_weight(weight, bad, matrix, shape)
+        np.testing.assert_array_equal(sparse, dense)
+
+
+@pytest.mark.parametrize("fwhm", [None, 3.5])
+def test_detection_keeps_the_brightest_stars_that_pass_the_cuts(fwhm):
+    """Stars are measured (half-light radius, masked pixels near, centroid) brightest
+    first until ``max_stars`` pass the cuts: the same stars, in the same order, as the
+    first of all those that pass."""
+    from oasis_native.align import _detect
+
+    frame, _, _, _ = make_pair(nstars=300)
+    weight = np.ones(SHAPE, np.float32)
+    weight[::17, ::13] = 0.0  # masked pixels, some under stars
+    frame = Frame(data=frame.data, weight=weight, name="frm", fwhm=fwhm, saturation=6e4)
+    every = _detect(frame, NativeAlignOptions(max_stars=10_000))
+    assert len(every.xy) > 100
+    for n in (3, 40, 150):
+        few = _detect(frame, NativeAlignOptions(max_stars=n))
+        assert few.fwhm == every.fwhm
+        np.testing.assert_array_equal(few.xy, every.xy[:n])
+        np.testing.assert_array_equal(few.flux, every.flux[:n])
+        np.testing.assert_array_equal(few.saturated, every.saturated[:n])
+
+
+def test_photometric_scale_of_a_frame_of_larger_pixels():
+    """The frame's pixels are 1.25 reference pixels wide: its stars' light, measured on
+    its own pixels in apertures 1.25 times smaller, spreads over 1.25^2 times more
+    pixels on the reference's grid, where the warp keeps the surface brightness. With
+    the stars 1.7 times fainter, the scale is 1.7 / 1.25^2. Without a noise level, the
+    frame's is that of the warped image, smoothed by the interpolation."""
+    m, fainter = 1.25, 1.7
+    rng = np.random.default_rng(4)
+    ref_xy = rng.uniform(8, SHAPE[0] - 8, (200, 2))
+    flux = 10 ** rng.uniform(3.3, 5, 200)
+    frm_xy = (ref_xy - CENTRE - np.array([2.2, -1.3])) @ rotation(0.3) / m + CENTRE
+    ref = render(SHAPE, ref_xy, flux) + 100.0 + rng.normal(0, 5, SHAPE)
+    frm = render(SHAPE, frm_xy, flux / fainter, sigma=SIGMA / m) + 30.0
+    frm += rng.normal(0, 3, SHAPE)
+    reference = Frame(data=ref, name="ref")
+    frame = Frame(data=frm, name="frm", gain=2.0)
+    out = align(frame, reference)
+    assert out.meta["align_scale"] == pytest.approx(m, abs=2e-3)
+    assert out.meta["phot_nstars"] >= 20
+    assert out.meta["phot_scale"] == pytest.approx(fainter / m**2, rel=0.01)
+    assert out.background == pytest.approx(100.0, abs=0.5)
+    assert 0.3 * 3.0 * out.meta["phot_scale"] < out.noise < 3.0 * out.meta["phot_scale"]

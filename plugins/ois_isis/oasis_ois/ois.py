@@ -49,6 +49,16 @@ Steps (:func:`solve`):
    along x per power of x), so the memory stays a few image-sized arrays whatever the
    number of basis functions; the noise image's convolution runs beside it.
 
+A series: the core hands a worker the same template object for every frame
+(``tasks.worker_template``), and what depends on the template alone is made once and
+kept while that object lives (:func:`_prepare`, :func:`_derived`): its preparation, peaks
+and bad pixels, its variance's transform (step 7's noise), and, for an image convolved
+for more than one partner (:func:`_shared`), the transforms of its moments ``xs**a ys**b
+I``, with which step 7's sum is taken in the Fourier domain, one inverse transform in all
+(:func:`_moment_convolution`; equal to the per-term sum to float32 rounding), and its
+stamps convolved with the raw basis and their normal matrices, per position and kernel
+geometry (:func:`_stamp_features`; the same values).
+
 OpenBLAS is held to one thread during :func:`solve` (its idle workers spin and take
 the second core from the fit's own threads).
 
@@ -375,15 +385,16 @@ def _raw_stamps(
     hm: int,
     sigmas: Sequence[float],
     degrees: Sequence[int],
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Image convolved with every *raw* basis function, on the stamps only.
 
-    Returns float32 ``(n, n_basis, (2 hs + 1)**2)``: stamp ``i``, function ``u**p g(u) *
-    v**q g(v)`` (the order of :func:`_terms`), stamp pixels row by row. The raw basis is
-    separable, so each stamp's patch (stamp plus the kernel half size) is convolved by
-    one matrix product along y with all the ``v**q g`` profiles of a Gaussian, then, for
-    each ``q``, one along x with the ``u**p g`` profiles that ``p + q <= degree`` needs
-    (BLAS, all the stamps of a chunk at once).
+    Returns float32 ``(n, n_basis, (2 hs + 1)**2)`` (``out`` when given, C-contiguous):
+    stamp ``i``, function ``u**p g(u) * v**q g(v)`` (the order of :func:`_terms`), stamp
+    pixels row by row. The raw basis is separable, so each stamp's patch (stamp plus the
+    kernel half size) is convolved by one matrix product along y with all the ``v**q g``
+    profiles of a Gaussian, then, for each ``q``, one along x with the ``u**p g`` profiles
+    that ``p + q <= degree`` needs (BLAS, all the stamps of a chunk at once).
     """
     terms = _terms(degrees)
     column = {term: k for k, term in enumerate(terms)}
@@ -392,7 +403,10 @@ def _raw_stamps(
     off = np.arange(-h, h + 1)
     mats = [_toeplitz(pr, ns, hm) for pr in _profiles(sigmas, degrees, hm)]
     n = len(cy)
-    out = np.empty((n, len(terms), ns, ns), dtype=np.float32)
+    result = np.empty((n, len(terms), ns * ns), dtype=np.float32) if out is None else out
+    if result.shape != (n, len(terms), ns * ns) or not result.flags.c_contiguous:
+        raise ValueError(f"_raw_stamps: out must be C-contiguous {(n, len(terms), ns * ns)}")
+    target = result.reshape(n, len(terms), ns, ns)  # a view
 
     def convolve(start: int, stop: int) -> None:
         for lo in range(start, stop, STAMP_CHUNK):
@@ -411,10 +425,10 @@ def _raw_stamps(
                     both = lines.reshape(m * ns, rows) @ mat[: npq * ns].T
                     both = both.reshape(m, ns, npq, ns)  # [stamp, y, p, x]
                     for p in range(npq):
-                        out[lo:hi, column[(i, p, q)]] = both[:, :, p, :]
+                        target[lo:hi, column[(i, p, q)]] = both[:, :, p, :]
 
     _in_two_threads(convolve, n, STAMP_CHUNK)
-    return out.reshape(n, len(terms), ns * ns)
+    return result
 
 
 def _convolved_stamps(
@@ -435,6 +449,133 @@ def _convolved_stamps(
     _, _, t = _basis_transform(sigmas, degrees, hm)
     raw = _raw_stamps(image, cy, cx, hs, hm, sigmas, degrees)
     return np.einsum("nkp,kj->npj", raw, t.astype(np.float32))
+
+
+#: Stamps kept per prepared image and kernel geometry (:func:`_stamp_features`): at most
+#: this many positions (a (2 hs + 1)**2 x n_basis float32 stamp, ~0.2 MB at ISIS's sizes).
+STAMP_CACHE = 512
+
+
+@attrs.define(eq=False)
+class _StampStore:
+    """Stamps of one prepared image and one kernel geometry: the image convolved with the
+    raw basis (:func:`_raw_stamps`) and their unweighted normal matrices, by position."""
+
+    feats: np.ndarray  # (STAMP_CACHE, nb, npix) float32, rows filled from 0
+    grams: np.ndarray  # (STAMP_CACHE, nb + 1, nb + 1) float64
+    rows: dict[int, int] = attrs.field(factory=dict)  # flat pixel index -> filled row
+    used: int = 0  # rows reserved
+
+    def reserve(self, n: int) -> tuple[int, int]:
+        """The first of up to ``n`` free rows and how many (0 when the store is full)."""
+        first = self.used
+        self.used = min(self.feats.shape[0], first + n)
+        return first, self.used - first
+
+
+@attrs.define(eq=False)
+class _StampCache:
+    """The kernel geometries a prepared image's stamps were asked for, and the stores of
+    the geometries asked for more than once (two at most, the last used kept)."""
+
+    seen: set[tuple[Any, ...]] = attrs.field(factory=set)
+    stores: dict[tuple[Any, ...], _StampStore] = attrs.field(factory=dict)
+
+    def store(self, geometry: tuple[Any, ...], nb: int, npix: int) -> _StampStore | None:
+        """The store for ``geometry``, made on its second request; None on the first."""
+        if geometry not in self.seen:
+            if len(self.seen) >= 64:
+                self.seen.clear()
+            self.seen.add(geometry)
+            return None
+        store = self.stores.pop(geometry, None)
+        if store is None:
+            while len(self.stores) >= 2:
+                self.stores.pop(next(iter(self.stores)))
+            # untouched rows take no memory
+            store = _StampStore(
+                feats=np.empty((STAMP_CACHE, nb, npix), dtype=np.float32),
+                grams=np.empty((STAMP_CACHE, nb + 1, nb + 1)),
+            )
+        self.stores[geometry] = store  # the last used last
+        return store
+
+
+def _stamp_grams(feats: np.ndarray) -> np.ndarray:
+    """The unweighted normal matrices of stamps (raw features + constant), float64: those
+    :func:`_normal_equations` computes without weights."""
+    n, _, npix = feats.shape
+    return _normal_equations(feats, np.zeros((n, npix), dtype=np.float32), None)[0]
+
+
+def _stamp_features(
+    im: _Image,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    hs: int,
+    hm: int,
+    sigmas: Sequence[float],
+    degrees: Sequence[int],
+    *,
+    keep: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """:func:`_raw_stamps` of ``im.data``: ``(feats, rows, grams)``, stamp ``i`` being
+    ``feats[i]`` (``rows`` None) or ``feats[rows[i]]``, and, when known, the stamps'
+    unweighted normal matrices (:func:`_stamp_grams`, one per stamp; else None).
+
+    With ``keep`` (an image convolved for several frames: the template of a series,
+    :func:`_shared`), a geometry asked for the second time (the kernel's default widths,
+    frame after frame) keeps both per position (up to :data:`STAMP_CACHE`): the stamps
+    of the next frames are mostly on the same stars, and are then made once and read in
+    place. The values are those computed afresh (each stamp is computed alone).
+    """
+    nx = im.data.shape[1]
+    nb, npix = len(_terms(degrees)), (2 * hs + 1) ** 2
+    geometry = (hs, hm, tuple(float(v) for v in sigmas), tuple(int(d) for d in degrees))
+    store = None
+    if keep:
+        cache = _derived(im.data, ("stamps",), _StampCache)
+        with _DERIVED_LOCK:
+            store = cache.store(geometry, nb, npix)
+    if store is None:
+        return _raw_stamps(im.data, cy, cx, hs, hm, sigmas, degrees), None, None
+    flat = (cy * nx + cx).tolist()
+    with _DERIVED_LOCK:
+        rows = np.array([store.rows.get(p, -1) for p in flat], dtype=np.intp)
+    miss = np.flatnonzero(rows < 0)
+    if miss.size:
+        with _DERIVED_LOCK:
+            first, count = store.reserve(miss.size)
+        new, rest = miss[:count], miss[count:]
+        if count:  # made straight into the store's free rows
+            block = store.feats[first : first + count]
+            _raw_stamps(im.data, cy[new], cx[new], hs, hm, sigmas, degrees, out=block)
+            store.grams[first : first + count] = _stamp_grams(block)
+            rows[new] = np.arange(first, first + count)
+            with _DERIVED_LOCK:
+                for i in new.tolist():
+                    store.rows.setdefault(flat[i], int(rows[i]))
+        if rest.size:  # the store is full: those apart, and all gathered in one array
+            feats = np.empty((cy.size, nb, npix), dtype=np.float32)
+            grams = np.empty((cy.size, nb + 1, nb + 1))
+            known = np.flatnonzero(rows >= 0)
+            feats[known], grams[known] = store.feats[rows[known]], store.grams[rows[known]]
+            feats[rest] = _raw_stamps(im.data, cy[rest], cx[rest], hs, hm, sigmas, degrees)
+            grams[rest] = _stamp_grams(feats[rest])
+            return feats, None, grams
+    return store.feats, rows, store.grams[rows]
+
+
+def _stamp_models(feats: np.ndarray, rows: np.ndarray | None, coef: np.ndarray) -> np.ndarray:
+    """``einsum("nkp,nk->np", feats[rows], coef)`` (float32) without copying the stamps:
+    chunk by chunk when ``rows`` picks them (see :func:`_stamp_features`)."""
+    if rows is None:
+        return np.einsum("nkp,nk->np", feats, coef)
+    out = np.empty((rows.size, feats.shape[2]), dtype=np.float32)
+    for lo in range(0, rows.size, STAMP_CHUNK):
+        hi = min(rows.size, lo + STAMP_CHUNK)
+        out[lo:hi] = np.einsum("nkp,nk->np", feats[rows[lo:hi]], coef[lo:hi])
+    return out
 
 
 # --------------------------------------------------------------------- preparation
@@ -532,11 +673,15 @@ def _clipped_stats(vals: np.ndarray) -> tuple[float, float]:
     return med, sig
 
 
+@functools.lru_cache(maxsize=8)
 def _interp_matrix(n: int, mesh: int, m: int) -> np.ndarray:
-    """(n, m) linear interpolation weights from m mesh centres to n pixels."""
+    """(n, m) linear interpolation weights from m mesh centres to n pixels (read-only,
+    made once per size)."""
     centres = (np.arange(m) + 0.5) * mesh - 0.5
     eye = np.eye(m)
-    return np.stack([np.interp(np.arange(n), centres, eye[j]) for j in range(m)], axis=1)
+    out = np.stack([np.interp(np.arange(n), centres, eye[j]) for j in range(m)], axis=1)
+    out.flags.writeable = False
+    return out
 
 
 def _median3x3(a: np.ndarray) -> np.ndarray:
@@ -643,9 +788,14 @@ def _rfft2(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     (``norm="forward"``: numpy's single-precision transforms take their fast path when
     they scale), complex64. :func:`_irfft2` inverts it up to that factor."""
     n, m = shape
-    ny = image.shape[0]
+    ny, nx = image.shape
     spec = np.empty((n, m // 2 + 1), dtype=np.complex64)
-    np.fft.rfft(np.asarray(image, dtype=np.float32), n=m, axis=1, norm="forward", out=spec[:ny])
+    # the rows padded here: numpy's own padding (n=m) takes twice as long, same values
+    rows = np.empty((ny, m), dtype=np.float32)
+    rows[:, :nx] = image
+    rows[:, nx:] = 0.0
+    np.fft.rfft(rows, axis=1, norm="forward", out=spec[:ny])
+    del rows
     spec[ny:] = 0
     np.fft.fft(spec, axis=0, norm="forward", out=spec)
     return spec
@@ -658,15 +808,17 @@ def _irfft2(spec: np.ndarray, shape: tuple[int, int], out_shape: tuple[int, int]
     return np.fft.irfft(spec[:ny], n=shape[1], axis=1)[:, :nx]
 
 
+@functools.lru_cache(maxsize=8)
 def _dft_matrices(shape: tuple[int, int], half: int) -> tuple[np.ndarray, np.ndarray]:
     """DFT matrices of offsets -half..half: ``(N, 2h+1)`` along y and ``(2h+1, M//2+1)``
-    along x (complex64), so that ``ey @ kernel @ ex`` is the transform of a (2h+1)^2
-    kernel centred on the origin, as :func:`_rfft2` would give it, at a fraction of the
-    cost (the kernel has (2h+1)^2 non-zero pixels)."""
+    along x (complex64, read-only, made once per grid), so that ``ey @ kernel @ ex`` is
+    the transform of a (2h+1)^2 kernel centred on the origin, as :func:`_rfft2` would
+    give it, at a fraction of the cost (the kernel has (2h+1)^2 non-zero pixels)."""
     n, m = shape
     u = np.arange(-half, half + 1)
     ey = np.exp((-2j * np.pi / n) * np.outer(np.arange(n), u)).astype(np.complex64)
     ex = np.exp((-2j * np.pi / m) * np.outer(u, np.arange(m // 2 + 1))).astype(np.complex64)
+    ey.flags.writeable = ex.flags.writeable = False
     return ey, ex
 
 
@@ -822,8 +974,10 @@ class _Image:
         the image ``var`` when set."""
         if self.var is not None:
             return self.var[index]
-        d = self.data[index]
-        return np.float32(self.noise**2) + np.maximum(d, 0) / np.float32(self.gain)
+        out = np.maximum(self.data[index], 0)  # a new array: the rest in place
+        out /= np.float32(self.gain)
+        out += np.float32(self.noise**2)
+        return out
 
 
 def _effective_gain(frame: Frame, sky: float, noise: float) -> float:
@@ -993,27 +1147,75 @@ def measured_fwhm(frame: Frame, options: OisOptions, what: str) -> float | None:
         return None
 
 
-# the last peaks found per prepared image (the census and the stamps look for the same)
-_PEAKS: dict[int, tuple[Any, int, float, tuple[np.ndarray, np.ndarray]]] = {}
-_PEAKS_LOCK = threading.Lock()
+# What is derived from a prepared image's arrays (its peaks, bad pixels, variance's
+# transform...): (id(array), what) -> (weak reference to the array, value). The arrays of
+# a prepared image are read-only and live as long as it does; the template, prepared once
+# per worker, serves every frame of a series, so what depends on it alone is made once.
+_DERIVED: dict[tuple[int, Any], tuple[Any, Any]] = {}
+_DERIVED_LOCK = threading.RLock()  # a collected array's callback may come in
+_DERIVED_SIZE = 64
+
+
+def _derived(array: np.ndarray, what: tuple[Any, ...], make: Any) -> Any:
+    """``make()``, remembered while ``array`` lives when it is read-only (a prepared
+    image's, which :func:`_prepare` keeps): ``what`` names the value and the parameters
+    it depends on besides the image. Its arrays are made read-only. Beyond
+    :data:`_DERIVED_SIZE` values, the least recently used goes."""
+    import weakref
+
+    if array.flags.writeable:  # not a prepared image's: nothing to remember
+        return make()
+    key = (id(array), what)
+    with _DERIVED_LOCK:
+        entry = _DERIVED.pop(key, None)
+        if entry is not None:
+            _DERIVED[key] = entry  # the most recently used last
+    if entry is not None and entry[0]() is array:
+        return entry[1]
+    value = make()
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, np.ndarray):
+            item.flags.writeable = False
+
+    def forget(ref: Any, key: tuple[int, Any] = key) -> None:
+        with _DERIVED_LOCK:
+            if key in _DERIVED and _DERIVED[key][0] is ref:
+                del _DERIVED[key]
+
+    ref = weakref.ref(array, forget)
+    with _DERIVED_LOCK:
+        while len(_DERIVED) >= _DERIVED_SIZE:
+            _DERIVED.pop(next(iter(_DERIVED)))
+        _DERIVED[key] = (ref, value)
+    return value
 
 
 def _peaks(im: _Image, radius: int, nsigma: float) -> tuple[np.ndarray, np.ndarray]:
     """Local maxima of the lightly smoothed image above nsigma sky sigmas (raw peak); the
-    same search on the same prepared image is made once."""
-    import weakref
+    same search on the same prepared image is made once (the census and the stamps look
+    for the same; the template's serve every frame)."""
+    return _derived(
+        im.data,
+        ("peaks", radius, nsigma),
+        lambda: _find_peaks(im.data, im.smooth, im.bad, im.noise, radius, nsigma),
+    )
 
-    key = id(im.data)
-    with _PEAKS_LOCK:
-        entry = _PEAKS.get(key)
-    if entry is not None and entry[0]() is im.data and entry[1:3] == (radius, nsigma):
-        return entry[3]
-    found = _find_peaks(im.data, im.smooth, im.bad, im.noise, radius, nsigma)
-    with _PEAKS_LOCK:
-        while len(_PEAKS) >= 4:
-            _PEAKS.pop(next(iter(_PEAKS)))
-        _PEAKS[key] = (weakref.ref(im.data), radius, nsigma, found)
-    return found
+
+def _bad_near(bad: np.ndarray, half: int, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``_sliding_max(bad, half)[y, x]``: whether a bad pixel is within ``half`` px
+    (Chebyshev, inside the image) of each point, from the bad pixels' sorted flat indices
+    (made once per prepared image) rather than a whole-image dilation."""
+    ny, nx = bad.shape
+    flat = _derived(bad, ("bad pixels",), lambda: np.flatnonzero(bad))
+    near = np.zeros(y.shape, dtype=bool)
+    if flat.size == 0 or y.size == 0:
+        return near
+    rows = y[:, None] + np.arange(-half, half + 1)[None, :]  # (n, 2 half + 1)
+    start = rows * nx + np.maximum(x - half, 0)[:, None]
+    stop = rows * nx + np.minimum(x + half, nx - 1)[:, None]
+    count = np.searchsorted(flat, stop, side="right") - np.searchsorted(flat, start, side="left")
+    inside = (rows >= 0) & (rows < ny)
+    return ((count > 0) & inside).any(axis=1)
 
 
 def _find_peaks(
@@ -1105,7 +1307,11 @@ def _candidates(
         thr_r = options.min_stamp_center / ref.noise
     cy, cx = _peaks(conv, radius, thr_c)
     # isolated: no brighter peak of any kind inside the stamp box
-    isolated = ~_outshone(cy, cx, conv.data[cy, cx], hs)
+    isolated = ~_derived(
+        conv.data,
+        ("outshone", radius, thr_c, hs),
+        lambda: _outshone(cy, cx, conv.data[cy, cx], hs),
+    )
     h = hs + hm
     inside = (cy >= h) & (cy < ny - h) & (cx >= h) & (cx < nx - h)
     cy, cx, isolated = cy[inside], cx[inside], isolated[inside]
@@ -1120,8 +1326,7 @@ def _candidates(
         # masks dilated by those half sizes, at the centres
         ok = np.ones(cy.size, dtype=bool)
         for im, half in ((ref, hs), (conv, h)):
-            if im.bad.any():
-                ok &= ~_sliding_max(im.bad, half)[cy, cx]
+            ok &= ~_bad_near(im.bad, half, cy, cx)
         cy, cx, isolated = cy[ok], cx[ok], isolated[ok]
     if cy.size == 0:
         return {"cy": cy, "cx": cx, "cell": cy, "rank": cy, "isolated": isolated}
@@ -1168,16 +1373,23 @@ def _normal_equations(
     y: np.ndarray,
     var: np.ndarray | None,
     transform: np.ndarray | None = None,
+    grams: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-stamp normal matrix, right-hand side and y'Wy, features + constant, float64.
 
     ``feats`` is ``(n, nb, npix)``, ``var`` the pixels' variances ``(n, npix)`` (weights
     ``1 / var``) or None (unit weights, as ISIS fits). With ``transform`` (``(nb, nb)``)
     the equations are those of the features ``transform.T @ feats`` (the normalised basis
-    from the raw one).
+    from the raw one). ``grams``: the unweighted normal matrices (``var`` None) when
+    known, which are then not computed again; ``rows``: stamp ``i`` is ``feats[rows[i]]``
+    (:func:`_stamp_features`).
     """
-    n, nb, npix = feats.shape
-    m = np.empty((n, nb + 1, nb + 1))
+    _, nb, npix = feats.shape
+    n = y.shape[0]
+    if grams is not None and var is not None:
+        raise ValueError("known normal matrices are the unweighted ones: var must be None")
+    m = np.empty((n, nb + 1, nb + 1)) if grams is None else grams
     b = np.empty((n, nb + 1))
     yy = np.empty(n)
     chunk = 32  # chunks keep the float64 copies small (one buffer per thread, reused)
@@ -1187,14 +1399,15 @@ def _normal_equations(
         for lo in range(start, stop, chunk):
             hi = min(stop, lo + chunk)
             g = buffer[: hi - lo]
-            g[:, :nb] = feats[lo:hi]
+            g[:, :nb] = feats[lo:hi] if rows is None else feats[rows[lo:hi]]
             g[:, nb] = 1.0
             yw = y[lo:hi].astype(np.float64)
             if var is not None:
                 sw = 1.0 / np.sqrt(var[lo:hi].astype(np.float64))  # sqrt of the weights
                 g *= sw[:, None, :]
                 yw *= sw
-            np.matmul(g, np.swapaxes(g, 1, 2), out=m[lo:hi])
+            if grams is None:
+                np.matmul(g, np.swapaxes(g, 1, 2), out=m[lo:hi])
             b[lo:hi] = (g @ yw[..., None])[..., 0]
             yy[lo:hi] = (yw * yw).sum(axis=1)
 
@@ -1208,15 +1421,28 @@ def _normal_equations(
 
 
 def _stamp_chi2(
-    feats: np.ndarray, y: np.ndarray, var: np.ndarray, coef: np.ndarray, transform: np.ndarray
+    feats: np.ndarray,
+    y: np.ndarray,
+    var: np.ndarray,
+    coef: np.ndarray,
+    transform: np.ndarray,
+    sel: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mean of (y - model)**2 / var over each stamp's pixels; the model is the features
     ``(n, nb, npix)`` (raw basis) times the normalised-basis coefficients ``coef[:, :nb]``
-    (carried to the raw basis by ``transform``) plus the background ``coef[:, nb]``."""
+    (carried to the raw basis by ``transform``) plus the background ``coef[:, nb]``.
+    With ``sel``, of the stamps ``sel`` (``coef`` has a row per index), read in place
+    (``feats[sel]`` would copy tens of MB per call); with ``rows`` too, stamp ``i`` is
+    ``feats[rows[i]]`` (:func:`_stamp_features`)."""
     nb = feats.shape[1]
     raw = (coef[:, :nb] @ transform.T).astype(np.float32)
-    model = np.einsum("nkp,nk->np", feats, raw) + coef[:, nb : nb + 1].astype(np.float32)
-    return np.mean((y - model) ** 2 / var, axis=1)
+    bg = coef[:, nb : nb + 1].astype(np.float32)
+    if sel is None:
+        model = np.einsum("nkp,nk->np", feats, raw) + bg
+        return np.mean((y - model) ** 2 / var, axis=1)
+    model = _stamp_models(feats, sel if rows is None else rows[sel], raw) + bg
+    return np.mean((y[sel] - model) ** 2 / var[sel], axis=1)
 
 
 def _robust_outliers(values: np.ndarray, nsigma: float, one_sided: bool) -> np.ndarray:
@@ -1358,6 +1584,18 @@ def _transform(im: _Image, half: int) -> tuple[np.ndarray, tuple[int, int]]:
     return spec, shape
 
 
+def _variance_spectrum(im: _Image, shape: tuple[int, int]) -> np.ndarray:
+    """:func:`_rfft2` of the image's variance on ``shape``, made once per prepared image
+    (the template's serves every frame that convolves it)."""
+    if im.var is not None:
+        return _rfft2(im.var, shape)
+    return _derived(
+        im.data,
+        ("variance spectrum", im.noise, im.gain, shape),
+        lambda: _rfft2(im.variance(), shape),
+    )
+
+
 def _spatial_convolution(
     spec: np.ndarray,
     shape: tuple[int, int],
@@ -1382,13 +1620,15 @@ def _spatial_convolution(
     half = (kernels.shape[-1] - 1) // 2
     ey, ex = _dft_matrices(shape, half)
     scale = float(shape[0] * shape[1])  # _rfft2 divided the image's transform by it
-    work = np.empty(spec.shape, dtype=np.complex64)  # one kernel's product at a time
+    free: list[np.ndarray] = []  # buffers for one kernel's product, reused
     out: np.ndarray | None = None
     for i in sorted({i for i, _ in monomials} if powers is None else powers):
         acc: np.ndarray | None = None  # sum over j of ys**j times the y-inverse
+        first: np.ndarray | None = None  # the buffer acc lives in (the first term's)
         for k, (i_k, j) in zip(kernels, monomials, strict=True):
             if i_k != i or not np.any(k):
                 continue
+            work = free.pop() if free else np.empty(spec.shape, dtype=np.complex64)
             np.matmul(ey, (scale * k).astype(np.complex64) @ ex, out=work)
             work *= spec
             np.fft.ifft(work, axis=0, out=work)
@@ -1396,13 +1636,15 @@ def _spatial_convolution(
             if j:
                 part *= (ys**j).astype(np.float32)[:, None]
             if acc is None:
-                acc = part.copy()
+                acc, first = part, work
             else:
                 acc += part
-        if acc is None:
+                free.append(work)
+        if acc is None or first is None:
             continue
         real = np.fft.irfft(acc, n=shape[1], axis=1)[:, :nx]
-        del acc
+        free.append(first)
+        del acc, first
         if i:
             real *= (xs**i).astype(np.float32)[None, :]
         if out is None:
@@ -1412,6 +1654,106 @@ def _spatial_convolution(
     if out is None:
         return np.zeros((ny, nx), dtype=np.float32)
     return out
+
+
+#: The moment spectra an image convolved for several frames keeps (:func:`_moment_spectra`)
+#: take at most this many bytes (5 x 19 MB for a 2048^2 template and ``deg_spatial`` 2).
+MOMENT_BYTES = 1 << 28
+
+
+def _shared(im: _Image, partner: _Image) -> bool:
+    """Whether the prepared image ``im`` was paired before with another frame than
+    ``partner`` (by name: a frame convolved for cross-convolution is the same frame):
+    the template of a series (every frame), not a science frame tried with several
+    configurations. Records ``partner``."""
+    partners = _derived(im.data, ("partners",), set)
+    with _DERIVED_LOCK:
+        shared = bool(partners - {partner.name})
+        if len(partners) < 8:
+            partners.add(partner.name)
+    return shared
+
+
+def _moment_spectra(
+    im: _Image, spec: np.ndarray, shape: tuple[int, int], deg: int
+) -> list[np.ndarray] | None:
+    """The :func:`_rfft2` on ``shape`` of ``xs**a * ys**b * im.data`` for the monomials
+    ``(a, b)`` of degree ``deg`` (:func:`_monomials`; ``spec``, the image's own, first),
+    made once per prepared image; None when they would take more than
+    :data:`MOMENT_BYTES`. See :func:`_moment_convolution`."""
+    if (_nterms(deg) - 1) * spec.nbytes > MOMENT_BYTES:
+        return None
+
+    def make() -> tuple[np.ndarray, ...]:
+        xs, ys = _scaled_coords(im.data.shape)
+        out = [spec]
+        for a, b in _monomials(deg)[1:]:
+            moment = im.data * (ys**b).astype(np.float32)[:, None]
+            moment *= (xs**a).astype(np.float32)[None, :]
+            out.append(_rfft2(moment, shape))
+        return tuple(out)
+
+    return list(_derived(im.data, ("moment spectra", shape, deg), make))
+
+
+def _moment_kernels(
+    kernels: np.ndarray, monomials: Sequence[tuple[int, int]], image_shape: tuple[int, int]
+) -> np.ndarray:
+    """The kernels ``L_ab`` with ``sum_s P_s (I * K_s) = sum_ab (xs**a ys**b I) * L_ab``.
+
+    A monomial of the output pixel's coordinates is one of the input pixel's shifted by
+    the kernel offset ``(u, v)``: ``xs(x) = xs(x - u) + u / sx`` (``sx`` the scale of
+    :func:`_scaled_coords`), so by the binomial theorem ``xs**i ys**j (I * K)`` is the sum
+    over ``a <= i``, ``b <= j`` of ``C(i, a) C(j, b) (xs**a ys**b I) * (K (u / sx)**(i - a)
+    (v / sy)**(j - b))``, exactly (a linear convolution, zeros outside the image).
+    """
+    ny, nx = image_shape
+    half = (kernels.shape[-1] - 1) // 2
+    off = np.arange(-half, half + 1, dtype=np.float64)
+    u = off / max((nx - 1) / 2.0, 1.0)  # along x (columns)
+    v = off / max((ny - 1) / 2.0, 1.0)  # along y (rows)
+    index = {m: k for k, m in enumerate(monomials)}
+    out = np.zeros(kernels.shape, dtype=np.float64)
+    for kernel, (i, j) in zip(kernels, monomials, strict=True):
+        for a in range(i + 1):
+            for b in range(j + 1):
+                weight = math.comb(i, a) * math.comb(j, b)
+                out[index[(a, b)]] += (
+                    weight * kernel * (v ** (j - b))[:, None] * (u ** (i - a))[None, :]
+                )
+    return out
+
+
+def _moment_convolution(
+    spectra: Sequence[np.ndarray],
+    shape: tuple[int, int],
+    kernels: np.ndarray,
+    out_shape: tuple[int, int],
+) -> np.ndarray:
+    """``sum_k (M_k * kernels[k])`` of the moment images ``M_k`` whose :func:`_rfft2` are
+    ``spectra`` (:func:`_moment_spectra`, :func:`_moment_kernels`): the spatially varying
+    convolution of :func:`_spatial_convolution` summed in the Fourier domain, one
+    inverse transform in all, float32."""
+    ny, nx = out_shape
+    half = (kernels.shape[-1] - 1) // 2
+    ey, ex = _dft_matrices(shape, half)
+    scale = float(shape[0] * shape[1])  # _rfft2 divided the image's transform by it
+    acc: np.ndarray | None = None
+    work = np.empty(spectra[0].shape, dtype=np.complex64)
+    for spec, k in zip(spectra, kernels, strict=True):
+        if not np.any(k):
+            continue
+        np.matmul(ey, (scale * k).astype(np.complex64) @ ex, out=work)
+        work *= spec
+        if acc is None:
+            acc, work = work, np.empty(spectra[0].shape, dtype=np.complex64)
+        else:
+            acc += work
+    del work
+    if acc is None:
+        return np.zeros((ny, nx), dtype=np.float32)
+    np.fft.ifft(acc, axis=0, out=acc)
+    return np.fft.irfft(acc[:ny], n=shape[1], axis=1)[:, :nx]
 
 
 def _share_powers(monomials: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -1549,7 +1891,10 @@ def solve_prepared(
 
     # ---- stamp features and per-stamp normal equations
     cy, cx = cand["cy"], cand["cx"]
-    feats = _raw_stamps(conv.data, cy, cx, hs, hm, sigmas, degrees)  # (n, nb, npix)
+    # (n, nb, npix): stamp i is feats[i], or feats[rows[i]] (the template's, kept)
+    feats, rows, grams = _stamp_features(
+        conv, cy, cx, hs, hm, sigmas, degrees, keep=_shared(conv, ref)
+    )
     _, _, to_basis = _basis_transform(sigmas, degrees, hm)  # normalised = raw @ to_basis
     off = np.arange(-hs, hs + 1)
     iy = (cy[:, None] + off)[:, :, None]
@@ -1563,10 +1908,11 @@ def solve_prepared(
     # say against the stamps' many sky pixels, on which the template's noise through the
     # kernel (sum K**2 times its variance) rewards broad kernels: near-delta kernels (similar
     # seeing) came out too broad, leaving a residual on every bright star.
-    m, b, _ = _normal_equations(feats, y, None, to_basis)
+    m, b, _ = _normal_equations(feats, y, None, to_basis, grams, rows)
+    del grams
     local = _solve_sym(m, b)
     raw_coef = (local[:, :nb] @ to_basis.T).astype(np.float32)
-    model = np.einsum("nkp,nk->np", feats, raw_coef) + local[:, nb : nb + 1].astype(np.float32)
+    model = _stamp_models(feats, rows, raw_coef) + local[:, nb : nb + 1].astype(np.float32)
     basis = basis_kernels(sigmas, degrees, hm)
     gram = np.einsum("kyx,jyx->kj", basis, basis)
     k2 = np.einsum("nk,kj,nj->n", local[:, :nb], gram, local[:, :nb])  # sum of K**2
@@ -1592,7 +1938,7 @@ def solve_prepared(
             big_m, big_b = layout.normal(m[sel], b[sel], xn[sel], yn[sel])
             theta = _solve_sym(big_m, big_b)
             loc = layout.local(theta, xn[sel], yn[sel])
-            chi2 = _stamp_chi2(feats[sel], y[sel], var[sel], loc, to_basis)
+            chi2 = _stamp_chi2(feats, y, var, loc, to_basis, sel, rows)
             if iteration == options.max_iter:
                 break
             out = _robust_outliers(chi2, options.sigma_clip, one_sided=True)
@@ -1616,7 +1962,7 @@ def solve_prepared(
     ksum = float(coef[0, 0])
 
     # ---- apply to the whole image
-    del feats, var, var_conv, model
+    del feats, rows, var, var_conv, model
     monomials = _monomials(ds)
     kernels = np.einsum("ks,kyx->syx", coef[:, : len(monomials)], basis)
     ksum_img: np.ndarray | float = ksum
@@ -1697,8 +2043,11 @@ def apply_kernel(
     ``conv(x) = sum_s P_s(x) (I * K_s)(x) + bg(x)`` with ``K_s = kernels[s]`` the kernel's
     spatial components (the monomials of :func:`_monomials`, ``len(kernels)`` of them)
     and ``bg`` the polynomial ``bg_coef`` of degree ``deg_bg``, by FFT
-    (:func:`_spatial_convolution`); the noise image's convolution (the convolved image's
-    variance through the kernel squared at the centre) runs beside it.
+    (:func:`_spatial_convolution`; for an image convolved for several frames, the
+    template of a series, from the transforms of its moments, one inverse transform in
+    all: :func:`_moment_convolution`, the same to float32 rounding); the noise image's
+    convolution (the convolved image's variance through the kernel squared at the
+    centre, its transform kept with the image) runs beside it.
 
     Parameters
     ----------
@@ -1737,9 +2086,16 @@ def apply_kernel(
     mine, theirs = _share_powers(ds_monomials)
     spec, shape = _transform(conv, hm)
     noise_kernel = (kernel_center**2)[None]
+    # an image convolved for many frames (the template) keeps the transforms of its
+    # moments: the model is then one inverse transform (the noise's beside it)
+    moments = None
+    if len(kernels) > 1 and spec is conv.spectrum and _shared(conv, ref):
+        moments = _moment_spectra(conv, spec, shape, _degree_of(len(kernels)))
+    if moments is not None:
+        theirs = []
 
     def side(spec: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        var_spec = _rfft2(conv.variance(), shape)
+        var_spec = _variance_spectrum(conv, shape)
         var_conv = _spatial_convolution(var_spec, shape, noise_kernel, [(0, 0)], xs, ys)
         del var_spec
         part = None
@@ -1748,11 +2104,24 @@ def apply_kernel(
         return var_conv, part
 
     with _side_thread(side, spec) as side_result:
-        model_img = _spatial_convolution(spec, shape, kernels, ds_monomials, xs, ys, mine)
+        if moments is not None:
+            model_img = _moment_convolution(
+                moments, shape, _moment_kernels(kernels, ds_monomials, (ny, nx)), (ny, nx)
+            )
+        else:
+            model_img = _spatial_convolution(spec, shape, kernels, ds_monomials, xs, ys, mine)
     var_conv_img, part = side_result()
     if part is not None:
         model_img += part
     del part, side_result, spec
+    if not np.isscalar(ksum_img):
+        var_conv_img *= (np.asarray(ksum_img) / ksum) ** 2
+    noise2 = ref.variance()
+    if ref.var is not None:  # the image's own variance: not to be changed
+        noise2 = noise2.copy()
+    noise2 += np.maximum(var_conv_img, 0, out=var_conv_img)
+    scratch = var_conv_img  # free now: the background's terms are made in it
+    del var_conv_img
     # the background polynomial, one pass per power of x: sum_i xs**i (sum_j c_ij ys**j)
     by_power: dict[int, np.ndarray] = {}
     for c, (i, j) in zip(bg_coef, _monomials(deg_bg), strict=True):
@@ -1760,14 +2129,10 @@ def apply_kernel(
     for i, column in by_power.items():
         column32 = np.asarray(column, dtype=np.float32)[:, None]
         if i:
-            model_img += column32 * (xs**i).astype(np.float32)[None, :]
+            model_img += np.multiply(column32, (xs**i).astype(np.float32)[None, :], out=scratch)
         else:
             model_img += column32
-
-    if not np.isscalar(ksum_img):
-        var_conv_img *= (np.asarray(ksum_img) / ksum) ** 2
-    noise2 = ref.variance() + np.maximum(var_conv_img, 0)
-    del var_conv_img
+    del scratch
     if science_name and science_name in inputs:
         # The science frame is one of the N frames stacked into the template, so its noise
         # is partly in the template too: Cov(S(x), T(x)) = var_S(x) / N (exact for the
@@ -1782,10 +2147,12 @@ def apply_kernel(
         noise2 = np.maximum(noise2 - cov, 0.25 * noise2)
     if direction == "template":
         residual = ref.data - model_img  # science - K*template (skies removed, refit by bg)
-        noise = np.sqrt(noise2)
+        noise = np.sqrt(noise2, out=noise2)
     else:
-        residual = (model_img - ref.data) / np.asarray(ksum_img, dtype=np.float32)
-        noise = np.sqrt(noise2) / np.abs(np.asarray(ksum_img, dtype=np.float32))
+        residual = model_img - ref.data
+        residual /= np.asarray(ksum_img, dtype=np.float32)
+        noise = np.sqrt(noise2, out=noise2)
+        noise /= np.abs(np.asarray(ksum_img, dtype=np.float32))
     weight = _residual_weight(ref, conv, hm)
     return (
         residual.astype(np.float32, copy=False),
@@ -1830,8 +2197,9 @@ def _residual_weight(ref: _Image, conv: _Image, hm: int) -> np.ndarray:
     """min of the two weights; 0 where the reference is bad, within hm of a bad pixel of
     the convolved image (the kernel reaches it) and within hm of the edges."""
     w = np.minimum(ref.weight, conv.weight)
-    w[ref.bad] = 0.0
+    np.copyto(w, 0.0, where=ref.bad)
     if conv.bad.any():
-        w[_sliding_max(conv.bad, hm)] = 0.0
+        grown = _derived(conv.bad, ("grown", hm), lambda: _sliding_max(conv.bad, hm))
+        np.copyto(w, 0.0, where=grown)
     w[:hm], w[-hm:], w[:, :hm], w[:, -hm:] = 0.0, 0.0, 0.0, 0.0
     return np.clip(w, 0, 1, out=w).astype(np.float32, copy=False)

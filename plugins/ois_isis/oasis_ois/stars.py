@@ -39,7 +39,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from oasis_ois.ois import FWHM_PER_SIGMA, OisOptions, _Image, _outshone, _peaks, _sliding_max
+from oasis_ois.ois import FWHM_PER_SIGMA, OisOptions, _bad_near, _Image, _outshone, _peaks
 
 __all__ = [
     "CROSS_MIN",
@@ -277,8 +277,7 @@ def census(sci: _Image, tpl: _Image, options: OisOptions) -> Census:
     if y.size:
         ok = np.ones(y.size, dtype=bool)
         for im in (sci, tpl):
-            if im.bad.any():
-                ok &= ~_sliding_max(im.bad, r + 1)[y, x]
+            ok &= ~_bad_near(im.bad, r + 1, y, x)
         y, x = y[ok], x[ok]
     empty = np.zeros(0)
     if y.size == 0:
