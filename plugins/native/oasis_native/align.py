@@ -37,18 +37,14 @@ The steps, for a frame and the reference:
    absorbs an outlier's offset); pairing and fit are repeated with the refined transform.
 4. **Resampling.** ``scipy.ndimage.affine_transform`` warps the data with a spline of
    order ``order`` and the weight map with order 1. A pixel whose interpolation footprint
-   touches a masked pixel or leaves the frame gets weight 0 (the weight map is
-   interpolated only where it is not 1 or a masked pixel is near: elsewhere it is 1).
+   touches a masked pixel or leaves the frame gets weight 0.
 5. **Photometric alignment** (IRAF ``linmatch`` done on stars). Aperture fluxes of the
-   paired stars on the reference and on the frame's own pixels (each image after its
-   local sep background; on the frame, the radius divided by the magnification and the
-   flux times its square, the warped image's scale) give ``scale`` = robust mean of
-   ``flux_ref / flux_frame``, each aperture flux first divided by the share of a star's
-   light its frame's PSF model puts in the aperture (the radius is ``phot_radius`` times
-   the larger FWHM: frames whose PSFs differ in width or wings lose different shares
-   outside it, which biased the scale by several per cent between frames of one seeing
-   and different Moffat beta); the sky levels (the frame's taken from its background
-   where the reference's pixels come from) give
+   paired stars on the warped frame and on the reference (after a local sep background)
+   give ``scale`` = robust mean of ``flux_ref / flux_frame``, each aperture flux first
+   divided by the share of a star's light its frame's PSF model puts in the aperture (the
+   radius is ``phot_radius`` times the larger FWHM: frames whose PSFs differ in width or
+   wings lose different shares outside it, which biased the scale by several per cent
+   between frames of one seeing and different Moffat beta); the sky levels give
    ``offset = sky_ref - scale * sky_frame``; the data become ``scale * data + offset`` and
    ``gain``, ``saturation``, ``background`` and ``noise`` follow.
 
@@ -80,6 +76,7 @@ from oasis_core.contracts.backends import AlignBackend, option
 from oasis_core.contracts.errors import StageError
 from oasis_core.contracts.model import Frame
 from oasis_core.contracts.validators import non_negative, positive
+from oasis_core.engine.stats import exact_median
 from oasis_native import sepstack
 
 __all__ = ["NativeAlign", "NativeAlignOptions"]
@@ -277,7 +274,7 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     bad = ~(np.isfinite(data) & (np.asarray(frame.weight) > 0))
     if bad.all():
         raise _err(frame, "every pixel has weight 0")
-    data[bad] = _fill_level(data, bad)  # masked: its value reaches no result
+    data[bad] = exact_median(data[~bad])
     ny, nx = data.shape
     size = int(max(8, min(options.back_size, ny // 2, nx // 2)))
     sep.set_sub_object_limit(max(sep.get_sub_object_limit(), 4096))
@@ -286,7 +283,7 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
     rms = float(bkg.globalrms)
     if not np.isfinite(rms) or rms <= 0:
         raise _err(frame, "the sky noise is zero or not finite; is the image blank?")
-    sub = np.subtract(data, back, out=data)  # data is private: subtracted in place
+    sub = data - back
     sub[bad] = 0.0
     try:
         objs = sepstack.extract(sub, options.thresh, err=rms, mask=bad, minarea=options.minarea)
@@ -299,42 +296,22 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
         return _Stars(
             np.zeros((0, 2)), np.zeros(0), np.zeros(0, bool), frame.fwhm or 3.0, sub, back, rms, bad
         )
-    # brightest first (stable: equal fluxes keep sep's order); the per-star measurements
-    # below are made on the brightest until max_stars stars pass the cuts
-    objs = objs[np.argsort(-objs["flux"], kind="stable")]
     x, y = objs["x"].astype(float), objs["y"].astype(float)
     rmax = np.clip(6.0 * objs["a"], 3.0, 30.0)
-
-    def half_radii(sl: slice) -> tuple[np.ndarray, np.ndarray]:
-        rhalf, rflag = sep.flux_radius(
-            sub, x[sl], y[sl], rmax[sl], 0.5, normflux=objs["flux"][sl], mask=bad, subpix=5
-        )
-        return rhalf, (rflag == 0) & np.isfinite(rhalf) & (rhalf > 0)
-
-    known = frame.fwhm is not None and np.isfinite(frame.fwhm) and frame.fwhm > 0
-    n = len(objs)
-    if known:
+    rhalf, rflag = sep.flux_radius(sub, x, y, rmax, 0.5, normflux=objs["flux"], mask=bad, subpix=5)
+    good_r = (rflag == 0) & np.isfinite(rhalf) & (rhalf > 0)
+    if frame.fwhm is not None and np.isfinite(frame.fwhm) and frame.fwhm > 0:
         fwhm = float(frame.fwhm)
-    else:  # the FWHM from every star's half-light radius (r_half = FWHM / 2 for a Gaussian)
-        rhalf_all, good_all = half_radii(slice(0, n))
-        fwhm = float(2.0 * np.median(rhalf_all[good_all])) if good_all.any() else 3.0
-    bad_map = bad.view(np.uint8)  # sep sums bytes: no float copy of the mask
-    kept: list[np.ndarray] = []
-    done = count = 0
-    while done < n and count < options.max_stars:
-        sl = slice(done, min(n, done + max(options.max_stars - count, 64)))
-        rhalf, good_r = half_radii(sl) if known else (rhalf_all[sl], good_all[sl])
-        # hot pixels and cosmic rays that slipped through the mask are much sharper
-        keep = ~good_r | (rhalf > 0.25 * fwhm)
-        # stars touching a masked pixel (a masked saturated core, a trail) have biased
-        # centroids
-        near_bad, _, _ = sep.sum_circle(bad_map, x[sl], y[sl], max(fwhm, 2.0), subpix=1)
-        keep &= near_bad == 0
-        kept.append(sl.start + np.flatnonzero(keep))
-        count += int(keep.sum())
-        done = sl.stop
-    use = np.concatenate(kept)[: options.max_stars]
-    objs, x, y = objs[use], x[use], y[use]
+    elif good_r.any():
+        fwhm = float(2.0 * np.median(rhalf[good_r]))  # r_half = FWHM / 2 for a Gaussian
+    else:
+        fwhm = 3.0
+    # hot pixels and cosmic rays that slipped through the mask are much sharper
+    keep = ~good_r | (rhalf > 0.25 * fwhm)
+    # stars touching a masked pixel (a masked saturated core, a trail) have biased centroids
+    near_bad, _, _ = sep.sum_circle(bad.astype(np.float32), x, y, max(fwhm, 2.0), subpix=1)
+    keep &= near_bad == 0
+    objs, x, y = objs[keep], x[keep], y[keep]
     sig = max(fwhm / 2.3548, 0.5)
     xw, yw, wflag = sep.winpos(sub, x, y, sig, mask=bad)
     ok = (wflag == 0) & (np.hypot(xw - x, yw - y) < max(1.0, 0.5 * fwhm))
@@ -346,18 +323,11 @@ def _detect(frame: Frame, options: NativeAlignOptions) -> _Stars:
             np.clip(np.round(y).astype(int), 0, ny - 1), np.clip(np.round(x).astype(int), 0, nx - 1)
         ]
         saturated = objs["peak"] + level >= 0.9 * frame.saturation
-    xy = np.column_stack([x, y])
-    return _Stars(xy, objs["flux"].astype(float), saturated, fwhm, sub, back, rms, bad)
-
-
-def _fill_level(data: np.ndarray, bad: np.ndarray) -> float:
-    """A value for masked pixels before sep sees them (sep ignores masked pixels, so the
-    value only keeps the image tidy): the median of the unmasked pixels of a regular
-    subsample (every 4th row and column), of all of them when that holds none."""
-    sample = data[::4, ::4][~bad[::4, ::4]]
-    if sample.size == 0:
-        sample = data[~bad]
-    return float(np.median(sample)) if sample.size else 0.0
+    order = np.argsort(-objs["flux"], kind="stable")[: options.max_stars]
+    xy = np.column_stack([x, y])[order]
+    return _Stars(
+        xy, objs["flux"][order].astype(float), saturated[order], fwhm, sub, back, rms, bad
+    )
 
 
 #: The last reference's stars (per process): (weak reference to the reference frame, the
@@ -872,128 +842,28 @@ def _warp(
     bad = fs.bad
     if order >= 2:  # the spline footprint reaches one (two) pixels beyond the linear one
         bad = _grown(bad, order // 2)
-    weight = np.where(fs.bad, np.float32(0.0), np.asarray(frame.weight, np.float32))
-    weight = _linear_weight(weight, bad, matrix, shape)
-    # outside the frame: sky level rather than the edge pixels smeared by mode="nearest";
-    # the background is smooth, so a regular subsample gives its median
-    sky = float(np.median(fs.back[::4, ::4]))
+    weight = np.where(fs.bad, 0.0, np.asarray(frame.weight, np.float32)).astype(np.float32)
+    weight = ndimage.affine_transform(
+        weight, mat, off, output_shape=shape, order=1, mode="constant", cval=0.0, output=np.float32
+    )
+    touched = ndimage.affine_transform(
+        bad.astype(np.float32),
+        mat,
+        off,
+        output_shape=shape,
+        order=1,
+        mode="constant",
+        cval=1.0,
+        output=np.float32,
+    )
+    weight[touched > 1e-3] = 0.0
+    np.clip(weight, 0.0, 1.0, out=weight)
+    # outside the frame: sky level rather than the edge pixels smeared by mode="nearest"
+    sky = exact_median(fs.back.ravel())
     for row, (lo, hi) in enumerate(_inside_columns(inv, fs.bad.shape, shape)):
         data[row, :lo] = sky
         data[row, hi:] = sky
     return data, weight
-
-
-#: Above this share of special pixels (weight other than 1, or bad), the weight map is
-#: resampled by ``ndimage`` over every pixel rather than near them alone (isolated bad
-#: pixels on a 2048^2 frame: the two cost the same at 6 %).
-_SPARSE_SHARE = 0.04
-
-
-def _linear_weight(
-    weight: np.ndarray, bad: np.ndarray, matrix: np.ndarray, shape: tuple[int, int]
-) -> np.ndarray:
-    """The weight map resampled linearly onto the reference grid (0 off the frame), and 0
-    wherever the linear interpolation of ``bad`` (1 off the frame) exceeds 1e-3: the
-    ``ndimage.affine_transform`` (order 1, mode ``"constant"``) of both.
-
-    Most of a frame has weight 1 and no bad pixel near: its resampled weight is 1. Only
-    the output pixels whose interpolation reaches a pixel of another weight or a bad one,
-    and those near the frame's edges, are interpolated (the bilinear formula at their
-    positions), unless they are too many (:data:`_SPARSE_SHARE`)."""
-    from scipy import ndimage
-
-    inv = np.linalg.inv(matrix)
-    mat = np.array([[inv[1, 1], inv[1, 0]], [inv[0, 1], inv[0, 0]]])
-    off = np.array([inv[1, 2], inv[0, 2]])
-    special = bad | (weight != 1)
-    special[[0, -1]] = False  # the edge rows and columns are covered by the edge band
-    special[:, [0, -1]] = False
-    ys, xs = np.nonzero(special)
-    if ys.size > _SPARSE_SHARE * special.size:
-        out = ndimage.affine_transform(
-            weight, mat, off, output_shape=shape, order=1, mode="constant", output=np.float32
-        )
-        touched = ndimage.affine_transform(
-            bad.astype(np.float32),
-            mat,
-            off,
-            output_shape=shape,
-            order=1,
-            mode="constant",
-            cval=1.0,
-            output=np.float32,
-        )
-        out[touched > 1e-3] = 0.0
-        return np.clip(out, 0.0, 1.0, out=out)
-    ny, nx = shape
-    out = np.zeros(shape, np.float32)
-    todo = np.zeros(shape, bool)
-    # ndimage gives the constant (0) where the input position leaves [0, n - 1]; within
-    # [1, n - 2] the interpolation only reaches pixels off the edges: weight 1 unless a
-    # special pixel is reached; between the two, interpolated
-    reach = _inside_columns(inv, bad.shape, shape, edge=1e-6)
-    inner = _inside_columns(inv, bad.shape, shape, edge=-1.0 - 1e-6)
-    for row, ((lo, hi), (ilo, ihi)) in enumerate(zip(reach, inner, strict=True)):
-        todo[row, lo:hi] = True
-        if ilo < ihi:
-            out[row, ilo:ihi] = 1.0
-            todo[row, ilo:ihi] = False
-    if ys.size:
-        # the output pixels whose position lies within one pixel (in x and y) of a special
-        # pixel's: in the open box about its image of half-sizes that square's image's
-        # (those just on its border by a rounding error take a negligible weight from it)
-        lin = matrix[:2, :2]
-        half = np.abs(lin).sum(axis=1)  # (x, y)
-        cx = lin[0, 0] * xs + lin[0, 1] * ys + matrix[0, 2]
-        cy = lin[1, 0] * xs + lin[1, 1] * ys + matrix[1, 2]
-        x0 = np.floor(cx - half[0]).astype(np.int64) + 1
-        y0 = np.floor(cy - half[1]).astype(np.int64) + 1
-        kx = np.arange(int(np.ceil(2.0 * half[0])))
-        ky = np.arange(int(np.ceil(2.0 * half[1])))
-        cols = (x0[:, None] + kx).clip(-1, nx)[:, None, :]
-        rows = (y0[:, None] + ky).clip(-1, ny)[:, :, None]
-        cols, rows = np.broadcast_arrays(cols, rows)
-        on = (cols >= 0) & (cols < nx) & (rows >= 0) & (rows < ny)
-        todo[rows[on], cols[on]] = True
-    idx = np.flatnonzero(todo)
-    r, c = np.divmod(idx, nx)
-    out.flat[idx] = _bilinear_weight(weight, bad, mat, off, r, c)
-    return out
-
-
-def _bilinear_weight(
-    weight: np.ndarray,
-    bad: np.ndarray,
-    mat: np.ndarray,
-    off: np.ndarray,
-    rows: np.ndarray,
-    cols: np.ndarray,
-) -> np.ndarray:
-    """At output pixels ``(rows, cols)``: the linear interpolation of ``weight`` at their
-    input positions ``mat @ (row, col) + off`` (0 off the frame), set to 0 where that of
-    ``bad`` exceeds 1e-3 (1 off the frame), clipped to [0, 1] (float32)."""
-    ny, nx = weight.shape
-    # the positions as ndimage computes them (the offset first: it decides, to the last
-    # bit, whether a position just on the frame's edge is on the frame)
-    y = (off[0] + mat[0, 0] * rows) + mat[0, 1] * cols
-    x = (off[1] + mat[1, 0] * rows) + mat[1, 1] * cols
-    inside = (y >= 0) & (y <= ny - 1) & (x >= 0) & (x <= nx - 1)
-    iy = np.floor(y).astype(np.int64)
-    ix = np.floor(x).astype(np.int64)
-    ty, tx = y - iy, x - ix
-    total = np.zeros(len(y))
-    touched = np.zeros(len(y))
-    for dy, wy in ((0, 1.0 - ty), (1, ty)):
-        yy = np.clip(iy + dy, 0, ny - 1)
-        for dx, wx in ((0, 1.0 - tx), (1, tx)):
-            xx = np.clip(ix + dx, 0, nx - 1)
-            w = wy * wx
-            total += weight[yy, xx] * w
-            touched += bad[yy, xx] * w
-    total = np.where(inside, total, 0.0).astype(np.float32)
-    touched = np.where(inside, touched, 1.0).astype(np.float32)
-    total[touched > 1e-3] = 0.0
-    return np.clip(total, 0.0, 1.0)
 
 
 def _grown(bad: np.ndarray, steps: int) -> np.ndarray:
@@ -1012,35 +882,28 @@ def _grown(bad: np.ndarray, steps: int) -> np.ndarray:
 
 
 def _inside_columns(
-    inv: np.ndarray, frame_shape: tuple[int, int], shape: tuple[int, int], edge: float = 0.5
+    inv: np.ndarray, frame_shape: tuple[int, int], shape: tuple[int, int]
 ) -> np.ndarray:
     """For each output row, the columns ``[lo, hi)`` whose input position (``inv`` maps
-    output (x, y) to input) lies on the frame, within ``edge`` pixels of its edge pixels'
-    centres (beyond them; a negative ``edge``: inside them): an affine map keeps a row's
-    inside one interval, solved row by row, its ends then checked as every pixel's own
-    test has them."""
+    output (x, y) to input) lies on the frame, within half a pixel of its edge pixels'
+    centres: an affine map keeps a row's inside one interval, solved row by row."""
     ny_in, nx_in = frame_shape
     ny, nx = shape
     y = np.arange(ny, dtype=np.float64)
     lo = np.zeros(ny)
     hi = np.full(ny, float(nx - 1))
     empty = np.zeros(ny, bool)
-    near = np.zeros(ny, bool)  # nearly constant along the row, and near an edge
-    # input coordinate = a x + (b y + c) must lie in [-edge, n_in - 1 + edge]
+    # input coordinate = a x + (b y + c) must lie in [-0.5, n_in - 0.5]
     for a, b, c, n_in in (
         (inv[0, 0], inv[0, 1], inv[0, 2], nx_in),
         (inv[1, 0], inv[1, 1], inv[1, 2], ny_in),
     ):
         start = b * y + c
-        if n_in - 1 + 2 * edge < 0:  # an empty range
-            empty[:] = True
-            continue
         if abs(a) < 1e-12:  # constant along the row: all in or all out
-            empty |= (start < -edge) | (start > n_in - 1 + edge)
-            near |= (np.abs(start + edge) < 1e-6) | (np.abs(start - (n_in - 1 + edge)) < 1e-6)
+            empty |= (start < -0.5) | (start > n_in - 0.5)
             continue
-        x1 = (-edge - start) / a
-        x2 = (n_in - 1 + edge - start) / a
+        x1 = (-0.5 - start) / a
+        x2 = (n_in - 0.5 - start) / a
         lo = np.maximum(lo, np.minimum(x1, x2))
         hi = np.minimum(hi, np.maximum(x1, x2))
     first = np.ceil(lo - 1e-9).astype(np.int64)
@@ -1048,31 +911,6 @@ def _inside_columns(
     first = np.clip(first, 0, nx)
     last = np.clip(last, 0, nx)
     last = np.where(empty | (last < first), first, last)
-
-    def inside(col: np.ndarray, row: np.ndarray) -> np.ndarray:
-        xin = inv[0, 0] * col + inv[0, 1] * row + inv[0, 2]
-        yin = inv[1, 0] * col + inv[1, 1] * row + inv[1, 2]
-        return (
-            (xin >= -edge) & (xin <= nx_in - 1 + edge) & (yin >= -edge) & (yin <= ny_in - 1 + edge)
-        )
-
-    # an end a column off, where a position lies within a rounding error of an edge
-    for _ in range(3):
-        was = first.copy(), last.copy()
-        some = last > first
-        first = np.where(some & ~inside(first, y), first + 1, first)
-        last = np.where((last > first) & ~inside(last - 1, y), last - 1, last)
-        some = last > first
-        first = np.where(some & (first > 0) & inside(first - 1, y), first - 1, first)
-        last = np.where(some & (last < nx) & inside(last, y), last + 1, last)
-        if np.array_equal(was[0], first) and np.array_equal(was[1], last):
-            break
-    # a row whose positions are nearly constant and near an edge: every pixel tested
-    cols = np.arange(nx, dtype=np.float64)
-    for row in np.flatnonzero(near):
-        on = inside(cols, np.float64(row))
-        first[row] = int(np.argmax(on)) if on.any() else 0
-        last[row] = nx - int(np.argmax(on[::-1])) if on.any() else 0
     return np.stack([first, last], axis=1)
 
 
@@ -1100,67 +938,40 @@ def _photometry(
     fs: _Stars,
     data: np.ndarray,
     weight: np.ndarray,
-    pairs: tuple[np.ndarray, np.ndarray],
-    matrix: np.ndarray,
+    ref_xy: np.ndarray,
+    ref_sat: np.ndarray,
+    frm_sat: np.ndarray,
     options: NativeAlignOptions,
+    magnification: float = 1.0,
 ) -> tuple[float, float, int, float, float, str]:
     """(scale, offset, nstars, sky_frame, noise_frame, flag) of the warped frame; with
     fewer than ``min_phot_stars`` stars the scale is 1 and only the sky levels are
-    matched (``flag`` says so). ``pairs``: the indices of the paired stars in ``fs`` and
-    ``rs``; ``matrix`` maps frame pixels onto the reference's.
-
-    The frame's side is measured on its own pixels, with its own sep background and
-    noise (as found by :func:`_detect`): the aperture sums at its stars' positions, of
-    the reference's radius divided by the magnification (reference pixels per frame
-    pixel), times the magnification squared (the warped image keeps the surface
-    brightness, so a star covers that many times more pixels); the sky level, its
-    background at the positions the reference's pixels come from."""
+    matched (``flag`` says so). ``magnification``: reference pixels per frame pixel."""
     import sep
 
-    i, j = pairs
-    magnification = math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
     bad = ~(weight > 0)
-    # the sky levels: medians of smooth background maps over the pixels good on both, on
-    # a regular subsample (every 4th row and column; all pixels if it holds none)
-    for step in (4, 1):
-        pick = ~bad[::step, ::step] & ~rs.bad[::step, ::step]
-        if pick.any():
-            break
-    else:
+    img = np.array(data, dtype=np.float32, order="C")
+    img[bad] = exact_median(img[~bad]) if (~bad).any() else 0.0
+    size = int(max(8, min(options.back_size, img.shape[0] // 2, img.shape[1] // 2)))
+    bkg = sep.Background(img, mask=bad, bw=size, bh=size)
+    back = bkg.back()
+    sub = img - back
+    sub[bad] = 0.0
+    both = ~bad & ~rs.bad
+    if not both.any():
         raise _err(frame, "no pixel overlaps the reference after warping")
-    rows, cols = np.nonzero(pick)
-    inv = np.linalg.inv(matrix)
-    fx = inv[0, 0] * (cols * step) + inv[0, 1] * (rows * step) + inv[0, 2]
-    fy = inv[1, 0] * (cols * step) + inv[1, 1] * (rows * step) + inv[1, 2]
-    ny, nx = fs.back.shape
-    fx = np.clip(np.rint(fx).astype(np.int64), 0, nx - 1)
-    fy = np.clip(np.rint(fy).astype(np.int64), 0, ny - 1)
-    sky_f = float(np.median(fs.back[fy, fx]))
-    sky_r = float(np.median(rs.back[::step, ::step][pick]))
-    if frame.noise is not None:
-        rms_f = float(frame.noise)  # what the caller keeps: the warped image's is not needed
-    else:  # the noise of the warped image (the interpolation smooths it)
-        size = int(max(8, min(options.back_size, data.shape[0] // 2, data.shape[1] // 2)))
-        img = np.ascontiguousarray(data, dtype=np.float32)  # finite; masked pixels ignored
-        rms_f = float(sep.Background(img, mask=bad, bw=size, bh=size).globalrms)
+    sky_f = exact_median(back[both])
+    sky_r = exact_median(rs.back[both])
+    rms_f = float(bkg.globalrms)
     if not options.photometric:
         return 1.0, 0.0, 0, sky_f, rms_f, ""
-    use = ~rs.saturated[j] & ~fs.saturated[i]
+    use = ~ref_sat & ~frm_sat
+    x, y = ref_xy[use, 0], ref_xy[use, 1]
     radius = options.phot_radius * max(fs.fwhm, rs.fwhm)
-    ref_xy, frm_xy = rs.xy[j][use], fs.xy[i][use]
     f_r, e_r, g_r = sep.sum_circle(
-        rs.sub, ref_xy[:, 0], ref_xy[:, 1], radius, err=rs.rms, mask=rs.bad, gain=reference.gain
+        rs.sub, x, y, radius, err=rs.rms, mask=rs.bad, gain=reference.gain
     )
-    f_f, e_f, g_f = sep.sum_circle(
-        fs.sub,
-        frm_xy[:, 0],
-        frm_xy[:, 1],
-        radius / magnification,
-        err=fs.rms,
-        mask=fs.bad,
-        gain=frame.gain,
-    )
-    f_f, e_f = f_f * magnification**2, e_f * magnification**2
+    f_f, e_f, g_f = sep.sum_circle(sub, x, y, radius, err=rms_f, mask=bad, gain=frame.gain)
     ok = (g_r == 0) & (g_f == 0) & (f_r > options.phot_snr * e_r) & (f_f > options.phot_snr * e_f)
     n = int(ok.sum())
     if n < options.min_phot_stars:
@@ -1226,11 +1037,20 @@ def _align(frame: Frame, reference: Frame, options: NativeAlignOptions) -> Frame
     if not (weight > 0).any():
         raise _err(frame, "no pixel of the frame lands on the reference grid")
     scale, offset, nphot, sky_f, rms_f, phot_flag = _photometry(
-        frame, reference, rs, fs, data, weight, (i, j), matrix, options
+        frame,
+        reference,
+        rs,
+        fs,
+        data,
+        weight,
+        rs.xy[j],
+        rs.saturated[j],
+        fs.saturated[i],
+        options,
+        magnification=math.sqrt(abs(float(np.linalg.det(matrix[:2, :2])))),
     )
-    if options.photometric:  # data is private (warped or copied): rescaled in place
-        data *= np.float32(scale)
-        data += np.float32(offset)
+    if options.photometric:
+        data = (data * np.float32(scale) + np.float32(offset)).astype(np.float32)
 
     lin = matrix[:2, :2]
     det = float(np.linalg.det(lin))
