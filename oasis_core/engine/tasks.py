@@ -61,7 +61,6 @@ __all__ = [
     "stage_task",
     "subtract",
     "workdir",
-    "worker_cache_clear",
     "worker_cached",
     "worker_template",
 ]
@@ -255,19 +254,13 @@ def worker_cached(slot: str, files: Mapping[str, Path], load: Callable[[], Any])
     """What ``load`` makes of ``files``, made once per worker process while the files
     stay the same (:func:`oasis_core.engine.files.file_key`). A worker keeps one such
     object, the last asked for (the align tasks' reference; the template of the
-    subtract, mr and extract tasks): the previous one is let go before the next is
+    subtract and extract tasks; the mr tasks' template stars): the previous one is let go before the next is
     made, so memory does not grow from stage to stage. ``slot`` names what it is."""
     key = (slot, tuple(sorted((name, file_key(Path(p))) for name, p in files.items())))
     if _WORKER_CACHE[0] != key:
         _WORKER_CACHE[:] = [None, None]
         _WORKER_CACHE[:] = [key, load()]
     return _WORKER_CACHE[1]
-
-
-def worker_cache_clear() -> None:
-    """Let go of what :func:`worker_cached` keeps (a task that keeps only what it made
-    of it, as the mr tasks keep the template's stars)."""
-    _WORKER_CACHE[:] = [None, None]
 
 
 #: Per worker process: (slot and the files' keys, the object made of them).

@@ -216,36 +216,31 @@ def residual_terms(args: tuple[Any, Any]) -> tuple[np.ndarray, np.ndarray, np.nd
     from oasis_core.engine import io
 
     residual_path, template_path = args
-    stars = None if template_path is None else _worker_stars(template_path)
-    smoothed = _STARS[2]
+    stars, smoothed = (None, {}) if template_path is None else _worker_stars(template_path)
     terms = _flux_and_variance(io.read_residual(residual_path), stars, smoothed)
     while len(smoothed) > SMOOTHED_KEPT:  # the oldest first
         smoothed.pop(next(iter(smoothed)))
     return terms
 
 
-#: The template's stars a worker process read last: (its file key, stars, smoothed).
-#: A worker serves many residuals of one template: it reads the template once, and keeps
-#: it smoothed at the last :data:`SMOOTHED_KEPT` widths (residuals of like seeing share
-#: them; the mr stage sends the residuals in order of seeing).
-_STARS: list[Any] = [None, None, {}]
+#: A worker keeps the template smoothed at the last this many widths (residuals of like
+#: seeing share them; the mr stage sends the residuals in order of seeing).
 SMOOTHED_KEPT = 2
 
 
-def _worker_stars(path: Any) -> np.ndarray | None:
+def _worker_stars(path: Any) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """The template's stars (:func:`template_stars`) and its smoothed versions so far: a
+    worker serves many residuals of one template and keeps them in its one cache
+    (:func:`oasis_core.engine.tasks.worker_cached`), not the template itself."""
     from pathlib import Path
 
     from oasis_core.engine import io
-    from oasis_core.engine.files import file_key
-    from oasis_core.engine.tasks import worker_cache_clear
+    from oasis_core.engine.tasks import worker_cached
 
-    key = file_key(Path(path))
-    if _STARS[0] != key:
-        # the old ones, and what the worker kept for other stages, let go first
-        _STARS[:] = [None, None, {}]
-        worker_cache_clear()
-        _STARS[:] = [key, template_stars(io.read_output_frame(Path(path)).data), {}]
-    return _STARS[1]
+    def load() -> tuple[np.ndarray, dict[float, np.ndarray]]:
+        return template_stars(io.read_output_frame(Path(path)).data), {}
+
+    return worker_cached("template stars", {"template": Path(path)}, load)
 
 
 def variability_image(
